@@ -1,0 +1,241 @@
+//! How ops run: one small trait with explicit forward and backward for every op the network
+//! needs, and one module per device.
+//!
+//! The network is fixed, so there is no autograd: each layer calls its op's forward and, in the
+//! backward pass, the matching backward with what the forward kept. Every buffer is a flat `f32`
+//! array in NCHW order (or `[rows, features]` for the fully connected part); shapes travel
+//! beside it in small geometry structs so that a device backend can launch kernels without
+//! inspecting tensors.
+
+pub mod cpu;
+pub mod rng;
+
+pub use cpu::Cpu;
+
+/// Geometry of a 2-D convolution over a batch. Weights are `[out_c, in_c / groups, k, k]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub batch: usize,
+    pub in_c: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub out_c: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub groups: usize,
+}
+
+impl ConvGeom {
+    pub fn out_h(&self) -> usize {
+        (self.in_h + 2 * self.pad - self.kernel) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.in_w + 2 * self.pad - self.kernel) / self.stride + 1
+    }
+    pub fn in_len(&self) -> usize {
+        self.batch * self.in_c * self.in_h * self.in_w
+    }
+    pub fn out_len(&self) -> usize {
+        self.batch * self.out_c * self.out_h() * self.out_w()
+    }
+    pub fn weight_len(&self) -> usize {
+        self.out_c * (self.in_c / self.groups) * self.kernel * self.kernel
+    }
+    /// Multiply-adds of one forward pass over the batch.
+    pub fn forward_macs(&self) -> usize {
+        self.out_len() * (self.in_c / self.groups) * self.kernel * self.kernel
+    }
+}
+
+/// Geometry of max pooling (square window, no padding, the paper's overlapping 3/2 by default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolGeom {
+    pub batch: usize,
+    pub channels: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub size: usize,
+    pub stride: usize,
+}
+
+impl PoolGeom {
+    pub fn out_h(&self) -> usize {
+        (self.in_h - self.size) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.in_w - self.size) / self.stride + 1
+    }
+    pub fn in_len(&self) -> usize {
+        self.batch * self.channels * self.in_h * self.in_w
+    }
+    pub fn out_len(&self) -> usize {
+        self.batch * self.channels * self.out_h() * self.out_w()
+    }
+}
+
+/// Local response normalisation across channels, in the paper's form:
+/// `b[c] = a[c] / (k + alpha * sum_{c' in window(c)} a[c']^2)^beta` (alpha not divided by size).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LrnParams {
+    /// Channels in the window (odd), centred on the channel being normalised.
+    pub size: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub k: f32,
+}
+
+impl Default for LrnParams {
+    fn default() -> Self {
+        LrnParams { size: 5, alpha: 1e-4, beta: 0.75, k: 2.0 }
+    }
+}
+
+/// Geometry of a channel-wise op over NCHW data: `batch` images of `channels` planes of `plane` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlaneGeom {
+    pub batch: usize,
+    pub channels: usize,
+    pub plane: usize,
+}
+
+impl PlaneGeom {
+    pub fn len(&self) -> usize {
+        self.batch * self.channels * self.plane
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Geometry of a fully connected layer: `y[rows, out] = x[rows, inp] * w[out, inp]^T + b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearGeom {
+    pub rows: usize,
+    pub inp: usize,
+    pub out: usize,
+}
+
+/// The paper's SGD step: `v <- m v - wd lr w - lr g ; w <- w + v`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SgdParams {
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+}
+
+/// Where a block of a dropout layer sits in the whole (unsplit) layer, so that the mask depends
+/// only on the seed and on global coordinates: two processes holding the two columns, or
+/// replicas holding parts of the batch, draw exactly the mask one process would draw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropoutKey {
+    /// Derived from the run's seed, the layer and the step.
+    pub seed: u64,
+    /// Global index of the first row (sample) of this block.
+    pub row_offset: u64,
+    /// Global index of the first feature of this block.
+    pub col_offset: u64,
+    /// Features per row in the whole layer.
+    pub total_cols: u64,
+}
+
+/// The ops of the network, with explicit forward and backward passes.
+///
+/// Outputs are overwritten unless the name says `accumulate`. A backend owns how buffers live
+/// (host memory, device memory); the network only moves them through these calls.
+pub trait Backend: Send + Sync {
+    /// A flat `f32` buffer in this backend's memory.
+    type Buf: Send + Sync;
+
+    /// Human-readable name ("cpu (2 threads, avx512)").
+    fn name(&self) -> String;
+
+    fn zeros(&self, len: usize) -> Self::Buf;
+    fn upload(&self, host: &[f32]) -> Self::Buf;
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn buf_len(&self, buf: &Self::Buf) -> usize;
+
+    /// `y = conv(x, w) + b`.
+    fn conv2d_forward(&self, g: &ConvGeom, x: &Self::Buf, w: &Self::Buf, b: &Self::Buf, y: &mut Self::Buf);
+    /// Weight and bias gradients (overwritten), and the input gradient when `dx` is given.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_backward(
+        &self,
+        g: &ConvGeom,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+    );
+
+    /// `x = max(x, 0)` in place.
+    fn relu_forward(&self, x: &mut Self::Buf);
+    /// `dy *= (y > 0)` in place, `y` being the ReLU's output.
+    fn relu_backward(&self, y: &Self::Buf, dy: &mut Self::Buf);
+
+    /// `y = lrn(x)`; `scale` keeps `k + alpha * sum(x^2)` for the backward pass.
+    fn lrn_forward(&self, g: &PlaneGeom, p: &LrnParams, x: &Self::Buf, y: &mut Self::Buf, scale: &mut Self::Buf);
+    #[allow(clippy::too_many_arguments)]
+    fn lrn_backward(
+        &self,
+        g: &PlaneGeom,
+        p: &LrnParams,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        scale: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+    );
+
+    fn maxpool_forward(&self, g: &PoolGeom, x: &Self::Buf, y: &mut Self::Buf);
+    /// Routes each output gradient to the first maximum of its window (found again from `x` and `y`).
+    fn maxpool_backward(&self, g: &PoolGeom, x: &Self::Buf, y: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+
+    /// Inverted dropout in place on a `[rows, cols]` block: kept values are scaled by `1 / (1 - p)`.
+    fn dropout_forward(&self, rows: usize, cols: usize, p: f32, key: &DropoutKey, x: &mut Self::Buf);
+    /// The same mask and scale applied to the gradient, in place.
+    fn dropout_backward(&self, rows: usize, cols: usize, p: f32, key: &DropoutKey, dy: &mut Self::Buf);
+
+    fn linear_forward(&self, g: &LinearGeom, x: &Self::Buf, w: &Self::Buf, b: &Self::Buf, y: &mut Self::Buf);
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        g: &LinearGeom,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+    );
+
+    /// Mean softmax cross-entropy over `rows` rows of `classes` logits; writes its gradient and
+    /// returns the loss.
+    fn softmax_xent(&self, rows: usize, classes: usize, logits: &Self::Buf, labels: &[u32], dlogits: &mut Self::Buf)
+        -> f32;
+
+    /// One SGD step on `w` and its momentum `v`, from the gradient `g`.
+    fn sgd_update(&self, p: &SgdParams, w: &mut Self::Buf, v: &mut Self::Buf, g: &Self::Buf);
+
+    /// Joins per-sample blocks side by side: `out[n] = parts[0][n] ++ parts[1][n] ++ ...`, each
+    /// part holding `rows` blocks of `widths[i]` values. This is the all-gather along channels
+    /// (NCHW) or features (`[rows, features]`).
+    fn concat_rows(&self, rows: usize, parts: &[&Self::Buf], widths: &[usize], out: &mut Self::Buf);
+    /// Takes columns `[offset, offset + width)` of every `total`-wide row of `src` into `dst`,
+    /// adding to `dst` when `accumulate` (the reduce-scatter's sum when both halves live here).
+    #[allow(clippy::too_many_arguments)]
+    fn slice_rows(
+        &self,
+        rows: usize,
+        total: usize,
+        offset: usize,
+        width: usize,
+        src: &Self::Buf,
+        dst: &mut Self::Buf,
+        accumulate: bool,
+    );
+}
+

@@ -1,0 +1,684 @@
+//! The two-column network: forward, backward and the SGD step, over any backend and any split
+//! of the columns between processes.
+//!
+//! Each stage between two exchange points runs column by column on the columns this process
+//! holds; at the exchange points the [`ColumnExchange`] gathers the halves (forward) or sums and
+//! scatters the gradients (backward). This is Megatron-LM's column-parallel layer: every layer
+//! that reads "both" columns is an all-gather of its input followed by a layer that computes
+//! only its own block of output units.
+
+use super::config::{NetConfig, Sides, COLUMNS, CONV_KERNEL, CONV_PAD, CONV_STRIDE, POOL_SIZE, POOL_STRIDE};
+use super::params::{init_column, Param};
+use crate::backend::{rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams};
+use crate::comm::ColumnExchange;
+use std::time::{Duration, Instant};
+
+/// Training (dropout on, keyed by the step) or evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Train { step: u64 },
+    Eval,
+}
+
+/// Where the time of forward and backward passes goes, per layer (the benchmark's table).
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// (layer, forward, backward), in the order layers first ran.
+    pub layers: Vec<(&'static str, Duration, Duration)>,
+}
+
+impl Profile {
+    fn add(&mut self, layer: &'static str, backward: bool, since: Instant) {
+        let d = since.elapsed();
+        let entry = match self.layers.iter_mut().find(|e| e.0 == layer) {
+            Some(e) => e,
+            None => {
+                self.layers.push((layer, Duration::ZERO, Duration::ZERO));
+                self.layers.last_mut().unwrap()
+            }
+        };
+        if backward {
+            entry.2 += d
+        } else {
+            entry.1 += d
+        }
+    }
+}
+
+/// Geometry of every op of one column for a batch size.
+#[derive(Clone, Copy, Debug)]
+struct Geoms {
+    batch: usize,
+    conv: [ConvGeom; 5],
+    lrn: [PlaneGeom; 2],
+    pool: [PoolGeom; 3],
+    fc: [LinearGeom; 3],
+}
+
+impl Geoms {
+    fn new(cfg: &NetConfig, s: &Sides, batch: usize) -> Self {
+        let h = |n: usize| n / COLUMNS;
+        let c = cfg.conv_channels;
+        let conv = |i: usize, in_c: usize, side: usize, out_c: usize| ConvGeom {
+            batch,
+            in_c,
+            in_h: side,
+            in_w: side,
+            out_c,
+            kernel: CONV_KERNEL[i],
+            stride: CONV_STRIDE[i],
+            pad: CONV_PAD[i],
+            groups: 1,
+        };
+        let pool = |channels: usize, side: usize| PoolGeom {
+            batch,
+            channels,
+            in_h: side,
+            in_w: side,
+            size: POOL_SIZE,
+            stride: POOL_STRIDE,
+        };
+        Geoms {
+            batch,
+            conv: [
+                conv(0, cfg.in_channels, s.input, h(c[0])),
+                conv(1, h(c[0]), s.pool1, h(c[1])),
+                conv(2, c[1], s.pool2, h(c[2])),
+                conv(3, h(c[2]), s.conv3, h(c[3])),
+                conv(4, h(c[3]), s.conv3, h(c[4])),
+            ],
+            lrn: [
+                PlaneGeom { batch, channels: h(c[0]), plane: s.conv1 * s.conv1 },
+                PlaneGeom { batch, channels: h(c[1]), plane: s.conv2 * s.conv2 },
+            ],
+            pool: [pool(h(c[0]), s.conv1), pool(h(c[1]), s.conv2), pool(h(c[4]), s.conv3)],
+            fc: [
+                LinearGeom { rows: batch, inp: cfg.fc6_inputs(s), out: h(cfg.fc_widths[0]) },
+                LinearGeom { rows: batch, inp: cfg.fc_widths[0], out: h(cfg.fc_widths[1]) },
+                LinearGeom { rows: batch, inp: cfg.fc_widths[1], out: h(cfg.classes) },
+            ],
+        }
+    }
+
+    /// Per-sample widths of the exchanged tensors (one column's half): pool2, pool5, fc6, fc7, fc8.
+    fn exchange_widths(&self) -> [usize; 5] {
+        let p = |g: &PoolGeom| g.channels * g.out_h() * g.out_w();
+        [p(&self.pool[1]), p(&self.pool[2]), self.fc[0].out, self.fc[1].out, self.fc[2].out]
+    }
+}
+
+/// What one column's forward pass keeps for its backward pass.
+struct ColumnActs<B: Backend> {
+    /// conv1 after ReLU, its LRN, the LRN's scale, pool1; the same for conv2.
+    a1: B::Buf,
+    l1: B::Buf,
+    s1: B::Buf,
+    p1: B::Buf,
+    a2: B::Buf,
+    l2: B::Buf,
+    s2: B::Buf,
+    p2: B::Buf,
+    /// conv3..conv5 after ReLU, pool5.
+    a3: B::Buf,
+    a4: B::Buf,
+    a5: B::Buf,
+    p5: B::Buf,
+    /// fc6, fc7 after ReLU and dropout; fc8's half of the logits.
+    h6: B::Buf,
+    h7: B::Buf,
+    z8: B::Buf,
+}
+
+/// The gathered tensors: the inputs of conv3, fc6, fc7, fc8 and the logits.
+struct Gathered<B: Backend> {
+    g2: B::Buf,
+    g5: B::Buf,
+    g6: B::Buf,
+    g7: B::Buf,
+    logits: B::Buf,
+}
+
+/// One column of the network: its parameters and what its last forward pass kept.
+pub struct Column<B: Backend> {
+    pub index: usize,
+    /// In [`super::params::LAYERS`] order, weight then bias.
+    pub params: Vec<Param<B>>,
+    acts: Option<ColumnActs<B>>,
+}
+
+impl<B: Backend> ColumnActs<B> {
+    /// Input, output and scale of LRN `i` (0: after conv1, 1: after conv2).
+    fn lrn(&self, i: usize) -> (&B::Buf, &B::Buf, &B::Buf) {
+        if i == 0 {
+            (&self.a1, &self.l1, &self.s1)
+        } else {
+            (&self.a2, &self.l2, &self.s2)
+        }
+    }
+    fn lrn_mut(&mut self, i: usize) -> (&B::Buf, &mut B::Buf, &mut B::Buf) {
+        if i == 0 {
+            (&self.a1, &mut self.l1, &mut self.s1)
+        } else {
+            (&self.a2, &mut self.l2, &mut self.s2)
+        }
+    }
+}
+
+/// LRN `i` on every held column: each column alone (the paper), or over the whole layer's
+/// channels (`lrn_across_columns`, only when this process holds both columns).
+fn lrn_forward_all<B: Backend>(b: &B, g: &Geoms, p: &LrnParams, across: bool, i: usize, cols: &mut [Column<B>]) {
+    if !across {
+        for col in cols {
+            let (x, y, s) = col.acts.as_mut().expect("prepared").lrn_mut(i);
+            b.lrn_forward(&g.lrn[i], p, x, y, s);
+        }
+        return;
+    }
+    let (half, whole, width) = whole_layer(g, i);
+    let gather = |pick: &dyn Fn(&ColumnActs<B>) -> &B::Buf| {
+        let parts: Vec<&B::Buf> = cols.iter().map(|c| pick(c.acts.as_ref().expect("prepared"))).collect();
+        let mut out = b.zeros(whole.len());
+        b.concat_rows(half.batch, &parts, &[width; COLUMNS], &mut out);
+        out
+    };
+    let x = gather(&|a| a.lrn(i).0);
+    let (mut y, mut s) = (b.zeros(whole.len()), b.zeros(whole.len()));
+    b.lrn_forward(&whole, p, &x, &mut y, &mut s);
+    for (c, col) in cols.iter_mut().enumerate() {
+        let (_, yc, sc) = col.acts.as_mut().expect("prepared").lrn_mut(i);
+        b.slice_rows(half.batch, COLUMNS * width, c * width, width, &y, yc, false);
+        b.slice_rows(half.batch, COLUMNS * width, c * width, width, &s, sc, false);
+    }
+}
+
+/// The input gradient of LRN `i` for every held column, from its output gradient `dy`.
+fn lrn_backward_all<B: Backend>(
+    b: &B,
+    g: &Geoms,
+    p: &LrnParams,
+    across: bool,
+    i: usize,
+    cols: &[Column<B>],
+    dy: &[B::Buf],
+) -> Vec<B::Buf> {
+    if !across {
+        return cols
+            .iter()
+            .zip(dy)
+            .map(|(col, dy)| {
+                let (x, y, s) = col.acts.as_ref().expect("forward ran").lrn(i);
+                let mut dx = b.zeros(g.lrn[i].len());
+                b.lrn_backward(&g.lrn[i], p, x, y, s, dy, &mut dx);
+                dx
+            })
+            .collect();
+    }
+    let (half, whole, width) = whole_layer(g, i);
+    let gather = |parts: Vec<&B::Buf>| {
+        let mut out = b.zeros(whole.len());
+        b.concat_rows(half.batch, &parts, &[width; COLUMNS], &mut out);
+        out
+    };
+    let acts: Vec<(&B::Buf, &B::Buf, &B::Buf)> = cols.iter().map(|c| c.acts.as_ref().expect("forward ran").lrn(i)).collect();
+    let x = gather(acts.iter().map(|a| a.0).collect());
+    let y = gather(acts.iter().map(|a| a.1).collect());
+    let s = gather(acts.iter().map(|a| a.2).collect());
+    let d = gather(dy.iter().collect());
+    let mut dx = b.zeros(whole.len());
+    b.lrn_backward(&whole, p, &x, &y, &s, &d, &mut dx);
+    (0..COLUMNS)
+        .map(|c| {
+            let mut out = b.zeros(half.len());
+            b.slice_rows(half.batch, COLUMNS * width, c * width, width, &dx, &mut out, false);
+            out
+        })
+        .collect()
+}
+
+/// One column's LRN geometry, the whole layer's, and one column's values per image.
+fn whole_layer(g: &Geoms, i: usize) -> (PlaneGeom, PlaneGeom, usize) {
+    let half = g.lrn[i];
+    (half, PlaneGeom { channels: half.channels * COLUMNS, ..half }, half.channels * half.plane)
+}
+
+/// The network as one process holds it: one or both columns, and the exchange to the rest.
+pub struct Network<B: Backend> {
+    pub cfg: NetConfig,
+    pub sides: Sides,
+    pub backend: B,
+    pub columns: Vec<Column<B>>,
+    exchange: Box<dyn ColumnExchange<B>>,
+    seed: u64,
+    /// Global index of this process's first sample in the global batch (data parallelism).
+    pub sample_offset: u64,
+    geoms: Option<Geoms>,
+    gathered: Option<Gathered<B>>,
+    pub profile: Profile,
+}
+
+fn dropout_key(seed: u64, layer: &str, step: u64, row_offset: u64, column: usize, g: &LinearGeom) -> DropoutKey {
+    DropoutKey {
+        seed: rng::subkey(rng::key(seed, layer), step),
+        row_offset,
+        col_offset: (column * g.out) as u64,
+        total_cols: (COLUMNS * g.out) as u64,
+    }
+}
+
+impl<B: Backend> Network<B> {
+    /// A network holding the columns the exchange names, initialised from `seed` as in the paper.
+    pub fn new(cfg: NetConfig, backend: B, exchange: Box<dyn ColumnExchange<B>>, seed: u64) -> anyhow::Result<Self> {
+        let sides = cfg.validate()?;
+        anyhow::ensure!(
+            !cfg.lrn_across_columns || exchange.local_columns().len() == COLUMNS,
+            "invalid network configuration: lrn_across_columns: normalising across the columns needs both columns in one \
+             process (the columns exchange nothing before conv3); set it to false or hold both columns here"
+        );
+        let columns = exchange
+            .local_columns()
+            .iter()
+            .map(|&index| Column { index, params: init_column(&backend, &cfg, &sides, index, seed), acts: None })
+            .collect();
+        Ok(Network {
+            cfg,
+            sides,
+            backend,
+            columns,
+            exchange,
+            seed,
+            sample_offset: 0,
+            geoms: None,
+            gathered: None,
+            profile: Profile::default(),
+        })
+    }
+
+    /// Values of the input: `[batch, in_channels, input_size, input_size]`.
+    pub fn input_len(&self, batch: usize) -> usize {
+        batch * self.cfg.in_channels * self.sides.input * self.sides.input
+    }
+
+    fn prepare(&mut self, batch: usize) -> Geoms {
+        if let Some(g) = self.geoms.filter(|g| g.batch == batch) {
+            return g;
+        }
+        let g = Geoms::new(&self.cfg, &self.sides, batch);
+        let b = &self.backend;
+        for col in &mut self.columns {
+            col.acts = Some(ColumnActs {
+                a1: b.zeros(g.conv[0].out_len()),
+                l1: b.zeros(g.lrn[0].len()),
+                s1: b.zeros(g.lrn[0].len()),
+                p1: b.zeros(g.pool[0].out_len()),
+                a2: b.zeros(g.conv[1].out_len()),
+                l2: b.zeros(g.lrn[1].len()),
+                s2: b.zeros(g.lrn[1].len()),
+                p2: b.zeros(g.pool[1].out_len()),
+                a3: b.zeros(g.conv[2].out_len()),
+                a4: b.zeros(g.conv[3].out_len()),
+                a5: b.zeros(g.conv[4].out_len()),
+                p5: b.zeros(g.pool[2].out_len()),
+                h6: b.zeros(batch * g.fc[0].out),
+                h7: b.zeros(batch * g.fc[1].out),
+                z8: b.zeros(batch * g.fc[2].out),
+            });
+        }
+        let w = g.exchange_widths();
+        self.gathered = Some(Gathered {
+            g2: b.zeros(batch * COLUMNS * w[0]),
+            g5: b.zeros(batch * COLUMNS * w[1]),
+            g6: b.zeros(batch * COLUMNS * w[2]),
+            g7: b.zeros(batch * COLUMNS * w[3]),
+            logits: b.zeros(batch * COLUMNS * w[4]),
+        });
+        self.geoms = Some(g);
+        g
+    }
+
+    /// Runs the network on `x` and returns the gathered logits `[batch, classes]`.
+    pub fn forward(&mut self, x: &B::Buf, batch: usize, mode: Mode) -> anyhow::Result<&B::Buf> {
+        anyhow::ensure!(
+            self.backend.buf_len(x) == self.input_len(batch),
+            "input holds {} values, the network expects {} ({batch} x {} x {} x {})",
+            self.backend.buf_len(x),
+            self.input_len(batch),
+            self.cfg.in_channels,
+            self.sides.input,
+            self.sides.input
+        );
+        let g = self.prepare(batch);
+        let widths = g.exchange_widths();
+        let (lrn, self_lrn_across) = (self.cfg.lrn, self.cfg.lrn_across_columns);
+        let (dropout, seed, row_offset) = (self.cfg.dropout, self.seed, self.sample_offset);
+        let Network { backend: b, columns, exchange, gathered, profile: prof, .. } = self;
+        let gath = gathered.as_mut().expect("prepared");
+
+        // conv1 .. pool2: each column on its own maps.
+        let across = self_lrn_across;
+        for col in columns.iter_mut() {
+            let a = col.acts.as_mut().expect("prepared");
+            let t = Instant::now();
+            b.conv2d_forward(&g.conv[0], x, &col.params[0].value, &col.params[1].value, &mut a.a1);
+            b.relu_forward(&mut a.a1);
+            prof.add("conv1", false, t);
+        }
+        let t = Instant::now();
+        lrn_forward_all(b, &g, &lrn, across, 0, columns);
+        prof.add("lrn1", false, t);
+        for col in columns.iter_mut() {
+            let a = col.acts.as_mut().expect("prepared");
+            let t = Instant::now();
+            b.maxpool_forward(&g.pool[0], &a.l1, &mut a.p1);
+            prof.add("pool1", false, t);
+            let t = Instant::now();
+            b.conv2d_forward(&g.conv[1], &a.p1, &col.params[2].value, &col.params[3].value, &mut a.a2);
+            b.relu_forward(&mut a.a2);
+            prof.add("conv2", false, t);
+        }
+        let t = Instant::now();
+        lrn_forward_all(b, &g, &lrn, across, 1, columns);
+        prof.add("lrn2", false, t);
+        for col in columns.iter_mut() {
+            let a = col.acts.as_mut().expect("prepared");
+            let t = Instant::now();
+            b.maxpool_forward(&g.pool[1], &a.l2, &mut a.p2);
+            prof.add("pool2", false, t);
+        }
+        let t = Instant::now();
+        let parts: Vec<&B::Buf> = columns.iter().map(|c| &c.acts.as_ref().unwrap().p2).collect();
+        exchange.all_gather(b, batch, widths[0], &parts, &mut gath.g2)?;
+        prof.add("exchange", false, t);
+
+        // conv3 (reads both) .. pool5.
+        for col in columns.iter_mut() {
+            let a = col.acts.as_mut().expect("prepared");
+            let p = &col.params;
+            let t = Instant::now();
+            b.conv2d_forward(&g.conv[2], &gath.g2, &p[4].value, &p[5].value, &mut a.a3);
+            b.relu_forward(&mut a.a3);
+            prof.add("conv3", false, t);
+            let t = Instant::now();
+            b.conv2d_forward(&g.conv[3], &a.a3, &p[6].value, &p[7].value, &mut a.a4);
+            b.relu_forward(&mut a.a4);
+            prof.add("conv4", false, t);
+            let t = Instant::now();
+            b.conv2d_forward(&g.conv[4], &a.a4, &p[8].value, &p[9].value, &mut a.a5);
+            b.relu_forward(&mut a.a5);
+            prof.add("conv5", false, t);
+            let t = Instant::now();
+            b.maxpool_forward(&g.pool[2], &a.a5, &mut a.p5);
+            prof.add("pool5", false, t);
+        }
+        let t = Instant::now();
+        let parts: Vec<&B::Buf> = columns.iter().map(|c| &c.acts.as_ref().unwrap().p5).collect();
+        exchange.all_gather(b, batch, widths[1], &parts, &mut gath.g5)?;
+        prof.add("exchange", false, t);
+
+        // fc6 and fc7 (read both), each followed by ReLU, dropout and a gather.
+        for (fc, name) in [(0usize, "fc6"), (1, "fc7")] {
+            let input = if fc == 0 { &gath.g5 } else { &gath.g6 };
+            for col in columns.iter_mut() {
+                let index = col.index;
+                let a = col.acts.as_mut().expect("prepared");
+                let h = if fc == 0 { &mut a.h6 } else { &mut a.h7 };
+                let t = Instant::now();
+                b.linear_forward(&g.fc[fc], input, &col.params[10 + 2 * fc].value, &col.params[11 + 2 * fc].value, h);
+                b.relu_forward(h);
+                if let Mode::Train { step } = mode {
+                    let key = dropout_key(seed, name, step, row_offset, index, &g.fc[fc]);
+                    b.dropout_forward(batch, g.fc[fc].out, dropout, &key, h);
+                }
+                prof.add(name, false, t);
+            }
+            let t = Instant::now();
+            let parts: Vec<&B::Buf> =
+                columns.iter().map(|c| if fc == 0 { &c.acts.as_ref().unwrap().h6 } else { &c.acts.as_ref().unwrap().h7 }).collect();
+            let out = if fc == 0 { &mut gath.g6 } else { &mut gath.g7 };
+            exchange.all_gather(b, batch, widths[2 + fc], &parts, out)?;
+            prof.add("exchange", false, t);
+        }
+
+        // fc8: each column computes its half of the classes; the logits are gathered.
+        for col in columns.iter_mut() {
+            let a = col.acts.as_mut().expect("prepared");
+            let t = Instant::now();
+            b.linear_forward(&g.fc[2], &gath.g7, &col.params[14].value, &col.params[15].value, &mut a.z8);
+            prof.add("fc8", false, t);
+        }
+        let t = Instant::now();
+        let parts: Vec<&B::Buf> = columns.iter().map(|c| &c.acts.as_ref().unwrap().z8).collect();
+        exchange.all_gather(b, batch, widths[4], &parts, &mut gath.logits)?;
+        prof.add("exchange", false, t);
+        Ok(&gath.logits)
+    }
+
+    /// A kept activation of the last forward pass of held column `column` (`conv5` is conv5
+    /// after its ReLU, `pool5` its pooled maps, ...), for inspection and tests.
+    pub fn activation(&self, column: usize, name: &str) -> Option<Vec<f32>> {
+        let a = self.columns.iter().find(|c| c.index == column)?.acts.as_ref()?;
+        let buf = match name {
+            "conv1" => &a.a1,
+            "lrn1" => &a.l1,
+            "pool1" => &a.p1,
+            "conv2" => &a.a2,
+            "lrn2" => &a.l2,
+            "pool2" => &a.p2,
+            "conv3" => &a.a3,
+            "conv4" => &a.a4,
+            "conv5" => &a.a5,
+            "pool5" => &a.p5,
+            "fc6" => &a.h6,
+            "fc7" => &a.h7,
+            "fc8" => &a.z8,
+            _ => return None,
+        };
+        Some(self.backend.download(buf))
+    }
+
+    /// The gathered logits of the last forward pass.
+    pub fn logits(&self) -> Option<&B::Buf> {
+        self.gathered.as_ref().map(|g| &g.logits)
+    }
+
+    /// Back-propagates `dlogits` (`[batch, classes]`, the same in every process) through the
+    /// last forward pass (run in `mode`, on input `x`), leaving every parameter's gradient in
+    /// its `grad`.
+    pub fn backward(&mut self, x: &B::Buf, dlogits: &B::Buf, mode: Mode) -> anyhow::Result<()> {
+        let g = self.geoms.ok_or_else(|| anyhow::anyhow!("backward called before forward"))?;
+        let batch = g.batch;
+        let widths = g.exchange_widths();
+        let (lrn, self_lrn_across) = (self.cfg.lrn, self.cfg.lrn_across_columns);
+        let (dropout, seed, row_offset) = (self.cfg.dropout, self.seed, self.sample_offset);
+        let Network { backend: b, columns, exchange, gathered, profile: prof, .. } = self;
+        let gath = gathered.as_ref().expect("prepared");
+        let n_local = columns.len();
+        let across = self_lrn_across;
+
+        // fc8: each column's half of dlogits; the input gradient is summed over the columns.
+        let mut full: Vec<B::Buf> = (0..n_local).map(|_| b.zeros(batch * g.fc[2].inp)).collect();
+        for (col, dfull) in columns.iter_mut().zip(full.iter_mut()) {
+            let t = Instant::now();
+            let mut dz = b.zeros(batch * g.fc[2].out);
+            b.slice_rows(batch, COLUMNS * g.fc[2].out, col.index * g.fc[2].out, g.fc[2].out, dlogits, &mut dz, false);
+            let (wp, rest) = col.params[14..].split_at_mut(1);
+            b.linear_backward(&g.fc[2], &gath.g7, &wp[0].value, &dz, Some(dfull), &mut wp[0].grad, &mut rest[0].grad);
+            prof.add("fc8", true, t);
+        }
+        let mut halves: Vec<B::Buf> = (0..n_local).map(|_| b.zeros(batch * widths[3])).collect();
+        let t = Instant::now();
+        exchange.reduce_scatter(b, batch, widths[3], &full.iter().collect::<Vec<_>>(), &mut halves)?;
+        prof.add("exchange", true, t);
+
+        // fc7, then fc6: undo dropout and ReLU on the half, then the layer.
+        for (fc, name) in [(1usize, "fc7"), (0, "fc6")] {
+            let input = if fc == 0 { &gath.g5 } else { &gath.g6 };
+            let mut full: Vec<B::Buf> = (0..n_local).map(|_| b.zeros(batch * g.fc[fc].inp)).collect();
+            for ((col, dh), dfull) in columns.iter_mut().zip(halves.iter_mut()).zip(full.iter_mut()) {
+                let t = Instant::now();
+                let a = col.acts.as_ref().expect("forward ran");
+                let h = if fc == 0 { &a.h6 } else { &a.h7 };
+                if let Mode::Train { step } = mode {
+                    let key = dropout_key(seed, name, step, row_offset, col.index, &g.fc[fc]);
+                    b.dropout_backward(batch, g.fc[fc].out, dropout, &key, dh);
+                }
+                // Dropout keeps the sign of what it keeps, and where it dropped the gradient is
+                // already zero: the ReLU's mask can be read off the post-dropout output.
+                b.relu_backward(h, dh);
+                let (wp, rest) = col.params[10 + 2 * fc..].split_at_mut(1);
+                b.linear_backward(&g.fc[fc], input, &wp[0].value, dh, Some(dfull), &mut wp[0].grad, &mut rest[0].grad);
+                prof.add(name, true, t);
+            }
+            let width = if fc == 0 { widths[1] } else { widths[2] };
+            halves = (0..n_local).map(|_| b.zeros(batch * width)).collect();
+            let t = Instant::now();
+            exchange.reduce_scatter(b, batch, width, &full.iter().collect::<Vec<_>>(), &mut halves)?;
+            prof.add("exchange", true, t);
+        }
+
+        // pool5 .. conv3, whose input gradient is over both columns' pool2 maps.
+        let mut full: Vec<B::Buf> = (0..n_local).map(|_| b.zeros(g.conv[2].in_len())).collect();
+        for ((col, dp5), dfull) in columns.iter_mut().zip(halves.iter()).zip(full.iter_mut()) {
+            let a = col.acts.as_ref().expect("forward ran");
+            let p = &mut col.params;
+            let t = Instant::now();
+            let mut da5 = b.zeros(g.conv[4].out_len());
+            b.maxpool_backward(&g.pool[2], &a.a5, &a.p5, dp5, &mut da5);
+            prof.add("pool5", true, t);
+            let t = Instant::now();
+            b.relu_backward(&a.a5, &mut da5);
+            let mut da4 = b.zeros(g.conv[3].out_len());
+            let (w, rest) = p[8..].split_at_mut(1);
+            b.conv2d_backward(&g.conv[4], &a.a4, &w[0].value, &da5, Some(&mut da4), &mut w[0].grad, &mut rest[0].grad);
+            prof.add("conv5", true, t);
+            let t = Instant::now();
+            b.relu_backward(&a.a4, &mut da4);
+            let mut da3 = b.zeros(g.conv[2].out_len());
+            let (w, rest) = p[6..].split_at_mut(1);
+            b.conv2d_backward(&g.conv[3], &a.a3, &w[0].value, &da4, Some(&mut da3), &mut w[0].grad, &mut rest[0].grad);
+            prof.add("conv4", true, t);
+            let t = Instant::now();
+            b.relu_backward(&a.a3, &mut da3);
+            let (w, rest) = p[4..].split_at_mut(1);
+            b.conv2d_backward(&g.conv[2], &gath.g2, &w[0].value, &da3, Some(dfull), &mut w[0].grad, &mut rest[0].grad);
+            prof.add("conv3", true, t);
+        }
+        let mut halves: Vec<B::Buf> = (0..n_local).map(|_| b.zeros(batch * widths[0])).collect();
+        let t = Instant::now();
+        exchange.reduce_scatter(b, batch, widths[0], &full.iter().collect::<Vec<_>>(), &mut halves)?;
+        prof.add("exchange", true, t);
+        drop(full);
+
+        // pool2 .. conv1, each column on its own maps.
+        let mut dl2 = Vec::with_capacity(n_local);
+        for (col, dp2) in columns.iter().zip(halves.iter()) {
+            let a = col.acts.as_ref().expect("forward ran");
+            let t = Instant::now();
+            let mut d = b.zeros(g.lrn[1].len());
+            b.maxpool_backward(&g.pool[1], &a.l2, &a.p2, dp2, &mut d);
+            dl2.push(d);
+            prof.add("pool2", true, t);
+        }
+        drop(halves);
+        let t = Instant::now();
+        let da2 = lrn_backward_all(b, &g, &lrn, across, 1, columns, &dl2);
+        drop(dl2);
+        prof.add("lrn2", true, t);
+        let mut dl1 = Vec::with_capacity(n_local);
+        for (col, mut da2) in columns.iter_mut().zip(da2) {
+            let a = col.acts.as_ref().expect("forward ran");
+            let t = Instant::now();
+            b.relu_backward(&a.a2, &mut da2);
+            let mut dp1 = b.zeros(g.pool[0].out_len());
+            let (w, rest) = col.params[2..].split_at_mut(1);
+            b.conv2d_backward(&g.conv[1], &a.p1, &w[0].value, &da2, Some(&mut dp1), &mut w[0].grad, &mut rest[0].grad);
+            prof.add("conv2", true, t);
+            let t = Instant::now();
+            let mut d = b.zeros(g.lrn[0].len());
+            b.maxpool_backward(&g.pool[0], &a.l1, &a.p1, &dp1, &mut d);
+            dl1.push(d);
+            prof.add("pool1", true, t);
+        }
+        let t = Instant::now();
+        let da1 = lrn_backward_all(b, &g, &lrn, across, 0, columns, &dl1);
+        drop(dl1);
+        prof.add("lrn1", true, t);
+        for (col, mut da1) in columns.iter_mut().zip(da1) {
+            let a = col.acts.as_ref().expect("forward ran");
+            let t = Instant::now();
+            b.relu_backward(&a.a1, &mut da1);
+            let (w, rest) = col.params[0..].split_at_mut(1);
+            b.conv2d_backward(&g.conv[0], x, &w[0].value, &da1, None, &mut w[0].grad, &mut rest[0].grad);
+            prof.add("conv1", true, t);
+        }
+        Ok(())
+    }
+
+    /// One SGD step on every parameter this process holds, from the last backward pass.
+    pub fn sgd_step(&mut self, sgd: &SgdParams) {
+        let t = Instant::now();
+        for col in &mut self.columns {
+            for p in &mut col.params {
+                self.backend.sgd_update(sgd, &mut p.value, &mut p.momentum, &p.grad);
+            }
+        }
+        self.profile.add("sgd", true, t);
+    }
+
+    /// Parameters held by this process, column by column.
+    pub fn params(&self) -> impl Iterator<Item = (usize, &Param<B>)> {
+        self.columns.iter().flat_map(|c| c.params.iter().map(move |p| (c.index, p)))
+    }
+
+    /// Replaces the parameters of every held column with their rows of unsplit tensors, looked up
+    /// by name (`conv1.weight`, ...), as PyTorch lays them out.
+    pub fn load_unsplit(&mut self, lookup: impl Fn(&str) -> anyhow::Result<(Vec<usize>, Vec<f32>)>) -> anyhow::Result<()> {
+        for col in &mut self.columns {
+            for p in &mut col.params {
+                let (shape, data) = lookup(&p.name)?;
+                let mut want = p.shape.clone();
+                want[0] *= COLUMNS;
+                // Grouped convolutions store [out, in / groups, k, k]: the same as a column's slice.
+                anyhow::ensure!(
+                    shape == want,
+                    "parameter {} has shape {:?}, this network expects {:?}",
+                    p.name,
+                    shape,
+                    want
+                );
+                p.value = self.backend.upload(super::params::column_rows(&data, want[0], col.index));
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient of a parameter over the whole layer (both columns), when this process holds both.
+    pub fn unsplit_grad(&self, name: &str) -> Option<Vec<f32>> {
+        if self.columns.len() != COLUMNS {
+            return None;
+        }
+        let mut out = Vec::new();
+        for col in &self.columns {
+            out.extend(self.backend.download(&col.params.iter().find(|p| p.name == name)?.grad));
+        }
+        Some(out)
+    }
+
+    /// Bytes of every buffer the network keeps between steps (parameters, gradients, momenta,
+    /// activations).
+    pub fn resident_bytes(&self) -> usize {
+        let b = &self.backend;
+        let mut n = 0;
+        for col in &self.columns {
+            n += col.params.iter().map(|p| 3 * p.len()).sum::<usize>();
+            if let Some(a) = &col.acts {
+                for buf in [&a.a1, &a.l1, &a.s1, &a.p1, &a.a2, &a.l2, &a.s2, &a.p2, &a.a3, &a.a4, &a.a5, &a.p5, &a.h6, &a.h7, &a.z8] {
+                    n += b.buf_len(buf);
+                }
+            }
+        }
+        if let Some(g) = &self.gathered {
+            n += [&g.g2, &g.g5, &g.g6, &g.g7, &g.logits].iter().map(|x| b.buf_len(x)).sum::<usize>();
+        }
+        n * 4
+    }
+}

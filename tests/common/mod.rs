@@ -1,0 +1,101 @@
+//! Helpers shared by the integration tests: golden files, random data, error measures.
+#![allow(dead_code)]
+
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// A golden file: tensors by name (shape, f32 values) and its metadata.
+pub struct Golden {
+    pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub meta: HashMap<String, String>,
+}
+
+impl Golden {
+    pub fn load(name: &str) -> Golden {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = header.metadata().clone().unwrap_or_default();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| {
+                assert_eq!(v.dtype(), safetensors::Dtype::F32, "{name}: {k} is not f32");
+                let data = v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                (k, (v.shape().to_vec(), data))
+            })
+            .collect();
+        Golden { tensors, meta }
+    }
+
+    pub fn get(&self, name: &str) -> &[f32] {
+        &self.tensors.get(name).unwrap_or_else(|| panic!("no tensor {name}")).1
+    }
+
+    pub fn shape(&self, name: &str) -> &[usize] {
+        &self.tensors[name].0
+    }
+
+    pub fn meta<T: std::str::FromStr>(&self, key: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
+        self.meta.get(key).unwrap_or_else(|| panic!("no metadata {key}")).trim_matches('"').parse().unwrap()
+    }
+}
+
+/// `|got - want| / |want|` over whole tensors.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let diff: f64 = got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (diff / norm.max(1e-30)).sqrt()
+}
+
+#[track_caller]
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(got, want);
+    assert!(e < tol, "{what}: relative error {e:.3e} exceeds {tol:.0e}");
+}
+
+/// Fresh pseudo-random values in [-1, 1) (a small LCG: tests need variety, not quality).
+pub fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Checks an analytic gradient against central differences of `f` at `samples` coordinates of
+/// `x`. `f` is a scalar function of the input; `grad` its claimed gradient.
+#[track_caller]
+pub fn check_finite_diff(what: &str, x: &[f32], grad: &[f32], samples: usize, eps: f32, tol: f64, f: impl Fn(&[f32]) -> f64) {
+    assert_eq!(x.len(), grad.len());
+    let step = (x.len() / samples).max(1);
+    let mut worst = 0.0f64;
+    let mut checked = 0;
+    for i in (0..x.len()).step_by(step).take(samples) {
+        let mut xp = x.to_vec();
+        xp[i] += eps;
+        let fp = f(&xp);
+        xp[i] -= 2.0 * eps;
+        let fm = f(&xp);
+        let numeric = (fp - fm) / (2.0 * eps as f64);
+        let analytic = grad[i] as f64;
+        let err = (numeric - analytic).abs() / (numeric.abs().max(analytic.abs()).max(1e-2));
+        worst = worst.max(err);
+        assert!(err < tol, "{what}: d/dx[{i}] analytic {analytic:.6e} vs numeric {numeric:.6e} (rel {err:.2e})");
+        checked += 1;
+    }
+    assert!(checked > 0, "{what}: nothing checked");
+}
+
+/// `sum(y * r)`, the scalar whose gradient with respect to `y` is `r`.
+pub fn dot(y: &[f32], r: &[f32]) -> f64 {
+    y.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
+}

@@ -1,0 +1,309 @@
+//! Every op against PyTorch's golden vectors, and every backward pass against finite
+//! differences. The checks are generic over the backend and stamped out once per device.
+
+mod common;
+
+use alexnet::backend::{Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams};
+use common::*;
+
+const GOLDEN_TOL: f64 = 1e-4;
+
+fn conv_golden<B: Backend>(b: &B, file: &str) {
+    let g = Golden::load(file);
+    let (xs, ws) = (g.shape("x").to_vec(), g.shape("w").to_vec());
+    let geom = ConvGeom {
+        batch: xs[0],
+        in_c: xs[1],
+        in_h: xs[2],
+        in_w: xs[3],
+        out_c: ws[0],
+        kernel: ws[2],
+        stride: g.meta("stride"),
+        pad: g.meta("pad"),
+        groups: g.meta("groups"),
+    };
+    assert_eq!(g.shape("y")[2], geom.out_h(), "{file}: output side");
+    let (x, w, bias, dy) = (b.upload(g.get("x")), b.upload(g.get("w")), b.upload(g.get("b")), b.upload(g.get("dy")));
+    let mut y = b.zeros(geom.out_len());
+    b.conv2d_forward(&geom, &x, &w, &bias, &mut y);
+    assert_close(&format!("{file} y"), &b.download(&y), g.get("y"), GOLDEN_TOL);
+    let (mut dx, mut dw, mut db) = (b.zeros(geom.in_len()), b.zeros(geom.weight_len()), b.zeros(geom.out_c));
+    b.conv2d_backward(&geom, &x, &w, &dy, Some(&mut dx), &mut dw, &mut db);
+    assert_close(&format!("{file} dx"), &b.download(&dx), g.get("dx"), GOLDEN_TOL);
+    assert_close(&format!("{file} dw"), &b.download(&dw), g.get("dw"), GOLDEN_TOL);
+    assert_close(&format!("{file} db"), &b.download(&db), g.get("db"), GOLDEN_TOL);
+}
+
+fn linear_golden<B: Backend>(b: &B) {
+    let g = Golden::load("linear.safetensors");
+    let geom = LinearGeom { rows: g.shape("x")[0], inp: g.shape("x")[1], out: g.shape("w")[0] };
+    let (x, w, bias, dy) = (b.upload(g.get("x")), b.upload(g.get("w")), b.upload(g.get("b")), b.upload(g.get("dy")));
+    let mut y = b.zeros(geom.rows * geom.out);
+    b.linear_forward(&geom, &x, &w, &bias, &mut y);
+    assert_close("linear y", &b.download(&y), g.get("y"), GOLDEN_TOL);
+    let (mut dx, mut dw, mut db) = (b.zeros(geom.rows * geom.inp), b.zeros(geom.out * geom.inp), b.zeros(geom.out));
+    b.linear_backward(&geom, &x, &w, &dy, Some(&mut dx), &mut dw, &mut db);
+    assert_close("linear dx", &b.download(&dx), g.get("dx"), GOLDEN_TOL);
+    assert_close("linear dw", &b.download(&dw), g.get("dw"), GOLDEN_TOL);
+    assert_close("linear db", &b.download(&db), g.get("db"), GOLDEN_TOL);
+}
+
+fn lrn_golden<B: Backend>(b: &B, file: &str) {
+    let g = Golden::load(file);
+    let p = LrnParams { size: g.meta("n"), alpha: g.meta("alpha"), beta: g.meta("beta"), k: g.meta("k") };
+    let s = g.shape("x");
+    let geom = PlaneGeom { batch: s[0], channels: s[1], plane: s[2] * s[3] };
+    let x = b.upload(g.get("x"));
+    let (mut y, mut scale, mut dx) = (b.zeros(geom.len()), b.zeros(geom.len()), b.zeros(geom.len()));
+    b.lrn_forward(&geom, &p, &x, &mut y, &mut scale);
+    assert_close(&format!("{file} y"), &b.download(&y), g.get("y"), GOLDEN_TOL);
+    b.lrn_backward(&geom, &p, &x, &y, &scale, &b.upload(g.get("dy")), &mut dx);
+    assert_close(&format!("{file} dx"), &b.download(&dx), g.get("dx"), GOLDEN_TOL);
+}
+
+fn maxpool_golden<B: Backend>(b: &B) {
+    let g = Golden::load("maxpool_3_s2.safetensors");
+    let s = g.shape("x");
+    let geom = PoolGeom { batch: s[0], channels: s[1], in_h: s[2], in_w: s[3], size: g.meta("size"), stride: g.meta("stride") };
+    let x = b.upload(g.get("x"));
+    let (mut y, mut dx) = (b.zeros(geom.out_len()), b.zeros(geom.in_len()));
+    b.maxpool_forward(&geom, &x, &mut y);
+    assert_close("maxpool y", &b.download(&y), g.get("y"), GOLDEN_TOL);
+    b.maxpool_backward(&geom, &x, &y, &b.upload(g.get("dy")), &mut dx);
+    assert_close("maxpool dx", &b.download(&dx), g.get("dx"), GOLDEN_TOL);
+}
+
+fn softmax_golden<B: Backend>(b: &B) {
+    let g = Golden::load("softmax_xent.safetensors");
+    let (rows, classes) = (g.shape("logits")[0], g.shape("logits")[1]);
+    let labels: Vec<u32> = g.get("labels").iter().map(|&l| l as u32).collect();
+    let mut d = b.zeros(rows * classes);
+    let loss = b.softmax_xent(rows, classes, &b.upload(g.get("logits")), &labels, &mut d);
+    assert_close("softmax loss", &[loss], g.get("loss"), GOLDEN_TOL);
+    assert_close("softmax dlogits", &b.download(&d), g.get("dlogits"), GOLDEN_TOL);
+    let top5: Vec<f32> = alexnet::backend::cpu::top_k(rows, classes, g.get("logits"), 5)
+        .into_iter()
+        .flatten()
+        .map(|i| i as f32)
+        .collect();
+    assert_eq!(top5, g.get("top5"), "top-5 classes");
+}
+
+fn sgd_golden<B: Backend>(b: &B) {
+    let g = Golden::load("sgd_paper.safetensors");
+    let p = SgdParams { lr: g.meta("lr"), momentum: g.meta("momentum"), weight_decay: g.meta("weight_decay") };
+    let (mut w, mut v) = (b.upload(g.get("w")), b.upload(g.get("v")));
+    b.sgd_update(&p, &mut w, &mut v, &b.upload(g.get("grad")));
+    assert_close("sgd w", &b.download(&w), g.get("w_next"), GOLDEN_TOL);
+    assert_close("sgd v", &b.download(&v), g.get("v_next"), GOLDEN_TOL);
+}
+
+// ---- finite differences on small random shapes ----
+
+const FD_TOL: f64 = 2e-2;
+
+fn conv_finite_diff<B: Backend>(b: &B) {
+    for (stride, pad, groups, kernel) in [(1, 1, 1, 3), (2, 1, 2, 3), (3, 2, 1, 5)] {
+        let geom = ConvGeom { batch: 2, in_c: 4, in_h: 9, in_w: 8, out_c: 6, kernel, stride, pad, groups };
+        let what = format!("conv k{kernel} s{stride} p{pad} g{groups}");
+        let (x, w, bias) = (random(geom.in_len(), 1), random(geom.weight_len(), 2), random(geom.out_c, 3));
+        let r = random(geom.out_len(), 4);
+        let fwd = |x: &[f32], w: &[f32], bias: &[f32]| {
+            let mut y = b.zeros(geom.out_len());
+            b.conv2d_forward(&geom, &b.upload(x), &b.upload(w), &b.upload(bias), &mut y);
+            dot(&b.download(&y), &r)
+        };
+        let (mut dx, mut dw, mut db) = (b.zeros(geom.in_len()), b.zeros(geom.weight_len()), b.zeros(geom.out_c));
+        b.conv2d_backward(&geom, &b.upload(&x), &b.upload(&w), &b.upload(&r), Some(&mut dx), &mut dw, &mut db);
+        check_finite_diff(&format!("{what} dx"), &x, &b.download(&dx), 40, 1e-2, FD_TOL, |x| fwd(x, &w, &bias));
+        check_finite_diff(&format!("{what} dw"), &w, &b.download(&dw), 40, 1e-2, FD_TOL, |w| fwd(&x, w, &bias));
+        check_finite_diff(&format!("{what} db"), &bias, &b.download(&db), 6, 1e-2, FD_TOL, |bi| fwd(&x, &w, bi));
+    }
+}
+
+fn linear_finite_diff<B: Backend>(b: &B) {
+    let geom = LinearGeom { rows: 3, inp: 11, out: 5 };
+    let (x, w, bias, r) = (random(33, 5), random(55, 6), random(5, 7), random(15, 8));
+    let fwd = |x: &[f32], w: &[f32], bias: &[f32]| {
+        let mut y = b.zeros(15);
+        b.linear_forward(&geom, &b.upload(x), &b.upload(w), &b.upload(bias), &mut y);
+        dot(&b.download(&y), &r)
+    };
+    let (mut dx, mut dw, mut db) = (b.zeros(33), b.zeros(55), b.zeros(5));
+    b.linear_backward(&geom, &b.upload(&x), &b.upload(&w), &b.upload(&r), Some(&mut dx), &mut dw, &mut db);
+    check_finite_diff("linear dx", &x, &b.download(&dx), 33, 1e-2, FD_TOL, |x| fwd(x, &w, &bias));
+    check_finite_diff("linear dw", &w, &b.download(&dw), 55, 1e-2, FD_TOL, |w| fwd(&x, w, &bias));
+    check_finite_diff("linear db", &bias, &b.download(&db), 5, 1e-2, FD_TOL, |bi| fwd(&x, &w, bi));
+}
+
+fn lrn_finite_diff<B: Backend>(b: &B) {
+    // A strong alpha and large inputs so that the normalisation term matters in the gradient.
+    for p in [LrnParams { size: 5, alpha: 0.05, beta: 0.75, k: 2.0 }, LrnParams { size: 3, alpha: 0.1, beta: 0.6, k: 1.0 }] {
+        let geom = PlaneGeom { batch: 2, channels: 7, plane: 6 };
+        let x: Vec<f32> = random(geom.len(), 9).iter().map(|v| 3.0 * v).collect();
+        let r = random(geom.len(), 10);
+        let fwd = |x: &[f32]| {
+            let (mut y, mut s) = (b.zeros(geom.len()), b.zeros(geom.len()));
+            b.lrn_forward(&geom, &p, &b.upload(x), &mut y, &mut s);
+            dot(&b.download(&y), &r)
+        };
+        let (mut y, mut s, mut dx) = (b.zeros(geom.len()), b.zeros(geom.len()), b.zeros(geom.len()));
+        let xb = b.upload(&x);
+        b.lrn_forward(&geom, &p, &xb, &mut y, &mut s);
+        b.lrn_backward(&geom, &p, &xb, &y, &s, &b.upload(&r), &mut dx);
+        check_finite_diff(&format!("lrn {p:?} dx"), &x, &b.download(&dx), 84, 1e-3, FD_TOL, fwd);
+    }
+}
+
+fn maxpool_finite_diff<B: Backend>(b: &B) {
+    let geom = PoolGeom { batch: 2, channels: 3, in_h: 9, in_w: 7, size: 3, stride: 2 };
+    let x = random(geom.in_len(), 11);
+    let r = random(geom.out_len(), 12);
+    let fwd = |x: &[f32]| {
+        let mut y = b.zeros(geom.out_len());
+        b.maxpool_forward(&geom, &b.upload(x), &mut y);
+        dot(&b.download(&y), &r)
+    };
+    let (mut y, mut dx) = (b.zeros(geom.out_len()), b.zeros(geom.in_len()));
+    let xb = b.upload(&x);
+    b.maxpool_forward(&geom, &xb, &mut y);
+    b.maxpool_backward(&geom, &xb, &y, &b.upload(&r), &mut dx);
+    check_finite_diff("maxpool dx", &x, &b.download(&dx), geom.in_len(), 1e-4, FD_TOL, fwd);
+}
+
+fn relu_finite_diff<B: Backend>(b: &B) {
+    // Keep inputs away from the kink so that the difference quotient is defined.
+    let x: Vec<f32> = random(50, 13).iter().map(|v| if v.abs() < 0.05 { 0.5 } else { *v }).collect();
+    let r = random(50, 14);
+    let fwd = |x: &[f32]| {
+        let mut y = b.upload(x);
+        b.relu_forward(&mut y);
+        dot(&b.download(&y), &r)
+    };
+    let mut y = b.upload(&x);
+    b.relu_forward(&mut y);
+    let mut d = b.upload(&r);
+    b.relu_backward(&y, &mut d);
+    check_finite_diff("relu dx", &x, &b.download(&d), 50, 1e-2, FD_TOL, fwd);
+}
+
+fn dropout_finite_diff<B: Backend>(b: &B) {
+    let key = DropoutKey { seed: 77, row_offset: 3, col_offset: 4, total_cols: 20 };
+    let (rows, cols, p) = (4, 10, 0.5);
+    let x = random(rows * cols, 15);
+    let r = random(rows * cols, 16);
+    let fwd = |x: &[f32]| {
+        let mut y = b.upload(x);
+        b.dropout_forward(rows, cols, p, &key, &mut y);
+        dot(&b.download(&y), &r)
+    };
+    let mut d = b.upload(&r);
+    b.dropout_backward(rows, cols, p, &key, &mut d);
+    let d = b.download(&d);
+    check_finite_diff("dropout dx", &x, &d, 40, 1e-2, FD_TOL, fwd);
+    let kept = d.iter().filter(|v| **v != 0.0).count();
+    assert!((10..=30).contains(&kept), "dropout 0.5 kept {kept} of 40");
+}
+
+fn softmax_finite_diff<B: Backend>(b: &B) {
+    let (rows, classes) = (3, 7);
+    let z: Vec<f32> = random(rows * classes, 17).iter().map(|v| 4.0 * v).collect();
+    let labels = [0u32, 6, 3];
+    let f = |z: &[f32]| {
+        let mut d = b.zeros(rows * classes);
+        b.softmax_xent(rows, classes, &b.upload(z), &labels, &mut d) as f64
+    };
+    let mut d = b.zeros(rows * classes);
+    b.softmax_xent(rows, classes, &b.upload(&z), &labels, &mut d);
+    check_finite_diff("softmax dlogits", &z, &b.download(&d), 21, 1e-2, FD_TOL, f);
+}
+
+fn concat_and_slice<B: Backend>(b: &B) {
+    let (a, c) = (b.upload(&[1.0, 2.0, 3.0, 4.0]), b.upload(&[5.0, 6.0, 7.0, 8.0, 9.0, 10.0]));
+    let mut out = b.zeros(10);
+    b.concat_rows(2, &[&a, &c], &[2, 3], &mut out);
+    assert_eq!(b.download(&out), vec![1.0, 2.0, 5.0, 6.0, 7.0, 3.0, 4.0, 8.0, 9.0, 10.0]);
+    let mut back = b.zeros(6);
+    b.slice_rows(2, 5, 2, 3, &out, &mut back, false);
+    assert_eq!(b.download(&back), vec![5.0, 6.0, 7.0, 8.0, 9.0, 10.0]);
+    b.slice_rows(2, 5, 2, 3, &out, &mut back, true);
+    assert_eq!(b.download(&back), vec![10.0, 12.0, 14.0, 16.0, 18.0, 20.0]);
+}
+
+macro_rules! backend_tests {
+    ($device:ident, $make:expr) => {
+        mod $device {
+            use super::*;
+            #[test]
+            fn golden_conv_11x11_s4_p2() {
+                conv_golden(&$make, "conv_11x11_s4_p2.safetensors")
+            }
+            #[test]
+            fn golden_conv_3x3_p1() {
+                conv_golden(&$make, "conv_3x3_p1.safetensors")
+            }
+            #[test]
+            fn golden_conv_5x5_p2_groups2() {
+                conv_golden(&$make, "conv_5x5_p2_groups2.safetensors")
+            }
+            #[test]
+            fn golden_linear() {
+                linear_golden(&$make)
+            }
+            #[test]
+            fn golden_lrn_paper() {
+                lrn_golden(&$make, "lrn_paper.safetensors")
+            }
+            #[test]
+            fn golden_lrn_strong() {
+                lrn_golden(&$make, "lrn_strong.safetensors")
+            }
+            #[test]
+            fn golden_maxpool() {
+                maxpool_golden(&$make)
+            }
+            #[test]
+            fn golden_softmax_xent() {
+                softmax_golden(&$make)
+            }
+            #[test]
+            fn golden_sgd() {
+                sgd_golden(&$make)
+            }
+            #[test]
+            fn finite_diff_conv() {
+                conv_finite_diff(&$make)
+            }
+            #[test]
+            fn finite_diff_linear() {
+                linear_finite_diff(&$make)
+            }
+            #[test]
+            fn finite_diff_lrn() {
+                lrn_finite_diff(&$make)
+            }
+            #[test]
+            fn finite_diff_maxpool() {
+                maxpool_finite_diff(&$make)
+            }
+            #[test]
+            fn finite_diff_relu() {
+                relu_finite_diff(&$make)
+            }
+            #[test]
+            fn finite_diff_dropout() {
+                dropout_finite_diff(&$make)
+            }
+            #[test]
+            fn finite_diff_softmax_xent() {
+                softmax_finite_diff(&$make)
+            }
+            #[test]
+            fn concat_and_slice_rows() {
+                concat_and_slice(&$make)
+            }
+        }
+    };
+}
+
+backend_tests!(cpu, alexnet::backend::Cpu::new());
