@@ -1,1 +1,215 @@
-fn main(){}
+//! `alexnet`: train, benchmark and (later) serve the two-column network.
+
+use alexnet::backend::{Cpu, SgdParams};
+use alexnet::data::idx::read_fashion_mnist_dir;
+use alexnet::model::NetConfig;
+use alexnet::train::{bench, sample};
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "alexnet",
+    version,
+    about = "Train Krizhevsky, Sutskever and Hinton's two-column AlexNet (2012)",
+    long_about = "Train Krizhevsky, Sutskever and Hinton's two-column AlexNet (2012).\n\n\
+        Each column holds half the kernels of every layer; the columns exchange activations only \
+        at conv3, fc6, fc7, fc8 and the logits, as in the paper.\n\n\
+        Quick start:\n  alexnet train              trains a narrow network on the carried Fashion-MNIST sample\n  \
+        alexnet bench --batch 128  measures training speed of the paper's network on random data"
+)]
+struct Cli {
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "ALEXNET_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendChoice {
+    /// CUDA when a driver and a device are present, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train on a labelled image set in IDX form (Fashion-MNIST layout) and report validation error.
+    Train(TrainArgs),
+    /// Time full training steps (forward, backward, update) on random data.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Folder with train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-* files.
+    #[arg(long, default_value = "data/sample/fashion-mnist")]
+    data: PathBuf,
+    /// The network: `demo` (narrow, for 28x28 grey images upscaled to 64), `paper`, or a TOML file.
+    #[arg(long, default_value = "demo")]
+    net: String,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Learning rate (the paper: 0.01).
+    #[arg(long, default_value_t = 0.01)]
+    lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    #[arg(long, default_value_t = 0.0005)]
+    weight_decay: f32,
+    /// Seeds the parameters, dropout masks and the order of the data.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Log progress every this many steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Images per step.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// The network: `paper` (default), `demo`, or a TOML file.
+    #[arg(long, default_value = "paper")]
+    net: String,
+    /// Print the report as JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// The narrow network of the default training job: the paper's topology at a quarter to a
+/// sixteenth of its widths, for 28x28 grey images upscaled to 64.
+fn demo_net() -> NetConfig {
+    NetConfig {
+        input_size: 64,
+        in_channels: 1,
+        conv_channels: [32, 64, 96, 96, 64],
+        fc_widths: [256, 256],
+        classes: 10,
+        init_std: 0.03,
+        ..NetConfig::default()
+    }
+}
+
+fn load_net(spec: &str) -> anyhow::Result<NetConfig> {
+    let cfg = match spec {
+        "paper" => NetConfig::default(),
+        "demo" => demo_net(),
+        path => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading network file {path} (or use `paper` or `demo`)"))?;
+            toml::from_str(&text).with_context(|| format!("network file {path}"))?
+        }
+    };
+    cfg.validate().with_context(|| format!("network `{spec}`"))?;
+    Ok(cfg)
+}
+
+fn cpu_backend(choice: BackendChoice) -> anyhow::Result<Cpu> {
+    match choice {
+        BackendChoice::Cpu => {}
+        BackendChoice::Auto => tracing::info!("backend auto: this build has no CUDA backend yet, taking the CPU"),
+        BackendChoice::Cuda => anyhow::bail!("--backend cuda: this build has no CUDA backend yet; use --backend cpu"),
+    }
+    let cpu = Cpu::new();
+    tracing::info!(backend = alexnet::backend::Backend::name(&cpu), "backend ready");
+    Ok(cpu)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Train(a) => train(a),
+        Command::Bench(a) => {
+            let opts = bench::BenchOptions { batch: a.batch, warmup: a.warmup, steps: a.steps, net: load_net(&a.net)?, seed: a.seed };
+            let report = bench::run(cpu_backend(a.backend)?, &opts)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench::render(&report));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let data = resolve_data(&a.data);
+    let (train_set, val_set) = read_fashion_mnist_dir(&data)
+        .with_context(|| format!("loading the image set in {} (pass --data DIR)", data.display()))?;
+    let opts = sample::SampleOptions {
+        epochs: a.epochs,
+        batch: a.batch,
+        sgd: SgdParams { lr: a.lr, momentum: a.momentum, weight_decay: a.weight_decay },
+        seed: a.seed,
+        net: load_net(&a.net)?,
+        log_every: a.log_every.max(1),
+    };
+    let results = sample::run(cpu_backend(a.backend)?, &train_set, &val_set, &opts)?;
+    if let Some(last) = results.last() {
+        tracing::info!(
+            epochs = last.epoch,
+            val_top1_err = format!("{:.3}", last.val_top1_err),
+            val_top5_err = format!("{:.3}", last.val_top5_err),
+            "done"
+        );
+    }
+    Ok(())
+}
+
+/// The default sample folder is relative to the repository; find it from elsewhere too.
+fn resolve_data(path: &Path) -> PathBuf {
+    if path.exists() || path.is_absolute() {
+        return path.to_path_buf();
+    }
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    if beside.exists() {
+        beside
+    } else {
+        path.to_path_buf()
+    }
+}

@@ -1,0 +1,159 @@
+//! `alexnet bench`: images/s of full training steps on random data, where the time goes per
+//! layer, and peak memory.
+
+use super::train_step;
+use crate::backend::{rng, Backend, SgdParams};
+use crate::comm::LocalExchange;
+use crate::model::params::parameter_count;
+use crate::model::{NetConfig, Network};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub batch: usize,
+    pub warmup: usize,
+    pub steps: usize,
+    pub net: NetConfig,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerTime {
+    pub layer: String,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    /// Of the summed per-layer time.
+    pub share: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub backend: String,
+    pub batch: usize,
+    pub steps: usize,
+    pub parameters: usize,
+    /// Median over the timed steps.
+    pub step_ms: f64,
+    pub images_per_s: f64,
+    /// Forward, input and weight gradients: 3x the forward multiply-adds, 2 FLOP each.
+    pub gflop_per_s: f64,
+    /// Per step, averaged over the timed steps.
+    pub layers: Vec<LayerTime>,
+    /// Bytes the network keeps between steps (parameters, gradients, momenta, activations).
+    pub network_bytes: usize,
+    /// The process's peak resident memory (Linux `VmHWM`), when known.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Multiply-adds of one image's forward pass.
+pub fn forward_macs_per_image(cfg: &NetConfig) -> anyhow::Result<u64> {
+    let s = cfg.validate()?;
+    let c = cfg.conv_channels;
+    let conv = |out_c: usize, in_c: usize, k: usize, side: usize| (out_c * in_c * k * k * side * side) as u64;
+    // conv2, conv4, conv5 read their own column's half: grouped, 2 groups.
+    let macs = conv(c[0], cfg.in_channels, 11, s.conv1)
+        + conv(c[1], c[0] / 2, 5, s.conv2)
+        + conv(c[2], c[1], 3, s.conv3)
+        + conv(c[3], c[2] / 2, 3, s.conv3)
+        + conv(c[4], c[3] / 2, 3, s.conv3)
+        + (cfg.fc6_inputs(&s) * cfg.fc_widths[0] + cfg.fc_widths[0] * cfg.fc_widths[1] + cfg.fc_widths[1] * cfg.classes) as u64;
+    Ok(macs)
+}
+
+/// Peak resident set size of this process, from `/proc/self/status`.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run<B: Backend>(backend: B, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(opts.batch > 0, "--batch must be at least 1");
+    anyhow::ensure!(opts.steps > 0, "--steps must be at least 1");
+    let name = backend.name();
+    let mut net = Network::new(opts.net.clone(), backend, Box::new(LocalExchange::default()), opts.seed)?;
+    let classes = opts.net.classes;
+    // Mean-subtracted pixel-like values, fixed labels: the speed does not depend on them.
+    let key = rng::key(opts.seed, "bench.input");
+    let host: Vec<f32> = (0..net.input_len(opts.batch) as u64).map(|i| 50.0 * rng::normal(key, i)).collect();
+    let x = net.backend.upload(&host);
+    drop(host);
+    let labels: Vec<u32> = (0..opts.batch as u64).map(|i| (rng::mix64(i ^ opts.seed) % classes as u64) as u32).collect();
+    let sgd = SgdParams { lr: 0.01, momentum: 0.9, weight_decay: 0.0005 };
+    for step in 0..opts.warmup {
+        let t = Instant::now();
+        train_step(&mut net, &x, &labels, step as u64, &sgd)?;
+        tracing::info!(step, ms = t.elapsed().as_secs_f64() * 1e3, "warm-up step");
+    }
+    net.profile = Default::default();
+    let mut times = Vec::with_capacity(opts.steps);
+    for step in 0..opts.steps {
+        let t = Instant::now();
+        let r = train_step(&mut net, &x, &labels, (opts.warmup + step) as u64, &sgd)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(step, ms, images_per_s = opts.batch as f64 / ms * 1e3, loss = r.loss, "timed step");
+        times.push(ms);
+    }
+    times.sort_by(f64::total_cmp);
+    let step_ms = times[times.len() / 2];
+    let per_step = |d: std::time::Duration| d.as_secs_f64() * 1e3 / opts.steps as f64;
+    let total: f64 = net.profile.layers.iter().map(|(_, f, b)| per_step(*f) + per_step(*b)).sum();
+    let layers = net
+        .profile
+        .layers
+        .iter()
+        .map(|(layer, f, b)| LayerTime {
+            layer: layer.to_string(),
+            forward_ms: per_step(*f),
+            backward_ms: per_step(*b),
+            share: (per_step(*f) + per_step(*b)) / total.max(1e-12),
+        })
+        .collect();
+    let macs = forward_macs_per_image(&opts.net)?;
+    Ok(BenchReport {
+        backend: name,
+        batch: opts.batch,
+        steps: opts.steps,
+        parameters: parameter_count(&net.cfg, &net.sides),
+        step_ms,
+        images_per_s: opts.batch as f64 / step_ms * 1e3,
+        gflop_per_s: 6.0 * macs as f64 * opts.batch as f64 / (step_ms * 1e-3) / 1e9,
+        layers,
+        network_bytes: net.resident_bytes(),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// The report as a table for people.
+pub fn render(r: &BenchReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let _ = writeln!(s, "backend        {}", r.backend);
+    let _ = writeln!(s, "parameters     {}", r.parameters);
+    let _ = writeln!(s, "batch          {} ({} timed steps, median)", r.batch, r.steps);
+    let _ = writeln!(s, "step           {:.1} ms", r.step_ms);
+    let _ = writeln!(s, "throughput     {:.1} images/s ({:.0} GFLOP/s)", r.images_per_s, r.gflop_per_s);
+    let _ = writeln!(s, "network memory {:.2} GiB", gib(r.network_bytes as f64));
+    if let Some(p) = r.peak_rss_bytes {
+        let _ = writeln!(s, "peak RSS       {:.2} GiB", gib(p as f64));
+    }
+    let _ = writeln!(s, "\n{:<10} {:>10} {:>11} {:>7}", "layer", "fwd ms", "bwd ms", "share");
+    for l in &r.layers {
+        let _ = writeln!(s, "{:<10} {:>10.1} {:>11.1} {:>6.1}%", l.layer, l.forward_ms, l.backward_ms, 100.0 * l.share);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paper_forward_is_724_million_multiply_adds() {
+        let macs = forward_macs_per_image(&NetConfig::default()).unwrap();
+        assert_eq!(macs / 100_000, 7244, "{macs}");
+    }
+}
