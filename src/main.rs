@@ -120,29 +120,41 @@ fn load_net(spec: &str) -> anyhow::Result<NetConfig> {
         "paper" => NetConfig::default(),
         "demo" => demo_net(),
         path => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading network file {path} (or use `paper` or `demo`)"))?;
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("reading network file {path} (or use `paper` or `demo`)")
+            })?;
             toml::from_str(&text).with_context(|| format!("network file {path}"))?
         }
     };
-    cfg.validate().with_context(|| format!("network `{spec}`"))?;
+    cfg.validate()
+        .with_context(|| format!("network `{spec}`"))?;
     Ok(cfg)
 }
 
 fn cpu_backend(choice: BackendChoice) -> anyhow::Result<Cpu> {
     match choice {
         BackendChoice::Cpu => {}
-        BackendChoice::Auto => tracing::info!("backend auto: this build has no CUDA backend yet, taking the CPU"),
-        BackendChoice::Cuda => anyhow::bail!("--backend cuda: this build has no CUDA backend yet; use --backend cpu"),
+        BackendChoice::Auto => {
+            tracing::info!("backend auto: this build has no CUDA backend yet, taking the CPU")
+        }
+        BackendChoice::Cuda => {
+            anyhow::bail!("--backend cuda: this build has no CUDA backend yet; use --backend cpu")
+        }
     }
     let cpu = Cpu::new();
-    tracing::info!(backend = alexnet::backend::Backend::name(&cpu), "backend ready");
+    tracing::info!(
+        backend = alexnet::backend::Backend::name(&cpu),
+        "backend ready"
+    );
     Ok(cpu)
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -165,7 +177,13 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Train(a) => train(a),
         Command::Bench(a) => {
-            let opts = bench::BenchOptions { batch: a.batch, warmup: a.warmup, steps: a.steps, net: load_net(&a.net)?, seed: a.seed };
+            let opts = bench::BenchOptions {
+                batch: a.batch,
+                warmup: a.warmup,
+                steps: a.steps,
+                net: load_net(&a.net)?,
+                seed: a.seed,
+            };
             let report = bench::run(cpu_backend(a.backend)?, &opts)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -179,12 +197,20 @@ fn run(command: Command) -> anyhow::Result<()> {
 
 fn train(a: TrainArgs) -> anyhow::Result<()> {
     let data = resolve_data(&a.data);
-    let (train_set, val_set) = read_fashion_mnist_dir(&data)
-        .with_context(|| format!("loading the image set in {} (pass --data DIR)", data.display()))?;
+    let (train_set, val_set) = read_fashion_mnist_dir(&data).with_context(|| {
+        format!(
+            "loading the image set in {} (pass --data DIR)",
+            data.display()
+        )
+    })?;
     let opts = sample::SampleOptions {
         epochs: a.epochs,
         batch: a.batch,
-        sgd: SgdParams { lr: a.lr, momentum: a.momentum, weight_decay: a.weight_decay },
+        sgd: SgdParams {
+            lr: a.lr,
+            momentum: a.momentum,
+            weight_decay: a.weight_decay,
+        },
         seed: a.seed,
         net: load_net(&a.net)?,
         log_every: a.log_every.max(1),

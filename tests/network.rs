@@ -43,7 +43,13 @@ fn golden_mini_alexnet_logits_loss_and_every_gradient() {
     let g = Golden::load("mini_alexnet.safetensors");
     let cfg = mini_config(&g);
     let cpu = Cpu::new();
-    let mut net = Network::new(cfg.clone(), cpu.clone(), Box::new(LocalExchange::default()), 0).unwrap();
+    let mut net = Network::new(
+        cfg.clone(),
+        cpu.clone(),
+        Box::new(LocalExchange::default()),
+        0,
+    )
+    .unwrap();
     net.load_unsplit(|name| {
         let key = format!("param.{name}");
         Ok((g.shape(&key).to_vec(), g.get(&key).to_vec()))
@@ -53,7 +59,11 @@ fn golden_mini_alexnet_logits_loss_and_every_gradient() {
     let x = cpu.upload(g.get("x"));
     let labels: Vec<u32> = g.get("labels").iter().map(|&l| l as u32).collect();
     // Dropout is off in the golden network; evaluation mode is the same function.
-    let mode = if cfg.dropout == 0.0 { Mode::Train { step: 0 } } else { Mode::Eval };
+    let mode = if cfg.dropout == 0.0 {
+        Mode::Train { step: 0 }
+    } else {
+        Mode::Eval
+    };
     let logits = net.forward(&x, batch, mode).unwrap().clone();
     assert_close("logits", &logits, g.get("logits"), 1e-4);
     let mut dlogits = cpu.zeros(logits.len());
@@ -64,7 +74,12 @@ fn golden_mini_alexnet_logits_loss_and_every_gradient() {
         for kind in ["weight", "bias"] {
             let name = format!("{layer}.{kind}");
             let got = net.unsplit_grad(&name).unwrap();
-            assert_close(&format!("grad {name}"), &got, g.get(&format!("grad.{name}")), 1e-4);
+            assert_close(
+                &format!("grad {name}"),
+                &got,
+                g.get(&format!("grad.{name}")),
+                1e-4,
+            );
         }
     }
 }
@@ -76,15 +91,26 @@ fn lrn_per_column_stops_at_the_column_boundary() {
     let half_channels = mini_config(&g).conv_channels[0] / 2;
     let half_window = mini_config(&g).lrn.size / 2;
     let run = |across: bool| {
-        let cfg = NetConfig { lrn_across_columns: across, ..mini_config(&g) };
-        let mut net = Network::new(cfg, cpu.clone(), Box::new(LocalExchange::default()), 0).unwrap();
+        let cfg = NetConfig {
+            lrn_across_columns: across,
+            ..mini_config(&g)
+        };
+        let mut net =
+            Network::new(cfg, cpu.clone(), Box::new(LocalExchange::default()), 0).unwrap();
         net.load_unsplit(|name| {
             let key = format!("param.{name}");
             Ok((g.shape(&key).to_vec(), g.get(&key).to_vec()))
         })
         .unwrap();
-        let logits = net.forward(&cpu.upload(g.get("x")), 2, Mode::Eval).unwrap().clone();
-        (logits, net.activation(0, "lrn1").unwrap(), net.activation(1, "lrn1").unwrap())
+        let logits = net
+            .forward(&cpu.upload(g.get("x")), 2, Mode::Eval)
+            .unwrap()
+            .clone();
+        (
+            logits,
+            net.activation(0, "lrn1").unwrap(),
+            net.activation(1, "lrn1").unwrap(),
+        )
     };
     let (whole, w0, w1) = run(true);
     let (paper, p0, p1) = run(false);
@@ -112,9 +138,18 @@ fn the_mini_network_overfits_a_fixed_batch() {
     // The golden narrow network, started from its (PyTorch-initialised) parameters: at this width
     // the paper's N(0, 0.01) start passes too little signal through eight layers to learn fast.
     let g = Golden::load("mini_alexnet.safetensors");
-    let cfg = NetConfig { dropout: 0.0, ..mini_config(&g) };
+    let cfg = NetConfig {
+        dropout: 0.0,
+        ..mini_config(&g)
+    };
     let cpu = Cpu::new();
-    let mut net = Network::new(cfg.clone(), cpu.clone(), Box::new(LocalExchange::default()), 0).unwrap();
+    let mut net = Network::new(
+        cfg.clone(),
+        cpu.clone(),
+        Box::new(LocalExchange::default()),
+        0,
+    )
+    .unwrap();
     net.load_unsplit(|name| {
         let key = format!("param.{name}");
         Ok((g.shape(&key).to_vec(), g.get(&key).to_vec()))
@@ -122,9 +157,20 @@ fn the_mini_network_overfits_a_fixed_batch() {
     .unwrap();
     let batch = 8;
     // Inputs of a few units, like normalised pixels with some contrast.
-    let x = cpu.upload(&random(net.input_len(batch), 21).iter().map(|v| 10.0 * v).collect::<Vec<_>>());
-    let labels: Vec<u32> = (0..batch as u32).map(|i| (3 * i) % cfg.classes as u32).collect();
-    let sgd = SgdParams { lr: 0.01, momentum: 0.9, weight_decay: 0.0005 };
+    let x = cpu.upload(
+        &random(net.input_len(batch), 21)
+            .iter()
+            .map(|v| 10.0 * v)
+            .collect::<Vec<_>>(),
+    );
+    let labels: Vec<u32> = (0..batch as u32)
+        .map(|i| (3 * i) % cfg.classes as u32)
+        .collect();
+    let sgd = SgdParams {
+        lr: 0.01,
+        momentum: 0.9,
+        weight_decay: 0.0005,
+    };
     let mut dlogits = cpu.zeros(batch * cfg.classes);
     let mut losses = Vec::new();
     for step in 0..300 {
@@ -139,14 +185,24 @@ fn the_mini_network_overfits_a_fixed_batch() {
     }
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(first > 1.5, "starts near chance (ln 10 = 2.3): {first}");
-    assert!(last < 0.05, "loss went from {first} to {last} in {} steps", losses.len());
+    assert!(
+        last < 0.05,
+        "loss went from {first} to {last} in {} steps",
+        losses.len()
+    );
 }
 
 #[test]
 fn dropout_masks_follow_the_step() {
     let cfg = NetConfig::narrow(63, [4, 4, 4, 4, 4], [8, 8], 2);
     let cpu = Cpu::new();
-    let mut net = Network::new(cfg.clone(), cpu.clone(), Box::new(LocalExchange::default()), 5).unwrap();
+    let mut net = Network::new(
+        cfg.clone(),
+        cpu.clone(),
+        Box::new(LocalExchange::default()),
+        5,
+    )
+    .unwrap();
     let x = cpu.upload(&random(net.input_len(2), 3));
     let a = net.forward(&x, 2, Mode::Train { step: 1 }).unwrap().clone();
     let b = net.forward(&x, 2, Mode::Train { step: 1 }).unwrap().clone();

@@ -3,7 +3,9 @@
 
 mod common;
 
-use alexnet::backend::{Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams};
+use alexnet::backend::{
+    Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
+};
 use common::*;
 
 const GOLDEN_TOL: f64 = 1e-4;
@@ -23,25 +25,67 @@ fn conv_golden<B: Backend>(b: &B, file: &str) {
         groups: g.meta("groups"),
     };
     assert_eq!(g.shape("y")[2], geom.out_h(), "{file}: output side");
-    let (x, w, bias, dy) = (b.upload(g.get("x")), b.upload(g.get("w")), b.upload(g.get("b")), b.upload(g.get("dy")));
+    let (x, w, bias, dy) = (
+        b.upload(g.get("x")),
+        b.upload(g.get("w")),
+        b.upload(g.get("b")),
+        b.upload(g.get("dy")),
+    );
     let mut y = b.zeros(geom.out_len());
     b.conv2d_forward(&geom, &x, &w, &bias, &mut y);
-    assert_close(&format!("{file} y"), &b.download(&y), g.get("y"), GOLDEN_TOL);
-    let (mut dx, mut dw, mut db) = (b.zeros(geom.in_len()), b.zeros(geom.weight_len()), b.zeros(geom.out_c));
+    assert_close(
+        &format!("{file} y"),
+        &b.download(&y),
+        g.get("y"),
+        GOLDEN_TOL,
+    );
+    let (mut dx, mut dw, mut db) = (
+        b.zeros(geom.in_len()),
+        b.zeros(geom.weight_len()),
+        b.zeros(geom.out_c),
+    );
     b.conv2d_backward(&geom, &x, &w, &dy, Some(&mut dx), &mut dw, &mut db);
-    assert_close(&format!("{file} dx"), &b.download(&dx), g.get("dx"), GOLDEN_TOL);
-    assert_close(&format!("{file} dw"), &b.download(&dw), g.get("dw"), GOLDEN_TOL);
-    assert_close(&format!("{file} db"), &b.download(&db), g.get("db"), GOLDEN_TOL);
+    assert_close(
+        &format!("{file} dx"),
+        &b.download(&dx),
+        g.get("dx"),
+        GOLDEN_TOL,
+    );
+    assert_close(
+        &format!("{file} dw"),
+        &b.download(&dw),
+        g.get("dw"),
+        GOLDEN_TOL,
+    );
+    assert_close(
+        &format!("{file} db"),
+        &b.download(&db),
+        g.get("db"),
+        GOLDEN_TOL,
+    );
 }
 
 fn linear_golden<B: Backend>(b: &B) {
     let g = Golden::load("linear.safetensors");
-    let geom = LinearGeom { rows: g.shape("x")[0], inp: g.shape("x")[1], out: g.shape("w")[0] };
-    let (x, w, bias, dy) = (b.upload(g.get("x")), b.upload(g.get("w")), b.upload(g.get("b")), b.upload(g.get("dy")));
+    let geom = LinearGeom {
+        rows: g.shape("x")[0],
+        inp: g.shape("x")[1],
+        out: g.shape("w")[0],
+    };
+    let (x, w, bias, dy) = (
+        b.upload(g.get("x")),
+        b.upload(g.get("w")),
+        b.upload(g.get("b")),
+        b.upload(g.get("dy")),
+    );
     let mut y = b.zeros(geom.rows * geom.out);
     b.linear_forward(&geom, &x, &w, &bias, &mut y);
     assert_close("linear y", &b.download(&y), g.get("y"), GOLDEN_TOL);
-    let (mut dx, mut dw, mut db) = (b.zeros(geom.rows * geom.inp), b.zeros(geom.out * geom.inp), b.zeros(geom.out));
+    let (mut dx, mut dw, mut db) = (
+        b.zeros(geom.rows * geom.inp),
+        b.zeros(geom.out * geom.inp),
+        b.zeros(geom.out),
+    );
     b.linear_backward(&geom, &x, &w, &dy, Some(&mut dx), &mut dw, &mut db);
     assert_close("linear dx", &b.download(&dx), g.get("dx"), GOLDEN_TOL);
     assert_close("linear dw", &b.download(&dw), g.get("dw"), GOLDEN_TOL);
@@ -50,21 +94,51 @@ fn linear_golden<B: Backend>(b: &B) {
 
 fn lrn_golden<B: Backend>(b: &B, file: &str) {
     let g = Golden::load(file);
-    let p = LrnParams { size: g.meta("n"), alpha: g.meta("alpha"), beta: g.meta("beta"), k: g.meta("k") };
+    let p = LrnParams {
+        size: g.meta("n"),
+        alpha: g.meta("alpha"),
+        beta: g.meta("beta"),
+        k: g.meta("k"),
+    };
     let s = g.shape("x");
-    let geom = PlaneGeom { batch: s[0], channels: s[1], plane: s[2] * s[3] };
+    let geom = PlaneGeom {
+        batch: s[0],
+        channels: s[1],
+        plane: s[2] * s[3],
+    };
     let x = b.upload(g.get("x"));
-    let (mut y, mut scale, mut dx) = (b.zeros(geom.len()), b.zeros(geom.len()), b.zeros(geom.len()));
+    let (mut y, mut scale, mut dx) = (
+        b.zeros(geom.len()),
+        b.zeros(geom.len()),
+        b.zeros(geom.len()),
+    );
     b.lrn_forward(&geom, &p, &x, &mut y, &mut scale);
-    assert_close(&format!("{file} y"), &b.download(&y), g.get("y"), GOLDEN_TOL);
+    assert_close(
+        &format!("{file} y"),
+        &b.download(&y),
+        g.get("y"),
+        GOLDEN_TOL,
+    );
     b.lrn_backward(&geom, &p, &x, &y, &scale, &b.upload(g.get("dy")), &mut dx);
-    assert_close(&format!("{file} dx"), &b.download(&dx), g.get("dx"), GOLDEN_TOL);
+    assert_close(
+        &format!("{file} dx"),
+        &b.download(&dx),
+        g.get("dx"),
+        GOLDEN_TOL,
+    );
 }
 
 fn maxpool_golden<B: Backend>(b: &B) {
     let g = Golden::load("maxpool_3_s2.safetensors");
     let s = g.shape("x");
-    let geom = PoolGeom { batch: s[0], channels: s[1], in_h: s[2], in_w: s[3], size: g.meta("size"), stride: g.meta("stride") };
+    let geom = PoolGeom {
+        batch: s[0],
+        channels: s[1],
+        in_h: s[2],
+        in_w: s[3],
+        size: g.meta("size"),
+        stride: g.meta("stride"),
+    };
     let x = b.upload(g.get("x"));
     let (mut y, mut dx) = (b.zeros(geom.out_len()), b.zeros(geom.in_len()));
     b.maxpool_forward(&geom, &x, &mut y);
@@ -80,7 +154,12 @@ fn softmax_golden<B: Backend>(b: &B) {
     let mut d = b.zeros(rows * classes);
     let loss = b.softmax_xent(rows, classes, &b.upload(g.get("logits")), &labels, &mut d);
     assert_close("softmax loss", &[loss], g.get("loss"), GOLDEN_TOL);
-    assert_close("softmax dlogits", &b.download(&d), g.get("dlogits"), GOLDEN_TOL);
+    assert_close(
+        "softmax dlogits",
+        &b.download(&d),
+        g.get("dlogits"),
+        GOLDEN_TOL,
+    );
     let top5: Vec<f32> = alexnet::backend::cpu::top_k(rows, classes, g.get("logits"), 5)
         .into_iter()
         .flatten()
@@ -91,7 +170,11 @@ fn softmax_golden<B: Backend>(b: &B) {
 
 fn sgd_golden<B: Backend>(b: &B) {
     let g = Golden::load("sgd_paper.safetensors");
-    let p = SgdParams { lr: g.meta("lr"), momentum: g.meta("momentum"), weight_decay: g.meta("weight_decay") };
+    let p = SgdParams {
+        lr: g.meta("lr"),
+        momentum: g.meta("momentum"),
+        weight_decay: g.meta("weight_decay"),
+    };
     let (mut w, mut v) = (b.upload(g.get("w")), b.upload(g.get("v")));
     b.sgd_update(&p, &mut w, &mut v, &b.upload(g.get("grad")));
     assert_close("sgd w", &b.download(&w), g.get("w_next"), GOLDEN_TOL);
@@ -104,25 +187,79 @@ const FD_TOL: f64 = 2e-2;
 
 fn conv_finite_diff<B: Backend>(b: &B) {
     for (stride, pad, groups, kernel) in [(1, 1, 1, 3), (2, 1, 2, 3), (3, 2, 1, 5)] {
-        let geom = ConvGeom { batch: 2, in_c: 4, in_h: 9, in_w: 8, out_c: 6, kernel, stride, pad, groups };
+        let geom = ConvGeom {
+            batch: 2,
+            in_c: 4,
+            in_h: 9,
+            in_w: 8,
+            out_c: 6,
+            kernel,
+            stride,
+            pad,
+            groups,
+        };
         let what = format!("conv k{kernel} s{stride} p{pad} g{groups}");
-        let (x, w, bias) = (random(geom.in_len(), 1), random(geom.weight_len(), 2), random(geom.out_c, 3));
+        let (x, w, bias) = (
+            random(geom.in_len(), 1),
+            random(geom.weight_len(), 2),
+            random(geom.out_c, 3),
+        );
         let r = random(geom.out_len(), 4);
         let fwd = |x: &[f32], w: &[f32], bias: &[f32]| {
             let mut y = b.zeros(geom.out_len());
             b.conv2d_forward(&geom, &b.upload(x), &b.upload(w), &b.upload(bias), &mut y);
             dot(&b.download(&y), &r)
         };
-        let (mut dx, mut dw, mut db) = (b.zeros(geom.in_len()), b.zeros(geom.weight_len()), b.zeros(geom.out_c));
-        b.conv2d_backward(&geom, &b.upload(&x), &b.upload(&w), &b.upload(&r), Some(&mut dx), &mut dw, &mut db);
-        check_finite_diff(&format!("{what} dx"), &x, &b.download(&dx), 40, 1e-2, FD_TOL, |x| fwd(x, &w, &bias));
-        check_finite_diff(&format!("{what} dw"), &w, &b.download(&dw), 40, 1e-2, FD_TOL, |w| fwd(&x, w, &bias));
-        check_finite_diff(&format!("{what} db"), &bias, &b.download(&db), 6, 1e-2, FD_TOL, |bi| fwd(&x, &w, bi));
+        let (mut dx, mut dw, mut db) = (
+            b.zeros(geom.in_len()),
+            b.zeros(geom.weight_len()),
+            b.zeros(geom.out_c),
+        );
+        b.conv2d_backward(
+            &geom,
+            &b.upload(&x),
+            &b.upload(&w),
+            &b.upload(&r),
+            Some(&mut dx),
+            &mut dw,
+            &mut db,
+        );
+        check_finite_diff(
+            &format!("{what} dx"),
+            &x,
+            &b.download(&dx),
+            40,
+            1e-2,
+            FD_TOL,
+            |x| fwd(x, &w, &bias),
+        );
+        check_finite_diff(
+            &format!("{what} dw"),
+            &w,
+            &b.download(&dw),
+            40,
+            1e-2,
+            FD_TOL,
+            |w| fwd(&x, w, &bias),
+        );
+        check_finite_diff(
+            &format!("{what} db"),
+            &bias,
+            &b.download(&db),
+            6,
+            1e-2,
+            FD_TOL,
+            |bi| fwd(&x, &w, bi),
+        );
     }
 }
 
 fn linear_finite_diff<B: Backend>(b: &B) {
-    let geom = LinearGeom { rows: 3, inp: 11, out: 5 };
+    let geom = LinearGeom {
+        rows: 3,
+        inp: 11,
+        out: 5,
+    };
     let (x, w, bias, r) = (random(33, 5), random(55, 6), random(5, 7), random(15, 8));
     let fwd = |x: &[f32], w: &[f32], bias: &[f32]| {
         let mut y = b.zeros(15);
@@ -130,16 +267,53 @@ fn linear_finite_diff<B: Backend>(b: &B) {
         dot(&b.download(&y), &r)
     };
     let (mut dx, mut dw, mut db) = (b.zeros(33), b.zeros(55), b.zeros(5));
-    b.linear_backward(&geom, &b.upload(&x), &b.upload(&w), &b.upload(&r), Some(&mut dx), &mut dw, &mut db);
-    check_finite_diff("linear dx", &x, &b.download(&dx), 33, 1e-2, FD_TOL, |x| fwd(x, &w, &bias));
-    check_finite_diff("linear dw", &w, &b.download(&dw), 55, 1e-2, FD_TOL, |w| fwd(&x, w, &bias));
-    check_finite_diff("linear db", &bias, &b.download(&db), 5, 1e-2, FD_TOL, |bi| fwd(&x, &w, bi));
+    b.linear_backward(
+        &geom,
+        &b.upload(&x),
+        &b.upload(&w),
+        &b.upload(&r),
+        Some(&mut dx),
+        &mut dw,
+        &mut db,
+    );
+    check_finite_diff("linear dx", &x, &b.download(&dx), 33, 1e-2, FD_TOL, |x| {
+        fwd(x, &w, &bias)
+    });
+    check_finite_diff("linear dw", &w, &b.download(&dw), 55, 1e-2, FD_TOL, |w| {
+        fwd(&x, w, &bias)
+    });
+    check_finite_diff(
+        "linear db",
+        &bias,
+        &b.download(&db),
+        5,
+        1e-2,
+        FD_TOL,
+        |bi| fwd(&x, &w, bi),
+    );
 }
 
 fn lrn_finite_diff<B: Backend>(b: &B) {
     // A strong alpha and large inputs so that the normalisation term matters in the gradient.
-    for p in [LrnParams { size: 5, alpha: 0.05, beta: 0.75, k: 2.0 }, LrnParams { size: 3, alpha: 0.1, beta: 0.6, k: 1.0 }] {
-        let geom = PlaneGeom { batch: 2, channels: 7, plane: 6 };
+    for p in [
+        LrnParams {
+            size: 5,
+            alpha: 0.05,
+            beta: 0.75,
+            k: 2.0,
+        },
+        LrnParams {
+            size: 3,
+            alpha: 0.1,
+            beta: 0.6,
+            k: 1.0,
+        },
+    ] {
+        let geom = PlaneGeom {
+            batch: 2,
+            channels: 7,
+            plane: 6,
+        };
         let x: Vec<f32> = random(geom.len(), 9).iter().map(|v| 3.0 * v).collect();
         let r = random(geom.len(), 10);
         let fwd = |x: &[f32]| {
@@ -147,16 +321,35 @@ fn lrn_finite_diff<B: Backend>(b: &B) {
             b.lrn_forward(&geom, &p, &b.upload(x), &mut y, &mut s);
             dot(&b.download(&y), &r)
         };
-        let (mut y, mut s, mut dx) = (b.zeros(geom.len()), b.zeros(geom.len()), b.zeros(geom.len()));
+        let (mut y, mut s, mut dx) = (
+            b.zeros(geom.len()),
+            b.zeros(geom.len()),
+            b.zeros(geom.len()),
+        );
         let xb = b.upload(&x);
         b.lrn_forward(&geom, &p, &xb, &mut y, &mut s);
         b.lrn_backward(&geom, &p, &xb, &y, &s, &b.upload(&r), &mut dx);
-        check_finite_diff(&format!("lrn {p:?} dx"), &x, &b.download(&dx), 84, 1e-3, FD_TOL, fwd);
+        check_finite_diff(
+            &format!("lrn {p:?} dx"),
+            &x,
+            &b.download(&dx),
+            84,
+            1e-3,
+            FD_TOL,
+            fwd,
+        );
     }
 }
 
 fn maxpool_finite_diff<B: Backend>(b: &B) {
-    let geom = PoolGeom { batch: 2, channels: 3, in_h: 9, in_w: 7, size: 3, stride: 2 };
+    let geom = PoolGeom {
+        batch: 2,
+        channels: 3,
+        in_h: 9,
+        in_w: 7,
+        size: 3,
+        stride: 2,
+    };
     let x = random(geom.in_len(), 11);
     let r = random(geom.out_len(), 12);
     let fwd = |x: &[f32]| {
@@ -168,12 +361,23 @@ fn maxpool_finite_diff<B: Backend>(b: &B) {
     let xb = b.upload(&x);
     b.maxpool_forward(&geom, &xb, &mut y);
     b.maxpool_backward(&geom, &xb, &y, &b.upload(&r), &mut dx);
-    check_finite_diff("maxpool dx", &x, &b.download(&dx), geom.in_len(), 1e-4, FD_TOL, fwd);
+    check_finite_diff(
+        "maxpool dx",
+        &x,
+        &b.download(&dx),
+        geom.in_len(),
+        1e-4,
+        FD_TOL,
+        fwd,
+    );
 }
 
 fn relu_finite_diff<B: Backend>(b: &B) {
     // Keep inputs away from the kink so that the difference quotient is defined.
-    let x: Vec<f32> = random(50, 13).iter().map(|v| if v.abs() < 0.05 { 0.5 } else { *v }).collect();
+    let x: Vec<f32> = random(50, 13)
+        .iter()
+        .map(|v| if v.abs() < 0.05 { 0.5 } else { *v })
+        .collect();
     let r = random(50, 14);
     let fwd = |x: &[f32]| {
         let mut y = b.upload(x);
@@ -188,7 +392,12 @@ fn relu_finite_diff<B: Backend>(b: &B) {
 }
 
 fn dropout_finite_diff<B: Backend>(b: &B) {
-    let key = DropoutKey { seed: 77, row_offset: 3, col_offset: 4, total_cols: 20 };
+    let key = DropoutKey {
+        seed: 77,
+        row_offset: 3,
+        col_offset: 4,
+        total_cols: 20,
+    };
     let (rows, cols, p) = (4, 10, 0.5);
     let x = random(rows * cols, 15);
     let r = random(rows * cols, 16);
@@ -218,11 +427,91 @@ fn softmax_finite_diff<B: Backend>(b: &B) {
     check_finite_diff("softmax dlogits", &z, &b.download(&d), 21, 1e-2, FD_TOL, f);
 }
 
+/// The shared-input convolution (both columns' conv1 at once) equals the convolutions run apart.
+fn conv_sets_match_single<B: Backend>(b: &B) {
+    let geom = ConvGeom {
+        batch: 3,
+        in_c: 3,
+        in_h: 19,
+        in_w: 19,
+        out_c: 4,
+        kernel: 11,
+        stride: 4,
+        pad: 2,
+        groups: 1,
+    };
+    let x = b.upload(&random(geom.in_len(), 30));
+    let ws: Vec<B::Buf> = (0..2)
+        .map(|i| b.upload(&random(geom.weight_len(), 31 + i)))
+        .collect();
+    let bs: Vec<B::Buf> = (0..2)
+        .map(|i| b.upload(&random(geom.out_c, 33 + i)))
+        .collect();
+    let dys: Vec<B::Buf> = (0..2)
+        .map(|i| b.upload(&random(geom.out_len(), 35 + i)))
+        .collect();
+    let (mut y0, mut y1) = (b.zeros(geom.out_len()), b.zeros(geom.out_len()));
+    b.conv2d_forward_sets(
+        &geom,
+        &x,
+        &[&ws[0], &ws[1]],
+        &[&bs[0], &bs[1]],
+        &mut [&mut y0, &mut y1],
+    );
+    let (mut dw0, mut dw1, mut db0, mut db1) = (
+        b.zeros(geom.weight_len()),
+        b.zeros(geom.weight_len()),
+        b.zeros(4),
+        b.zeros(4),
+    );
+    b.conv2d_backward_sets(
+        &geom,
+        &x,
+        &[&ws[0], &ws[1]],
+        &[&dys[0], &dys[1]],
+        &mut [&mut dw0, &mut dw1],
+        &mut [&mut db0, &mut db1],
+    );
+    for (i, (y, (dw, db))) in [(&y0, (&dw0, &db0)), (&y1, (&dw1, &db1))]
+        .into_iter()
+        .enumerate()
+    {
+        let mut want = b.zeros(geom.out_len());
+        b.conv2d_forward(&geom, &x, &ws[i], &bs[i], &mut want);
+        assert_close(
+            &format!("set {i} y"),
+            &b.download(y),
+            &b.download(&want),
+            1e-6,
+        );
+        let (mut wdw, mut wdb) = (b.zeros(geom.weight_len()), b.zeros(4));
+        b.conv2d_backward(&geom, &x, &ws[i], &dys[i], None, &mut wdw, &mut wdb);
+        assert_close(
+            &format!("set {i} dw"),
+            &b.download(dw),
+            &b.download(&wdw),
+            1e-6,
+        );
+        assert_close(
+            &format!("set {i} db"),
+            &b.download(db),
+            &b.download(&wdb),
+            1e-6,
+        );
+    }
+}
+
 fn concat_and_slice<B: Backend>(b: &B) {
-    let (a, c) = (b.upload(&[1.0, 2.0, 3.0, 4.0]), b.upload(&[5.0, 6.0, 7.0, 8.0, 9.0, 10.0]));
+    let (a, c) = (
+        b.upload(&[1.0, 2.0, 3.0, 4.0]),
+        b.upload(&[5.0, 6.0, 7.0, 8.0, 9.0, 10.0]),
+    );
     let mut out = b.zeros(10);
     b.concat_rows(2, &[&a, &c], &[2, 3], &mut out);
-    assert_eq!(b.download(&out), vec![1.0, 2.0, 5.0, 6.0, 7.0, 3.0, 4.0, 8.0, 9.0, 10.0]);
+    assert_eq!(
+        b.download(&out),
+        vec![1.0, 2.0, 5.0, 6.0, 7.0, 3.0, 4.0, 8.0, 9.0, 10.0]
+    );
     let mut back = b.zeros(6);
     b.slice_rows(2, 5, 2, 3, &out, &mut back, false);
     assert_eq!(b.download(&back), vec![5.0, 6.0, 7.0, 8.0, 9.0, 10.0]);
@@ -297,6 +586,10 @@ macro_rules! backend_tests {
             #[test]
             fn finite_diff_softmax_xent() {
                 softmax_finite_diff(&$make)
+            }
+            #[test]
+            fn conv_sets_equal_separate_convs() {
+                conv_sets_match_single(&$make)
             }
             #[test]
             fn concat_and_slice_rows() {

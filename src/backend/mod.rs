@@ -88,7 +88,12 @@ pub struct LrnParams {
 
 impl Default for LrnParams {
     fn default() -> Self {
-        LrnParams { size: 5, alpha: 1e-4, beta: 0.75, k: 2.0 }
+        LrnParams {
+            size: 5,
+            alpha: 1e-4,
+            beta: 0.75,
+            k: 2.0,
+        }
     }
 }
 
@@ -157,7 +162,14 @@ pub trait Backend: Send + Sync {
     fn buf_len(&self, buf: &Self::Buf) -> usize;
 
     /// `y = conv(x, w) + b`.
-    fn conv2d_forward(&self, g: &ConvGeom, x: &Self::Buf, w: &Self::Buf, b: &Self::Buf, y: &mut Self::Buf);
+    fn conv2d_forward(
+        &self,
+        g: &ConvGeom,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+    );
     /// Weight and bias gradients (overwritten), and the input gradient when `dx` is given.
     #[allow(clippy::too_many_arguments)]
     fn conv2d_backward(
@@ -171,13 +183,50 @@ pub trait Backend: Send + Sync {
         db: &mut Self::Buf,
     );
 
+    /// Several convolutions of one input (the columns' conv1, when one process holds both).
+    /// The default runs them one by one; a backend may share the work.
+    fn conv2d_forward_sets(
+        &self,
+        g: &ConvGeom,
+        x: &Self::Buf,
+        ws: &[&Self::Buf],
+        bs: &[&Self::Buf],
+        ys: &mut [&mut Self::Buf],
+    ) {
+        for ((w, b), y) in ws.iter().zip(bs).zip(ys.iter_mut()) {
+            self.conv2d_forward(g, x, w, b, y);
+        }
+    }
+
+    /// Backward of [`Backend::conv2d_forward_sets`] without the input gradient.
+    fn conv2d_backward_sets(
+        &self,
+        g: &ConvGeom,
+        x: &Self::Buf,
+        ws: &[&Self::Buf],
+        dys: &[&Self::Buf],
+        dws: &mut [&mut Self::Buf],
+        dbs: &mut [&mut Self::Buf],
+    ) {
+        for (((w, dy), dw), db) in ws.iter().zip(dys).zip(dws.iter_mut()).zip(dbs.iter_mut()) {
+            self.conv2d_backward(g, x, w, dy, None, dw, db);
+        }
+    }
+
     /// `x = max(x, 0)` in place.
     fn relu_forward(&self, x: &mut Self::Buf);
     /// `dy *= (y > 0)` in place, `y` being the ReLU's output.
     fn relu_backward(&self, y: &Self::Buf, dy: &mut Self::Buf);
 
     /// `y = lrn(x)`; `scale` keeps `k + alpha * sum(x^2)` for the backward pass.
-    fn lrn_forward(&self, g: &PlaneGeom, p: &LrnParams, x: &Self::Buf, y: &mut Self::Buf, scale: &mut Self::Buf);
+    fn lrn_forward(
+        &self,
+        g: &PlaneGeom,
+        p: &LrnParams,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+        scale: &mut Self::Buf,
+    );
     #[allow(clippy::too_many_arguments)]
     fn lrn_backward(
         &self,
@@ -192,14 +241,42 @@ pub trait Backend: Send + Sync {
 
     fn maxpool_forward(&self, g: &PoolGeom, x: &Self::Buf, y: &mut Self::Buf);
     /// Routes each output gradient to the first maximum of its window (found again from `x` and `y`).
-    fn maxpool_backward(&self, g: &PoolGeom, x: &Self::Buf, y: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+    fn maxpool_backward(
+        &self,
+        g: &PoolGeom,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+    );
 
     /// Inverted dropout in place on a `[rows, cols]` block: kept values are scaled by `1 / (1 - p)`.
-    fn dropout_forward(&self, rows: usize, cols: usize, p: f32, key: &DropoutKey, x: &mut Self::Buf);
+    fn dropout_forward(
+        &self,
+        rows: usize,
+        cols: usize,
+        p: f32,
+        key: &DropoutKey,
+        x: &mut Self::Buf,
+    );
     /// The same mask and scale applied to the gradient, in place.
-    fn dropout_backward(&self, rows: usize, cols: usize, p: f32, key: &DropoutKey, dy: &mut Self::Buf);
+    fn dropout_backward(
+        &self,
+        rows: usize,
+        cols: usize,
+        p: f32,
+        key: &DropoutKey,
+        dy: &mut Self::Buf,
+    );
 
-    fn linear_forward(&self, g: &LinearGeom, x: &Self::Buf, w: &Self::Buf, b: &Self::Buf, y: &mut Self::Buf);
+    fn linear_forward(
+        &self,
+        g: &LinearGeom,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+    );
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -214,8 +291,14 @@ pub trait Backend: Send + Sync {
 
     /// Mean softmax cross-entropy over `rows` rows of `classes` logits; writes its gradient and
     /// returns the loss.
-    fn softmax_xent(&self, rows: usize, classes: usize, logits: &Self::Buf, labels: &[u32], dlogits: &mut Self::Buf)
-        -> f32;
+    fn softmax_xent(
+        &self,
+        rows: usize,
+        classes: usize,
+        logits: &Self::Buf,
+        labels: &[u32],
+        dlogits: &mut Self::Buf,
+    ) -> f32;
 
     /// One SGD step on `w` and its momentum `v`, from the gradient `g`.
     fn sgd_update(&self, p: &SgdParams, w: &mut Self::Buf, v: &mut Self::Buf, g: &Self::Buf);
@@ -238,4 +321,3 @@ pub trait Backend: Send + Sync {
         accumulate: bool,
     );
 }
-

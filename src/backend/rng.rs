@@ -30,7 +30,8 @@ pub fn subkey(key: u64, n: u64) -> u64 {
 /// Uniform in [0, 1) with 24 bits, the `index`-th draw of stream `key`.
 #[inline(always)]
 pub fn uniform(key: u64, index: u64) -> f32 {
-    (mix64(key ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03)) >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+    (mix64(key ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03)) >> 40) as f32
+        * (1.0 / (1u64 << 24) as f32)
 }
 
 /// Standard normal, the `index`-th draw of stream `key` (Box-Muller on two 32-bit halves).

@@ -12,7 +12,9 @@ pub struct LocalExchange {
 
 impl Default for LocalExchange {
     fn default() -> Self {
-        LocalExchange { columns: (0..COLUMNS).collect() }
+        LocalExchange {
+            columns: (0..COLUMNS).collect(),
+        }
     }
 }
 
@@ -21,8 +23,19 @@ impl<B: Backend> ColumnExchange<B> for LocalExchange {
         &self.columns
     }
 
-    fn all_gather(&mut self, backend: &B, rows: usize, width: usize, local: &[&B::Buf], out: &mut B::Buf) -> anyhow::Result<()> {
-        anyhow::ensure!(local.len() == COLUMNS, "a local exchange needs all {COLUMNS} columns, got {}", local.len());
+    fn all_gather(
+        &mut self,
+        backend: &B,
+        rows: usize,
+        width: usize,
+        local: &[&B::Buf],
+        out: &mut B::Buf,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            local.len() == COLUMNS,
+            "a local exchange needs all {COLUMNS} columns, got {}",
+            local.len()
+        );
         backend.concat_rows(rows, local, &[width; COLUMNS], out);
         Ok(())
     }
@@ -33,9 +46,12 @@ impl<B: Backend> ColumnExchange<B> for LocalExchange {
         rows: usize,
         width: usize,
         full: &[&B::Buf],
-        out: &mut [B::Buf],
+        out: &mut [&mut B::Buf],
     ) -> anyhow::Result<()> {
-        anyhow::ensure!(full.len() == COLUMNS && out.len() == COLUMNS, "a local exchange needs all {COLUMNS} columns");
+        anyhow::ensure!(
+            full.len() == COLUMNS && out.len() == COLUMNS,
+            "a local exchange needs all {COLUMNS} columns"
+        );
         for (c, dst) in out.iter_mut().enumerate() {
             for (i, src) in full.iter().enumerate() {
                 backend.slice_rows(rows, COLUMNS * width, c * width, width, src, dst, i > 0);

@@ -20,8 +20,14 @@ pub trait ColumnExchange<B: Backend>: Send {
 
     /// `out[rows, COLUMNS * width]` = the columns' `[rows, width]` blocks side by side, column 0
     /// first. `local` holds this process's blocks, in [`Self::local_columns`] order.
-    fn all_gather(&mut self, backend: &B, rows: usize, width: usize, local: &[&B::Buf], out: &mut B::Buf)
-        -> anyhow::Result<()>;
+    fn all_gather(
+        &mut self,
+        backend: &B,
+        rows: usize,
+        width: usize,
+        local: &[&B::Buf],
+        out: &mut B::Buf,
+    ) -> anyhow::Result<()>;
 
     /// `out[i]` (`[rows, width]`) = the sum over all columns of block `local_columns()[i]` of
     /// their `[rows, COLUMNS * width]` gradients. `full` holds this process's gradients.
@@ -31,6 +37,6 @@ pub trait ColumnExchange<B: Backend>: Send {
         rows: usize,
         width: usize,
         full: &[&B::Buf],
-        out: &mut [B::Buf],
+        out: &mut [&mut B::Buf],
     ) -> anyhow::Result<()>;
 }

@@ -77,7 +77,10 @@ pub struct ConfigError {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError { field: field.into(), reason: reason.into() }
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 fn conv_side(side: usize, layer: usize) -> Option<usize> {
@@ -97,13 +100,32 @@ fn sides_for(input: usize) -> Result<Sides, &'static str> {
     let pool2 = pool_side(conv2).ok_or("pool2")?;
     let conv3 = conv_side(pool2, 2).ok_or("conv3")?;
     let pool5 = pool_side(conv3).ok_or("pool5")?;
-    Ok(Sides { input, conv1, pool1, conv2, pool2, conv3, pool5 })
+    Ok(Sides {
+        input,
+        conv1,
+        pool1,
+        conv2,
+        pool2,
+        conv3,
+        pool5,
+    })
 }
 
 impl NetConfig {
     /// The paper's network with other widths, classes and input size (tests use narrow ones).
-    pub fn narrow(input_size: usize, conv_channels: [usize; 5], fc_widths: [usize; 2], classes: usize) -> Self {
-        NetConfig { input_size, conv_channels, fc_widths, classes, ..NetConfig::default() }
+    pub fn narrow(
+        input_size: usize,
+        conv_channels: [usize; 5],
+        fc_widths: [usize; 2],
+        classes: usize,
+    ) -> Self {
+        NetConfig {
+            input_size,
+            conv_channels,
+            fc_widths,
+            classes,
+            ..NetConfig::default()
+        }
     }
 
     /// Checks everything that must hold for the two-column network to exist.
@@ -134,16 +156,31 @@ impl NetConfig {
             ));
         }
         if self.lrn.size == 0 || self.lrn.size % 2 == 0 {
-            return Err(invalid("lrn.size", format!("{} must be odd (a window centred on its channel)", self.lrn.size)));
+            return Err(invalid(
+                "lrn.size",
+                format!(
+                    "{} must be odd (a window centred on its channel)",
+                    self.lrn.size
+                ),
+            ));
         }
         if !(self.lrn.k > 0.0 && self.lrn.alpha >= 0.0 && self.lrn.beta >= 0.0) {
-            return Err(invalid("lrn", "k must be positive, alpha and beta non-negative"));
+            return Err(invalid(
+                "lrn",
+                "k must be positive, alpha and beta non-negative",
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(invalid("dropout", format!("{} is not a probability in [0, 1)", self.dropout)));
+            return Err(invalid(
+                "dropout",
+                format!("{} is not a probability in [0, 1)", self.dropout),
+            ));
         }
         if !(self.init_std.is_finite() && self.init_std >= 0.0) {
-            return Err(invalid("init_std", format!("{} must be finite and non-negative", self.init_std)));
+            return Err(invalid(
+                "init_std",
+                format!("{} must be finite and non-negative", self.init_std),
+            ));
         }
         sides_for(self.input_size).map_err(|stage| {
             let smallest = (1..4096).find(|&s| sides_for(s).is_ok()).unwrap_or(0);
@@ -167,7 +204,10 @@ mod tests {
     #[test]
     fn paper_sides() {
         let s = NetConfig::default().validate().unwrap();
-        assert_eq!((s.conv1, s.pool1, s.conv2, s.pool2, s.conv3, s.pool5), (55, 27, 27, 13, 13, 6));
+        assert_eq!(
+            (s.conv1, s.pool1, s.conv2, s.pool2, s.conv3, s.pool5),
+            (55, 27, 27, 13, 13, 6)
+        );
     }
 
     #[test]
@@ -186,12 +226,20 @@ mod tests {
     #[test]
     fn too_small_inputs_are_refused_by_name() {
         for side in [0, 8, 20, 34, 62] {
-            let c = NetConfig { input_size: side, ..NetConfig::default() };
+            let c = NetConfig {
+                input_size: side,
+                ..NetConfig::default()
+            };
             let e = c.validate().unwrap_err();
             assert_eq!(e.field, "input_size", "side {side}");
             assert!(e.reason.contains("smallest input is 63"), "{e}");
         }
-        assert!(NetConfig { input_size: 63, ..NetConfig::default() }.validate().is_ok());
+        assert!(NetConfig {
+            input_size: 63,
+            ..NetConfig::default()
+        }
+        .validate()
+        .is_ok());
     }
 
     #[test]

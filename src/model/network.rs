@@ -7,9 +7,13 @@
 //! that reads "both" columns is an all-gather of its input followed by a layer that computes
 //! only its own block of output units.
 
-use super::config::{NetConfig, Sides, COLUMNS, CONV_KERNEL, CONV_PAD, CONV_STRIDE, POOL_SIZE, POOL_STRIDE};
+use super::config::{
+    NetConfig, Sides, COLUMNS, CONV_KERNEL, CONV_PAD, CONV_STRIDE, POOL_SIZE, POOL_STRIDE,
+};
 use super::params::{init_column, Param};
-use crate::backend::{rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams};
+use crate::backend::{
+    rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
+};
 use crate::comm::ColumnExchange;
 use std::time::{Duration, Instant};
 
@@ -88,14 +92,38 @@ impl Geoms {
                 conv(4, h(c[3]), s.conv3, h(c[4])),
             ],
             lrn: [
-                PlaneGeom { batch, channels: h(c[0]), plane: s.conv1 * s.conv1 },
-                PlaneGeom { batch, channels: h(c[1]), plane: s.conv2 * s.conv2 },
+                PlaneGeom {
+                    batch,
+                    channels: h(c[0]),
+                    plane: s.conv1 * s.conv1,
+                },
+                PlaneGeom {
+                    batch,
+                    channels: h(c[1]),
+                    plane: s.conv2 * s.conv2,
+                },
             ],
-            pool: [pool(h(c[0]), s.conv1), pool(h(c[1]), s.conv2), pool(h(c[4]), s.conv3)],
+            pool: [
+                pool(h(c[0]), s.conv1),
+                pool(h(c[1]), s.conv2),
+                pool(h(c[4]), s.conv3),
+            ],
             fc: [
-                LinearGeom { rows: batch, inp: cfg.fc6_inputs(s), out: h(cfg.fc_widths[0]) },
-                LinearGeom { rows: batch, inp: cfg.fc_widths[0], out: h(cfg.fc_widths[1]) },
-                LinearGeom { rows: batch, inp: cfg.fc_widths[1], out: h(cfg.classes) },
+                LinearGeom {
+                    rows: batch,
+                    inp: cfg.fc6_inputs(s),
+                    out: h(cfg.fc_widths[0]),
+                },
+                LinearGeom {
+                    rows: batch,
+                    inp: cfg.fc_widths[0],
+                    out: h(cfg.fc_widths[1]),
+                },
+                LinearGeom {
+                    rows: batch,
+                    inp: cfg.fc_widths[1],
+                    out: h(cfg.classes),
+                },
             ],
         }
     }
@@ -103,7 +131,13 @@ impl Geoms {
     /// Per-sample widths of the exchanged tensors (one column's half): pool2, pool5, fc6, fc7, fc8.
     fn exchange_widths(&self) -> [usize; 5] {
         let p = |g: &PoolGeom| g.channels * g.out_h() * g.out_w();
-        [p(&self.pool[1]), p(&self.pool[2]), self.fc[0].out, self.fc[1].out, self.fc[2].out]
+        [
+            p(&self.pool[1]),
+            p(&self.pool[2]),
+            self.fc[0].out,
+            self.fc[1].out,
+            self.fc[2].out,
+        ]
     }
 }
 
@@ -138,6 +172,75 @@ struct Gathered<B: Backend> {
     logits: B::Buf,
 }
 
+/// One column's gradient buffers, kept between steps: every backward op overwrites its output,
+/// so they need no clearing, and reusing them spares the allocator and the page faults of
+/// several hundred MB per step.
+struct ColumnGrads<B: Backend> {
+    /// Gradients of this column's own tensors (same shapes as in [`ColumnActs`]).
+    dz8: B::Buf,
+    dh7: B::Buf,
+    dh6: B::Buf,
+    dp5: B::Buf,
+    da5: B::Buf,
+    da4: B::Buf,
+    da3: B::Buf,
+    dp2: B::Buf,
+    dl2: B::Buf,
+    da2: B::Buf,
+    dp1: B::Buf,
+    dl1: B::Buf,
+    da1: B::Buf,
+    /// This column's contribution to the gradients of the gathered tensors, before the
+    /// reduce-scatter sums the columns' contributions.
+    dg7: B::Buf,
+    dg6: B::Buf,
+    dg5: B::Buf,
+    dg2: B::Buf,
+}
+
+impl<B: Backend> ColumnGrads<B> {
+    fn new(b: &B, g: &Geoms) -> Self {
+        let w = g.exchange_widths();
+        let batch = g.batch;
+        ColumnGrads {
+            dz8: b.zeros(batch * w[4]),
+            dh7: b.zeros(batch * w[3]),
+            dh6: b.zeros(batch * w[2]),
+            dp5: b.zeros(batch * w[1]),
+            da5: b.zeros(g.conv[4].out_len()),
+            da4: b.zeros(g.conv[3].out_len()),
+            da3: b.zeros(g.conv[2].out_len()),
+            dp2: b.zeros(batch * w[0]),
+            dl2: b.zeros(g.lrn[1].len()),
+            da2: b.zeros(g.lrn[1].len()),
+            dp1: b.zeros(g.pool[0].out_len()),
+            dl1: b.zeros(g.lrn[0].len()),
+            da1: b.zeros(g.lrn[0].len()),
+            dg7: b.zeros(batch * g.fc[2].inp),
+            dg6: b.zeros(batch * g.fc[1].inp),
+            dg5: b.zeros(batch * g.fc[0].inp),
+            dg2: b.zeros(g.conv[2].in_len()),
+        }
+    }
+
+    /// Output and input gradient of LRN `i`.
+    fn lrn_mut(&mut self, i: usize) -> (&mut B::Buf, &mut B::Buf) {
+        if i == 0 {
+            (&mut self.dl1, &mut self.da1)
+        } else {
+            (&mut self.dl2, &mut self.da2)
+        }
+    }
+
+    fn bufs(&self) -> [&B::Buf; 17] {
+        [
+            &self.dz8, &self.dh7, &self.dh6, &self.dp5, &self.da5, &self.da4, &self.da3, &self.dp2,
+            &self.dl2, &self.da2, &self.dp1, &self.dl1, &self.da1, &self.dg7, &self.dg6, &self.dg5,
+            &self.dg2,
+        ]
+    }
+}
+
 /// One column of the network: its parameters and what its last forward pass kept.
 pub struct Column<B: Backend> {
     pub index: usize,
@@ -166,7 +269,14 @@ impl<B: Backend> ColumnActs<B> {
 
 /// LRN `i` on every held column: each column alone (the paper), or over the whole layer's
 /// channels (`lrn_across_columns`, only when this process holds both columns).
-fn lrn_forward_all<B: Backend>(b: &B, g: &Geoms, p: &LrnParams, across: bool, i: usize, cols: &mut [Column<B>]) {
+fn lrn_forward_all<B: Backend>(
+    b: &B,
+    g: &Geoms,
+    p: &LrnParams,
+    across: bool,
+    i: usize,
+    cols: &mut [Column<B>],
+) {
     if !across {
         for col in cols {
             let (x, y, s) = col.acts.as_mut().expect("prepared").lrn_mut(i);
@@ -176,7 +286,10 @@ fn lrn_forward_all<B: Backend>(b: &B, g: &Geoms, p: &LrnParams, across: bool, i:
     }
     let (half, whole, width) = whole_layer(g, i);
     let gather = |pick: &dyn Fn(&ColumnActs<B>) -> &B::Buf| {
-        let parts: Vec<&B::Buf> = cols.iter().map(|c| pick(c.acts.as_ref().expect("prepared"))).collect();
+        let parts: Vec<&B::Buf> = cols
+            .iter()
+            .map(|c| pick(c.acts.as_ref().expect("prepared")))
+            .collect();
         let mut out = b.zeros(whole.len());
         b.concat_rows(half.batch, &parts, &[width; COLUMNS], &mut out);
         out
@@ -191,7 +304,8 @@ fn lrn_forward_all<B: Backend>(b: &B, g: &Geoms, p: &LrnParams, across: bool, i:
     }
 }
 
-/// The input gradient of LRN `i` for every held column, from its output gradient `dy`.
+/// The input gradient of LRN `i` for every held column, from the output gradient in its
+/// workspace (`dl1`/`dl2` into `da1`/`da2`).
 fn lrn_backward_all<B: Backend>(
     b: &B,
     g: &Geoms,
@@ -199,19 +313,15 @@ fn lrn_backward_all<B: Backend>(
     across: bool,
     i: usize,
     cols: &[Column<B>],
-    dy: &[B::Buf],
-) -> Vec<B::Buf> {
+    ws: &mut [ColumnGrads<B>],
+) {
     if !across {
-        return cols
-            .iter()
-            .zip(dy)
-            .map(|(col, dy)| {
-                let (x, y, s) = col.acts.as_ref().expect("forward ran").lrn(i);
-                let mut dx = b.zeros(g.lrn[i].len());
-                b.lrn_backward(&g.lrn[i], p, x, y, s, dy, &mut dx);
-                dx
-            })
-            .collect();
+        for (col, w) in cols.iter().zip(ws.iter_mut()) {
+            let (x, y, s) = col.acts.as_ref().expect("forward ran").lrn(i);
+            let (dy, dx) = w.lrn_mut(i);
+            b.lrn_backward(&g.lrn[i], p, x, y, s, dy, dx);
+        }
+        return;
     }
     let (half, whole, width) = whole_layer(g, i);
     let gather = |parts: Vec<&B::Buf>| {
@@ -219,26 +329,63 @@ fn lrn_backward_all<B: Backend>(
         b.concat_rows(half.batch, &parts, &[width; COLUMNS], &mut out);
         out
     };
-    let acts: Vec<(&B::Buf, &B::Buf, &B::Buf)> = cols.iter().map(|c| c.acts.as_ref().expect("forward ran").lrn(i)).collect();
+    let acts: Vec<(&B::Buf, &B::Buf, &B::Buf)> = cols
+        .iter()
+        .map(|c| c.acts.as_ref().expect("forward ran").lrn(i))
+        .collect();
     let x = gather(acts.iter().map(|a| a.0).collect());
     let y = gather(acts.iter().map(|a| a.1).collect());
     let s = gather(acts.iter().map(|a| a.2).collect());
-    let d = gather(dy.iter().collect());
+    let d = gather(ws.iter_mut().map(|w| &*w.lrn_mut(i).0).collect());
     let mut dx = b.zeros(whole.len());
     b.lrn_backward(&whole, p, &x, &y, &s, &d, &mut dx);
-    (0..COLUMNS)
-        .map(|c| {
-            let mut out = b.zeros(half.len());
-            b.slice_rows(half.batch, COLUMNS * width, c * width, width, &dx, &mut out, false);
-            out
-        })
-        .collect()
+    for (c, w) in ws.iter_mut().enumerate() {
+        b.slice_rows(
+            half.batch,
+            COLUMNS * width,
+            c * width,
+            width,
+            &dx,
+            w.lrn_mut(i).1,
+            false,
+        );
+    }
+}
+
+/// Sums, for each held column's half, the gradients that the columns computed for a gathered
+/// tensor: `pick` names the workspace's full-width gradient and the half it lands in.
+fn reduce_scatter<B: Backend>(
+    b: &B,
+    exchange: &mut dyn ColumnExchange<B>,
+    rows: usize,
+    width: usize,
+    ws: &mut [ColumnGrads<B>],
+    pick: impl Fn(&mut ColumnGrads<B>) -> (&B::Buf, &mut B::Buf),
+) -> anyhow::Result<()> {
+    let (full, mut halves): (Vec<&B::Buf>, Vec<&mut B::Buf>) = ws.iter_mut().map(pick).unzip();
+    exchange.reduce_scatter(b, rows, width, &full, &mut halves)
+}
+
+/// The weight and bias of parameter layer `layer` (0 = conv1 .. 7 = fc8).
+fn weight_and_bias<B: Backend>(
+    params: &mut [Param<B>],
+    layer: usize,
+) -> (&mut Param<B>, &mut Param<B>) {
+    let (w, rest) = params[2 * layer..].split_at_mut(1);
+    (&mut w[0], &mut rest[0])
 }
 
 /// One column's LRN geometry, the whole layer's, and one column's values per image.
 fn whole_layer(g: &Geoms, i: usize) -> (PlaneGeom, PlaneGeom, usize) {
     let half = g.lrn[i];
-    (half, PlaneGeom { channels: half.channels * COLUMNS, ..half }, half.channels * half.plane)
+    (
+        half,
+        PlaneGeom {
+            channels: half.channels * COLUMNS,
+            ..half
+        },
+        half.channels * half.plane,
+    )
 }
 
 /// The network as one process holds it: one or both columns, and the exchange to the rest.
@@ -253,10 +400,19 @@ pub struct Network<B: Backend> {
     pub sample_offset: u64,
     geoms: Option<Geoms>,
     gathered: Option<Gathered<B>>,
+    /// One gradient workspace per held column.
+    grads: Option<Vec<ColumnGrads<B>>>,
     pub profile: Profile,
 }
 
-fn dropout_key(seed: u64, layer: &str, step: u64, row_offset: u64, column: usize, g: &LinearGeom) -> DropoutKey {
+fn dropout_key(
+    seed: u64,
+    layer: &str,
+    step: u64,
+    row_offset: u64,
+    column: usize,
+    g: &LinearGeom,
+) -> DropoutKey {
     DropoutKey {
         seed: rng::subkey(rng::key(seed, layer), step),
         row_offset,
@@ -267,7 +423,12 @@ fn dropout_key(seed: u64, layer: &str, step: u64, row_offset: u64, column: usize
 
 impl<B: Backend> Network<B> {
     /// A network holding the columns the exchange names, initialised from `seed` as in the paper.
-    pub fn new(cfg: NetConfig, backend: B, exchange: Box<dyn ColumnExchange<B>>, seed: u64) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: NetConfig,
+        backend: B,
+        exchange: Box<dyn ColumnExchange<B>>,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
         let sides = cfg.validate()?;
         anyhow::ensure!(
             !cfg.lrn_across_columns || exchange.local_columns().len() == COLUMNS,
@@ -277,7 +438,11 @@ impl<B: Backend> Network<B> {
         let columns = exchange
             .local_columns()
             .iter()
-            .map(|&index| Column { index, params: init_column(&backend, &cfg, &sides, index, seed), acts: None })
+            .map(|&index| Column {
+                index,
+                params: init_column(&backend, &cfg, &sides, index, seed),
+                acts: None,
+            })
             .collect();
         Ok(Network {
             cfg,
@@ -289,6 +454,7 @@ impl<B: Backend> Network<B> {
             sample_offset: 0,
             geoms: None,
             gathered: None,
+            grads: None,
             profile: Profile::default(),
         })
     }
@@ -331,6 +497,12 @@ impl<B: Backend> Network<B> {
             g7: b.zeros(batch * COLUMNS * w[3]),
             logits: b.zeros(batch * COLUMNS * w[4]),
         });
+        self.grads = Some(
+            self.columns
+                .iter()
+                .map(|_| ColumnGrads::new(&self.backend, &g))
+                .collect(),
+        );
         self.geoms = Some(g);
         g
     }
@@ -350,18 +522,32 @@ impl<B: Backend> Network<B> {
         let widths = g.exchange_widths();
         let (lrn, self_lrn_across) = (self.cfg.lrn, self.cfg.lrn_across_columns);
         let (dropout, seed, row_offset) = (self.cfg.dropout, self.seed, self.sample_offset);
-        let Network { backend: b, columns, exchange, gathered, profile: prof, .. } = self;
+        let Network {
+            backend: b,
+            columns,
+            exchange,
+            gathered,
+            profile: prof,
+            ..
+        } = self;
         let gath = gathered.as_mut().expect("prepared");
 
         // conv1 .. pool2: each column on its own maps.
         let across = self_lrn_across;
+        // conv1 of every held column reads the same image: one call lets the backend share the
+        // unfolding of the input and run one larger GEMM.
+        let t = Instant::now();
+        let (mut ws, mut bs, mut ys) = (Vec::new(), Vec::new(), Vec::new());
         for col in columns.iter_mut() {
-            let a = col.acts.as_mut().expect("prepared");
-            let t = Instant::now();
-            b.conv2d_forward(&g.conv[0], x, &col.params[0].value, &col.params[1].value, &mut a.a1);
-            b.relu_forward(&mut a.a1);
-            prof.add("conv1", false, t);
+            ws.push(&col.params[0].value);
+            bs.push(&col.params[1].value);
+            ys.push(&mut col.acts.as_mut().expect("prepared").a1);
         }
+        b.conv2d_forward_sets(&g.conv[0], x, &ws, &bs, &mut ys);
+        for y in ys {
+            b.relu_forward(y);
+        }
+        prof.add("conv1", false, t);
         let t = Instant::now();
         lrn_forward_all(b, &g, &lrn, across, 0, columns);
         prof.add("lrn1", false, t);
@@ -371,7 +557,13 @@ impl<B: Backend> Network<B> {
             b.maxpool_forward(&g.pool[0], &a.l1, &mut a.p1);
             prof.add("pool1", false, t);
             let t = Instant::now();
-            b.conv2d_forward(&g.conv[1], &a.p1, &col.params[2].value, &col.params[3].value, &mut a.a2);
+            b.conv2d_forward(
+                &g.conv[1],
+                &a.p1,
+                &col.params[2].value,
+                &col.params[3].value,
+                &mut a.a2,
+            );
             b.relu_forward(&mut a.a2);
             prof.add("conv2", false, t);
         }
@@ -385,7 +577,10 @@ impl<B: Backend> Network<B> {
             prof.add("pool2", false, t);
         }
         let t = Instant::now();
-        let parts: Vec<&B::Buf> = columns.iter().map(|c| &c.acts.as_ref().unwrap().p2).collect();
+        let parts: Vec<&B::Buf> = columns
+            .iter()
+            .map(|c| &c.acts.as_ref().unwrap().p2)
+            .collect();
         exchange.all_gather(b, batch, widths[0], &parts, &mut gath.g2)?;
         prof.add("exchange", false, t);
 
@@ -410,7 +605,10 @@ impl<B: Backend> Network<B> {
             prof.add("pool5", false, t);
         }
         let t = Instant::now();
-        let parts: Vec<&B::Buf> = columns.iter().map(|c| &c.acts.as_ref().unwrap().p5).collect();
+        let parts: Vec<&B::Buf> = columns
+            .iter()
+            .map(|c| &c.acts.as_ref().unwrap().p5)
+            .collect();
         exchange.all_gather(b, batch, widths[1], &parts, &mut gath.g5)?;
         prof.add("exchange", false, t);
 
@@ -422,7 +620,13 @@ impl<B: Backend> Network<B> {
                 let a = col.acts.as_mut().expect("prepared");
                 let h = if fc == 0 { &mut a.h6 } else { &mut a.h7 };
                 let t = Instant::now();
-                b.linear_forward(&g.fc[fc], input, &col.params[10 + 2 * fc].value, &col.params[11 + 2 * fc].value, h);
+                b.linear_forward(
+                    &g.fc[fc],
+                    input,
+                    &col.params[10 + 2 * fc].value,
+                    &col.params[11 + 2 * fc].value,
+                    h,
+                );
                 b.relu_forward(h);
                 if let Mode::Train { step } = mode {
                     let key = dropout_key(seed, name, step, row_offset, index, &g.fc[fc]);
@@ -431,8 +635,16 @@ impl<B: Backend> Network<B> {
                 prof.add(name, false, t);
             }
             let t = Instant::now();
-            let parts: Vec<&B::Buf> =
-                columns.iter().map(|c| if fc == 0 { &c.acts.as_ref().unwrap().h6 } else { &c.acts.as_ref().unwrap().h7 }).collect();
+            let parts: Vec<&B::Buf> = columns
+                .iter()
+                .map(|c| {
+                    if fc == 0 {
+                        &c.acts.as_ref().unwrap().h6
+                    } else {
+                        &c.acts.as_ref().unwrap().h7
+                    }
+                })
+                .collect();
             let out = if fc == 0 { &mut gath.g6 } else { &mut gath.g7 };
             exchange.all_gather(b, batch, widths[2 + fc], &parts, out)?;
             prof.add("exchange", false, t);
@@ -442,11 +654,20 @@ impl<B: Backend> Network<B> {
         for col in columns.iter_mut() {
             let a = col.acts.as_mut().expect("prepared");
             let t = Instant::now();
-            b.linear_forward(&g.fc[2], &gath.g7, &col.params[14].value, &col.params[15].value, &mut a.z8);
+            b.linear_forward(
+                &g.fc[2],
+                &gath.g7,
+                &col.params[14].value,
+                &col.params[15].value,
+                &mut a.z8,
+            );
             prof.add("fc8", false, t);
         }
         let t = Instant::now();
-        let parts: Vec<&B::Buf> = columns.iter().map(|c| &c.acts.as_ref().unwrap().z8).collect();
+        let parts: Vec<&B::Buf> = columns
+            .iter()
+            .map(|c| &c.acts.as_ref().unwrap().z8)
+            .collect();
         exchange.all_gather(b, batch, widths[4], &parts, &mut gath.logits)?;
         prof.add("exchange", false, t);
         Ok(&gath.logits)
@@ -455,7 +676,12 @@ impl<B: Backend> Network<B> {
     /// A kept activation of the last forward pass of held column `column` (`conv5` is conv5
     /// after its ReLU, `pool5` its pooled maps, ...), for inspection and tests.
     pub fn activation(&self, column: usize, name: &str) -> Option<Vec<f32>> {
-        let a = self.columns.iter().find(|c| c.index == column)?.acts.as_ref()?;
+        let a = self
+            .columns
+            .iter()
+            .find(|c| c.index == column)?
+            .acts
+            .as_ref()?;
         let buf = match name {
             "conv1" => &a.a1,
             "lrn1" => &a.l1,
@@ -484,39 +710,66 @@ impl<B: Backend> Network<B> {
     /// last forward pass (run in `mode`, on input `x`), leaving every parameter's gradient in
     /// its `grad`.
     pub fn backward(&mut self, x: &B::Buf, dlogits: &B::Buf, mode: Mode) -> anyhow::Result<()> {
-        let g = self.geoms.ok_or_else(|| anyhow::anyhow!("backward called before forward"))?;
+        let g = self
+            .geoms
+            .ok_or_else(|| anyhow::anyhow!("backward called before forward"))?;
         let batch = g.batch;
         let widths = g.exchange_widths();
-        let (lrn, self_lrn_across) = (self.cfg.lrn, self.cfg.lrn_across_columns);
+        let (lrn, across) = (self.cfg.lrn, self.cfg.lrn_across_columns);
         let (dropout, seed, row_offset) = (self.cfg.dropout, self.seed, self.sample_offset);
-        let Network { backend: b, columns, exchange, gathered, profile: prof, .. } = self;
+        let Network {
+            backend: b,
+            columns,
+            exchange,
+            gathered,
+            grads,
+            profile: prof,
+            ..
+        } = self;
         let gath = gathered.as_ref().expect("prepared");
-        let n_local = columns.len();
-        let across = self_lrn_across;
+        let ws = grads.as_mut().expect("prepared");
 
         // fc8: each column's half of dlogits; the input gradient is summed over the columns.
-        let mut full: Vec<B::Buf> = (0..n_local).map(|_| b.zeros(batch * g.fc[2].inp)).collect();
-        for (col, dfull) in columns.iter_mut().zip(full.iter_mut()) {
+        for (col, w) in columns.iter_mut().zip(ws.iter_mut()) {
             let t = Instant::now();
-            let mut dz = b.zeros(batch * g.fc[2].out);
-            b.slice_rows(batch, COLUMNS * g.fc[2].out, col.index * g.fc[2].out, g.fc[2].out, dlogits, &mut dz, false);
-            let (wp, rest) = col.params[14..].split_at_mut(1);
-            b.linear_backward(&g.fc[2], &gath.g7, &wp[0].value, &dz, Some(dfull), &mut wp[0].grad, &mut rest[0].grad);
+            b.slice_rows(
+                batch,
+                COLUMNS * g.fc[2].out,
+                col.index * g.fc[2].out,
+                g.fc[2].out,
+                dlogits,
+                &mut w.dz8,
+                false,
+            );
+            let (wp, bp) = weight_and_bias(&mut col.params, 7);
+            b.linear_backward(
+                &g.fc[2],
+                &gath.g7,
+                &wp.value,
+                &w.dz8,
+                Some(&mut w.dg7),
+                &mut wp.grad,
+                &mut bp.grad,
+            );
             prof.add("fc8", true, t);
         }
-        let mut halves: Vec<B::Buf> = (0..n_local).map(|_| b.zeros(batch * widths[3])).collect();
         let t = Instant::now();
-        exchange.reduce_scatter(b, batch, widths[3], &full.iter().collect::<Vec<_>>(), &mut halves)?;
+        reduce_scatter(b, exchange.as_mut(), batch, widths[3], ws, |w| {
+            (&w.dg7, &mut w.dh7)
+        })?;
         prof.add("exchange", true, t);
 
         // fc7, then fc6: undo dropout and ReLU on the half, then the layer.
         for (fc, name) in [(1usize, "fc7"), (0, "fc6")] {
             let input = if fc == 0 { &gath.g5 } else { &gath.g6 };
-            let mut full: Vec<B::Buf> = (0..n_local).map(|_| b.zeros(batch * g.fc[fc].inp)).collect();
-            for ((col, dh), dfull) in columns.iter_mut().zip(halves.iter_mut()).zip(full.iter_mut()) {
+            for (col, w) in columns.iter_mut().zip(ws.iter_mut()) {
                 let t = Instant::now();
                 let a = col.acts.as_ref().expect("forward ran");
-                let h = if fc == 0 { &a.h6 } else { &a.h7 };
+                let (h, dh, dfull) = if fc == 0 {
+                    (&a.h6, &mut w.dh6, &mut w.dg5)
+                } else {
+                    (&a.h7, &mut w.dh7, &mut w.dg6)
+                };
                 if let Mode::Train { step } = mode {
                     let key = dropout_key(seed, name, step, row_offset, col.index, &g.fc[fc]);
                     b.dropout_backward(batch, g.fc[fc].out, dropout, &key, dh);
@@ -524,92 +777,127 @@ impl<B: Backend> Network<B> {
                 // Dropout keeps the sign of what it keeps, and where it dropped the gradient is
                 // already zero: the ReLU's mask can be read off the post-dropout output.
                 b.relu_backward(h, dh);
-                let (wp, rest) = col.params[10 + 2 * fc..].split_at_mut(1);
-                b.linear_backward(&g.fc[fc], input, &wp[0].value, dh, Some(dfull), &mut wp[0].grad, &mut rest[0].grad);
+                let (wp, bp) = weight_and_bias(&mut col.params, 5 + fc);
+                b.linear_backward(
+                    &g.fc[fc],
+                    input,
+                    &wp.value,
+                    dh,
+                    Some(dfull),
+                    &mut wp.grad,
+                    &mut bp.grad,
+                );
                 prof.add(name, true, t);
             }
-            let width = if fc == 0 { widths[1] } else { widths[2] };
-            halves = (0..n_local).map(|_| b.zeros(batch * width)).collect();
             let t = Instant::now();
-            exchange.reduce_scatter(b, batch, width, &full.iter().collect::<Vec<_>>(), &mut halves)?;
+            if fc == 1 {
+                reduce_scatter(b, exchange.as_mut(), batch, widths[2], ws, |w| {
+                    (&w.dg6, &mut w.dh6)
+                })?;
+            } else {
+                reduce_scatter(b, exchange.as_mut(), batch, widths[1], ws, |w| {
+                    (&w.dg5, &mut w.dp5)
+                })?;
+            }
             prof.add("exchange", true, t);
         }
 
         // pool5 .. conv3, whose input gradient is over both columns' pool2 maps.
-        let mut full: Vec<B::Buf> = (0..n_local).map(|_| b.zeros(g.conv[2].in_len())).collect();
-        for ((col, dp5), dfull) in columns.iter_mut().zip(halves.iter()).zip(full.iter_mut()) {
+        for (col, w) in columns.iter_mut().zip(ws.iter_mut()) {
             let a = col.acts.as_ref().expect("forward ran");
-            let p = &mut col.params;
             let t = Instant::now();
-            let mut da5 = b.zeros(g.conv[4].out_len());
-            b.maxpool_backward(&g.pool[2], &a.a5, &a.p5, dp5, &mut da5);
+            b.maxpool_backward(&g.pool[2], &a.a5, &a.p5, &w.dp5, &mut w.da5);
             prof.add("pool5", true, t);
             let t = Instant::now();
-            b.relu_backward(&a.a5, &mut da5);
-            let mut da4 = b.zeros(g.conv[3].out_len());
-            let (w, rest) = p[8..].split_at_mut(1);
-            b.conv2d_backward(&g.conv[4], &a.a4, &w[0].value, &da5, Some(&mut da4), &mut w[0].grad, &mut rest[0].grad);
+            b.relu_backward(&a.a5, &mut w.da5);
+            let (wp, bp) = weight_and_bias(&mut col.params, 4);
+            b.conv2d_backward(
+                &g.conv[4],
+                &a.a4,
+                &wp.value,
+                &w.da5,
+                Some(&mut w.da4),
+                &mut wp.grad,
+                &mut bp.grad,
+            );
             prof.add("conv5", true, t);
             let t = Instant::now();
-            b.relu_backward(&a.a4, &mut da4);
-            let mut da3 = b.zeros(g.conv[2].out_len());
-            let (w, rest) = p[6..].split_at_mut(1);
-            b.conv2d_backward(&g.conv[3], &a.a3, &w[0].value, &da4, Some(&mut da3), &mut w[0].grad, &mut rest[0].grad);
+            b.relu_backward(&a.a4, &mut w.da4);
+            let (wp, bp) = weight_and_bias(&mut col.params, 3);
+            b.conv2d_backward(
+                &g.conv[3],
+                &a.a3,
+                &wp.value,
+                &w.da4,
+                Some(&mut w.da3),
+                &mut wp.grad,
+                &mut bp.grad,
+            );
             prof.add("conv4", true, t);
             let t = Instant::now();
-            b.relu_backward(&a.a3, &mut da3);
-            let (w, rest) = p[4..].split_at_mut(1);
-            b.conv2d_backward(&g.conv[2], &gath.g2, &w[0].value, &da3, Some(dfull), &mut w[0].grad, &mut rest[0].grad);
+            b.relu_backward(&a.a3, &mut w.da3);
+            let (wp, bp) = weight_and_bias(&mut col.params, 2);
+            b.conv2d_backward(
+                &g.conv[2],
+                &gath.g2,
+                &wp.value,
+                &w.da3,
+                Some(&mut w.dg2),
+                &mut wp.grad,
+                &mut bp.grad,
+            );
             prof.add("conv3", true, t);
         }
-        let mut halves: Vec<B::Buf> = (0..n_local).map(|_| b.zeros(batch * widths[0])).collect();
         let t = Instant::now();
-        exchange.reduce_scatter(b, batch, widths[0], &full.iter().collect::<Vec<_>>(), &mut halves)?;
+        reduce_scatter(b, exchange.as_mut(), batch, widths[0], ws, |w| {
+            (&w.dg2, &mut w.dp2)
+        })?;
         prof.add("exchange", true, t);
-        drop(full);
 
         // pool2 .. conv1, each column on its own maps.
-        let mut dl2 = Vec::with_capacity(n_local);
-        for (col, dp2) in columns.iter().zip(halves.iter()) {
+        for (col, w) in columns.iter().zip(ws.iter_mut()) {
             let a = col.acts.as_ref().expect("forward ran");
             let t = Instant::now();
-            let mut d = b.zeros(g.lrn[1].len());
-            b.maxpool_backward(&g.pool[1], &a.l2, &a.p2, dp2, &mut d);
-            dl2.push(d);
+            b.maxpool_backward(&g.pool[1], &a.l2, &a.p2, &w.dp2, &mut w.dl2);
             prof.add("pool2", true, t);
         }
-        drop(halves);
         let t = Instant::now();
-        let da2 = lrn_backward_all(b, &g, &lrn, across, 1, columns, &dl2);
-        drop(dl2);
+        lrn_backward_all(b, &g, &lrn, across, 1, columns, ws);
         prof.add("lrn2", true, t);
-        let mut dl1 = Vec::with_capacity(n_local);
-        for (col, mut da2) in columns.iter_mut().zip(da2) {
+        for (col, w) in columns.iter_mut().zip(ws.iter_mut()) {
             let a = col.acts.as_ref().expect("forward ran");
             let t = Instant::now();
-            b.relu_backward(&a.a2, &mut da2);
-            let mut dp1 = b.zeros(g.pool[0].out_len());
-            let (w, rest) = col.params[2..].split_at_mut(1);
-            b.conv2d_backward(&g.conv[1], &a.p1, &w[0].value, &da2, Some(&mut dp1), &mut w[0].grad, &mut rest[0].grad);
+            b.relu_backward(&a.a2, &mut w.da2);
+            let (wp, bp) = weight_and_bias(&mut col.params, 1);
+            b.conv2d_backward(
+                &g.conv[1],
+                &a.p1,
+                &wp.value,
+                &w.da2,
+                Some(&mut w.dp1),
+                &mut wp.grad,
+                &mut bp.grad,
+            );
             prof.add("conv2", true, t);
             let t = Instant::now();
-            let mut d = b.zeros(g.lrn[0].len());
-            b.maxpool_backward(&g.pool[0], &a.l1, &a.p1, &dp1, &mut d);
-            dl1.push(d);
+            b.maxpool_backward(&g.pool[0], &a.l1, &a.p1, &w.dp1, &mut w.dl1);
             prof.add("pool1", true, t);
         }
         let t = Instant::now();
-        let da1 = lrn_backward_all(b, &g, &lrn, across, 0, columns, &dl1);
-        drop(dl1);
+        lrn_backward_all(b, &g, &lrn, across, 0, columns, ws);
         prof.add("lrn1", true, t);
-        for (col, mut da1) in columns.iter_mut().zip(da1) {
-            let a = col.acts.as_ref().expect("forward ran");
-            let t = Instant::now();
-            b.relu_backward(&a.a1, &mut da1);
-            let (w, rest) = col.params[0..].split_at_mut(1);
-            b.conv2d_backward(&g.conv[0], x, &w[0].value, &da1, None, &mut w[0].grad, &mut rest[0].grad);
-            prof.add("conv1", true, t);
+        let t = Instant::now();
+        let (mut wv, mut dys, mut dws, mut dbs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (col, w) in columns.iter_mut().zip(ws.iter_mut()) {
+            b.relu_backward(&col.acts.as_ref().expect("forward ran").a1, &mut w.da1);
+            let (wp, bp) = weight_and_bias(&mut col.params, 0);
+            wv.push(&wp.value);
+            dws.push(&mut wp.grad);
+            dbs.push(&mut bp.grad);
+            dys.push(&w.da1);
         }
+        b.conv2d_backward_sets(&g.conv[0], x, &wv, &dys, &mut dws, &mut dbs);
+        prof.add("conv1", true, t);
         Ok(())
     }
 
@@ -618,7 +906,8 @@ impl<B: Backend> Network<B> {
         let t = Instant::now();
         for col in &mut self.columns {
             for p in &mut col.params {
-                self.backend.sgd_update(sgd, &mut p.value, &mut p.momentum, &p.grad);
+                self.backend
+                    .sgd_update(sgd, &mut p.value, &mut p.momentum, &p.grad);
             }
         }
         self.profile.add("sgd", true, t);
@@ -626,12 +915,17 @@ impl<B: Backend> Network<B> {
 
     /// Parameters held by this process, column by column.
     pub fn params(&self) -> impl Iterator<Item = (usize, &Param<B>)> {
-        self.columns.iter().flat_map(|c| c.params.iter().map(move |p| (c.index, p)))
+        self.columns
+            .iter()
+            .flat_map(|c| c.params.iter().map(move |p| (c.index, p)))
     }
 
     /// Replaces the parameters of every held column with their rows of unsplit tensors, looked up
     /// by name (`conv1.weight`, ...), as PyTorch lays them out.
-    pub fn load_unsplit(&mut self, lookup: impl Fn(&str) -> anyhow::Result<(Vec<usize>, Vec<f32>)>) -> anyhow::Result<()> {
+    pub fn load_unsplit(
+        &mut self,
+        lookup: impl Fn(&str) -> anyhow::Result<(Vec<usize>, Vec<f32>)>,
+    ) -> anyhow::Result<()> {
         for col in &mut self.columns {
             for p in &mut col.params {
                 let (shape, data) = lookup(&p.name)?;
@@ -645,7 +939,9 @@ impl<B: Backend> Network<B> {
                     shape,
                     want
                 );
-                p.value = self.backend.upload(super::params::column_rows(&data, want[0], col.index));
+                p.value = self
+                    .backend
+                    .upload(super::params::column_rows(&data, want[0], col.index));
             }
         }
         Ok(())
@@ -658,7 +954,10 @@ impl<B: Backend> Network<B> {
         }
         let mut out = Vec::new();
         for col in &self.columns {
-            out.extend(self.backend.download(&col.params.iter().find(|p| p.name == name)?.grad));
+            out.extend(
+                self.backend
+                    .download(&col.params.iter().find(|p| p.name == name)?.grad),
+            );
         }
         Some(out)
     }
@@ -671,13 +970,22 @@ impl<B: Backend> Network<B> {
         for col in &self.columns {
             n += col.params.iter().map(|p| 3 * p.len()).sum::<usize>();
             if let Some(a) = &col.acts {
-                for buf in [&a.a1, &a.l1, &a.s1, &a.p1, &a.a2, &a.l2, &a.s2, &a.p2, &a.a3, &a.a4, &a.a5, &a.p5, &a.h6, &a.h7, &a.z8] {
+                for buf in [
+                    &a.a1, &a.l1, &a.s1, &a.p1, &a.a2, &a.l2, &a.s2, &a.p2, &a.a3, &a.a4, &a.a5,
+                    &a.p5, &a.h6, &a.h7, &a.z8,
+                ] {
                     n += b.buf_len(buf);
                 }
             }
         }
         if let Some(g) = &self.gathered {
-            n += [&g.g2, &g.g5, &g.g6, &g.g7, &g.logits].iter().map(|x| b.buf_len(x)).sum::<usize>();
+            n += [&g.g2, &g.g5, &g.g6, &g.g7, &g.logits]
+                .iter()
+                .map(|x| b.buf_len(x))
+                .sum::<usize>();
+        }
+        for w in self.grads.iter().flatten() {
+            n += w.bufs().iter().map(|x| b.buf_len(x)).sum::<usize>();
         }
         n * 4
     }

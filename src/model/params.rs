@@ -10,7 +10,9 @@ use super::config::{NetConfig, Sides, COLUMNS, CONV_KERNEL};
 use crate::backend::{rng, Backend};
 
 /// The layers that have parameters, in order.
-pub const LAYERS: [&str; 8] = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"];
+pub const LAYERS: [&str; 8] = [
+    "conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8",
+];
 
 /// One parameter tensor of a column: value, gradient of the last backward pass, momentum.
 pub struct Param<B: Backend> {
@@ -60,13 +62,21 @@ pub fn bias_init(layer: &str) -> f32 {
 }
 
 /// Parameters of one column, initialised as in the paper from `seed`.
-pub fn init_column<B: Backend>(backend: &B, cfg: &NetConfig, sides: &Sides, column: usize, seed: u64) -> Vec<Param<B>> {
+pub fn init_column<B: Backend>(
+    backend: &B,
+    cfg: &NetConfig,
+    sides: &Sides,
+    column: usize,
+    seed: u64,
+) -> Vec<Param<B>> {
     let mut params = Vec::with_capacity(16);
     for (layer, (wshape, bshape)) in LAYERS.iter().zip(column_shapes(cfg, sides)) {
         let wlen: usize = wshape.iter().product();
         let key = rng::key(seed, &format!("{layer}.weight"));
         let first = (column * wlen) as u64;
-        let w: Vec<f32> = (0..wlen as u64).map(|i| cfg.init_std * rng::normal(key, first + i)).collect();
+        let w: Vec<f32> = (0..wlen as u64)
+            .map(|i| cfg.init_std * rng::normal(key, first + i))
+            .collect();
         let b = vec![bias_init(layer); bshape[0]];
         params.push(new_param(backend, format!("{layer}.weight"), wshape, &w));
         params.push(new_param(backend, format!("{layer}.bias"), bshape, &b));
@@ -74,10 +84,21 @@ pub fn init_column<B: Backend>(backend: &B, cfg: &NetConfig, sides: &Sides, colu
     params
 }
 
-pub fn new_param<B: Backend>(backend: &B, name: String, shape: Vec<usize>, value: &[f32]) -> Param<B> {
+pub fn new_param<B: Backend>(
+    backend: &B,
+    name: String,
+    shape: Vec<usize>,
+    value: &[f32],
+) -> Param<B> {
     let len = value.len();
     debug_assert_eq!(len, shape.iter().product::<usize>());
-    Param { name, shape, value: backend.upload(value), grad: backend.zeros(len), momentum: backend.zeros(len) }
+    Param {
+        name,
+        shape,
+        value: backend.upload(value),
+        grad: backend.zeros(len),
+        momentum: backend.zeros(len),
+    }
 }
 
 /// Column `column`'s rows of an unsplit tensor with `rows` rows.
@@ -116,7 +137,9 @@ mod tests {
         let c0 = init_column(&cpu, &cfg, &sides, 0, 9);
         let c1 = init_column(&cpu, &cfg, &sides, 1, 9);
         let key = rng::key(9, "conv3.weight");
-        let whole: Vec<f32> = (0..2 * c0[4].len() as u64).map(|i| cfg.init_std * rng::normal(key, i)).collect();
+        let whole: Vec<f32> = (0..2 * c0[4].len() as u64)
+            .map(|i| cfg.init_std * rng::normal(key, i))
+            .collect();
         assert_eq!(column_rows(&whole, 4, 0), &c0[4].value[..]);
         assert_eq!(column_rows(&whole, 4, 1), &c1[4].value[..]);
         assert_eq!(c0[3].value, vec![1.0; 2], "conv2 bias starts at 1");

@@ -29,18 +29,32 @@ pub fn train_step<B: Backend>(
     net.forward(x, batch, mode)?;
     let logits = net.logits().expect("forward ran");
     let mut dlogits = net.backend.zeros(batch * classes);
-    let loss = net.backend.softmax_xent(batch, classes, logits, labels, &mut dlogits);
-    anyhow::ensure!(loss.is_finite(), "the loss diverged to {loss} at step {step}: lower the learning rate");
-    let (top1_correct, top5_correct) = count_correct(&net.backend.download(logits), classes, labels);
+    let loss = net
+        .backend
+        .softmax_xent(batch, classes, logits, labels, &mut dlogits);
+    anyhow::ensure!(
+        loss.is_finite(),
+        "the loss diverged to {loss} at step {step}: lower the learning rate"
+    );
+    let (top1_correct, top5_correct) =
+        count_correct(&net.backend.download(logits), classes, labels);
     net.backward(x, &dlogits, mode)?;
     net.sgd_step(sgd);
-    Ok(StepResult { loss, top1_correct, top5_correct })
+    Ok(StepResult {
+        loss,
+        top1_correct,
+        top5_correct,
+    })
 }
 
 /// Top-1 and top-5 hits of `logits` (`[labels.len(), classes]`) against `labels`.
 pub fn count_correct(logits: &[f32], classes: usize, labels: &[u32]) -> (usize, usize) {
     let top = crate::backend::cpu::top_k(labels.len(), classes, logits, 5.min(classes));
     let top1 = top.iter().zip(labels).filter(|(t, l)| t[0] == **l).count();
-    let top5 = top.iter().zip(labels).filter(|(t, l)| t.contains(l)).count();
+    let top5 = top
+        .iter()
+        .zip(labels)
+        .filter(|(t, l)| t.contains(l))
+        .count();
     (top1, top5)
 }

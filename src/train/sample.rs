@@ -65,7 +65,13 @@ fn prepare(set: &ImageSet, side: usize, mean: Option<&[f32]>) -> (Prepared, Vec<
         let img = set.image(i);
         for c in 0..set.channels {
             let plane = &img[c * set.height * set.width..(c + 1) * set.height * set.width];
-            resize_plane(plane, set.height, set.width, side, &mut dst[c * side * side..(c + 1) * side * side]);
+            resize_plane(
+                plane,
+                set.height,
+                set.width,
+                side,
+                &mut dst[c * side * side..(c + 1) * side * side],
+            );
         }
     }
     let mean = match mean {
@@ -75,13 +81,22 @@ fn prepare(set: &ImageSet, side: usize, mean: Option<&[f32]>) -> (Prepared, Vec<
             for img in values.chunks(per_image) {
                 m.iter_mut().zip(img).for_each(|(a, &b)| *a += b as f64);
             }
-            m.iter().map(|v| (v / set.len().max(1) as f64) as f32).collect()
+            m.iter()
+                .map(|v| (v / set.len().max(1) as f64) as f32)
+                .collect()
         }
     };
     for img in values.chunks_mut(per_image) {
         img.iter_mut().zip(&mean).for_each(|(a, b)| *a -= b);
     }
-    (Prepared { values, labels: set.labels.clone(), per_image }, mean)
+    (
+        Prepared {
+            values,
+            labels: set.labels.clone(),
+            per_image,
+        },
+        mean,
+    )
 }
 
 /// The visiting order of epoch `epoch`: a permutation drawn from `(seed, epoch)`.
@@ -92,22 +107,37 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
-fn evaluate<B: Backend>(net: &mut Network<B>, set: &Prepared, batch: usize) -> anyhow::Result<(f64, f64)> {
+fn evaluate<B: Backend>(
+    net: &mut Network<B>,
+    set: &Prepared,
+    batch: usize,
+) -> anyhow::Result<(f64, f64)> {
     let (mut top1, mut top5) = (0usize, 0usize);
     let n = set.labels.len();
     for start in (0..n).step_by(batch) {
         let end = (start + batch).min(n);
-        let x = net.backend.upload(&set.values[start * set.per_image..end * set.per_image]);
+        let x = net
+            .backend
+            .upload(&set.values[start * set.per_image..end * set.per_image]);
         net.forward(&x, end - start, Mode::Eval)?;
         let logits = net.logits().expect("forward ran");
-        let (a, b) = count_correct(&net.backend.download(logits), net.cfg.classes, &set.labels[start..end]);
+        let (a, b) = count_correct(
+            &net.backend.download(logits),
+            net.cfg.classes,
+            &set.labels[start..end],
+        );
         top1 += a;
         top5 += b;
     }
     Ok((1.0 - top1 as f64 / n as f64, 1.0 - top5 as f64 / n as f64))
 }
 
-pub fn run<B: Backend>(backend: B, train: &ImageSet, val: &ImageSet, opts: &SampleOptions) -> anyhow::Result<Vec<EpochResult>> {
+pub fn run<B: Backend>(
+    backend: B,
+    train: &ImageSet,
+    val: &ImageSet,
+    opts: &SampleOptions,
+) -> anyhow::Result<Vec<EpochResult>> {
     anyhow::ensure!(!train.is_empty(), "the training set is empty");
     anyhow::ensure!(opts.batch > 0, "--batch must be at least 1");
     anyhow::ensure!(
@@ -116,7 +146,13 @@ pub fn run<B: Backend>(backend: B, train: &ImageSet, val: &ImageSet, opts: &Samp
         train.channels,
         opts.net.in_channels
     );
-    let max_label = train.labels.iter().chain(&val.labels).copied().max().unwrap_or(0) as usize;
+    let max_label = train
+        .labels
+        .iter()
+        .chain(&val.labels)
+        .copied()
+        .max()
+        .unwrap_or(0) as usize;
     anyhow::ensure!(
         max_label < opts.net.classes,
         "labels go up to {max_label}, the network has {} classes: raise `classes`",
@@ -133,14 +169,24 @@ pub fn run<B: Backend>(backend: B, train: &ImageSet, val: &ImageSet, opts: &Samp
         ms = t.elapsed().as_millis() as u64,
         "images resized and mean-subtracted"
     );
-    let mut net = Network::new(opts.net.clone(), backend, Box::new(LocalExchange::default()), opts.seed)?;
+    let mut net = Network::new(
+        opts.net.clone(),
+        backend,
+        Box::new(LocalExchange::default()),
+        opts.seed,
+    )?;
     tracing::info!(
         backend = net.backend.name(),
         parameters = crate::model::params::parameter_count(&net.cfg, &net.sides),
         "network ready"
     );
     let steps_per_epoch = train.len() / opts.batch;
-    anyhow::ensure!(steps_per_epoch > 0, "--batch {} is larger than the training set ({})", opts.batch, train.len());
+    anyhow::ensure!(
+        steps_per_epoch > 0,
+        "--batch {} is larger than the training set ({})",
+        opts.batch,
+        train.len()
+    );
     let total_steps = steps_per_epoch * opts.epochs;
     let started = Instant::now();
     let mut results = Vec::new();
@@ -149,13 +195,15 @@ pub fn run<B: Backend>(backend: B, train: &ImageSet, val: &ImageSet, opts: &Samp
     let mut labels = vec![0u32; opts.batch];
     for epoch in 0..opts.epochs {
         let order = epoch_order(train.len(), opts.seed, epoch as u64);
-        let (mut window_loss, mut window_top1, mut window_top5, mut window_n) = (0.0f64, 0usize, 0usize, 0usize);
+        let (mut window_loss, mut window_top1, mut window_top5, mut window_n) =
+            (0.0f64, 0usize, 0usize, 0usize);
         let mut epoch_loss = 0.0f64;
         let mut window_start = Instant::now();
         for (s, chunk) in order.chunks_exact(opts.batch).enumerate() {
             for (k, &i) in chunk.iter().enumerate() {
-                host[k * train_set.per_image..(k + 1) * train_set.per_image]
-                    .copy_from_slice(&train_set.values[i * train_set.per_image..(i + 1) * train_set.per_image]);
+                host[k * train_set.per_image..(k + 1) * train_set.per_image].copy_from_slice(
+                    &train_set.values[i * train_set.per_image..(i + 1) * train_set.per_image],
+                );
                 labels[k] = train_set.labels[i];
             }
             let x = net.backend.upload(&host);
@@ -175,8 +223,14 @@ pub fn run<B: Backend>(backend: B, train: &ImageSet, val: &ImageSet, opts: &Samp
                     step,
                     of = total_steps,
                     loss = format!("{:.4}", window_loss / window_n as f64),
-                    top1_err = format!("{:.3}", 1.0 - window_top1 as f64 / (window_n * opts.batch) as f64),
-                    top5_err = format!("{:.3}", 1.0 - window_top5 as f64 / (window_n * opts.batch) as f64),
+                    top1_err = format!(
+                        "{:.3}",
+                        1.0 - window_top1 as f64 / (window_n * opts.batch) as f64
+                    ),
+                    top5_err = format!(
+                        "{:.3}",
+                        1.0 - window_top5 as f64 / (window_n * opts.batch) as f64
+                    ),
                     images_per_s = format!("{rate:.1}"),
                     lr = opts.sgd.lr,
                     eta = format!("{eta:.0}s"),
@@ -196,7 +250,12 @@ pub fn run<B: Backend>(backend: B, train: &ImageSet, val: &ImageSet, opts: &Samp
             chance_top1_err = format!("{:.3}", 1.0 - 1.0 / opts.net.classes as f64),
             "validation"
         );
-        results.push(EpochResult { epoch: epoch + 1, train_loss, val_top1_err: top1, val_top5_err: top5 });
+        results.push(EpochResult {
+            epoch: epoch + 1,
+            train_loss,
+            val_top1_err: top1,
+            val_top5_err: top5,
+        });
     }
     Ok(results)
 }

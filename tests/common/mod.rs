@@ -13,7 +13,9 @@ pub struct Golden {
 
 impl Golden {
     pub fn load(name: &str) -> Golden {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
         let meta = header.metadata().clone().unwrap_or_default();
@@ -23,7 +25,11 @@ impl Golden {
             .into_iter()
             .map(|(k, v)| {
                 assert_eq!(v.dtype(), safetensors::Dtype::F32, "{name}: {k} is not f32");
-                let data = v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                let data = v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
                 (k, (v.shape().to_vec(), data))
             })
             .collect();
@@ -31,7 +37,11 @@ impl Golden {
     }
 
     pub fn get(&self, name: &str) -> &[f32] {
-        &self.tensors.get(name).unwrap_or_else(|| panic!("no tensor {name}")).1
+        &self
+            .tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("no tensor {name}"))
+            .1
     }
 
     pub fn shape(&self, name: &str) -> &[usize] {
@@ -42,14 +52,23 @@ impl Golden {
     where
         T::Err: std::fmt::Debug,
     {
-        self.meta.get(key).unwrap_or_else(|| panic!("no metadata {key}")).trim_matches('"').parse().unwrap()
+        self.meta
+            .get(key)
+            .unwrap_or_else(|| panic!("no metadata {key}"))
+            .trim_matches('"')
+            .parse()
+            .unwrap()
     }
 }
 
 /// `|got - want| / |want|` over whole tensors.
 pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "lengths differ");
-    let diff: f64 = got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
     let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
     (diff / norm.max(1e-30)).sqrt()
 }
@@ -62,10 +81,14 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
 
 /// Fresh pseudo-random values in [-1, 1) (a small LCG: tests need variety, not quality).
 pub fn random(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -74,7 +97,15 @@ pub fn random(len: usize, seed: u64) -> Vec<f32> {
 /// Checks an analytic gradient against central differences of `f` at `samples` coordinates of
 /// `x`. `f` is a scalar function of the input; `grad` its claimed gradient.
 #[track_caller]
-pub fn check_finite_diff(what: &str, x: &[f32], grad: &[f32], samples: usize, eps: f32, tol: f64, f: impl Fn(&[f32]) -> f64) {
+pub fn check_finite_diff(
+    what: &str,
+    x: &[f32],
+    grad: &[f32],
+    samples: usize,
+    eps: f32,
+    tol: f64,
+    f: impl Fn(&[f32]) -> f64,
+) {
     assert_eq!(x.len(), grad.len());
     let step = (x.len() / samples).max(1);
     let mut worst = 0.0f64;
@@ -89,7 +120,10 @@ pub fn check_finite_diff(what: &str, x: &[f32], grad: &[f32], samples: usize, ep
         let analytic = grad[i] as f64;
         let err = (numeric - analytic).abs() / (numeric.abs().max(analytic.abs()).max(1e-2));
         worst = worst.max(err);
-        assert!(err < tol, "{what}: d/dx[{i}] analytic {analytic:.6e} vs numeric {numeric:.6e} (rel {err:.2e})");
+        assert!(
+            err < tol,
+            "{what}: d/dx[{i}] analytic {analytic:.6e} vs numeric {numeric:.6e} (rel {err:.2e})"
+        );
         checked += 1;
     }
     assert!(checked > 0, "{what}: nothing checked");

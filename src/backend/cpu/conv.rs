@@ -5,7 +5,7 @@
 //! no synchronisation except the final sum of the weight gradients.
 
 use super::gemm::{sgemm, MatRef, Parallelism};
-use super::split_even;
+use super::{give_scratch, split_even, take_scratch};
 use crate::backend::ConvGeom;
 use rayon::prelude::*;
 
@@ -34,9 +34,17 @@ fn unfold_sizes(g: &ConvGeom) -> Unfold {
 /// The output columns `[lo, hi)` whose input column `o * stride + kx - pad` falls inside `0..w`.
 fn valid_range(out: usize, w: usize, stride: usize, pad: usize, kx: usize) -> (usize, usize) {
     // o * s + kx - pad >= 0  <=>  o >= ceil((pad - kx) / s)
-    let lo = if pad > kx { (pad - kx).div_ceil(stride) } else { 0 };
+    let lo = if pad > kx {
+        (pad - kx).div_ceil(stride)
+    } else {
+        0
+    };
     // o * s + kx - pad <= w - 1  <=>  o <= (w - 1 + pad - kx) / s
-    let hi = if w + pad > kx { ((w - 1 + pad - kx) / stride + 1).min(out) } else { 0 };
+    let hi = if w + pad > kx {
+        ((w - 1 + pad - kx) / stride + 1).min(out)
+    } else {
+        0
+    };
     (lo.min(hi), hi)
 }
 
@@ -97,8 +105,16 @@ fn col2im(g: &ConvGeom, col: &[f32], cin: usize, dx: &mut [f32]) {
                     let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
                     let src = &row[oy * ow..(oy + 1) * ow];
                     let ix0 = lo * s + kx - p;
-                    for (o, ix) in (lo..hi).zip((ix0..).step_by(s)) {
-                        dst[ix] += src[o];
+                    if s == 1 {
+                        // Contiguous on both sides: let the compiler vectorise it.
+                        dst[ix0..ix0 + (hi - lo)]
+                            .iter_mut()
+                            .zip(&src[lo..hi])
+                            .for_each(|(d, v)| *d += v);
+                    } else {
+                        for (o, ix) in (lo..hi).zip((ix0..).step_by(s)) {
+                            dst[ix] += src[o];
+                        }
                     }
                 }
             }
@@ -107,36 +123,122 @@ fn col2im(g: &ConvGeom, col: &[f32], cin: usize, dx: &mut [f32]) {
 }
 
 pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], threads: usize) {
+    forward_sets(g, x, &[w], &[b], &mut [y], threads)
+}
+
+/// Several convolutions of the same input (the two columns' conv1): the input is unfolded once
+/// and the weight sets are stacked into one GEMM, whose larger M runs the kernel at a better
+/// rate (conv1's 48 rows per column are too few for AVX-512 tiles).
+pub fn forward_sets(
+    g: &ConvGeom,
+    x: &[f32],
+    ws: &[&[f32]],
+    bs: &[&[f32]],
+    ys: &mut [&mut [f32]],
+    threads: usize,
+) {
     let u = unfold_sizes(g);
+    let sets = ws.len();
+    assert!(
+        sets > 0 && bs.len() == sets && ys.len() == sets,
+        "conv: one bias and one output per weight set"
+    );
     assert_eq!(x.len(), g.in_len(), "conv input length");
-    assert_eq!(w.len(), g.weight_len(), "conv weight length");
-    assert_eq!(b.len(), g.out_c, "conv bias length");
-    assert_eq!(y.len(), g.out_len(), "conv output length");
+    for ((w, b), y) in ws.iter().zip(bs).zip(ys.iter()) {
+        assert_eq!(w.len(), g.weight_len(), "conv weight length");
+        assert_eq!(b.len(), g.out_c, "conv bias length");
+        assert_eq!(y.len(), g.out_len(), "conv output length");
+    }
+    // Stacked weights, per group: [sets * cout_g, k_rows].
+    let stacked: Vec<f32> = if sets == 1 {
+        Vec::new()
+    } else {
+        (0..g.groups)
+            .flat_map(|gi| {
+                ws.iter().flat_map(move |w| {
+                    w[gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows]
+                        .iter()
+                        .copied()
+                })
+            })
+            .collect()
+    };
     let per = split_even(g.batch, threads);
-    y.par_chunks_mut(per * u.out_img).enumerate().for_each(|(chunk, ys)| {
-        let mut col = vec![0.0f32; u.k_rows * u.pixels];
-        for (i, yn) in ys.chunks_mut(u.out_img).enumerate() {
-            let xn = &x[(chunk * per + i) * u.in_img..][..u.in_img];
-            for (o, plane) in yn.chunks_mut(u.pixels).enumerate() {
-                plane.fill(b[o]);
-            }
-            for gi in 0..g.groups {
-                let xg = &xn[gi * u.cin_g * g.in_h * g.in_w..];
-                im2col(g, xg, u.cin_g, &mut col);
-                sgemm(
-                    u.cout_g,
-                    u.pixels,
-                    u.k_rows,
-                    MatRef::rows(&w[gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows], u.k_rows),
-                    MatRef::rows(&col, u.pixels),
-                    &mut yn[gi * u.cout_g * u.pixels..][..u.cout_g * u.pixels],
-                    u.pixels,
-                    true,
-                    Parallelism::None,
-                );
-            }
+    let chunks = g.batch.div_ceil(per);
+    // Each task gets its images' output blocks of every set.
+    let mut outs: Vec<Vec<&mut [f32]>> = (0..chunks).map(|_| Vec::with_capacity(sets)).collect();
+    for y in ys.iter_mut() {
+        for (chunk, block) in y.chunks_mut(per * u.out_img).enumerate() {
+            outs[chunk].push(block);
         }
-    });
+    }
+    let m = sets * u.cout_g;
+    outs.into_par_iter()
+        .enumerate()
+        .for_each(|(chunk, mut ys)| {
+            let mut col = take_scratch(u.k_rows * u.pixels);
+            let mut tmp = if sets > 1 {
+                take_scratch(m * u.pixels)
+            } else {
+                Vec::new()
+            };
+            let count = ys[0].len() / u.out_img;
+            for i in 0..count {
+                let xn = &x[(chunk * per + i) * u.in_img..][..u.in_img];
+                for gi in 0..g.groups {
+                    im2col(g, &xn[gi * u.cin_g * g.in_h * g.in_w..], u.cin_g, &mut col);
+                    if sets == 1 {
+                        let yn = &mut ys[0][i * u.out_img..][..u.out_img];
+                        let yg = &mut yn[gi * u.cout_g * u.pixels..][..u.cout_g * u.pixels];
+                        for (o, plane) in yg.chunks_mut(u.pixels).enumerate() {
+                            plane.fill(bs[0][gi * u.cout_g + o]);
+                        }
+                        let wg = &ws[0][gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows];
+                        sgemm(
+                            u.cout_g,
+                            u.pixels,
+                            u.k_rows,
+                            MatRef::rows(wg, u.k_rows),
+                            MatRef::rows(&col, u.pixels),
+                            yg,
+                            u.pixels,
+                            true,
+                            Parallelism::None,
+                        );
+                    } else {
+                        let wg = &stacked[gi * m * u.k_rows..][..m * u.k_rows];
+                        sgemm(
+                            m,
+                            u.pixels,
+                            u.k_rows,
+                            MatRef::rows(wg, u.k_rows),
+                            MatRef::rows(&col, u.pixels),
+                            &mut tmp,
+                            u.pixels,
+                            false,
+                            Parallelism::None,
+                        );
+                        for (set, y) in ys.iter_mut().enumerate() {
+                            let yg = &mut y[i * u.out_img + gi * u.cout_g * u.pixels..]
+                                [..u.cout_g * u.pixels];
+                            let src = &tmp[set * u.cout_g * u.pixels..][..u.cout_g * u.pixels];
+                            for (o, (dst, src)) in yg
+                                .chunks_mut(u.pixels)
+                                .zip(src.chunks(u.pixels))
+                                .enumerate()
+                            {
+                                let bias = bs[set][gi * u.cout_g + o];
+                                dst.iter_mut().zip(src).for_each(|(d, v)| *d = v + bias);
+                            }
+                        }
+                    }
+                }
+            }
+            give_scratch(col);
+            if sets > 1 {
+                give_scratch(tmp);
+            }
+        });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -150,11 +252,49 @@ pub fn backward(
     db: &mut [f32],
     threads: usize,
 ) {
+    backward_sets(g, x, &[w], &[dy], dx, &mut [dw], &mut [db], threads)
+}
+
+/// Backward pass of [`forward_sets`]: each set's weight and bias gradients, and (when asked)
+/// the input gradient summed over the sets.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_sets(
+    g: &ConvGeom,
+    x: &[f32],
+    ws: &[&[f32]],
+    dys: &[&[f32]],
+    dx: Option<&mut [f32]>,
+    dws: &mut [&mut [f32]],
+    dbs: &mut [&mut [f32]],
+    threads: usize,
+) {
     let u = unfold_sizes(g);
+    let sets = ws.len();
+    assert!(
+        sets > 0 && dys.len() == sets && dws.len() == sets && dbs.len() == sets,
+        "conv: one of each per weight set"
+    );
     assert_eq!(x.len(), g.in_len(), "conv input length");
-    assert_eq!(dy.len(), g.out_len(), "conv output gradient length");
-    assert_eq!(dw.len(), g.weight_len(), "conv weight gradient length");
-    assert_eq!(db.len(), g.out_c, "conv bias gradient length");
+    for i in 0..sets {
+        assert_eq!(ws[i].len(), g.weight_len(), "conv weight length");
+        assert_eq!(dys[i].len(), g.out_len(), "conv output gradient length");
+        assert_eq!(dws[i].len(), g.weight_len(), "conv weight gradient length");
+        assert_eq!(dbs[i].len(), g.out_c, "conv bias gradient length");
+    }
+    // Stacked per group: [sets * cout_g, k_rows], the layout of the stacked weight gradient too.
+    let m = sets * u.cout_g;
+    let stack = |bufs: &[&[f32]]| -> Vec<f32> {
+        (0..g.groups)
+            .flat_map(|gi| {
+                bufs.iter().flat_map(move |w| {
+                    w[gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows]
+                        .iter()
+                        .copied()
+                })
+            })
+            .collect()
+    };
+    let stacked_w = if sets == 1 { ws[0].to_vec() } else { stack(ws) };
     let per = split_even(g.batch, threads);
     let chunks = g.batch.div_ceil(per);
     let dx_chunks: Vec<Option<&mut [f32]>> = match dx {
@@ -164,23 +304,33 @@ pub fn backward(
         }
         None => (0..chunks).map(|_| None).collect(),
     };
+    let wlen = g.groups * m * u.k_rows;
     // Each task sums the weight and bias gradients of its images; the partial sums are added
-    // at the end, in chunk order so that the result does not depend on scheduling.
+    // at the end, in chunk order, so that the result does not depend on scheduling.
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx_chunks
         .into_par_iter()
         .enumerate()
         .map(|(chunk, mut dxs)| {
-            let mut dw_part = vec![0.0f32; dw.len()];
-            let mut db_part = vec![0.0f32; g.out_c];
-            let mut col = vec![0.0f32; u.k_rows * u.pixels];
+            let mut dw_part = take_scratch(wlen);
+            dw_part.fill(0.0);
+            let mut db_part = vec![0.0f32; sets * g.out_c];
+            let mut col = take_scratch(u.k_rows * u.pixels);
+            let mut tmp = if sets > 1 {
+                take_scratch(m * u.pixels)
+            } else {
+                Vec::new()
+            };
             let first = chunk * per;
-            let count = per.min(g.batch - first);
-            for i in 0..count {
+            for i in 0..per.min(g.batch - first) {
                 let n = first + i;
                 let xn = &x[n * u.in_img..][..u.in_img];
-                let dyn_ = &dy[n * u.out_img..][..u.out_img];
-                for (o, plane) in dyn_.chunks(u.pixels).enumerate() {
-                    db_part[o] += plane.iter().sum::<f32>();
+                for (set, dy) in dys.iter().enumerate() {
+                    for (o, plane) in dy[n * u.out_img..][..u.out_img]
+                        .chunks(u.pixels)
+                        .enumerate()
+                    {
+                        db_part[set * g.out_c + o] += plane.iter().sum::<f32>();
+                    }
                 }
                 let mut dxn = dxs.as_deref_mut().map(|d| {
                     let d = &mut d[i * u.in_img..][..u.in_img];
@@ -188,28 +338,38 @@ pub fn backward(
                     d
                 });
                 for gi in 0..g.groups {
-                    let dyg = &dyn_[gi * u.cout_g * u.pixels..][..u.cout_g * u.pixels];
+                    let start = n * u.out_img + gi * u.cout_g * u.pixels;
+                    let block = start..start + u.cout_g * u.pixels;
+                    let dyg: &[f32] = if sets == 1 {
+                        &dys[0][block]
+                    } else {
+                        for (set, dy) in dys.iter().enumerate() {
+                            tmp[set * u.cout_g * u.pixels..][..u.cout_g * u.pixels]
+                                .copy_from_slice(&dy[block.clone()]);
+                        }
+                        &tmp
+                    };
                     let plane_off = gi * u.cin_g * g.in_h * g.in_w;
                     im2col(g, &xn[plane_off..], u.cin_g, &mut col);
-                    // dW_g += dY_g [cout_g, P] * col^T [P, K]
+                    // dW_g += dY_g [m, P] * col^T [P, K]
                     sgemm(
-                        u.cout_g,
+                        m,
                         u.k_rows,
                         u.pixels,
                         MatRef::rows(dyg, u.pixels),
                         MatRef::transposed(&col, u.pixels),
-                        &mut dw_part[gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows],
+                        &mut dw_part[gi * m * u.k_rows..][..m * u.k_rows],
                         u.k_rows,
                         true,
                         Parallelism::None,
                     );
                     if let Some(dxn) = dxn.as_deref_mut() {
-                        // dcol [K, P] = W_g^T [K, cout_g] * dY_g [cout_g, P]
-                        let wg = &w[gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows];
+                        // dcol [K, P] = W_g^T [K, m] * dY_g [m, P]: the sets' contributions summed.
+                        let wg = &stacked_w[gi * m * u.k_rows..][..m * u.k_rows];
                         sgemm(
                             u.k_rows,
                             u.pixels,
-                            u.cout_g,
+                            m,
                             MatRef::transposed(wg, u.k_rows),
                             MatRef::rows(dyg, u.pixels),
                             &mut col,
@@ -221,13 +381,31 @@ pub fn backward(
                     }
                 }
             }
+            give_scratch(col);
+            if sets > 1 {
+                give_scratch(tmp);
+            }
             (dw_part, db_part)
         })
         .collect();
-    dw.fill(0.0);
-    db.fill(0.0);
+    let mut dw_sum = take_scratch(wlen);
+    dw_sum.fill(0.0);
+    let mut db_sum = vec![0.0f32; sets * g.out_c];
     for (dw_part, db_part) in partials {
-        dw.par_iter_mut().zip(dw_part.par_iter()).for_each(|(a, b)| *a += b);
-        db.iter_mut().zip(&db_part).for_each(|(a, b)| *a += b);
+        dw_sum
+            .par_iter_mut()
+            .zip(dw_part.par_iter())
+            .for_each(|(a, b)| *a += b);
+        db_sum.iter_mut().zip(&db_part).for_each(|(a, b)| *a += b);
+        give_scratch(dw_part);
     }
+    // Unstack: set `s`, group `gi` is rows [s * cout_g, (s + 1) * cout_g) of group block `gi`.
+    for (set, (dw, db)) in dws.iter_mut().zip(dbs.iter_mut()).enumerate() {
+        for gi in 0..g.groups {
+            let src = &dw_sum[(gi * m + set * u.cout_g) * u.k_rows..][..u.cout_g * u.k_rows];
+            dw[gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows].copy_from_slice(src);
+        }
+        db.copy_from_slice(&db_sum[set * g.out_c..(set + 1) * g.out_c]);
+    }
+    give_scratch(dw_sum);
 }

@@ -14,16 +14,28 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// Row-major `[rows, cols]`.
     pub fn rows(data: &'a [f32], cols: usize) -> Self {
-        MatRef { data, rs: cols, cs: 1 }
+        MatRef {
+            data,
+            rs: cols,
+            cs: 1,
+        }
     }
     /// The transpose of a row-major matrix with `cols` columns.
     pub fn transposed(data: &'a [f32], cols: usize) -> Self {
-        MatRef { data, rs: 1, cs: cols }
+        MatRef {
+            data,
+            rs: 1,
+            cs: cols,
+        }
     }
     fn check(&self, r: usize, c: usize, what: &str) {
         if r > 0 && c > 0 {
             let last = (r - 1) * self.rs + (c - 1) * self.cs;
-            assert!(last < self.data.len(), "gemm: {what} view [{r}x{c}] overruns its buffer of {}", self.data.len());
+            assert!(
+                last < self.data.len(),
+                "gemm: {what} view [{r}x{c}] overruns its buffer of {}",
+                self.data.len()
+            );
         }
     }
 }
@@ -54,7 +66,10 @@ pub fn sgemm(
     }
     a.check(m, k, "lhs");
     b.check(k, n, "rhs");
-    assert!((m - 1) * c_rs + n <= c.len(), "gemm: destination [{m}x{n}] overruns its buffer");
+    assert!(
+        (m - 1) * c_rs + n <= c.len(),
+        "gemm: destination [{m}x{n}] overruns its buffer"
+    );
     // SAFETY: every index the kernel touches was bounds-checked above through the views'
     // extents; the destination does not alias the inputs (it is a distinct &mut slice).
     unsafe {
@@ -98,14 +113,34 @@ mod tests {
             }
         }
         let mut c = vec![1.0f32; m * n];
-        sgemm(m, n, k, MatRef::rows(&a, k), MatRef::rows(&b, n), &mut c, n, false, Parallelism::None);
+        sgemm(
+            m,
+            n,
+            k,
+            MatRef::rows(&a, k),
+            MatRef::rows(&b, n),
+            &mut c,
+            n,
+            false,
+            Parallelism::None,
+        );
         for (x, y) in c.iter().zip(&want) {
             assert!((x - y).abs() < 1e-5);
         }
         // The same product through transposed views of transposed copies, accumulated onto c.
         let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
         let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-        sgemm(m, n, k, MatRef::transposed(&at, m), MatRef::transposed(&bt, k), &mut c, n, true, Parallelism::None);
+        sgemm(
+            m,
+            n,
+            k,
+            MatRef::transposed(&at, m),
+            MatRef::transposed(&bt, k),
+            &mut c,
+            n,
+            true,
+            Parallelism::None,
+        );
         for (x, y) in c.iter().zip(&want) {
             assert!((x - 2.0 * y).abs() < 1e-4);
         }

@@ -9,12 +9,48 @@ mod lrn;
 mod pool;
 
 use self::gemm::{sgemm, MatRef, Parallelism};
-use super::{rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams};
+use super::{
+    rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
+};
 use rayon::prelude::*;
 
 /// Items per task when `n` items are split evenly over `threads` tasks.
 pub(crate) fn split_even(n: usize, threads: usize) -> usize {
     n.div_ceil(threads.max(1)).max(1)
+}
+
+/// Scratch buffers reused across calls (im2col columns, per-task gradient sums). Large
+/// allocations come from fresh zeroed pages each time: taking them from here instead spares a
+/// page fault per 4 KiB, which costs more than the arithmetic of the cheaper layers.
+static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// A scratch buffer of `len` values with unspecified contents.
+pub(crate) fn take_scratch(len: usize) -> Vec<f32> {
+    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    // The smallest buffer that fits, so that big ones stay available for big requests.
+    let best = pool
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.capacity() >= len)
+        .min_by_key(|(_, v)| v.capacity())
+        .map(|(i, _)| i);
+    let mut v = match best {
+        Some(i) => pool.swap_remove(i),
+        None => Vec::with_capacity(len),
+    };
+    drop(pool);
+    // New elements (if any) are zero; the rest keep whatever the last user left.
+    v.resize(len, 0.0);
+    v
+}
+
+/// Returns a buffer from [`take_scratch`] for reuse.
+pub(crate) fn give_scratch(v: Vec<f32>) {
+    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    // Bounded: a pool that only grows would hold every size ever asked for.
+    if pool.len() < 16 {
+        pool.push(v);
+    }
 }
 
 /// Elementwise work is split into blocks of this many values (big enough to amortise a task).
@@ -34,7 +70,9 @@ impl Default for Cpu {
 impl Cpu {
     /// Uses rayon's global pool (set its size with `RAYON_NUM_THREADS`).
     pub fn new() -> Self {
-        Cpu { threads: rayon::current_num_threads() }
+        Cpu {
+            threads: rayon::current_num_threads(),
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -84,7 +122,14 @@ impl Backend for Cpu {
         buf.len()
     }
 
-    fn conv2d_forward(&self, g: &ConvGeom, x: &Vec<f32>, w: &Vec<f32>, b: &Vec<f32>, y: &mut Vec<f32>) {
+    fn conv2d_forward(
+        &self,
+        g: &ConvGeom,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        y: &mut Vec<f32>,
+    ) {
         conv::forward(g, x, w, b, y, self.threads)
     }
 
@@ -98,25 +143,74 @@ impl Backend for Cpu {
         dw: &mut Vec<f32>,
         db: &mut Vec<f32>,
     ) {
-        conv::backward(g, x, w, dy, dx.map(|d| d.as_mut_slice()), dw, db, self.threads)
+        conv::backward(
+            g,
+            x,
+            w,
+            dy,
+            dx.map(|d| d.as_mut_slice()),
+            dw,
+            db,
+            self.threads,
+        )
+    }
+
+    fn conv2d_forward_sets(
+        &self,
+        g: &ConvGeom,
+        x: &Vec<f32>,
+        ws: &[&Vec<f32>],
+        bs: &[&Vec<f32>],
+        ys: &mut [&mut Vec<f32>],
+    ) {
+        let ws: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
+        let bs: Vec<&[f32]> = bs.iter().map(|b| b.as_slice()).collect();
+        let mut ys: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        conv::forward_sets(g, x, &ws, &bs, &mut ys, self.threads)
+    }
+
+    fn conv2d_backward_sets(
+        &self,
+        g: &ConvGeom,
+        x: &Vec<f32>,
+        ws: &[&Vec<f32>],
+        dys: &[&Vec<f32>],
+        dws: &mut [&mut Vec<f32>],
+        dbs: &mut [&mut Vec<f32>],
+    ) {
+        let ws: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
+        let dys: Vec<&[f32]> = dys.iter().map(|d| d.as_slice()).collect();
+        let mut dws: Vec<&mut [f32]> = dws.iter_mut().map(|d| d.as_mut_slice()).collect();
+        let mut dbs: Vec<&mut [f32]> = dbs.iter_mut().map(|d| d.as_mut_slice()).collect();
+        conv::backward_sets(g, x, &ws, &dys, None, &mut dws, &mut dbs, self.threads)
     }
 
     fn relu_forward(&self, x: &mut Vec<f32>) {
-        x.par_chunks_mut(BLOCK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+        x.par_chunks_mut(BLOCK)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
     }
 
     fn relu_backward(&self, y: &Vec<f32>, dy: &mut Vec<f32>) {
         assert_eq!(y.len(), dy.len(), "relu gradient length");
-        dy.par_chunks_mut(BLOCK).zip(y.par_chunks(BLOCK)).for_each(|(d, y)| {
-            d.iter_mut().zip(y).for_each(|(d, &y)| {
-                if y <= 0.0 {
-                    *d = 0.0
-                }
-            })
-        });
+        dy.par_chunks_mut(BLOCK)
+            .zip(y.par_chunks(BLOCK))
+            .for_each(|(d, y)| {
+                d.iter_mut().zip(y).for_each(|(d, &y)| {
+                    if y <= 0.0 {
+                        *d = 0.0
+                    }
+                })
+            });
     }
 
-    fn lrn_forward(&self, g: &PlaneGeom, p: &LrnParams, x: &Vec<f32>, y: &mut Vec<f32>, scale: &mut Vec<f32>) {
+    fn lrn_forward(
+        &self,
+        g: &PlaneGeom,
+        p: &LrnParams,
+        x: &Vec<f32>,
+        y: &mut Vec<f32>,
+        scale: &mut Vec<f32>,
+    ) {
         lrn::forward(g, p, x, y, scale, self.threads)
     }
 
@@ -137,20 +231,48 @@ impl Backend for Cpu {
         pool::forward(g, x, y)
     }
 
-    fn maxpool_backward(&self, g: &PoolGeom, x: &Vec<f32>, y: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+    fn maxpool_backward(
+        &self,
+        g: &PoolGeom,
+        x: &Vec<f32>,
+        y: &Vec<f32>,
+        dy: &Vec<f32>,
+        dx: &mut Vec<f32>,
+    ) {
         pool::backward(g, x, y, dy, dx)
     }
 
-    fn dropout_forward(&self, rows: usize, cols: usize, p: f32, key: &DropoutKey, x: &mut Vec<f32>) {
+    fn dropout_forward(
+        &self,
+        rows: usize,
+        cols: usize,
+        p: f32,
+        key: &DropoutKey,
+        x: &mut Vec<f32>,
+    ) {
         apply_dropout(rows, cols, p, key, x)
     }
 
-    fn dropout_backward(&self, rows: usize, cols: usize, p: f32, key: &DropoutKey, dy: &mut Vec<f32>) {
+    fn dropout_backward(
+        &self,
+        rows: usize,
+        cols: usize,
+        p: f32,
+        key: &DropoutKey,
+        dy: &mut Vec<f32>,
+    ) {
         // Inverted dropout is linear in its input: the gradient takes the same mask and scale.
         apply_dropout(rows, cols, p, key, dy)
     }
 
-    fn linear_forward(&self, g: &LinearGeom, x: &Vec<f32>, w: &Vec<f32>, b: &Vec<f32>, y: &mut Vec<f32>) {
+    fn linear_forward(
+        &self,
+        g: &LinearGeom,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        y: &mut Vec<f32>,
+    ) {
         assert_eq!(x.len(), g.rows * g.inp, "linear input length");
         assert_eq!(w.len(), g.out * g.inp, "linear weight length");
         assert_eq!(b.len(), g.out, "linear bias length");
@@ -159,7 +281,17 @@ impl Backend for Cpu {
             row.copy_from_slice(b);
         }
         let par = self.gemm_parallelism(g.rows * g.inp * g.out);
-        sgemm(g.rows, g.out, g.inp, MatRef::rows(x, g.inp), MatRef::transposed(w, g.inp), y, g.out, true, par);
+        sgemm(
+            g.rows,
+            g.out,
+            g.inp,
+            MatRef::rows(x, g.inp),
+            MatRef::transposed(w, g.inp),
+            y,
+            g.out,
+            true,
+            par,
+        );
     }
 
     fn linear_backward(
@@ -177,7 +309,17 @@ impl Backend for Cpu {
         assert_eq!(db.len(), g.out, "linear bias gradient length");
         let par = self.gemm_parallelism(g.rows * g.inp * g.out);
         // dW [out, inp] = dY^T [out, rows] * X [rows, inp]
-        sgemm(g.out, g.inp, g.rows, MatRef::transposed(dy, g.out), MatRef::rows(x, g.inp), dw, g.inp, false, par);
+        sgemm(
+            g.out,
+            g.inp,
+            g.rows,
+            MatRef::transposed(dy, g.out),
+            MatRef::rows(x, g.inp),
+            dw,
+            g.inp,
+            false,
+            par,
+        );
         db.fill(0.0);
         for row in dy.chunks(g.out) {
             db.iter_mut().zip(row).for_each(|(a, b)| *a += b);
@@ -185,23 +327,46 @@ impl Backend for Cpu {
         if let Some(dx) = dx {
             assert_eq!(dx.len(), g.rows * g.inp, "linear input gradient length");
             // dX [rows, inp] = dY [rows, out] * W [out, inp]
-            sgemm(g.rows, g.inp, g.out, MatRef::rows(dy, g.out), MatRef::rows(w, g.inp), dx, g.inp, false, par);
+            sgemm(
+                g.rows,
+                g.inp,
+                g.out,
+                MatRef::rows(dy, g.out),
+                MatRef::rows(w, g.inp),
+                dx,
+                g.inp,
+                false,
+                par,
+            );
         }
     }
 
-    fn softmax_xent(&self, rows: usize, classes: usize, logits: &Vec<f32>, labels: &[u32], dlogits: &mut Vec<f32>) -> f32 {
+    fn softmax_xent(
+        &self,
+        rows: usize,
+        classes: usize,
+        logits: &Vec<f32>,
+        labels: &[u32],
+        dlogits: &mut Vec<f32>,
+    ) -> f32 {
         softmax_xent(rows, classes, logits, labels, dlogits)
     }
 
     fn sgd_update(&self, p: &SgdParams, w: &mut Vec<f32>, v: &mut Vec<f32>, g: &Vec<f32>) {
-        assert!(w.len() == v.len() && w.len() == g.len(), "sgd buffers differ in length");
+        assert!(
+            w.len() == v.len() && w.len() == g.len(),
+            "sgd buffers differ in length"
+        );
         let decay = p.weight_decay * p.lr;
-        w.par_chunks_mut(BLOCK).zip(v.par_chunks_mut(BLOCK)).zip(g.par_chunks(BLOCK)).for_each(|((w, v), g)| {
-            for ((w, v), &g) in w.iter_mut().zip(v.iter_mut()).zip(g) {
-                *v = p.momentum * *v - decay * *w - p.lr * g;
-                *w += *v;
-            }
-        });
+        w.par_chunks_mut(BLOCK)
+            .zip(v.par_chunks_mut(BLOCK))
+            .zip(g.par_chunks(BLOCK))
+            .for_each(|((w, v), g)| {
+                for ((w, v), &g) in w.iter_mut().zip(v.iter_mut()).zip(g) {
+                    *v = p.momentum * *v - decay * *w - p.lr * g;
+                    *w += *v;
+                }
+            });
     }
 
     fn concat_rows(&self, rows: usize, parts: &[&Vec<f32>], widths: &[usize], out: &mut Vec<f32>) {
@@ -246,7 +411,10 @@ impl Backend for Cpu {
 
 fn apply_dropout(rows: usize, cols: usize, p: f32, key: &DropoutKey, x: &mut [f32]) {
     assert_eq!(x.len(), rows * cols, "dropout block length");
-    assert!((0.0..1.0).contains(&p), "dropout probability {p} outside [0, 1)");
+    assert!(
+        (0.0..1.0).contains(&p),
+        "dropout probability {p} outside [0, 1)"
+    );
     if p == 0.0 {
         return;
     }
@@ -254,18 +422,32 @@ fn apply_dropout(rows: usize, cols: usize, p: f32, key: &DropoutKey, x: &mut [f3
     x.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
         let base = (key.row_offset + r as u64) * key.total_cols + key.col_offset;
         for (c, v) in row.iter_mut().enumerate() {
-            *v = if rng::uniform(key.seed, base + c as u64) < p { 0.0 } else { *v * keep_scale };
+            *v = if rng::uniform(key.seed, base + c as u64) < p {
+                0.0
+            } else {
+                *v * keep_scale
+            };
         }
     });
 }
 
 /// Mean cross-entropy of softmax(logits) against `labels`, and its gradient.
-pub fn softmax_xent(rows: usize, classes: usize, logits: &[f32], labels: &[u32], dlogits: &mut [f32]) -> f32 {
+pub fn softmax_xent(
+    rows: usize,
+    classes: usize,
+    logits: &[f32],
+    labels: &[u32],
+    dlogits: &mut [f32],
+) -> f32 {
     assert_eq!(logits.len(), rows * classes, "logits length");
     assert_eq!(dlogits.len(), rows * classes, "logits gradient length");
     assert_eq!(labels.len(), rows, "one label per row");
     let mut loss = 0.0f64;
-    for ((z, d), &label) in logits.chunks(classes).zip(dlogits.chunks_mut(classes)).zip(labels) {
+    for ((z, d), &label) in logits
+        .chunks(classes)
+        .zip(dlogits.chunks_mut(classes))
+        .zip(labels)
+    {
         let label = label as usize;
         assert!(label < classes, "label {label} outside 0..{classes}");
         let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
