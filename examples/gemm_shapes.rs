@@ -3,6 +3,7 @@ use alexnet::backend::cpu::gemm::{sgemm, MatRef, Parallelism};
 use std::time::Instant;
 
 fn main() {
+    fc_layout();
     // (name, m, n, k, a transposed, b transposed)
     let shapes = [
         ("conv1 fwd", 48, 3025, 363, false, false),
@@ -19,6 +20,9 @@ fn main() {
         ("conv3 dcol", 2304, 169, 192, true, false),
         ("conv3 fwd x8", 192, 1352, 2304, false, false),
         ("square", 1024, 1024, 1024, false, false),
+        ("fc6 fwd half-n", 128, 1024, 9216, false, true),
+        ("fc6 dW half", 1024, 9216, 128, true, false),
+        ("fc6 dx half", 128, 4608, 2048, false, false),
     ];
     for (name, m, n, k, at, bt) in shapes {
         let a = vec![0.5f32; m * k];
@@ -46,4 +50,61 @@ fn main() {
             2.0 * (m * n * k) as f64 / s / 1e9
         );
     }
+}
+
+#[allow(dead_code)]
+fn raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (&[f32], isize, isize),
+    b: (&[f32], isize, isize),
+    c: (&mut [f32], isize, isize),
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.0.as_mut_ptr(),
+            c.2,
+            c.1,
+            false,
+            a.0.as_ptr(),
+            a.2,
+            a.1,
+            b.0.as_ptr(),
+            b.2,
+            b.1,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+fn fc_layout() {
+    let (rows, out, inp) = (128usize, 1024usize, 9216usize);
+    let w = vec![0.5f32; out * inp];
+    let x = vec![0.25f32; rows * inp];
+    let mut y = vec![0.0f32; rows * out];
+    let t = Instant::now();
+    for _ in 0..5 {
+        raw(
+            out,
+            rows,
+            inp,
+            (&w, inp as isize, 1),
+            (&x, 1, inp as isize),
+            (&mut y, 1, out as isize),
+        );
+    }
+    let s = t.elapsed().as_secs_f64() / 5.0;
+    println!(
+        "fc6 fwd as W x^T        {:>6.1} GFLOP/s",
+        2.0 * (rows * out * inp) as f64 / s / 1e9
+    );
 }

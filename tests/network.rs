@@ -167,13 +167,14 @@ fn the_mini_network_overfits_a_fixed_batch() {
         .map(|i| (3 * i) % cfg.classes as u32)
         .collect();
     let sgd = SgdParams {
-        lr: 0.01,
+        // The paper's 0.01 is erratic on this narrow network: 0.001 descends steadily.
+        lr: 0.001,
         momentum: 0.9,
         weight_decay: 0.0005,
     };
     let mut dlogits = cpu.zeros(batch * cfg.classes);
     let mut losses = Vec::new();
-    for step in 0..300 {
+    for step in 0..500 {
         let mode = Mode::Train { step };
         let logits = net.forward(&x, batch, mode).unwrap().clone();
         losses.push(cpu.softmax_xent(batch, cfg.classes, &logits, &labels, &mut dlogits));

@@ -427,6 +427,125 @@ fn softmax_finite_diff<B: Backend>(b: &B) {
     check_finite_diff("softmax dlogits", &z, &b.download(&d), 21, 1e-2, FD_TOL, f);
 }
 
+/// Direct convolution in f64: y, and for an output gradient dy: dx, dw, db.
+fn naive_conv(g: &ConvGeom, x: &[f32], w: &[f32], bias: &[f32], dy: &[f32]) -> [Vec<f32>; 4] {
+    let (oh, ow, k) = (g.out_h(), g.out_w(), g.kernel);
+    let (cin_g, cout_g) = (g.in_c / g.groups, g.out_c / g.groups);
+    let mut y = vec![0.0f64; g.out_len()];
+    let (mut dx, mut dw, mut db) = (
+        vec![0.0f64; g.in_len()],
+        vec![0.0f64; g.weight_len()],
+        vec![0.0f64; g.out_c],
+    );
+    for n in 0..g.batch {
+        for o in 0..g.out_c {
+            let gi = o / cout_g;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let yi = ((n * g.out_c + o) * oh + oy) * ow + ox;
+                    let mut acc = bias[o] as f64;
+                    db[o] += dy[yi] as f64;
+                    for c in 0..cin_g {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                                if iy < 0
+                                    || ix < 0
+                                    || iy >= g.in_h as isize
+                                    || ix >= g.in_w as isize
+                                {
+                                    continue;
+                                }
+                                let xi = ((n * g.in_c + gi * cin_g + c) * g.in_h + iy as usize)
+                                    * g.in_w
+                                    + ix as usize;
+                                let wi = ((o * cin_g + c) * k + ky) * k + kx;
+                                acc += x[xi] as f64 * w[wi] as f64;
+                                dx[xi] += dy[yi] as f64 * w[wi] as f64;
+                                dw[wi] += dy[yi] as f64 * x[xi] as f64;
+                            }
+                        }
+                    }
+                    y[yi] = acc;
+                }
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect();
+    [f(y), f(dx), f(dw), f(db)]
+}
+
+/// Against direct convolution, on batches that split unevenly over the threads and layers
+/// whose unfolding takes several blocks.
+fn conv_matches_direct<B: Backend>(b: &B) {
+    let cases = [
+        ConvGeom {
+            batch: 5,
+            in_c: 3,
+            in_h: 35,
+            in_w: 33,
+            out_c: 8,
+            kernel: 11,
+            stride: 4,
+            pad: 2,
+            groups: 1,
+        },
+        ConvGeom {
+            batch: 3,
+            in_c: 32,
+            in_h: 13,
+            in_w: 13,
+            out_c: 12,
+            kernel: 5,
+            stride: 1,
+            pad: 2,
+            groups: 2,
+        },
+        ConvGeom {
+            batch: 7,
+            in_c: 64,
+            in_h: 9,
+            in_w: 9,
+            out_c: 6,
+            kernel: 3,
+            stride: 1,
+            pad: 1,
+            groups: 1,
+        },
+    ];
+    for (i, geom) in cases.into_iter().enumerate() {
+        let (x, w, bias, dy) = (
+            random(geom.in_len(), 40 + i as u64),
+            random(geom.weight_len(), 50),
+            random(geom.out_c, 60),
+            random(geom.out_len(), 70),
+        );
+        let [y_ref, dx_ref, dw_ref, db_ref] = naive_conv(&geom, &x, &w, &bias, &dy);
+        let (xb, wb) = (b.upload(&x), b.upload(&w));
+        let mut y = b.zeros(geom.out_len());
+        b.conv2d_forward(&geom, &xb, &wb, &b.upload(&bias), &mut y);
+        let (mut dx, mut dw, mut db) = (
+            b.zeros(geom.in_len()),
+            b.zeros(geom.weight_len()),
+            b.zeros(geom.out_c),
+        );
+        b.conv2d_backward(
+            &geom,
+            &xb,
+            &wb,
+            &b.upload(&dy),
+            Some(&mut dx),
+            &mut dw,
+            &mut db,
+        );
+        assert_close(&format!("case {i} y"), &b.download(&y), &y_ref, 1e-5);
+        assert_close(&format!("case {i} dx"), &b.download(&dx), &dx_ref, 1e-5);
+        assert_close(&format!("case {i} dw"), &b.download(&dw), &dw_ref, 1e-5);
+        assert_close(&format!("case {i} db"), &b.download(&db), &db_ref, 1e-5);
+    }
+}
+
 /// The shared-input convolution (both columns' conv1 at once) equals the convolutions run apart.
 fn conv_sets_match_single<B: Backend>(b: &B) {
     let geom = ConvGeom {
@@ -586,6 +705,10 @@ macro_rules! backend_tests {
             #[test]
             fn finite_diff_softmax_xent() {
                 softmax_finite_diff(&$make)
+            }
+            #[test]
+            fn conv_matches_direct_convolution() {
+                conv_matches_direct(&$make)
             }
             #[test]
             fn conv_sets_equal_separate_convs() {

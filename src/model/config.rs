@@ -149,13 +149,13 @@ impl NetConfig {
                 ));
             }
         }
-        if self.classes < 2 || self.classes % COLUMNS != 0 {
+        if self.classes < 2 || !self.classes.is_multiple_of(COLUMNS) {
             return Err(invalid(
                 "classes",
                 format!("{} classes cannot be split into two equal halves of fc8: use an even number of at least 2", self.classes),
             ));
         }
-        if self.lrn.size == 0 || self.lrn.size % 2 == 0 {
+        if self.lrn.size == 0 || self.lrn.size.is_multiple_of(2) {
             return Err(invalid(
                 "lrn.size",
                 format!(
@@ -218,8 +218,10 @@ mod tests {
         let mut c = NetConfig::default();
         c.fc_widths[1] = 4095;
         assert_eq!(c.validate().unwrap_err().field, "fc_widths[1] (fc7)");
-        let mut c = NetConfig::default();
-        c.classes = 7;
+        let c = NetConfig {
+            classes: 7,
+            ..NetConfig::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("classes"));
     }
 

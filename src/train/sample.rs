@@ -214,7 +214,7 @@ pub fn run<B: Backend>(
             window_top1 += r.top1_correct;
             window_top5 += r.top5_correct;
             window_n += 1;
-            if step as usize % opts.log_every == 0 || s + 1 == steps_per_epoch {
+            if (step as usize).is_multiple_of(opts.log_every) || s + 1 == steps_per_epoch {
                 let elapsed = started.elapsed().as_secs_f64();
                 let rate = (window_n * opts.batch) as f64 / window_start.elapsed().as_secs_f64();
                 let eta = elapsed / step as f64 * (total_steps as u64 - step) as f64;

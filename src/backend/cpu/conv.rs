@@ -3,10 +3,15 @@
 //! Parallelising over images (each GEMM single-threaded) keeps both cores busy on every layer:
 //! the late layers' GEMMs (13x13 outputs) are too small to split well, and per-image tasks need
 //! no synchronisation except the final sum of the weight gradients.
+//!
+//! The unfolded input is made in blocks of rows small enough to stay in the L2 cache: each
+//! block is written, multiplied and (backward) folded back before the next, instead of a whole
+//! image's unfolding (several MB) making a round trip through memory.
 
 use super::gemm::{sgemm, MatRef, Parallelism};
 use super::{give_scratch, split_even, take_scratch};
 use crate::backend::ConvGeom;
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Sizes of one group's unfolded input: `k_rows = (in_c / groups) * k * k` rows of `pixels` values.
@@ -48,78 +53,105 @@ fn valid_range(out: usize, w: usize, stride: usize, pad: usize, kx: usize) -> (u
     (lo.min(hi), hi)
 }
 
-/// Unfolds `cin` planes of `x` (`h x w`) into `col[(c, ky, kx), (oy, ox)]`.
-fn im2col(g: &ConvGeom, x: &[f32], cin: usize, col: &mut [f32]) {
+/// Tasks per call: a few per thread, so that a thread slowed by the rest of the machine does not
+/// hold the others up at the end of every layer.
+fn tasks(threads: usize) -> usize {
+    2 * threads
+}
+
+/// Rows of the unfolded input per block: about 1 MiB, which keeps each block in the L2 cache
+/// from its unfolding to its GEMM (and back through col2im), while leaving the GEMM a depth it
+/// runs well at (conv1 at 64 KiB blocks, 21 rows deep, ran 25% slower).
+fn block_rows(u: &Unfold) -> usize {
+    (262_144 / u.pixels).max(16).min(u.k_rows)
+}
+
+/// Unfolds rows `rows` of `col[(c, ky, kx), (oy, ox)]` from the planes of `x` (`h x w`) into
+/// `col`, which holds just those rows.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn im2col(g: &ConvGeom, x: &[f32], rows: std::ops::Range<usize>, col: &mut [f32]) {
     let (h, w, k, s, p) = (g.in_h, g.in_w, g.kernel, g.stride, g.pad);
     let (oh, ow) = (g.out_h(), g.out_w());
-    let pixels = oh * ow;
-    for c in 0..cin {
+    for (r, row) in rows.zip(col.chunks_mut(oh * ow)) {
+        let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
         let plane = &x[c * h * w..(c + 1) * h * w];
-        for ky in 0..k {
-            for kx in 0..k {
-                let row = &mut col[((c * k + ky) * k + kx) * pixels..][..pixels];
-                let (lo, hi) = valid_range(ow, w, s, p, kx);
-                for oy in 0..oh {
-                    let dst = &mut row[oy * ow..(oy + 1) * ow];
-                    let iy = (oy * s + ky) as isize - p as isize;
-                    if iy < 0 || iy >= h as isize || lo >= hi {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                    dst[..lo].fill(0.0);
-                    dst[hi..].fill(0.0);
-                    let ix0 = lo * s + kx - p;
-                    if s == 1 {
-                        dst[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
-                    } else {
-                        for (d, ix) in dst[lo..hi].iter_mut().zip((ix0..).step_by(s)) {
-                            *d = src[ix];
-                        }
-                    }
+        let (lo, hi) = valid_range(ow, w, s, p, kx);
+        for oy in 0..oh {
+            let dst = &mut row[oy * ow..(oy + 1) * ow];
+            let iy = (oy * s + ky) as isize - p as isize;
+            if iy < 0 || iy >= h as isize || lo >= hi {
+                dst.fill(0.0);
+                continue;
+            }
+            let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+            dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            let ix0 = lo * s + kx - p;
+            if s == 1 {
+                dst[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
+            } else {
+                for (d, ix) in dst[lo..hi].iter_mut().zip((ix0..).step_by(s)) {
+                    *d = src[ix];
                 }
             }
         }
     }
 }
 
-/// Folds `col` back onto `cin` planes of `dx`, adding overlapping contributions.
-fn col2im(g: &ConvGeom, col: &[f32], cin: usize, dx: &mut [f32]) {
+/// Folds rows `rows` of `col` back onto the planes of `dx`, adding overlapping contributions.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn col2im(g: &ConvGeom, col: &[f32], rows: std::ops::Range<usize>, dx: &mut [f32]) {
     let (h, w, k, s, p) = (g.in_h, g.in_w, g.kernel, g.stride, g.pad);
     let (oh, ow) = (g.out_h(), g.out_w());
-    let pixels = oh * ow;
-    for c in 0..cin {
+    for (r, row) in rows.zip(col.chunks(oh * ow)) {
+        let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
         let plane = &mut dx[c * h * w..(c + 1) * h * w];
-        for ky in 0..k {
-            for kx in 0..k {
-                let row = &col[((c * k + ky) * k + kx) * pixels..][..pixels];
-                let (lo, hi) = valid_range(ow, w, s, p, kx);
-                if lo >= hi {
-                    continue;
-                }
-                for oy in 0..oh {
-                    let iy = (oy * s + ky) as isize - p as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
-                    let src = &row[oy * ow..(oy + 1) * ow];
-                    let ix0 = lo * s + kx - p;
-                    if s == 1 {
-                        // Contiguous on both sides: let the compiler vectorise it.
-                        dst[ix0..ix0 + (hi - lo)]
-                            .iter_mut()
-                            .zip(&src[lo..hi])
-                            .for_each(|(d, v)| *d += v);
-                    } else {
-                        for (o, ix) in (lo..hi).zip((ix0..).step_by(s)) {
-                            dst[ix] += src[o];
-                        }
-                    }
+        let (lo, hi) = valid_range(ow, w, s, p, kx);
+        if lo >= hi {
+            continue;
+        }
+        for oy in 0..oh {
+            let iy = (oy * s + ky) as isize - p as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
+            let src = &row[oy * ow..(oy + 1) * ow];
+            let ix0 = lo * s + kx - p;
+            if s == 1 {
+                dst[ix0..ix0 + (hi - lo)]
+                    .iter_mut()
+                    .zip(&src[lo..hi])
+                    .for_each(|(d, v)| *d += v);
+            } else {
+                for (o, ix) in (lo..hi).zip((ix0..).step_by(s)) {
+                    dst[ix] += src[o];
                 }
             }
         }
     }
+}
+
+/// The weight sets stacked per group, `[groups][sets * cout_g, k_rows]`: the rows of one GEMM.
+/// One set is already in that layout.
+fn stack_sets<'a>(g: &ConvGeom, u: &Unfold, ws: &[&'a [f32]]) -> std::borrow::Cow<'a, [f32]> {
+    if ws.len() == 1 {
+        return std::borrow::Cow::Borrowed(ws[0]);
+    }
+    let block = u.cout_g * u.k_rows;
+    (0..g.groups)
+        .flat_map(|gi| {
+            ws.iter()
+                .flat_map(move |w| w[gi * block..(gi + 1) * block].iter().copied())
+        })
+        .collect::<Vec<f32>>()
+        .into()
 }
 
 pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], threads: usize) {
@@ -149,21 +181,9 @@ pub fn forward_sets(
         assert_eq!(b.len(), g.out_c, "conv bias length");
         assert_eq!(y.len(), g.out_len(), "conv output length");
     }
-    // Stacked weights, per group: [sets * cout_g, k_rows].
-    let stacked: Vec<f32> = if sets == 1 {
-        Vec::new()
-    } else {
-        (0..g.groups)
-            .flat_map(|gi| {
-                ws.iter().flat_map(move |w| {
-                    w[gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows]
-                        .iter()
-                        .copied()
-                })
-            })
-            .collect()
-    };
-    let per = split_even(g.batch, threads);
+    let m = sets * u.cout_g;
+    let stacked = stack_sets(g, &u, ws);
+    let per = split_even(g.batch, tasks(threads));
     let chunks = g.batch.div_ceil(per);
     // Each task gets its images' output blocks of every set.
     let mut outs: Vec<Vec<&mut [f32]>> = (0..chunks).map(|_| Vec::with_capacity(sets)).collect();
@@ -172,72 +192,56 @@ pub fn forward_sets(
             outs[chunk].push(block);
         }
     }
-    let m = sets * u.cout_g;
     outs.into_par_iter()
         .enumerate()
         .for_each(|(chunk, mut ys)| {
-            let mut col = take_scratch(u.k_rows * u.pixels);
-            let mut tmp = if sets > 1 {
-                take_scratch(m * u.pixels)
-            } else {
-                Vec::new()
-            };
-            let count = ys[0].len() / u.out_img;
-            for i in 0..count {
+            let kb = block_rows(&u);
+            let mut col = take_scratch(kb * u.pixels);
+            // The GEMM's output, [m, P]: the sets' rows together, spread to their outputs after.
+            let mut acc = take_scratch(m * u.pixels);
+            for i in 0..ys[0].len() / u.out_img {
                 let xn = &x[(chunk * per + i) * u.in_img..][..u.in_img];
                 for gi in 0..g.groups {
-                    im2col(g, &xn[gi * u.cin_g * g.in_h * g.in_w..], u.cin_g, &mut col);
-                    if sets == 1 {
-                        let yn = &mut ys[0][i * u.out_img..][..u.out_img];
-                        let yg = &mut yn[gi * u.cout_g * u.pixels..][..u.cout_g * u.pixels];
-                        for (o, plane) in yg.chunks_mut(u.pixels).enumerate() {
-                            plane.fill(bs[0][gi * u.cout_g + o]);
-                        }
-                        let wg = &ws[0][gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows];
-                        sgemm(
-                            u.cout_g,
-                            u.pixels,
-                            u.k_rows,
-                            MatRef::rows(wg, u.k_rows),
-                            MatRef::rows(&col, u.pixels),
-                            yg,
-                            u.pixels,
-                            true,
-                            Parallelism::None,
-                        );
-                    } else {
-                        let wg = &stacked[gi * m * u.k_rows..][..m * u.k_rows];
+                    let xg = &xn[gi * u.cin_g * g.in_h * g.in_w..];
+                    let wg = &stacked[gi * m * u.k_rows..][..m * u.k_rows];
+                    for k0 in (0..u.k_rows).step_by(kb) {
+                        let k1 = (k0 + kb).min(u.k_rows);
+                        let colb = &mut col[..(k1 - k0) * u.pixels];
+                        im2col(g, xg, k0..k1, colb);
+                        let a = MatRef {
+                            data: &wg[k0..],
+                            rs: u.k_rows,
+                            cs: 1,
+                        };
                         sgemm(
                             m,
                             u.pixels,
-                            u.k_rows,
-                            MatRef::rows(wg, u.k_rows),
-                            MatRef::rows(&col, u.pixels),
-                            &mut tmp,
+                            k1 - k0,
+                            a,
+                            MatRef::rows(colb, u.pixels),
+                            &mut acc,
                             u.pixels,
-                            false,
+                            k0 > 0,
                             Parallelism::None,
                         );
-                        for (set, y) in ys.iter_mut().enumerate() {
-                            let yg = &mut y[i * u.out_img + gi * u.cout_g * u.pixels..]
-                                [..u.cout_g * u.pixels];
-                            let src = &tmp[set * u.cout_g * u.pixels..][..u.cout_g * u.pixels];
-                            for (o, (dst, src)) in yg
-                                .chunks_mut(u.pixels)
-                                .zip(src.chunks(u.pixels))
-                                .enumerate()
-                            {
-                                let bias = bs[set][gi * u.cout_g + o];
-                                dst.iter_mut().zip(src).for_each(|(d, v)| *d = v + bias);
-                            }
+                    }
+                    for (set, y) in ys.iter_mut().enumerate() {
+                        let yg = &mut y[i * u.out_img + gi * u.cout_g * u.pixels..]
+                            [..u.cout_g * u.pixels];
+                        let src = &acc[set * u.cout_g * u.pixels..][..u.cout_g * u.pixels];
+                        for (o, (dst, src)) in yg
+                            .chunks_mut(u.pixels)
+                            .zip(src.chunks(u.pixels))
+                            .enumerate()
+                        {
+                            let bias = bs[set][gi * u.cout_g + o];
+                            dst.iter_mut().zip(src).for_each(|(d, v)| *d = v + bias);
                         }
                     }
                 }
             }
             give_scratch(col);
-            if sets > 1 {
-                give_scratch(tmp);
-            }
+            give_scratch(acc);
         });
 }
 
@@ -281,21 +285,9 @@ pub fn backward_sets(
         assert_eq!(dws[i].len(), g.weight_len(), "conv weight gradient length");
         assert_eq!(dbs[i].len(), g.out_c, "conv bias gradient length");
     }
-    // Stacked per group: [sets * cout_g, k_rows], the layout of the stacked weight gradient too.
     let m = sets * u.cout_g;
-    let stack = |bufs: &[&[f32]]| -> Vec<f32> {
-        (0..g.groups)
-            .flat_map(|gi| {
-                bufs.iter().flat_map(move |w| {
-                    w[gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows]
-                        .iter()
-                        .copied()
-                })
-            })
-            .collect()
-    };
-    let stacked_w = if sets == 1 { ws[0].to_vec() } else { stack(ws) };
-    let per = split_even(g.batch, threads);
+    let stacked = stack_sets(g, &u, ws);
+    let per = split_even(g.batch, tasks(threads));
     let chunks = g.batch.div_ceil(per);
     let dx_chunks: Vec<Option<&mut [f32]>> = match dx {
         Some(d) => {
@@ -304,6 +296,7 @@ pub fn backward_sets(
         }
         None => (0..chunks).map(|_| None).collect(),
     };
+    // Stacked like the weights: [groups][m, k_rows].
     let wlen = g.groups * m * u.k_rows;
     // Each task sums the weight and bias gradients of its images; the partial sums are added
     // at the end, in chunk order, so that the result does not depend on scheduling.
@@ -314,12 +307,10 @@ pub fn backward_sets(
             let mut dw_part = take_scratch(wlen);
             dw_part.fill(0.0);
             let mut db_part = vec![0.0f32; sets * g.out_c];
-            let mut col = take_scratch(u.k_rows * u.pixels);
-            let mut tmp = if sets > 1 {
-                take_scratch(m * u.pixels)
-            } else {
-                Vec::new()
-            };
+            let kb = block_rows(&u);
+            let mut col = take_scratch(kb * u.pixels);
+            // One group's output gradient of every set, [m, P].
+            let mut dyg = take_scratch(m * u.pixels);
             let first = chunk * per;
             for i in 0..per.min(g.batch - first) {
                 let n = first + i;
@@ -339,52 +330,54 @@ pub fn backward_sets(
                 });
                 for gi in 0..g.groups {
                     let start = n * u.out_img + gi * u.cout_g * u.pixels;
-                    let block = start..start + u.cout_g * u.pixels;
-                    let dyg: &[f32] = if sets == 1 {
-                        &dys[0][block]
-                    } else {
-                        for (set, dy) in dys.iter().enumerate() {
-                            tmp[set * u.cout_g * u.pixels..][..u.cout_g * u.pixels]
-                                .copy_from_slice(&dy[block.clone()]);
-                        }
-                        &tmp
-                    };
+                    for (set, dy) in dys.iter().enumerate() {
+                        dyg[set * u.cout_g * u.pixels..][..u.cout_g * u.pixels]
+                            .copy_from_slice(&dy[start..start + u.cout_g * u.pixels]);
+                    }
                     let plane_off = gi * u.cin_g * g.in_h * g.in_w;
-                    im2col(g, &xn[plane_off..], u.cin_g, &mut col);
-                    // dW_g += dY_g [m, P] * col^T [P, K]
-                    sgemm(
-                        m,
-                        u.k_rows,
-                        u.pixels,
-                        MatRef::rows(dyg, u.pixels),
-                        MatRef::transposed(&col, u.pixels),
-                        &mut dw_part[gi * m * u.k_rows..][..m * u.k_rows],
-                        u.k_rows,
-                        true,
-                        Parallelism::None,
-                    );
-                    if let Some(dxn) = dxn.as_deref_mut() {
-                        // dcol [K, P] = W_g^T [K, m] * dY_g [m, P]: the sets' contributions summed.
-                        let wg = &stacked_w[gi * m * u.k_rows..][..m * u.k_rows];
+                    let wg = &stacked[gi * m * u.k_rows..][..m * u.k_rows];
+                    for k0 in (0..u.k_rows).step_by(kb) {
+                        let k1 = (k0 + kb).min(u.k_rows);
+                        let colb = &mut col[..(k1 - k0) * u.pixels];
+                        im2col(g, &xn[plane_off..], k0..k1, colb);
+                        // dW_g[:, k0..k1] += dY_g [m, P] * col_block^T [P, kb]
                         sgemm(
-                            u.k_rows,
-                            u.pixels,
                             m,
-                            MatRef::transposed(wg, u.k_rows),
-                            MatRef::rows(dyg, u.pixels),
-                            &mut col,
+                            k1 - k0,
                             u.pixels,
-                            false,
+                            MatRef::rows(&dyg, u.pixels),
+                            MatRef::transposed(colb, u.pixels),
+                            &mut dw_part[gi * m * u.k_rows + k0..],
+                            u.k_rows,
+                            true,
                             Parallelism::None,
                         );
-                        col2im(g, &col, u.cin_g, &mut dxn[plane_off..]);
+                        if let Some(dxn) = dxn.as_deref_mut() {
+                            // dcol block [kb, P] = W_g[:, k0..k1]^T dY_g: the sets' contributions
+                            // summed, folded back while the block is still in cache.
+                            let wt = MatRef {
+                                data: &wg[k0..],
+                                rs: 1,
+                                cs: u.k_rows,
+                            };
+                            sgemm(
+                                k1 - k0,
+                                u.pixels,
+                                m,
+                                wt,
+                                MatRef::rows(&dyg, u.pixels),
+                                colb,
+                                u.pixels,
+                                false,
+                                Parallelism::None,
+                            );
+                            col2im(g, colb, k0..k1, &mut dxn[plane_off..]);
+                        }
                     }
                 }
             }
             give_scratch(col);
-            if sets > 1 {
-                give_scratch(tmp);
-            }
+            give_scratch(dyg);
             (dw_part, db_part)
         })
         .collect();
@@ -400,10 +393,11 @@ pub fn backward_sets(
         give_scratch(dw_part);
     }
     // Unstack: set `s`, group `gi` is rows [s * cout_g, (s + 1) * cout_g) of group block `gi`.
+    let block = u.cout_g * u.k_rows;
     for (set, (dw, db)) in dws.iter_mut().zip(dbs.iter_mut()).enumerate() {
         for gi in 0..g.groups {
-            let src = &dw_sum[(gi * m + set * u.cout_g) * u.k_rows..][..u.cout_g * u.k_rows];
-            dw[gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows].copy_from_slice(src);
+            dw[gi * block..(gi + 1) * block]
+                .copy_from_slice(&dw_sum[(gi * m + set * u.cout_g) * u.k_rows..][..block]);
         }
         db.copy_from_slice(&db_sum[set * g.out_c..(set + 1) * g.out_c]);
     }
