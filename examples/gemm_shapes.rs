@@ -21,6 +21,8 @@ fn main() {
         ("conv3 fwd x8", 192, 1352, 2304, false, false),
         ("square", 1024, 1024, 1024, false, false),
         ("fc6 fwd half-n", 128, 1024, 9216, false, true),
+        ("fc6 fwd B rows", 128, 1024, 9216, false, false),
+        ("fc6 fwd m=64", 64, 1024, 9216, false, true),
         ("fc6 dW half", 1024, 9216, 128, true, false),
         ("fc6 dx half", 128, 4608, 2048, false, false),
     ];

@@ -232,7 +232,7 @@ pub fn run<B: Backend>(
                         1.0 - window_top5 as f64 / (window_n * opts.batch) as f64
                     ),
                     images_per_s = format!("{rate:.1}"),
-                    lr = opts.sgd.lr,
+                    lr = format!("{}", opts.sgd.lr),
                     eta = format!("{eta:.0}s"),
                     "train"
                 );
