@@ -35,7 +35,7 @@ enum LogFormat {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BackendChoice {
-    /// CUDA when a driver and a device are present, else the CPU.
+    /// The best backend this build has: the CPU for now (CUDA is not built yet).
     Auto,
     Cpu,
     Cuda,
@@ -154,6 +154,7 @@ fn init_logging(format: LogFormat) {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

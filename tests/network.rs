@@ -69,7 +69,7 @@ fn golden_mini_alexnet_logits_loss_and_every_gradient() {
     let mut dlogits = cpu.zeros(logits.len());
     let loss = cpu.softmax_xent(batch, cfg.classes, &logits, &labels, &mut dlogits);
     assert_close("loss", &[loss], g.get("loss"), 1e-4);
-    net.backward(&x, &dlogits, mode).unwrap();
+    net.backward(&x, &dlogits).unwrap();
     for layer in LAYERS {
         for kind in ["weight", "bias"] {
             let name = format!("{layer}.{kind}");
@@ -178,7 +178,7 @@ fn the_mini_network_overfits_a_fixed_batch() {
         let mode = Mode::Train { step };
         let logits = net.forward(&x, batch, mode).unwrap().clone();
         losses.push(cpu.softmax_xent(batch, cfg.classes, &logits, &labels, &mut dlogits));
-        net.backward(&x, &dlogits, mode).unwrap();
+        net.backward(&x, &dlogits).unwrap();
         net.sgd_step(&sgd);
         if *losses.last().unwrap() < 0.01 {
             break;
@@ -212,4 +212,81 @@ fn dropout_masks_follow_the_step() {
     assert_eq!(a, b, "the same step draws the same masks");
     assert_ne!(a, c, "another step draws other masks");
     assert_ne!(a, e, "evaluation has no dropout");
+}
+
+/// Mean cross-entropy in f64 from f32 logits (less rounding noise for finite differences).
+fn loss_f64(logits: &[f32], classes: usize, labels: &[u32]) -> f64 {
+    logits
+        .chunks(classes)
+        .zip(labels)
+        .map(|(z, &l)| {
+            let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let sum: f64 = z.iter().map(|&v| (v as f64 - m).exp()).sum();
+            sum.ln() + m - z[l as usize] as f64
+        })
+        .sum::<f64>()
+        / labels.len() as f64
+}
+
+/// The path training runs (LRN within each column, dropout on): every parameter tensor's
+/// largest gradients against central differences of the loss, masks fixed by the step.
+#[test]
+fn whole_network_gradients_match_finite_differences() {
+    let cfg = NetConfig {
+        init_std: 0.2,
+        ..NetConfig::narrow(63, [4, 8, 8, 8, 4], [8, 8], 4)
+    };
+    assert!(!cfg.lrn_across_columns && cfg.dropout == 0.5);
+    let cpu = Cpu::new();
+    let mut net = Network::new(
+        cfg.clone(),
+        cpu.clone(),
+        Box::new(LocalExchange::default()),
+        17,
+    )
+    .unwrap();
+    let batch = 3;
+    let x: Vec<f32> = random(net.input_len(batch), 5)
+        .iter()
+        .map(|v| 3.0 * v)
+        .collect();
+    let labels = [1u32, 3, 0];
+    let mode = Mode::Train { step: 3 };
+    let logits = net.forward(&x, batch, mode).unwrap().clone();
+    let mut dlogits = cpu.zeros(logits.len());
+    cpu.softmax_xent(batch, cfg.classes, &logits, &labels, &mut dlogits);
+    net.backward(&x, &dlogits).unwrap();
+    let eps = 2e-3f32;
+    let mut checked = 0;
+    for c in 0..net.columns.len() {
+        for k in 0..net.columns[c].params.len() {
+            let grad = net.columns[c].params[k].grad.clone();
+            let name = net.columns[c].params[k].name.clone();
+            let mut order: Vec<usize> = (0..grad.len()).collect();
+            order.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
+            for &i in order.iter().take(2) {
+                if grad[i].abs() < 1e-3 {
+                    continue;
+                }
+                let mut at = |delta: f32| {
+                    net.columns[c].params[k].value[i] += delta;
+                    let z = net.forward(&x, batch, mode).unwrap().clone();
+                    net.columns[c].params[k].value[i] -= delta;
+                    loss_f64(&z, cfg.classes, &labels)
+                };
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                let analytic = grad[i] as f64;
+                let err = (numeric - analytic).abs() / numeric.abs().max(analytic.abs());
+                assert!(
+                    err < 5e-2,
+                    "column {c} {name}[{i}]: analytic {analytic:.5e}, numeric {numeric:.5e}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 24,
+        "only {checked} gradients were large enough to check"
+    );
 }

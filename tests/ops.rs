@@ -414,6 +414,40 @@ fn dropout_finite_diff<B: Backend>(b: &B) {
     assert!((10..=30).contains(&kept), "dropout 0.5 kept {kept} of 40");
 }
 
+/// A block keyed by its offsets draws exactly its part of the whole layer's mask: what lets two
+/// processes (columns, replicas) drop what one process would.
+fn dropout_blocks_match_the_whole<B: Backend>(b: &B) {
+    let (rows, cols, p, seed) = (6, 10, 0.5, 91);
+    let whole_key = DropoutKey {
+        seed,
+        row_offset: 0,
+        col_offset: 0,
+        total_cols: cols as u64,
+    };
+    let x = random(rows * cols, 19);
+    let mut whole = b.upload(&x);
+    b.dropout_forward(rows, cols, p, &whole_key, &mut whole);
+    let whole = b.download(&whole);
+    // Two column halves of the lower three rows.
+    for (c0, width) in [(0usize, 4usize), (4, 6)] {
+        let block: Vec<f32> = (3..6)
+            .flat_map(|r| x[r * cols + c0..r * cols + c0 + width].to_vec())
+            .collect();
+        let key = DropoutKey {
+            seed,
+            row_offset: 3,
+            col_offset: c0 as u64,
+            total_cols: cols as u64,
+        };
+        let mut got = b.upload(&block);
+        b.dropout_forward(3, width, p, &key, &mut got);
+        let want: Vec<f32> = (3..6)
+            .flat_map(|r| whole[r * cols + c0..r * cols + c0 + width].to_vec())
+            .collect();
+        assert_eq!(b.download(&got), want, "block at column {c0}");
+    }
+}
+
 fn softmax_finite_diff<B: Backend>(b: &B) {
     let (rows, classes) = (3, 7);
     let z: Vec<f32> = random(rows * classes, 17).iter().map(|v| 4.0 * v).collect();
@@ -703,6 +737,10 @@ macro_rules! backend_tests {
                 dropout_finite_diff(&$make)
             }
             #[test]
+            fn dropout_blocks_equal_their_part_of_the_layer() {
+                dropout_blocks_match_the_whole(&$make)
+            }
+            #[test]
             fn finite_diff_softmax_xent() {
                 softmax_finite_diff(&$make)
             }
@@ -723,3 +761,5 @@ macro_rules! backend_tests {
 }
 
 backend_tests!(cpu, alexnet::backend::Cpu::new());
+// The same ops with the work split three ways: uneven splits of every batch above.
+backend_tests!(cpu_split3, alexnet::backend::Cpu::with_threads(3));

@@ -92,9 +92,9 @@ fn pool_side(side: usize) -> Option<usize> {
     (side >= POOL_SIZE).then(|| (side - POOL_SIZE) / POOL_STRIDE + 1)
 }
 
-/// The feature-map sides for an input side, or the first stage that leaves nothing.
+/// The feature-map sides for an input side, or the first stage whose window does not fit.
 fn sides_for(input: usize) -> Result<Sides, &'static str> {
-    let conv1 = conv_side(input, 0).filter(|&s| s > 0).ok_or("conv1")?;
+    let conv1 = conv_side(input, 0).ok_or("conv1")?;
     let pool1 = pool_side(conv1).ok_or("pool1")?;
     let conv2 = conv_side(pool1, 1).ok_or("conv2")?;
     let pool2 = pool_side(conv2).ok_or("pool2")?;
@@ -132,6 +132,27 @@ impl NetConfig {
     pub fn validate(&self) -> Result<Sides, ConfigError> {
         if self.in_channels == 0 {
             return Err(invalid("in_channels", "must be at least 1"));
+        }
+        // Bounds far above any real network, so that sizes computed from them cannot overflow.
+        let limits = [
+            ("in_channels", self.in_channels, 1 << 10),
+            ("input_size", self.input_size, 1 << 13),
+            ("classes", self.classes, 1 << 20),
+        ]
+        .into_iter()
+        .chain(
+            self.conv_channels
+                .iter()
+                .map(|&c| ("conv_channels", c, 1 << 14)),
+        )
+        .chain(self.fc_widths.iter().map(|&f| ("fc_widths", f, 1 << 17)));
+        for (field, value, max) in limits {
+            if value > max {
+                return Err(invalid(
+                    field,
+                    format!("{value} is beyond the supported {max}"),
+                ));
+            }
         }
         for (i, &c) in self.conv_channels.iter().enumerate() {
             if c == 0 || c % COLUMNS != 0 {
@@ -186,7 +207,11 @@ impl NetConfig {
             let smallest = (1..4096).find(|&s| sides_for(s).is_ok()).unwrap_or(0);
             invalid(
                 "input_size",
-                format!("{} pixels is too small: nothing is left after {stage}; the smallest input is {smallest}", self.input_size),
+                format!(
+                    "{} pixels is too small: the maps reaching {stage} are smaller than its window; the smallest input is \
+                     {smallest}",
+                    self.input_size
+                ),
             )
         })
     }
@@ -236,12 +261,44 @@ mod tests {
             assert_eq!(e.field, "input_size", "side {side}");
             assert!(e.reason.contains("smallest input is 63"), "{e}");
         }
+        let e = NetConfig {
+            input_size: 40,
+            ..NetConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.reason.contains("reaching pool5"), "{e}");
+        let e = NetConfig {
+            input_size: 6,
+            ..NetConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.reason.contains("reaching conv1"), "{e}");
         assert!(NetConfig {
             input_size: 63,
             ..NetConfig::default()
         }
         .validate()
         .is_ok());
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_by_name() {
+        let e = NetConfig {
+            input_size: 100_000,
+            ..NetConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.field, "input_size");
+        let e = NetConfig {
+            fc_widths: [1 << 40, 4096],
+            ..NetConfig::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.field, "fc_widths");
     }
 
     #[test]

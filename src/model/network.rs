@@ -141,6 +141,25 @@ impl Geoms {
     }
 }
 
+/// The largest batch one process runs (larger ones are split over replicas or steps).
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// Multiply-adds of one image's forward pass through the whole network (both columns).
+pub fn forward_macs_per_image(cfg: &NetConfig) -> anyhow::Result<u64> {
+    let g = Geoms::new(cfg, &cfg.validate()?, 1);
+    let conv: usize = g.conv.iter().map(|c| c.forward_macs()).sum();
+    let fc: usize = g.fc.iter().map(|f| f.inp * f.out).sum();
+    Ok((COLUMNS * (conv + fc)) as u64)
+}
+
+/// FLOPs of one image's training step: forward, input gradients and weight gradients (3x the
+/// forward's multiply-adds, less conv1's input gradient, which nothing needs), 2 FLOPs each.
+pub fn train_flops_per_image(cfg: &NetConfig) -> anyhow::Result<u64> {
+    let g = Geoms::new(cfg, &cfg.validate()?, 1);
+    let conv1 = (COLUMNS * g.conv[0].forward_macs()) as u64;
+    Ok(2 * (3 * forward_macs_per_image(cfg)? - conv1))
+}
+
 /// What one column's forward pass keeps for its backward pass.
 struct ColumnActs<B: Backend> {
     /// conv1 after ReLU, its LRN, the LRN's scale, pool1; the same for conv2.
@@ -402,6 +421,8 @@ pub struct Network<B: Backend> {
     gathered: Option<Gathered<B>>,
     /// One gradient workspace per held column.
     grads: Option<Vec<ColumnGrads<B>>>,
+    /// The mode of the last forward pass: the backward pass must undo the same dropout.
+    last_mode: Option<Mode>,
     pub profile: Profile,
 }
 
@@ -455,6 +476,7 @@ impl<B: Backend> Network<B> {
             geoms: None,
             gathered: None,
             grads: None,
+            last_mode: None,
             profile: Profile::default(),
         })
     }
@@ -518,7 +540,12 @@ impl<B: Backend> Network<B> {
             self.sides.input,
             self.sides.input
         );
+        anyhow::ensure!(
+            batch > 0 && batch <= MAX_BATCH,
+            "batch {batch} is outside the supported 1..={MAX_BATCH}"
+        );
         let g = self.prepare(batch);
+        self.last_mode = Some(mode);
         let widths = g.exchange_widths();
         let (lrn, self_lrn_across) = (self.cfg.lrn, self.cfg.lrn_across_columns);
         let (dropout, seed, row_offset) = (self.cfg.dropout, self.seed, self.sample_offset);
@@ -707,13 +734,23 @@ impl<B: Backend> Network<B> {
     }
 
     /// Back-propagates `dlogits` (`[batch, classes]`, the same in every process) through the
-    /// last forward pass (run in `mode`, on input `x`), leaving every parameter's gradient in
-    /// its `grad`.
-    pub fn backward(&mut self, x: &B::Buf, dlogits: &B::Buf, mode: Mode) -> anyhow::Result<()> {
-        let g = self
-            .geoms
-            .ok_or_else(|| anyhow::anyhow!("backward called before forward"))?;
+    /// last forward pass, leaving every parameter's gradient in its `grad`. `x` is that pass's
+    /// input again (passed rather than kept, to spare a copy of the batch).
+    pub fn backward(&mut self, x: &B::Buf, dlogits: &B::Buf) -> anyhow::Result<()> {
+        let (g, mode) = match (self.geoms, self.last_mode) {
+            (Some(g), Some(mode)) => (g, mode),
+            _ => anyhow::bail!("backward called before forward"),
+        };
         let batch = g.batch;
+        anyhow::ensure!(
+            self.backend.buf_len(x) == self.input_len(batch) && self.backend.buf_len(dlogits) == batch * self.cfg.classes,
+            "backward: the input ({} values) and the logits' gradient ({} values) do not match the last forward \
+             pass (batch {batch}: {} and {})",
+            self.backend.buf_len(x),
+            self.backend.buf_len(dlogits),
+            self.input_len(batch),
+            batch * self.cfg.classes
+        );
         let widths = g.exchange_widths();
         let (lrn, across) = (self.cfg.lrn, self.cfg.lrn_across_columns);
         let (dropout, seed, row_offset) = (self.cfg.dropout, self.seed, self.sample_offset);

@@ -4,6 +4,7 @@
 use super::train_step;
 use crate::backend::{rng, Backend, SgdParams};
 use crate::comm::LocalExchange;
+use crate::model::network::train_flops_per_image;
 use crate::model::params::parameter_count;
 use crate::model::{NetConfig, Network};
 use serde::Serialize;
@@ -44,33 +45,6 @@ pub struct BenchReport {
     pub network_bytes: usize,
     /// The process's peak resident memory (Linux `VmHWM`), when known.
     pub peak_rss_bytes: Option<u64>,
-}
-
-/// FLOPs of one image's training step: forward, input gradients and weight gradients (3x the
-/// forward's multiply-adds, less conv1's input gradient, which nothing needs), 2 FLOPs each.
-pub fn train_flops_per_image(cfg: &NetConfig) -> anyhow::Result<u64> {
-    let s = cfg.validate()?;
-    let conv1 = (cfg.conv_channels[0] * cfg.in_channels * 11 * 11 * s.conv1 * s.conv1) as u64;
-    Ok(2 * (3 * forward_macs_per_image(cfg)? - conv1))
-}
-
-/// Multiply-adds of one image's forward pass.
-pub fn forward_macs_per_image(cfg: &NetConfig) -> anyhow::Result<u64> {
-    let s = cfg.validate()?;
-    let c = cfg.conv_channels;
-    let conv = |out_c: usize, in_c: usize, k: usize, side: usize| {
-        (out_c * in_c * k * k * side * side) as u64
-    };
-    // conv2, conv4, conv5 read their own column's half: grouped, 2 groups.
-    let macs = conv(c[0], cfg.in_channels, 11, s.conv1)
-        + conv(c[1], c[0] / 2, 5, s.conv2)
-        + conv(c[2], c[1], 3, s.conv3)
-        + conv(c[3], c[2] / 2, 3, s.conv3)
-        + conv(c[4], c[3] / 2, 3, s.conv3)
-        + (cfg.fc6_inputs(&s) * cfg.fc_widths[0]
-            + cfg.fc_widths[0] * cfg.fc_widths[1]
-            + cfg.fc_widths[1] * cfg.classes) as u64;
-    Ok(macs)
 }
 
 /// Peak resident set size of this process, from `/proc/self/status`.
@@ -205,6 +179,7 @@ pub fn render(r: &BenchReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::network::forward_macs_per_image;
 
     #[test]
     fn paper_forward_is_724_million_multiply_adds() {

@@ -38,7 +38,7 @@ pub fn train_step<B: Backend>(
     );
     let (top1_correct, top5_correct) =
         count_correct(&net.backend.download(logits), classes, labels);
-    net.backward(x, &dlogits, mode)?;
+    net.backward(x, &dlogits)?;
     net.sgd_step(sgd);
     Ok(StepResult {
         loss,

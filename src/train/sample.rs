@@ -107,6 +107,8 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// Top-1 and top-5 error over `set`, in batches of `batch` (the last one padded with blank
+/// images, whose outputs are ignored, so that the network keeps one batch size).
 fn evaluate<B: Backend>(
     net: &mut Network<B>,
     set: &Prepared,
@@ -114,15 +116,16 @@ fn evaluate<B: Backend>(
 ) -> anyhow::Result<(f64, f64)> {
     let (mut top1, mut top5) = (0usize, 0usize);
     let n = set.labels.len();
+    let mut host = vec![0.0f32; batch * set.per_image];
     for start in (0..n).step_by(batch) {
         let end = (start + batch).min(n);
-        let x = net
-            .backend
-            .upload(&set.values[start * set.per_image..end * set.per_image]);
-        net.forward(&x, end - start, Mode::Eval)?;
-        let logits = net.logits().expect("forward ran");
+        let real = (end - start) * set.per_image;
+        host[..real].copy_from_slice(&set.values[start * set.per_image..end * set.per_image]);
+        host[real..].fill(0.0);
+        net.forward(&net.backend.upload(&host), batch, Mode::Eval)?;
+        let logits = net.backend.download(net.logits().expect("forward ran"));
         let (a, b) = count_correct(
-            &net.backend.download(logits),
+            &logits[..(end - start) * net.cfg.classes],
             net.cfg.classes,
             &set.labels[start..end],
         );
@@ -139,6 +142,10 @@ pub fn run<B: Backend>(
     opts: &SampleOptions,
 ) -> anyhow::Result<Vec<EpochResult>> {
     anyhow::ensure!(!train.is_empty(), "the training set is empty");
+    anyhow::ensure!(
+        !val.is_empty(),
+        "the validation (t10k) set is empty: validation needs at least one image"
+    );
     anyhow::ensure!(opts.batch > 0, "--batch must be at least 1");
     anyhow::ensure!(
         train.channels == opts.net.in_channels,

@@ -47,9 +47,13 @@ pub(crate) fn take_scratch(len: usize) -> Vec<f32> {
 /// Returns a buffer from [`take_scratch`] for reuse.
 pub(crate) fn give_scratch(v: Vec<f32>) {
     let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
-    // Bounded: a pool that only grows would hold every size ever asked for.
-    if pool.len() < 16 {
-        pool.push(v);
+    pool.push(v);
+    // Bounded: keep the 16 largest, which serve every smaller request too.
+    if pool.len() > 16 {
+        let smallest = (0..pool.len())
+            .min_by_key(|&i| pool[i].capacity())
+            .expect("not empty");
+        pool.swap_remove(smallest);
     }
 }
 
@@ -72,6 +76,14 @@ impl Cpu {
     pub fn new() -> Self {
         Cpu {
             threads: rayon::current_num_threads(),
+        }
+    }
+
+    /// Splits each op's work as if for `threads` threads (still run on rayon's pool): tests use
+    /// it to cover uneven splits whatever the machine.
+    pub fn with_threads(threads: usize) -> Self {
+        Cpu {
+            threads: threads.max(1),
         }
     }
 
