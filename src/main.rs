@@ -47,6 +47,54 @@ enum Command {
     Train(TrainArgs),
     /// Time full training steps (forward, backward, update) on random data.
     Bench(BenchArgs),
+    /// Turn an ImageFolder tree (root/<class>/<image>, JPEG or PNG) into the paper's
+    /// preprocessed form: 256x256 RGB (shorter side to 256, central crop) in shards, with the
+    /// mean image and the RGB PCA. Interrupted runs leave nothing that looks complete; rerun to
+    /// finish.
+    Prepare(PrepareArgs),
+    /// Time `prepare` on ImageNet-sized JPEGs and the loader on the result.
+    BenchData(BenchDataArgs),
+}
+
+#[derive(clap::Args)]
+struct PrepareArgs {
+    /// The ImageFolder tree: one folder per class (e.g. ImageNet's n01440764), images inside.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where the shards and dataset.json go (created if missing).
+    #[arg(long)]
+    output: PathBuf,
+    /// Images per shard (1024 at 256x256 is about 200 MB).
+    #[arg(long, default_value_t = 1024)]
+    shard_images: usize,
+    /// Side of the stored images.
+    #[arg(long, default_value_t = 256)]
+    side: usize,
+    /// Stop at the first file that is not a readable image instead of skipping it.
+    #[arg(long)]
+    strict: bool,
+    /// No progress bar (logs only).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(clap::Args)]
+struct BenchDataArgs {
+    /// JPEGs to make and prepare.
+    #[arg(long, default_value_t = 1000)]
+    images: usize,
+    /// Samples per loader batch.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Photographs to make the JPEGs from (an ImageFolder tree).
+    #[arg(long, default_value = "data/sample/imagenet-photos")]
+    photos: PathBuf,
+    /// Scratch folder (removed afterwards).
+    #[arg(long, default_value = "target/bench-data")]
+    work: PathBuf,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -177,6 +225,44 @@ fn main() -> std::process::ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Train(a) => train(a),
+        Command::Prepare(a) => {
+            let opts = alexnet::data::prepare::PrepareOptions {
+                side: a.side,
+                shard_images: a.shard_images,
+                strict: a.strict,
+                progress: !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let summary = alexnet::data::prepare::prepare(&a.input, &a.output, &opts)?;
+            if !summary.skipped.is_empty() {
+                tracing::warn!(
+                    skipped = summary.skipped.len(),
+                    "some files were skipped (named above; --strict stops instead)"
+                );
+            }
+            Ok(())
+        }
+        Command::BenchData(a) => {
+            let r =
+                alexnet::data::bench::run(&resolve_data(&a.photos), &a.work, a.images, a.batch)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("threads                     {}", r.threads);
+                println!(
+                    "prepare (500x375 JPEG)      {:.0} images/s, {:.0} per core",
+                    r.prepare_images_per_s, r.prepare_images_per_s_per_core
+                );
+                println!(
+                    "loader (train views, b{})  {:.0} images/s, {:.0} per core",
+                    r.loader_batch, r.loader_images_per_s, r.loader_images_per_s_per_core
+                );
+                println!(
+                    "cores to feed 5,000 img/s   {:.1}",
+                    r.loader_cores_for_5000_per_s
+                );
+            }
+            Ok(())
+        }
         Command::Bench(a) => {
             let opts = bench::BenchOptions {
                 batch: a.batch,

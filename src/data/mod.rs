@@ -1,3 +1,14 @@
-//! Training data: readers that turn image files on disk into in-memory labelled sets.
+//! Images in, batches out.
+//!
+//! - [`idx`]: labelled image sets in IDX files (MNIST / Fashion-MNIST), held in memory.
+//! - [`prepare`]: an ImageFolder tree into the paper's preprocessed, sharded form.
+//! - [`shards`]: that form on disk, and reading it back.
+//! - [`augment`]: the paper's training and evaluation views.
+//! - [`loader`]: batches from prepared shards, on background threads.
 
+pub mod augment;
+pub mod bench;
 pub mod idx;
+pub mod loader;
+pub mod prepare;
+pub mod shards;

@@ -1,0 +1,227 @@
+//! The paper's views of a stored 256x256 image: random 224 crops with horizontal flips and PCA
+//! colour noise for training; the centre crop and the ten patches for evaluation.
+//!
+//! Every random choice is a function of (seed, epoch, sample index), so that the two processes
+//! that hold the two columns of one network draw the same views without talking to each other,
+//! and a resumed run draws what the uninterrupted run would have.
+
+use crate::backend::rng;
+
+/// Where a view sits in the stored image, and whether it is mirrored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Crop {
+    pub x0: usize,
+    pub y0: usize,
+    pub flip: bool,
+}
+
+/// One training view: the crop and the colour shift added to every pixel (0..255 units).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainView {
+    pub crop: Crop,
+    pub alphas: [f32; 3],
+}
+
+/// The key of sample `index`'s random choices in `epoch`.
+pub fn sample_key(seed: u64, epoch: u64, index: u64) -> u64 {
+    rng::subkey(rng::subkey(rng::key(seed, "augment"), epoch), index)
+}
+
+/// The training view of sample `index` in `epoch`: crop corner uniform over the
+/// `(side - out + 1)^2` positions, flip with probability 1/2, alphas ~ N(0, 0.1).
+pub fn train_view(seed: u64, epoch: u64, index: u64, side: usize, out: usize) -> TrainView {
+    let key = sample_key(seed, epoch, index);
+    let positions = (side - out + 1) as f32;
+    let pick = |i: u64| ((rng::uniform(key, i) * positions) as usize).min(side - out);
+    TrainView {
+        crop: Crop {
+            x0: pick(0),
+            y0: pick(1),
+            flip: rng::uniform(key, 2) < 0.5,
+        },
+        alphas: [
+            0.1 * rng::normal(key, 3),
+            0.1 * rng::normal(key, 4),
+            0.1 * rng::normal(key, 5),
+        ],
+    }
+}
+
+/// The centre crop.
+pub fn centre(side: usize, out: usize) -> Crop {
+    let o = (side - out) / 2;
+    Crop {
+        x0: o,
+        y0: o,
+        flip: false,
+    }
+}
+
+/// The paper's ten test patches: the four corners and the centre, then the same mirrored.
+pub fn ten_patches(side: usize, out: usize) -> [Crop; 10] {
+    let (e, c) = (side - out, (side - out) / 2);
+    let corners = [(0, 0), (e, 0), (0, e), (e, e), (c, c)];
+    std::array::from_fn(|i| {
+        let (x0, y0) = corners[i % 5];
+        Crop {
+            x0,
+            y0,
+            flip: i >= 5,
+        }
+    })
+}
+
+/// The PCA colour shift `sum_i alpha_i lambda_i p_i` (the paper's formula, with the eigen
+/// decomposition of RGB values scaled to [0, 1]), returned in 0..255 units.
+pub fn pca_shift(alphas: [f32; 3], eigenvalues: [f64; 3], eigenvectors: [[f64; 3]; 3]) -> [f32; 3] {
+    let mut shift = [0.0f64; 3];
+    for i in 0..3 {
+        for (c, s) in shift.iter_mut().enumerate() {
+            *s += alphas[i] as f64 * eigenvalues[i] * eigenvectors[i][c];
+        }
+    }
+    shift.map(|s| (255.0 * s) as f32)
+}
+
+/// Writes one view of a planar `[3, side, side]` image into `out` (`[3, out_side, out_side]`,
+/// f32): `image - mean + shift`, cropped at `crop` and mirrored if asked.
+pub fn render(
+    image: &[u8],
+    mean: &[f32],
+    side: usize,
+    crop: Crop,
+    shift: [f32; 3],
+    out_side: usize,
+    out: &mut [f32],
+) {
+    let plane = side * side;
+    let out_plane = out_side * out_side;
+    assert_eq!(image.len(), 3 * plane, "image size");
+    assert_eq!(out.len(), 3 * out_plane, "view size");
+    assert!(
+        crop.x0 + out_side <= side && crop.y0 + out_side <= side,
+        "crop outside the image"
+    );
+    for c in 0..3 {
+        for y in 0..out_side {
+            let row = (crop.y0 + y) * side + crop.x0 + c * plane;
+            let src = &image[row..row + out_side];
+            let m = &mean[row..row + out_side];
+            let dst = &mut out[c * out_plane + y * out_side..][..out_side];
+            if crop.flip {
+                for ((d, &v), &mv) in dst.iter_mut().rev().zip(src).zip(m) {
+                    *d = v as f32 - mv + shift[c];
+                }
+            } else {
+                for ((d, &v), &mv) in dst.iter_mut().zip(src).zip(m) {
+                    *d = v as f32 - mv + shift[c];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ten_patches_are_the_corners_the_centre_and_their_mirrors() {
+        let p = ten_patches(256, 224);
+        let corners: Vec<(usize, usize, bool)> = p.iter().map(|c| (c.x0, c.y0, c.flip)).collect();
+        assert_eq!(
+            corners,
+            vec![
+                (0, 0, false),
+                (32, 0, false),
+                (0, 32, false),
+                (32, 32, false),
+                (16, 16, false),
+                (0, 0, true),
+                (32, 0, true),
+                (0, 32, true),
+                (32, 32, true),
+                (16, 16, true)
+            ]
+        );
+        assert_eq!(
+            centre(256, 224),
+            Crop {
+                x0: 16,
+                y0: 16,
+                flip: false
+            }
+        );
+    }
+
+    #[test]
+    fn render_crops_mirrors_and_subtracts_by_hand() {
+        // A 4x4 image whose value at (c, y, x) is 16c + 4y + x; a mean of 1 everywhere.
+        let image: Vec<u8> = (0..48).map(|i| i as u8).collect();
+        let mean = vec![1.0f32; 48];
+        let mut out = vec![0.0f32; 12];
+        render(
+            &image,
+            &mean,
+            4,
+            Crop {
+                x0: 1,
+                y0: 2,
+                flip: false,
+            },
+            [0.0, 0.5, -0.5],
+            2,
+            &mut out,
+        );
+        // Channel 0 rows 2..4, columns 1..3: 9 10 / 13 14, minus 1.
+        assert_eq!(&out[..4], &[8.0, 9.0, 12.0, 13.0]);
+        // Channel 1: 16 more, plus 0.5.
+        assert_eq!(&out[4..8], &[24.5, 25.5, 28.5, 29.5]);
+        render(
+            &image,
+            &mean,
+            4,
+            Crop {
+                x0: 1,
+                y0: 2,
+                flip: true,
+            },
+            [0.0; 3],
+            2,
+            &mut out,
+        );
+        assert_eq!(&out[..4], &[9.0, 8.0, 13.0, 12.0]);
+    }
+
+    #[test]
+    fn pca_shift_is_the_papers_sum() {
+        let values = [0.2, 0.02, 0.002];
+        let vectors = [[0.6, 0.6, 0.52915], [0.6, 0.0, -0.8], [0.3, -0.8, 0.5196]];
+        let s = pca_shift([1.0, -2.0, 0.5], values, vectors);
+        for c in 0..3 {
+            let want = 255.0
+                * (0.2 * vectors[0][c] - 2.0 * 0.02 * vectors[1][c] + 0.5 * 0.002 * vectors[2][c]);
+            assert!((s[c] as f64 - want).abs() < 1e-4, "{c}: {} vs {want}", s[c]);
+        }
+    }
+
+    #[test]
+    fn train_views_are_a_function_of_seed_epoch_and_index() {
+        let a = train_view(7, 3, 1000, 256, 224);
+        assert_eq!(a, train_view(7, 3, 1000, 256, 224));
+        assert_ne!(a, train_view(7, 4, 1000, 256, 224));
+        assert_ne!(a, train_view(8, 3, 1000, 256, 224));
+        // Over many samples: corners cover 0..=32, flips about half, alphas with sd about 0.1.
+        let views: Vec<TrainView> = (0..20_000).map(|i| train_view(1, 0, i, 256, 224)).collect();
+        assert_eq!(views.iter().map(|v| v.crop.x0).max(), Some(32));
+        assert_eq!(views.iter().map(|v| v.crop.y0).min(), Some(0));
+        let flips = views.iter().filter(|v| v.crop.flip).count() as f64 / views.len() as f64;
+        assert!((flips - 0.5).abs() < 0.02, "{flips}");
+        let var = views
+            .iter()
+            .map(|v| (v.alphas[1] as f64).powi(2))
+            .sum::<f64>()
+            / views.len() as f64;
+        assert!((var.sqrt() - 0.1).abs() < 0.005, "{}", var.sqrt());
+    }
+}

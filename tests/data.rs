@@ -1,0 +1,443 @@
+//! The input pipeline: `prepare` on the carried photographs and on broken inputs, the prepared
+//! form read back, and the loader's determinism and replica split.
+
+use alexnet::data::loader::{self, EpochLoader, LoaderConfig, View};
+use alexnet::data::prepare::{decode_square, prepare, symmetric_eigen3, PrepareOptions};
+use alexnet::data::shards::{Dataset, METADATA_FILE};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn photos() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/sample/imagenet-photos")
+}
+
+/// A fresh folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("alexnet-data-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn quiet(shard_images: usize) -> PrepareOptions {
+    PrepareOptions {
+        shard_images,
+        progress: false,
+        ..PrepareOptions::default()
+    }
+}
+
+/// A small ImageFolder tree: three classes of the carried photographs, two images each.
+fn small_tree(dir: &Path) -> Vec<PathBuf> {
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(photos())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .flat_map(|d| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()))
+        .collect();
+    sources.sort();
+    let mut out = Vec::new();
+    for (i, src) in sources.iter().take(6).enumerate() {
+        let class = dir.join(["apple", "bear", "cat"][i % 3]);
+        std::fs::create_dir_all(&class).unwrap();
+        let dst = class.join(format!("img{i}.jpg"));
+        std::fs::copy(src, &dst).unwrap();
+        out.push(dst);
+    }
+    out
+}
+
+#[test]
+fn prepares_the_carried_photographs() {
+    let out = scratch("photos");
+    let summary = prepare(&photos(), &out, &quiet(8)).unwrap();
+    assert_eq!(
+        (summary.images, summary.classes, summary.shards),
+        (20, 19, 3)
+    );
+    assert!(summary.skipped.is_empty());
+    let ds = Dataset::open(&out).unwrap();
+    assert_eq!(ds.meta.class_counts.iter().sum::<usize>(), 20);
+    assert_eq!(
+        ds.meta.class_counts[ds.meta.classes.iter().position(|c| c == "609").unwrap()],
+        2
+    );
+    // Every stored image is the decoded photograph, in sorted order, with its folder's label.
+    let mut files: Vec<(PathBuf, u32)> = Vec::new();
+    for (label, class) in ds.meta.classes.iter().enumerate() {
+        let mut f: Vec<PathBuf> = std::fs::read_dir(photos().join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        f.sort();
+        files.extend(f.into_iter().map(|p| (p, label as u32)));
+    }
+    let mut mean = vec![0f64; 3 * 256 * 256];
+    for (i, (path, label)) in files.iter().enumerate() {
+        let (l, img) = ds.image(i).unwrap();
+        assert_eq!(l, *label, "label of image {i}");
+        assert_eq!(
+            img,
+            &decode_square(path, 256).unwrap()[..],
+            "pixels of image {i}"
+        );
+        mean.iter_mut()
+            .zip(img)
+            .for_each(|(m, &v)| *m += v as f64 / 20.0);
+    }
+    // The mean image is the mean of the stored images.
+    for (a, b) in ds.mean.iter().zip(&mean) {
+        assert!((*a as f64 - b).abs() < 1e-3);
+    }
+    // The eigenvectors are unit length and orthogonal, the eigenvalues positive and descending.
+    let (vals, vecs) = (ds.meta.rgb_eigenvalues, ds.meta.rgb_eigenvectors);
+    assert!(
+        vals[0] >= vals[1] && vals[1] >= vals[2] && vals[2] > 0.0,
+        "{vals:?}"
+    );
+    for i in 0..3 {
+        for j in 0..3 {
+            let d: f64 = (0..3).map(|k| vecs[i][k] * vecs[j][k]).sum();
+            assert!((d - if i == j { 1.0 } else { 0.0 }).abs() < 1e-9);
+        }
+    }
+}
+
+#[test]
+fn eigen_decomposition_of_a_known_matrix() {
+    // diag(3, 1, 2) rotated: eigenvalues 3, 2, 1.
+    let (c, s) = (0.8f64, 0.6f64);
+    let r = [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]];
+    let d = [3.0, 1.0, 2.0];
+    let mut m = [[0.0; 3]; 3];
+    for i in 0..3 {
+        for j in 0..3 {
+            m[i][j] = (0..3).map(|k| r[i][k] * d[k] * r[j][k]).sum();
+        }
+    }
+    let (vals, vecs) = symmetric_eigen3(m);
+    for (got, want) in vals.iter().zip([3.0, 2.0, 1.0]) {
+        assert!((got - want).abs() < 1e-12, "{vals:?}");
+    }
+    // The first eigenvector is r's first column, up to sign.
+    let dot: f64 = (0..3).map(|k| vecs[0][k] * r[k][0]).sum();
+    assert!((dot.abs() - 1.0).abs() < 1e-12);
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn an_interrupted_run_is_finished_by_a_rerun_that_keeps_finished_shards() {
+    let input = scratch("resume-in");
+    small_tree(&input);
+    let clean = scratch("resume-clean");
+    prepare(&input, &clean, &quiet(2)).unwrap();
+    // Interrupt a run at its third shard: the disk "fills up" there.
+    let out = scratch("resume-out");
+    let blocker = out.join("shard-00002.bin.tmp");
+    std::os::unix::fs::symlink("/dev/full", &blocker).unwrap();
+    assert!(prepare(&input, &out, &quiet(2)).is_err());
+    assert!(
+        !out.join(METADATA_FILE).exists(),
+        "an interrupted run leaves no metadata"
+    );
+    assert!(
+        Dataset::open(&out).is_err(),
+        "nor anything that opens as a dataset"
+    );
+    std::fs::remove_file(&blocker).ok();
+    let again = prepare(&input, &out, &quiet(2)).unwrap();
+    assert_eq!(again.shards_reused, 2, "the two finished shards are kept");
+    let read = |d: &Path| std::fs::read_to_string(d.join(METADATA_FILE)).unwrap();
+    assert_eq!(
+        read(&out),
+        read(&clean),
+        "the same dataset as an uninterrupted run"
+    );
+    // A third run finds it complete.
+    assert_eq!(prepare(&input, &out, &quiet(2)).unwrap().shards_reused, 3);
+}
+
+#[test]
+fn broken_and_foreign_files_are_skipped_and_named() {
+    let input = scratch("broken-in");
+    let files = small_tree(&input);
+    // A truncated JPEG, a file that claims to be a JPEG but is text, and a non-image file.
+    let bytes = std::fs::read(&files[0]).unwrap();
+    std::fs::write(&files[0], &bytes[..bytes.len() / 3]).unwrap();
+    std::fs::write(input.join("bear/fake.jpg"), b"not a jpeg at all").unwrap();
+    std::fs::write(input.join("cat/notes.txt"), b"hello").unwrap();
+    let out = scratch("broken-out");
+    let summary = prepare(&input, &out, &quiet(4)).unwrap();
+    let named: Vec<&str> = summary.skipped.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(summary.skipped.len(), 3, "{named:?}");
+    assert!(named.iter().any(|p| p.ends_with("img0.jpg")), "{named:?}");
+    assert!(named.iter().any(|p| p.ends_with("fake.jpg")));
+    assert!(named.iter().any(|p| p.ends_with("notes.txt")));
+    assert_eq!(summary.images, 5, "six images, one truncated");
+    assert_eq!(Dataset::open(&out).unwrap().meta.skipped.len(), 3);
+    // --strict stops instead, naming the file.
+    let out = scratch("broken-strict");
+    let e = prepare(
+        &input,
+        &out,
+        &PrepareOptions {
+            strict: true,
+            ..quiet(4)
+        },
+    )
+    .unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("--strict")
+            && (msg.contains("img0.jpg") || msg.contains("fake.jpg") || msg.contains("notes.txt")),
+        "{msg}"
+    );
+    assert!(!out.join(METADATA_FILE).exists());
+}
+
+#[test]
+fn empty_class_folders_and_empty_inputs_are_refused_by_name() {
+    let input = scratch("empty-class");
+    small_tree(&input);
+    std::fs::create_dir_all(input.join("dog")).unwrap();
+    let e = format!(
+        "{:#}",
+        prepare(&input, &scratch("empty-class-out"), &quiet(4)).unwrap_err()
+    );
+    assert!(e.contains("dog") && e.contains("holds no images"), "{e}");
+    let input = scratch("no-classes");
+    std::fs::write(input.join("stray.jpg"), b"x").unwrap();
+    let e = format!(
+        "{:#}",
+        prepare(&input, &scratch("no-classes-out"), &quiet(4)).unwrap_err()
+    );
+    assert!(e.contains("no class folders"), "{e}");
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn a_full_disk_is_a_clear_error_and_leaves_nothing_complete() {
+    let input = scratch("full-in");
+    small_tree(&input);
+    let out = scratch("full-out");
+    // The first shard's temporary file leads to /dev/full: every write to it fails with ENOSPC.
+    std::os::unix::fs::symlink("/dev/full", out.join("shard-00000.bin.tmp")).unwrap();
+    let e = format!("{:#}", prepare(&input, &out, &quiet(4)).unwrap_err());
+    assert!(
+        e.contains("shard-00000.bin") && e.contains("disk is full"),
+        "{e}"
+    );
+    assert!(!out.join(METADATA_FILE).exists());
+    assert!(!out.join("shard-00000.bin").exists());
+    assert!(Dataset::open(&out).is_err());
+}
+
+#[test]
+fn truncated_and_corrupted_shards_are_detected() {
+    let input = scratch("damage-in");
+    small_tree(&input);
+    let out = scratch("damage-out");
+    prepare(&input, &out, &quiet(4)).unwrap();
+    let shard = out.join("shard-00001.bin");
+    let bytes = std::fs::read(&shard).unwrap();
+    // Truncated: caught when the dataset is opened.
+    std::fs::write(&shard, &bytes[..bytes.len() - 100]).unwrap();
+    let e = format!(
+        "{:#}",
+        Dataset::open(&out)
+            .err()
+            .expect("a truncated shard is refused")
+    );
+    assert!(
+        e.contains("shard-00001.bin") && e.contains("truncated"),
+        "{e}"
+    );
+    // Same length, one byte changed: caught by the checksum when first read.
+    let mut flipped = bytes.clone();
+    let at = flipped.len() - 7;
+    flipped[at] ^= 0x40;
+    std::fs::write(&shard, &flipped).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    ds.image(0).unwrap();
+    let e = format!(
+        "{:#}",
+        ds.image(5).expect_err("a corrupted shard is refused")
+    );
+    assert!(
+        e.contains("shard-00001.bin") && e.contains("corrupted"),
+        "{e}"
+    );
+}
+
+fn prepared(name: &str) -> Arc<Dataset> {
+    let out = scratch(name);
+    prepare(&photos(), &out, &quiet(8)).unwrap();
+    Arc::new(Dataset::open(&out).unwrap())
+}
+
+fn config(global_batch: usize, replicas: usize, replica: usize, view: View) -> LoaderConfig {
+    LoaderConfig {
+        global_batch,
+        replicas,
+        replica,
+        seed: 5,
+        view,
+        crop: 224,
+        threads: 2,
+        prefetch: 2,
+    }
+}
+
+/// An XXH3 of every batch of an epoch: samples, labels and pixels.
+fn epoch_digest(ds: &Arc<Dataset>, cfg: &LoaderConfig, epoch: u64) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for b in EpochLoader::new(ds.clone(), cfg.clone(), epoch).unwrap() {
+        let b = b.unwrap();
+        h.update(
+            &b.samples
+                .iter()
+                .flat_map(|s| (*s as u64).to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        h.update(
+            &b.labels
+                .iter()
+                .flat_map(|l| l.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        h.update(
+            &b.x.iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+    }
+    h.digest()
+}
+
+#[test]
+fn batches_are_the_same_in_every_run_and_process() {
+    let ds = prepared("determinism");
+    let cfg = config(4, 1, 0, View::Train);
+    let digest = epoch_digest(&ds, &cfg, 3);
+    if std::env::var("ALEXNET_DIGEST_CHILD").is_ok() {
+        println!("digest={digest}");
+        return;
+    }
+    assert_eq!(digest, epoch_digest(&ds, &cfg, 3), "the same run");
+    assert_ne!(digest, epoch_digest(&ds, &cfg, 4), "another epoch");
+    assert_ne!(
+        digest,
+        epoch_digest(
+            &ds,
+            &LoaderConfig {
+                seed: 6,
+                ..cfg.clone()
+            },
+            3
+        ),
+        "another seed"
+    );
+    // Another process, with another number of loader threads.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "batches_are_the_same_in_every_run_and_process",
+            "--nocapture",
+        ])
+        .env("ALEXNET_DIGEST_CHILD", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("digest={digest}")),
+        "the child printed: {text}"
+    );
+}
+
+#[test]
+fn replicas_split_every_batch_disjointly_and_cover_the_epoch() {
+    let ds = prepared("replicas");
+    for replicas in [1, 2, 4] {
+        let mut seen = HashSet::new();
+        let mut per_batch: Vec<Vec<usize>> = Vec::new();
+        for r in 0..replicas {
+            let cfg = config(8, replicas, r, View::Train);
+            for (i, b) in EpochLoader::new(ds.clone(), cfg, 2).unwrap().enumerate() {
+                let b = b.unwrap();
+                assert_eq!(b.samples.len(), 8 / replicas);
+                if per_batch.len() <= i {
+                    per_batch.push(Vec::new());
+                }
+                per_batch[i].extend(&b.samples);
+                for s in b.samples {
+                    assert!(
+                        seen.insert(s),
+                        "sample {s} drawn twice ({replicas} replicas)"
+                    );
+                }
+            }
+        }
+        // Together the replicas draw exactly the global batches of one process.
+        let whole = loader::epoch_order(ds.len(), 5, 2, View::Train);
+        for (i, mut got) in per_batch.into_iter().enumerate() {
+            let mut want = whole[i * 8..(i + 1) * 8].to_vec();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "batch {i}, {replicas} replicas");
+        }
+        assert_eq!(
+            seen.len(),
+            16,
+            "two full batches of the 20 samples ({replicas} replicas)"
+        );
+    }
+    // Evaluation covers every sample once, the last batch partial.
+    let mut seen = Vec::new();
+    for r in 0..3 {
+        for b in EpochLoader::new(ds.clone(), config(8, 3, r, View::Centre), 0).unwrap() {
+            seen.extend(b.unwrap().samples);
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, (0..20).collect::<Vec<_>>());
+}
+
+#[test]
+fn evaluation_views_are_the_centre_and_the_ten_patches() {
+    let ds = prepared("views");
+    let centre = EpochLoader::new(ds.clone(), config(4, 1, 0, View::Centre), 0)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let ten = EpochLoader::new(ds.clone(), config(4, 1, 0, View::TenPatches), 0)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let per = 3 * 224 * 224;
+    assert_eq!(centre.x.len(), 4 * per);
+    assert_eq!(ten.x.len(), 40 * per);
+    // Patch 4 of each sample is the centre crop; patch 9 is its mirror.
+    for s in 0..4 {
+        let c = &centre.x[s * per..(s + 1) * per];
+        assert_eq!(&ten.x[(s * 10 + 4) * per..(s * 10 + 5) * per], c);
+        let mirror = &ten.x[(s * 10 + 9) * per..(s * 10 + 10) * per];
+        for row in 0..3 * 224 {
+            let (a, b) = (
+                &c[row * 224..(row + 1) * 224],
+                &mirror[row * 224..(row + 1) * 224],
+            );
+            assert!(
+                a.iter().eq(b.iter().rev()),
+                "row {row} of sample {s} is mirrored"
+            );
+        }
+    }
+    // The centre view is the stored image minus the mean, at offset 16.
+    let (_, img) = ds.image(0).unwrap();
+    let want = img[16 * 256 + 16] as f32 - ds.mean[16 * 256 + 16];
+    assert_eq!(centre.x[0], want);
+}
