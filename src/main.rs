@@ -99,12 +99,21 @@ struct BenchDataArgs {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Folder with train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-* files.
+    /// The training data: a prepared dataset (`alexnet prepare`, has dataset.json), or a folder
+    /// of IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-*), which
+    /// also holds the validation set.
     #[arg(long, default_value = "data/sample/fashion-mnist")]
     data: PathBuf,
-    /// The network: `demo` (narrow, for 28x28 grey images upscaled to 64), `paper`, or a TOML file.
-    #[arg(long, default_value = "demo")]
-    net: String,
+    /// The prepared validation set, for prepared training data (validated on centre crops).
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// The network: `demo` (narrow, for 28x28 grey images upscaled to 64), `paper`, or a TOML
+    /// file. Default: `demo` for IDX data, `paper` for prepared data.
+    #[arg(long)]
+    net: Option<String>,
+    /// Threads that make batches from prepared data.
+    #[arg(long, default_value_t = 2)]
+    loader_threads: usize,
     #[arg(long, default_value_t = 10)]
     epochs: usize,
     #[arg(long, default_value_t = 64)]
@@ -284,25 +293,51 @@ fn run(command: Command) -> anyhow::Result<()> {
 
 fn train(a: TrainArgs) -> anyhow::Result<()> {
     let data = resolve_data(&a.data);
-    let (train_set, val_set) = read_fashion_mnist_dir(&data).with_context(|| {
-        format!(
-            "loading the image set in {} (pass --data DIR)",
-            data.display()
-        )
-    })?;
-    let opts = sample::SampleOptions {
+    let sgd = SgdParams {
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+    };
+    let fit = alexnet::train::fit::FitOptions {
         epochs: a.epochs,
         batch: a.batch,
-        sgd: SgdParams {
-            lr: a.lr,
-            momentum: a.momentum,
-            weight_decay: a.weight_decay,
-        },
-        seed: a.seed,
-        net: load_net(&a.net)?,
+        sgd,
         log_every: a.log_every.max(1),
     };
-    let results = sample::run(cpu_backend(a.backend)?, &train_set, &val_set, &opts)?;
+    let results = if data.join(alexnet::data::shards::METADATA_FILE).exists() {
+        let val = a.val.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is a prepared dataset: pass --val DIR, a validation set prepared the same way (for ImageNet, \
+                 `alexnet prepare` its val/ folder sorted into class folders)",
+                data.display()
+            )
+        })?;
+        let train_ds = std::sync::Arc::new(alexnet::data::shards::Dataset::open(&data)?);
+        let val_ds = std::sync::Arc::new(alexnet::data::shards::Dataset::open(&resolve_data(val))?);
+        let opts = alexnet::train::prepared::PreparedOptions {
+            fit,
+            seed: a.seed,
+            net: load_net(a.net.as_deref().unwrap_or("paper"))?,
+            loader_threads: a.loader_threads,
+        };
+        alexnet::train::prepared::run(cpu_backend(a.backend)?, train_ds, val_ds, &opts)?
+    } else {
+        let (train_set, val_set) = read_fashion_mnist_dir(&data).with_context(|| {
+            format!(
+                "loading the image set in {} (pass --data DIR: IDX files or a prepared dataset)",
+                data.display()
+            )
+        })?;
+        let opts = sample::SampleOptions {
+            epochs: a.epochs,
+            batch: a.batch,
+            sgd,
+            seed: a.seed,
+            net: load_net(a.net.as_deref().unwrap_or("demo"))?,
+            log_every: a.log_every.max(1),
+        };
+        sample::run(cpu_backend(a.backend)?, &train_set, &val_set, &opts)?
+    };
     if let Some(last) = results.last() {
         tracing::info!(
             epochs = last.epoch,

@@ -78,3 +78,56 @@ fn a_batch_larger_than_the_training_set_is_refused() {
     assert!(!ok);
     assert!(err.contains("--batch 5000"), "{err}");
 }
+
+#[test]
+fn prepare_then_train_on_the_prepared_photographs() {
+    let dir = std::env::temp_dir().join(format!("alexnet-cli-{}-prepared", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let photos = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/imagenet-photos");
+    let out = dir.join("prepared");
+    let (ok, err) = alexnet(&[
+        "prepare",
+        "--input",
+        photos,
+        "--output",
+        out.to_str().unwrap(),
+        "--shard-images",
+        "8",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("prepared images=20"), "{err}");
+    let (ok, err) = alexnet(&["train", "--backend", "cpu", "--data", out.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("--val"),
+        "prepared data without --val: {err}"
+    );
+    let net = temp_file(
+        "tiny.toml",
+        "conv_channels = [8, 16, 16, 16, 8]\nfc_widths = [16, 16]\nclasses = 20\n",
+    );
+    let args = [
+        "train",
+        "--backend",
+        "cpu",
+        "--data",
+        out.to_str().unwrap(),
+        "--val",
+        out.to_str().unwrap(),
+    ];
+    let (ok, err) = alexnet(
+        &[
+            &args[..],
+            &[
+                "--net",
+                net.to_str().unwrap(),
+                "--batch",
+                "4",
+                "--epochs",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("validation epoch=1"), "{err}");
+}

@@ -1,6 +1,8 @@
 //! Training: one SGD step of the network, the training loop, and the speed benchmark.
 
 pub mod bench;
+pub mod fit;
+pub mod prepared;
 pub mod sample;
 
 use crate::backend::{Backend, SgdParams};

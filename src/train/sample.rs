@@ -5,11 +5,11 @@
 //! image is subtracted, and each epoch visits the training set in an order drawn from
 //! `(seed, epoch)`, so a rerun sees the same batches.
 
-use super::{count_correct, train_step};
+use super::fit::{eval_batch, fit, EpochResult, FitOptions, HostBatch};
 use crate::backend::{rng, Backend, SgdParams};
 use crate::comm::LocalExchange;
 use crate::data::idx::ImageSet;
-use crate::model::{Mode, NetConfig, Network};
+use crate::model::{NetConfig, Network};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -21,15 +21,6 @@ pub struct SampleOptions {
     pub net: NetConfig,
     /// Log every this many steps.
     pub log_every: usize,
-}
-
-/// Validation figures after an epoch.
-#[derive(Clone, Debug)]
-pub struct EpochResult {
-    pub epoch: usize,
-    pub train_loss: f32,
-    pub val_top1_err: f64,
-    pub val_top5_err: f64,
 }
 
 /// A set resized to `side` x `side`, as f32 with the training mean subtracted.
@@ -107,8 +98,7 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
-/// Top-1 and top-5 error over `set`, in batches of `batch` (the last one padded with blank
-/// images, whose outputs are ignored, so that the network keeps one batch size).
+/// Top-1 and top-5 error over `set`, in batches of `batch`.
 fn evaluate<B: Backend>(
     net: &mut Network<B>,
     set: &Prepared,
@@ -116,19 +106,10 @@ fn evaluate<B: Backend>(
 ) -> anyhow::Result<(f64, f64)> {
     let (mut top1, mut top5) = (0usize, 0usize);
     let n = set.labels.len();
-    let mut host = vec![0.0f32; batch * set.per_image];
     for start in (0..n).step_by(batch) {
         let end = (start + batch).min(n);
-        let real = (end - start) * set.per_image;
-        host[..real].copy_from_slice(&set.values[start * set.per_image..end * set.per_image]);
-        host[real..].fill(0.0);
-        net.forward(&net.backend.upload(&host), batch, Mode::Eval)?;
-        let logits = net.backend.download(net.logits().expect("forward ran"));
-        let (a, b) = count_correct(
-            &logits[..(end - start) * net.cfg.classes],
-            net.cfg.classes,
-            &set.labels[start..end],
-        );
+        let x = &set.values[start * set.per_image..end * set.per_image];
+        let (a, b) = eval_batch(net, x, &set.labels[start..end], batch)?;
         top1 += a;
         top5 += b;
     }
@@ -194,79 +175,31 @@ pub fn run<B: Backend>(
         opts.batch,
         train.len()
     );
-    let total_steps = steps_per_epoch * opts.epochs;
-    let started = Instant::now();
-    let mut results = Vec::new();
-    let mut step = 0u64;
-    let mut host = vec![0.0f32; opts.batch * train_set.per_image];
-    let mut labels = vec![0u32; opts.batch];
-    for epoch in 0..opts.epochs {
-        let order = epoch_order(train.len(), opts.seed, epoch as u64);
-        let (mut window_loss, mut window_top1, mut window_top5, mut window_n) =
-            (0.0f64, 0usize, 0usize, 0usize);
-        let mut epoch_loss = 0.0f64;
-        let mut window_start = Instant::now();
-        for (s, chunk) in order.chunks_exact(opts.batch).enumerate() {
-            for (k, &i) in chunk.iter().enumerate() {
-                host[k * train_set.per_image..(k + 1) * train_set.per_image].copy_from_slice(
-                    &train_set.values[i * train_set.per_image..(i + 1) * train_set.per_image],
-                );
-                labels[k] = train_set.labels[i];
+    let fit_opts = FitOptions {
+        epochs: opts.epochs,
+        batch: opts.batch,
+        sgd: opts.sgd,
+        log_every: opts.log_every,
+    };
+    let (batch, seed, per) = (opts.batch, opts.seed, train_set.per_image);
+    let train_ref = &train_set;
+    let epoch_batches = move |epoch: u64| -> anyhow::Result<
+        Box<dyn Iterator<Item = anyhow::Result<HostBatch>> + '_>,
+    > {
+        let order = epoch_order(train_ref.labels.len(), seed, epoch);
+        let batches: Vec<Vec<usize>> = order.chunks_exact(batch).map(|c| c.to_vec()).collect();
+        Ok(Box::new(batches.into_iter().map(move |chunk| {
+            let mut x = Vec::with_capacity(batch * per);
+            for &i in &chunk {
+                x.extend_from_slice(&train_ref.values[i * per..(i + 1) * per]);
             }
-            let x = net.backend.upload(&host);
-            let r = train_step(&mut net, &x, &labels, step, &opts.sgd)?;
-            step += 1;
-            epoch_loss += r.loss as f64;
-            window_loss += r.loss as f64;
-            window_top1 += r.top1_correct;
-            window_top5 += r.top5_correct;
-            window_n += 1;
-            if (step as usize).is_multiple_of(opts.log_every) || s + 1 == steps_per_epoch {
-                let elapsed = started.elapsed().as_secs_f64();
-                let rate = (window_n * opts.batch) as f64 / window_start.elapsed().as_secs_f64();
-                let eta = elapsed / step as f64 * (total_steps as u64 - step) as f64;
-                tracing::info!(
-                    epoch = epoch + 1,
-                    step,
-                    of = total_steps,
-                    loss = format!("{:.4}", window_loss / window_n as f64),
-                    top1_err = format!(
-                        "{:.3}",
-                        1.0 - window_top1 as f64 / (window_n * opts.batch) as f64
-                    ),
-                    top5_err = format!(
-                        "{:.3}",
-                        1.0 - window_top5 as f64 / (window_n * opts.batch) as f64
-                    ),
-                    images_per_s = format!("{rate:.1}"),
-                    lr = format!("{}", opts.sgd.lr),
-                    eta = format!("{eta:.0}s"),
-                    "train"
-                );
-                (window_loss, window_top1, window_top5, window_n) = (0.0, 0, 0, 0);
-                window_start = Instant::now();
-            }
-        }
-        let (top1, top5) = evaluate(&mut net, &val_set, opts.batch)?;
-        let train_loss = (epoch_loss / steps_per_epoch as f64) as f32;
-        tracing::info!(
-            epoch = epoch + 1,
-            train_loss = format!("{train_loss:.4}"),
-            val_top1_err = format!("{top1:.3}"),
-            val_top5_err = format!("{top5:.3}"),
-            chance_top1_err = format!("{:.3}", 1.0 - 1.0 / opts.net.classes as f64),
-            "validation"
-        );
-        results.push(EpochResult {
-            epoch: epoch + 1,
-            train_loss,
-            val_top1_err: top1,
-            val_top5_err: top5,
-        });
-    }
-    Ok(results)
+            Ok((x, chunk.iter().map(|&i| train_ref.labels[i]).collect()))
+        })))
+    };
+    fit(&mut net, &fit_opts, steps_per_epoch, epoch_batches, |net| {
+        evaluate(net, &val_set, batch)
+    })
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
