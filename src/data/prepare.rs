@@ -435,6 +435,7 @@ pub fn prepare(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Sum
     let mut skipped = not_images;
     let (mut reused, mut decoded) = (0usize, 0usize);
     let mut infos: Vec<Option<ShardInfo>> = vec![None; shard_count];
+    let mut last_log = Instant::now();
     // Shards are written on a thread of their own while the next one is decoded: writing and
     // flushing 200 MB takes about as long as decoding it.
     let written: Result<Vec<(usize, ShardInfo)>> = std::thread::scope(|scope| {
@@ -532,6 +533,19 @@ pub fn prepare(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Sum
                 .for_each(|(a, b)| *a += b);
             skipped.extend(bad);
             bar.inc(chunk.len() as u64);
+            // Progress in the logs too, for runs without a terminal (jobs, pipes).
+            let done = ((index + 1) * opts.shard_images).min(files.len());
+            if last_log.elapsed().as_secs() >= 30 && done < files.len() {
+                let rate = done as f64 / started.elapsed().as_secs_f64();
+                tracing::info!(
+                    done,
+                    of = files.len(),
+                    images_per_s = format!("{rate:.0}"),
+                    eta = format!("{:.0}s", (files.len() - done) as f64 / rate),
+                    "preparing"
+                );
+                last_log = Instant::now();
+            }
         }
         drop(tx);
         writer
