@@ -38,23 +38,23 @@ fn mini_config(g: &Golden) -> NetConfig {
     }
 }
 
-#[test]
-fn golden_mini_alexnet_logits_loss_and_every_gradient() {
-    let g = Golden::load("mini_alexnet.safetensors");
-    let cfg = mini_config(&g);
-    let cpu = Cpu::new();
-    let mut net = Network::new(
-        cfg.clone(),
-        cpu.clone(),
-        Box::new(LocalExchange::default()),
-        0,
-    )
-    .unwrap();
+/// The narrow network `cfg`, with the golden file's parameters.
+fn golden_network(g: &Golden, cfg: NetConfig) -> Network<Cpu> {
+    let mut net = Network::new(cfg, Cpu::new(), Box::new(LocalExchange::default()), 0).unwrap();
     net.load_unsplit(|name| {
         let key = format!("param.{name}");
         Ok((g.shape(&key).to_vec(), g.get(&key).to_vec()))
     })
     .unwrap();
+    net
+}
+
+#[test]
+fn golden_mini_alexnet_logits_loss_and_every_gradient() {
+    let g = Golden::load("mini_alexnet.safetensors");
+    let cfg = mini_config(&g);
+    let cpu = Cpu::new();
+    let mut net = golden_network(&g, cfg.clone());
     let batch = g.shape("x")[0];
     let x = cpu.upload(g.get("x"));
     let labels: Vec<u32> = g.get("labels").iter().map(|&l| l as u32).collect();
@@ -95,13 +95,7 @@ fn lrn_per_column_stops_at_the_column_boundary() {
             lrn_across_columns: across,
             ..mini_config(&g)
         };
-        let mut net =
-            Network::new(cfg, cpu.clone(), Box::new(LocalExchange::default()), 0).unwrap();
-        net.load_unsplit(|name| {
-            let key = format!("param.{name}");
-            Ok((g.shape(&key).to_vec(), g.get(&key).to_vec()))
-        })
-        .unwrap();
+        let mut net = golden_network(&g, cfg);
         let logits = net
             .forward(&cpu.upload(g.get("x")), 2, Mode::Eval)
             .unwrap()
@@ -143,18 +137,7 @@ fn the_mini_network_overfits_a_fixed_batch() {
         ..mini_config(&g)
     };
     let cpu = Cpu::new();
-    let mut net = Network::new(
-        cfg.clone(),
-        cpu.clone(),
-        Box::new(LocalExchange::default()),
-        0,
-    )
-    .unwrap();
-    net.load_unsplit(|name| {
-        let key = format!("param.{name}");
-        Ok((g.shape(&key).to_vec(), g.get(&key).to_vec()))
-    })
-    .unwrap();
+    let mut net = golden_network(&g, cfg.clone());
     let batch = 8;
     // Inputs of a few units, like normalised pixels with some contrast.
     let x = cpu.upload(

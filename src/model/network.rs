@@ -845,45 +845,27 @@ impl<B: Backend> Network<B> {
             let t = Instant::now();
             b.maxpool_backward(&g.pool[2], &a.a5, &a.p5, &w.dp5, &mut w.da5);
             prof.add("pool5", true, t);
-            let t = Instant::now();
-            b.relu_backward(&a.a5, &mut w.da5);
-            let (wp, bp) = weight_and_bias(&mut col.params, 4);
-            b.conv2d_backward(
-                &g.conv[4],
-                &a.a4,
-                &wp.value,
-                &w.da5,
-                Some(&mut w.da4),
-                &mut wp.grad,
-                &mut bp.grad,
-            );
-            prof.add("conv5", true, t);
-            let t = Instant::now();
-            b.relu_backward(&a.a4, &mut w.da4);
-            let (wp, bp) = weight_and_bias(&mut col.params, 3);
-            b.conv2d_backward(
-                &g.conv[3],
-                &a.a3,
-                &wp.value,
-                &w.da4,
-                Some(&mut w.da3),
-                &mut wp.grad,
-                &mut bp.grad,
-            );
-            prof.add("conv4", true, t);
-            let t = Instant::now();
-            b.relu_backward(&a.a3, &mut w.da3);
-            let (wp, bp) = weight_and_bias(&mut col.params, 2);
-            b.conv2d_backward(
-                &g.conv[2],
-                &gath.g2,
-                &wp.value,
-                &w.da3,
-                Some(&mut w.dg2),
-                &mut wp.grad,
-                &mut bp.grad,
-            );
-            prof.add("conv3", true, t);
+            // conv5, conv4, conv3: undo the ReLU on the output gradient, then the layer.
+            for (layer, name) in [(4usize, "conv5"), (3, "conv4"), (2, "conv3")] {
+                let t = Instant::now();
+                let (y, dy, x, dx) = match layer {
+                    4 => (&a.a5, &mut w.da5, &a.a4, &mut w.da4),
+                    3 => (&a.a4, &mut w.da4, &a.a3, &mut w.da3),
+                    _ => (&a.a3, &mut w.da3, &gath.g2, &mut w.dg2),
+                };
+                b.relu_backward(y, dy);
+                let (wp, bp) = weight_and_bias(&mut col.params, layer);
+                b.conv2d_backward(
+                    &g.conv[layer],
+                    x,
+                    &wp.value,
+                    dy,
+                    Some(dx),
+                    &mut wp.grad,
+                    &mut bp.grad,
+                );
+                prof.add(name, true, t);
+            }
         }
         let t = Instant::now();
         reduce_scatter(b, exchange.as_mut(), batch, widths[0], ws, |w| {
