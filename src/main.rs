@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
         Each column holds half the kernels of every layer; the columns exchange activations only \
         at conv3, fc6, fc7, fc8 and the logits, as in the paper.\n\n\
         Quick start:\n  alexnet train              trains a narrow network on the carried Fashion-MNIST sample\n  \
-        alexnet bench --batch 128  measures training speed of the paper's network on random data"
+        alexnet bench --batch 128  measures training speed of the paper's network on random data\n  \
+        alexnet prepare --input DIR --output DIR   prepares an ImageFolder tree (ImageNet) for training"
 )]
 struct Cli {
     /// Log format: human-readable text or one JSON object per line.
@@ -43,14 +44,15 @@ enum BackendChoice {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train on a labelled image set in IDX form (Fashion-MNIST layout) and report validation error.
+    /// Train on IDX files (Fashion-MNIST layout) or a prepared dataset, reporting validation error.
     Train(TrainArgs),
     /// Time full training steps (forward, backward, update) on random data.
     Bench(BenchArgs),
-    /// Turn an ImageFolder tree (root/<class>/<image>, JPEG or PNG) into the paper's
-    /// preprocessed form: 256x256 RGB (shorter side to 256, central crop) in shards, with the
-    /// mean image and the RGB PCA. Interrupted runs leave nothing that looks complete; rerun to
-    /// finish.
+    /// Turn an ImageFolder tree into the paper's preprocessed, sharded form.
+    ///
+    /// Reads root/<class>/<image> (JPEG or PNG, any size, grey or colour) and writes 256x256
+    /// RGB images (shorter side to 256, central crop) in shards, with the mean image and the RGB
+    /// PCA in dataset.json. Interrupted runs leave nothing that looks complete; rerun to finish.
     Prepare(PrepareArgs),
     /// Time `prepare` on ImageNet-sized JPEGs and the loader on the result.
     BenchData(BenchDataArgs),
