@@ -130,4 +130,5 @@ fn prepare_then_train_on_the_prepared_photographs() {
     );
     assert!(ok, "{err}");
     assert!(err.contains("validation epoch=1"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,12 +12,27 @@ fn photos() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/sample/imagenet-photos")
 }
 
-/// A fresh folder for one test.
-fn scratch(name: &str) -> PathBuf {
+/// A fresh folder for one test, removed when the test ends.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("alexnet-data-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 fn quiet(shard_images: usize) -> PrepareOptions {
@@ -270,10 +285,12 @@ fn truncated_and_corrupted_shards_are_detected() {
     );
 }
 
-fn prepared(name: &str) -> Arc<Dataset> {
+/// The photographs prepared into a scratch folder (kept alive with the dataset).
+fn prepared(name: &str) -> (Scratch, Arc<Dataset>) {
     let out = scratch(name);
     prepare(&photos(), &out, &quiet(8)).unwrap();
-    Arc::new(Dataset::open(&out).unwrap())
+    let ds = Arc::new(Dataset::open(&out).unwrap());
+    (out, ds)
 }
 
 fn config(global_batch: usize, replicas: usize, replica: usize, view: View) -> LoaderConfig {
@@ -317,7 +334,7 @@ fn epoch_digest(ds: &Arc<Dataset>, cfg: &LoaderConfig, epoch: u64) -> u64 {
 
 #[test]
 fn batches_are_the_same_in_every_run_and_process() {
-    let ds = prepared("determinism");
+    let (_dir, ds) = prepared("determinism");
     let cfg = config(4, 1, 0, View::Train);
     let digest = epoch_digest(&ds, &cfg, 3);
     if std::env::var("ALEXNET_DIGEST_CHILD").is_ok() {
@@ -358,7 +375,7 @@ fn batches_are_the_same_in_every_run_and_process() {
 
 #[test]
 fn replicas_split_every_batch_disjointly_and_cover_the_epoch() {
-    let ds = prepared("replicas");
+    let (_dir, ds) = prepared("replicas");
     for replicas in [1, 2, 4] {
         let mut seen = HashSet::new();
         let mut per_batch: Vec<Vec<usize>> = Vec::new();
@@ -406,7 +423,7 @@ fn replicas_split_every_batch_disjointly_and_cover_the_epoch() {
 
 #[test]
 fn evaluation_views_are_the_centre_and_the_ten_patches() {
-    let ds = prepared("views");
+    let (_dir, ds) = prepared("views");
     let centre = EpochLoader::new(ds.clone(), config(4, 1, 0, View::Centre), 0)
         .unwrap()
         .next()
