@@ -273,3 +273,103 @@ fn whole_network_gradients_match_finite_differences() {
         "only {checked} gradients were large enough to check"
     );
 }
+
+/// The columns held apart (one thread each, exchanging only at the paper's points) train to the
+/// same parameters as one process holding both, dropout on: what lets workers split a network.
+#[test]
+fn two_columns_on_two_threads_train_like_one_process() {
+    use alexnet::comm::ChannelExchange;
+    use alexnet::train::train_step;
+    let cfg = NetConfig {
+        init_std: 0.2,
+        ..NetConfig::narrow(63, [4, 8, 8, 8, 4], [8, 8], 4)
+    };
+    assert_eq!(cfg.dropout, 0.5);
+    let (batch, seed) = (3, 17);
+    let x: Vec<f32> = random(3 * 63 * 63 * batch, 8)
+        .iter()
+        .map(|v| 3.0 * v)
+        .collect();
+    let labels = vec![2u32, 0, 3];
+    let sgd = SgdParams {
+        lr: 0.01,
+        momentum: 0.9,
+        weight_decay: 0.0005,
+    };
+    let mut whole = Network::new(
+        cfg.clone(),
+        Cpu::new(),
+        Box::new(LocalExchange::default()),
+        seed,
+    )
+    .unwrap();
+    let mut losses = Vec::new();
+    for step in 0..5 {
+        losses.push(
+            train_step(&mut whole, &x, &labels, step, &sgd)
+                .unwrap()
+                .loss,
+        );
+    }
+    let (e0, e1) = ChannelExchange::pair(std::time::Duration::from_secs(60));
+    let threads: Vec<_> = [e0, e1]
+        .into_iter()
+        .map(|exchange| {
+            let (cfg, x, labels) = (cfg.clone(), x.clone(), labels.clone());
+            std::thread::spawn(move || {
+                let mut net = Network::new(cfg, Cpu::new(), Box::new(exchange), seed).unwrap();
+                let losses: Vec<f32> = (0..5)
+                    .map(|step| train_step(&mut net, &x, &labels, step, &sgd).unwrap().loss)
+                    .collect();
+                let column = net.columns.remove(0);
+                (
+                    column.index,
+                    column
+                        .params
+                        .into_iter()
+                        .map(|p| (p.name, p.value))
+                        .collect::<Vec<_>>(),
+                    losses,
+                )
+            })
+        })
+        .collect();
+    for t in threads {
+        let (index, params, split_losses) = t.join().unwrap();
+        for (a, b) in split_losses.iter().zip(&losses) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "column {index}: loss {a} vs {b}"
+            );
+        }
+        let reference = &whole.columns[index].params;
+        for ((name, value), p) in params.iter().zip(reference) {
+            assert_eq!(name, &p.name);
+            assert_close(
+                &format!("column {index} {name} after 5 steps"),
+                value,
+                &p.value,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn a_missing_column_is_an_error_not_a_hang() {
+    use alexnet::comm::ChannelExchange;
+    let cfg = NetConfig::narrow(63, [4, 8, 8, 8, 4], [8, 8], 4);
+    let (e0, e1) = ChannelExchange::pair(std::time::Duration::from_millis(200));
+    let mut net = Network::new(cfg, Cpu::new(), Box::new(e0), 1).unwrap();
+    let x = vec![0.5f32; net.input_len(2)];
+    // The other column never answers.
+    let silent = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        drop(e1);
+    });
+    let e = format!("{:#}", net.forward(&x, 2, Mode::Eval).unwrap_err());
+    assert!(e.contains("no block from the other column"), "{e}");
+    silent.join().unwrap();
+    let e = format!("{:#}", net.forward(&x, 2, Mode::Eval).unwrap_err());
+    assert!(e.contains("gone") || e.contains("no block"), "{e}");
+}

@@ -7,10 +7,12 @@
 //! and the exchange fills in the rest: from memory when both columns are here, over NCCL or TCP
 //! when the other column lives in another process.
 
+pub mod channel;
 pub mod local;
 
 use crate::backend::Backend;
 
+pub use channel::ChannelExchange;
 pub use local::LocalExchange;
 
 /// One collective operation between the columns of one network.
