@@ -110,25 +110,27 @@ impl<B: Backend> ColumnExchange<B> for ChannelExchange {
         );
         let theirs = backend.upload(&self.swap(backend.download(&for_peer), rows * width)?);
         // Always sum in column order, so that both layouts of the network add the same way.
-        let mut sum = backend.zeros(rows * width);
-        let mut mine = backend.zeros(rows * width);
-        backend.slice_rows(
-            rows,
-            COLUMNS * width,
-            me * width,
-            width,
-            full[0],
-            &mut mine,
-            false,
-        );
-        let (first, second) = if me == 0 {
-            (&mine, &theirs)
-        } else {
-            (&theirs, &mine)
+        let own = |out: &mut B::Buf, accumulate: bool| {
+            backend.slice_rows(
+                rows,
+                COLUMNS * width,
+                me * width,
+                width,
+                full[0],
+                out,
+                accumulate,
+            )
         };
-        backend.slice_rows(rows, width, 0, width, first, &mut sum, false);
-        backend.slice_rows(rows, width, 0, width, second, &mut sum, true);
-        backend.slice_rows(rows, width, 0, width, &sum, out[0], false);
+        let peer_part = |out: &mut B::Buf, accumulate: bool| {
+            backend.slice_rows(rows, width, 0, width, &theirs, out, accumulate)
+        };
+        if me == 0 {
+            own(out[0], false);
+            peer_part(out[0], true);
+        } else {
+            peer_part(out[0], false);
+            own(out[0], true);
+        }
         Ok(())
     }
 }
