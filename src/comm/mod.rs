@@ -1,19 +1,59 @@
-//! How the two columns (and, later, replicas) exchange activations and gradients.
+//! How the two columns and the replicas exchange activations and gradients.
 //!
 //! The columns talk only where the paper lets them: the inputs of conv3, fc6, fc7 and fc8, and
 //! the logits. Forward, each of those is an all-gather of the columns' halves along channels
 //! (or features); backward, the matching reduce-scatter sums, for each column's half, the
 //! gradients that both columns computed. A process passes the columns it holds (one, or both)
-//! and the exchange fills in the rest: from memory when both columns are here, over NCCL or TCP
-//! when the other column lives in another process.
+//! and the exchange fills in the rest: from memory when both columns are here, over a [`Link`]
+//! (threads, TCP; NCCL with the CUDA backend) when the other column lives elsewhere.
+//!
+//! Replicas of the pair (data parallelism) average their gradients after every backward pass
+//! through a [`ReplicaReduce`]; they exchange nothing else.
 
 pub mod channel;
 pub mod local;
+pub mod pair;
+pub mod replica;
+pub mod tcp;
+pub mod topology;
 
 use crate::backend::Backend;
 
-pub use channel::ChannelExchange;
+pub use channel::{ChannelExchange, ChannelLink};
 pub use local::LocalExchange;
+pub use pair::PairExchange;
+pub use replica::{ReplicaReduce, TcpReplicaGroup};
+pub use tcp::{MeshKey, TcpLink, TcpMesh};
+pub use topology::{connect_tcp, Exchanges, Placement, Topology};
+
+/// What crossed a link (or a set of links) so far: payload only, frame headers apart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    /// Blocks sent.
+    pub messages: u64,
+    /// Bytes of frame headers and handshakes, sent.
+    pub overhead_bytes: u64,
+}
+
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, o: Traffic) {
+        self.sent_bytes += o.sent_bytes;
+        self.received_bytes += o.received_bytes;
+        self.messages += o.messages;
+        self.overhead_bytes += o.overhead_bytes;
+    }
+}
+
+/// A point-to-point link between two processes (or threads) carrying blocks of f32.
+pub trait Link: Send {
+    /// Sends `mine` and receives the peer's block, which must hold `expect` values. Both
+    /// directions move at once, so two peers swapping large blocks never wait on each other.
+    fn swap(&mut self, mine: &[f32], expect: usize) -> anyhow::Result<Vec<f32>>;
+    /// What this link carried so far.
+    fn traffic(&self) -> Traffic;
+}
 
 /// One collective operation between the columns of one network.
 pub trait ColumnExchange<B: Backend>: Send {
@@ -41,4 +81,39 @@ pub trait ColumnExchange<B: Backend>: Send {
         full: &[&B::Buf],
         out: &mut [&mut B::Buf],
     ) -> anyhow::Result<()>;
+
+    /// What crossed to the other column so far (nothing when both columns are here).
+    fn traffic(&self) -> Traffic {
+        Traffic::default()
+    }
+}
+
+/// Bytes one column sends to the other in one training step (forward all-gathers of pool2,
+/// pool5, fc6, fc7 and the logits; backward reduce-scatters of all but the logits, whose
+/// gradient both columns already hold), from the layer shapes.
+pub fn column_bytes_per_step(
+    cfg: &crate::model::NetConfig,
+    batch: usize,
+) -> anyhow::Result<ColumnBytes> {
+    let w = crate::model::network::exchange_widths(cfg)?;
+    let per = |width: usize| (batch * width * 4) as u64;
+    Ok(ColumnBytes {
+        forward: w.map(per),
+        backward: [per(w[0]), per(w[1]), per(w[2]), per(w[3]), 0],
+    })
+}
+
+/// Bytes per exchange point (pool2, pool5, fc6, fc7, logits) one column sends per step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnBytes {
+    pub forward: [u64; 5],
+    pub backward: [u64; 5],
+}
+
+impl ColumnBytes {
+    pub const POINTS: [&'static str; 5] = ["pool2", "pool5", "fc6", "fc7", "logits"];
+
+    pub fn total(&self) -> u64 {
+        self.forward.iter().chain(&self.backward).sum()
+    }
 }

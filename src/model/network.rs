@@ -141,6 +141,13 @@ impl Geoms {
     }
 }
 
+/// Features per sample that one column contributes at each exchange point (pool2, pool5, fc6,
+/// fc7, logits).
+pub fn exchange_widths(cfg: &NetConfig) -> anyhow::Result<[usize; 5]> {
+    let sides = cfg.validate()?;
+    Ok(Geoms::new(cfg, &sides, 1).exchange_widths())
+}
+
 /// The largest batch one process runs (larger ones are split over replicas or steps).
 pub const MAX_BATCH: usize = 1 << 16;
 
@@ -417,6 +424,8 @@ pub struct Network<B: Backend> {
     seed: u64,
     /// Global index of this process's first sample in the global batch (data parallelism).
     pub sample_offset: u64,
+    /// The other replicas of this process's columns, whose gradients are averaged with these.
+    replicas: Option<Box<dyn crate::comm::ReplicaReduce>>,
     geoms: Option<Geoms>,
     gathered: Option<Gathered<B>>,
     /// One gradient workspace per held column.
@@ -473,6 +482,7 @@ impl<B: Backend> Network<B> {
             exchange,
             seed,
             sample_offset: 0,
+            replicas: None,
             geoms: None,
             gathered: None,
             grads: None,
@@ -930,6 +940,69 @@ impl<B: Backend> Network<B> {
             }
         }
         self.profile.add("sgd", true, t);
+    }
+
+    /// Averages every held gradient across the replicas of this process's columns (data
+    /// parallelism), between the backward pass and the SGD step.
+    /// Makes this network replica `replica` of a data-parallel group whose replicas each take
+    /// `batch_per_replica` consecutive samples of the global batch: dropout masks follow the
+    /// samples' global positions, and [`Self::sync_replicas`] averages the gradients.
+    pub fn join_replicas(
+        &mut self,
+        group: Box<dyn crate::comm::ReplicaReduce>,
+        replica: usize,
+        batch_per_replica: usize,
+    ) {
+        self.sample_offset = (replica * batch_per_replica) as u64;
+        self.replicas = Some(group);
+    }
+
+    /// What crossed to the other replicas so far.
+    pub fn replica_traffic(&self) -> crate::comm::Traffic {
+        self.replicas
+            .as_ref()
+            .map(|r| r.traffic())
+            .unwrap_or_default()
+    }
+
+    /// Averages the gradients with the other replicas, if any (between backward and SGD step).
+    pub fn sync_replicas(&mut self) -> anyhow::Result<()> {
+        let Some(mut group) = self.replicas.take() else {
+            return Ok(());
+        };
+        let r = self.all_reduce_grads(group.as_mut());
+        self.replicas = Some(group);
+        r
+    }
+
+    fn all_reduce_grads(
+        &mut self,
+        group: &mut dyn crate::comm::ReplicaReduce,
+    ) -> anyhow::Result<()> {
+        let t = Instant::now();
+        let b = &self.backend;
+        let mut host = Vec::new();
+        for col in &self.columns {
+            for p in &col.params {
+                host.extend(b.download(&p.grad));
+            }
+        }
+        group.all_reduce_mean(&mut host)?;
+        let mut at = 0;
+        for col in &mut self.columns {
+            for p in &mut col.params {
+                let n = p.len();
+                p.grad = b.upload(&host[at..at + n]);
+                at += n;
+            }
+        }
+        self.profile.add("replicas", true, t);
+        Ok(())
+    }
+
+    /// What crossed to the other column so far.
+    pub fn column_traffic(&self) -> crate::comm::Traffic {
+        self.exchange.traffic()
     }
 
     /// Parameters held by this process, column by column.

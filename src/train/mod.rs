@@ -17,7 +17,8 @@ pub struct StepResult {
     pub top5_correct: usize,
 }
 
-/// Forward, loss, backward and SGD update on one batch; `step` keys the dropout masks.
+/// Forward, loss, backward, the replicas' gradient average (if any) and SGD update on this
+/// process's part of one batch; `step` keys the dropout masks.
 pub fn train_step<B: Backend>(
     net: &mut Network<B>,
     x: &B::Buf,
@@ -41,6 +42,7 @@ pub fn train_step<B: Backend>(
     let (top1_correct, top5_correct) =
         count_correct(&net.backend.download(logits), classes, labels);
     net.backward(x, &dlogits)?;
+    net.sync_replicas()?;
     net.sgd_step(sgd);
     Ok(StepResult {
         loss,

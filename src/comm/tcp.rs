@@ -1,0 +1,318 @@
+//! Blocks of f32 between processes over TCP: the data plane of CPU workers (and of GPUs
+//! without NCCL).
+//!
+//! A link is one TCP connection between two ranks. It opens with a handshake that names the
+//! job, the generation and both ranks, so that a process of another job (or a stale process of
+//! an earlier generation) cannot join by mistake. Every block then travels in a frame
+//! `"AXF1" | sequence (u64) | values (u32) | values x f32`, all little-endian; the receiver knows
+//! how many values to expect and checks the header before reading the payload, so a malformed
+//! frame is an error that names the peer, never an allocation of its choosing. Every read and
+//! write has the job's peer timeout: a dead or silent peer is an error, not a hang.
+
+use super::{Link, Traffic};
+use anyhow::{bail, Context};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+#[cfg(target_endian = "big")]
+compile_error!(
+    "the TCP data plane sends f32 in the host's byte order, which must be little-endian"
+);
+
+const FRAME_MAGIC: &[u8; 4] = b"AXF1";
+const FRAME_HEADER: usize = 16;
+const HELLO_MAGIC: &[u8; 4] = b"AXH1";
+const HELLO_LEN: usize = 32;
+/// Bumped when the framing changes, so that mismatched binaries refuse each other.
+const PROTOCOL: u32 = 1;
+const ACCEPTED: &[u8; 4] = b"AXOK";
+
+/// Who may join a mesh: a digest of the job id and configuration, and the generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MeshKey {
+    pub job: u64,
+    pub generation: u64,
+}
+
+/// One TCP connection to a peer rank.
+pub struct TcpLink {
+    stream: TcpStream,
+    peer_rank: usize,
+    peer_addr: String,
+    timeout: Duration,
+    seq_out: u64,
+    seq_in: u64,
+    traffic: Traffic,
+}
+
+fn io_context(e: std::io::Error, peer: usize, addr: &str, timeout: Duration) -> anyhow::Error {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => anyhow::anyhow!(
+            "rank {peer} ({addr}) sent nothing for {timeout:?}: it stopped or the link is cut \
+             (the limit is the job's peer timeout)"
+        ),
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::BrokenPipe => anyhow::anyhow!(
+            "rank {peer} ({addr}) closed the connection: it has probably failed (see its log)"
+        ),
+        _ => anyhow::anyhow!("link to rank {peer} ({addr}): {e}"),
+    }
+}
+
+impl TcpLink {
+    fn new(stream: TcpStream, peer_rank: usize, timeout: Duration) -> anyhow::Result<Self> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let peer_addr = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        Ok(TcpLink {
+            stream,
+            peer_rank,
+            peer_addr,
+            timeout,
+            seq_out: 0,
+            seq_in: 0,
+            traffic: Traffic {
+                overhead_bytes: HELLO_LEN as u64,
+                ..Traffic::default()
+            },
+        })
+    }
+
+    pub fn peer_rank(&self) -> usize {
+        self.peer_rank
+    }
+
+    fn err(&self, e: std::io::Error) -> anyhow::Error {
+        io_context(e, self.peer_rank, &self.peer_addr, self.timeout)
+    }
+
+    fn write_frame(mut stream: &TcpStream, seq: u64, values: &[f32]) -> std::io::Result<()> {
+        let mut header = [0u8; FRAME_HEADER];
+        header[..4].copy_from_slice(FRAME_MAGIC);
+        header[4..12].copy_from_slice(&seq.to_le_bytes());
+        header[12..].copy_from_slice(&(values.len() as u32).to_le_bytes());
+        stream.write_all(&header)?;
+        stream.write_all(bytemuck::cast_slice(values))?;
+        stream.flush()
+    }
+
+    fn read_frame(&self, seq: u64, expect: usize) -> anyhow::Result<Vec<f32>> {
+        let mut stream = &self.stream;
+        let mut header = [0u8; FRAME_HEADER];
+        stream.read_exact(&mut header).map_err(|e| self.err(e))?;
+        let peer = self.peer_rank;
+        if &header[..4] != FRAME_MAGIC {
+            bail!(
+                "rank {peer} ({}) sent a malformed frame header",
+                self.peer_addr
+            );
+        }
+        let got_seq = u64::from_le_bytes(header[4..12].try_into().unwrap());
+        let count = u32::from_le_bytes(header[12..].try_into().unwrap()) as usize;
+        if got_seq != seq {
+            bail!(
+                "rank {peer} ({}) sent block {got_seq} where block {seq} was due: the ranks are out of step",
+                self.peer_addr
+            );
+        }
+        if count != expect {
+            bail!(
+                "rank {peer} ({}) sent {count} values where {expect} were due: do both run the same network and batch?",
+                self.peer_addr
+            );
+        }
+        let mut values = vec![0f32; expect];
+        stream
+            .read_exact(bytemuck::cast_slice_mut(&mut values))
+            .map_err(|e| self.err(e))?;
+        Ok(values)
+    }
+}
+
+impl Link for TcpLink {
+    fn swap(&mut self, mine: &[f32], expect: usize) -> anyhow::Result<Vec<f32>> {
+        let (seq_out, seq_in) = (self.seq_out, self.seq_in);
+        let this = &*self;
+        let (sent, received) = std::thread::scope(|s| {
+            // Write on a second thread: two peers that both wrote first would fill each
+            // other's socket buffers and wait forever.
+            let writer = s.spawn(move || Self::write_frame(&this.stream, seq_out, mine));
+            let received = this.read_frame(seq_in, expect);
+            (writer.join().expect("the writer thread panicked"), received)
+        });
+        let received = received?;
+        sent.map_err(|e| self.err(e))?;
+        self.seq_out += 1;
+        self.seq_in += 1;
+        self.traffic.sent_bytes += 4 * mine.len() as u64;
+        self.traffic.received_bytes += 4 * expect as u64;
+        self.traffic.messages += 1;
+        self.traffic.overhead_bytes += FRAME_HEADER as u64;
+        Ok(received)
+    }
+
+    fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+}
+
+fn hello(key: MeshKey, from: usize, to: usize) -> [u8; HELLO_LEN] {
+    let mut h = [0u8; HELLO_LEN];
+    h[..4].copy_from_slice(HELLO_MAGIC);
+    h[4..8].copy_from_slice(&PROTOCOL.to_le_bytes());
+    h[8..16].copy_from_slice(&key.job.to_le_bytes());
+    h[16..24].copy_from_slice(&key.generation.to_le_bytes());
+    h[24..28].copy_from_slice(&(from as u32).to_le_bytes());
+    h[28..32].copy_from_slice(&(to as u32).to_le_bytes());
+    h
+}
+
+/// The TCP links of one rank to the peers it exchanges with.
+pub struct TcpMesh;
+
+impl TcpMesh {
+    /// Connects rank `me` to each rank in `needed`: ranks above `me` connect to this rank's
+    /// `listener`, and this rank connects to the listeners (`addrs`) of the ranks below it.
+    /// Connections that do not present `key` and the right ranks are refused and logged; the
+    /// mesh fails if a needed peer has not joined within `timeout`.
+    pub fn connect(
+        me: usize,
+        listener: &TcpListener,
+        addrs: &BTreeMap<usize, String>,
+        needed: &[usize],
+        key: MeshKey,
+        timeout: Duration,
+    ) -> anyhow::Result<HashMap<usize, TcpLink>> {
+        let deadline = Instant::now() + timeout;
+        let mut links = HashMap::new();
+        for &peer in needed.iter().filter(|&&p| p < me) {
+            let addr = addrs
+                .get(&peer)
+                .with_context(|| format!("no data-plane address for rank {peer}"))?;
+            links.insert(peer, Self::dial(me, peer, addr, key, deadline, timeout)?);
+        }
+        let mut waiting: Vec<usize> = needed.iter().copied().filter(|&p| p > me).collect();
+        listener.set_nonblocking(true)?;
+        while !waiting.is_empty() {
+            match listener.accept() {
+                Ok((stream, from)) => match Self::admit(stream, me, key, &waiting, timeout) {
+                    Ok(link) => {
+                        waiting.retain(|&p| p != link.peer_rank);
+                        links.insert(link.peer_rank, link);
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %from, "refused a data-plane connection: {e:#}")
+                    }
+                },
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        bail!(
+                            "rank(s) {waiting:?} did not connect to this rank's data plane within {timeout:?}"
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e).context("accepting data-plane connections"),
+            }
+        }
+        listener.set_nonblocking(false)?;
+        Ok(links)
+    }
+
+    fn dial(
+        me: usize,
+        peer: usize,
+        addr: &str,
+        key: MeshKey,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> anyhow::Result<TcpLink> {
+        let sock: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("rank {peer}'s data-plane address `{addr}`"))?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match TcpStream::connect_timeout(&sock, left.max(Duration::from_millis(10))) {
+                Ok(stream) => {
+                    let link = TcpLink::new(stream, peer, timeout)?;
+                    let mut s = &link.stream;
+                    s.write_all(&hello(key, me, peer))
+                        .map_err(|e| link.err(e))?;
+                    let mut reply = [0u8; 4];
+                    s.read_exact(&mut reply).map_err(|e| link.err(e))?;
+                    if &reply != ACCEPTED {
+                        bail!("rank {peer} ({addr}) refused this rank's data-plane connection");
+                    }
+                    return Ok(link);
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("connecting to rank {peer} at {addr}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "rank {peer}'s data plane at {addr} did not answer within {timeout:?}"
+                        )
+                    })
+                }
+            }
+        }
+    }
+
+    fn admit(
+        stream: TcpStream,
+        me: usize,
+        key: MeshKey,
+        waiting: &[usize],
+        timeout: Duration,
+    ) -> anyhow::Result<TcpLink> {
+        stream.set_nonblocking(false)?;
+        // A stranger gets a short wait, not the whole peer timeout.
+        stream.set_read_timeout(Some(timeout.min(Duration::from_secs(5))))?;
+        let mut h = [0u8; HELLO_LEN];
+        (&stream)
+            .read_exact(&mut h)
+            .context("no complete handshake")?;
+        let word = |r: std::ops::Range<usize>| {
+            u64::from_le_bytes({
+                let mut b = [0u8; 8];
+                b[..r.len()].copy_from_slice(&h[r]);
+                b
+            })
+        };
+        if &h[..4] != HELLO_MAGIC {
+            bail!("not an alexnet data-plane handshake");
+        }
+        if word(4..8) != PROTOCOL as u64 {
+            bail!(
+                "data-plane protocol {} (this binary speaks {PROTOCOL}): mixed versions",
+                word(4..8)
+            );
+        }
+        if word(8..16) != key.job {
+            bail!("the peer belongs to another job");
+        }
+        if word(16..24) != key.generation {
+            bail!(
+                "the peer is in generation {}, this rank in {}",
+                word(16..24),
+                key.generation
+            );
+        }
+        let (from, to) = (word(24..28) as usize, word(28..32) as usize);
+        if to != me || !waiting.contains(&from) {
+            bail!("unexpected handshake from rank {from} to rank {to}");
+        }
+        (&stream).write_all(ACCEPTED)?;
+        TcpLink::new(stream, from, timeout)
+    }
+}

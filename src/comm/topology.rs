@@ -1,0 +1,147 @@
+//! Which rank holds what: the pair of columns, replicated for data parallelism.
+//!
+//! Ranks are numbered replica by replica: with one column per worker, rank `2r + c` holds
+//! column `c` of replica `r`; with both columns per worker, rank `r` is replica `r`.
+
+use super::tcp::MeshKey;
+use super::{ColumnExchange, LocalExchange, PairExchange, ReplicaReduce, TcpMesh, TcpReplicaGroup};
+use crate::backend::Backend;
+use crate::model::config::COLUMNS;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topology {
+    /// Copies of the pair of columns, each on its own part of the global batch.
+    pub replicas: usize,
+    /// Columns each worker holds: 1 (the paper's split, a column per device) or 2.
+    pub columns_per_worker: usize,
+}
+
+/// What one rank holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub rank: usize,
+    pub replica: usize,
+    pub columns: Vec<usize>,
+}
+
+impl Topology {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.replicas >= 1, "replicas must be at least 1");
+        anyhow::ensure!(
+            self.columns_per_worker == 1 || self.columns_per_worker == COLUMNS,
+            "columns per worker must be 1 or {COLUMNS}, not {}",
+            self.columns_per_worker
+        );
+        Ok(())
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.replicas * COLUMNS / self.columns_per_worker
+    }
+
+    fn workers_per_replica(&self) -> usize {
+        COLUMNS / self.columns_per_worker
+    }
+
+    pub fn placement(&self, rank: usize) -> Placement {
+        let per = self.workers_per_replica();
+        let replica = rank / per;
+        let columns = if per == 1 {
+            (0..COLUMNS).collect()
+        } else {
+            vec![rank % per]
+        };
+        Placement {
+            rank,
+            replica,
+            columns,
+        }
+    }
+
+    /// The rank holding the other column of `rank`'s replica, when it is another rank.
+    pub fn column_partner(&self, rank: usize) -> Option<usize> {
+        (self.workers_per_replica() == COLUMNS).then_some(rank ^ 1)
+    }
+
+    /// The ranks holding the same columns in the other replicas, as (replica, rank).
+    pub fn replica_peers(&self, rank: usize) -> Vec<(usize, usize)> {
+        let per = self.workers_per_replica();
+        (0..self.replicas)
+            .filter(|&r| r != rank / per)
+            .map(|r| (r, r * per + rank % per))
+            .collect()
+    }
+}
+
+/// The exchanges of one rank: to its partner column, and to its replicas.
+pub struct Exchanges<B: Backend> {
+    pub columns: Box<dyn ColumnExchange<B>>,
+    pub replicas: Option<Box<dyn ReplicaReduce>>,
+}
+
+/// Connects `rank` to the ranks it exchanges with over TCP.
+pub fn connect_tcp<B: Backend>(
+    topology: &Topology,
+    rank: usize,
+    listener: &TcpListener,
+    addrs: &BTreeMap<usize, String>,
+    key: MeshKey,
+    timeout: Duration,
+) -> anyhow::Result<Exchanges<B>> {
+    let partner = topology.column_partner(rank);
+    let peers = topology.replica_peers(rank);
+    let needed: Vec<usize> = partner
+        .iter()
+        .copied()
+        .chain(peers.iter().map(|p| p.1))
+        .collect();
+    let mut links = TcpMesh::connect(rank, listener, addrs, &needed, key, timeout)?;
+    let place = topology.placement(rank);
+    let columns: Box<dyn ColumnExchange<B>> = match partner {
+        Some(p) => Box::new(PairExchange::new(
+            place.columns[0],
+            links.remove(&p).expect("connected"),
+        )),
+        None => Box::new(LocalExchange::default()),
+    };
+    let replicas: Option<Box<dyn ReplicaReduce>> = if peers.is_empty() {
+        None
+    } else {
+        let group = peers
+            .iter()
+            .map(|&(replica, r)| (replica, links.remove(&r).expect("connected")))
+            .collect();
+        Some(Box::new(TcpReplicaGroup::new(place.replica, group)))
+    };
+    Ok(Exchanges { columns, replicas })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_go_replica_by_replica() {
+        let t = Topology {
+            replicas: 2,
+            columns_per_worker: 1,
+        };
+        assert_eq!(t.world_size(), 4);
+        assert_eq!(t.placement(3).replica, 1);
+        assert_eq!(t.placement(3).columns, vec![1]);
+        assert_eq!(t.column_partner(2), Some(3));
+        assert_eq!(t.replica_peers(1), vec![(1, 3)]);
+        let both = Topology {
+            replicas: 3,
+            columns_per_worker: 2,
+        };
+        assert_eq!(both.world_size(), 3);
+        assert_eq!(both.placement(2).columns, vec![0, 1]);
+        assert_eq!(both.column_partner(2), None);
+        assert_eq!(both.replica_peers(2), vec![(0, 0), (1, 1)]);
+    }
+}

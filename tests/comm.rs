@@ -1,0 +1,319 @@
+//! The TCP data plane, in one process: ranks on threads over loopback train exactly like one
+//! process holding the whole network, send exactly the bytes the layer shapes give, and fail
+//! within the timeout (naming the peer) when a peer goes away.
+
+mod common;
+
+use alexnet::backend::{Cpu, SgdParams};
+use alexnet::comm::{column_bytes_per_step, connect_tcp, LocalExchange, MeshKey, Topology};
+use alexnet::model::{NetConfig, Network};
+use alexnet::train::train_step;
+use common::{assert_close, random};
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+const KEY: MeshKey = MeshKey {
+    job: 42,
+    generation: 0,
+};
+
+fn net_cfg() -> NetConfig {
+    NetConfig {
+        init_std: 0.2,
+        ..NetConfig::narrow(63, [4, 8, 8, 8, 4], [8, 8], 4)
+    }
+}
+
+const SGD: SgdParams = SgdParams {
+    lr: 0.01,
+    momentum: 0.9,
+    weight_decay: 0.0005,
+};
+
+struct RankResult {
+    rank: usize,
+    params: Vec<(usize, String, Vec<f32>)>,
+    losses: Vec<f32>,
+    column_bytes: (u64, u64),
+    replica_bytes: u64,
+}
+
+/// Trains `steps` steps on every rank of `topology`, one thread each, over loopback TCP.
+fn train_ranks(
+    topology: Topology,
+    x: &[f32],
+    labels: &[u32],
+    steps: u64,
+    seed: u64,
+) -> Vec<RankResult> {
+    let world = topology.world_size();
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: BTreeMap<usize, String> = listeners
+        .iter()
+        .enumerate()
+        .map(|(r, l)| (r, l.local_addr().unwrap().to_string()))
+        .collect();
+    let per = net_cfg().in_channels * 63 * 63;
+    let local_batch = labels.len() / topology.replicas;
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let addrs = addrs.clone();
+            let place = topology.placement(rank);
+            let rows = place.replica * local_batch..(place.replica + 1) * local_batch;
+            let x = x[rows.start * per..rows.end * per].to_vec();
+            let labels = labels[rows].to_vec();
+            std::thread::spawn(move || {
+                let ex = connect_tcp::<Cpu>(
+                    &topology,
+                    rank,
+                    &listener,
+                    &addrs,
+                    KEY,
+                    Duration::from_secs(30),
+                )
+                .unwrap();
+                let mut net =
+                    Network::new(net_cfg(), Cpu::with_threads(1), ex.columns, seed).unwrap();
+                if let Some(group) = ex.replicas {
+                    net.join_replicas(group, place.replica, local_batch);
+                }
+                let losses = (0..steps)
+                    .map(|s| train_step(&mut net, &x, &labels, s, &SGD).unwrap().loss)
+                    .collect();
+                let t = net.column_traffic();
+                RankResult {
+                    rank,
+                    params: net
+                        .params()
+                        .map(|(c, p)| (c, p.name.clone(), p.value.clone()))
+                        .collect(),
+                    losses,
+                    column_bytes: (t.sent_bytes, t.received_bytes),
+                    replica_bytes: net.replica_traffic().sent_bytes,
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+fn check_against_one_process(topology: Topology) {
+    let (batch, seed, steps) = (4, 17, 5);
+    let x: Vec<f32> = random(3 * 63 * 63 * batch, 8)
+        .iter()
+        .map(|v| 3.0 * v)
+        .collect();
+    let labels = vec![2u32, 0, 3, 1];
+    let mut whole = Network::new(
+        net_cfg(),
+        Cpu::new(),
+        Box::new(LocalExchange::default()),
+        seed,
+    )
+    .unwrap();
+    let losses: Vec<f32> = (0..steps)
+        .map(|s| train_step(&mut whole, &x, &labels, s, &SGD).unwrap().loss)
+        .collect();
+    let ranks = train_ranks(topology, &x, &labels, steps, seed);
+    assert_eq!(ranks.len(), topology.world_size());
+    for r in &ranks {
+        assert!(!r.params.is_empty());
+        for (column, name, value) in &r.params {
+            let reference = whole
+                .params()
+                .find(|(c, p)| c == column && &p.name == name)
+                .unwrap()
+                .1;
+            assert_close(
+                &format!("rank {} column {column} {name} after {steps} steps", r.rank),
+                value,
+                &reference.value,
+                1e-5,
+            );
+        }
+        if topology.replicas == 1 {
+            // The loss of one replica is the loss of the whole batch.
+            for (a, b) in r.losses.iter().zip(&losses) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs(),
+                    "rank {}: loss {a} vs {b}",
+                    r.rank
+                );
+            }
+        }
+    }
+    if topology.replicas > 1 {
+        // The global loss is the mean of the replicas' losses.
+        for s in 0..steps as usize {
+            let per_replica: Vec<f32> = ranks
+                .iter()
+                .filter(|r| topology.placement(r.rank).columns[0] == 0)
+                .map(|r| r.losses[s])
+                .collect();
+            let mean = per_replica.iter().sum::<f32>() / per_replica.len() as f32;
+            assert!((mean - losses[s]).abs() <= 1e-5 * losses[s].abs());
+        }
+    }
+}
+
+/// The exactness check of the distributed runtime, on threads: the processes' version runs in
+/// tests/distributed.rs.
+#[test]
+fn two_columns_over_tcp_train_like_one_process() {
+    check_against_one_process(Topology {
+        replicas: 1,
+        columns_per_worker: 1,
+    });
+}
+
+#[test]
+fn two_replicas_of_two_columns_over_tcp_train_like_one_process_on_the_whole_batch() {
+    check_against_one_process(Topology {
+        replicas: 2,
+        columns_per_worker: 1,
+    });
+}
+
+#[test]
+fn two_replicas_holding_both_columns_train_like_one_process() {
+    check_against_one_process(Topology {
+        replicas: 2,
+        columns_per_worker: 2,
+    });
+}
+
+/// The bytes the TCP links counted are exactly what the exchange points' shapes give (so
+/// nothing else crosses between the columns), and the replicas exchange only gradients.
+#[test]
+fn columns_send_exactly_the_exchange_points_bytes() {
+    let (batch, steps) = (2, 3);
+    let x = random(3 * 63 * 63 * batch * 2, 3);
+    let labels = vec![0u32, 1, 2, 3];
+    let ranks = train_ranks(
+        Topology {
+            replicas: 2,
+            columns_per_worker: 1,
+        },
+        &x,
+        &labels,
+        steps,
+        5,
+    );
+    let want = column_bytes_per_step(&net_cfg(), batch).unwrap().total() * steps;
+    let params: u64 =
+        alexnet::model::params::parameter_count(&net_cfg(), &net_cfg().validate().unwrap()) as u64;
+    for r in &ranks {
+        assert_eq!(r.column_bytes, (want, want), "rank {}", r.rank);
+        let own: u64 = r.params.iter().map(|p| p.2.len() as u64).sum();
+        assert_eq!(own * 2, params, "a column holds half the parameters");
+        assert_eq!(r.replica_bytes, own * 4 * steps, "rank {}", r.rank);
+    }
+}
+
+/// SPEC.md's figures for the paper's network at batch 128: 10.6 MiB (pool2), 2.25 MiB (pool5),
+/// 1 MiB (fc6), 1 MiB (fc7) and 0.25 MiB (logits) per column and direction.
+#[test]
+fn the_papers_exchange_at_batch_128_matches_the_spec() {
+    let b = column_bytes_per_step(&NetConfig::default(), 128).unwrap();
+    let mib = |v: u64| v as f64 / (1 << 20) as f64;
+    let fwd: Vec<f64> = b.forward.iter().map(|&v| mib(v)).collect();
+    assert!((fwd[0] - 10.5625).abs() < 1e-9, "pool2 {}", fwd[0]);
+    assert_eq!(&fwd[1..4], &[2.25, 1.0, 1.0]);
+    // 500 logits x 128 x 4 bytes: the spec's "0.25 MiB" is rounded.
+    assert_eq!(b.forward[4], 500 * 128 * 4);
+    assert_eq!(b.backward[..4], b.forward[..4]);
+    assert_eq!(
+        b.backward[4], 0,
+        "both columns hold the whole logits' gradient"
+    );
+}
+
+/// A peer that goes away mid-run is an error naming it within the timeout, not a hang; and a
+/// stranger knocking on the data-plane port is refused without disturbing the mesh.
+#[test]
+fn a_dead_peer_is_named_within_the_timeout_and_strangers_are_refused() {
+    let topology = Topology {
+        replicas: 1,
+        columns_per_worker: 1,
+    };
+    let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs: BTreeMap<usize, String> = [
+        (0, l0.local_addr().unwrap().to_string()),
+        (1, l1.local_addr().unwrap().to_string()),
+    ]
+    .into();
+    // Garbage and a handshake from another job, before rank 1 connects.
+    let target = l0.local_addr().unwrap();
+    let mut junk = std::net::TcpStream::connect(target).unwrap();
+    std::io::Write::write_all(&mut junk, &[0xffu8; 64]).unwrap();
+    let timeout = Duration::from_secs(2);
+    let other_job = std::thread::spawn(move || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a: BTreeMap<usize, String> = [(0, target.to_string())].into();
+        let wrong = MeshKey {
+            job: 7,
+            generation: 0,
+        };
+        connect_tcp::<Cpu>(&topology, 1, &l, &a, wrong, Duration::from_secs(2)).err()
+    });
+    assert!(
+        other_job.join().unwrap().is_some(),
+        "another job's rank was let in"
+    );
+    let a1 = addrs.clone();
+    let rank1 = std::thread::spawn(move || {
+        let ex = connect_tcp::<Cpu>(&topology, 1, &l1, &a1, KEY, timeout).unwrap();
+        drop(ex); // dies right after joining
+    });
+    let ex = connect_tcp::<Cpu>(&topology, 0, &l0, &addrs, KEY, timeout).unwrap();
+    rank1.join().unwrap();
+    let mut net = Network::new(net_cfg(), Cpu::new(), ex.columns, 1).unwrap();
+    let x = random(3 * 63 * 63, 1);
+    let t = Instant::now();
+    let err = train_step(&mut net, &x, &[0], 0, &SGD).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("rank 1"), "{msg}");
+    assert!(t.elapsed() < timeout + Duration::from_secs(5));
+}
+
+/// A peer that stays connected but silent is an error after the timeout.
+#[test]
+fn a_silent_peer_times_out() {
+    let topology = Topology {
+        replicas: 1,
+        columns_per_worker: 1,
+    };
+    let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs: BTreeMap<usize, String> = [
+        (0, l0.local_addr().unwrap().to_string()),
+        (1, l1.local_addr().unwrap().to_string()),
+    ]
+    .into();
+    let timeout = Duration::from_millis(700);
+    let a1 = addrs.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let rank1 = std::thread::spawn(move || {
+        let ex = connect_tcp::<Cpu>(&topology, 1, &l1, &a1, KEY, timeout).unwrap();
+        let _ = rx.recv(); // holds the connection open, sends nothing
+        drop(ex);
+    });
+    let ex = connect_tcp::<Cpu>(&topology, 0, &l0, &addrs, KEY, timeout).unwrap();
+    let mut net = Network::new(net_cfg(), Cpu::new(), ex.columns, 1).unwrap();
+    let t = Instant::now();
+    let err = train_step(&mut net, &random(3 * 63 * 63, 1), &[0], 0, &SGD).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("rank 1") && msg.contains("sent nothing"),
+        "{msg}"
+    );
+    assert!(t.elapsed() >= timeout && t.elapsed() < timeout * 10);
+    tx.send(()).unwrap();
+    rank1.join().unwrap();
+}
