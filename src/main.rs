@@ -1,9 +1,11 @@
 //! `alexnet`: train, benchmark and (later) serve the two-column network.
 
 use alexnet::backend::{Cpu, SgdParams};
-use alexnet::data::idx::read_fashion_mnist_dir;
+use alexnet::comm::Topology;
 use alexnet::model::NetConfig;
-use alexnet::train::{bench, sample};
+use alexnet::train::bench;
+use alexnet::train::fit::LogMonitor;
+use alexnet::train::job::JobConfig;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -99,8 +101,9 @@ struct BenchDataArgs {
     json: bool,
 }
 
-#[derive(clap::Args)]
-struct TrainArgs {
+/// What to train, shared by `train` (one process) and `launch` (workers).
+#[derive(clap::Args, Clone)]
+struct JobArgs {
     /// The training data: a prepared dataset (`alexnet prepare`, has dataset.json), or a folder
     /// of IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-*), which
     /// also holds the validation set.
@@ -113,11 +116,15 @@ struct TrainArgs {
     /// file. Default: `demo` for IDX data, `paper` for prepared data.
     #[arg(long)]
     net: Option<String>,
-    /// Threads that make batches from prepared data.
+    /// Threads that make batches from prepared data (per worker).
     #[arg(long, default_value_t = 2)]
     loader_threads: usize,
     #[arg(long, default_value_t = 10)]
     epochs: usize,
+    /// Stop after this many steps in all (default: run every epoch).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Samples per step, all replicas together.
     #[arg(long, default_value_t = 64)]
     batch: usize,
     /// Learning rate (the paper: 0.01).
@@ -133,6 +140,15 @@ struct TrainArgs {
     /// Log progress every this many steps.
     #[arg(long, default_value_t = 10)]
     log_every: usize,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    /// Write the trained parameters here (column0.safetensors, column1.safetensors).
+    #[arg(long)]
+    out: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
 }
@@ -293,60 +309,71 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn train(a: TrainArgs) -> anyhow::Result<()> {
+/// The job the training flags describe, laid out as `topology`.
+fn job_from_args(a: &JobArgs, topology: Topology) -> anyhow::Result<JobConfig> {
     let data = resolve_data(&a.data);
-    let sgd = SgdParams {
-        lr: a.lr,
-        momentum: a.momentum,
-        weight_decay: a.weight_decay,
-    };
-    let fit = alexnet::train::fit::FitOptions {
+    let prepared = data.join(alexnet::data::shards::METADATA_FILE).exists();
+    let net = load_net(
+        a.net
+            .as_deref()
+            .unwrap_or(if prepared { "paper" } else { "demo" }),
+    )?;
+    let job = JobConfig {
+        data: absolute(&data),
+        val: a.val.as_ref().map(|v| absolute(&resolve_data(v))),
+        net,
         epochs: a.epochs,
         batch: a.batch,
-        sgd,
-        log_every: a.log_every.max(1),
+        sgd: SgdParams {
+            lr: a.lr,
+            momentum: a.momentum,
+            weight_decay: a.weight_decay,
+        },
+        seed: a.seed,
+        max_steps: a.steps,
+        topology,
+        loader_threads: a.loader_threads,
     };
-    let results = if data.join(alexnet::data::shards::METADATA_FILE).exists() {
-        let val = a.val.as_ref().ok_or_else(|| {
-            anyhow::anyhow!(
-                "{} is a prepared dataset: pass --val DIR, a validation set prepared the same way (for ImageNet, \
-                 `alexnet prepare` its val/ folder sorted into class folders)",
-                data.display()
-            )
-        })?;
-        let train_ds = std::sync::Arc::new(alexnet::data::shards::Dataset::open(&data)?);
-        let val_ds = std::sync::Arc::new(alexnet::data::shards::Dataset::open(&resolve_data(val))?);
-        let opts = alexnet::train::prepared::PreparedOptions {
-            fit,
-            seed: a.seed,
-            net: load_net(a.net.as_deref().unwrap_or("paper"))?,
-            loader_threads: a.loader_threads,
-        };
-        alexnet::train::prepared::run(cpu_backend(a.backend)?, train_ds, val_ds, &opts)?
-    } else {
-        let (train_set, val_set) = read_fashion_mnist_dir(&data).with_context(|| {
-            format!(
-                "loading the image set in {} (pass --data DIR: IDX files or a prepared dataset)",
-                data.display()
-            )
-        })?;
-        let opts = sample::SampleOptions {
-            epochs: a.epochs,
-            batch: a.batch,
-            sgd,
-            seed: a.seed,
-            net: load_net(a.net.as_deref().unwrap_or("demo"))?,
-            log_every: a.log_every.max(1),
-        };
-        sample::run(cpu_backend(a.backend)?, &train_set, &val_set, &opts)?
+    job.validate()?;
+    Ok(job)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let job = job_from_args(
+        &a.job,
+        Topology {
+            replicas: 1,
+            columns_per_worker: alexnet::model::config::COLUMNS,
+        },
+    )?;
+    let role = alexnet::train::job::Role {
+        replica: 0,
+        columns: Box::new(alexnet::comm::LocalExchange::default()),
+        replicas: None,
     };
-    if let Some(last) = results.last() {
-        tracing::info!(
+    let mut monitor = LogMonitor::new(a.job.log_every as u64, job.net.classes);
+    let (net, steps) = alexnet::train::job::run(&job, cpu_backend(a.backend)?, role, &mut monitor)?;
+    if let Some(out) = &a.out {
+        for path in alexnet::train::job::save_columns(&net, out)? {
+            tracing::info!(path = %path.display(), "parameters written");
+        }
+    }
+    match monitor.results.last() {
+        Some(last) => tracing::info!(
             epochs = last.epoch,
+            steps,
             val_top1_err = format!("{:.3}", last.val_top1_err),
             val_top5_err = format!("{:.3}", last.val_top5_err),
             "done"
-        );
+        ),
+        None => tracing::info!(
+            steps,
+            "done (stopped before the end of an epoch: no validation)"
+        ),
     }
     Ok(())
 }

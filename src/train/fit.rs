@@ -1,5 +1,9 @@
-//! The training loop shared by every data source: steps, progress logs with rate and ETA, and
-//! validation after each epoch.
+//! The training loop shared by every data source and every layout of the workers: steps,
+//! validation after each epoch, and what they report.
+//!
+//! The loop reports each step and each validation to a [`Reporter`]. In one process that is a
+//! [`LogMonitor`], which logs progress with rate and ETA; in a worker it is the link to the
+//! coordinator, which combines the replicas' reports and feeds the same monitor.
 
 use super::{count_correct, train_step};
 use crate::backend::{Backend, SgdParams};
@@ -9,104 +13,232 @@ use std::time::Instant;
 #[derive(Clone, Debug)]
 pub struct FitOptions {
     pub epochs: usize,
-    /// Samples per step.
+    /// Samples per step, all replicas together.
     pub batch: usize,
     pub sgd: SgdParams,
-    /// Log every this many steps.
-    pub log_every: usize,
-}
-
-/// Validation figures after an epoch.
-#[derive(Clone, Debug)]
-pub struct EpochResult {
-    pub epoch: usize,
-    pub train_loss: f32,
-    pub val_top1_err: f64,
-    pub val_top5_err: f64,
+    /// Stop after this many steps in all (a short run, or a test).
+    pub max_steps: Option<u64>,
 }
 
 /// One batch on the host: `[samples, ...]` f32 inputs and their labels.
 pub type HostBatch = (Vec<f32>, Vec<u32>);
 
-/// Trains `net` for `opts.epochs` epochs of `steps_per_epoch` batches from `epoch_batches`, and
-/// after each epoch logs the error that `evaluate` measures (top-1, top-5).
-pub fn fit<'a, B: Backend>(
+/// Where the batches of one process come from: its replica's part of every global batch.
+pub trait DataSource<B: Backend> {
+    /// Global batches per epoch.
+    fn steps_per_epoch(&self) -> usize;
+    /// This replica's part of each global batch of `epoch`, in order.
+    fn epoch(
+        &mut self,
+        epoch: u64,
+    ) -> anyhow::Result<Box<dyn Iterator<Item = anyhow::Result<HostBatch>> + '_>>;
+    /// Top-1 hits, top-5 hits and samples on this replica's part of the validation set.
+    fn evaluate(&mut self, net: &mut Network<B>) -> anyhow::Result<Hits>;
+}
+
+/// Correct answers on some samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hits {
+    pub top1: u64,
+    pub top5: u64,
+    pub samples: u64,
+}
+
+impl std::ops::AddAssign for Hits {
+    fn add_assign(&mut self, o: Hits) {
+        self.top1 += o.top1;
+        self.top5 += o.top5;
+        self.samples += o.samples;
+    }
+}
+
+impl Hits {
+    pub fn top1_err(&self) -> f64 {
+        1.0 - self.top1 as f64 / self.samples.max(1) as f64
+    }
+    pub fn top5_err(&self) -> f64 {
+        1.0 - self.top5 as f64 / self.samples.max(1) as f64
+    }
+}
+
+/// What one step of one process measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// 1-based.
+    pub epoch: u64,
+    /// Steps done so far in all (1-based).
+    pub step: u64,
+    pub total_steps: u64,
+    pub last_of_epoch: bool,
+    /// Mean loss of the samples below.
+    pub loss: f32,
+    pub hits: Hits,
+    pub lr: f32,
+    /// Bytes sent to the other column and to the other replicas so far.
+    pub column_bytes: u64,
+    pub replica_bytes: u64,
+}
+
+/// Validation after an epoch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalReport {
+    pub epoch: u64,
+    pub hits: Hits,
+}
+
+/// Receives what the loop measures; an error stops the loop (the job was aborted).
+pub trait Reporter {
+    fn step(&mut self, r: &StepReport) -> anyhow::Result<()>;
+    fn evaluation(&mut self, r: &EvalReport) -> anyhow::Result<()>;
+}
+
+/// Validation figures after an epoch.
+#[derive(Clone, Debug)]
+pub struct EpochResult {
+    pub epoch: u64,
+    pub train_loss: f32,
+    pub val_top1_err: f64,
+    pub val_top5_err: f64,
+}
+
+/// Logs training progress every `log_every` steps (loss, training error, images/s, learning
+/// rate, ETA) and validation after each epoch; keeps the per-epoch results.
+pub struct LogMonitor {
+    log_every: u64,
+    classes: usize,
+    started: Instant,
+    window_start: Instant,
+    window: (f64, Hits, u64),
+    epoch_loss: (f64, u64),
+    pub results: Vec<EpochResult>,
+}
+
+impl LogMonitor {
+    pub fn new(log_every: u64, classes: usize) -> Self {
+        LogMonitor {
+            log_every: log_every.max(1),
+            classes,
+            started: Instant::now(),
+            window_start: Instant::now(),
+            window: (0.0, Hits::default(), 0),
+            epoch_loss: (0.0, 0),
+            results: Vec::new(),
+        }
+    }
+}
+
+impl Reporter for LogMonitor {
+    fn step(&mut self, r: &StepReport) -> anyhow::Result<()> {
+        self.window.0 += r.loss as f64;
+        self.window.1 += r.hits;
+        self.window.2 += 1;
+        self.epoch_loss.0 += r.loss as f64;
+        self.epoch_loss.1 += 1;
+        if r.step.is_multiple_of(self.log_every) || r.last_of_epoch || r.step == r.total_steps {
+            let (loss, hits, steps) = self.window;
+            let elapsed = self.started.elapsed().as_secs_f64();
+            tracing::info!(
+                epoch = r.epoch,
+                step = r.step,
+                of = r.total_steps,
+                loss = format!("{:.4}", loss / steps as f64),
+                top1_err = format!("{:.3}", hits.top1_err()),
+                top5_err = format!("{:.3}", hits.top5_err()),
+                images_per_s = format!(
+                    "{:.1}",
+                    hits.samples as f64 / self.window_start.elapsed().as_secs_f64()
+                ),
+                lr = format!("{}", r.lr),
+                eta = format!(
+                    "{:.0}s",
+                    elapsed / r.step as f64 * r.total_steps.saturating_sub(r.step) as f64
+                ),
+                "train"
+            );
+            self.window = (0.0, Hits::default(), 0);
+            self.window_start = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn evaluation(&mut self, r: &EvalReport) -> anyhow::Result<()> {
+        let train_loss = (self.epoch_loss.0 / self.epoch_loss.1.max(1) as f64) as f32;
+        self.epoch_loss = (0.0, 0);
+        tracing::info!(
+            epoch = r.epoch,
+            train_loss = format!("{train_loss:.4}"),
+            val_top1_err = format!("{:.3}", r.hits.top1_err()),
+            val_top5_err = format!("{:.3}", r.hits.top5_err()),
+            chance_top1_err = format!("{:.3}", 1.0 - 1.0 / self.classes as f64),
+            samples = r.hits.samples,
+            "validation"
+        );
+        self.results.push(EpochResult {
+            epoch: r.epoch,
+            train_loss,
+            val_top1_err: r.hits.top1_err(),
+            val_top5_err: r.hits.top5_err(),
+        });
+        Ok(())
+    }
+}
+
+/// Trains `net` on `data` for `opts.epochs` epochs (or `opts.max_steps` steps), validating
+/// after each complete epoch. Returns the steps taken.
+pub fn fit<B: Backend>(
     net: &mut Network<B>,
     opts: &FitOptions,
-    steps_per_epoch: usize,
-    mut epoch_batches: impl FnMut(
-        u64,
-    ) -> anyhow::Result<
-        Box<dyn Iterator<Item = anyhow::Result<HostBatch>> + 'a>,
-    >,
-    mut evaluate: impl FnMut(&mut Network<B>) -> anyhow::Result<(f64, f64)>,
-) -> anyhow::Result<Vec<EpochResult>> {
+    data: &mut dyn DataSource<B>,
+    reporter: &mut dyn Reporter,
+) -> anyhow::Result<u64> {
+    let steps_per_epoch = data.steps_per_epoch();
     anyhow::ensure!(
         steps_per_epoch > 0,
         "an epoch has no full batch of {}",
         opts.batch
     );
-    let total_steps = (steps_per_epoch * opts.epochs) as u64;
-    let started = Instant::now();
-    let mut results = Vec::new();
+    let mut total_steps = (steps_per_epoch * opts.epochs) as u64;
+    if let Some(max) = opts.max_steps {
+        total_steps = total_steps.min(max);
+    }
     let mut step = 0u64;
-    for epoch in 0..opts.epochs {
-        let (mut loss_sum, mut top1, mut top5, mut n) = (0.0f64, 0usize, 0usize, 0usize);
-        let mut epoch_loss = 0.0f64;
-        let mut window_start = Instant::now();
-        for (s, batch) in epoch_batches(epoch as u64)?.enumerate() {
+    for epoch in 0..opts.epochs as u64 {
+        if step >= total_steps {
+            break;
+        }
+        for (s, batch) in data.epoch(epoch)?.enumerate() {
             let (x, labels) = batch?;
             let x = net.backend.upload(&x);
             let r = train_step(net, &x, &labels, step, &opts.sgd)?;
             step += 1;
-            epoch_loss += r.loss as f64;
-            (loss_sum, top1, top5, n) = (
-                loss_sum + r.loss as f64,
-                top1 + r.top1_correct,
-                top5 + r.top5_correct,
-                n + labels.len(),
-            );
-            if step.is_multiple_of(opts.log_every as u64) || s + 1 == steps_per_epoch {
-                let elapsed = started.elapsed().as_secs_f64();
-                let steps_in_window = n.div_ceil(opts.batch).max(1);
-                tracing::info!(
-                    epoch = epoch + 1,
-                    step,
-                    of = total_steps,
-                    loss = format!("{:.4}", loss_sum / steps_in_window as f64),
-                    top1_err = format!("{:.3}", 1.0 - top1 as f64 / n as f64),
-                    top5_err = format!("{:.3}", 1.0 - top5 as f64 / n as f64),
-                    images_per_s =
-                        format!("{:.1}", n as f64 / window_start.elapsed().as_secs_f64()),
-                    lr = format!("{}", opts.sgd.lr),
-                    eta = format!(
-                        "{:.0}s",
-                        elapsed / step as f64 * (total_steps - step) as f64
-                    ),
-                    "train"
-                );
-                (loss_sum, top1, top5, n) = (0.0, 0, 0, 0);
-                window_start = Instant::now();
+            reporter.step(&StepReport {
+                epoch: epoch + 1,
+                step,
+                total_steps,
+                last_of_epoch: s + 1 == steps_per_epoch,
+                loss: r.loss,
+                hits: Hits {
+                    top1: r.top1_correct as u64,
+                    top5: r.top5_correct as u64,
+                    samples: labels.len() as u64,
+                },
+                lr: opts.sgd.lr,
+                column_bytes: net.column_traffic().sent_bytes,
+                replica_bytes: net.replica_traffic().sent_bytes,
+            })?;
+            if step >= total_steps {
+                break;
             }
         }
-        let (val_top1_err, val_top5_err) = evaluate(net)?;
-        let train_loss = (epoch_loss / steps_per_epoch as f64) as f32;
-        tracing::info!(
-            epoch = epoch + 1,
-            train_loss = format!("{train_loss:.4}"),
-            val_top1_err = format!("{val_top1_err:.3}"),
-            val_top5_err = format!("{val_top5_err:.3}"),
-            chance_top1_err = format!("{:.3}", 1.0 - 1.0 / net.cfg.classes as f64),
-            "validation"
-        );
-        results.push(EpochResult {
-            epoch: epoch + 1,
-            train_loss,
-            val_top1_err,
-            val_top5_err,
-        });
+        if step.is_multiple_of(steps_per_epoch as u64) {
+            let hits = data.evaluate(net)?;
+            reporter.evaluation(&EvalReport {
+                epoch: epoch + 1,
+                hits,
+            })?;
+        }
     }
-    Ok(results)
+    Ok(step)
 }
 
 /// Top-1 and top-5 hits on one evaluation batch of up to `batch` samples, padded with blank
@@ -116,7 +248,7 @@ pub fn eval_batch<B: Backend>(
     x: &[f32],
     labels: &[u32],
     batch: usize,
-) -> anyhow::Result<(usize, usize)> {
+) -> anyhow::Result<Hits> {
     let per = net.input_len(1);
     anyhow::ensure!(
         x.len() == labels.len() * per && labels.len() <= batch,
@@ -126,9 +258,14 @@ pub fn eval_batch<B: Backend>(
     host.resize(batch * per, 0.0);
     net.forward(&net.backend.upload(&host), batch, Mode::Eval)?;
     let logits = net.backend.download(net.logits().expect("forward ran"));
-    Ok(count_correct(
+    let (top1, top5) = count_correct(
         &logits[..labels.len() * net.cfg.classes],
         net.cfg.classes,
         labels,
-    ))
+    );
+    Ok(Hits {
+        top1: top1 as u64,
+        top5: top5 as u64,
+        samples: labels.len() as u64,
+    })
 }

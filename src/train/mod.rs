@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod fit;
+pub mod job;
 pub mod prepared;
 pub mod sample;
 

@@ -5,23 +5,11 @@
 //! image is subtracted, and each epoch visits the training set in an order drawn from
 //! `(seed, epoch)`, so a rerun sees the same batches.
 
-use super::fit::{eval_batch, fit, EpochResult, FitOptions, HostBatch};
-use crate::backend::{rng, Backend, SgdParams};
-use crate::comm::LocalExchange;
+use super::fit::{eval_batch, DataSource, Hits, HostBatch};
+use crate::backend::{rng, Backend};
 use crate::data::idx::ImageSet;
 use crate::model::{NetConfig, Network};
 use std::time::Instant;
-
-#[derive(Clone, Debug)]
-pub struct SampleOptions {
-    pub epochs: usize,
-    pub batch: usize,
-    pub sgd: SgdParams,
-    pub seed: u64,
-    pub net: NetConfig,
-    /// Log every this many steps.
-    pub log_every: usize,
-}
 
 /// A set resized to `side` x `side`, as f32 with the training mean subtracted.
 struct Prepared {
@@ -98,111 +86,143 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
-/// Top-1 and top-5 error over `set`, in batches of `batch`.
-fn evaluate<B: Backend>(
-    net: &mut Network<B>,
-    set: &Prepared,
-    batch: usize,
-) -> anyhow::Result<(f64, f64)> {
-    let (mut top1, mut top5) = (0usize, 0usize);
-    let n = set.labels.len();
-    for start in (0..n).step_by(batch) {
-        let end = (start + batch).min(n);
-        let x = &set.values[start * set.per_image..end * set.per_image];
-        let (a, b) = eval_batch(net, x, &set.labels[start..end], batch)?;
-        top1 += a;
-        top5 += b;
-    }
-    Ok((1.0 - top1 as f64 / n as f64, 1.0 - top5 as f64 / n as f64))
+/// A labelled image set in memory, as one replica of a data-parallel job sees it.
+pub struct SampleData {
+    train: Prepared,
+    val: Prepared,
+    global_batch: usize,
+    replicas: usize,
+    replica: usize,
+    seed: u64,
 }
 
-pub fn run<B: Backend>(
-    backend: B,
-    train: &ImageSet,
-    val: &ImageSet,
-    opts: &SampleOptions,
-) -> anyhow::Result<Vec<EpochResult>> {
-    anyhow::ensure!(!train.is_empty(), "the training set is empty");
-    anyhow::ensure!(
-        !val.is_empty(),
-        "the validation (t10k) set is empty: validation needs at least one image"
-    );
-    anyhow::ensure!(opts.batch > 0, "--batch must be at least 1");
-    anyhow::ensure!(
-        train.channels == opts.net.in_channels,
-        "the images have {} channel(s), the network's in_channels is {}",
-        train.channels,
-        opts.net.in_channels
-    );
-    let max_label = train
-        .labels
-        .iter()
-        .chain(&val.labels)
-        .copied()
-        .max()
-        .unwrap_or(0) as usize;
-    anyhow::ensure!(
-        max_label < opts.net.classes,
-        "labels go up to {max_label}, the network has {} classes: raise `classes`",
-        opts.net.classes
-    );
-    let side = opts.net.input_size;
-    let t = Instant::now();
-    let (train_set, mean) = prepare(train, side, None);
-    let (val_set, _) = prepare(val, side, Some(&mean));
-    tracing::info!(
-        train = train.len(),
-        val = val.len(),
-        side,
-        ms = t.elapsed().as_millis() as u64,
-        "images resized and mean-subtracted"
-    );
-    let mut net = Network::new(
-        opts.net.clone(),
-        backend,
-        Box::new(LocalExchange::default()),
-        opts.seed,
-    )?;
-    tracing::info!(
-        backend = net.backend.name(),
-        parameters = crate::model::params::parameter_count(&net.cfg, &net.sides),
-        "network ready"
-    );
-    let steps_per_epoch = train.len() / opts.batch;
-    anyhow::ensure!(
-        steps_per_epoch > 0,
-        "--batch {} is larger than the training set ({})",
-        opts.batch,
-        train.len()
-    );
-    let fit_opts = FitOptions {
-        epochs: opts.epochs,
-        batch: opts.batch,
-        sgd: opts.sgd,
-        log_every: opts.log_every,
-    };
-    let (batch, seed, per) = (opts.batch, opts.seed, train_set.per_image);
-    let train_ref = &train_set;
-    let epoch_batches = move |epoch: u64| -> anyhow::Result<
-        Box<dyn Iterator<Item = anyhow::Result<HostBatch>> + '_>,
-    > {
-        let order = epoch_order(train_ref.labels.len(), seed, epoch);
-        let batches: Vec<Vec<usize>> = order.chunks_exact(batch).map(|c| c.to_vec()).collect();
-        Ok(Box::new(batches.into_iter().map(move |chunk| {
-            let mut x = Vec::with_capacity(batch * per);
-            for &i in &chunk {
-                x.extend_from_slice(&train_ref.values[i * per..(i + 1) * per]);
-            }
-            Ok((x, chunk.iter().map(|&i| train_ref.labels[i]).collect()))
-        })))
-    };
-    fit(&mut net, &fit_opts, steps_per_epoch, epoch_batches, |net| {
-        evaluate(net, &val_set, batch)
-    })
+/// Replica `replica`'s part of `batch`: equal parts, the first `len % replicas` one longer
+/// (only a last evaluation batch is uneven).
+fn replica_part<T>(batch: &[T], replicas: usize, replica: usize) -> &[T] {
+    let (base, extra) = (batch.len() / replicas, batch.len() % replicas);
+    let lo = replica * base + replica.min(extra);
+    &batch[lo..lo + base + usize::from(replica < extra)]
 }
+
+impl SampleData {
+    /// Resizes `train` and `val` to the network's input and subtracts the training mean.
+    pub fn new(
+        train: &ImageSet,
+        val: &ImageSet,
+        net: &NetConfig,
+        global_batch: usize,
+        (replicas, replica): (usize, usize),
+        seed: u64,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(!train.is_empty(), "the training set is empty");
+        anyhow::ensure!(
+            !val.is_empty(),
+            "the validation (t10k) set is empty: validation needs at least one image"
+        );
+        anyhow::ensure!(global_batch > 0, "the batch must be at least 1");
+        anyhow::ensure!(
+            global_batch.is_multiple_of(replicas),
+            "a batch of {global_batch} cannot be split evenly over {replicas} replicas: make it a multiple"
+        );
+        anyhow::ensure!(
+            train.channels == net.in_channels,
+            "the images have {} channel(s), the network's in_channels is {}",
+            train.channels,
+            net.in_channels
+        );
+        let max_label = train
+            .labels
+            .iter()
+            .chain(&val.labels)
+            .copied()
+            .max()
+            .unwrap_or(0) as usize;
+        anyhow::ensure!(
+            max_label < net.classes,
+            "labels go up to {max_label}, the network has {} classes: raise `classes`",
+            net.classes
+        );
+        anyhow::ensure!(
+            train.len() >= global_batch,
+            "the batch ({global_batch}) is larger than the training set ({})",
+            train.len()
+        );
+        let side = net.input_size;
+        let t = Instant::now();
+        let (train_set, mean) = prepare(train, side, None);
+        let (val_set, _) = prepare(val, side, Some(&mean));
+        tracing::info!(
+            train = train.len(),
+            val = val.len(),
+            side,
+            ms = t.elapsed().as_millis() as u64,
+            "images resized and mean-subtracted"
+        );
+        Ok(SampleData {
+            train: train_set,
+            val: val_set,
+            global_batch,
+            replicas,
+            replica,
+            seed,
+        })
+    }
+}
+
+impl<B: Backend> DataSource<B> for SampleData {
+    fn steps_per_epoch(&self) -> usize {
+        self.train.labels.len() / self.global_batch
+    }
+
+    fn epoch(
+        &mut self,
+        epoch: u64,
+    ) -> anyhow::Result<Box<dyn Iterator<Item = anyhow::Result<HostBatch>> + '_>> {
+        let order = epoch_order(self.train.labels.len(), self.seed, epoch);
+        let set = &self.train;
+        let (replicas, replica, per) = (self.replicas, self.replica, set.per_image);
+        let batches: Vec<Vec<usize>> = order
+            .chunks_exact(self.global_batch)
+            .map(|c| replica_part(c, replicas, replica).to_vec())
+            .collect();
+        Ok(Box::new(batches.into_iter().map(move |chunk| {
+            let mut x = Vec::with_capacity(chunk.len() * per);
+            for &i in &chunk {
+                x.extend_from_slice(&set.values[i * per..(i + 1) * per]);
+            }
+            Ok((x, chunk.iter().map(|&i| set.labels[i]).collect()))
+        })))
+    }
+
+    fn evaluate(&mut self, net: &mut Network<B>) -> anyhow::Result<Hits> {
+        let mut hits = Hits::default();
+        let set = &self.val;
+        let n = set.labels.len();
+        let local = self.global_batch / self.replicas;
+        let all: Vec<usize> = (0..n).collect();
+        for batch in all.chunks(self.global_batch) {
+            let part = replica_part(batch, self.replicas, self.replica);
+            let (lo, hi) = match (part.first(), part.last()) {
+                (Some(&a), Some(&b)) => (a, b + 1),
+                _ => (0, 0),
+            };
+            let x = &set.values[lo * set.per_image..hi * set.per_image];
+            hits += eval_batch(net, x, &set.labels[lo..hi], local)?;
+        }
+        Ok(hits)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replica_parts_cover_a_batch_once() {
+        let batch: Vec<usize> = (0..7).collect();
+        let parts: Vec<&[usize]> = (0..3).map(|r| replica_part(&batch, 3, r)).collect();
+        assert_eq!(parts, vec![&[0, 1, 2][..], &[3, 4], &[5, 6]]);
+    }
 
     #[test]
     fn resize_keeps_a_constant_image_constant_and_scales_a_ramp() {

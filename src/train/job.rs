@@ -1,0 +1,202 @@
+//! A training job: what to train on what, and how it is laid out over workers. The same
+//! description runs in one process (`alexnet train`) and across workers (`alexnet launch`,
+//! where the coordinator sends it to every worker, and its hash guards against mismatches).
+
+use super::fit::{fit, DataSource, FitOptions, Reporter};
+use super::prepared::PreparedData;
+use super::sample::SampleData;
+use crate::backend::{Backend, SgdParams};
+use crate::comm::{ColumnExchange, ReplicaReduce, Topology};
+use crate::data::idx::read_fashion_mnist_dir;
+use crate::data::shards::{Dataset, METADATA_FILE};
+use crate::model::config::COLUMNS;
+use crate::model::{NetConfig, Network};
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Everything that decides what a run computes (and so must be equal on every worker).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Training data: a prepared dataset (has dataset.json) or a folder of IDX files (which
+    /// also holds the validation set).
+    pub data: PathBuf,
+    /// The prepared validation set (prepared training data only).
+    pub val: Option<PathBuf>,
+    pub net: NetConfig,
+    pub epochs: usize,
+    /// Samples per step, all replicas together.
+    pub batch: usize,
+    pub sgd: SgdParams,
+    /// Seeds the parameters, the dropout masks and the order of the data.
+    pub seed: u64,
+    /// Stop after this many steps in all.
+    pub max_steps: Option<u64>,
+    pub topology: Topology,
+    /// Threads that make batches from prepared data, per worker.
+    pub loader_threads: usize,
+}
+
+impl JobConfig {
+    /// Refuses a job that cannot run, naming the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.net.validate().context("net")?;
+        self.topology.validate().context("topology")?;
+        anyhow::ensure!(self.batch > 0, "batch must be at least 1");
+        anyhow::ensure!(self.epochs > 0, "epochs must be at least 1");
+        anyhow::ensure!(
+            self.batch.is_multiple_of(self.topology.replicas),
+            "batch {} cannot be split evenly over {} replicas: make it a multiple of {}",
+            self.batch,
+            self.topology.replicas,
+            self.topology.replicas
+        );
+        anyhow::ensure!(
+            !self.net.lrn_across_columns || self.topology.columns_per_worker == COLUMNS,
+            "net.lrn_across_columns needs both columns in each worker (columns_per_worker = 2)"
+        );
+        Ok(())
+    }
+
+    /// A digest of the whole configuration: workers of one job must agree on it.
+    pub fn hash(&self) -> String {
+        let text = serde_json::to_string(self).expect("a job serialises");
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+    }
+}
+
+/// Where this process sits in the job.
+pub struct Role<B: Backend> {
+    pub replica: usize,
+    pub columns: Box<dyn ColumnExchange<B>>,
+    pub replicas: Option<Box<dyn ReplicaReduce>>,
+}
+
+/// The data of `job` as replica `replica` sees it.
+pub fn open_data<B: Backend>(
+    job: &JobConfig,
+    replica: usize,
+) -> anyhow::Result<Box<dyn DataSource<B>>> {
+    let split = (job.topology.replicas, replica);
+    if job.data.join(METADATA_FILE).exists() {
+        let val = job.val.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is a prepared dataset: pass --val DIR, a validation set prepared the same way (for ImageNet, \
+                 `alexnet prepare` its val/ folder sorted into class folders)",
+                job.data.display()
+            )
+        })?;
+        let train = Arc::new(Dataset::open(&job.data)?);
+        let val = Arc::new(Dataset::open(val)?);
+        Ok(Box::new(PreparedData::new(
+            train,
+            val,
+            &job.net,
+            job.batch,
+            split,
+            job.seed,
+            job.loader_threads,
+        )?))
+    } else {
+        let (train, val) = read_fashion_mnist_dir(&job.data).with_context(|| {
+            format!(
+                "loading the image set in {} (pass --data DIR: IDX files or a prepared dataset)",
+                job.data.display()
+            )
+        })?;
+        Ok(Box::new(SampleData::new(
+            &train, &val, &job.net, job.batch, split, job.seed,
+        )?))
+    }
+}
+
+/// Runs `job` in this process's role: builds its columns, trains them, and returns the
+/// network (for its parameters) and the steps taken.
+pub fn run<B: Backend>(
+    job: &JobConfig,
+    backend: B,
+    role: Role<B>,
+    reporter: &mut dyn Reporter,
+) -> anyhow::Result<(Network<B>, u64)> {
+    job.validate()?;
+    let mut data = open_data::<B>(job, role.replica)?;
+    let mut net = Network::new(job.net.clone(), backend, role.columns, job.seed)?;
+    if let Some(group) = role.replicas {
+        net.join_replicas(group, role.replica, job.batch / job.topology.replicas);
+    }
+    tracing::info!(
+        backend = net.backend.name(),
+        columns = ?net.columns.iter().map(|c| c.index).collect::<Vec<_>>(),
+        replica = role.replica,
+        parameters = crate::model::params::parameter_count(&net.cfg, &net.sides),
+        "network ready"
+    );
+    let opts = FitOptions {
+        epochs: job.epochs,
+        batch: job.batch,
+        sgd: job.sgd,
+        max_steps: job.max_steps,
+    };
+    let steps = fit(&mut net, &opts, data.as_mut(), reporter)?;
+    Ok((net, steps))
+}
+
+/// Writes each held column's parameters to `dir/column{c}.safetensors` (the layer's rows of
+/// that column, under the layer's name), atomically.
+pub fn save_columns<B: Backend>(net: &Network<B>, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut written = Vec::new();
+    for col in &net.columns {
+        let values: Vec<(String, Vec<usize>, Vec<f32>)> = col
+            .params
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.shape.clone(),
+                    net.backend.download(&p.value),
+                )
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = values
+            .iter()
+            .map(|(name, shape, v)| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytemuck::cast_slice(v),
+                )
+                .expect("shape matches data");
+                (name.clone(), view)
+            })
+            .collect();
+        let bytes = safetensors::serialize(views, &None)?;
+        let path = dir.join(format!("column{}.safetensors", col.index));
+        crate::data::prepare::write_atomic(&path, &bytes)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Reads a file written by [`save_columns`]: (name, shape, values) in file order.
+pub fn load_column_file(path: &Path) -> anyhow::Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let values = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, v.shape().to_vec(), values)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
