@@ -8,6 +8,9 @@
 
 pub mod backend;
 pub mod comm;
+pub mod coordinator;
 pub mod data;
 pub mod model;
+pub mod proto;
 pub mod train;
+pub mod worker;

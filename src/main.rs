@@ -2,6 +2,8 @@
 
 use alexnet::backend::{Cpu, SgdParams};
 use alexnet::comm::Topology;
+use alexnet::coordinator::launch::LaunchOptions;
+use alexnet::coordinator::{CoordinatorConfig, Phase};
 use alexnet::model::NetConfig;
 use alexnet::train::bench;
 use alexnet::train::fit::LogMonitor;
@@ -30,7 +32,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -58,6 +60,112 @@ enum Command {
     Prepare(PrepareArgs),
     /// Time `prepare` on ImageNet-sized JPEGs and the loader on the result.
     BenchData(BenchDataArgs),
+    /// Train across worker processes on this machine: a coordinator here, one worker per device.
+    ///
+    /// With no arguments: the narrow network of the paper's topology on the carried sample,
+    /// its two columns in two CPU worker processes that exchange activations over TCP only at
+    /// conv3, fc6, fc7, fc8 and the logits. Logs go to stderr with a rank prefix and to one
+    /// file per rank in the run folder.
+    Launch(LaunchArgs),
+    /// Run the coordinator of a multi-machine job; workers join it with `alexnet worker`.
+    Coordinator(CoordinatorArgs),
+    /// Run one worker of a job: join the coordinator, train this rank's part, report.
+    Worker(WorkerArgs),
+    /// Show a running job's state: workers, step, loss, speed, ETA.
+    Status(StatusArgs),
+}
+
+/// How the job is spread over workers, and how long a silent peer is waited for.
+#[derive(clap::Args, Clone)]
+struct LayoutArgs {
+    /// Copies of the pair of columns (data parallelism), each on its part of the batch.
+    #[arg(long, default_value_t = 1, env = "ALEXNET_REPLICAS")]
+    replicas: usize,
+    /// Columns per worker: 1 (the paper: one column per device) or 2 (a worker holds both).
+    #[arg(long, default_value_t = 1)]
+    columns_per_worker: usize,
+    /// Seconds without news from a peer (heartbeat, data) before it counts as lost.
+    #[arg(long, default_value_t = 60.0, env = "ALEXNET_PEER_TIMEOUT")]
+    peer_timeout: f64,
+    /// Seconds the first worker waits for the last one to join.
+    #[arg(long, default_value_t = 300.0)]
+    rendezvous_timeout: f64,
+    /// Job name; workers started for another job are refused. Default: job-<unix time>.
+    #[arg(long, env = "ALEXNET_JOB_ID")]
+    job_id: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct LaunchArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    #[command(flatten)]
+    layout: LayoutArgs,
+    /// Where job.json, rank<N>.log and the trained parameters (params/) go. Default: runs/<job id>.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Compute threads per worker. Default: the cores divided among the workers.
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+}
+
+#[derive(clap::Args)]
+struct CoordinatorArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    #[command(flatten)]
+    layout: LayoutArgs,
+    /// Address to listen on. The default takes connections from this machine only; use
+    /// 0.0.0.0:50051 (on a trusted network) for workers on other hosts.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "ALEXNET_LISTEN")]
+    listen: String,
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    /// The coordinator, as http://host:port.
+    #[arg(long, env = "ALEXNET_COORDINATOR")]
+    coordinator: String,
+    /// `cpu`, or `cuda:N` once the CUDA backend exists.
+    #[arg(long, default_value = "cpu", env = "ALEXNET_DEVICE")]
+    device: String,
+    /// Ask for this rank (default: the next free one).
+    #[arg(long, env = "ALEXNET_RANK")]
+    rank: Option<u32>,
+    /// Only join this job.
+    #[arg(long, env = "ALEXNET_JOB_ID")]
+    job_id: Option<String>,
+    /// Only join a job with this configuration hash.
+    #[arg(long)]
+    config_hash: Option<String>,
+    /// Only join this generation of the job.
+    #[arg(long)]
+    generation: Option<u64>,
+    /// Compute threads (default: every core).
+    #[arg(long, env = "ALEXNET_THREADS")]
+    threads: Option<usize>,
+    /// Seconds to keep trying to reach the coordinator.
+    #[arg(long, default_value_t = 30.0)]
+    connect_timeout: f64,
+    /// Write this worker's trained columns here (replica 0 only).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The coordinator, as http://host:port.
+    #[arg(
+        long,
+        env = "ALEXNET_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -240,7 +348,7 @@ fn init_logging(format: LogFormat) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match run(cli.command) {
+    match run(cli.command, cli.log_format) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -249,9 +357,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
     match command {
         Command::Train(a) => train(a),
+        Command::Launch(a) => launch(a, log_format),
+        Command::Coordinator(a) => coordinator(a),
+        Command::Worker(a) => worker(a),
+        Command::Status(a) => status(a),
         Command::Prepare(a) => {
             let opts = alexnet::data::prepare::PrepareOptions {
                 side: a.side,
@@ -374,6 +486,213 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
             steps,
             "done (stopped before the end of an epoch: no validation)"
         ),
+    }
+    Ok(())
+}
+
+fn seconds(s: f64, what: &str) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("{what} must be a positive number of seconds, not {s}"))
+}
+
+fn coordinator_config(job: &JobArgs, layout: &LayoutArgs) -> anyhow::Result<CoordinatorConfig> {
+    let topology = Topology {
+        replicas: layout.replicas,
+        columns_per_worker: layout.columns_per_worker,
+    };
+    topology.validate()?;
+    let peer_timeout = seconds(layout.peer_timeout, "--peer-timeout")?;
+    let job_id = layout.job_id.clone().unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        format!("job-{t}")
+    });
+    Ok(CoordinatorConfig {
+        job_id,
+        job: job_from_args(job, topology)?,
+        generation: 0,
+        peer_timeout,
+        heartbeat: (peer_timeout / 10).min(std::time::Duration::from_secs(2)),
+        rendezvous_timeout: seconds(layout.rendezvous_timeout, "--rendezvous-timeout")?,
+        log_every: job.log_every.max(1) as u64,
+    })
+}
+
+fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    if let BackendChoice::Cuda = a.backend {
+        anyhow::bail!("--backend cuda: this build has no CUDA backend yet; use --backend cpu");
+    }
+    let cfg = coordinator_config(&a.job, &a.layout)?;
+    let workers = cfg.job.topology.world_size();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = a.threads.unwrap_or((cores / workers).max(1));
+    tracing::info!(
+        workers,
+        threads_per_worker = threads,
+        "no GPU backend in this build: starting CPU workers"
+    );
+    let run_dir = a
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.job_id));
+    let outcome = alexnet::coordinator::launch::run(LaunchOptions {
+        coordinator: cfg,
+        run_dir: run_dir.clone(),
+        threads_per_worker: threads,
+        exe: std::env::current_exe().context("finding this binary to start workers")?,
+        json_logs: log_format == LogFormat::Json,
+    })?;
+    report_exchange_share(&outcome.exchange_seconds);
+    match (&outcome.phase, &outcome.first_failure) {
+        (Phase::Finished, None) => {
+            if let Some(last) = outcome.results.last() {
+                tracing::info!(
+                    epochs = last.epoch,
+                    val_top1_err = format!("{:.3}", last.val_top1_err),
+                    val_top5_err = format!("{:.3}", last.val_top5_err),
+                    run_dir = %run_dir.display(),
+                    "done"
+                );
+            } else {
+                tracing::info!(run_dir = %run_dir.display(), "done");
+            }
+            Ok(())
+        }
+        (_, Some(first)) => anyhow::bail!("first failure: {first} (logs in {})", run_dir.display()),
+        (Phase::Failed { rank, error }, None) => anyhow::bail!(
+            "first failure: {}: {error} (logs in {})",
+            rank.map(|r| format!("rank {r}"))
+                .unwrap_or_else(|| "the coordinator".into()),
+            run_dir.display()
+        ),
+        (p, None) => anyhow::bail!("the job ended as {p:?}"),
+    }
+}
+
+/// Logs each rank's share of training time spent waiting in the exchanges.
+fn report_exchange_share(seconds: &[(u32, f64, f64, f64)]) {
+    for &(rank, columns, replicas, total) in seconds {
+        if total > 0.0 {
+            tracing::info!(
+                rank,
+                column_exchange_share = format!("{:.1}%", 100.0 * columns / total),
+                replica_exchange_share = format!("{:.1}%", 100.0 * replicas / total),
+                train_seconds = format!("{total:.2}"),
+                "time in the exchanges"
+            );
+        }
+    }
+}
+
+fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
+    let cfg = coordinator_config(&a.job, &a.layout)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .with_context(|| format!("listening on {} (--listen)", a.listen))?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            job = %cfg.job_id,
+            config = %alexnet::train::job::JobConfig::hash(&cfg.job),
+            workers = cfg.job.topology.world_size(),
+            "coordinator listening; start the workers with `alexnet worker --coordinator http://THIS_HOST:PORT`"
+        );
+        let c = alexnet::coordinator::Coordinator::new(cfg)?;
+        let phase = c.clone().serve(listener).await?;
+        report_exchange_share(&c.exchange_seconds());
+        match phase {
+            Phase::Finished => Ok(()),
+            Phase::Failed { rank, error } => anyhow::bail!(
+                "the job failed: {}: {error}",
+                rank.map(|r| format!("rank {r}")).unwrap_or_else(|| "coordinator".into())
+            ),
+            p => anyhow::bail!("the job ended as {p:?}"),
+        }
+    })
+}
+
+fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    alexnet::worker::run(alexnet::worker::WorkerOptions {
+        coordinator: a.coordinator,
+        job_id: a.job_id,
+        config_hash: a.config_hash,
+        generation: a.generation,
+        rank: a.rank,
+        device: a.device,
+        threads: a.threads,
+        connect_timeout: seconds(a.connect_timeout, "--connect-timeout")?,
+        out: a.out,
+    })
+}
+
+fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let s = rt.block_on(async {
+        let mut client =
+            alexnet::proto::coordinator_client::CoordinatorClient::connect(a.coordinator.clone())
+                .await
+                .with_context(|| format!("no coordinator answered at {}", a.coordinator))?;
+        anyhow::Ok(
+            client
+                .status(alexnet::proto::StatusRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("status: {}", s.message()))?
+                .into_inner(),
+        )
+    })?;
+    if a.json {
+        let workers: Vec<serde_json::Value> = s
+            .workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({"rank": w.rank, "host": w.host, "device": w.device, "pid": w.pid,
+                    "state": w.state, "step": w.step, "seconds_since_heard": w.seconds_since_heard,
+                    "rss_bytes": w.rss_bytes, "error": w.error})
+            })
+            .collect();
+        let v = serde_json::json!({"job_id": s.job_id, "generation": s.generation, "state": s.state,
+            "world_size": s.world_size, "step": s.step, "total_steps": s.total_steps, "epoch": s.epoch,
+            "loss": s.loss, "images_per_s": s.images_per_s, "eta_seconds": s.eta_seconds,
+            "config_hash": s.config_hash, "error": s.error, "workers": workers});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "job {} (generation {}, config {}): {}",
+        s.job_id, s.generation, s.config_hash, s.state
+    );
+    if !s.error.is_empty() {
+        println!("error: {}", s.error);
+    }
+    println!(
+        "step {}/{}  epoch {}  loss {:.4}  {:.1} images/s  ETA {:.0}s",
+        s.step, s.total_steps, s.epoch, s.loss, s.images_per_s, s.eta_seconds
+    );
+    println!("rank  state     step  heard(s)  rss(MiB)  host / device / pid");
+    for w in &s.workers {
+        println!(
+            "{:>4}  {:<8} {:>5}  {:>8.1}  {:>8}  {} / {} / {}{}",
+            w.rank,
+            w.state,
+            w.step,
+            w.seconds_since_heard,
+            w.rss_bytes >> 20,
+            w.host,
+            w.device,
+            w.pid,
+            if w.error.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", w.error)
+            }
+        );
     }
     Ok(())
 }

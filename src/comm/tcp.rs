@@ -47,20 +47,34 @@ pub struct TcpLink {
     traffic: Traffic,
 }
 
+/// A data-plane failure caused by a peer (gone, silent, or sending nonsense): the worker
+/// reports the peer's rank, so that the coordinator blames the rank that went away.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct PeerError {
+    pub rank: usize,
+    pub message: String,
+}
+
+fn peer_error(rank: usize, message: String) -> anyhow::Error {
+    PeerError { rank, message }.into()
+}
+
 fn io_context(e: std::io::Error, peer: usize, addr: &str, timeout: Duration) -> anyhow::Error {
-    match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => anyhow::anyhow!(
+    let message = match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => format!(
             "rank {peer} ({addr}) sent nothing for {timeout:?}: it stopped or the link is cut \
              (the limit is the job's peer timeout)"
         ),
         ErrorKind::UnexpectedEof
         | ErrorKind::ConnectionReset
         | ErrorKind::ConnectionAborted
-        | ErrorKind::BrokenPipe => anyhow::anyhow!(
+        | ErrorKind::BrokenPipe => format!(
             "rank {peer} ({addr}) closed the connection: it has probably failed (see its log)"
         ),
-        _ => anyhow::anyhow!("link to rank {peer} ({addr}): {e}"),
-    }
+        _ => format!("link to rank {peer} ({addr}): {e}"),
+    };
+    peer_error(peer, message)
 }
 
 impl TcpLink {
@@ -110,24 +124,33 @@ impl TcpLink {
         stream.read_exact(&mut header).map_err(|e| self.err(e))?;
         let peer = self.peer_rank;
         if &header[..4] != FRAME_MAGIC {
-            bail!(
-                "rank {peer} ({}) sent a malformed frame header",
-                self.peer_addr
-            );
+            return Err(peer_error(
+                peer,
+                format!(
+                    "rank {peer} ({}) sent a malformed frame header",
+                    self.peer_addr
+                ),
+            ));
         }
         let got_seq = u64::from_le_bytes(header[4..12].try_into().unwrap());
         let count = u32::from_le_bytes(header[12..].try_into().unwrap()) as usize;
         if got_seq != seq {
-            bail!(
-                "rank {peer} ({}) sent block {got_seq} where block {seq} was due: the ranks are out of step",
-                self.peer_addr
-            );
+            return Err(peer_error(
+                peer,
+                format!(
+                    "rank {peer} ({}) sent block {got_seq} where block {seq} was due: the ranks are out of step",
+                    self.peer_addr
+                ),
+            ));
         }
         if count != expect {
-            bail!(
-                "rank {peer} ({}) sent {count} values where {expect} were due: do both run the same network and batch?",
-                self.peer_addr
-            );
+            return Err(peer_error(
+                peer,
+                format!(
+                    "rank {peer} ({}) sent {count} values where {expect} were due: do both run the same network and batch?",
+                    self.peer_addr
+                ),
+            ));
         }
         let mut values = vec![0f32; expect];
         stream

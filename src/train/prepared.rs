@@ -54,7 +54,7 @@ impl PreparedData {
         };
         anyhow::ensure!(
             batches_per_epoch(train.len(), &base) > 0,
-            "the batch ({global_batch}) is larger than the training set ({})",
+            "the batch (--batch {global_batch}) is larger than the training set ({})",
             train.len()
         );
         tracing::info!(

@@ -144,7 +144,7 @@ impl SampleData {
         );
         anyhow::ensure!(
             train.len() >= global_batch,
-            "the batch ({global_batch}) is larger than the training set ({})",
+            "the batch (--batch {global_batch}) is larger than the training set ({})",
             train.len()
         );
         let side = net.input_size;

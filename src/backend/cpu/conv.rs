@@ -53,6 +53,30 @@ fn valid_range(out: usize, w: usize, stride: usize, pad: usize, kx: usize) -> (u
     (lo.min(hi), hi)
 }
 
+/// Images per leaf of the backward pass's summation tree (see [`backward_sets`]).
+const BACKWARD_LEAF_IMAGES: usize = 4;
+
+type Leaf<'a> = (usize, Option<&'a mut [f32]>);
+
+/// Runs `leaf` on every item and adds the results in a fixed binary tree (the left subtree
+/// always a power of two), in parallel where the tree branches.
+fn tree_sum<'a, F>(leaf: &F, mut items: Vec<Leaf<'a>>) -> (Vec<f32>, Vec<f32>)
+where
+    F: Fn(usize, Option<&'a mut [f32]>) -> (Vec<f32>, Vec<f32>) + Sync,
+{
+    if items.len() == 1 {
+        let (chunk, dx) = items.pop().expect("one item");
+        return leaf(chunk, dx);
+    }
+    let right = items.split_off(items.len().next_power_of_two() / 2);
+    let ((mut dw, mut db), (dw_r, db_r)) =
+        rayon::join(|| tree_sum(leaf, items), || tree_sum(leaf, right));
+    dw.iter_mut().zip(&dw_r).for_each(|(a, b)| *a += b);
+    db.iter_mut().zip(&db_r).for_each(|(a, b)| *a += b);
+    give_scratch(dw_r);
+    (dw, db)
+}
+
 /// Tasks per call: a few per thread, so that a thread slowed by the rest of the machine does not
 /// hold the others up at the end of every layer.
 fn tasks(threads: usize) -> usize {
@@ -270,7 +294,8 @@ pub fn backward_sets(
     dx: Option<&mut [f32]>,
     dws: &mut [&mut [f32]],
     dbs: &mut [&mut [f32]],
-    threads: usize,
+    // The split of the backward pass is fixed by the batch, not by the threads (see tree_sum).
+    _threads: usize,
 ) {
     let u = unfold_sizes(g);
     let sets = ws.len();
@@ -287,7 +312,7 @@ pub fn backward_sets(
     }
     let m = sets * u.cout_g;
     let stacked = stack_sets(g, &u, ws);
-    let per = split_even(g.batch, tasks(threads));
+    let per = BACKWARD_LEAF_IMAGES;
     let chunks = g.batch.div_ceil(per);
     let dx_chunks: Vec<Option<&mut [f32]>> = match dx {
         Some(d) => {
@@ -298,100 +323,89 @@ pub fn backward_sets(
     };
     // Stacked like the weights: [groups][m, k_rows].
     let wlen = g.groups * m * u.k_rows;
-    // Each task sums the weight and bias gradients of its images; the partial sums are added
-    // at the end, in chunk order, so that the result does not depend on scheduling.
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx_chunks
-        .into_par_iter()
-        .enumerate()
-        .map(|(chunk, mut dxs)| {
-            let mut dw_part = take_scratch(wlen);
-            dw_part.fill(0.0);
-            let mut db_part = vec![0.0f32; sets * g.out_c];
-            let kb = block_rows(&u);
-            let mut col = take_scratch(kb * u.pixels);
-            // One group's output gradient of every set, [m, P].
-            let mut dyg = take_scratch(m * u.pixels);
-            let first = chunk * per;
-            for i in 0..per.min(g.batch - first) {
-                let n = first + i;
-                let xn = &x[n * u.in_img..][..u.in_img];
-                for (set, dy) in dys.iter().enumerate() {
-                    for (o, plane) in dy[n * u.out_img..][..u.out_img]
-                        .chunks(u.pixels)
-                        .enumerate()
-                    {
-                        db_part[set * g.out_c + o] += plane.iter().sum::<f32>();
-                    }
+    // Each leaf sums the weight and bias gradients of its few images; the leaves' sums are
+    // added in a fixed binary tree over the batch. The result depends neither on the thread
+    // count nor on scheduling, and replicas holding power-of-two parts of the batch hold
+    // whole subtrees: the layouts of a job compute the same sums.
+    let leaf = |chunk: usize, mut dxs: Option<&mut [f32]>| -> (Vec<f32>, Vec<f32>) {
+        let mut dw_part = take_scratch(wlen);
+        dw_part.fill(0.0);
+        let mut db_part = vec![0.0f32; sets * g.out_c];
+        let kb = block_rows(&u);
+        let mut col = take_scratch(kb * u.pixels);
+        // One group's output gradient of every set, [m, P].
+        let mut dyg = take_scratch(m * u.pixels);
+        let first = chunk * per;
+        for i in 0..per.min(g.batch - first) {
+            let n = first + i;
+            let xn = &x[n * u.in_img..][..u.in_img];
+            for (set, dy) in dys.iter().enumerate() {
+                for (o, plane) in dy[n * u.out_img..][..u.out_img]
+                    .chunks(u.pixels)
+                    .enumerate()
+                {
+                    db_part[set * g.out_c + o] += plane.iter().sum::<f32>();
                 }
-                let mut dxn = dxs.as_deref_mut().map(|d| {
-                    let d = &mut d[i * u.in_img..][..u.in_img];
-                    d.fill(0.0);
-                    d
-                });
-                for gi in 0..g.groups {
-                    let start = n * u.out_img + gi * u.cout_g * u.pixels;
-                    for (set, dy) in dys.iter().enumerate() {
-                        dyg[set * u.cout_g * u.pixels..][..u.cout_g * u.pixels]
-                            .copy_from_slice(&dy[start..start + u.cout_g * u.pixels]);
-                    }
-                    let plane_off = gi * u.cin_g * g.in_h * g.in_w;
-                    let wg = &stacked[gi * m * u.k_rows..][..m * u.k_rows];
-                    for k0 in (0..u.k_rows).step_by(kb) {
-                        let k1 = (k0 + kb).min(u.k_rows);
-                        let colb = &mut col[..(k1 - k0) * u.pixels];
-                        im2col(g, &xn[plane_off..], k0..k1, colb);
-                        // dW_g[:, k0..k1] += dY_g [m, P] * col_block^T [P, kb]
+            }
+            let mut dxn = dxs.as_deref_mut().map(|d| {
+                let d = &mut d[i * u.in_img..][..u.in_img];
+                d.fill(0.0);
+                d
+            });
+            for gi in 0..g.groups {
+                let start = n * u.out_img + gi * u.cout_g * u.pixels;
+                for (set, dy) in dys.iter().enumerate() {
+                    dyg[set * u.cout_g * u.pixels..][..u.cout_g * u.pixels]
+                        .copy_from_slice(&dy[start..start + u.cout_g * u.pixels]);
+                }
+                let plane_off = gi * u.cin_g * g.in_h * g.in_w;
+                let wg = &stacked[gi * m * u.k_rows..][..m * u.k_rows];
+                for k0 in (0..u.k_rows).step_by(kb) {
+                    let k1 = (k0 + kb).min(u.k_rows);
+                    let colb = &mut col[..(k1 - k0) * u.pixels];
+                    im2col(g, &xn[plane_off..], k0..k1, colb);
+                    // dW_g[:, k0..k1] += dY_g [m, P] * col_block^T [P, kb]
+                    sgemm(
+                        m,
+                        k1 - k0,
+                        u.pixels,
+                        MatRef::rows(&dyg, u.pixels),
+                        MatRef::transposed(colb, u.pixels),
+                        &mut dw_part[gi * m * u.k_rows + k0..],
+                        u.k_rows,
+                        true,
+                        Parallelism::None,
+                    );
+                    if let Some(dxn) = dxn.as_deref_mut() {
+                        // dcol block [kb, P] = W_g[:, k0..k1]^T dY_g: the sets' contributions
+                        // summed, folded back while the block is still in cache.
+                        let wt = MatRef {
+                            data: &wg[k0..],
+                            rs: 1,
+                            cs: u.k_rows,
+                        };
                         sgemm(
-                            m,
                             k1 - k0,
                             u.pixels,
+                            m,
+                            wt,
                             MatRef::rows(&dyg, u.pixels),
-                            MatRef::transposed(colb, u.pixels),
-                            &mut dw_part[gi * m * u.k_rows + k0..],
-                            u.k_rows,
-                            true,
+                            colb,
+                            u.pixels,
+                            false,
                             Parallelism::None,
                         );
-                        if let Some(dxn) = dxn.as_deref_mut() {
-                            // dcol block [kb, P] = W_g[:, k0..k1]^T dY_g: the sets' contributions
-                            // summed, folded back while the block is still in cache.
-                            let wt = MatRef {
-                                data: &wg[k0..],
-                                rs: 1,
-                                cs: u.k_rows,
-                            };
-                            sgemm(
-                                k1 - k0,
-                                u.pixels,
-                                m,
-                                wt,
-                                MatRef::rows(&dyg, u.pixels),
-                                colb,
-                                u.pixels,
-                                false,
-                                Parallelism::None,
-                            );
-                            col2im(g, colb, k0..k1, &mut dxn[plane_off..]);
-                        }
+                        col2im(g, colb, k0..k1, &mut dxn[plane_off..]);
                     }
                 }
             }
-            give_scratch(col);
-            give_scratch(dyg);
-            (dw_part, db_part)
-        })
-        .collect();
-    let mut dw_sum = take_scratch(wlen);
-    dw_sum.fill(0.0);
-    let mut db_sum = vec![0.0f32; sets * g.out_c];
-    for (dw_part, db_part) in partials {
-        dw_sum
-            .par_iter_mut()
-            .zip(dw_part.par_iter())
-            .for_each(|(a, b)| *a += b);
-        db_sum.iter_mut().zip(&db_part).for_each(|(a, b)| *a += b);
-        give_scratch(dw_part);
-    }
+        }
+        give_scratch(col);
+        give_scratch(dyg);
+        (dw_part, db_part)
+    };
+    let items: Vec<(usize, Option<&mut [f32]>)> = dx_chunks.into_iter().enumerate().collect();
+    let (dw_sum, db_sum) = tree_sum(&leaf, items);
     // Unstack: set `s`, group `gi` is rows [s * cout_g, (s + 1) * cout_g) of group block `gi`.
     let block = u.cout_g * u.k_rows;
     for (set, (dw, db)) in dws.iter_mut().zip(dbs.iter_mut()).enumerate() {

@@ -1,0 +1,213 @@
+//! `alexnet launch`: one machine's whole job. Starts the coordinator in this process and one
+//! worker process per device, prefixes each worker's log lines with its rank, keeps one log
+//! file per rank in the run folder, and on failure names the first rank that failed, its exit
+//! status and its last error.
+
+use super::{Coordinator, CoordinatorConfig, Phase};
+use anyhow::Context;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct LaunchOptions {
+    pub coordinator: CoordinatorConfig,
+    /// Where job.json, the per-rank logs and the parameters go.
+    pub run_dir: PathBuf,
+    /// Compute threads per worker.
+    pub threads_per_worker: usize,
+    /// The binary to start workers from (this one).
+    pub exe: PathBuf,
+    /// Workers log JSON lines instead of text.
+    pub json_logs: bool,
+}
+
+/// How a launch ended.
+#[derive(Debug)]
+pub struct LaunchOutcome {
+    pub phase: Phase,
+    /// "rank R exited with STATUS: LAST ERROR" for the first worker that failed.
+    pub first_failure: Option<String>,
+    pub results: Vec<crate::train::fit::EpochResult>,
+    /// Per rank: seconds in the column exchange, the replica exchange, and training.
+    pub exchange_seconds: Vec<(u32, f64, f64, f64)>,
+}
+
+struct RankProcess {
+    rank: usize,
+    child: Child,
+    last_error: Arc<Mutex<Option<String>>>,
+    status: Option<std::process::ExitStatus>,
+    /// Killed by the launcher after the job ended without it.
+    killed: bool,
+}
+
+/// Copies a worker's output lines to this process's stderr with a rank prefix, and to its log
+/// file; remembers its last error line.
+fn forward_lines(
+    rank: usize,
+    from: impl std::io::Read + Send + 'static,
+    log: Arc<Mutex<std::fs::File>>,
+    last_error: Arc<Mutex<Option<String>>>,
+) {
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(from).lines() {
+            let Ok(line) = line else { return };
+            if line.contains(" ERROR ") || line.contains("\"level\":\"ERROR\"") {
+                *last_error.lock().unwrap() = Some(line.clone());
+            }
+            let _ = writeln!(log.lock().unwrap(), "{line}");
+            eprintln!("[rank {rank}] {line}");
+        }
+    });
+}
+
+pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
+    let cfg = &opts.coordinator;
+    std::fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("creating the run folder {}", opts.run_dir.display()))?;
+    crate::data::prepare::write_atomic(
+        &opts.run_dir.join("job.json"),
+        serde_json::to_string_pretty(&cfg.job)?.as_bytes(),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let coordinator = Coordinator::new(cfg.clone())?;
+    // Everything stays on loopback: a one-machine job is reachable from nowhere else.
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tracing::info!(
+        coordinator = %url,
+        job = %cfg.job_id,
+        run_dir = %opts.run_dir.display(),
+        workers = cfg.job.topology.world_size(),
+        "coordinator listening (loopback only)"
+    );
+    let server = rt.spawn(coordinator.clone().serve(listener));
+    let world = cfg.job.topology.world_size();
+    let mut procs = Vec::new();
+    for rank in 0..world {
+        let log = std::fs::File::create(opts.run_dir.join(format!("rank{rank}.log")))
+            .context("creating the rank's log file")?;
+        let log = Arc::new(Mutex::new(log));
+        let mut cmd = Command::new(&opts.exe);
+        if opts.json_logs {
+            cmd.args(["--log-format", "json"]);
+        }
+        cmd.args(["worker", "--coordinator", &url, "--device", "cpu"])
+            .args([
+                "--job-id",
+                &cfg.job_id,
+                "--config-hash",
+                coordinator.config_hash(),
+            ])
+            .args(["--rank", &rank.to_string()])
+            .args(["--threads", &opts.threads_per_worker.to_string()])
+            .arg("--out")
+            .arg(opts.run_dir.join("params"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting worker {rank} from {}", opts.exe.display()))?;
+        let last_error = Arc::new(Mutex::new(None));
+        forward_lines(
+            rank,
+            child.stderr.take().unwrap(),
+            log.clone(),
+            last_error.clone(),
+        );
+        forward_lines(rank, child.stdout.take().unwrap(), log, last_error.clone());
+        procs.push(RankProcess {
+            rank,
+            child,
+            last_error,
+            status: None,
+            killed: false,
+        });
+    }
+    let phase = coordinator.phase();
+    let mut first_failure: Option<String> = None;
+    let mut over_since: Option<Instant> = None;
+    // After the job ends, workers get this long to exit before they are killed.
+    let grace = cfg.peer_timeout + Duration::from_secs(5);
+    loop {
+        for p in procs.iter_mut().filter(|p| p.status.is_none()) {
+            if let Some(status) = p.child.try_wait()? {
+                p.status = Some(status);
+                if !status.success() {
+                    // Let the output threads catch the last lines.
+                    std::thread::sleep(Duration::from_millis(100));
+                    let last = p.last_error.lock().unwrap().clone();
+                    let line = format!(
+                        "rank {} exited with {status}{}",
+                        p.rank,
+                        last.map(|l| format!(": {l}")).unwrap_or_default()
+                    );
+                    if first_failure.is_none() {
+                        first_failure = Some(line.clone());
+                        coordinator.fail(
+                            Some(p.rank as u32),
+                            format!("its process exited with {status}"),
+                        );
+                    }
+                }
+            }
+        }
+        if procs.iter().all(|p| p.status.is_some()) {
+            break;
+        }
+        if phase.borrow().is_over() {
+            let since = *over_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > grace {
+                for p in procs.iter_mut().filter(|p| p.status.is_none()) {
+                    tracing::warn!(
+                        rank = p.rank,
+                        "still running {grace:?} after the job ended: killing it"
+                    );
+                    let _ = p.child.kill();
+                    p.killed = true;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !phase.borrow().is_over() {
+        coordinator.fail(None, "every worker exited before the job finished".into());
+    }
+    // The coordinator's verdict names the rank that failed first (a worker that lost its peer
+    // blames the peer); the launcher adds what became of that rank's process.
+    if let Phase::Failed {
+        rank: Some(rank),
+        error,
+    } = &*phase.borrow()
+    {
+        if let Some(p) = procs.iter().find(|p| p.rank == *rank as usize) {
+            let fate = match (p.status, p.killed) {
+                (_, true) => "was killed after the job ended".to_string(),
+                (Some(s), false) => format!("exited with {s}"),
+                (None, false) => "is gone".to_string(),
+            };
+            let last = p.last_error.lock().unwrap().clone();
+            first_failure = Some(format!(
+                "rank {rank} {fate}: {error}{}",
+                last.map(|l| format!("; its last error: {l}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    let end = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), server).await })
+        .context("the coordinator did not stop")???;
+    Ok(LaunchOutcome {
+        phase: end,
+        first_failure,
+        results: coordinator.results(),
+        exchange_seconds: coordinator.exchange_seconds(),
+    })
+}

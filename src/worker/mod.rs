@@ -1,0 +1,421 @@
+//! A worker: one process per device. It joins the coordinator's job, learns its place (rank,
+//! replica, columns), connects the data plane to the ranks it exchanges with, trains its part
+//! of the network, and reports every step; it stops when the coordinator says so, and aborts
+//! when told that another rank failed.
+
+use crate::backend::Cpu;
+use crate::comm::{connect_tcp, MeshKey, Topology};
+use crate::proto::coordinator_client::CoordinatorClient;
+use crate::proto::{
+    command, worker_event, Assignment, Evaluation, Failed, Finished, Heartbeat, Progress,
+    RegisterRequest, WorkerEvent,
+};
+use crate::train::fit::{EvalReport, Reporter, StepReport};
+use crate::train::job::{self, JobConfig, Role};
+use anyhow::{bail, Context};
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// The coordinator's URL (`http://host:port`).
+    pub coordinator: String,
+    /// The job this worker was started for; `None` joins whatever job the coordinator runs.
+    pub job_id: Option<String>,
+    pub config_hash: Option<String>,
+    pub generation: Option<u64>,
+    /// The rank to ask for; `None` takes the next free one.
+    pub rank: Option<u32>,
+    /// `cpu` (for now).
+    pub device: String,
+    /// Compute threads (default: every core).
+    pub threads: Option<usize>,
+    /// How long to keep trying to reach the coordinator.
+    pub connect_timeout: Duration,
+    /// Where replica 0 writes its columns' parameters at the end.
+    pub out: Option<PathBuf>,
+}
+
+/// Resident memory of this process, from /proc (0 where unknown).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+/// What the coordinator said, as the training thread sees it.
+#[derive(Default)]
+struct Commands {
+    /// Set when the coordinator aborted the generation (or went away).
+    abort: Option<String>,
+    stopped: bool,
+}
+
+/// Sends the training loop's reports to the coordinator and stops the loop on an abort.
+struct RemoteReporter {
+    rank: u32,
+    generation: u64,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+    commands: Arc<Mutex<Commands>>,
+}
+
+impl RemoteReporter {
+    fn send(&self, event: worker_event::Event) {
+        let _ = self.events.send(WorkerEvent {
+            rank: self.rank,
+            generation: self.generation,
+            event: Some(event),
+        });
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if let Some(reason) = &self.commands.lock().unwrap().abort {
+            bail!("the coordinator aborted this generation: {reason}");
+        }
+        Ok(())
+    }
+}
+
+impl Reporter for RemoteReporter {
+    fn step(&mut self, r: &StepReport) -> anyhow::Result<()> {
+        self.send(worker_event::Event::Progress(Progress {
+            epoch: r.epoch,
+            step: r.step,
+            total_steps: r.total_steps,
+            last_of_epoch: r.last_of_epoch,
+            loss: r.loss,
+            hits: Some(r.hits.into()),
+            lr: r.lr,
+            column_bytes: r.column_bytes,
+            replica_bytes: r.replica_bytes,
+            rss_bytes: rss_bytes(),
+        }));
+        self.check()
+    }
+
+    fn evaluation(&mut self, r: &EvalReport) -> anyhow::Result<()> {
+        self.send(worker_event::Event::Evaluation(Evaluation {
+            epoch: r.epoch,
+            hits: Some(r.hits.into()),
+        }));
+        self.check()
+    }
+}
+
+async fn connect(url: &str, timeout: Duration) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let started = Instant::now();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match CoordinatorClient::connect(url.to_string()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if started.elapsed() < timeout => {
+                tracing::debug!("coordinator at {url} not reachable yet ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => bail!(
+                "no coordinator answered at {url} within {timeout:?} ({tries} tries, last: {e}): \
+                 is it running (`alexnet coordinator`), and is the address right?"
+            ),
+        }
+    }
+}
+
+/// The local address this host uses to reach `url`: the data plane listens there.
+fn local_ip_towards(url: &str) -> anyhow::Result<std::net::IpAddr> {
+    let uri: tonic::codegen::http::Uri = url
+        .parse()
+        .with_context(|| format!("coordinator URL `{url}` (expected http://host:port)"))?;
+    let host = uri.host().context("the coordinator URL has no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.trim_matches(['[', ']']), port))
+        .with_context(|| format!("resolving the coordinator's host `{host}`"))?
+        .next()
+        .with_context(|| format!("the coordinator's host `{host}` has no address"))?;
+    // A UDP "connection" picks the outgoing interface without sending anything.
+    let probe = std::net::UdpSocket::bind(if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    probe.connect(addr)?;
+    Ok(probe.local_addr()?.ip())
+}
+
+/// Runs one worker until the job ends. An error is this worker's failure (already reported to
+/// the coordinator when it could be).
+pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        opts.device == "cpu",
+        "device `{}`: this build has no CUDA backend yet; use --device cpu",
+        opts.device
+    );
+    let ip = local_ip_towards(&opts.coordinator)?;
+    let listener = TcpListener::bind((ip, 0))
+        .with_context(|| format!("binding the data-plane listener on {ip}"))?;
+    let data_addr = listener.local_addr()?.to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let host = hostname();
+    let request = RegisterRequest {
+        job_id: opts.job_id.clone().unwrap_or_default(),
+        config_hash: opts.config_hash.clone().unwrap_or_default(),
+        generation: opts.generation,
+        host: host.clone(),
+        device: opts.device.clone(),
+        capabilities: capabilities(),
+        data_addr,
+        rank: opts.rank,
+        version: crate::proto::VERSION.into(),
+        pid: std::process::id(),
+    };
+    let (mut client, assignment) = rt.block_on(async {
+        let mut client = connect(&opts.coordinator, opts.connect_timeout).await?;
+        tracing::info!(coordinator = %opts.coordinator, "connected; waiting for the other workers");
+        let a = client
+            .register(request)
+            .await
+            .map_err(|s| anyhow::anyhow!("the coordinator refused this worker: {}", s.message()))?
+            .into_inner();
+        anyhow::Ok((client, a))
+    })?;
+    let span = tracing::info_span!(
+        "worker",
+        rank = assignment.rank,
+        replica = assignment.replica,
+        columns = ?assignment.columns
+    );
+    let _guard = span.enter();
+    let job: JobConfig = serde_json::from_str(&assignment.job_json)
+        .context("the coordinator sent a job this worker cannot read (mixed versions?)")?;
+    let (rank, generation) = (assignment.rank, assignment.generation);
+    tracing::info!(
+        job = %assignment.job_id,
+        generation,
+        world = assignment.world_size,
+        config = %assignment.config_hash,
+        "assigned"
+    );
+
+    // The session: events out, commands in, heartbeats beside.
+    let (events, events_rx) = mpsc::unbounded_channel::<WorkerEvent>();
+    let commands = Arc::new(Mutex::new(Commands::default()));
+    let (started_tx, started_rx) = std_mpsc::channel::<()>();
+    let heartbeat = Duration::from_millis(assignment.heartbeat_ms.max(10) as u64);
+    let peer_timeout = Duration::from_millis(assignment.peer_timeout_ms.max(100) as u64);
+    let _ = events.send(WorkerEvent {
+        rank,
+        generation,
+        event: Some(worker_event::Event::Heartbeat(Heartbeat {
+            rss_bytes: rss_bytes(),
+        })),
+    });
+    let session = {
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(events_rx);
+        rt.block_on(async { client.session(stream).await })
+            .map_err(|s| {
+                anyhow::anyhow!(
+                    "the coordinator refused this worker's session: {}",
+                    s.message()
+                )
+            })?
+            .into_inner()
+    };
+    let commands_done = {
+        let commands = commands.clone();
+        rt.spawn(async move {
+            let mut session = session;
+            let mut started = Some(started_tx);
+            loop {
+                match session.message().await {
+                    Ok(Some(c)) => match c.command {
+                        Some(command::Command::Start(_)) => {
+                            if let Some(tx) = started.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Some(command::Command::Stop(s)) => {
+                            tracing::info!("the coordinator stopped the job: {}", s.reason);
+                            commands.lock().unwrap().stopped = true;
+                            return;
+                        }
+                        Some(command::Command::Abort(a)) => {
+                            commands.lock().unwrap().abort = Some(a.reason);
+                        }
+                        None => {}
+                    },
+                    Ok(None) | Err(_) => {
+                        let mut c = commands.lock().unwrap();
+                        if !c.stopped && c.abort.is_none() {
+                            c.abort = Some("the coordinator went away".into());
+                        }
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    {
+        let events = events.clone();
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(heartbeat).await;
+                let ev = WorkerEvent {
+                    rank,
+                    generation,
+                    event: Some(worker_event::Event::Heartbeat(Heartbeat {
+                        rss_bytes: rss_bytes(),
+                    })),
+                };
+                if events.send(ev).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    let result = train(
+        &opts,
+        &assignment,
+        &job,
+        &listener,
+        peer_timeout,
+        started_rx,
+        RemoteReporter {
+            rank,
+            generation,
+            events: events.clone(),
+            commands: commands.clone(),
+        },
+    );
+    let send = |event| {
+        let _ = events.send(WorkerEvent {
+            rank,
+            generation,
+            event: Some(event),
+        });
+    };
+    match result {
+        Ok(finished) => {
+            send(worker_event::Event::Finished(finished));
+            // Wait for the coordinator's stop, so that the last reports are not cut off.
+            let _ = rt.block_on(async { tokio::time::timeout(peer_timeout, commands_done).await });
+            Ok(())
+        }
+        Err(e) => {
+            let blames = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<crate::comm::tcp::PeerError>())
+                .map(|p| p.rank as u32);
+            send(worker_event::Event::Failed(Failed {
+                error: format!("{e:#}"),
+                blames,
+            }));
+            // Give the report a moment to leave before the process ends.
+            std::thread::sleep(Duration::from_millis(300));
+            Err(e)
+        }
+    }
+}
+
+fn train(
+    opts: &WorkerOptions,
+    a: &Assignment,
+    job: &JobConfig,
+    listener: &TcpListener,
+    peer_timeout: Duration,
+    started: std_mpsc::Receiver<()>,
+    mut reporter: RemoteReporter,
+) -> anyhow::Result<Finished> {
+    started.recv_timeout(peer_timeout).map_err(|_| {
+        anyhow::anyhow!("the coordinator did not start the job within {peer_timeout:?}")
+    })?;
+    reporter.check()?;
+    let topology: Topology = job.topology;
+    let addrs: BTreeMap<usize, String> = a
+        .data_addrs
+        .iter()
+        .map(|(r, addr)| (*r as usize, addr.clone()))
+        .collect();
+    let key = MeshKey {
+        job: a.mesh_key,
+        generation: a.generation,
+    };
+    let t = Instant::now();
+    let ex = connect_tcp::<Cpu>(
+        &topology,
+        a.rank as usize,
+        listener,
+        &addrs,
+        key,
+        peer_timeout,
+    )?;
+    tracing::info!(ms = t.elapsed().as_millis() as u64, "data plane connected");
+    let backend = match opts.threads {
+        Some(n) => Cpu::with_threads(n),
+        None => Cpu::new(),
+    };
+    let role = Role {
+        replica: a.replica as usize,
+        columns: ex.columns,
+        replicas: ex.replicas,
+    };
+    let t = Instant::now();
+    let (net, steps) = job::run(job, backend, role, &mut reporter)?;
+    let train_seconds = t.elapsed().as_secs_f64();
+    if let (Some(out), 0) = (&opts.out, a.replica) {
+        for path in job::save_columns(&net, out)? {
+            tracing::info!(path = %path.display(), "parameters written");
+        }
+    }
+    let seconds = |name: &str| {
+        net.profile
+            .layers
+            .iter()
+            .filter(|l| l.0 == name)
+            .map(|l| (l.1 + l.2).as_secs_f64())
+            .fold(0.0, |a, b| a + b)
+    };
+    let exchange_seconds = seconds("exchange");
+    let replica_seconds = seconds("replicas");
+    tracing::info!(
+        steps,
+        train_seconds = format!("{train_seconds:.2}"),
+        exchange_seconds = format!("{exchange_seconds:.2}"),
+        replica_seconds = format!("{replica_seconds:.2}"),
+        column_mib = net.column_traffic().sent_bytes / (1 << 20),
+        replica_mib = net.replica_traffic().sent_bytes / (1 << 20),
+        "finished"
+    );
+    Ok(Finished {
+        steps,
+        exchange_seconds,
+        replica_seconds,
+        train_seconds,
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn capabilities() -> Vec<String> {
+    #[allow(unused_mut)]
+    let mut c = vec!["cpu".to_string()];
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        c.push("avx512".into());
+    }
+    c
+}

@@ -1,0 +1,367 @@
+//! The distributed runtime with real processes: a coordinator and worker processes on this
+//! machine, talking gRPC (control) and TCP (data) over loopback.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+fn exe() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_alexnet"));
+    c.env("NO_COLOR", "1").env_remove("RUST_LOG");
+    c
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("alexnet-dist-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running process whose stderr lines arrive on a channel (and are kept).
+struct Proc {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn start(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line (from now) that satisfies `pred`, within `timeout`.
+    fn wait_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no such line within {timeout:?}; the process said:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the exit (killing the process after `timeout`) and returns (success, output).
+    fn finish(mut self, timeout: Duration) -> (bool, String, Duration) {
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if t.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!(
+                    "still running after {timeout:?}; it said:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let waited = t.elapsed();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.seen.push(l);
+        }
+        (status.success(), self.seen.join("\n"), waited)
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    err
+}
+
+fn column_files(dir: &Path) -> Vec<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    (0..2)
+        .map(|c| {
+            alexnet::train::job::load_column_file(&dir.join(format!("column{c}.safetensors")))
+                .unwrap()
+        })
+        .collect()
+}
+
+/// The reference: one process holding both columns, 5 steps of the default job.
+fn one_process(dir: &Path) -> Vec<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    run_ok(
+        exe()
+            .args(["train", "--steps", "5", "--backend", "cpu", "--out"])
+            .arg(dir),
+    );
+    column_files(dir)
+}
+
+#[test]
+fn two_worker_processes_train_exactly_like_one_process() {
+    let dir = scratch("exact2");
+    let reference = one_process(&dir.join("one"));
+    let out = run_ok(
+        exe()
+            .args([
+                "launch",
+                "--steps",
+                "5",
+                "--peer-timeout",
+                "20",
+                "--run-dir",
+            ])
+            .arg(dir.join("run")),
+    );
+    assert!(
+        out.contains("[rank 0]") && out.contains("[rank 1]"),
+        "{out}"
+    );
+    let split = column_files(&dir.join("run/params"));
+    // Bit for bit: the exchange only moves values, and the CPU backend's sums do not depend on
+    // how the work is spread over threads or processes.
+    for (c, (a, b)) in reference.iter().zip(&split).enumerate() {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.0, y.0);
+            assert!(x.2 == y.2, "column {c} {} differs between the layouts", x.0);
+        }
+    }
+    // Each rank logged its part, to its own file.
+    for r in 0..2 {
+        let log = std::fs::read_to_string(dir.join(format!("run/rank{r}.log"))).unwrap();
+        assert!(log.contains("data plane connected"), "{log}");
+    }
+}
+
+#[test]
+fn two_replicas_of_two_columns_in_four_processes_match_one_process_on_the_whole_batch() {
+    let dir = scratch("exact4");
+    let reference = one_process(&dir.join("one"));
+    run_ok(
+        exe()
+            .args([
+                "launch",
+                "--steps",
+                "5",
+                "--replicas",
+                "2",
+                "--peer-timeout",
+                "20",
+            ])
+            .arg("--run-dir")
+            .arg(dir.join("run")),
+    );
+    let split = column_files(&dir.join("run/params"));
+    for (c, (a, b)) in reference.iter().zip(&split).enumerate() {
+        for (x, y) in a.iter().zip(b) {
+            let e = common::rel_err(&y.2, &x.2);
+            assert!(e < 1e-5, "column {c} {}: relative error {e:.2e}", x.0);
+        }
+    }
+}
+
+/// Starts a launch, waits until it trains, and returns it with the pid of `rank`.
+fn launch_until_training(dir: &Path, peer_timeout: &str, rank: u32) -> (Proc, u32) {
+    let mut p = Proc::start(
+        exe()
+            .args(["launch", "--epochs", "50", "--log-every", "1"])
+            .args(["--peer-timeout", peer_timeout, "--run-dir"])
+            .arg(dir),
+    );
+    let joined = p.wait_line(Duration::from_secs(60), |l| {
+        l.contains("worker joined") && l.contains(&format!("rank={rank} "))
+    });
+    let pid: u32 = joined
+        .split("pid=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    p.wait_line(Duration::from_secs(60), |l| {
+        l.contains(" train ") && l.contains("step=2 ")
+    });
+    (p, pid)
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn a_killed_worker_stops_the_job_and_is_named_as_the_first_failure() {
+    let dir = scratch("kill");
+    let (p, pid) = launch_until_training(&dir, "5", 1);
+    signal(pid, "-KILL");
+    let (ok, out, waited) = p.finish(Duration::from_secs(60));
+    assert!(
+        !ok,
+        "the launch succeeded after a worker was killed:\n{out}"
+    );
+    assert!(
+        out.contains("first failure: rank 1 exited with signal: 9"),
+        "{out}"
+    );
+    // The coordinator named the rank, and the other worker stopped with an error naming it
+    // (from the data plane, or from the coordinator's abort, whichever came first).
+    assert!(out.contains("rank 1 (") && out.contains("failed"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("[rank 0]") && l.contains("ERROR") && l.contains("rank 1")),
+        "{out}"
+    );
+    assert!(waited < Duration::from_secs(20), "took {waited:?}");
+}
+
+/// A frozen worker (or a cut link) is noticed by its silence within the peer timeout.
+#[test]
+fn a_silent_worker_is_named_within_the_peer_timeout() {
+    let dir = scratch("stop");
+    let (p, pid) = launch_until_training(&dir, "3", 0);
+    signal(pid, "-STOP");
+    let (ok, out, waited) = p.finish(Duration::from_secs(60));
+    // The launcher kills what is left of a failed job; make sure of it.
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    assert!(!ok, "{out}");
+    assert!(out.contains("first failure: rank 0"), "{out}");
+    assert!(
+        out.contains("rank 0")
+            && (out.contains("sent nothing for") || out.contains("nothing heard from it")),
+        "{out}"
+    );
+    assert!(waited < Duration::from_secs(30), "took {waited:?}");
+}
+
+/// A coordinator waiting for its workers, on a port of its choosing; returns it and its URL.
+fn coordinator(job_id: &str, extra: &[&str]) -> (Proc, String) {
+    let mut p = Proc::start(
+        exe()
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--job-id", job_id])
+            .args(extra),
+    );
+    let line = p.wait_line(Duration::from_secs(30), |l| {
+        l.contains("coordinator listening")
+    });
+    let addr = line
+        .split("listen=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    (p, format!("http://{addr}"))
+}
+
+fn worker(url: &str, extra: &[&str]) -> (bool, String) {
+    let out = exe()
+        .args(["worker", "--coordinator", url, "--connect-timeout", "2"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn workers_of_another_job_configuration_or_version_are_refused() {
+    let (mut c, url) = coordinator("alpha", &[]);
+    let (ok, err) = worker(&url, &["--job-id", "beta"]);
+    assert!(!ok);
+    assert!(
+        err.contains("runs job `alpha`") && err.contains("started for job `beta`"),
+        "{err}"
+    );
+    let (ok, err) = worker(
+        &url,
+        &["--job-id", "alpha", "--config-hash", "0123456789abcdef"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("configuration") && err.contains("0123456789abcdef"),
+        "{err}"
+    );
+    let (ok, err) = worker(&url, &["--generation", "3"]);
+    assert!(!ok);
+    assert!(
+        err.contains("generation 0") && err.contains("generation 3"),
+        "{err}"
+    );
+    let (ok, err) = worker(&url, &["--rank", "7"]);
+    assert!(!ok);
+    assert!(err.contains("rank 7 does not exist"), "{err}");
+    // The coordinator keeps waiting for proper workers, and says what it is doing.
+    let status = exe()
+        .args(["status", "--coordinator", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("job alpha") && text.contains("waiting for workers"),
+        "{text}"
+    );
+    let _ = c.child.kill();
+    c.wait_line(Duration::from_secs(5), |l| l.contains("refused a worker"));
+}
+
+#[test]
+fn a_coordinator_that_does_not_answer_is_a_clear_error_after_bounded_retries() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let t = Instant::now();
+    let (ok, err) = worker(&format!("http://127.0.0.1:{port}"), &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("no coordinator answered at") && err.contains("tries"),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn a_worker_that_never_comes_fails_the_rendezvous_by_rank() {
+    let (c, url) = coordinator("lonely", &["--rendezvous-timeout", "2"]);
+    let (ok, err) = worker(&url, &["--rank", "0"]);
+    assert!(!ok);
+    assert!(err.contains("within"), "{err}");
+    let (ok, out, _) = c.finish(Duration::from_secs(30));
+    assert!(!ok);
+    assert!(out.contains("[1] did not"), "{out}");
+}
