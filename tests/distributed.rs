@@ -323,6 +323,15 @@ fn workers_of_another_job_configuration_or_version_are_refused() {
     let (ok, err) = worker(&url, &["--rank", "7"]);
     assert!(!ok);
     assert!(err.contains("rank 7 does not exist"), "{err}");
+    // Two workers claiming one rank: the second is refused, naming the first.
+    let mut first = Proc::start(exe().args(["worker", "--coordinator", &url, "--rank", "0"]));
+    c.wait_line(Duration::from_secs(30), |l| {
+        l.contains("worker joined") && l.contains("rank=0 ")
+    });
+    let (ok, err) = worker(&url, &["--rank", "0"]);
+    assert!(!ok);
+    assert!(err.contains("rank 0 is already taken by"), "{err}");
+    let _ = first.child.kill();
     // The coordinator keeps waiting for proper workers, and says what it is doing.
     let status = exe()
         .args(["status", "--coordinator", &url])

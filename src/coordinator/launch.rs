@@ -59,7 +59,11 @@ fn forward_lines(
                 *last_error.lock().unwrap() = Some(line.clone());
             }
             let _ = writeln!(log.lock().unwrap(), "{line}");
-            eprintln!("[rank {rank}] {line}");
+            match line.strip_prefix('{') {
+                // A JSON line stays one JSON object, with the rank as its first field.
+                Some(rest) => eprintln!("{{\"rank\":{rank},{rest}"),
+                None => eprintln!("[rank {rank}] {line}"),
+            }
         }
     });
 }
