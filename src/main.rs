@@ -1,12 +1,12 @@
 //! `alexnet`: train, benchmark and (later) serve the two-column network.
 
-use alexnet::backend::{Cpu, SgdParams};
+use alexnet::backend::Cpu;
 use alexnet::comm::Topology;
 use alexnet::coordinator::launch::LaunchOptions;
 use alexnet::coordinator::{CoordinatorConfig, Phase};
 use alexnet::model::NetConfig;
 use alexnet::train::bench;
-use alexnet::train::fit::LogMonitor;
+use alexnet::train::book::{BookSetup, JobBook};
 use alexnet::train::job::JobConfig;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -78,12 +78,12 @@ enum Command {
 /// How the job is spread over workers, and how long a silent peer is waited for.
 #[derive(clap::Args, Clone)]
 struct LayoutArgs {
-    /// Copies of the pair of columns (data parallelism), each on its part of the batch.
-    #[arg(long, default_value_t = 1, env = "ALEXNET_REPLICAS")]
-    replicas: usize,
-    /// Columns per worker: 1 (the paper: one column per device) or 2 (a worker holds both).
-    #[arg(long, default_value_t = 1)]
-    columns_per_worker: usize,
+    /// Copies of the pair of columns (data parallelism), each on its part of the batch. [default: 1]
+    #[arg(long, env = "ALEXNET_REPLICAS")]
+    replicas: Option<usize>,
+    /// Columns per worker: 1 (the paper: one column per device) or 2 (a worker holds both). [default: 1]
+    #[arg(long)]
+    columns_per_worker: Option<usize>,
     /// Seconds without news from a peer (heartbeat, data) before it counts as lost.
     #[arg(long, default_value_t = 60.0, env = "ALEXNET_PEER_TIMEOUT")]
     peer_timeout: f64,
@@ -104,6 +104,13 @@ struct LaunchArgs {
     /// Where job.json, rank<N>.log and the trained parameters (params/) go. Default: runs/<job id>.
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Continue the run in this folder from its newest complete checkpoint, in a new
+    /// generation (`--epochs` and `--steps` may extend it; nothing else changes).
+    #[arg(long, conflicts_with = "run_dir")]
+    resume: Option<PathBuf>,
+    /// Times the workers are restarted (from the newest checkpoint) after a failure.
+    #[arg(long, default_value_t = 3)]
+    max_restarts: usize,
     /// Compute threads per worker. Default: the cores divided among the workers.
     #[arg(long)]
     threads: Option<usize>,
@@ -121,6 +128,13 @@ struct CoordinatorArgs {
     /// 0.0.0.0:50051 (on a trusted network) for workers on other hosts.
     #[arg(long, default_value = "127.0.0.1:50051", env = "ALEXNET_LISTEN")]
     listen: String,
+    /// The run folder (checkpoint manifests, report); workers must see the same path.
+    /// Default: runs/<job id>.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue the run in this folder from its newest complete checkpoint.
+    #[arg(long, conflicts_with = "run_dir")]
+    resume: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -209,42 +223,58 @@ struct BenchDataArgs {
     json: bool,
 }
 
-/// What to train, shared by `train` (one process) and `launch` (workers).
+/// What to train, shared by `train` (one process), `launch` and `coordinator` (workers).
+/// Flags override the job file (`--config`).
 #[derive(clap::Args, Clone)]
 struct JobArgs {
+    /// The job: `demo` (the narrow network on the carried sample: 10 epochs, batch 64), `paper`
+    /// (the paper's recipe: its network, batch 128, 90 epochs, lr 0.01 divided by 10 on
+    /// plateaus), or a TOML file (see jobs/paper.toml; unknown fields are refused). Default:
+    /// `demo` for IDX data, `paper` for prepared data.
+    #[arg(long)]
+    config: Option<String>,
     /// The training data: a prepared dataset (`alexnet prepare`, has dataset.json), or a folder
     /// of IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-*), which
-    /// also holds the validation set.
-    #[arg(long, default_value = "data/sample/fashion-mnist")]
-    data: PathBuf,
+    /// also holds the validation set. [default: data/sample/fashion-mnist]
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// The prepared validation set, for prepared training data (validated on centre crops).
     #[arg(long)]
     val: Option<PathBuf>,
     /// The network: `demo` (narrow, for 28x28 grey images upscaled to 64), `paper`, or a TOML
-    /// file. Default: `demo` for IDX data, `paper` for prepared data.
+    /// file (overrides the job's).
     #[arg(long)]
     net: Option<String>,
     /// Threads that make batches from prepared data (per worker).
-    #[arg(long, default_value_t = 2)]
-    loader_threads: usize,
-    #[arg(long, default_value_t = 10)]
-    epochs: usize,
+    #[arg(long)]
+    loader_threads: Option<usize>,
+    /// Epochs to train. [default: the job's; demo 10, paper 90]
+    #[arg(long)]
+    epochs: Option<usize>,
     /// Stop after this many steps in all (default: run every epoch).
     #[arg(long)]
     steps: Option<u64>,
-    /// Samples per step, all replicas together.
-    #[arg(long, default_value_t = 64)]
-    batch: usize,
-    /// Learning rate (the paper: 0.01).
-    #[arg(long, default_value_t = 0.01)]
-    lr: f32,
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f32,
-    #[arg(long, default_value_t = 0.0005)]
-    weight_decay: f32,
-    /// Seeds the parameters, dropout masks and the order of the data.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    /// Samples per step, all replicas together. [default: demo 64, paper 128]
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Initial learning rate. [default: 0.01]
+    #[arg(long)]
+    lr: Option<f32>,
+    /// [default: 0.9]
+    #[arg(long)]
+    momentum: Option<f32>,
+    /// [default: 0.0005]
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Seeds the parameters, dropout masks and the order of the data. [default: 1]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Checkpoint every this many steps, besides every epoch's end (needs a run folder).
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Start from the parameters in this file (`alexnet export` output: unsplit, PyTorch-style).
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// Log progress every this many steps.
     #[arg(long, default_value_t = 10)]
     log_every: usize,
@@ -257,6 +287,12 @@ struct TrainArgs {
     /// Write the trained parameters here (column0.safetensors, column1.safetensors).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Keep checkpoints, job.json and the report (report.csv, report.svg) in this folder.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue the run in this folder from its newest complete checkpoint.
+    #[arg(long, conflicts_with = "run_dir")]
+    resume: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
 }
@@ -421,32 +457,73 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
     }
 }
 
-/// The job the training flags describe, laid out as `topology`.
-fn job_from_args(a: &JobArgs, topology: Topology) -> anyhow::Result<JobConfig> {
-    let data = resolve_data(&a.data);
-    let prepared = data.join(alexnet::data::shards::METADATA_FILE).exists();
-    let net = load_net(
-        a.net
-            .as_deref()
-            .unwrap_or(if prepared { "paper" } else { "demo" }),
-    )?;
-    let job = JobConfig {
-        data: absolute(&data),
-        val: a.val.as_ref().map(|v| absolute(&resolve_data(v))),
-        net,
-        epochs: a.epochs,
-        batch: a.batch,
-        sgd: SgdParams {
-            lr: a.lr,
-            momentum: a.momentum,
-            weight_decay: a.weight_decay,
-        },
-        seed: a.seed,
-        max_steps: a.steps,
-        topology,
-        loader_threads: a.loader_threads,
+/// The demo job: the narrow network on the carried sample, briefly.
+fn demo_job() -> JobConfig {
+    JobConfig {
+        net: demo_net(),
+        epochs: 10,
+        batch: 64,
+        ..JobConfig::default()
+    }
+}
+
+fn load_job(spec: &str) -> anyhow::Result<JobConfig> {
+    Ok(match spec {
+        "paper" => JobConfig::default(),
+        "demo" => demo_job(),
+        path => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading job file {path} (or use `paper` or `demo`)"))?;
+            toml::from_str(&text).with_context(|| format!("job file {path}"))?
+        }
+    })
+}
+
+/// The job the flags describe: the job file (or the default for the data), then each flag
+/// given; `layout` overrides the topology.
+fn job_from_args(a: &JobArgs, layout: Option<&LayoutArgs>) -> anyhow::Result<JobConfig> {
+    let data_flag = a.data.as_ref().map(|d| resolve_data(d));
+    let prepared = |d: &Path| d.join(alexnet::data::shards::METADATA_FILE).exists();
+    let spec = match (&a.config, &data_flag) {
+        (Some(c), _) => c.clone(),
+        (None, Some(d)) if prepared(d) => "paper".into(),
+        (None, _) => "demo".into(),
     };
-    job.validate()?;
+    let mut job = load_job(&spec)?;
+    if let Some(d) = data_flag {
+        job.data = d;
+    }
+    job.data = absolute(&resolve_data(&job.data));
+    if let Some(v) = &a.val {
+        job.val = Some(v.clone());
+    }
+    job.val = job.val.as_ref().map(|v| absolute(&resolve_data(v)));
+    if let Some(n) = &a.net {
+        job.net = load_net(n)?;
+    }
+    macro_rules! set {
+        ($($flag:ident => $($field:ident).+),* $(,)?) => {
+            $(if let Some(v) = a.$flag.clone() { job.$($field).+ = v; })*
+        };
+    }
+    set!(epochs => epochs, batch => batch, lr => sgd.lr, momentum => sgd.momentum,
+         weight_decay => sgd.weight_decay, seed => seed, loader_threads => loader_threads,
+         checkpoint_every => checkpoint_every);
+    if a.steps.is_some() {
+        job.max_steps = a.steps;
+    }
+    if a.init.is_some() {
+        job.init = a.init.as_ref().map(|p| absolute(p));
+    }
+    if let Some(l) = layout {
+        if let Some(r) = l.replicas {
+            job.topology.replicas = r;
+        }
+        if let Some(c) = l.columns_per_worker {
+            job.topology.columns_per_worker = c;
+        }
+    }
+    job.validate().with_context(|| format!("job `{spec}`"))?;
     Ok(job)
 }
 
@@ -454,27 +531,84 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// A run folder's job, for `--resume`: only how long to run may change.
+fn resumed_job(run_dir: &Path, a: &JobArgs) -> anyhow::Result<JobConfig> {
+    let path = run_dir.join("job.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a run folder (no job.json to resume)",
+            run_dir.display()
+        )
+    })?;
+    let mut job: JobConfig =
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    if let Some(e) = a.epochs {
+        job.epochs = e;
+    }
+    if a.steps.is_some() {
+        job.max_steps = a.steps;
+    }
+    if let Some(n) = a.checkpoint_every {
+        job.checkpoint_every = n;
+    }
+    Ok(job)
+}
+
 fn train(a: TrainArgs) -> anyhow::Result<()> {
-    let job = job_from_args(
-        &a.job,
-        Topology {
-            replicas: 1,
-            columns_per_worker: alexnet::model::config::COLUMNS,
-        },
-    )?;
+    let (mut job, run_dir) = match &a.resume {
+        Some(dir) => (resumed_job(dir, &a.job)?, Some(dir.clone())),
+        None => (job_from_args(&a.job, None)?, a.run_dir.clone()),
+    };
+    // One process holds both columns.
+    job.topology = Topology {
+        replicas: 1,
+        columns_per_worker: alexnet::model::config::COLUMNS,
+    };
+    job.validate()?;
+    let resume = match (&a.resume, &run_dir) {
+        (Some(_), Some(dir)) => alexnet::train::checkpoint::latest(dir, Some(&job.hash()))?,
+        _ => None,
+    };
+    if a.resume.is_some() && resume.is_none() {
+        tracing::warn!("the run folder has no checkpoint yet: starting from the beginning");
+    }
+    if let Some(dir) = &run_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        alexnet::data::prepare::write_atomic(
+            &dir.join("job.json"),
+            serde_json::to_string_pretty(&job)?.as_bytes(),
+        )?;
+    }
     let role = alexnet::train::job::Role {
         replica: 0,
         columns: Box::new(alexnet::comm::LocalExchange::default()),
         replicas: None,
+        run_dir: run_dir.clone(),
+        resume: resume
+            .as_ref()
+            .map(|(d, m)| (d.clone(), m.step, m.schedule.lr)),
     };
-    let mut monitor = LogMonitor::new(a.job.log_every as u64, job.net.classes);
-    let (net, steps) = alexnet::train::job::run(&job, cpu_backend(a.backend)?, role, &mut monitor)?;
+    let mut book = JobBook::new(
+        BookSetup {
+            log_every: a.job.log_every.max(1) as u64,
+            classes: job.net.classes,
+            schedule: job.schedule,
+            lr: job.sgd.lr,
+            run_dir: run_dir.clone(),
+            keep: job.keep_checkpoints,
+            seed: job.seed,
+            config_hash: job.hash(),
+            generation: resume.as_ref().map(|r| r.1.generation + 1).unwrap_or(0),
+        },
+        resume.as_ref().map(|r| &r.1),
+    );
+    let (net, steps) = alexnet::train::job::run(&job, cpu_backend(a.backend)?, role, &mut book)?;
     if let Some(out) = &a.out {
         for path in alexnet::train::job::save_columns(&net, out)? {
             tracing::info!(path = %path.display(), "parameters written");
         }
     }
-    match monitor.results.last() {
+    match book.monitor.results.last() {
         Some(last) => tracing::info!(
             epochs = last.epoch,
             steps,
@@ -497,36 +631,79 @@ fn seconds(s: f64, what: &str) -> anyhow::Result<std::time::Duration> {
         .ok_or_else(|| anyhow::anyhow!("{what} must be a positive number of seconds, not {s}"))
 }
 
-fn coordinator_config(job: &JobArgs, layout: &LayoutArgs) -> anyhow::Result<CoordinatorConfig> {
-    let topology = Topology {
-        replicas: layout.replicas,
-        columns_per_worker: layout.columns_per_worker,
-    };
-    topology.validate()?;
-    let peer_timeout = seconds(layout.peer_timeout, "--peer-timeout")?;
-    let job_id = layout.job_id.clone().unwrap_or_else(|| {
+fn job_id_or_new(given: &Option<String>) -> String {
+    given.clone().unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         format!("job-{t}")
-    });
-    Ok(CoordinatorConfig {
-        job_id,
-        job: job_from_args(job, topology)?,
-        generation: 0,
-        peer_timeout,
-        heartbeat: (peer_timeout / 10).min(std::time::Duration::from_secs(2)),
-        rendezvous_timeout: seconds(layout.rendezvous_timeout, "--rendezvous-timeout")?,
-        log_every: job.log_every.max(1) as u64,
     })
+}
+
+/// The coordinator of a new run, or of the run in `resume` continued from its newest usable
+/// checkpoint (in a new generation); returns it with the run folder.
+fn coordinator_config(
+    job_args: &JobArgs,
+    layout: &LayoutArgs,
+    run_dir: Option<&PathBuf>,
+    resume: Option<&PathBuf>,
+) -> anyhow::Result<(CoordinatorConfig, PathBuf)> {
+    let peer_timeout = seconds(layout.peer_timeout, "--peer-timeout")?;
+    let (job, job_id, run_dir, resume) = match resume {
+        Some(dir) => {
+            let job = resumed_job(dir, job_args)?;
+            let id = std::fs::read_to_string(dir.join("job-id"))
+                .map(|s| s.trim().to_string())
+                .ok()
+                .or_else(|| layout.job_id.clone())
+                .unwrap_or_else(|| job_id_or_new(&None));
+            let latest = alexnet::train::checkpoint::latest(dir, Some(&job.hash()))?;
+            if latest.is_none() {
+                tracing::warn!(run_dir = %dir.display(), "no checkpoint yet: the run starts from the beginning");
+            }
+            (job, id, dir.clone(), latest)
+        }
+        None => {
+            let job = job_from_args(job_args, Some(layout))?;
+            let id = job_id_or_new(&layout.job_id);
+            let dir = run_dir
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from("runs").join(&id));
+            if alexnet::train::checkpoint::list(&dir).first().is_some() {
+                anyhow::bail!(
+                    "{} already holds checkpoints of a run: continue it with --resume {}, or choose another --run-dir",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            (job, id, dir, None)
+        }
+    };
+    job.validate()?;
+    let generation = resume.as_ref().map(|r| r.1.generation + 1).unwrap_or(0);
+    Ok((
+        CoordinatorConfig {
+            job_id,
+            job,
+            generation,
+            peer_timeout,
+            heartbeat: (peer_timeout / 10).min(std::time::Duration::from_secs(2)),
+            rendezvous_timeout: seconds(layout.rendezvous_timeout, "--rendezvous-timeout")?,
+            log_every: job_args.log_every.max(1) as u64,
+            run_dir: Some(absolute(&run_dir)),
+            resume,
+        },
+        run_dir,
+    ))
 }
 
 fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
     if let BackendChoice::Cuda = a.backend {
         anyhow::bail!("--backend cuda: this build has no CUDA backend yet; use --backend cpu");
     }
-    let cfg = coordinator_config(&a.job, &a.layout)?;
+    let (cfg, run_dir) =
+        coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
     let workers = cfg.job.topology.world_size();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -537,30 +714,28 @@ fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
         threads_per_worker = threads,
         "no GPU backend in this build: starting CPU workers"
     );
-    let run_dir = a
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.job_id));
     let outcome = alexnet::coordinator::launch::run(LaunchOptions {
         coordinator: cfg,
         run_dir: run_dir.clone(),
         threads_per_worker: threads,
         exe: std::env::current_exe().context("finding this binary to start workers")?,
         json_logs: log_format == LogFormat::Json,
+        max_restarts: a.max_restarts,
     })?;
     report_exchange_share(&outcome.exchange_seconds);
     match (&outcome.phase, &outcome.first_failure) {
-        (Phase::Finished, None) => {
+        (Phase::Finished, _) => {
             if let Some(last) = outcome.results.last() {
                 tracing::info!(
                     epochs = last.epoch,
                     val_top1_err = format!("{:.3}", last.val_top1_err),
                     val_top5_err = format!("{:.3}", last.val_top5_err),
+                    restarts = outcome.restarts,
                     run_dir = %run_dir.display(),
                     "done"
                 );
             } else {
-                tracing::info!(run_dir = %run_dir.display(), "done");
+                tracing::info!(restarts = outcome.restarts, run_dir = %run_dir.display(), "done");
             }
             Ok(())
         }
@@ -591,7 +766,9 @@ fn report_exchange_share(seconds: &[(u32, f64, f64, f64)]) {
 }
 
 fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
-    let cfg = coordinator_config(&a.job, &a.layout)?;
+    let (cfg, run_dir) =
+        coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
+    alexnet::coordinator::launch::write_run_files(&run_dir, &cfg)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&a.listen)

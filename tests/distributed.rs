@@ -188,11 +188,13 @@ fn two_replicas_of_two_columns_in_four_processes_match_one_process_on_the_whole_
 }
 
 /// Starts a launch, waits until it trains, and returns it with the pid of `rank`.
-fn launch_until_training(dir: &Path, peer_timeout: &str, rank: u32) -> (Proc, u32) {
+fn launch_until_training(dir: &Path, peer_timeout: &str, rank: u32, extra: &[&str]) -> (Proc, u32) {
     let mut p = Proc::start(
         exe()
-            .args(["launch", "--epochs", "50", "--log-every", "1"])
-            .args(["--peer-timeout", peer_timeout, "--run-dir"])
+            .args(["launch", "--log-every", "1"])
+            .args(["--peer-timeout", peer_timeout])
+            .args(extra)
+            .arg("--run-dir")
             .arg(dir),
     );
     let joined = p.wait_line(Duration::from_secs(60), |l| {
@@ -222,7 +224,7 @@ fn signal(pid: u32, sig: &str) {
 #[test]
 fn a_killed_worker_stops_the_job_and_is_named_as_the_first_failure() {
     let dir = scratch("kill");
-    let (p, pid) = launch_until_training(&dir, "5", 1);
+    let (p, pid) = launch_until_training(&dir, "5", 1, &["--epochs", "50", "--max-restarts", "0"]);
     signal(pid, "-KILL");
     let (ok, out, waited) = p.finish(Duration::from_secs(60));
     assert!(
@@ -248,7 +250,7 @@ fn a_killed_worker_stops_the_job_and_is_named_as_the_first_failure() {
 #[test]
 fn a_silent_worker_is_named_within_the_peer_timeout() {
     let dir = scratch("stop");
-    let (p, pid) = launch_until_training(&dir, "3", 0);
+    let (p, pid) = launch_until_training(&dir, "3", 0, &["--epochs", "50", "--max-restarts", "0"]);
     signal(pid, "-STOP");
     let (ok, out, waited) = p.finish(Duration::from_secs(60));
     // The launcher kills what is left of a failed job; make sure of it.
@@ -263,6 +265,139 @@ fn a_silent_worker_is_named_within_the_peer_timeout() {
         "{out}"
     );
     assert!(waited < Duration::from_secs(30), "took {waited:?}");
+}
+
+/// Recovery: a worker killed mid-run is restarted (with all the others, in a new generation)
+/// from the newest complete checkpoint, and the run ends with the steps it was asked for and
+/// the same parameters as a run that was never interrupted.
+#[test]
+fn a_killed_worker_is_restarted_from_the_last_checkpoint_and_the_run_completes() {
+    let dir = scratch("recover");
+    let steps = "60";
+    let (p, pid) = launch_until_training(
+        &dir.join("run"),
+        "5",
+        1,
+        &["--steps", steps, "--checkpoint-every", "4"],
+    );
+    // Let a checkpoint or two complete, then kill rank 1.
+    let mut p = p;
+    p.wait_line(Duration::from_secs(60), |l| {
+        l.contains("checkpoint complete step=8")
+    });
+    signal(pid, "-KILL");
+    let (ok, out, _) = p.finish(Duration::from_secs(120));
+    assert!(ok, "the run did not recover:\n{out}");
+    assert!(out.contains("restarting the workers"), "{out}");
+    assert!(
+        out.contains("generation=1") && out.contains("resuming step="),
+        "{out}"
+    );
+    assert!(
+        out.contains("rank 1 ("),
+        "the failure was not named:\n{out}"
+    );
+    // Nothing was lost: the run ends at the requested step with the uninterrupted parameters.
+    let last = alexnet::train::checkpoint::latest(&dir.join("run"), None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(last.1.step, 60);
+    run_ok(
+        exe()
+            .args([
+                "launch",
+                "--steps",
+                steps,
+                "--checkpoint-every",
+                "4",
+                "--run-dir",
+            ])
+            .arg(dir.join("straight")),
+    );
+    let straight = alexnet::train::checkpoint::latest(&dir.join("straight"), None)
+        .unwrap()
+        .unwrap();
+    for c in 0..2 {
+        let name = alexnet::train::checkpoint::shard_name(c);
+        let a = std::fs::read(last.0.join(&name)).unwrap();
+        let b = std::fs::read(straight.0.join(&name)).unwrap();
+        assert!(a == b, "column {c} differs from the uninterrupted run");
+    }
+}
+
+/// Resume is exact: 10 steps straight, and 5 steps + stop + resume + 5 steps, give the same
+/// bits; a damaged newest checkpoint is skipped with a warning; none left is a clear error.
+#[test]
+fn resume_is_exact_and_damaged_checkpoints_are_caught() {
+    let dir = scratch("resume");
+    run_ok(
+        exe()
+            .args(["launch", "--steps", "10", "--run-dir"])
+            .arg(dir.join("straight")),
+    );
+    run_ok(
+        exe()
+            .args(["launch", "--steps", "5", "--run-dir"])
+            .arg(dir.join("split")),
+    );
+    let out = run_ok(
+        exe()
+            .args(["launch", "--steps", "10", "--resume"])
+            .arg(dir.join("split")),
+    );
+    assert!(out.contains("resuming step=5"), "{out}");
+    let ck = |run: &str, step: u64| alexnet::train::checkpoint::step_dir(&dir.join(run), step);
+    for c in 0..2 {
+        let name = alexnet::train::checkpoint::shard_name(c);
+        let a = std::fs::read(ck("straight", 10).join(&name)).unwrap();
+        let b = std::fs::read(ck("split", 10).join(&name)).unwrap();
+        assert!(
+            a == b,
+            "column {c}: resumed run differs from the straight one"
+        );
+    }
+    // Truncate the newest shard: the run falls back to step 5, with a warning.
+    let newest = ck("split", 10).join(alexnet::train::checkpoint::shard_name(1));
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let out = run_ok(
+        exe()
+            .args(["launch", "--steps", "6", "--resume"])
+            .arg(dir.join("split")),
+    );
+    assert!(
+        out.contains("truncated or corrupted") && out.contains("resuming step=5"),
+        "{out}"
+    );
+    // Corrupt every checkpoint: a clear error, before any work.
+    for entry in std::fs::read_dir(dir.join("split/checkpoints")).unwrap() {
+        let shard = entry
+            .unwrap()
+            .path()
+            .join(alexnet::train::checkpoint::shard_name(0));
+        if shard.exists() {
+            let mut b = std::fs::read(&shard).unwrap();
+            let n = b.len();
+            b[n - 1] ^= 0xff;
+            std::fs::write(&shard, b).unwrap();
+        }
+    }
+    let out = exe()
+        .args(["launch", "--steps", "12", "--resume"])
+        .arg(dir.join("split"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no usable checkpoint"), "{err}");
+    // A run folder of another configuration is refused before any work.
+    let out = exe()
+        .args(["launch", "--steps", "2", "--run-dir"])
+        .arg(dir.join("straight"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--resume"), "{err}");
 }
 
 /// A coordinator waiting for its workers, on a port of its choosing; returns it and its URL.

@@ -12,6 +12,8 @@
 
 pub mod channel;
 pub mod local;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod pair;
 pub mod replica;
 pub mod tcp;

@@ -73,6 +73,7 @@ mod tests {
             epoch: 1,
             step,
             total_steps: 10,
+            steps_per_epoch: 5,
             last_of_epoch: false,
             loss,
             hits: Hits {

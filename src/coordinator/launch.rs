@@ -22,6 +22,8 @@ pub struct LaunchOptions {
     pub exe: PathBuf,
     /// Workers log JSON lines instead of text.
     pub json_logs: bool,
+    /// Restarts (new generations from the newest checkpoint) allowed after failures.
+    pub max_restarts: usize,
 }
 
 /// How a launch ended.
@@ -33,6 +35,56 @@ pub struct LaunchOutcome {
     pub results: Vec<crate::train::fit::EpochResult>,
     /// Per rank: seconds in the column exchange, the replica exchange, and training.
     pub exchange_seconds: Vec<(u32, f64, f64, f64)>,
+    pub restarts: usize,
+}
+
+/// Writes the run folder's job.json and job-id (what `--resume` reads back).
+pub fn write_run_files(run_dir: &std::path::Path, cfg: &CoordinatorConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("creating the run folder {}", run_dir.display()))?;
+    crate::data::prepare::write_atomic(
+        &run_dir.join("job.json"),
+        serde_json::to_string_pretty(&cfg.job)?.as_bytes(),
+    )?;
+    crate::data::prepare::write_atomic(&run_dir.join("job-id"), cfg.job_id.as_bytes())
+}
+
+/// Runs the job, restarting every worker from the newest complete checkpoint in a new
+/// generation after a failure, up to `max_restarts` times.
+pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
+    write_run_files(&opts.run_dir, &opts.coordinator)?;
+    let mut cfg = opts.coordinator.clone();
+    let mut restarts = 0;
+    loop {
+        let mut outcome = run_generation(&opts, &cfg)?;
+        outcome.restarts = restarts;
+        let Phase::Failed { rank, error } = &outcome.phase else {
+            return Ok(outcome);
+        };
+        if restarts >= opts.max_restarts {
+            if opts.max_restarts > 0 {
+                tracing::error!(
+                    restarts,
+                    "no restarts left (--max-restarts {})",
+                    opts.max_restarts
+                );
+            }
+            return Ok(outcome);
+        }
+        restarts += 1;
+        let resume = crate::train::checkpoint::latest(&opts.run_dir, Some(&cfg.job.hash()))?;
+        let from = resume.as_ref().map(|r| r.1.step).unwrap_or(0);
+        tracing::warn!(
+            failed_rank = ?rank,
+            generation = cfg.generation + 1,
+            from_step = from,
+            restart = restarts,
+            of = opts.max_restarts,
+            "restarting the workers after the failure ({error}) from the newest complete checkpoint"
+        );
+        cfg.generation += 1;
+        cfg.resume = resume;
+    }
 }
 
 struct RankProcess {
@@ -68,14 +120,7 @@ fn forward_lines(
     });
 }
 
-pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
-    let cfg = &opts.coordinator;
-    std::fs::create_dir_all(&opts.run_dir)
-        .with_context(|| format!("creating the run folder {}", opts.run_dir.display()))?;
-    crate::data::prepare::write_atomic(
-        &opts.run_dir.join("job.json"),
-        serde_json::to_string_pretty(&cfg.job)?.as_bytes(),
-    )?;
+fn run_generation(opts: &LaunchOptions, cfg: &CoordinatorConfig) -> anyhow::Result<LaunchOutcome> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -95,7 +140,11 @@ pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
     let world = cfg.job.topology.world_size();
     let mut procs = Vec::new();
     for rank in 0..world {
-        let log = std::fs::File::create(opts.run_dir.join(format!("rank{rank}.log")))
+        // One log per rank, kept across generations.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(opts.run_dir.join(format!("rank{rank}.log")))
             .context("creating the rank's log file")?;
         let log = Arc::new(Mutex::new(log));
         let mut cmd = Command::new(&opts.exe);
@@ -213,5 +262,6 @@ pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
         first_failure,
         results: coordinator.results(),
         exchange_seconds: coordinator.exchange_seconds(),
+        restarts: 0,
     })
 }

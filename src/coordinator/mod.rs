@@ -9,10 +9,12 @@ pub mod launch;
 
 use crate::proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use crate::proto::{
-    command, worker_event, Abort, Assignment, Command, JobStatus, RegisterRequest, Start,
-    StatusRequest, Stop, WorkerEvent, WorkerStatus,
+    command, worker_event, Abort, Assignment, Command, JobStatus, RegisterRequest, SetLearningRate,
+    Start, StatusRequest, Stop, WorkerEvent, WorkerStatus,
 };
-use crate::train::fit::{EvalReport, LogMonitor, Reporter, StepReport};
+use crate::train::book::{BookSetup, JobBook};
+use crate::train::checkpoint::Manifest;
+use crate::train::fit::{EvalReport, ShardsWritten, StepReport};
 use crate::train::job::JobConfig;
 use aggregate::Aggregator;
 use std::collections::BTreeMap;
@@ -34,6 +36,10 @@ pub struct CoordinatorConfig {
     /// How long the first worker waits for the last one.
     pub rendezvous_timeout: Duration,
     pub log_every: u64,
+    /// The run folder: checkpoint manifests and the report (none: no checkpoints).
+    pub run_dir: Option<std::path::PathBuf>,
+    /// The checkpoint this generation starts from.
+    pub resume: Option<(std::path::PathBuf, Manifest)>,
 }
 
 /// How the job ended (or that it has not).
@@ -74,7 +80,7 @@ struct State {
     members: BTreeMap<u32, Member>,
     sessions: BTreeMap<u32, mpsc::Sender<Result<Command, Status>>>,
     aggregator: Aggregator,
-    monitor: LogMonitor,
+    book: JobBook,
     last_step: Option<StepReport>,
     started: Option<Instant>,
     exchange_seconds: Vec<(u32, f64, f64, f64)>,
@@ -105,7 +111,20 @@ impl Coordinator {
             members: BTreeMap::new(),
             sessions: BTreeMap::new(),
             aggregator: Aggregator::new(cfg.job.topology.replicas),
-            monitor: LogMonitor::new(cfg.log_every, cfg.job.net.classes),
+            book: JobBook::new(
+                BookSetup {
+                    log_every: cfg.log_every,
+                    classes: cfg.job.net.classes,
+                    schedule: cfg.job.schedule,
+                    lr: cfg.job.sgd.lr,
+                    run_dir: cfg.run_dir.clone(),
+                    keep: cfg.job.keep_checkpoints,
+                    seed: cfg.job.seed,
+                    config_hash: cfg.job.hash(),
+                    generation: cfg.generation,
+                },
+                cfg.resume.as_ref().map(|r| &r.1),
+            ),
             last_step: None,
             started: None,
             exchange_seconds: Vec::new(),
@@ -133,7 +152,12 @@ impl Coordinator {
 
     /// The validation results so far.
     pub fn results(&self) -> Vec<crate::train::fit::EpochResult> {
-        self.state.lock().unwrap().monitor.results.clone()
+        self.state.lock().unwrap().book.monitor.results.clone()
+    }
+
+    /// The newest complete checkpoint's step.
+    pub fn last_checkpoint(&self) -> Option<u64> {
+        self.state.lock().unwrap().book.last_checkpoint
     }
 
     /// Per rank: seconds in the column exchange, in the replica exchange, and in all.
@@ -321,6 +345,20 @@ impl Coordinator {
             mesh_key: self.mesh_key,
             peer_timeout_ms: self.cfg.peer_timeout.as_millis() as u32,
             heartbeat_ms: self.cfg.heartbeat.as_millis() as u32,
+            resume_step: self.cfg.resume.as_ref().map(|r| r.1.step).unwrap_or(0),
+            resume_dir: self
+                .cfg
+                .resume
+                .as_ref()
+                .map(|r| r.0.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            lr: st.book.state.lr,
+            run_dir: self
+                .cfg
+                .run_dir
+                .as_ref()
+                .map(|d| d.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         }
     }
 
@@ -348,6 +386,7 @@ impl Coordinator {
                         epoch: p.epoch,
                         step: p.step,
                         total_steps: p.total_steps,
+                        steps_per_epoch: p.steps_per_epoch,
                         last_of_epoch: p.last_of_epoch,
                         loss: p.loss,
                         hits: p.hits.unwrap_or_default().into(),
@@ -356,7 +395,7 @@ impl Coordinator {
                         replica_bytes: p.replica_bytes,
                     };
                     if let Some(job_step) = st.aggregator.step(report) {
-                        let _ = st.monitor.step(&job_step);
+                        st.book.step(&job_step);
                         st.last_step = Some(job_step);
                     }
                 }
@@ -372,7 +411,16 @@ impl Coordinator {
                         hits: e.hits.unwrap_or_default().into(),
                     };
                     if let Some(job_eval) = st.aggregator.evaluation(report) {
-                        let _ = st.monitor.evaluation(&job_eval);
+                        // The schedule decides; every worker trains the next epoch with it.
+                        let lr = st.book.evaluation(&job_eval);
+                        for tx in st.sessions.values() {
+                            let _ = tx.try_send(Ok(Command {
+                                command: Some(command::Command::SetLr(SetLearningRate {
+                                    epoch: job_eval.epoch,
+                                    lr,
+                                })),
+                            }));
+                        }
                     }
                 }
             }
@@ -410,6 +458,16 @@ impl Coordinator {
                         *p = Phase::Finished;
                         true
                     });
+                }
+            }
+            worker_event::Event::Checkpoint(c) => {
+                let written = ShardsWritten {
+                    step: c.step,
+                    shards: c.shards.into_iter().collect(),
+                };
+                if let Err(e) = st.book.shards_written(&written) {
+                    drop(st);
+                    self.fail(None, format!("writing the checkpoint manifest: {e:#}"));
                 }
             }
             worker_event::Event::Failed(f) => {

@@ -246,7 +246,7 @@ pub fn write_atomic_with(
     Ok(())
 }
 
-fn sync_dir(dir: &Path) {
+pub fn sync_dir(dir: &Path) {
     // Makes the renames durable; not every file system supports it, and nothing depends on it
     // beyond durability, so a failure is not an error.
     if let Ok(d) = std::fs::File::open(dir) {

@@ -15,9 +15,36 @@ pub struct FitOptions {
     pub epochs: usize,
     /// Samples per step, all replicas together.
     pub batch: usize,
+    /// Momentum and weight decay; the learning rate comes from [`Start`] and the schedule.
     pub sgd: SgdParams,
     /// Stop after this many steps in all (a short run, or a test).
     pub max_steps: Option<u64>,
+    /// Where and how often this process writes its columns' checkpoint shards.
+    pub checkpoints: Option<CheckpointPlan>,
+}
+
+#[derive(Clone, Debug)]
+pub struct CheckpointPlan {
+    pub run_dir: std::path::PathBuf,
+    /// Also checkpoint every this many steps (always at the end of an epoch and of the run).
+    pub every_steps: Option<u64>,
+    /// Whether this process writes shards (one replica does; the others hold the same values).
+    pub write: bool,
+}
+
+/// Where training starts: step 0, or the position of a checkpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct Start {
+    pub step: u64,
+    pub lr: f32,
+}
+
+/// A checkpoint's shards that this process wrote, durably.
+#[derive(Clone, Debug)]
+pub struct ShardsWritten {
+    pub step: u64,
+    /// (file name, checksum).
+    pub shards: Vec<(String, String)>,
 }
 
 /// One batch on the host: `[samples, ...]` f32 inputs and their labels.
@@ -32,6 +59,8 @@ pub trait DataSource<B: Backend> {
         &mut self,
         epoch: u64,
     ) -> anyhow::Result<Box<dyn Iterator<Item = anyhow::Result<HostBatch>> + '_>>;
+    /// Class names, by label (for predictions); numbers where the data has none.
+    fn class_names(&self) -> Vec<String>;
     /// Top-1 hits, top-5 hits and samples on this replica's part of the validation set.
     fn evaluate(&mut self, net: &mut Network<B>) -> anyhow::Result<Hits>;
 }
@@ -69,6 +98,7 @@ pub struct StepReport {
     /// Steps done so far in all (1-based).
     pub step: u64,
     pub total_steps: u64,
+    pub steps_per_epoch: u64,
     pub last_of_epoch: bool,
     /// Mean loss of the samples below.
     pub loss: f32,
@@ -89,7 +119,10 @@ pub struct EvalReport {
 /// Receives what the loop measures; an error stops the loop (the job was aborted).
 pub trait Reporter {
     fn step(&mut self, r: &StepReport) -> anyhow::Result<()>;
-    fn evaluation(&mut self, r: &EvalReport) -> anyhow::Result<()>;
+    /// Takes an epoch's validation; returns the learning rate for the next epoch.
+    fn evaluation(&mut self, r: &EvalReport) -> anyhow::Result<f32>;
+    /// This process's shards of a checkpoint are on disk.
+    fn checkpoint(&mut self, c: &ShardsWritten) -> anyhow::Result<()>;
 }
 
 /// Validation figures after an epoch.
@@ -99,6 +132,8 @@ pub struct EpochResult {
     pub train_loss: f32,
     pub val_top1_err: f64,
     pub val_top5_err: f64,
+    /// The learning rate the epoch trained with.
+    pub lr: f32,
 }
 
 /// Logs training progress every `log_every` steps (loss, training error, images/s, learning
@@ -127,8 +162,8 @@ impl LogMonitor {
     }
 }
 
-impl Reporter for LogMonitor {
-    fn step(&mut self, r: &StepReport) -> anyhow::Result<()> {
+impl LogMonitor {
+    pub fn step(&mut self, r: &StepReport) {
         self.window.0 += r.loss as f64;
         self.window.1 += r.hits;
         self.window.2 += 1;
@@ -158,10 +193,10 @@ impl Reporter for LogMonitor {
             self.window = (0.0, Hits::default(), 0);
             self.window_start = Instant::now();
         }
-        Ok(())
     }
 
-    fn evaluation(&mut self, r: &EvalReport) -> anyhow::Result<()> {
+    /// Logs a validation; returns the mean training loss of the epoch.
+    pub fn evaluation(&mut self, r: &EvalReport, lr: f32) -> f32 {
         let train_loss = (self.epoch_loss.0 / self.epoch_loss.1.max(1) as f64) as f32;
         self.epoch_loss = (0.0, 0);
         tracing::info!(
@@ -178,65 +213,108 @@ impl Reporter for LogMonitor {
             train_loss,
             val_top1_err: r.hits.top1_err(),
             val_top5_err: r.hits.top5_err(),
+            lr,
         });
-        Ok(())
+        train_loss
     }
 }
 
-/// Trains `net` on `data` for `opts.epochs` epochs (or `opts.max_steps` steps), validating
-/// after each complete epoch. Returns the steps taken.
+/// Trains `net` on `data` from `start` for `opts.epochs` epochs (or to `opts.max_steps` steps),
+/// validating after each complete epoch and checkpointing as `opts.checkpoints` says. Returns
+/// the steps done in all.
 pub fn fit<B: Backend>(
     net: &mut Network<B>,
     opts: &FitOptions,
+    start: Start,
     data: &mut dyn DataSource<B>,
     reporter: &mut dyn Reporter,
 ) -> anyhow::Result<u64> {
-    let steps_per_epoch = data.steps_per_epoch();
+    let steps_per_epoch = data.steps_per_epoch() as u64;
     anyhow::ensure!(
         steps_per_epoch > 0,
         "an epoch has no full batch of {}",
         opts.batch
     );
-    let mut total_steps = (steps_per_epoch * opts.epochs) as u64;
+    let mut total_steps = steps_per_epoch * opts.epochs as u64;
     if let Some(max) = opts.max_steps {
         total_steps = total_steps.min(max);
     }
-    let mut step = 0u64;
-    for epoch in 0..opts.epochs as u64 {
-        if step >= total_steps {
-            break;
-        }
-        for (s, batch) in data.epoch(epoch)?.enumerate() {
+    let (mut step, mut lr) = (start.step, start.lr);
+    let checkpoint =
+        |net: &Network<B>, step: u64, reporter: &mut dyn Reporter| -> anyhow::Result<()> {
+            let Some(plan) = opts.checkpoints.as_ref().filter(|p| p.write) else {
+                return Ok(());
+            };
+            let t = Instant::now();
+            let dir = super::checkpoint::step_dir(&plan.run_dir, step);
+            let shards = super::checkpoint::write_shards(net, &dir)?;
+            tracing::debug!(
+                step,
+                ms = t.elapsed().as_millis() as u64,
+                "checkpoint shards written"
+            );
+            reporter.checkpoint(&ShardsWritten { step, shards })
+        };
+    let every = opts
+        .checkpoints
+        .as_ref()
+        .and_then(|p| p.every_steps)
+        .filter(|&n| n > 0);
+    let mut last_checkpoint = start.step;
+    while step < total_steps {
+        let epoch = step / steps_per_epoch;
+        let done_in_epoch = (step % steps_per_epoch) as usize;
+        let before = step;
+        for (s, batch) in data.epoch(epoch)?.enumerate().skip(done_in_epoch) {
             let (x, labels) = batch?;
             let x = net.backend.upload(&x);
-            let r = train_step(net, &x, &labels, step, &opts.sgd)?;
+            let sgd = SgdParams { lr, ..opts.sgd };
+            let r = train_step(net, &x, &labels, step, &sgd)?;
             step += 1;
+            let last_of_epoch = s as u64 + 1 == steps_per_epoch;
             reporter.step(&StepReport {
                 epoch: epoch + 1,
                 step,
                 total_steps,
-                last_of_epoch: s + 1 == steps_per_epoch,
+                steps_per_epoch,
+                last_of_epoch,
                 loss: r.loss,
                 hits: Hits {
                     top1: r.top1_correct as u64,
                     top5: r.top5_correct as u64,
                     samples: labels.len() as u64,
                 },
-                lr: opts.sgd.lr,
+                lr,
                 column_bytes: net.column_traffic().sent_bytes,
                 replica_bytes: net.replica_traffic().sent_bytes,
             })?;
-            if step >= total_steps {
+            if last_of_epoch || step >= total_steps {
                 break;
             }
+            if every.is_some_and(|n| step.is_multiple_of(n)) {
+                checkpoint(net, step, reporter)?;
+                last_checkpoint = step;
+            }
         }
-        if step.is_multiple_of(steps_per_epoch as u64) {
+        anyhow::ensure!(
+            step > before,
+            "epoch {} ran out of batches after {done_in_epoch} of {steps_per_epoch}",
+            epoch + 1
+        );
+        if step.is_multiple_of(steps_per_epoch) {
             let hits = data.evaluate(net)?;
-            reporter.evaluation(&EvalReport {
+            lr = reporter.evaluation(&EvalReport {
                 epoch: epoch + 1,
                 hits,
             })?;
         }
+        if step.is_multiple_of(steps_per_epoch) || step >= total_steps {
+            checkpoint(net, step, reporter)?;
+            last_checkpoint = step;
+        }
+    }
+    if last_checkpoint != step {
+        checkpoint(net, step, reporter)?;
     }
     Ok(step)
 }

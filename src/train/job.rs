@@ -2,9 +2,10 @@
 //! description runs in one process (`alexnet train`) and across workers (`alexnet launch`,
 //! where the coordinator sends it to every worker, and its hash guards against mismatches).
 
-use super::fit::{fit, DataSource, FitOptions, Reporter};
+use super::fit::{fit, CheckpointPlan, DataSource, FitOptions, Reporter, Start};
 use super::prepared::PreparedData;
 use super::sample::SampleData;
+use super::schedule::Schedule;
 use crate::backend::{Backend, SgdParams};
 use crate::comm::{ColumnExchange, ReplicaReduce, Topology};
 use crate::data::idx::read_fashion_mnist_dir;
@@ -16,27 +17,70 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Everything that decides what a run computes (and so must be equal on every worker).
+/// Everything that decides what a run computes (and so must be equal on every worker). The
+/// default is the paper's recipe (`jobs/paper.toml` spells it out, field by field).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct JobConfig {
     /// Training data: a prepared dataset (has dataset.json) or a folder of IDX files (which
     /// also holds the validation set).
     pub data: PathBuf,
     /// The prepared validation set (prepared training data only).
     pub val: Option<PathBuf>,
+    /// The network (see `NetConfig`).
     pub net: NetConfig,
+    /// Epochs to train (the paper: 90).
     pub epochs: usize,
-    /// Samples per step, all replicas together.
+    /// Samples per step, all replicas together (the paper: 128).
     pub batch: usize,
+    /// Initial learning rate, momentum and weight decay (the paper: 0.01, 0.9, 0.0005).
     pub sgd: SgdParams,
+    /// When the learning rate falls (the paper: divided by 10 when the validation error stops
+    /// improving, three times).
+    pub schedule: Schedule,
     /// Seeds the parameters, the dropout masks and the order of the data.
     pub seed: u64,
-    /// Stop after this many steps in all.
+    /// Stop after this many steps in all (default: run every epoch).
     pub max_steps: Option<u64>,
+    /// Workers and replicas.
     pub topology: Topology,
     /// Threads that make batches from prepared data, per worker.
     pub loader_threads: usize,
+    /// Checkpoint every this many steps as well as at the end of every epoch (0: epochs only).
+    pub checkpoint_every: u64,
+    /// Complete checkpoints kept (older ones are removed).
+    pub keep_checkpoints: usize,
+    /// Start from these parameters (an `alexnet export` file: unsplit, PyTorch-style names)
+    /// instead of the paper's initialisation.
+    pub init: Option<PathBuf>,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig {
+            data: PathBuf::from("data/sample/fashion-mnist"),
+            val: None,
+            net: NetConfig::default(),
+            epochs: 90,
+            batch: 128,
+            sgd: SgdParams {
+                lr: 0.01,
+                momentum: 0.9,
+                weight_decay: 0.0005,
+            },
+            schedule: Schedule::default(),
+            seed: 1,
+            max_steps: None,
+            topology: Topology {
+                replicas: 1,
+                columns_per_worker: 1,
+            },
+            loader_threads: 2,
+            checkpoint_every: 0,
+            keep_checkpoints: 3,
+            init: None,
+        }
+    }
 }
 
 impl JobConfig {
@@ -46,6 +90,20 @@ impl JobConfig {
         self.topology.validate().context("topology")?;
         anyhow::ensure!(self.batch > 0, "batch must be at least 1");
         anyhow::ensure!(self.epochs > 0, "epochs must be at least 1");
+        anyhow::ensure!(
+            self.sgd.lr > 0.0 && self.sgd.lr.is_finite(),
+            "sgd.lr must be a positive number, not {}",
+            self.sgd.lr
+        );
+        anyhow::ensure!(
+            self.schedule.factor > 0.0 && self.schedule.factor <= 1.0,
+            "schedule.factor must be in (0, 1], not {}",
+            self.schedule.factor
+        );
+        anyhow::ensure!(
+            self.keep_checkpoints >= 1,
+            "keep_checkpoints must be at least 1"
+        );
         anyhow::ensure!(
             self.batch.is_multiple_of(self.topology.replicas),
             "batch {} cannot be split evenly over {} replicas: make it a multiple of {}",
@@ -60,18 +118,32 @@ impl JobConfig {
         Ok(())
     }
 
-    /// A digest of the whole configuration: workers of one job must agree on it.
+    /// A digest of what the configuration computes: workers of one job must agree on it, and a
+    /// run resumes only under the same one. How long to run (`epochs`, `max_steps`) and how
+    /// often to checkpoint are left out, so that a resumed run may be extended.
     pub fn hash(&self) -> String {
-        let text = serde_json::to_string(self).expect("a job serialises");
+        let what = JobConfig {
+            epochs: 0,
+            max_steps: None,
+            checkpoint_every: 0,
+            keep_checkpoints: 0,
+            loader_threads: 0,
+            ..self.clone()
+        };
+        let text = serde_json::to_string(&what).expect("a job serialises");
         format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
     }
 }
 
-/// Where this process sits in the job.
+/// Where this process sits in the job, and where its run starts.
 pub struct Role<B: Backend> {
     pub replica: usize,
     pub columns: Box<dyn ColumnExchange<B>>,
     pub replicas: Option<Box<dyn ReplicaReduce>>,
+    /// The run folder, for checkpoints (none: no checkpoints).
+    pub run_dir: Option<PathBuf>,
+    /// A checkpoint to continue from: its folder, step and learning rate.
+    pub resume: Option<(PathBuf, u64, f32)>,
 }
 
 /// The data of `job` as replica `replica` sees it.
@@ -106,14 +178,15 @@ pub fn open_data<B: Backend>(
                 job.data.display()
             )
         })?;
+        let classes = super::sample::idx_class_names(&job.data, job.net.classes);
         Ok(Box::new(SampleData::new(
-            &train, &val, &job.net, job.batch, split, job.seed,
+            &train, &val, &job.net, job.batch, split, job.seed, classes,
         )?))
     }
 }
 
-/// Runs `job` in this process's role: builds its columns, trains them, and returns the
-/// network (for its parameters) and the steps taken.
+/// Runs `job` in this process's role: builds its columns (fresh, imported or from a
+/// checkpoint), trains them, and returns the network and the steps done in all.
 pub fn run<B: Backend>(
     job: &JobConfig,
     backend: B,
@@ -125,6 +198,25 @@ pub fn run<B: Backend>(
     let mut net = Network::new(job.net.clone(), backend, role.columns, job.seed)?;
     if let Some(group) = role.replicas {
         net.join_replicas(group, role.replica, job.batch / job.topology.replicas);
+    }
+    let mut start = Start {
+        step: 0,
+        lr: job.sgd.lr,
+    };
+    match (&role.resume, &job.init) {
+        (Some((dir, step, lr)), _) => {
+            super::checkpoint::load_shards(&mut net, dir)?;
+            start = Start {
+                step: *step,
+                lr: *lr,
+            };
+            tracing::info!(step, lr, checkpoint = %dir.display(), "resuming");
+        }
+        (None, Some(init)) => {
+            import_unsplit(&mut net, init)?;
+            tracing::info!(file = %init.display(), "parameters imported");
+        }
+        (None, None) => {}
     }
     tracing::info!(
         backend = net.backend.name(),
@@ -138,9 +230,47 @@ pub fn run<B: Backend>(
         batch: job.batch,
         sgd: job.sgd,
         max_steps: job.max_steps,
+        checkpoints: role.run_dir.clone().map(|run_dir| CheckpointPlan {
+            run_dir,
+            every_steps: Some(job.checkpoint_every).filter(|&n| n > 0),
+            write: role.replica == 0,
+        }),
     };
-    let steps = fit(&mut net, &opts, data.as_mut(), reporter)?;
+    let steps = fit(&mut net, &opts, start, data.as_mut(), reporter)?;
     Ok((net, steps))
+}
+
+/// Loads an unsplit parameter file (`alexnet export`, PyTorch-style names and shapes) into the
+/// held columns.
+pub fn import_unsplit<B: Backend>(net: &mut Network<B>, path: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let tensors = super::checkpoint::read_tensors(&bytes, path)?;
+    net.load_unsplit(|name| {
+        tensors
+            .get(name)
+            .or_else(|| tensors.get(&format!("param.{name}")))
+            .cloned()
+            .with_context(|| format!("{} has no tensor {name}", path.display()))
+    })
+    .with_context(|| format!("importing {}", path.display()))
+}
+
+/// The unsplit parameters of a network holding both columns: (PyTorch-style name, shape, values).
+pub fn export_unsplit<B: Backend>(
+    net: &Network<B>,
+) -> anyhow::Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    anyhow::ensure!(net.columns.len() == COLUMNS, "exporting needs both columns");
+    let mut out = Vec::new();
+    for (i, p) in net.columns[0].params.iter().enumerate() {
+        let mut shape = p.shape.clone();
+        shape[0] *= COLUMNS;
+        let mut values = Vec::with_capacity(p.len() * COLUMNS);
+        for col in &net.columns {
+            values.extend(net.backend.download(&col.params[i].value));
+        }
+        out.push((p.name.clone(), shape, values));
+    }
+    Ok(out)
 }
 
 /// Writes each held column's parameters to `dir/column{c}.safetensors` (the layer's rows of

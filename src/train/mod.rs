@@ -1,10 +1,14 @@
 //! Training: one SGD step of the network, the training loop, and the speed benchmark.
 
 pub mod bench;
+pub mod book;
+pub mod checkpoint;
 pub mod fit;
 pub mod job;
 pub mod prepared;
+pub mod report;
 pub mod sample;
+pub mod schedule;
 
 use crate::backend::{Backend, SgdParams};
 use crate::model::{Mode, Network};

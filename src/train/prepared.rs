@@ -68,6 +68,10 @@ impl PreparedData {
 }
 
 impl<B: Backend> DataSource<B> for PreparedData {
+    fn class_names(&self) -> Vec<String> {
+        self.train.meta.classes.clone()
+    }
+
     fn steps_per_epoch(&self) -> usize {
         batches_per_epoch(self.train.len(), &self.base)
     }

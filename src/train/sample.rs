@@ -94,6 +94,44 @@ pub struct SampleData {
     replicas: usize,
     replica: usize,
     seed: u64,
+    classes: Vec<String>,
+}
+
+/// Fashion-MNIST's labels, in order.
+pub const FASHION_MNIST_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
+/// Class names of an IDX folder: `classes.txt` (one per line) if present, Fashion-MNIST's for
+/// a folder named like it, otherwise the label numbers.
+pub fn idx_class_names(dir: &std::path::Path, classes: usize) -> Vec<String> {
+    if let Ok(text) = std::fs::read_to_string(dir.join("classes.txt")) {
+        let names: Vec<String> = text
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        if names.len() >= classes {
+            return names;
+        }
+    }
+    let name = dir.to_string_lossy().to_lowercase();
+    if name.contains("fashion") && classes <= 10 {
+        return FASHION_MNIST_CLASSES
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    }
+    (0..classes).map(|c| c.to_string()).collect()
 }
 
 /// Replica `replica`'s part of `batch`: equal parts, the first `len % replicas` one longer
@@ -113,6 +151,7 @@ impl SampleData {
         global_batch: usize,
         (replicas, replica): (usize, usize),
         seed: u64,
+        classes: Vec<String>,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(!train.is_empty(), "the training set is empty");
         anyhow::ensure!(
@@ -165,11 +204,16 @@ impl SampleData {
             replicas,
             replica,
             seed,
+            classes,
         })
     }
 }
 
 impl<B: Backend> DataSource<B> for SampleData {
+    fn class_names(&self) -> Vec<String> {
+        self.classes.clone()
+    }
+
     fn steps_per_epoch(&self) -> usize {
         self.train.labels.len() / self.global_batch
     }

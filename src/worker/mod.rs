@@ -7,10 +7,10 @@ use crate::backend::Cpu;
 use crate::comm::{connect_tcp, MeshKey, Topology};
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::{
-    command, worker_event, Assignment, Evaluation, Failed, Finished, Heartbeat, Progress,
-    RegisterRequest, WorkerEvent,
+    command, worker_event, Assignment, CheckpointShards, Evaluation, Failed, Finished, Heartbeat,
+    Progress, RegisterRequest, WorkerEvent,
 };
-use crate::train::fit::{EvalReport, Reporter, StepReport};
+use crate::train::fit::{EvalReport, Reporter, ShardsWritten, StepReport};
 use crate::train::job::{self, JobConfig, Role};
 use anyhow::{bail, Context};
 use std::collections::BTreeMap;
@@ -56,6 +56,22 @@ struct Commands {
     /// Set when the coordinator aborted the generation (or went away).
     abort: Option<String>,
     stopped: bool,
+    /// The learning rate decided after each epoch's validation.
+    lr_after_epoch: BTreeMap<u64, f32>,
+}
+
+/// The commands and a condition variable to wait for a new one.
+#[derive(Default)]
+struct CommandBox {
+    state: Mutex<Commands>,
+    changed: std::sync::Condvar,
+}
+
+impl CommandBox {
+    fn update(&self, f: impl FnOnce(&mut Commands)) {
+        f(&mut self.state.lock().unwrap());
+        self.changed.notify_all();
+    }
 }
 
 /// Sends the training loop's reports to the coordinator and stops the loop on an abort.
@@ -63,7 +79,9 @@ struct RemoteReporter {
     rank: u32,
     generation: u64,
     events: mpsc::UnboundedSender<WorkerEvent>,
-    commands: Arc<Mutex<Commands>>,
+    commands: Arc<CommandBox>,
+    /// How long to wait for the coordinator's decision after a validation.
+    decision_timeout: Duration,
 }
 
 impl RemoteReporter {
@@ -76,7 +94,7 @@ impl RemoteReporter {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        if let Some(reason) = &self.commands.lock().unwrap().abort {
+        if let Some(reason) = &self.commands.state.lock().unwrap().abort {
             bail!("the coordinator aborted this generation: {reason}");
         }
         Ok(())
@@ -96,14 +114,42 @@ impl Reporter for RemoteReporter {
             column_bytes: r.column_bytes,
             replica_bytes: r.replica_bytes,
             rss_bytes: rss_bytes(),
+            steps_per_epoch: r.steps_per_epoch,
         }));
         self.check()
     }
 
-    fn evaluation(&mut self, r: &EvalReport) -> anyhow::Result<()> {
+    fn evaluation(&mut self, r: &EvalReport) -> anyhow::Result<f32> {
         self.send(worker_event::Event::Evaluation(Evaluation {
             epoch: r.epoch,
             hits: Some(r.hits.into()),
+        }));
+        // The coordinator combines every replica's validation and decides the learning rate.
+        let deadline = Instant::now() + self.decision_timeout;
+        let mut c = self.commands.state.lock().unwrap();
+        loop {
+            if let Some(reason) = &c.abort {
+                bail!("the coordinator aborted this generation: {reason}");
+            }
+            if let Some(&lr) = c.lr_after_epoch.get(&r.epoch) {
+                return Ok(lr);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "the coordinator did not decide the learning rate after epoch {} within {:?}",
+                    r.epoch,
+                    self.decision_timeout
+                );
+            }
+            c = self.commands.changed.wait_timeout(c, left).unwrap().0;
+        }
+    }
+
+    fn checkpoint(&mut self, c: &ShardsWritten) -> anyhow::Result<()> {
+        self.send(worker_event::Event::Checkpoint(CheckpointShards {
+            step: c.step,
+            shards: c.shards.iter().cloned().collect(),
         }));
         self.check()
     }
@@ -208,7 +254,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
 
     // The session: events out, commands in, heartbeats beside.
     let (events, events_rx) = mpsc::unbounded_channel::<WorkerEvent>();
-    let commands = Arc::new(Mutex::new(Commands::default()));
+    let commands = Arc::new(CommandBox::default());
     let (started_tx, started_rx) = std_mpsc::channel::<()>();
     let heartbeat = Duration::from_millis(assignment.heartbeat_ms.max(10) as u64);
     let peer_timeout = Duration::from_millis(assignment.peer_timeout_ms.max(100) as u64);
@@ -245,19 +291,25 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
                         }
                         Some(command::Command::Stop(s)) => {
                             tracing::info!("the coordinator stopped the job: {}", s.reason);
-                            commands.lock().unwrap().stopped = true;
+                            commands.update(|c| c.stopped = true);
                             return;
                         }
                         Some(command::Command::Abort(a)) => {
-                            commands.lock().unwrap().abort = Some(a.reason);
+                            commands.update(|c| c.abort = Some(a.reason));
+                        }
+                        Some(command::Command::SetLr(l)) => {
+                            commands.update(|c| {
+                                c.lr_after_epoch.insert(l.epoch, l.lr);
+                            });
                         }
                         None => {}
                     },
                     Ok(None) | Err(_) => {
-                        let mut c = commands.lock().unwrap();
-                        if !c.stopped && c.abort.is_none() {
-                            c.abort = Some("the coordinator went away".into());
-                        }
+                        commands.update(|c| {
+                            if !c.stopped && c.abort.is_none() {
+                                c.abort = Some("the coordinator went away".into());
+                            }
+                        });
                         return;
                     }
                 }
@@ -295,6 +347,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
             generation,
             events: events.clone(),
             commands: commands.clone(),
+            decision_timeout: peer_timeout * 10,
         },
     );
     let send = |event| {
@@ -368,6 +421,8 @@ fn train(
         replica: a.replica as usize,
         columns: ex.columns,
         replicas: ex.replicas,
+        run_dir: (!a.run_dir.is_empty()).then(|| PathBuf::from(&a.run_dir)),
+        resume: (a.resume_step > 0).then(|| (PathBuf::from(&a.resume_dir), a.resume_step, a.lr)),
     };
     let t = Instant::now();
     let (net, steps) = job::run(job, backend, role, &mut reporter)?;

@@ -1,0 +1,780 @@
+//! Blocks of f32 between two GPUs over NCCL: the data plane of columns on CUDA devices.
+//!
+//! NCCL moves data between GPUs over NVLink, PCIe peer-to-peer or InfiniBand without a trip
+//! through the host's network stack, which is what the columns of a network on two GPUs want:
+//! they swap activations and gradients several times per step. A link is a communicator of two
+//! ranks (this column and its partner), created from a unique id that column 0 makes with
+//! [`unique_id`] and the coordinator relays to column 1.
+//!
+//! **Current limitation:** [`Link::swap`] takes and returns host memory, so a block is staged
+//! through the host: copied to the device, swapped over NCCL, copied back. Until the CUDA
+//! backend hands device buffers to the exchange directly, this link saves the network hop of
+//! [`TcpLink`](super::TcpLink), not the two copies across PCIe.
+//!
+//! NCCL's communicator, the CUDA context and the stream are tied to the thread that uses them,
+//! so a link owns a thread that holds all three; [`NcclLink`] talks to it over channels. Every
+//! wait has the job's peer timeout, as on the TCP data plane: the communicator is created
+//! non-blocking and polled, each swap is polled until its event completes, and when the
+//! deadline passes the thread aborts the communicator (`ncclCommAbort`), which ends the pending
+//! transfers, so that a dead or silent peer is an error, not a hang. A link that failed once
+//! stays failed.
+//!
+//! Like the TCP frame, every block carries a 16-byte header (magic, sequence, value count) in
+//! front of its values, so that ranks that fell out of step, or disagree on a block's size,
+//! stop with an error that names the peer rather than silently swapping the wrong data.
+//!
+//! CUDA's driver (`libcuda.so`) and NCCL (`libnccl.so`) are loaded when first needed, so the
+//! binary builds and runs without them; a missing library is an error that says where to look.
+
+use super::tcp::PeerError;
+use super::{Link, Traffic};
+use anyhow::{anyhow, bail, Context};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
+};
+use cudarc::nccl::{result as nccl, sys};
+use std::ffi::{c_int, c_void, CStr};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Marks the header of a block, like the TCP frame's `"AXF1"`.
+const BLOCK_MAGIC: &[u8; 4] = b"AXN1";
+/// Header words (f32-sized) in front of every block: magic, sequence (two words), value count.
+const HEADER: usize = 4;
+/// Bytes of a header.
+const HEADER_BYTES: u64 = 4 * HEADER as u64;
+/// How long the caller waits for the link's thread beyond the peer timeout while it aborts the
+/// communicator. Past this, a CUDA or NCCL call itself hangs.
+const SWAP_GRACE: Duration = Duration::from_secs(10);
+/// As [`SWAP_GRACE`], at creation, which also initialises the driver and the CUDA context.
+const STARTUP_GRACE: Duration = Duration::from_secs(60);
+/// `NCCL_VERSION(2, 30, 0)`: the version of the `nccl.h` behind cudarc's bindings, which NCCL
+/// reads from the config to know which of its fields the caller set.
+const NCCL_HEADER_VERSION: u32 = 2 * 10_000 + 30 * 100;
+/// `NCCL_CONFIG_UNDEF_INT`: leave the field to NCCL's default.
+const UNDEF: c_int = c_int::MIN;
+
+/// Checks that the CUDA driver and NCCL can be loaded: cudarc panics when it needs a library
+/// it cannot find, so this runs before anything else touches them.
+fn check_libraries() -> anyhow::Result<()> {
+    // SAFETY: only tries to dlopen the candidate names, with no other effect.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!(
+            "the NVIDIA driver library (libcuda.so.1) cannot be loaded: NCCL needs a GPU and its \
+             driver (is the driver installed, and its directory on LD_LIBRARY_PATH?)"
+        );
+    }
+    // SAFETY: as above.
+    if !unsafe { sys::is_culib_present() } {
+        bail!(
+            "libnccl.so cannot be loaded: install NCCL and put the directory holding libnccl.so on \
+             LD_LIBRARY_PATH (the loader looks for libnccl.so, not libnccl.so.2: where there is \
+             only libnccl.so.2, as in the nvidia-nccl wheels, add a libnccl.so link to it)"
+        );
+    }
+    Ok(())
+}
+
+/// The text of a panic caught at the edge of cudarc (a library or symbol it could not load).
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs `f`, turning a panic inside cudarc into an error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(anyhow!("{what}: {}", panic_message(p))))
+}
+
+/// NCCL's description of `code`, and of the last error it logged.
+fn describe(code: sys::ncclResult_t) -> String {
+    // SAFETY: both return pointers to static (or communicator-owned) NUL-terminated strings;
+    // ncclGetLastError ignores its argument.
+    unsafe {
+        let text = |p: *const std::ffi::c_char| {
+            (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+        };
+        let name = text(sys::ncclGetErrorString(code)).unwrap_or_else(|| format!("{code:?}"));
+        match text(sys::ncclGetLastError(std::ptr::null_mut())) {
+            Some(last) if !last.is_empty() => format!("{name} ({last})"),
+            _ => name,
+        }
+    }
+}
+
+fn nccl_error(what: &str, e: nccl::NcclError) -> anyhow::Error {
+    anyhow!("{what}: {}", describe(e.0))
+}
+
+/// CUDA errors, described at once: formatting a [`DriverError`] later calls into the driver,
+/// which may be gone (or missing the symbol) by then.
+trait CudaResult<T> {
+    fn cuda(self, what: &str) -> anyhow::Result<T>;
+}
+
+impl<T> CudaResult<T> for Result<T, DriverError> {
+    fn cuda(self, what: &str) -> anyhow::Result<T> {
+        self.map_err(|e| anyhow!("{what}: {e}"))
+    }
+}
+
+fn peer_error(rank: usize, message: String) -> anyhow::Error {
+    PeerError { rank, message }.into()
+}
+
+/// A NCCL unique id, made by column 0 and relayed by the coordinator to column 1, which both
+/// pass to [`NcclLink::new`]. Fails (never panics) where the CUDA driver or NCCL is missing.
+///
+/// The id holds the address of a bootstrap listener that NCCL starts in the calling process,
+/// so the process that calls this must stay up until both ranks have joined: column 0's
+/// worker, not the coordinator.
+pub fn unique_id() -> anyhow::Result<[u8; 128]> {
+    check_libraries()?;
+    let id = guarded("ncclGetUniqueId", || {
+        nccl::get_uniqueid().map_err(|e| nccl_error("ncclGetUniqueId", e))
+    })?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+/// The header of block `seq` of `count` values, as f32 words.
+fn header(seq: u64, count: usize) -> [f32; HEADER] {
+    [
+        f32::from_bits(u32::from_le_bytes(*BLOCK_MAGIC)),
+        f32::from_bits(seq as u32),
+        f32::from_bits((seq >> 32) as u32),
+        f32::from_bits(count as u32),
+    ]
+}
+
+/// Checks a received header against the block that was due.
+fn check_header(h: &[f32; HEADER], peer: usize, seq: u64, expect: usize) -> anyhow::Result<()> {
+    if h[0].to_bits() != u32::from_le_bytes(*BLOCK_MAGIC) {
+        return Err(peer_error(
+            peer,
+            format!("rank {peer} sent a malformed block header over NCCL"),
+        ));
+    }
+    let got_seq = h[1].to_bits() as u64 | (h[2].to_bits() as u64) << 32;
+    if got_seq != seq {
+        return Err(peer_error(
+            peer,
+            format!(
+                "rank {peer} sent block {got_seq} over NCCL where block {seq} was due: the ranks \
+                 are out of step"
+            ),
+        ));
+    }
+    let count = h[3].to_bits() as usize;
+    if count != expect {
+        return Err(peer_error(
+            peer,
+            format!(
+                "rank {peer} sent {count} values over NCCL where {expect} were due: do both run \
+                 the same network and batch?"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `NCCL_CONFIG_INITIALIZER` with `blocking = 0`: calls return at once and the communicator's
+/// state is polled, so that every wait can have a deadline.
+fn nonblocking_config() -> sys::ncclConfig_t {
+    sys::ncclConfig_t {
+        size: std::mem::size_of::<sys::ncclConfig_t>(),
+        magic: 0xcafe_beef,
+        version: NCCL_HEADER_VERSION,
+        blocking: 0,
+        cgaClusterSize: UNDEF,
+        minCTAs: UNDEF,
+        maxCTAs: UNDEF,
+        netName: std::ptr::null(),
+        splitShare: UNDEF,
+        trafficClass: UNDEF,
+        commName: std::ptr::null(),
+        collnetEnable: UNDEF,
+        CTAPolicy: UNDEF,
+        shrinkShare: UNDEF,
+        nvlsCTAs: UNDEF,
+        nChannelsPerNetPeer: UNDEF,
+        nvlinkCentricSched: UNDEF,
+        graphUsageMode: UNDEF,
+        numRmaCtx: UNDEF,
+        maxP2pPeers: UNDEF,
+    }
+}
+
+/// Waits a little between polls: yields at first, so that short swaps return quickly, then
+/// sleeps, so that a long wait for a slow peer does not burn a core.
+fn pause(since: Instant) {
+    if since.elapsed() < Duration::from_millis(5) {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// A communicator, aborted when dropped (abort, unlike destroy, never waits for the peer).
+struct RawComm(sys::ncclComm_t);
+
+impl RawComm {
+    /// The communicator's state: `ncclInProgress` while an initialisation or a group is still
+    /// being set up, `ncclSuccess` when ready, an error once something failed.
+    fn state(&self) -> anyhow::Result<sys::ncclResult_t> {
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: `self.0` is a live communicator and `state` a valid out-pointer.
+        unsafe { sys::ncclCommGetAsyncError(self.0, &mut state) }
+            .result()
+            .map_err(|e| nccl_error("ncclCommGetAsyncError", e))?;
+        Ok(state)
+    }
+
+    fn abort(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: `self.0` is a live communicator; it is not used again.
+            if let Err(e) = unsafe { nccl::comm_abort(self.0) } {
+                tracing::warn!("ncclCommAbort: {}", describe(e.0));
+            }
+            self.0 = std::ptr::null_mut();
+        }
+    }
+}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// What the link's thread needs to start.
+struct Setup {
+    device: usize,
+    rank: usize,
+    peer_rank: usize,
+    id: [u8; 128],
+    timeout: Duration,
+}
+
+/// The link's thread: the communicator and what it runs on. Fields drop in this order: the
+/// communicator is aborted before the buffers and the stream go.
+struct Worker {
+    comm: RawComm,
+    send: CudaSlice<f32>,
+    recv: CudaSlice<f32>,
+    done: CudaEvent,
+    stream: Arc<CudaStream>,
+    _ctx: Arc<CudaContext>,
+    /// The peer's rank in the communicator (0 or 1).
+    peer: c_int,
+    /// The peer's global rank, for messages.
+    peer_rank: usize,
+    timeout: Duration,
+    seq_out: u64,
+    seq_in: u64,
+}
+
+impl Worker {
+    fn start(s: &Setup) -> anyhow::Result<Worker> {
+        let ctx = CudaContext::new(s.device).cuda(&format!("opening CUDA device {}", s.device))?;
+        // One stream carries every copy and transfer, in order, so cudarc need not track the
+        // buffers' uses with events.
+        // SAFETY: no buffer of this context is used on another stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().cuda("creating a CUDA stream")?;
+        let send = stream
+            .alloc_zeros::<f32>(HEADER)
+            .cuda("allocating device memory")?;
+        let recv = stream
+            .alloc_zeros::<f32>(HEADER)
+            .cuda("allocating device memory")?;
+        let done = ctx.new_event(None).cuda("creating a CUDA event")?;
+        let version = nccl::get_nccl_version().map_err(|e| nccl_error("ncclGetVersion", e))?;
+
+        let peer_rank = s.peer_rank;
+        let id = sys::ncclUniqueId {
+            internal: s.id.map(|b| b as std::ffi::c_char),
+        };
+        let mut config = nonblocking_config();
+        let mut comm = RawComm(std::ptr::null_mut());
+        let started = Instant::now();
+        // SAFETY: valid out-pointer and config; the CUDA context is current on this thread.
+        let init = unsafe {
+            nccl::comm_init_rank_config(&mut comm.0, 2, id, s.rank as c_int, &mut config)
+        };
+        if let Err(e) = init {
+            return Err(nccl_error(
+                &format!("creating the NCCL communicator with rank {peer_rank}"),
+                e,
+            ));
+        }
+        if comm.0.is_null() {
+            bail!("ncclCommInitRankConfig returned no communicator");
+        }
+        loop {
+            match comm.state()? {
+                sys::ncclResult_t::ncclSuccess => break,
+                sys::ncclResult_t::ncclInProgress => {}
+                code => {
+                    return Err(peer_error(
+                        peer_rank,
+                        format!(
+                            "creating the NCCL communicator with rank {peer_rank} failed: {}",
+                            describe(code)
+                        ),
+                    ))
+                }
+            }
+            if started.elapsed() > s.timeout {
+                comm.abort();
+                return Err(peer_error(
+                    peer_rank,
+                    format!(
+                        "rank {peer_rank} did not join the NCCL communicator within {:?}: it \
+                         stopped, the link is cut, or it holds another unique id",
+                        s.timeout
+                    ),
+                ));
+            }
+            pause(started);
+        }
+        tracing::debug!(
+            peer = peer_rank,
+            device = s.device,
+            "NCCL {}.{}.{} link up in {:?}",
+            version / 10_000,
+            version % 10_000 / 100,
+            version % 100,
+            started.elapsed()
+        );
+        Ok(Worker {
+            comm,
+            send,
+            recv,
+            done,
+            stream,
+            _ctx: ctx,
+            peer: 1 - s.rank as c_int,
+            peer_rank,
+            timeout: s.timeout,
+            seq_out: 0,
+            seq_in: 0,
+        })
+    }
+
+    /// Grows the device buffers to hold `send` and `recv` words. The stream is idle here.
+    fn reserve(&mut self, send: usize, recv: usize) -> anyhow::Result<()> {
+        if self.send.len() < send {
+            let bytes = 4 * send;
+            self.send = (self.stream.alloc_zeros::<f32>(send))
+                .cuda(&format!("allocating {bytes} bytes of device memory"))?;
+        }
+        if self.recv.len() < recv {
+            let bytes = 4 * recv;
+            self.recv = (self.stream.alloc_zeros::<f32>(recv))
+                .cuda(&format!("allocating {bytes} bytes of device memory"))?;
+        }
+        Ok(())
+    }
+
+    /// The error of a swap that failed on the communicator, after aborting it.
+    fn failed(&mut self, code: sys::ncclResult_t) -> anyhow::Error {
+        let peer = self.peer_rank;
+        let message = format!(
+            "the NCCL link to rank {peer} failed: {} (rank {peer} has probably failed, see its \
+             log)",
+            describe(code)
+        );
+        self.comm.abort();
+        peer_error(peer, message)
+    }
+
+    fn timed_out(&mut self) -> anyhow::Error {
+        self.comm.abort();
+        let peer = self.peer_rank;
+        peer_error(
+            peer,
+            format!(
+                "rank {peer} sent nothing over NCCL for {:?}: it stopped or the link is cut (the \
+                 limit is the job's peer timeout)",
+                self.timeout
+            ),
+        )
+    }
+
+    fn swap(&mut self, mine: &[f32], expect: usize) -> anyhow::Result<Vec<f32>> {
+        let started = Instant::now();
+        if mine.len().max(expect) > u32::MAX as usize {
+            bail!(
+                "a block of more than {} values cannot cross a NCCL link",
+                u32::MAX
+            );
+        }
+        let (n_out, n_in) = (HEADER + mine.len(), HEADER + expect);
+        self.reserve(n_out, n_in)?;
+        let stream = self.stream.clone();
+        let head = header(self.seq_out, mine.len());
+        (stream.memcpy_htod(&head, &mut self.send.slice_mut(..HEADER)))
+            .cuda("copying a block to the device")?;
+        (stream.memcpy_htod(mine, &mut self.send.slice_mut(HEADER..n_out)))
+            .cuda("copying a block to the device")?;
+
+        let f32_type = sys::ncclDataType_t::ncclFloat32;
+        let cu_stream = stream.cu_stream() as sys::cudaStream_t;
+        let (comm, peer) = (self.comm.0, self.peer);
+        // No event tracking (see `start`): the guards that come with the pointers do nothing.
+        let src = self.send.device_ptr(&stream).0;
+        let dst = self.recv.device_ptr_mut(&stream).0;
+        // SAFETY: the buffers hold `n_out` and `n_in` words and outlive the transfer (this
+        // function waits for it, or aborts the communicator, before returning); the
+        // communicator is live. The group is ended whatever the calls return.
+        let (sent, received, ended) = unsafe {
+            nccl::group_start().map_err(|e| nccl_error("ncclGroupStart", e))?;
+            let sent = nccl::send(src as *const c_void, n_out, f32_type, peer, comm, cu_stream);
+            let received = nccl::recv(dst as *mut c_void, n_in, f32_type, peer, comm, cu_stream);
+            (sent, received, nccl::group_end())
+        };
+        for (what, r) in [
+            ("ncclSend", sent),
+            ("ncclRecv", received),
+            ("ncclGroupEnd", ended),
+        ] {
+            if let Err(e) = r {
+                self.comm.abort();
+                return Err(nccl_error(
+                    &format!("{what} with rank {}", self.peer_rank),
+                    e,
+                ));
+            }
+        }
+        // Non-blocking: the group may still be being set up (connections to the peer are made
+        // on first use); the transfers are on the stream once the state leaves ncclInProgress.
+        loop {
+            match self.comm.state()? {
+                sys::ncclResult_t::ncclSuccess => break,
+                sys::ncclResult_t::ncclInProgress => {}
+                code => return Err(self.failed(code)),
+            }
+            if started.elapsed() > self.timeout {
+                return Err(self.timed_out());
+            }
+            pause(started);
+        }
+        self.done.record(&stream).cuda("recording a CUDA event")?;
+        while !self.done.try_is_complete().cuda("the NCCL transfer")? {
+            match self.comm.state()? {
+                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => {}
+                code => return Err(self.failed(code)),
+            }
+            if started.elapsed() > self.timeout {
+                return Err(self.timed_out());
+            }
+            pause(started);
+        }
+
+        // The stream is idle: these copies return at once.
+        let mut head = [0f32; HEADER];
+        (stream.memcpy_dtoh(&self.recv.slice(..HEADER), &mut head))
+            .cuda("copying a block from the device")?;
+        if let Err(e) = check_header(&head, self.peer_rank, self.seq_in, expect) {
+            self.comm.abort();
+            return Err(e);
+        }
+        let mut theirs = vec![0f32; expect];
+        (stream.memcpy_dtoh(&self.recv.slice(HEADER..n_in), &mut theirs))
+            .cuda("copying a block from the device")?;
+        self.seq_out += 1;
+        self.seq_in += 1;
+        Ok(theirs)
+    }
+}
+
+/// A block to swap; `mine` comes back with the answer, for reuse.
+struct Job {
+    mine: Vec<f32>,
+    expect: usize,
+}
+
+enum FromWorker {
+    Ready(anyhow::Result<()>),
+    Swapped(anyhow::Result<Vec<f32>>, Vec<f32>),
+}
+
+/// The link's thread: starts the communicator, then swaps blocks until the link is dropped or
+/// a swap fails (which aborts the communicator: a failed link stays failed).
+fn run(setup: Setup, jobs: Receiver<Job>, out: Sender<FromWorker>) {
+    let mut worker = match guarded("starting the NCCL link", || Worker::start(&setup)) {
+        Ok(w) => {
+            let _ = out.send(FromWorker::Ready(Ok(())));
+            w
+        }
+        Err(e) => {
+            let _ = out.send(FromWorker::Ready(Err(e)));
+            return;
+        }
+    };
+    while let Ok(job) = jobs.recv() {
+        let result = guarded("NCCL swap", || worker.swap(&job.mine, job.expect));
+        let failed = result.is_err();
+        if out.send(FromWorker::Swapped(result, job.mine)).is_err() || failed {
+            break;
+        }
+    }
+}
+
+/// One end of a two-rank NCCL communicator, carrying blocks between this column and its
+/// partner on another GPU (of this machine or another).
+pub struct NcclLink {
+    jobs: Option<Sender<Job>>,
+    replies: Receiver<FromWorker>,
+    thread: Option<JoinHandle<()>>,
+    peer_rank: usize,
+    timeout: Duration,
+    /// Why the link failed, and whether the peer was to blame: a failed link stays failed.
+    broken: Option<(String, bool)>,
+    /// The thread did not answer in time: a CUDA or NCCL call hangs, so dropping the link
+    /// does not wait for it.
+    hung: bool,
+    /// The last block sent, returned by the thread, whose allocation the next swap reuses.
+    spare: Vec<f32>,
+    traffic: Traffic,
+}
+
+impl NcclLink {
+    /// Joins the communicator of `id` (from [`unique_id`] on column 0) as rank
+    /// `my_rank_in_pair` (0 or 1) on CUDA device `device_ordinal`; `peer_global_rank` names the
+    /// partner in messages. Fails if the partner has not joined within `timeout`, which also
+    /// bounds every later swap.
+    pub fn new(
+        device_ordinal: usize,
+        my_rank_in_pair: usize,
+        peer_global_rank: usize,
+        id: [u8; 128],
+        timeout: Duration,
+    ) -> anyhow::Result<NcclLink> {
+        if my_rank_in_pair > 1 {
+            bail!("a NCCL pair has ranks 0 and 1, not {my_rank_in_pair}");
+        }
+        if id.iter().all(|&b| b == 0) {
+            bail!("the NCCL unique id is empty: column 0 makes it with unique_id()");
+        }
+        check_libraries()?;
+        let (jobs, job_rx) = channel();
+        let (reply_tx, replies) = channel();
+        let setup = Setup {
+            device: device_ordinal,
+            rank: my_rank_in_pair,
+            peer_rank: peer_global_rank,
+            id,
+            timeout,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("nccl-rank{peer_global_rank}"))
+            .spawn(move || run(setup, job_rx, reply_tx))
+            .context("starting the NCCL link's thread")?;
+        let mut link = NcclLink {
+            jobs: Some(jobs),
+            replies,
+            thread: Some(thread),
+            peer_rank: peer_global_rank,
+            timeout,
+            broken: None,
+            hung: false,
+            spare: Vec::new(),
+            traffic: Traffic::default(),
+        };
+        let wait = timeout.saturating_add(STARTUP_GRACE);
+        match link.replies.recv_timeout(wait) {
+            Ok(FromWorker::Ready(Ok(()))) => Ok(link),
+            Ok(FromWorker::Ready(Err(e))) => Err(e),
+            Ok(FromWorker::Swapped(..)) => bail!("the NCCL link's thread answered out of turn"),
+            Err(RecvTimeoutError::Timeout) => {
+                link.hung = true;
+                Err(peer_error(
+                    peer_global_rank,
+                    format!(
+                        "the NCCL link to rank {peer_global_rank} did not start within {wait:?}: \
+                         a CUDA or NCCL call hangs"
+                    ),
+                ))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                bail!("the NCCL link's thread ended while starting")
+            }
+        }
+    }
+
+    pub fn peer_rank(&self) -> usize {
+        self.peer_rank
+    }
+
+    fn fail(&mut self, e: anyhow::Error) -> anyhow::Error {
+        let by_peer = e.downcast_ref::<PeerError>().is_some();
+        self.broken = Some((format!("{e:#}"), by_peer));
+        e
+    }
+}
+
+impl Link for NcclLink {
+    fn swap(&mut self, mine: &[f32], expect: usize) -> anyhow::Result<Vec<f32>> {
+        let peer = self.peer_rank;
+        if let Some((why, by_peer)) = &self.broken {
+            let message = format!("the NCCL link to rank {peer} failed earlier: {why}");
+            return Err(if *by_peer {
+                peer_error(peer, message)
+            } else {
+                anyhow!(message)
+            });
+        }
+        let mut block = std::mem::take(&mut self.spare);
+        block.clear();
+        block.extend_from_slice(mine);
+        let job = Job {
+            mine: block,
+            expect,
+        };
+        let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
+        if !sent {
+            let e = anyhow!("the NCCL link's thread for rank {peer} is gone");
+            return Err(self.fail(e));
+        }
+        match self
+            .replies
+            .recv_timeout(self.timeout.saturating_add(SWAP_GRACE))
+        {
+            Ok(FromWorker::Swapped(result, spare)) => {
+                self.spare = spare;
+                let theirs = result.map_err(|e| self.fail(e))?;
+                self.traffic.sent_bytes += 4 * mine.len() as u64;
+                self.traffic.received_bytes += 4 * expect as u64;
+                self.traffic.messages += 1;
+                self.traffic.overhead_bytes += HEADER_BYTES;
+                Ok(theirs)
+            }
+            Ok(FromWorker::Ready(_)) => {
+                let e = anyhow!("the NCCL link's thread answered out of turn");
+                Err(self.fail(e))
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                self.hung = true;
+                let e = peer_error(
+                    peer,
+                    format!(
+                        "rank {peer} sent nothing over NCCL for {:?}: it stopped or the link is \
+                         cut (and aborting the communicator hangs too)",
+                        self.timeout
+                    ),
+                );
+                Err(self.fail(e))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let e = anyhow!("the NCCL link's thread for rank {peer} ended unexpectedly");
+                Err(self.fail(e))
+            }
+        }
+    }
+
+    fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+}
+
+impl Drop for NcclLink {
+    /// Ends the link's thread, which aborts the communicator and frees the device buffers.
+    /// Waits for it briefly, unless it is known to hang.
+    fn drop(&mut self) {
+        self.jobs = None;
+        if self.hung {
+            return;
+        }
+        let deadline = Instant::now() + SWAP_GRACE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.replies.recv_timeout(left) {
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    if let Some(t) = self.thread.take() {
+                        let _ = t.join();
+                    }
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    tracing::warn!(
+                        peer = self.peer_rank,
+                        "the NCCL link's thread did not end within {SWAP_GRACE:?}; leaving it"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The link moves between threads with its exchange; its thread keeps what cannot.
+const _: () = {
+    fn send<T: Send>() {}
+    let _ = send::<NcclLink>;
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn has_gpu() -> bool {
+        check_libraries().is_ok()
+    }
+
+    #[test]
+    fn unique_id_without_driver_or_nccl_is_an_error() {
+        if has_gpu() {
+            return;
+        }
+        let e = unique_id().expect_err("no driver or NCCL here");
+        let msg = format!("{e:#}");
+        eprintln!("{msg}");
+        assert!(
+            msg.contains("libnccl") || msg.contains("driver"),
+            "unexpected message: {msg}"
+        );
+        assert!(msg.contains("LD_LIBRARY_PATH"), "{msg}");
+    }
+
+    #[test]
+    fn link_without_driver_or_nccl_is_an_error() {
+        if has_gpu() {
+            return;
+        }
+        let e = NcclLink::new(0, 0, 1, [7; 128], Duration::from_secs(1))
+            .err()
+            .expect("no driver or NCCL here");
+        assert!(format!("{e:#}").contains("LD_LIBRARY_PATH"), "{e:#}");
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(NcclLink::new(0, 2, 1, [7; 128], Duration::from_secs(1)).is_err());
+        let e = NcclLink::new(0, 0, 1, [0; 128], Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert!(format!("{e}").contains("unique id"), "{e}");
+    }
+
+    #[test]
+    fn headers_round_trip_and_name_the_peer() {
+        let h = header((1 << 40) | 3, 12);
+        check_header(&h, 5, (1 << 40) | 3, 12).unwrap();
+        let e = check_header(&h, 5, 4, 12).unwrap_err();
+        assert_eq!(e.downcast_ref::<PeerError>().unwrap().rank, 5);
+        assert!(format!("{e}").contains("out of step"), "{e}");
+        let e = check_header(&h, 5, (1 << 40) | 3, 13).unwrap_err();
+        assert!(format!("{e}").contains("12 values"), "{e}");
+        let mut bad = h;
+        bad[0] = 0.0;
+        assert!(check_header(&bad, 5, (1 << 40) | 3, 12).is_err());
+    }
+}

@@ -1,0 +1,326 @@
+//! Checkpoints: each column's parameters and momenta (one safetensors shard per column,
+//! written by the process that holds it) and a manifest that makes them one checkpoint.
+//!
+//! A checkpoint is complete only once its manifest exists, and the manifest is written only
+//! after every shard is durably on disk (fsync, rename) with its checksum recorded in it. A
+//! shard that is missing, truncated or altered fails its checksum, and the run falls back to
+//! the previous complete checkpoint with a warning.
+
+use super::schedule::ScheduleState;
+use crate::backend::Backend;
+use crate::data::prepare::{sync_dir, write_atomic};
+use crate::model::Network;
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST: &str = "manifest.json";
+const FORMAT: &str = "alexnet-checkpoint-v1";
+
+/// What makes a set of shards one checkpoint, and where the run continues from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    /// Steps done.
+    pub step: u64,
+    /// The epoch (0-based) the next step belongs to, and the batches of it already done.
+    pub epoch: u64,
+    pub batch_in_epoch: u64,
+    pub schedule: ScheduleState,
+    pub seed: u64,
+    pub config_hash: String,
+    pub generation: u64,
+    /// Shard file name -> XXH3-64 (hex) of its bytes.
+    pub shards: std::collections::BTreeMap<String, String>,
+    /// Per-epoch results so far (epoch, train loss, val top-1, val top-5, lr).
+    pub history: Vec<EpochRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: u64,
+    pub train_loss: f32,
+    pub val_top1_err: f64,
+    pub val_top5_err: f64,
+    pub lr: f32,
+    pub seconds: f64,
+}
+
+/// The folder of the checkpoint after `step` steps.
+pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join("checkpoints").join(format!("step-{step:09}"))
+}
+
+pub fn shard_name(column: usize) -> String {
+    format!("column{column}.safetensors")
+}
+
+pub fn checksum(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+/// Writes each held column's parameters and momenta to `dir`, durably; returns (file name,
+/// checksum) per shard.
+pub fn write_shards<B: Backend>(
+    net: &Network<B>,
+    dir: &Path,
+) -> anyhow::Result<Vec<(String, String)>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut out = Vec::new();
+    for col in &net.columns {
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for p in &col.params {
+            tensors.push((
+                p.name.clone(),
+                p.shape.clone(),
+                net.backend.download(&p.value),
+            ));
+            tensors.push((
+                format!("{}.momentum", p.name),
+                p.shape.clone(),
+                net.backend.download(&p.momentum),
+            ));
+        }
+        let bytes = serialize(&tensors)?;
+        let name = shard_name(col.index);
+        write_atomic(&dir.join(&name), &bytes)?;
+        out.push((name, checksum(&bytes)));
+    }
+    sync_dir(dir);
+    Ok(out)
+}
+
+pub fn serialize(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> anyhow::Result<Vec<u8>> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, v)| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytemuck::cast_slice(v),
+            )
+            .expect("shape matches data");
+            (name.clone(), view)
+        })
+        .collect();
+    Ok(safetensors::serialize(views, &None)?)
+}
+
+/// Tensors of a safetensors file: name -> (shape, values).
+pub fn read_tensors(
+    bytes: &[u8],
+    what: &Path,
+) -> anyhow::Result<std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{} is not a readable safetensors file", what.display()))?;
+    let mut out = std::collections::HashMap::new();
+    for (name, v) in st.tensors() {
+        if v.dtype() != safetensors::Dtype::F32 {
+            bail!("{}: tensor {name} is not f32", what.display());
+        }
+        let values = v
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.insert(name, (v.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
+/// Writes the manifest of a checkpoint whose shards are all on disk.
+pub fn write_manifest(run_dir: &Path, m: &Manifest) -> anyhow::Result<()> {
+    let dir = step_dir(run_dir, m.step);
+    for (name, sum) in &m.shards {
+        let bytes = std::fs::read(dir.join(name))
+            .with_context(|| format!("checkpoint shard {} is missing", dir.join(name).display()))?;
+        if &checksum(&bytes) != sum {
+            bail!(
+                "checkpoint shard {} does not match its checksum",
+                dir.join(name).display()
+            );
+        }
+    }
+    write_atomic(
+        &dir.join(MANIFEST),
+        serde_json::to_string_pretty(m)?.as_bytes(),
+    )?;
+    sync_dir(&dir);
+    Ok(())
+}
+
+/// Complete checkpoints of a run (those with a manifest), newest first.
+pub fn list(run_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path().join(MANIFEST).exists().then(|| (step, e.path()))
+        })
+        .collect();
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found
+}
+
+/// Reads and checks one checkpoint: its manifest, and every shard against its checksum.
+pub fn verify(dir: &Path, config_hash: Option<&str>) -> anyhow::Result<Manifest> {
+    let text = std::fs::read_to_string(dir.join(MANIFEST))
+        .with_context(|| format!("reading {}", dir.join(MANIFEST).display()))?;
+    let m: Manifest = serde_json::from_str(&text)
+        .with_context(|| format!("{} is damaged", dir.join(MANIFEST).display()))?;
+    if m.format != FORMAT {
+        bail!(
+            "{}: format {} (this binary reads {FORMAT})",
+            dir.display(),
+            m.format
+        );
+    }
+    if let Some(h) = config_hash {
+        if m.config_hash != h {
+            bail!(
+                "{} belongs to a run with configuration {}, this job has {h}",
+                dir.display(),
+                m.config_hash
+            );
+        }
+    }
+    for (name, sum) in &m.shards {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("checkpoint shard {} is missing", path.display()))?;
+        if &checksum(&bytes) != sum {
+            bail!(
+                "checkpoint shard {} is truncated or corrupted ({} bytes; its checksum does not match the manifest)",
+                path.display(),
+                bytes.len()
+            );
+        }
+    }
+    Ok(m)
+}
+
+/// The newest checkpoint of `run_dir` that passes [`verify`]; damaged newer ones are named in
+/// warnings. `None` when the run has no checkpoint yet; an error when it has some but none is
+/// usable.
+pub fn latest(
+    run_dir: &Path,
+    config_hash: Option<&str>,
+) -> anyhow::Result<Option<(PathBuf, Manifest)>> {
+    let all = list(run_dir);
+    if all.is_empty() {
+        return Ok(None);
+    }
+    let mut problems = Vec::new();
+    for (_, dir) in &all {
+        match verify(dir, config_hash) {
+            Ok(m) => {
+                if !problems.is_empty() {
+                    tracing::warn!(
+                        checkpoint = %dir.display(),
+                        "resuming from an older checkpoint: the newer one(s) are damaged"
+                    );
+                }
+                return Ok(Some((dir.clone(), m)));
+            }
+            Err(e) => {
+                tracing::warn!("skipping checkpoint: {e:#}");
+                problems.push(format!("{e:#}"));
+            }
+        }
+    }
+    bail!(
+        "no usable checkpoint in {}: {}",
+        run_dir.display(),
+        problems.join("; ")
+    )
+}
+
+/// Removes all but the newest `keep` complete checkpoints, and incomplete ones older than the
+/// newest complete one.
+pub fn prune(run_dir: &Path, keep: usize) {
+    let complete = list(run_dir);
+    let Some(&(newest, _)) = complete.first() else {
+        return;
+    };
+    let kept: Vec<u64> = complete.iter().take(keep.max(1)).map(|c| c.0).collect();
+    for e in std::fs::read_dir(run_dir.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if !kept.contains(&step) && step < newest {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Loads each held column's parameters and momenta from the shards in `dir`.
+pub fn load_shards<B: Backend>(net: &mut Network<B>, dir: &Path) -> anyhow::Result<()> {
+    for col in &mut net.columns {
+        let path = dir.join(shard_name(col.index));
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let tensors = read_tensors(&bytes, &path)?;
+        for p in &mut col.params {
+            for (key, momentum) in [
+                (p.name.clone(), false),
+                (format!("{}.momentum", p.name), true),
+            ] {
+                let (shape, values) = tensors.get(&key).with_context(|| {
+                    format!(
+                        "{} has no tensor {key}: not a checkpoint of this network",
+                        path.display()
+                    )
+                })?;
+                if shape != &p.shape {
+                    bail!(
+                        "{}: {key} has shape {shape:?}, this network's column holds {:?}",
+                        path.display(),
+                        p.shape
+                    );
+                }
+                let buf = net.backend.upload(values);
+                if momentum {
+                    p.momentum = buf;
+                } else {
+                    p.value = buf;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Manifest {
+    pub fn new(
+        step: u64,
+        steps_per_epoch: u64,
+        schedule: ScheduleState,
+        seed: u64,
+        config_hash: String,
+        generation: u64,
+    ) -> Self {
+        Manifest {
+            format: FORMAT.into(),
+            step,
+            epoch: step / steps_per_epoch,
+            batch_in_epoch: step % steps_per_epoch,
+            schedule,
+            seed,
+            config_hash,
+            generation,
+            shards: Default::default(),
+            history: Vec::new(),
+        }
+    }
+}
