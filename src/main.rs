@@ -73,6 +73,53 @@ enum Command {
     Worker(WorkerArgs),
     /// Show a running job's state: workers, step, loss, speed, ETA.
     Status(StatusArgs),
+    /// Top-1 and top-5 error of a trained run (its newest checkpoint) on a dataset.
+    Eval(EvalArgs),
+    /// The top-5 classes of image files, with probabilities, by a trained run.
+    Predict(PredictArgs),
+    /// Write a trained run's parameters as one safetensors file, unsplit, with PyTorch's names
+    /// and shapes (start another run from it with `--init`).
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// The run folder (`launch`/`train --run-dir`).
+    #[arg(long)]
+    run: PathBuf,
+    /// The dataset: IDX files (their t10k set is used) or a prepared dataset with the run's
+    /// classes. Default: the run's validation data.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Average the softmax over the paper's ten patches (corners, centre, mirrored).
+    #[arg(long)]
+    ten_crop: bool,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+}
+
+#[derive(clap::Args)]
+struct PredictArgs {
+    /// The run folder.
+    #[arg(long)]
+    run: PathBuf,
+    /// Image files (JPEG or PNG).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Classes shown per image.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// The run folder.
+    #[arg(long)]
+    run: PathBuf,
+    /// The file to write.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 /// How the job is spread over workers, and how long a silent peer is waited for.
@@ -400,6 +447,41 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
         Command::Coordinator(a) => coordinator(a),
         Command::Worker(a) => worker(a),
         Command::Status(a) => status(a),
+        Command::Eval(a) => {
+            let mut run = alexnet::train::evaluate::load_run(&a.run, Cpu::new())?;
+            let hits = alexnet::train::evaluate::evaluate(
+                &mut run,
+                a.data.as_deref().map(resolve_data).as_deref(),
+                a.ten_crop,
+                a.batch.max(1),
+            )?;
+            println!(
+                "step {}: top-1 error {:.4}, top-5 error {:.4} on {} images ({})",
+                run.manifest.step,
+                hits.top1_err(),
+                hits.top5_err(),
+                hits.samples,
+                if a.ten_crop { "ten patches" } else { "centre" }
+            );
+            Ok(())
+        }
+        Command::Predict(a) => {
+            let mut run = alexnet::train::evaluate::load_run(&a.run, Cpu::new())?;
+            let top = alexnet::train::evaluate::predict(&mut run, &a.images, a.top)?;
+            for (path, classes) in a.images.iter().zip(top) {
+                println!("{}", path.display());
+                for (c, name, p) in classes {
+                    println!("  {p:>6.3}  {name} ({c})");
+                }
+            }
+            Ok(())
+        }
+        Command::Export(a) => {
+            let run = alexnet::train::evaluate::load_run(&a.run, Cpu::new())?;
+            alexnet::train::evaluate::export(&run, &a.out)?;
+            tracing::info!(out = %a.out.display(), step = run.manifest.step, "exported");
+            Ok(())
+        }
         Command::Prepare(a) => {
             let opts = alexnet::data::prepare::PrepareOptions {
                 side: a.side,

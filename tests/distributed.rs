@@ -256,6 +256,7 @@ fn a_silent_worker_is_named_within_the_peer_timeout() {
     // The launcher kills what is left of a failed job; make sure of it.
     let _ = Command::new("kill")
         .args(["-KILL", &pid.to_string()])
+        .stderr(Stdio::null())
         .status();
     assert!(!ok, "{out}");
     assert!(out.contains("first failure: rank 0"), "{out}");

@@ -124,10 +124,22 @@ pub struct LinearGeom {
 
 /// The paper's SGD step: `v <- m v - wd lr w - lr g ; w <- w + v`.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SgdParams {
     pub lr: f32,
     pub momentum: f32,
     pub weight_decay: f32,
+}
+
+impl Default for SgdParams {
+    /// The paper's: lr 0.01, momentum 0.9, weight decay 0.0005.
+    fn default() -> Self {
+        SgdParams {
+            lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 0.0005,
+        }
+    }
 }
 
 /// Where a block of a dropout layer sits in the whole (unsplit) layer, so that the mask depends

@@ -13,6 +13,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Topology {
     /// Copies of the pair of columns, each on its own part of the global batch.
     pub replicas: usize,

@@ -330,3 +330,40 @@ pub fn load_column_file(path: &Path) -> anyhow::Result<Vec<(String, Vec<usize>, 
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_paper_job_file_is_the_default_recipe() {
+        let text = include_str!("../../jobs/paper.toml");
+        let job: JobConfig = toml::from_str(text).unwrap();
+        assert_eq!(job, JobConfig::default());
+        assert_eq!((job.batch, job.epochs, job.sgd.lr), (128, 90, 0.01));
+    }
+
+    #[test]
+    fn a_mistyped_field_is_refused_by_name() {
+        let e = toml::from_str::<JobConfig>("epoch = 3\n").unwrap_err();
+        assert!(e.to_string().contains("epoch"), "{e}");
+        let e = toml::from_str::<JobConfig>("[sgd]\nrl = 0.1\n").unwrap_err();
+        assert!(e.to_string().contains("rl"), "{e}");
+    }
+
+    #[test]
+    fn how_long_to_run_is_not_part_of_the_hash() {
+        let a = JobConfig::default();
+        let b = JobConfig {
+            epochs: 3,
+            max_steps: Some(7),
+            ..a.clone()
+        };
+        assert_eq!(a.hash(), b.hash());
+        let c = JobConfig {
+            seed: 2,
+            ..a.clone()
+        };
+        assert_ne!(a.hash(), c.hash());
+    }
+}

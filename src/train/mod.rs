@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod book;
 pub mod checkpoint;
+pub mod evaluate;
 pub mod fit;
 pub mod job;
 pub mod prepared;

@@ -95,6 +95,9 @@ pub struct SampleData {
     replica: usize,
     seed: u64,
     classes: Vec<String>,
+    /// The training set's mean image at the network's input side.
+    mean: Vec<f32>,
+    side: usize,
 }
 
 /// Fashion-MNIST's labels, in order.
@@ -190,6 +193,7 @@ impl SampleData {
         let t = Instant::now();
         let (train_set, mean) = prepare(train, side, None);
         let (val_set, _) = prepare(val, side, Some(&mean));
+        let mean_kept = mean.clone();
         tracing::info!(
             train = train.len(),
             val = val.len(),
@@ -205,7 +209,29 @@ impl SampleData {
             replica,
             seed,
             classes,
+            mean: mean_kept,
+            side,
         })
+    }
+}
+
+impl SampleData {
+    /// The network input for one `h x w` image with the set's channels (resized to the input
+    /// side, training mean subtracted), as the training images were made.
+    pub fn input_for(&self, pixels: &[u8], channels: usize, h: usize, w: usize) -> Vec<f32> {
+        let side = self.side;
+        let mut out = vec![0.0f32; channels * side * side];
+        for c in 0..channels {
+            resize_plane(
+                &pixels[c * h * w..(c + 1) * h * w],
+                h,
+                w,
+                side,
+                &mut out[c * side * side..(c + 1) * side * side],
+            );
+        }
+        out.iter_mut().zip(&self.mean).for_each(|(v, m)| *v -= m);
+        out
     }
 }
 
