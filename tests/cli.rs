@@ -65,6 +65,16 @@ fn cuda_without_a_cuda_backend_fails_cleanly() {
 }
 
 #[test]
+fn a_batch_that_the_replicas_cannot_share_is_refused_before_any_work() {
+    let (ok, err) = alexnet(&["launch", "--batch", "63", "--replicas", "2"]);
+    assert!(!ok);
+    assert!(
+        err.contains("batch 63 cannot be split evenly over 2 replicas"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_batch_larger_than_the_training_set_is_refused() {
     let (ok, err) = alexnet(&[
         "train",
@@ -124,11 +134,71 @@ fn prepare_then_train_on_the_prepared_photographs() {
                 "4",
                 "--epochs",
                 "1",
+                "--run-dir",
+                dir.join("run").to_str().unwrap(),
             ],
         ]
         .concat(),
     );
     assert!(ok, "{err}");
     assert!(err.contains("validation epoch=1"), "{err}");
+    let run = dir.join("run");
+    let run = run.to_str().unwrap();
+
+    // The paper's ten patches, averaged.
+    let out = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+        .args(["eval", "--ten-crop", "--batch", "4", "--run", run])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("on 20 images (ten patches)"), "{text}");
+
+    // Predictions are named by the class folders.
+    let photo = format!("{photos}/129/imagenet_14_129.jpg");
+    let out = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+        .args(["predict", "--run", run, &photo])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.lines().count(), 6, "{text}");
+    assert!(text.lines().nth(1).unwrap().contains('('), "{text}");
+
+    // A dataset with other classes is refused before any work.
+    let subset = dir.join("subset");
+    for class in ["129", "22"] {
+        let to = subset.join(class);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(format!("{photos}/{class}")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let prepared_subset = dir.join("prepared-subset");
+    let (ok, err) = alexnet(&[
+        "prepare",
+        "--input",
+        subset.to_str().unwrap(),
+        "--output",
+        prepared_subset.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, err) = alexnet(&[
+        "eval",
+        "--run",
+        run,
+        "--data",
+        prepared_subset.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("differ from the run's"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -468,6 +468,27 @@ fn workers_of_another_job_configuration_or_version_are_refused() {
     assert!(!ok);
     assert!(err.contains("rank 0 is already taken by"), "{err}");
     let _ = first.child.kill();
+    // The standard health service answers for the coordinator (for probes).
+    let serving = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "alexnet.v1.Coordinator".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    });
+    assert_eq!(
+        serving,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     // The coordinator keeps waiting for proper workers, and says what it is doing.
     let status = exe()
         .args(["status", "--coordinator", &url])
