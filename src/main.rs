@@ -3,7 +3,7 @@
 use alexnet::backend::Cpu;
 use alexnet::comm::Topology;
 use alexnet::coordinator::launch::LaunchOptions;
-use alexnet::coordinator::{CoordinatorConfig, Phase};
+use alexnet::coordinator::{CoordinatorConfig, Phase, Secret};
 use alexnet::model::NetConfig;
 use alexnet::train::bench;
 use alexnet::train::book::{BookSetup, JobBook};
@@ -182,6 +182,16 @@ struct CoordinatorArgs {
     /// Continue the run in this folder from its newest complete checkpoint.
     #[arg(long, conflicts_with = "run_dir")]
     resume: Option<PathBuf>,
+    /// A file holding the job's token (or set ALEXNET_TOKEN). Without either, a random token
+    /// is made and written to RUN_DIR/token (readable by its owner only) for the workers.
+    #[arg(long, env = "ALEXNET_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Serve the control plane over TLS with this PEM certificate (chain)...
+    #[arg(long, requires = "tls_key", env = "ALEXNET_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// ... and this PEM private key.
+    #[arg(long, requires = "tls_cert", env = "ALEXNET_TLS_KEY")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -213,6 +223,17 @@ struct WorkerArgs {
     /// Write this worker's trained columns here (replica 0 only).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// A file holding the job's token (or set ALEXNET_TOKEN); a job with a token refuses
+    /// workers without it.
+    #[arg(long, env = "ALEXNET_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The PEM certificate of the authority that signed the coordinator's TLS certificate
+    /// (use an https:// coordinator URL).
+    #[arg(long, env = "ALEXNET_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The name the coordinator's certificate must carry (default: the URL's host).
+    #[arg(long)]
+    tls_domain: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -227,6 +248,12 @@ struct StatusArgs {
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
+    /// A file holding the job's token (or set ALEXNET_TOKEN).
+    #[arg(long, env = "ALEXNET_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The authority's PEM certificate, for a coordinator serving TLS.
+    #[arg(long, env = "ALEXNET_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -775,17 +802,41 @@ fn coordinator_config(
             log_every: job_args.log_every.max(1) as u64,
             run_dir: Some(absolute(&run_dir)),
             resume,
+            token: None,
+            tls: None,
         },
         run_dir,
     ))
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    let mut f = o
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
 }
 
 fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
     if let BackendChoice::Cuda = a.backend {
         anyhow::bail!("--backend cuda: this build has no CUDA backend yet; use --backend cpu");
     }
-    let (cfg, run_dir) =
+    let (mut cfg, run_dir) =
         coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
+    // A fresh token per launch, handed to the workers in their environment.
+    cfg.token = Some(match read_token(None)? {
+        Some(t) => t,
+        None => Secret::random()?,
+    });
     let workers = cfg.job.topology.world_size();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -847,10 +898,53 @@ fn report_exchange_share(seconds: &[(u32, f64, f64, f64)]) {
     }
 }
 
+/// The job token from ALEXNET_TOKEN or a file (never from a flag: flags show in `ps`).
+fn read_token(file: Option<&Path>) -> anyhow::Result<Option<Secret>> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the token file {}", path.display()))?;
+        let t = text.trim();
+        anyhow::ensure!(!t.is_empty(), "the token file {} is empty", path.display());
+        return Ok(Some(Secret(t.to_string())));
+    }
+    Ok(std::env::var("ALEXNET_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| Secret(t.trim().to_string())))
+}
+
 fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
-    let (cfg, run_dir) =
+    let (mut cfg, run_dir) =
         coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
     alexnet::coordinator::launch::write_run_files(&run_dir, &cfg)?;
+    cfg.token = match read_token(a.token_file.as_deref())? {
+        Some(t) => Some(t),
+        None => {
+            let t = Secret::random()?;
+            let path = run_dir.join("token");
+            write_private(&path, t.0.as_bytes())?;
+            tracing::info!(
+                file = %path.display(),
+                "made a job token: workers need it (ALEXNET_TOKEN_FILE or --token-file)"
+            );
+            Some(t)
+        }
+    };
+    if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+        let c = std::fs::read(cert)
+            .with_context(|| format!("reading --tls-cert {}", cert.display()))?;
+        let k = std::fs::read_to_string(key)
+            .with_context(|| format!("reading --tls-key {}", key.display()))?;
+        cfg.tls = Some((c, Secret(k)));
+    } else if !a.listen.starts_with("127.")
+        && !a.listen.starts_with("localhost")
+        && !a.listen.starts_with("[::1]")
+    {
+        tracing::warn!(
+            listen = %a.listen,
+            "the control plane is not on loopback and has no TLS: pass --tls-cert and --tls-key on an untrusted network"
+        );
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&a.listen)
@@ -858,6 +952,7 @@ fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
             .with_context(|| format!("listening on {} (--listen)", a.listen))?;
         tracing::info!(
             listen = %listener.local_addr()?,
+            tls = cfg.tls.is_some(),
             job = %cfg.job_id,
             config = %alexnet::train::job::JobConfig::hash(&cfg.job),
             workers = cfg.job.topology.world_size(),
@@ -888,16 +983,50 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         threads: a.threads,
         connect_timeout: seconds(a.connect_timeout, "--connect-timeout")?,
         out: a.out,
+        token: read_token(a.token_file.as_deref())?,
+        tls_ca: a
+            .tls_ca
+            .as_ref()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading --tls-ca {}", p.display())))
+            .transpose()?,
+        tls_domain: a.tls_domain,
     })
 }
 
 fn status(a: StatusArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
+    let token = read_token(a.token_file.as_deref())?;
+    let opts = alexnet::worker::WorkerOptions {
+        coordinator: a.coordinator.clone(),
+        job_id: None,
+        config_hash: None,
+        generation: None,
+        rank: None,
+        device: "cpu".into(),
+        threads: None,
+        connect_timeout: std::time::Duration::from_secs(5),
+        out: None,
+        token: token.clone(),
+        tls_ca: a
+            .tls_ca
+            .as_ref()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading --tls-ca {}", p.display())))
+            .transpose()?,
+        tls_domain: None,
+    };
     let s = rt.block_on(async {
-        let mut client =
-            alexnet::proto::coordinator_client::CoordinatorClient::connect(a.coordinator.clone())
-                .await
-                .with_context(|| format!("no coordinator answered at {}", a.coordinator))?;
+        let channel = alexnet::worker::connect(&opts).await?;
+        let mut client = alexnet::proto::coordinator_client::CoordinatorClient::with_interceptor(
+            channel,
+            move |mut req: tonic::Request<()>| {
+                if let Some(t) = &token {
+                    if let Ok(v) = format!("Bearer {}", t.0).parse() {
+                        req.metadata_mut().insert("authorization", v);
+                    }
+                }
+                Ok(req)
+            },
+        );
         anyhow::Ok(
             client
                 .status(alexnet::proto::StatusRequest {})

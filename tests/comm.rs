@@ -13,10 +13,9 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-const KEY: MeshKey = MeshKey {
-    job: 42,
-    generation: 0,
-};
+fn key() -> MeshKey {
+    MeshKey::new(42, 0, "the job's token")
+}
 
 fn net_cfg() -> NetConfig {
     NetConfig {
@@ -73,7 +72,7 @@ fn train_ranks(
                     rank,
                     &listener,
                     &addrs,
-                    KEY,
+                    key(),
                     Duration::from_secs(30),
                 )
                 .unwrap();
@@ -256,10 +255,7 @@ fn a_dead_peer_is_named_within_the_timeout_and_strangers_are_refused() {
     let other_job = std::thread::spawn(move || {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a: BTreeMap<usize, String> = [(0, target.to_string())].into();
-        let wrong = MeshKey {
-            job: 7,
-            generation: 0,
-        };
+        let wrong = MeshKey::new(7, 0, "the job's token");
         connect_tcp::<Cpu>(&topology, 1, &l, &a, wrong, Duration::from_secs(2)).err()
     });
     assert!(
@@ -268,10 +264,10 @@ fn a_dead_peer_is_named_within_the_timeout_and_strangers_are_refused() {
     );
     let a1 = addrs.clone();
     let rank1 = std::thread::spawn(move || {
-        let ex = connect_tcp::<Cpu>(&topology, 1, &l1, &a1, KEY, timeout).unwrap();
+        let ex = connect_tcp::<Cpu>(&topology, 1, &l1, &a1, key(), timeout).unwrap();
         drop(ex); // dies right after joining
     });
-    let ex = connect_tcp::<Cpu>(&topology, 0, &l0, &addrs, KEY, timeout).unwrap();
+    let ex = connect_tcp::<Cpu>(&topology, 0, &l0, &addrs, key(), timeout).unwrap();
     rank1.join().unwrap();
     let mut net = Network::new(net_cfg(), Cpu::new(), ex.columns, 1).unwrap();
     let x = random(3 * 63 * 63, 1);
@@ -300,11 +296,11 @@ fn a_silent_peer_times_out() {
     let a1 = addrs.clone();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let rank1 = std::thread::spawn(move || {
-        let ex = connect_tcp::<Cpu>(&topology, 1, &l1, &a1, KEY, timeout).unwrap();
+        let ex = connect_tcp::<Cpu>(&topology, 1, &l1, &a1, key(), timeout).unwrap();
         let _ = rx.recv(); // holds the connection open, sends nothing
         drop(ex);
     });
-    let ex = connect_tcp::<Cpu>(&topology, 0, &l0, &addrs, KEY, timeout).unwrap();
+    let ex = connect_tcp::<Cpu>(&topology, 0, &l0, &addrs, key(), timeout).unwrap();
     let mut net = Network::new(net_cfg(), Cpu::new(), ex.columns, 1).unwrap();
     let t = Instant::now();
     let err = train_step(&mut net, &random(3 * 63 * 63, 1), &[0], 0, &SGD).unwrap_err();
@@ -316,4 +312,102 @@ fn a_silent_peer_times_out() {
     assert!(t.elapsed() >= timeout && t.elapsed() < timeout * 10);
     tx.send(()).unwrap();
     rank1.join().unwrap();
+}
+
+/// Only holders of the job's token join the data plane: a process of the same job id and
+/// generation but another token is refused by the rank it calls, and a rank does not connect
+/// to a listener that cannot prove the token.
+#[test]
+fn a_peer_without_the_token_is_refused_both_ways() {
+    let topology = Topology {
+        replicas: 1,
+        columns_per_worker: 1,
+    };
+    let timeout = Duration::from_secs(2);
+    let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs: BTreeMap<usize, String> = [(0, l0.local_addr().unwrap().to_string())].into();
+    let a = addrs.clone();
+    let impostor = std::thread::spawn(move || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let forged = MeshKey::new(42, 0, "a guess");
+        connect_tcp::<Cpu>(&topology, 1, &l, &a, forged, timeout).err()
+    });
+    let err = connect_tcp::<Cpu>(&topology, 0, &l0, &addrs, key(), timeout)
+        .err()
+        .expect("rank 0 waited for a real rank 1 and timed out");
+    assert!(format!("{err:#}").contains("did not connect"), "{err:#}");
+    let refused = impostor.join().unwrap().expect("the impostor got in");
+    let msg = format!("{refused:#}");
+    assert!(
+        msg.contains("does not hold this job's token") || msg.contains("refused"),
+        "{msg}"
+    );
+}
+
+/// A peer that joined properly but then sends garbage, an absurd length or a cut frame: the
+/// step fails with an error naming it, within the timeout, without allocating what the frame
+/// claims and without panicking.
+#[test]
+fn malformed_frames_from_a_peer_are_errors_that_name_it() {
+    use std::io::Write;
+    let topology = Topology {
+        replicas: 1,
+        columns_per_worker: 1,
+    };
+    let header = |seq: u64, count: u32| {
+        let mut h = Vec::new();
+        h.extend_from_slice(b"AXF1");
+        h.extend_from_slice(&seq.to_le_bytes());
+        h.extend_from_slice(&count.to_le_bytes());
+        h
+    };
+    // The first block due: rank 1's half of pool2 for one sample.
+    let first_block = (column_bytes_per_step(&net_cfg(), 1).unwrap().forward[0] / 4) as u32;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("garbage", vec![0x5a; 64], "malformed frame header"),
+        (
+            "absurd length",
+            header(0, u32::MAX),
+            "4294967295 values where",
+        ),
+        (
+            "replayed or skipped block",
+            header(7, 4),
+            "block 7 where block 0 was due",
+        ),
+        (
+            "cut frame",
+            [header(0, first_block), vec![0u8; first_block as usize * 2]].concat(),
+            "closed the connection",
+        ),
+    ];
+    for (what, bytes, expect) in cases {
+        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs: BTreeMap<usize, String> = [
+            (0, l0.local_addr().unwrap().to_string()),
+            (1, l1.local_addr().unwrap().to_string()),
+        ]
+        .into();
+        let a1 = addrs.clone();
+        let bad = std::thread::spawn(move || {
+            let mut links =
+                alexnet::comm::TcpMesh::connect(1, &l1, &a1, &[0], key(), Duration::from_secs(5))
+                    .unwrap();
+            let mut stream = links.remove(&0).unwrap().into_stream();
+            let _ = stream.write_all(&bytes);
+            std::thread::sleep(Duration::from_millis(300));
+            drop(stream);
+        });
+        let ex =
+            connect_tcp::<Cpu>(&topology, 0, &l0, &addrs, key(), Duration::from_secs(3)).unwrap();
+        let mut net = Network::new(net_cfg(), Cpu::new(), ex.columns, 1).unwrap();
+        let t = Instant::now();
+        let err = train_step(&mut net, &random(3 * 63 * 63, 1), &[0], 0, &SGD).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("rank 1"), "{what}: {msg}");
+        assert!(msg.contains(expect), "{what}: {msg}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+        bad.join().unwrap();
+    }
 }

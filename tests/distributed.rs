@@ -402,10 +402,15 @@ fn resume_is_exact_and_damaged_checkpoints_are_caught() {
 }
 
 /// A coordinator waiting for its workers, on a port of its choosing; returns it and its URL.
+const TOKEN: &str = "a token for the tests";
+
 fn coordinator(job_id: &str, extra: &[&str]) -> (Proc, String) {
     let mut p = Proc::start(
         exe()
+            .env("ALEXNET_TOKEN", TOKEN)
             .args(["coordinator", "--listen", "127.0.0.1:0", "--job-id", job_id])
+            .arg("--run-dir")
+            .arg(scratch(&format!("coordinator-{job_id}")))
             .args(extra),
     );
     let line = p.wait_line(Duration::from_secs(30), |l| {
@@ -421,7 +426,16 @@ fn coordinator(job_id: &str, extra: &[&str]) -> (Proc, String) {
 }
 
 fn worker(url: &str, extra: &[&str]) -> (bool, String) {
-    let out = exe()
+    worker_with_token(url, Some(TOKEN), extra)
+}
+
+fn worker_with_token(url: &str, token: Option<&str>, extra: &[&str]) -> (bool, String) {
+    let mut cmd = exe();
+    cmd.env_remove("ALEXNET_TOKEN");
+    if let Some(t) = token {
+        cmd.env("ALEXNET_TOKEN", t);
+    }
+    let out = cmd
         .args(["worker", "--coordinator", url, "--connect-timeout", "2"])
         .args(extra)
         .output()
@@ -435,6 +449,15 @@ fn worker(url: &str, extra: &[&str]) -> (bool, String) {
 #[test]
 fn workers_of_another_job_configuration_or_version_are_refused() {
     let (mut c, url) = coordinator("alpha", &[]);
+    // Without the job's token, or with another: refused, and the coordinator logs who knocked.
+    for token in [None, Some("a guess")] {
+        let (ok, err) = worker_with_token(&url, token, &["--job-id", "alpha"]);
+        assert!(!ok);
+        assert!(err.contains("needs its token"), "{err}");
+    }
+    c.wait_line(Duration::from_secs(10), |l| {
+        l.contains("refused a call without this job's token") && l.contains("peer=127.0.0.1:")
+    });
     let (ok, err) = worker(&url, &["--job-id", "beta"]);
     assert!(!ok);
     assert!(
@@ -460,7 +483,13 @@ fn workers_of_another_job_configuration_or_version_are_refused() {
     assert!(!ok);
     assert!(err.contains("rank 7 does not exist"), "{err}");
     // Two workers claiming one rank: the second is refused, naming the first.
-    let mut first = Proc::start(exe().args(["worker", "--coordinator", &url, "--rank", "0"]));
+    let mut first = Proc::start(exe().env("ALEXNET_TOKEN", TOKEN).args([
+        "worker",
+        "--coordinator",
+        &url,
+        "--rank",
+        "0",
+    ]));
     c.wait_line(Duration::from_secs(30), |l| {
         l.contains("worker joined") && l.contains("rank=0 ")
     });
@@ -491,6 +520,7 @@ fn workers_of_another_job_configuration_or_version_are_refused() {
     );
     // The coordinator keeps waiting for proper workers, and says what it is doing.
     let status = exe()
+        .env("ALEXNET_TOKEN", TOKEN)
         .args(["status", "--coordinator", &url])
         .output()
         .unwrap();

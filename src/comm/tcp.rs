@@ -29,11 +29,54 @@ const HELLO_LEN: usize = 32;
 const PROTOCOL: u32 = 1;
 const ACCEPTED: &[u8; 4] = b"AXOK";
 
-/// Who may join a mesh: a digest of the job id and configuration, and the generation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Who may join a mesh: a digest of the job id and configuration, the generation, and the
+/// job's secret (a key derived from the job token), which both ends prove they hold without
+/// sending it.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct MeshKey {
     pub job: u64,
     pub generation: u64,
+    pub secret: [u8; 32],
+}
+
+impl std::fmt::Debug for MeshKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret stays out of logs.
+        f.debug_struct("MeshKey")
+            .field("job", &self.job)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeshKey {
+    /// The key of a job whose token is `token` (empty: a job without a token).
+    pub fn new(job: u64, generation: u64, token: &str) -> Self {
+        MeshKey {
+            job,
+            generation,
+            secret: blake3::derive_key("alexnet data plane v1", token.as_bytes()),
+        }
+    }
+
+    fn mac(&self, role: &[u8], hello: &[u8], nonce: &[u8]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.secret);
+        h.update(role).update(hello).update(nonce);
+        *h.finalize().as_bytes()
+    }
+}
+
+const NONCE: usize = 16;
+
+fn nonce() -> anyhow::Result<[u8; NONCE]> {
+    let mut n = [0u8; NONCE];
+    getrandom::fill(&mut n).map_err(|e| anyhow::anyhow!("no randomness for the handshake: {e}"))?;
+    Ok(n)
+}
+
+/// Compares two MACs in constant time.
+fn same(a: &[u8; 32], b: &[u8]) -> bool {
+    b.len() == 32 && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// One TCP connection to a peer rank.
@@ -104,6 +147,12 @@ impl TcpLink {
         self.peer_rank
     }
 
+    /// The connection itself, handshake done (for tools and tests that speak the framing by
+    /// hand).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     fn err(&self, e: std::io::Error) -> anyhow::Error {
         io_context(e, self.peer_rank, &self.peer_addr, self.timeout)
     }
@@ -123,41 +172,40 @@ impl TcpLink {
         let mut header = [0u8; FRAME_HEADER];
         stream.read_exact(&mut header).map_err(|e| self.err(e))?;
         let peer = self.peer_rank;
-        if &header[..4] != FRAME_MAGIC {
-            return Err(peer_error(
-                peer,
-                format!(
-                    "rank {peer} ({}) sent a malformed frame header",
-                    self.peer_addr
-                ),
-            ));
-        }
-        let got_seq = u64::from_le_bytes(header[4..12].try_into().unwrap());
-        let count = u32::from_le_bytes(header[12..].try_into().unwrap()) as usize;
-        if got_seq != seq {
-            return Err(peer_error(
-                peer,
-                format!(
-                    "rank {peer} ({}) sent block {got_seq} where block {seq} was due: the ranks are out of step",
-                    self.peer_addr
-                ),
-            ));
-        }
-        if count != expect {
-            return Err(peer_error(
-                peer,
-                format!(
-                    "rank {peer} ({}) sent {count} values where {expect} were due: do both run the same network and batch?",
-                    self.peer_addr
-                ),
-            ));
-        }
+        check_frame_header(&header, seq, expect).map_err(|problem| {
+            peer_error(peer, format!("rank {peer} ({}) {problem}", self.peer_addr))
+        })?;
+        // Only now, with the size known to be the expected one, is memory taken.
         let mut values = vec![0f32; expect];
         stream
             .read_exact(bytemuck::cast_slice_mut(&mut values))
             .map_err(|e| self.err(e))?;
         Ok(values)
     }
+}
+
+/// Checks a frame header against the block that is due: its sequence number and its size.
+/// Returns what is wrong (to follow "rank N (address) "), never panics.
+pub fn check_frame_header(header: &[u8], seq: u64, expect: usize) -> Result<(), String> {
+    if header.len() != FRAME_HEADER {
+        return Err(format!("sent a frame header of {} bytes", header.len()));
+    }
+    if &header[..4] != FRAME_MAGIC {
+        return Err("sent a malformed frame header".into());
+    }
+    let got_seq = u64::from_le_bytes(header[4..12].try_into().expect("8 bytes"));
+    let count = u32::from_le_bytes(header[12..].try_into().expect("4 bytes")) as usize;
+    if got_seq != seq {
+        return Err(format!(
+            "sent block {got_seq} where block {seq} was due: the ranks are out of step (or the frame was replayed)"
+        ));
+    }
+    if count != expect {
+        return Err(format!(
+            "sent {count} values where {expect} were due: do both run the same network and batch?"
+        ));
+    }
+    Ok(())
 }
 
 impl Link for TcpLink {
@@ -196,6 +244,43 @@ fn hello(key: MeshKey, from: usize, to: usize) -> [u8; HELLO_LEN] {
     h[24..28].copy_from_slice(&(from as u32).to_le_bytes());
     h[28..32].copy_from_slice(&(to as u32).to_le_bytes());
     h
+}
+
+/// Checks a data-plane handshake's hello against this rank's mesh; returns the sender's rank.
+/// Never panics, whatever the bytes.
+pub fn parse_hello(h: &[u8], key: &MeshKey, me: usize, waiting: &[usize]) -> anyhow::Result<usize> {
+    if h.len() != HELLO_LEN {
+        bail!("a handshake of {} bytes", h.len());
+    }
+    let word = |r: std::ops::Range<usize>| {
+        let mut b = [0u8; 8];
+        b[..r.len()].copy_from_slice(&h[r]);
+        u64::from_le_bytes(b)
+    };
+    if &h[..4] != HELLO_MAGIC {
+        bail!("not an alexnet data-plane handshake");
+    }
+    if word(4..8) != PROTOCOL as u64 {
+        bail!(
+            "data-plane protocol {} (this binary speaks {PROTOCOL}): mixed versions",
+            word(4..8)
+        );
+    }
+    if word(8..16) != key.job {
+        bail!("the peer belongs to another job");
+    }
+    if word(16..24) != key.generation {
+        bail!(
+            "the peer is in generation {}, this rank in {}",
+            word(16..24),
+            key.generation
+        );
+    }
+    let (from, to) = (word(24..28) as usize, word(28..32) as usize);
+    if to != me || !waiting.contains(&from) {
+        bail!("unexpected handshake from rank {from} to rank {to}");
+    }
+    Ok(from)
 }
 
 /// The TCP links of one rank to the peers it exchanges with.
@@ -267,7 +352,24 @@ impl TcpMesh {
                 Ok(stream) => {
                     let link = TcpLink::new(stream, peer, timeout)?;
                     let mut s = &link.stream;
-                    s.write_all(&hello(key, me, peer))
+                    // Both ends prove they hold the job's secret; neither sends it.
+                    let h = hello(key, me, peer);
+                    let mine = nonce()?;
+                    s.write_all(&h)
+                        .and_then(|_| s.write_all(&mine))
+                        .map_err(|e| link.err(e))?;
+                    let mut theirs = [0u8; NONCE + 32];
+                    s.read_exact(&mut theirs).map_err(|e| {
+                        anyhow::anyhow!(
+                            "rank {peer} ({addr}) refused this rank's data-plane connection ({e}): another job, generation or token?"
+                        )
+                    })?;
+                    if !same(&key.mac(b"admit", &h, &mine), &theirs[NONCE..]) {
+                        bail!(
+                            "the process at {addr} (said to be rank {peer}) does not hold this job's token: not connecting to it"
+                        );
+                    }
+                    s.write_all(&key.mac(b"dial", &h, &theirs[..NONCE]))
                         .map_err(|e| link.err(e))?;
                     let mut reply = [0u8; 4];
                     s.read_exact(&mut reply).map_err(|e| link.err(e))?;
@@ -301,39 +403,23 @@ impl TcpMesh {
         stream.set_nonblocking(false)?;
         // A stranger gets a short wait, not the whole peer timeout.
         stream.set_read_timeout(Some(timeout.min(Duration::from_secs(5))))?;
-        let mut h = [0u8; HELLO_LEN];
+        let mut first = [0u8; HELLO_LEN + NONCE];
         (&stream)
-            .read_exact(&mut h)
+            .read_exact(&mut first)
             .context("no complete handshake")?;
-        let word = |r: std::ops::Range<usize>| {
-            u64::from_le_bytes({
-                let mut b = [0u8; 8];
-                b[..r.len()].copy_from_slice(&h[r]);
-                b
-            })
-        };
-        if &h[..4] != HELLO_MAGIC {
-            bail!("not an alexnet data-plane handshake");
-        }
-        if word(4..8) != PROTOCOL as u64 {
-            bail!(
-                "data-plane protocol {} (this binary speaks {PROTOCOL}): mixed versions",
-                word(4..8)
-            );
-        }
-        if word(8..16) != key.job {
-            bail!("the peer belongs to another job");
-        }
-        if word(16..24) != key.generation {
-            bail!(
-                "the peer is in generation {}, this rank in {}",
-                word(16..24),
-                key.generation
-            );
-        }
-        let (from, to) = (word(24..28) as usize, word(28..32) as usize);
-        if to != me || !waiting.contains(&from) {
-            bail!("unexpected handshake from rank {from} to rank {to}");
+        let (h, their_nonce) = first.split_at(HELLO_LEN);
+        let from = parse_hello(h, &key, me, waiting)?;
+        let mine = nonce()?;
+        let mut reply = [0u8; NONCE + 32];
+        reply[..NONCE].copy_from_slice(&mine);
+        reply[NONCE..].copy_from_slice(&key.mac(b"admit", h, their_nonce));
+        (&stream).write_all(&reply)?;
+        let mut proof = [0u8; 32];
+        (&stream)
+            .read_exact(&mut proof)
+            .context("no answer to the handshake's challenge")?;
+        if !same(&key.mac(b"dial", h, &mine), &proof) {
+            bail!("rank {from}'s handshake does not prove this job's token");
         }
         (&stream).write_all(ACCEPTED)?;
         TcpLink::new(stream, from, timeout)

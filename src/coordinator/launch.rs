@@ -165,6 +165,12 @@ fn run_generation(opts: &LaunchOptions, cfg: &CoordinatorConfig) -> anyhow::Resu
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // The token goes through the environment, not the command line (which `ps` shows).
+        cmd.env_remove("ALEXNET_TOKEN_FILE");
+        match &cfg.token {
+            Some(t) => cmd.env("ALEXNET_TOKEN", &t.0),
+            None => cmd.env_remove("ALEXNET_TOKEN"),
+        };
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting worker {rank} from {}", opts.exe.display()))?;

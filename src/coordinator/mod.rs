@@ -40,6 +40,61 @@ pub struct CoordinatorConfig {
     pub run_dir: Option<std::path::PathBuf>,
     /// The checkpoint this generation starts from.
     pub resume: Option<(std::path::PathBuf, Manifest)>,
+    /// The job's token: every gRPC call and every data-plane connection must present it.
+    pub token: Option<Secret>,
+    /// TLS for the control plane: PEM certificate (chain) and private key.
+    pub tls: Option<(Vec<u8>, Secret)>,
+}
+
+/// A value that never appears in logs or debug output (the job token, a private key).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    /// A fresh random token (256 bits, hex).
+    pub fn random() -> anyhow::Result<Secret> {
+        let mut b = [0u8; 32];
+        getrandom::fill(&mut b)
+            .map_err(|e| anyhow::anyhow!("no randomness for the job token: {e}"))?;
+        Ok(Secret(b.iter().map(|x| format!("{x:02x}")).collect()))
+    }
+}
+
+/// Lets a call through only with the job's token (`authorization: Bearer TOKEN`); a refusal
+/// is logged with the caller's address.
+fn check_token(token: &Option<Secret>, req: Request<()>) -> Result<Request<()>, Status> {
+    let Some(Secret(want)) = token else {
+        return Ok(req);
+    };
+    let given = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let ok = given.is_some_and(|g| {
+        g.len() == want.len()
+            && g.bytes()
+                .zip(want.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if ok {
+        return Ok(req);
+    }
+    let peer = req
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "an unknown address".into());
+    tracing::warn!(%peer, "refused a call without this job's token");
+    Err(Status::unauthenticated(
+        "this job needs its token: give the worker ALEXNET_TOKEN or --token-file",
+    ))
 }
 
 /// How the job ended (or that it has not).
@@ -626,9 +681,22 @@ impl Coordinator {
         health.set_serving::<CoordinatorServer<Coordinator>>().await;
         let mut phase = self.phase.subscribe();
         tokio::spawn(self.clone().watchdog());
-        let server = tonic::transport::Server::builder()
+        let token = self.cfg.token.clone();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((cert, key)) = &self.cfg.tls {
+            builder = builder
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(tonic::transport::Identity::from_pem(cert, key.0.as_bytes())),
+                )
+                .map_err(|e| anyhow::anyhow!("the TLS certificate or key is not usable: {e}"))?;
+        }
+        let server = builder
             .add_service(health_service)
-            .add_service(CoordinatorServer::new(self.clone()))
+            .add_service(CoordinatorServer::with_interceptor(
+                self.clone(),
+                move |req: Request<()>| check_token(&token, req),
+            ))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         let server = tokio::spawn(server);
         let end = phase.wait_for(|p| p.is_over()).await?.clone();

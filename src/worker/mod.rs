@@ -39,6 +39,12 @@ pub struct WorkerOptions {
     pub connect_timeout: Duration,
     /// Where replica 0 writes its columns' parameters at the end.
     pub out: Option<PathBuf>,
+    /// The job's token (sent with every call; proves membership on the data plane).
+    pub token: Option<crate::coordinator::Secret>,
+    /// For a coordinator serving TLS: the PEM certificate of the authority that signed its
+    /// certificate, and the name to check it against (default: the URL's host).
+    pub tls_ca: Option<Vec<u8>>,
+    pub tls_domain: Option<String>,
 }
 
 /// Resident memory of this process, from /proc (0 where unknown).
@@ -155,20 +161,52 @@ impl Reporter for RemoteReporter {
     }
 }
 
-async fn connect(url: &str, timeout: Duration) -> anyhow::Result<CoordinatorClient<Channel>> {
+/// An error and its causes, on one line (transport errors hide the useful part in a source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+/// A channel to the coordinator, with TLS when `opts` gives an authority; retries until
+/// `opts.connect_timeout`.
+pub async fn connect(opts: &WorkerOptions) -> anyhow::Result<Channel> {
+    let url = &opts.coordinator;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| {
+            format!("coordinator URL `{url}` (expected http://host:port or https://host:port)")
+        })?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &opts.tls_ca {
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        if let Some(d) = &opts.tls_domain {
+            tls = tls.domain_name(d.clone());
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("TLS settings: {}", chain(&e)))?;
+    }
+    let timeout = opts.connect_timeout;
     let started = Instant::now();
     let mut tries = 0;
     loop {
         tries += 1;
-        match CoordinatorClient::connect(url.to_string()).await {
+        match endpoint.connect().await {
             Ok(c) => return Ok(c),
             Err(e) if started.elapsed() < timeout => {
-                tracing::debug!("coordinator at {url} not reachable yet ({e}); retrying");
+                tracing::debug!("coordinator at {url} not reachable yet ({}); retrying", chain(&e));
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(e) => bail!(
-                "no coordinator answered at {url} within {timeout:?} ({tries} tries, last: {e}): \
-                 is it running (`alexnet coordinator`), and is the address right?"
+                "no coordinator answered at {url} within {timeout:?} ({tries} tries, last: {}): \
+                 is it running (`alexnet coordinator`), is the address right, and do TLS settings match?",
+                chain(&e)
             ),
         }
     }
@@ -224,8 +262,19 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         version: crate::proto::VERSION.into(),
         pid: std::process::id(),
     };
+    let token = opts.token.clone();
     let (mut client, assignment) = rt.block_on(async {
-        let mut client = connect(&opts.coordinator, opts.connect_timeout).await?;
+        let channel = connect(&opts).await?;
+        let mut client =
+            CoordinatorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                if let Some(t) = &token {
+                    let value = format!("Bearer {}", t.0).parse().map_err(|_| {
+                        tonic::Status::invalid_argument("the job token is not printable ASCII")
+                    })?;
+                    req.metadata_mut().insert("authorization", value);
+                }
+                Ok(req)
+            });
         tracing::info!(coordinator = %opts.coordinator, "connected; waiting for the other workers");
         let a = client
             .register(request)
@@ -399,10 +448,11 @@ fn train(
         .iter()
         .map(|(r, addr)| (*r as usize, addr.clone()))
         .collect();
-    let key = MeshKey {
-        job: a.mesh_key,
-        generation: a.generation,
-    };
+    let key = MeshKey::new(
+        a.mesh_key,
+        a.generation,
+        opts.token.as_ref().map(|t| t.0.as_str()).unwrap_or(""),
+    );
     let t = Instant::now();
     let ex = connect_tcp::<Cpu>(
         &topology,
