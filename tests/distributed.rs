@@ -561,3 +561,71 @@ fn a_worker_that_never_comes_fails_the_rendezvous_by_rank() {
     assert!(!ok);
     assert!(out.contains("[1] did not"), "{out}");
 }
+
+/// The control plane over TLS: a coordinator with a certificate made here, workers that trust
+/// it train a short job; a worker that trusts another authority is refused.
+#[test]
+fn a_job_runs_over_tls_and_a_certificate_from_elsewhere_is_refused() {
+    let dir = scratch("tls");
+    let write_pair = |name: &str| {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, c.cert.pem()).unwrap();
+        std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+        (cert, key)
+    };
+    let (cert, key) = write_pair("coordinator");
+    let (other, _) = write_pair("elsewhere");
+    let (c, url) = coordinator(
+        "secure",
+        &[
+            "--steps",
+            "3",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let url = url.replace("http://", "https://");
+    let (ok, err) = worker(
+        &url,
+        &[
+            "--tls-ca",
+            other.to_str().unwrap(),
+            "--tls-domain",
+            "localhost",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let workers: Vec<_> = (0..2)
+        .map(|rank| {
+            let (url, cert) = (url.clone(), cert.clone());
+            std::thread::spawn(move || {
+                worker(
+                    &url,
+                    &[
+                        "--rank",
+                        &rank.to_string(),
+                        "--tls-ca",
+                        cert.to_str().unwrap(),
+                        "--tls-domain",
+                        "localhost",
+                    ],
+                )
+            })
+        })
+        .collect();
+    for w in workers {
+        let (ok, err) = w.join().unwrap();
+        assert!(ok, "{err}");
+    }
+    let (ok, out, _) = c.finish(Duration::from_secs(60));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("tls=true") && out.contains("every worker finished"),
+        "{out}"
+    );
+}
