@@ -1006,7 +1006,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         threads: None,
         connect_timeout: std::time::Duration::from_secs(5),
         out: None,
-        token: token.clone(),
+        token,
         tls_ca: a
             .tls_ca
             .as_ref()
@@ -1015,18 +1015,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         tls_domain: None,
     };
     let s = rt.block_on(async {
-        let channel = alexnet::worker::connect(&opts).await?;
-        let mut client = alexnet::proto::coordinator_client::CoordinatorClient::with_interceptor(
-            channel,
-            move |mut req: tonic::Request<()>| {
-                if let Some(t) = &token {
-                    if let Ok(v) = format!("Bearer {}", t.0).parse() {
-                        req.metadata_mut().insert("authorization", v);
-                    }
-                }
-                Ok(req)
-            },
-        );
+        let mut client = alexnet::worker::client(&opts).await?;
         anyhow::Ok(
             client
                 .status(alexnet::proto::StatusRequest {})

@@ -290,19 +290,7 @@ pub fn save_columns<B: Backend>(net: &Network<B>, dir: &Path) -> anyhow::Result<
                 )
             })
             .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = values
-            .iter()
-            .map(|(name, shape, v)| {
-                let view = safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    shape.clone(),
-                    bytemuck::cast_slice(v),
-                )
-                .expect("shape matches data");
-                (name.clone(), view)
-            })
-            .collect();
-        let bytes = safetensors::serialize(views, &None)?;
+        let bytes = super::checkpoint::serialize(&values)?;
         let path = dir.join(format!("column{}.safetensors", col.index));
         crate::data::prepare::write_atomic(&path, &bytes)?;
         written.push(path);
@@ -310,22 +298,12 @@ pub fn save_columns<B: Backend>(net: &Network<B>, dir: &Path) -> anyhow::Result<
     Ok(written)
 }
 
-/// Reads a file written by [`save_columns`]: (name, shape, values) in file order.
+/// Reads a file written by [`save_columns`]: (name, shape, values), by name.
 pub fn load_column_file(path: &Path) -> anyhow::Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
-    let mut out: Vec<_> = st
-        .tensors()
+    let mut out: Vec<_> = super::checkpoint::read_tensors(&bytes, path)?
         .into_iter()
-        .map(|(name, v)| {
-            let values = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, v.shape().to_vec(), values)
-        })
+        .map(|(name, (shape, values))| (name, shape, values))
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)

@@ -100,19 +100,7 @@ pub struct SampleData {
     side: usize,
 }
 
-/// Fashion-MNIST's labels, in order.
-pub const FASHION_MNIST_CLASSES: [&str; 10] = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-];
+pub use crate::data::idx::FASHION_MNIST_CLASSES;
 
 /// Class names of an IDX folder: `classes.txt` (one per line) if present, Fashion-MNIST's for
 /// a folder named like it, otherwise the label numbers.

@@ -161,6 +161,35 @@ impl Reporter for RemoteReporter {
     }
 }
 
+/// Adds the job's token to every call (`authorization: Bearer TOKEN`).
+#[derive(Clone)]
+pub struct TokenInterceptor(Option<crate::coordinator::Secret>);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            let value = format!("Bearer {}", t.0).parse().map_err(|_| {
+                tonic::Status::invalid_argument("the job token is not printable ASCII")
+            })?;
+            req.metadata_mut().insert("authorization", value);
+        }
+        Ok(req)
+    }
+}
+
+/// A client of the coordinator in `opts.coordinator`: TLS and token as `opts` says.
+pub async fn client(
+    opts: &WorkerOptions,
+) -> anyhow::Result<
+    CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>>,
+> {
+    let channel = connect(opts).await?;
+    Ok(CoordinatorClient::with_interceptor(
+        channel,
+        TokenInterceptor(opts.token.clone()),
+    ))
+}
+
 /// An error and its causes, on one line (transport errors hide the useful part in a source).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -262,19 +291,8 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         version: crate::proto::VERSION.into(),
         pid: std::process::id(),
     };
-    let token = opts.token.clone();
     let (mut client, assignment) = rt.block_on(async {
-        let channel = connect(&opts).await?;
-        let mut client =
-            CoordinatorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-                if let Some(t) = &token {
-                    let value = format!("Bearer {}", t.0).parse().map_err(|_| {
-                        tonic::Status::invalid_argument("the job token is not printable ASCII")
-                    })?;
-                    req.metadata_mut().insert("authorization", value);
-                }
-                Ok(req)
-            });
+        let mut client = client(&opts).await?;
         tracing::info!(coordinator = %opts.coordinator, "connected; waiting for the other workers");
         let a = client
             .register(request)
