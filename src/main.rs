@@ -917,16 +917,14 @@ fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let (mut cfg, run_dir) =
         coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
     alexnet::coordinator::launch::write_run_files(&run_dir, &cfg)?;
+    let mut made_token = None;
     cfg.token = match read_token(a.token_file.as_deref())? {
         Some(t) => Some(t),
         None => {
             let t = Secret::random()?;
             let path = run_dir.join("token");
             write_private(&path, t.0.as_bytes())?;
-            tracing::info!(
-                file = %path.display(),
-                "made a job token: workers need it (ALEXNET_TOKEN_FILE or --token-file)"
-            );
+            made_token = Some(path);
             Some(t)
         }
     };
@@ -936,15 +934,11 @@ fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         let k = std::fs::read_to_string(key)
             .with_context(|| format!("reading --tls-key {}", key.display()))?;
         cfg.tls = Some((c, Secret(k)));
-    } else if !a.listen.starts_with("127.")
-        && !a.listen.starts_with("localhost")
-        && !a.listen.starts_with("[::1]")
-    {
-        tracing::warn!(
-            listen = %a.listen,
-            "the control plane is not on loopback and has no TLS: pass --tls-cert and --tls-key on an untrusted network"
-        );
     }
+    let off_loopback = cfg.tls.is_none()
+        && !a.listen.starts_with("127.")
+        && !a.listen.starts_with("localhost")
+        && !a.listen.starts_with("[::1]");
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&a.listen)
@@ -958,6 +952,18 @@ fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
             workers = cfg.job.topology.world_size(),
             "coordinator listening; start the workers with `alexnet worker --coordinator http://THIS_HOST:PORT`"
         );
+        if let Some(path) = &made_token {
+            tracing::info!(
+                file = %path.display(),
+                "made a job token: workers need it (ALEXNET_TOKEN_FILE or --token-file)"
+            );
+        }
+        if off_loopback {
+            tracing::warn!(
+                listen = %a.listen,
+                "the control plane is not on loopback and has no TLS: pass --tls-cert and --tls-key on an untrusted network"
+            );
+        }
         let c = alexnet::coordinator::Coordinator::new(cfg)?;
         let phase = c.clone().serve(listener).await?;
         report_exchange_share(&c.exchange_seconds());
