@@ -131,7 +131,7 @@ pub fn evaluate(
             "the run trained on prepared data; {} holds IDX files",
             target.display()
         );
-        let (train, test) = read_fashion_mnist_dir(&job.data)?;
+        let (train, _) = read_fashion_mnist_dir(&job.data)?;
         let (_, other) = read_fashion_mnist_dir(&target)?;
         let max_label = other.labels.iter().copied().max().unwrap_or(0) as usize;
         anyhow::ensure!(
@@ -140,7 +140,6 @@ pub fn evaluate(
             target.display(),
             job.net.classes
         );
-        let _ = test;
         let classes = idx_class_names(&job.data, job.net.classes);
         let mut data = SampleData::new(&train, &other, &job.net, batch, (1, 0), job.seed, classes)?;
         DataSource::<Cpu>::evaluate(&mut data, &mut run.net)
