@@ -6,6 +6,7 @@
 //! - [`data`]: images in, batches out.
 //! - [`train`]: the training loop and the benchmark.
 
+pub mod agent;
 pub mod backend;
 pub mod comm;
 pub mod coordinator;

@@ -28,6 +28,10 @@ struct Cli {
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "ALEXNET_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Check the command line (and a job file it names, where it exists), print what would
+    /// run, and exit without starting anything. The deployment recipes are checked this way.
+    #[arg(long, global = true)]
+    dry_run: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -71,6 +75,14 @@ enum Command {
     Coordinator(CoordinatorArgs),
     /// Run one worker of a job: join the coordinator, train this rank's part, report.
     Worker(WorkerArgs),
+    /// Run this host's part of a multi-host job: start its workers, forward their logs,
+    /// restart those that fail (they rejoin from the newest checkpoint), stop them on SIGTERM.
+    ///
+    /// One agent per host, like torchrun per node: with `--node-rank K --workers G` this
+    /// host's workers take ranks K*G .. K*G+G-1 (rank 2r+c holds column c of replica r). The
+    /// coordinator (`alexnet coordinator --listen 0.0.0.0:50051`) runs on one host; the run
+    /// folder must be the same path on every host (shared storage) for checkpoints.
+    Agent(AgentArgs),
     /// Show a running job's state: workers, step, loss, speed, ETA.
     Status(StatusArgs),
     /// Top-1 and top-5 error of a trained run (its newest checkpoint) on a dataset.
@@ -140,6 +152,9 @@ struct LayoutArgs {
     /// Job name; workers started for another job are refused. Default: job-<unix time>.
     #[arg(long, env = "ALEXNET_JOB_ID")]
     job_id: Option<String>,
+    /// Seconds a worker's clock may differ from the coordinator's before it is refused.
+    #[arg(long, default_value_t = 60.0, env = "ALEXNET_MAX_CLOCK_SKEW")]
+    max_clock_skew: f64,
 }
 
 #[derive(clap::Args)]
@@ -192,6 +207,65 @@ struct CoordinatorArgs {
     /// ... and this PEM private key.
     #[arg(long, requires = "tls_cert", env = "ALEXNET_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// New generations (from the newest checkpoint, the workers rejoining) allowed after
+    /// failures before the job fails.
+    #[arg(long, default_value_t = 3, env = "ALEXNET_MAX_RESTARTS")]
+    max_restarts: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AgentDevice {
+    /// One worker per GPU when the build has a CUDA backend; CPU workers otherwise.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The coordinator, as http://host:port (https:// with --tls-ca).
+    #[arg(long, env = "ALEXNET_COORDINATOR")]
+    coordinator: String,
+    /// Only join this job: an agent pointed at another job's coordinator stops with an error.
+    #[arg(long, env = "ALEXNET_JOB_ID")]
+    job_id: Option<String>,
+    /// This host's index among the hosts (0, 1, ...): its workers take ranks
+    /// NODE_RANK*WORKERS onwards. Default: whatever ranks are free.
+    #[arg(long, env = "ALEXNET_NODE_RANK")]
+    node_rank: Option<u32>,
+    /// Workers on this host. Default: 1 per GPU with a CUDA backend, else 1.
+    #[arg(long, env = "ALEXNET_WORKERS")]
+    workers: Option<usize>,
+    #[arg(long, value_enum, default_value_t = AgentDevice::Auto, env = "ALEXNET_DEVICE")]
+    device: AgentDevice,
+    /// Compute threads per worker. Default: the cores divided among the workers.
+    #[arg(long, env = "ALEXNET_THREADS")]
+    threads: Option<usize>,
+    /// Worker restarts allowed on this host in all.
+    #[arg(long, default_value_t = 3, env = "ALEXNET_MAX_RESTARTS")]
+    max_restarts: usize,
+    /// Seconds a (re)started worker keeps trying to reach the coordinator: how long this
+    /// host may be cut off from it and still rejoin.
+    #[arg(long, default_value_t = 300.0, env = "ALEXNET_REJOIN_TIMEOUT")]
+    rejoin_timeout: f64,
+    /// Seconds this host's clock may differ from the coordinator's.
+    #[arg(long, default_value_t = 60.0, env = "ALEXNET_MAX_CLOCK_SKEW")]
+    max_clock_skew: f64,
+    /// Each rank's log file goes here too (rank<N>.log).
+    #[arg(long, env = "ALEXNET_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+    /// Where replica 0's workers write their trained columns at the end.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A file holding the job's token (or set ALEXNET_TOKEN).
+    #[arg(long, env = "ALEXNET_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The authority's PEM certificate, for a coordinator serving TLS.
+    #[arg(long, env = "ALEXNET_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The name the coordinator's certificate must carry (default: the URL's host).
+    #[arg(long)]
+    tls_domain: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -458,13 +532,101 @@ fn init_logging(format: LogFormat) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match run(cli.command, cli.log_format) {
+    let result = if cli.dry_run {
+        dry_run(&cli.command)
+    } else {
+        run(cli.command, cli.log_format)
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            std::process::ExitCode::FAILURE
+            // A worker's launcher (an agent) tells from the status whether a restart can help.
+            match e.downcast_ref::<alexnet::worker::Verdict>() {
+                Some(v) => std::process::ExitCode::from(v.exit_code()),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
+}
+
+/// `--dry-run`: what can be checked without starting anything or touching files: the
+/// command line (clap has parsed it), coordinator URLs, numbers of seconds, and the job file
+/// where it exists here.
+fn dry_run(command: &Command) -> anyhow::Result<()> {
+    let url = |u: &str| {
+        tonic::transport::Endpoint::from_shared(u.to_string())
+            .map(|_| ())
+            .with_context(|| format!("coordinator URL `{u}` (expected http://host:port)"))
+    };
+    let job_file = |j: &JobArgs| -> anyhow::Result<()> {
+        match j.config.as_deref() {
+            Some(c) if matches!(c, "paper" | "demo") || Path::new(c).exists() => {
+                load_job(c)?
+                    .validate()
+                    .with_context(|| format!("job `{c}`"))?;
+                println!("job `{c}`: valid");
+            }
+            Some(c) => println!("job file {c}: not on this host, not checked"),
+            None => {}
+        }
+        Ok(())
+    };
+    let (name, layout) = match command {
+        Command::Train(a) => {
+            job_file(&a.job)?;
+            ("train", None)
+        }
+        Command::Launch(a) => {
+            job_file(&a.job)?;
+            ("launch", Some(&a.layout))
+        }
+        Command::Coordinator(a) => {
+            job_file(&a.job)?;
+            check_listen(&a.listen).with_context(|| format!("--listen {}", a.listen))?;
+            ("coordinator", Some(&a.layout))
+        }
+        Command::Worker(a) => {
+            url(&a.coordinator)?;
+            seconds(a.connect_timeout, "--connect-timeout")?;
+            ("worker", None)
+        }
+        Command::Agent(a) => {
+            url(&a.coordinator)?;
+            seconds(a.rejoin_timeout, "--rejoin-timeout")?;
+            seconds(a.max_clock_skew, "--max-clock-skew")?;
+            ("agent", None)
+        }
+        Command::Status(a) => {
+            url(&a.coordinator)?;
+            ("status", None)
+        }
+        Command::Bench(_) => ("bench", None),
+        Command::Prepare(_) => ("prepare", None),
+        Command::BenchData(_) => ("bench-data", None),
+        Command::Eval(_) => ("eval", None),
+        Command::Predict(_) => ("predict", None),
+        Command::Export(_) => ("export", None),
+    };
+    if let Some(l) = layout {
+        seconds(l.peer_timeout, "--peer-timeout")?;
+        seconds(l.rendezvous_timeout, "--rendezvous-timeout")?;
+        seconds(l.max_clock_skew, "--max-clock-skew")?;
+    }
+    println!("dry run: `alexnet {name}` is a valid command line; nothing was started");
+    Ok(())
+}
+
+/// Checks a `host:port` listen address without resolving the name (a pod's or node's name
+/// need not resolve where the recipe is checked).
+fn check_listen(addr: &str) -> anyhow::Result<()> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .context("expected host:port, e.g. 0.0.0.0:50051")?;
+    port.parse::<u16>()
+        .with_context(|| format!("port `{port}` is not a number from 0 to 65535"))?;
+    anyhow::ensure!(!host.is_empty(), "no host before the port");
+    Ok(())
 }
 
 fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
@@ -473,6 +635,7 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
         Command::Launch(a) => launch(a, log_format),
         Command::Coordinator(a) => coordinator(a),
         Command::Worker(a) => worker(a),
+        Command::Agent(a) => agent(a, log_format),
         Command::Status(a) => status(a),
         Command::Eval(a) => {
             let mut run = alexnet::train::evaluate::load_run(&a.run, Cpu::new())?;
@@ -799,6 +962,8 @@ fn coordinator_config(
             peer_timeout,
             heartbeat: (peer_timeout / 10).min(std::time::Duration::from_secs(2)),
             rendezvous_timeout: seconds(layout.rendezvous_timeout, "--rendezvous-timeout")?,
+            max_clock_skew: seconds(layout.max_clock_skew, "--max-clock-skew")?,
+            restarts_left: 0,
             log_every: job_args.log_every.max(1) as u64,
             run_dir: Some(absolute(&run_dir)),
             resume,
@@ -964,8 +1129,9 @@ fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
                 "the control plane is not on loopback and has no TLS: pass --tls-cert and --tls-key on an untrusted network"
             );
         }
-        let c = alexnet::coordinator::Coordinator::new(cfg)?;
-        let phase = c.clone().serve(listener).await?;
+        cfg.restarts_left = a.max_restarts;
+        let supervisor = alexnet::coordinator::generations::Supervisor::new(cfg)?;
+        let (phase, c) = supervisor.serve(listener).await?;
         report_exchange_share(&c.exchange_seconds());
         match phase {
             Phase::Finished => Ok(()),
@@ -996,6 +1162,53 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             .map(|p| std::fs::read(p).with_context(|| format!("reading --tls-ca {}", p.display())))
             .transpose()?,
         tls_domain: a.tls_domain,
+    })
+}
+
+/// GPUs this host shows (/dev/nvidia0, /dev/nvidia1, ...).
+fn visible_gpus() -> usize {
+    std::fs::read_dir("/dev")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    n.strip_prefix("nvidia")
+                        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn agent(a: AgentArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    let gpus = visible_gpus();
+    match a.device {
+        AgentDevice::Cuda => anyhow::bail!(
+            "--device cuda: this build has no CUDA backend yet ({gpus} GPUs visible); use --device cpu"
+        ),
+        AgentDevice::Auto if gpus > 0 => tracing::warn!(
+            gpus,
+            "GPUs found, but this build has no CUDA backend yet: starting CPU workers"
+        ),
+        _ => {}
+    }
+    alexnet::agent::run(alexnet::agent::AgentOptions {
+        coordinator: a.coordinator,
+        job_id: a.job_id,
+        node_rank: a.node_rank,
+        workers: a.workers.unwrap_or(1),
+        threads_per_worker: a.threads,
+        max_restarts: a.max_restarts,
+        rejoin_timeout: seconds(a.rejoin_timeout, "--rejoin-timeout")?,
+        max_clock_skew: seconds(a.max_clock_skew, "--max-clock-skew")?,
+        token: read_token(a.token_file.as_deref())?,
+        tls_ca: a.tls_ca,
+        tls_domain: a.tls_domain,
+        exe: std::env::current_exe().context("finding this binary to start workers")?,
+        json_logs: log_format == LogFormat::Json,
+        log_dir: a.log_dir,
+        out: a.out,
     })
 }
 

@@ -24,9 +24,11 @@ compile_error!(
 const FRAME_MAGIC: &[u8; 4] = b"AXF1";
 const FRAME_HEADER: usize = 16;
 const HELLO_MAGIC: &[u8; 4] = b"AXH1";
-const HELLO_LEN: usize = 32;
+const HELLO_LEN: usize = 48;
 /// Bumped when the framing changes, so that mismatched binaries refuse each other.
-const PROTOCOL: u32 = 1;
+const PROTOCOL: u32 = 2;
+/// The binary's version as the handshake carries it (zero-padded, at most 16 bytes).
+const VERSION_FIELD: usize = 16;
 const ACCEPTED: &[u8; 4] = b"AXOK";
 
 /// Who may join a mesh: a digest of the job id and configuration, the generation, and the
@@ -243,6 +245,9 @@ fn hello(key: MeshKey, from: usize, to: usize) -> [u8; HELLO_LEN] {
     h[16..24].copy_from_slice(&key.generation.to_le_bytes());
     h[24..28].copy_from_slice(&(from as u32).to_le_bytes());
     h[28..32].copy_from_slice(&(to as u32).to_le_bytes());
+    let v = crate::proto::VERSION.as_bytes();
+    let n = v.len().min(VERSION_FIELD);
+    h[32..32 + n].copy_from_slice(&v[..n]);
     h
 }
 
@@ -279,6 +284,19 @@ pub fn parse_hello(h: &[u8], key: &MeshKey, me: usize, waiting: &[usize]) -> any
     let (from, to) = (word(24..28) as usize, word(28..32) as usize);
     if to != me || !waiting.contains(&from) {
         bail!("unexpected handshake from rank {from} to rank {to}");
+    }
+    let mine = hello(*key, 0, 0);
+    if h[32..] != mine[32..] {
+        let text = |b: &[u8]| {
+            String::from_utf8_lossy(b)
+                .trim_end_matches('\0')
+                .to_string()
+        };
+        bail!(
+            "rank {from} runs alexnet {}, this rank {}: run the same binary on every host",
+            text(&h[32..]),
+            text(&mine[32..])
+        );
     }
     Ok(from)
 }
@@ -423,5 +441,29 @@ impl TcpMesh {
         }
         (&stream).write_all(ACCEPTED)?;
         TcpLink::new(stream, from, timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_of_another_version_is_refused_by_name() {
+        let key = MeshKey::new(7, 2, "t");
+        let mut h = hello(key, 1, 0);
+        assert_eq!(parse_hello(&h, &key, 0, &[1]).unwrap(), 1);
+        h[32..48].copy_from_slice(b"0.0.1-other\0\0\0\0\0");
+        let err = parse_hello(&h, &key, 0, &[1]).unwrap_err().to_string();
+        assert!(
+            err.contains("rank 1 runs alexnet 0.0.1-other") && err.contains(crate::proto::VERSION),
+            "{err}"
+        );
+        let mut g = hello(key, 1, 0);
+        g[16..24].copy_from_slice(&3u64.to_le_bytes());
+        assert!(parse_hello(&g, &key, 0, &[1])
+            .unwrap_err()
+            .to_string()
+            .contains("generation 3"));
     }
 }

@@ -4,8 +4,8 @@
 //! status and its last error.
 
 use super::{Coordinator, CoordinatorConfig, Phase};
+use crate::agent::forward_lines;
 use anyhow::Context;
-use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -54,6 +54,7 @@ pub fn write_run_files(run_dir: &std::path::Path, cfg: &CoordinatorConfig) -> an
 pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
     write_run_files(&opts.run_dir, &opts.coordinator)?;
     let mut cfg = opts.coordinator.clone();
+    cfg.restarts_left = opts.max_restarts as u32;
     let mut restarts = 0;
     loop {
         let mut outcome = run_generation(&opts, &cfg)?;
@@ -61,7 +62,7 @@ pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
         let Phase::Failed { rank, error } = &outcome.phase else {
             return Ok(outcome);
         };
-        if restarts >= opts.max_restarts {
+        if cfg.restarts_left == 0 {
             if opts.max_restarts > 0 {
                 tracing::error!(
                     restarts,
@@ -72,18 +73,16 @@ pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
             return Ok(outcome);
         }
         restarts += 1;
-        let resume = crate::train::checkpoint::latest(&opts.run_dir, Some(&cfg.job.hash()))?;
-        let from = resume.as_ref().map(|r| r.1.step).unwrap_or(0);
+        let next = Coordinator::next_generation(&cfg)?;
         tracing::warn!(
             failed_rank = ?rank,
-            generation = cfg.generation + 1,
-            from_step = from,
+            generation = next.generation,
+            from_step = next.resume.as_ref().map(|r| r.1.step).unwrap_or(0),
             restart = restarts,
             of = opts.max_restarts,
             "restarting the workers after the failure ({error}) from the newest complete checkpoint"
         );
-        cfg.generation += 1;
-        cfg.resume = resume;
+        cfg = next;
     }
 }
 
@@ -94,30 +93,6 @@ struct RankProcess {
     status: Option<std::process::ExitStatus>,
     /// Killed by the launcher after the job ended without it.
     killed: bool,
-}
-
-/// Copies a worker's output lines to this process's stderr with a rank prefix, and to its log
-/// file; remembers its last error line.
-fn forward_lines(
-    rank: usize,
-    from: impl std::io::Read + Send + 'static,
-    log: Arc<Mutex<std::fs::File>>,
-    last_error: Arc<Mutex<Option<String>>>,
-) {
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(from).lines() {
-            let Ok(line) = line else { return };
-            if line.contains(" ERROR ") || line.contains("\"level\":\"ERROR\"") {
-                *last_error.lock().unwrap() = Some(line.clone());
-            }
-            let _ = writeln!(log.lock().unwrap(), "{line}");
-            match line.strip_prefix('{') {
-                // A JSON line stays one JSON object, with the rank as its first field.
-                Some(rest) => eprintln!("{{\"rank\":{rank},{rest}"),
-                None => eprintln!("[rank {rank}] {line}"),
-            }
-        }
-    });
 }
 
 fn run_generation(opts: &LaunchOptions, cfg: &CoordinatorConfig) -> anyhow::Result<LaunchOutcome> {
@@ -176,12 +151,17 @@ fn run_generation(opts: &LaunchOptions, cfg: &CoordinatorConfig) -> anyhow::Resu
             .with_context(|| format!("starting worker {rank} from {}", opts.exe.display()))?;
         let last_error = Arc::new(Mutex::new(None));
         forward_lines(
-            rank,
+            rank.to_string(),
             child.stderr.take().unwrap(),
-            log.clone(),
+            Some(log.clone()),
             last_error.clone(),
         );
-        forward_lines(rank, child.stdout.take().unwrap(), log, last_error.clone());
+        forward_lines(
+            rank.to_string(),
+            child.stdout.take().unwrap(),
+            Some(log),
+            last_error.clone(),
+        );
         procs.push(RankProcess {
             rank,
             child,

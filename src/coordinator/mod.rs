@@ -5,6 +5,7 @@
 //! It never touches activations or gradients: those go between workers directly.
 
 pub mod aggregate;
+pub mod generations;
 pub mod launch;
 
 use crate::proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
@@ -44,6 +45,19 @@ pub struct CoordinatorConfig {
     pub token: Option<Secret>,
     /// TLS for the control plane: PEM certificate (chain) and private key.
     pub tls: Option<(Vec<u8>, Secret)>,
+    /// Workers whose clock differs from the coordinator's by more than this are refused.
+    pub max_clock_skew: Duration,
+    /// Generations that may still follow this one after a failure: workers told to abort
+    /// are told whether to rejoin.
+    pub restarts_left: u32,
+}
+
+/// Milliseconds since the Unix epoch by this host's clock.
+pub fn unix_time_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// A value that never appears in logs or debug output (the job token, a private key).
@@ -262,6 +276,7 @@ impl Coordinator {
                 let _ = tx.try_send(Ok(Command {
                     command: Some(command::Command::Abort(Abort {
                         reason: reason.clone(),
+                        rejoin: self.cfg.restarts_left > 0,
                     })),
                 }));
             }
@@ -296,6 +311,16 @@ impl Coordinator {
                 "the worker runs alexnet {}, the coordinator {}: run the same binary everywhere",
                 req.version,
                 crate::proto::VERSION
+            )));
+        }
+        let skew_ms = (req.unix_time_ms - unix_time_ms()).unsigned_abs();
+        if req.unix_time_ms == 0 || Duration::from_millis(skew_ms) > cfg.max_clock_skew {
+            return Err(Status::failed_precondition(format!(
+                "the clock of host `{}` is {:.1} s off the coordinator's (at most {:?} allowed): \
+                 synchronise the hosts' clocks (NTP, chrony) before training across them",
+                req.host,
+                skew_ms as f64 / 1000.0,
+                cfg.max_clock_skew
             )));
         }
         if req.data_addr.parse::<std::net::SocketAddr>().is_err() {
@@ -671,40 +696,74 @@ impl Coordinator {
                 .collect(),
             config_hash: self.config_hash.clone(),
             error,
+            version: crate::proto::VERSION.into(),
+            unix_time_ms: unix_time_ms(),
+            restarts_left: self.cfg.restarts_left,
         }
     }
 
     /// Serves the coordinator (and the standard gRPC health service) on `listener` until the
-    /// job ends; returns how it ended.
+    /// job ends; returns how it ended. One generation only: `generations::Supervisor` serves
+    /// a job whose generations follow one another behind one address.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> anyhow::Result<Phase> {
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<CoordinatorServer<Coordinator>>().await;
         let mut phase = self.phase.subscribe();
         tokio::spawn(self.clone().watchdog());
-        let token = self.cfg.token.clone();
-        let mut builder = tonic::transport::Server::builder();
-        if let Some((cert, key)) = &self.cfg.tls {
-            builder = builder
-                .tls_config(
-                    tonic::transport::ServerTlsConfig::new()
-                        .identity(tonic::transport::Identity::from_pem(cert, key.0.as_bytes())),
-                )
-                .map_err(|e| anyhow::anyhow!("the TLS certificate or key is not usable: {e}"))?;
-        }
-        let server = builder
-            .add_service(health_service)
-            .add_service(CoordinatorServer::with_interceptor(
-                self.clone(),
-                move |req: Request<()>| check_token(&token, req),
-            ))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-        let server = tokio::spawn(server);
+        let server = tokio::spawn(serve_rpc(self.clone(), &self.cfg, listener)?);
         let end = phase.wait_for(|p| p.is_over()).await?.clone();
         // Let the last commands (stop, abort) and status calls go out before closing.
         tokio::time::sleep(Duration::from_millis(500)).await;
         server.abort();
         Ok(end)
     }
+
+    /// The configuration of the generation that follows this one after a failure: it starts
+    /// from the newest complete checkpoint in the run folder, with one restart fewer left.
+    pub fn next_generation(cfg: &CoordinatorConfig) -> anyhow::Result<CoordinatorConfig> {
+        let mut next = cfg.clone();
+        next.generation += 1;
+        next.restarts_left = cfg.restarts_left.saturating_sub(1);
+        if let Some(dir) = &cfg.run_dir {
+            next.resume = crate::train::checkpoint::latest(dir, Some(&cfg.job.hash()))?;
+        }
+        Ok(next)
+    }
+}
+
+/// The gRPC server of a job: the coordinator service `svc` behind the token check, the
+/// standard health service beside it, TLS when `cfg` has a certificate.
+pub(crate) fn serve_rpc<S: CoordinatorRpc>(
+    svc: S,
+    cfg: &CoordinatorConfig,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<impl std::future::Future<Output = Result<(), tonic::transport::Error>>> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // The service name probes ask for is the coordinator's, whatever serves it.
+    let name = <CoordinatorServer<S> as tonic::server::NamedService>::NAME;
+    let token = cfg.token.clone();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &cfg.tls {
+        builder = builder
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key.0.as_bytes())),
+            )
+            .map_err(|e| anyhow::anyhow!("the TLS certificate or key is not usable: {e}"))?;
+    }
+    let router =
+        builder
+            .add_service(health_service)
+            .add_service(CoordinatorServer::with_interceptor(
+                svc,
+                move |req: Request<()>| check_token(&token, req),
+            ));
+    Ok(async move {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+        router
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    })
 }
 
 fn describe(rank: u32, m: Option<&Member>) -> String {

@@ -56,11 +56,59 @@ pub fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// Why a worker ended without finishing, when restarting it cannot help: its launcher (an
+/// agent) reads this from the exit status and stops instead of restarting it.
+#[derive(Debug)]
+pub enum Verdict {
+    /// The coordinator refused this worker for good (another job, version, clock, a rank
+    /// already taken, a bad token): exit status `EXIT_REFUSED`.
+    Refused(String),
+    /// The coordinator ended the job with no generation to follow: exit status
+    /// `EXIT_JOB_OVER`.
+    JobOver(String),
+}
+
+/// Exit status of a worker the coordinator refused for good.
+pub const EXIT_REFUSED: u8 = 3;
+/// Exit status of a worker whose job the coordinator ended (no restarts left).
+pub const EXIT_JOB_OVER: u8 = 4;
+
+impl Verdict {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Verdict::Refused(_) => EXIT_REFUSED,
+            Verdict::JobOver(_) => EXIT_JOB_OVER,
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Refused(why) => write!(f, "the coordinator refused this worker: {why}"),
+            Verdict::JobOver(why) => write!(f, "the coordinator ended the job: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for Verdict {}
+
+/// The error of a worker whose generation was aborted: worth a restart when another
+/// generation follows, final otherwise.
+fn aborted(reason: &str, rejoin: bool) -> anyhow::Error {
+    if rejoin {
+        anyhow::anyhow!("the coordinator aborted this generation: {reason} (the next generation awaits this rank)")
+    } else {
+        Verdict::JobOver(reason.to_string()).into()
+    }
+}
+
 /// What the coordinator said, as the training thread sees it.
 #[derive(Default)]
 struct Commands {
-    /// Set when the coordinator aborted the generation (or went away).
-    abort: Option<String>,
+    /// Set when the coordinator aborted the generation (or went away): the reason, and
+    /// whether a new generation follows.
+    abort: Option<(String, bool)>,
     stopped: bool,
     /// The learning rate decided after each epoch's validation.
     lr_after_epoch: BTreeMap<u64, f32>,
@@ -100,8 +148,8 @@ impl RemoteReporter {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        if let Some(reason) = &self.commands.state.lock().unwrap().abort {
-            bail!("the coordinator aborted this generation: {reason}");
+        if let Some((reason, rejoin)) = &self.commands.state.lock().unwrap().abort {
+            return Err(aborted(reason, *rejoin));
         }
         Ok(())
     }
@@ -134,8 +182,8 @@ impl Reporter for RemoteReporter {
         let deadline = Instant::now() + self.decision_timeout;
         let mut c = self.commands.state.lock().unwrap();
         loop {
-            if let Some(reason) = &c.abort {
-                bail!("the coordinator aborted this generation: {reason}");
+            if let Some((reason, rejoin)) = &c.abort {
+                return Err(aborted(reason, *rejoin));
             }
             if let Some(&lr) = c.lr_after_epoch.get(&r.epoch) {
                 return Ok(lr);
@@ -290,6 +338,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         rank: opts.rank,
         version: crate::proto::VERSION.into(),
         pid: std::process::id(),
+        unix_time_ms: crate::coordinator::unix_time_ms(),
     };
     let (mut client, assignment) = rt.block_on(async {
         let mut client = client(&opts).await?;
@@ -297,7 +346,18 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         let a = client
             .register(request)
             .await
-            .map_err(|s| anyhow::anyhow!("the coordinator refused this worker: {}", s.message()))?
+            .map_err(|s| {
+                use tonic::Code;
+                match s.code() {
+                    // Nothing a restart would change.
+                    Code::FailedPrecondition
+                    | Code::AlreadyExists
+                    | Code::InvalidArgument
+                    | Code::Unauthenticated
+                    | Code::ResourceExhausted => Verdict::Refused(s.message().to_string()).into(),
+                    _ => anyhow::anyhow!("the coordinator refused this worker: {}", s.message()),
+                }
+            })?
             .into_inner();
         anyhow::Ok((client, a))
     })?;
@@ -362,7 +422,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
                             return;
                         }
                         Some(command::Command::Abort(a)) => {
-                            commands.update(|c| c.abort = Some(a.reason));
+                            commands.update(|c| c.abort = Some((a.reason, a.rejoin)));
                         }
                         Some(command::Command::SetLr(l)) => {
                             commands.update(|c| {
@@ -374,7 +434,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
                     Ok(None) | Err(_) => {
                         commands.update(|c| {
                             if !c.stopped && c.abort.is_none() {
-                                c.abort = Some("the coordinator went away".into());
+                                c.abort = Some(("the coordinator went away".into(), true));
                             }
                         });
                         return;

@@ -1,0 +1,548 @@
+//! `alexnet agent`: the launcher of one host in a multi-host job (what torchrun is per node).
+//!
+//! It checks that the coordinator runs this agent's job, binary version and (within the
+//! allowed skew) clock, then starts this host's workers, forwards their logs with rank
+//! prefixes, restarts a worker that failed (it rejoins the job's next generation, which
+//! resumes from the newest checkpoint) within its restart budget, and stops them all on
+//! SIGTERM or SIGINT. A worker's exit status tells it whether a restart can help
+//! (`worker::EXIT_REFUSED`, `worker::EXIT_JOB_OVER`).
+
+use crate::coordinator::Secret;
+use crate::worker::{WorkerOptions, EXIT_JOB_OVER, EXIT_REFUSED};
+use anyhow::{bail, Context};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The coordinator's URL.
+    pub coordinator: String,
+    /// The job this host was started for; `None` joins whatever job the coordinator runs.
+    pub job_id: Option<String>,
+    /// This host's place among the hosts: its workers take ranks
+    /// `node_rank * workers .. (node_rank + 1) * workers`. `None`: the next free ranks.
+    pub node_rank: Option<u32>,
+    /// Workers on this host.
+    pub workers: usize,
+    /// Compute threads per worker (`None`: the cores divided among the workers).
+    pub threads_per_worker: Option<usize>,
+    /// Restarts of this host's workers allowed in all.
+    pub max_restarts: usize,
+    /// How long a (re)started worker keeps trying to reach the coordinator: how long a
+    /// host may be cut off and still rejoin.
+    pub rejoin_timeout: Duration,
+    /// Largest allowed difference between this host's clock and the coordinator's.
+    pub max_clock_skew: Duration,
+    pub token: Option<Secret>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_domain: Option<String>,
+    /// The binary to start workers from (this one).
+    pub exe: PathBuf,
+    pub json_logs: bool,
+    /// Where each rank's log file goes (`rank<N>.log`, appended across restarts).
+    pub log_dir: Option<PathBuf>,
+    /// Where replica 0's workers write their trained columns.
+    pub out: Option<PathBuf>,
+}
+
+impl AgentOptions {
+    /// The ranks this host's workers ask for (`None` each: the next free rank).
+    pub fn ranks(&self) -> Vec<Option<u32>> {
+        (0..self.workers as u32)
+            .map(|i| self.node_rank.map(|n| n * self.workers as u32 + i))
+            .collect()
+    }
+}
+
+/// Copies a child's output lines to this process's stderr with a rank prefix, and to its log
+/// file; remembers its last error line.
+pub fn forward_lines(
+    label: String,
+    from: impl std::io::Read + Send + 'static,
+    log: Option<Arc<Mutex<std::fs::File>>>,
+    last_error: Arc<Mutex<Option<String>>>,
+) {
+    // In JSON lines a known rank is a number, a worker still waiting for one a string.
+    let json_label = match label.parse::<u32>() {
+        Ok(n) => n.to_string(),
+        Err(_) => format!("\"{label}\""),
+    };
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(from).lines() {
+            let Ok(line) = line else { return };
+            if line.contains(" ERROR ") || line.contains("\"level\":\"ERROR\"") {
+                *last_error.lock().unwrap() = Some(line.clone());
+            }
+            if let Some(log) = &log {
+                let _ = writeln!(log.lock().unwrap(), "{line}");
+            }
+            match line.strip_prefix('{') {
+                // A JSON line stays one JSON object, with the rank as its first field.
+                Some(rest) => eprintln!("{{\"rank\":{json_label},{rest}"),
+                None => eprintln!("[rank {label}] {line}"),
+            }
+        }
+    });
+}
+
+/// What the agent found out about the coordinator before starting anything.
+#[derive(Debug)]
+pub struct Peer {
+    pub job_id: String,
+    pub version: String,
+    pub world_size: u32,
+    /// Coordinator clock minus this host's, corrected for half the round trip.
+    pub clock_offset_ms: i64,
+    /// Ranks held by live workers: rank, host, pid, state.
+    pub held: Vec<(u32, String, u32, String)>,
+}
+
+/// Checks the coordinator's answer against this agent: same job, same binary version, clocks
+/// within the allowed skew, and the ranks this host claims exist and are free.
+pub fn check_peer(opts: &AgentOptions, peer: &Peer) -> anyhow::Result<()> {
+    if let Some(job) = &opts.job_id {
+        if *job != peer.job_id {
+            bail!(
+                "the coordinator at {} runs job `{}`, this agent was started for job `{job}`: point it at its own job's coordinator",
+                opts.coordinator,
+                peer.job_id
+            );
+        }
+    }
+    if peer.version != crate::proto::VERSION {
+        bail!(
+            "the coordinator runs alexnet {}, this host {}: install the same binary on every host",
+            peer.version,
+            crate::proto::VERSION
+        );
+    }
+    let skew = Duration::from_millis(peer.clock_offset_ms.unsigned_abs());
+    if skew > opts.max_clock_skew {
+        bail!(
+            "this host's clock is {:.1} s {} the coordinator's (at most {:?} allowed): synchronise the clocks (NTP, chrony)",
+            skew.as_secs_f64(),
+            if peer.clock_offset_ms > 0 { "behind" } else { "ahead of" },
+            opts.max_clock_skew
+        );
+    }
+    for rank in opts.ranks().into_iter().flatten() {
+        if rank >= peer.world_size {
+            bail!(
+                "--node-rank {} with {} workers claims rank {rank}, but job `{}` has {} ranks: check --node-rank and --workers",
+                opts.node_rank.unwrap_or(0),
+                opts.workers,
+                peer.job_id,
+                peer.world_size
+            );
+        }
+        if let Some((_, host, pid, state)) = peer.held.iter().find(|h| h.0 == rank) {
+            bail!(
+                "rank {rank} is already held by a worker on {host} (pid {pid}, {state}): is another agent running with the same --node-rank?"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Asks the coordinator for its job, version, clock and members.
+async fn ask_coordinator(opts: &AgentOptions) -> anyhow::Result<Peer> {
+    let wopts = WorkerOptions {
+        coordinator: opts.coordinator.clone(),
+        job_id: None,
+        config_hash: None,
+        generation: None,
+        rank: None,
+        device: "cpu".into(),
+        threads: None,
+        connect_timeout: opts.rejoin_timeout,
+        out: None,
+        token: opts.token.clone(),
+        tls_ca: opts
+            .tls_ca
+            .as_ref()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading --tls-ca {}", p.display())))
+            .transpose()?,
+        tls_domain: opts.tls_domain.clone(),
+    };
+    let mut client = crate::worker::client(&wopts).await?;
+    let sent = crate::coordinator::unix_time_ms();
+    let s = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.status(crate::proto::StatusRequest {}),
+    )
+    .await
+    .context("the coordinator did not answer a status request within 30 s")?
+    .map_err(|s| anyhow::anyhow!("the coordinator refused this agent: {}", s.message()))?
+    .into_inner();
+    let received = crate::coordinator::unix_time_ms();
+    let live = ["joined", "running"];
+    Ok(Peer {
+        job_id: s.job_id,
+        version: s.version,
+        world_size: s.world_size,
+        clock_offset_ms: s.unix_time_ms - (sent + received) / 2,
+        held: s
+            .workers
+            .into_iter()
+            .filter(|w| live.contains(&w.state.as_str()) && s.state != "failed")
+            .map(|w| (w.rank, w.host, w.pid, w.state))
+            .collect(),
+    })
+}
+
+struct WorkerProcess {
+    /// "0", "1", ... or "#0" for a worker whose rank the coordinator picks.
+    label: String,
+    rank: Option<u32>,
+    child: Option<Child>,
+    last_error: Arc<Mutex<Option<String>>>,
+    done: bool,
+    /// When to start it again after a failure.
+    restart_at: Option<Instant>,
+}
+
+/// Sends SIGTERM to a child (std only has SIGKILL).
+fn terminate(child: &Child) {
+    // SAFETY: kill(2) with a pid this process started and has not yet reaped.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+fn spawn(opts: &AgentOptions, w: &WorkerProcess, threads: usize) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(&opts.exe);
+    if opts.json_logs {
+        cmd.args(["--log-format", "json"]);
+    }
+    cmd.args([
+        "worker",
+        "--coordinator",
+        &opts.coordinator,
+        "--device",
+        "cpu",
+    ])
+    .args(["--threads", &threads.to_string()])
+    .args([
+        "--connect-timeout",
+        &opts.rejoin_timeout.as_secs_f64().to_string(),
+    ]);
+    if let Some(r) = w.rank {
+        cmd.args(["--rank", &r.to_string()]);
+    }
+    if let Some(j) = &opts.job_id {
+        cmd.args(["--job-id", j]);
+    }
+    if let Some(out) = &opts.out {
+        cmd.arg("--out").arg(out);
+    }
+    if let Some(ca) = &opts.tls_ca {
+        cmd.arg("--tls-ca").arg(ca);
+    }
+    if let Some(d) = &opts.tls_domain {
+        cmd.args(["--tls-domain", d]);
+    }
+    // The token goes through the environment, not the command line (which `ps` shows).
+    cmd.env_remove("ALEXNET_TOKEN_FILE");
+    match &opts.token {
+        Some(t) => cmd.env("ALEXNET_TOKEN", &t.0),
+        None => cmd.env_remove("ALEXNET_TOKEN"),
+    };
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; it makes the worker end with this agent even
+        // when the agent is killed without a chance to stop it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting a worker from {}", opts.exe.display()))?;
+    let log = match &opts.log_dir {
+        Some(dir) => {
+            let name = match w.rank {
+                Some(r) => format!("rank{r}.log"),
+                None => format!("worker{}.log", w.label.trim_start_matches('#')),
+            };
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(&name))
+                .with_context(|| format!("opening the log file {}", dir.join(name).display()))?;
+            Some(Arc::new(Mutex::new(f)))
+        }
+        None => None,
+    };
+    forward_lines(
+        w.label.clone(),
+        child.stderr.take().unwrap(),
+        log.clone(),
+        w.last_error.clone(),
+    );
+    forward_lines(
+        w.label.clone(),
+        child.stdout.take().unwrap(),
+        log,
+        w.last_error.clone(),
+    );
+    Ok(child)
+}
+
+/// Runs this host's part of the job until its workers finish (Ok), the job fails for good,
+/// or a signal stops the agent.
+pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(opts.workers > 0, "--workers must be at least 1");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    tracing::info!(coordinator = %opts.coordinator, "asking the coordinator about its job");
+    let peer = rt.block_on(ask_coordinator(&opts))?;
+    check_peer(&opts, &peer)?;
+    tracing::info!(
+        job = %peer.job_id,
+        version = %peer.version,
+        world = peer.world_size,
+        clock_offset_ms = peer.clock_offset_ms,
+        "the coordinator runs this job"
+    );
+    if let Some(dir) = &opts.log_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the log folder {}", dir.display()))?;
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = opts
+        .threads_per_worker
+        .unwrap_or((cores / opts.workers).max(1));
+    let mut workers: Vec<WorkerProcess> = opts
+        .ranks()
+        .into_iter()
+        .enumerate()
+        .map(|(i, rank)| WorkerProcess {
+            label: rank.map(|r| r.to_string()).unwrap_or(format!("#{i}")),
+            rank,
+            child: None,
+            last_error: Arc::new(Mutex::new(None)),
+            done: false,
+            restart_at: Some(Instant::now()),
+        })
+        .collect();
+    tracing::info!(
+        workers = opts.workers,
+        ranks = ?opts.ranks(),
+        threads_per_worker = threads,
+        "starting this host's CPU workers"
+    );
+    let mut restarts = 0;
+    let outcome: anyhow::Result<()> = 'watch: loop {
+        if stop.load(Ordering::SeqCst) {
+            tracing::warn!("stopping on a signal: terminating this host's workers");
+            break Ok(());
+        }
+        for w in workers.iter_mut() {
+            if let Some(at) = w.restart_at {
+                if Instant::now() >= at {
+                    w.restart_at = None;
+                    w.child = Some(spawn(&opts, w, threads)?);
+                }
+            }
+        }
+        for w in workers.iter_mut() {
+            let Some(child) = w.child.as_mut() else {
+                continue;
+            };
+            let Some(status) = child.try_wait()? else {
+                continue;
+            };
+            w.child = None;
+            // Let the output threads catch the last lines.
+            std::thread::sleep(Duration::from_millis(100));
+            let last = w.last_error.lock().unwrap().take();
+            let why = |status: ExitStatus| {
+                format!(
+                    "the worker of rank {} exited with {status}{}",
+                    w.label,
+                    last.as_ref().map(|l| format!(": {l}")).unwrap_or_default()
+                )
+            };
+            match status.code() {
+                Some(0) => {
+                    w.done = true;
+                    tracing::info!(rank = %w.label, "worker finished");
+                }
+                Some(c) if c == EXIT_REFUSED as i32 => {
+                    break 'watch Err(anyhow::anyhow!(
+                        "{} (refused for good: not restarted)",
+                        why(status)
+                    ))
+                }
+                Some(c) if c == EXIT_JOB_OVER as i32 => {
+                    break 'watch Err(anyhow::anyhow!("the job is over: {}", why(status)))
+                }
+                _ if restarts < opts.max_restarts => {
+                    restarts += 1;
+                    tracing::warn!(
+                        rank = %w.label,
+                        restart = restarts,
+                        of = opts.max_restarts,
+                        "{}; restarting it to rejoin the job",
+                        why(status)
+                    );
+                    w.restart_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+                _ => {
+                    break 'watch Err(anyhow::anyhow!(
+                        "{}; no restarts left (--max-restarts {})",
+                        why(status),
+                        opts.max_restarts
+                    ))
+                }
+            }
+        }
+        if workers.iter().all(|w| w.done) {
+            tracing::info!(restarts, "every worker of this host finished");
+            break Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    stop_all(&mut workers);
+    outcome
+}
+
+/// SIGTERM to every running worker, SIGKILL to those still running 10 s later.
+fn stop_all(workers: &mut [WorkerProcess]) {
+    let running: Vec<&mut Child> = workers
+        .iter_mut()
+        .filter_map(|w| w.child.as_mut())
+        .collect();
+    if running.is_empty() {
+        return;
+    }
+    for c in &running {
+        terminate(c);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for c in running {
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() > deadline => {
+                    tracing::warn!(
+                        pid = c.id(),
+                        "a worker ignored SIGTERM for 10 s: killing it"
+                    );
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(node_rank: Option<u32>, workers: usize) -> AgentOptions {
+        AgentOptions {
+            coordinator: "http://10.0.0.1:50051".into(),
+            job_id: Some("alpha".into()),
+            node_rank,
+            workers,
+            threads_per_worker: None,
+            max_restarts: 3,
+            rejoin_timeout: Duration::from_secs(60),
+            max_clock_skew: Duration::from_secs(30),
+            token: None,
+            tls_ca: None,
+            tls_domain: None,
+            exe: "alexnet".into(),
+            json_logs: false,
+            log_dir: None,
+            out: None,
+        }
+    }
+
+    fn peer() -> Peer {
+        Peer {
+            job_id: "alpha".into(),
+            version: crate::proto::VERSION.into(),
+            world_size: 4,
+            clock_offset_ms: 120,
+            held: vec![(0, "host-a".into(), 4242, "joined".into())],
+        }
+    }
+
+    #[test]
+    fn hosts_take_consecutive_ranks() {
+        assert_eq!(opts(Some(1), 2).ranks(), vec![Some(2), Some(3)]);
+        assert_eq!(opts(None, 2).ranks(), vec![None, None]);
+        check_peer(&opts(Some(1), 2), &peer()).unwrap();
+    }
+
+    #[test]
+    fn another_job_version_clock_or_a_taken_rank_is_a_clear_error() {
+        let err = |o: &AgentOptions, p: &Peer| check_peer(o, p).unwrap_err().to_string();
+        let mut p = peer();
+        p.job_id = "beta".into();
+        let e = err(&opts(Some(1), 2), &p);
+        assert!(
+            e.contains("runs job `beta`") && e.contains("for job `alpha`"),
+            "{e}"
+        );
+        let mut p = peer();
+        p.version = "0.0.1-elsewhere".into();
+        let e = err(&opts(Some(1), 2), &p);
+        assert!(
+            e.contains("alexnet 0.0.1-elsewhere") && e.contains("same binary"),
+            "{e}"
+        );
+        let mut p = peer();
+        p.clock_offset_ms = -95_000;
+        let e = err(&opts(Some(1), 2), &p);
+        assert!(e.contains("95.0 s ahead of") && e.contains("NTP"), "{e}");
+        let e = err(&opts(Some(0), 2), &peer());
+        assert!(
+            e.contains("rank 0 is already held by a worker on host-a (pid 4242"),
+            "{e}"
+        );
+        let e = err(&opts(Some(2), 2), &peer());
+        assert!(
+            e.contains("claims rank 4") && e.contains("has 4 ranks"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! A job whose generations follow one another behind one address: what `alexnet coordinator`
+//! serves to agents on other hosts. When a generation fails (a worker died, a host dropped off
+//! the network), the next one starts at once from the newest complete checkpoint and waits for
+//! the workers to rejoin, until the job finishes or no restarts are left.
+//!
+//! Workers never talk to an old generation by mistake: a worker that registers while the
+//! failed generation is being replaced waits for its successor, and every session names its
+//! generation.
+
+use super::{Coordinator, CoordinatorConfig, Phase};
+use crate::proto::coordinator_server::Coordinator as CoordinatorRpc;
+use crate::proto::{Assignment, JobStatus, RegisterRequest, StatusRequest, WorkerEvent};
+use std::time::Duration;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Serves the current generation's coordinator and starts the next one after a failure.
+#[derive(Clone)]
+pub struct Supervisor {
+    current: watch::Sender<Coordinator>,
+    /// Set once the job is over for good (finished, or failed with no restarts left).
+    over: watch::Sender<Option<Phase>>,
+}
+
+impl Supervisor {
+    pub fn new(cfg: CoordinatorConfig) -> anyhow::Result<Self> {
+        Ok(Supervisor {
+            current: watch::channel(Coordinator::new(cfg)?).0,
+            over: watch::channel(None).0,
+        })
+    }
+
+    /// The generation being served now.
+    pub fn current(&self) -> Coordinator {
+        self.current.borrow().clone()
+    }
+
+    /// Serves the job on `listener` until it finishes or fails with no restarts left;
+    /// returns how it ended, with the last generation's coordinator.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+    ) -> anyhow::Result<(Phase, Coordinator)> {
+        let cfg = self.current().cfg.clone();
+        let server = tokio::spawn(super::serve_rpc(self.clone(), &cfg, listener)?);
+        let end = loop {
+            let c = self.current();
+            tokio::spawn(c.clone().watchdog());
+            let end = c.phase().wait_for(|p| p.is_over()).await?.clone();
+            let Phase::Failed { rank, error } = &end else {
+                break end;
+            };
+            if c.cfg.restarts_left == 0 {
+                tracing::error!("no restarts left (--max-restarts): the job has failed");
+                break end;
+            }
+            let next = Coordinator::next_generation(&c.cfg)?;
+            tracing::warn!(
+                failed_rank = ?rank,
+                generation = next.generation,
+                from_step = next.resume.as_ref().map(|r| r.1.step).unwrap_or(0),
+                restarts_left = next.restarts_left,
+                "generation {} failed ({error}); waiting for the workers to rejoin generation {} \
+                 from the newest complete checkpoint",
+                c.cfg.generation,
+                next.generation
+            );
+            self.current.send_replace(Coordinator::new(next)?);
+        };
+        self.over.send_replace(Some(end.clone()));
+        // Let the last commands (stop, abort) and status calls go out before closing.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.abort();
+        Ok((end, self.current()))
+    }
+
+    /// The generation a registering worker joins: the current one, or, while a failed one is
+    /// being replaced, its successor.
+    async fn joinable(&self) -> Result<Coordinator, Status> {
+        let mut current = self.current.subscribe();
+        let deadline = Duration::from_secs(10);
+        loop {
+            let c = current.borrow_and_update().clone();
+            if !c.phase.borrow().is_over() {
+                return Ok(c);
+            }
+            if let Some(end) = self.over.borrow().clone() {
+                return Err(Status::failed_precondition(match end {
+                    Phase::Finished => format!("job `{}` has finished", c.cfg.job_id),
+                    Phase::Failed { error, .. } => format!(
+                        "job `{}` has failed with no restarts left: {error}",
+                        c.cfg.job_id
+                    ),
+                    _ => format!("job `{}` is over", c.cfg.job_id),
+                }));
+            }
+            match tokio::time::timeout(deadline, current.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Status::unavailable("the coordinator is stopping")),
+                // A finished generation whose job is not marked over yet: look again.
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl CoordinatorRpc for Supervisor {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<Assignment>, Status> {
+        let c = self.joinable().await?;
+        CoordinatorRpc::register(&c, request).await
+    }
+
+    type SessionStream = <Coordinator as CoordinatorRpc>::SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<WorkerEvent>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        CoordinatorRpc::session(&self.current(), request).await
+    }
+
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<JobStatus>, Status> {
+        CoordinatorRpc::status(&self.current(), request).await
+    }
+}
