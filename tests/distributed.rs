@@ -629,3 +629,125 @@ fn a_job_runs_over_tls_and_a_certificate_from_elsewhere_is_refused() {
         "{out}"
     );
 }
+
+fn agent(url: &str, extra: &[&str]) -> Proc {
+    Proc::start(
+        exe()
+            .env("ALEXNET_TOKEN", TOKEN)
+            .args(["agent", "--coordinator", url, "--threads", "1"])
+            .args(["--rejoin-timeout", "5"])
+            .args(extra),
+    )
+}
+
+#[test]
+fn an_agent_of_another_job_or_a_rank_taken_twice_is_a_clear_error() {
+    let (mut c, url) = coordinator("gamma", &["--max-restarts", "0"]);
+    let (ok, out, _) =
+        agent(&url, &["--job-id", "delta", "--node-rank", "0"]).finish(Duration::from_secs(30));
+    assert!(!ok);
+    assert!(
+        out.contains("runs job `gamma`") && out.contains("started for job `delta`"),
+        "{out}"
+    );
+    // An agent claiming ranks the job does not have.
+    let (ok, out, _) = agent(&url, &["--node-rank", "5"]).finish(Duration::from_secs(30));
+    assert!(!ok);
+    assert!(
+        out.contains("claims rank 5") && out.contains("has 2 ranks"),
+        "{out}"
+    );
+    // The first agent's worker holds rank 0 (waiting for rank 1); a second agent with the same
+    // node rank is refused before it starts anything.
+    let mut first = agent(&url, &["--job-id", "gamma", "--node-rank", "0"]);
+    c.wait_line(Duration::from_secs(30), |l| {
+        l.contains("worker joined") && l.contains("rank=0 ")
+    });
+    let (ok, out, _) =
+        agent(&url, &["--job-id", "gamma", "--node-rank", "0"]).finish(Duration::from_secs(30));
+    assert!(!ok);
+    assert!(
+        out.contains("rank 0 is already held by a worker on") && out.contains("same --node-rank"),
+        "{out}"
+    );
+    // SIGTERM stops the first agent and its worker.
+    let worker_pid: u32 = {
+        let status = exe()
+            .env("ALEXNET_TOKEN", TOKEN)
+            .args(["status", "--json", "--coordinator", &url])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        v["workers"][0]["pid"].as_u64().unwrap() as u32
+    };
+    assert!(Path::new(&format!("/proc/{worker_pid}")).exists());
+    signal(first.child.id(), "-TERM");
+    first.wait_line(Duration::from_secs(15), |l| {
+        l.contains("stopping on a signal")
+    });
+    let (_, out, waited) = first.finish(Duration::from_secs(20));
+    assert!(waited < Duration::from_secs(12), "took {waited:?}:\n{out}");
+    let gone = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::read_to_string(format!("/proc/{worker_pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    });
+    assert!(gone, "the worker (pid {worker_pid}) outlived its agent");
+    let _ = c.child.kill();
+}
+
+/// Registers by hand (as a worker of another host would), with `version` and a clock `skew`.
+fn register_raw(url: &str, version: &str, skew_ms: i64) -> tonic::Status {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let opts = alexnet::worker::WorkerOptions {
+            coordinator: url.into(),
+            job_id: None,
+            config_hash: None,
+            generation: None,
+            rank: None,
+            device: "cpu".into(),
+            threads: None,
+            connect_timeout: Duration::from_secs(5),
+            out: None,
+            token: Some(alexnet::coordinator::Secret(TOKEN.into())),
+            tls_ca: None,
+            tls_domain: None,
+        };
+        let mut client = alexnet::worker::client(&opts).await.unwrap();
+        client
+            .register(alexnet::proto::RegisterRequest {
+                host: "elsewhere".into(),
+                device: "cpu".into(),
+                data_addr: "127.0.0.1:9".into(),
+                version: version.into(),
+                pid: 1,
+                unix_time_ms: alexnet::coordinator::unix_time_ms() + skew_ms,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err()
+    })
+}
+
+#[test]
+fn a_host_whose_clock_or_binary_differs_is_refused() {
+    let (c, url) = coordinator("epsilon", &["--max-clock-skew", "30"]);
+    let s = register_raw(&url, alexnet::proto::VERSION, -90_000);
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        s.message().contains("clock of host `elsewhere` is 90.")
+            && s.message().contains("synchronise"),
+        "{}",
+        s.message()
+    );
+    let s = register_raw(&url, "0.0.1-elsewhere", 0);
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        s.message().contains("alexnet 0.0.1-elsewhere") && s.message().contains("same binary"),
+        "{}",
+        s.message()
+    );
+    let mut c = c;
+    let _ = c.child.kill();
+}
