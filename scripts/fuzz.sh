@@ -24,7 +24,7 @@
 #   cargo +nightly fuzz run --debug-assertions TARGET fuzz/artifacts/TARGET/crash-...
 # Exits 1 if any target crashed, 2 if the tools are missing or the build fails.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 SECS=${1:-60}
 TOOLCHAIN=${FUZZ_TOOLCHAIN:-nightly}

@@ -379,15 +379,15 @@ struct JobArgs {
     /// (the paper's recipe: its network, batch 128, 90 epochs, lr 0.01 divided by 10 on
     /// plateaus), or a TOML file (see jobs/paper.toml; unknown fields are refused). Default:
     /// `demo` for IDX data, `paper` for prepared data.
-    #[arg(long)]
+    #[arg(long, env = "ALEXNET_CONFIG")]
     config: Option<String>,
     /// The training data: a prepared dataset (`alexnet prepare`, has dataset.json), or a folder
     /// of IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-*), which
     /// also holds the validation set. [default: data/sample/fashion-mnist]
-    #[arg(long)]
+    #[arg(long, env = "ALEXNET_DATA")]
     data: Option<PathBuf>,
     /// The prepared validation set, for prepared training data (validated on centre crops).
-    #[arg(long)]
+    #[arg(long, env = "ALEXNET_VAL")]
     val: Option<PathBuf>,
     /// The network: `demo` (narrow, for 28x28 grey images upscaled to 64), `paper`, or a TOML
     /// file (overrides the job's).
@@ -555,9 +555,24 @@ fn main() -> std::process::ExitCode {
 /// where it exists here.
 fn dry_run(command: &Command) -> anyhow::Result<()> {
     let url = |u: &str| {
+        anyhow::ensure!(
+            u.starts_with("http://") || u.starts_with("https://"),
+            "coordinator URL `{u}` has no scheme: write http://{u} (https:// with TLS)"
+        );
         tonic::transport::Endpoint::from_shared(u.to_string())
             .map(|_| ())
             .with_context(|| format!("coordinator URL `{u}` (expected http://host:port)"))
+    };
+    // The job the flags make, where its file is here: replicas against the batch, widths.
+    let job = |j: &JobArgs, l: &LayoutArgs| -> anyhow::Result<()> {
+        let here = j
+            .config
+            .as_deref()
+            .is_none_or(|c| matches!(c, "paper" | "demo") || Path::new(c).exists());
+        if here {
+            job_from_args(j, Some(l))?;
+        }
+        Ok(())
     };
     let job_file = |j: &JobArgs| -> anyhow::Result<()> {
         match j.config.as_deref() {
@@ -579,10 +594,12 @@ fn dry_run(command: &Command) -> anyhow::Result<()> {
         }
         Command::Launch(a) => {
             job_file(&a.job)?;
+            job(&a.job, &a.layout)?;
             ("launch", Some(&a.layout))
         }
         Command::Coordinator(a) => {
             job_file(&a.job)?;
+            job(&a.job, &a.layout)?;
             check_listen(&a.listen).with_context(|| format!("--listen {}", a.listen))?;
             ("coordinator", Some(&a.layout))
         }
@@ -593,6 +610,7 @@ fn dry_run(command: &Command) -> anyhow::Result<()> {
         }
         Command::Agent(a) => {
             url(&a.coordinator)?;
+            anyhow::ensure!(a.workers != Some(0), "--workers must be at least 1");
             seconds(a.rejoin_timeout, "--rejoin-timeout")?;
             seconds(a.max_clock_skew, "--max-clock-skew")?;
             ("agent", None)

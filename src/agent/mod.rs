@@ -8,7 +8,7 @@
 //! (`worker::EXIT_REFUSED`, `worker::EXIT_JOB_OVER`).
 
 use crate::coordinator::Secret;
-use crate::worker::{WorkerOptions, EXIT_JOB_OVER, EXIT_REFUSED};
+use crate::worker::{Verdict, WorkerOptions, EXIT_JOB_OVER, EXIT_REFUSED};
 use anyhow::{bail, Context};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -327,7 +327,8 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     tracing::info!(coordinator = %opts.coordinator, "asking the coordinator about its job");
     let peer = rt.block_on(ask_coordinator(&opts))?;
-    check_peer(&opts, &peer)?;
+    // A mismatch will not go away by itself: the agent's exit status says so (as a worker's).
+    check_peer(&opts, &peer).map_err(|e| Verdict::Refused(format!("{e:#}")))?;
     tracing::info!(
         job = %peer.job_id,
         version = %peer.version,
@@ -368,7 +369,7 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let outcome: anyhow::Result<()> = 'watch: loop {
         if stop.load(Ordering::SeqCst) {
             tracing::warn!("stopping on a signal: terminating this host's workers");
-            break Ok(());
+            break Err(Verdict::Stopped("this agent was stopped by a signal".into()).into());
         }
         for w in workers.iter_mut() {
             if let Some(at) = w.restart_at {
@@ -402,13 +403,12 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     tracing::info!(rank = %w.label, "worker finished");
                 }
                 Some(c) if c == EXIT_REFUSED as i32 => {
-                    break 'watch Err(anyhow::anyhow!(
-                        "{} (refused for good: not restarted)",
-                        why(status)
-                    ))
+                    break 'watch Err(
+                        Verdict::Refused(format!("{} (not restarted)", why(status))).into()
+                    )
                 }
                 Some(c) if c == EXIT_JOB_OVER as i32 => {
-                    break 'watch Err(anyhow::anyhow!("the job is over: {}", why(status)))
+                    break 'watch Err(Verdict::JobOver(why(status)).into())
                 }
                 _ if restarts < opts.max_restarts => {
                     restarts += 1;

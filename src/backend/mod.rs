@@ -8,6 +8,8 @@
 //! inspecting tensors.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod rng;
 
 pub use cpu::Cpu;

@@ -56,8 +56,9 @@ pub fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-/// Why a worker ended without finishing, when restarting it cannot help: its launcher (an
-/// agent) reads this from the exit status and stops instead of restarting it.
+/// Why a worker or an agent ended without finishing, when restarting it cannot help (or, for a
+/// stopped agent, when it must not count as done): its launcher (an agent, systemd, a
+/// scheduler) reads this from the exit status.
 #[derive(Debug)]
 pub enum Verdict {
     /// The coordinator refused this worker for good (another job, version, clock, a rank
@@ -66,18 +67,25 @@ pub enum Verdict {
     /// The coordinator ended the job with no generation to follow: exit status
     /// `EXIT_JOB_OVER`.
     JobOver(String),
+    /// An agent stopped by SIGTERM or SIGINT before its job finished: exit status
+    /// `EXIT_STOPPED` (128 + SIGTERM, as a shell reports it), so that a scheduler replaces an
+    /// evicted host instead of counting it as done.
+    Stopped(String),
 }
 
 /// Exit status of a worker the coordinator refused for good.
 pub const EXIT_REFUSED: u8 = 3;
 /// Exit status of a worker whose job the coordinator ended (no restarts left).
 pub const EXIT_JOB_OVER: u8 = 4;
+/// Exit status of an agent stopped by a signal before its job finished.
+pub const EXIT_STOPPED: u8 = 143;
 
 impl Verdict {
     pub fn exit_code(&self) -> u8 {
         match self {
             Verdict::Refused(_) => EXIT_REFUSED,
             Verdict::JobOver(_) => EXIT_JOB_OVER,
+            Verdict::Stopped(_) => EXIT_STOPPED,
         }
     }
 }
@@ -87,6 +95,7 @@ impl std::fmt::Display for Verdict {
         match self {
             Verdict::Refused(why) => write!(f, "the coordinator refused this worker: {why}"),
             Verdict::JobOver(why) => write!(f, "the coordinator ended the job: {why}"),
+            Verdict::Stopped(why) => write!(f, "stopped before the job finished: {why}"),
         }
     }
 }
@@ -254,6 +263,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// `opts.connect_timeout`.
 pub async fn connect(opts: &WorkerOptions) -> anyhow::Result<Channel> {
     let url = &opts.coordinator;
+    anyhow::ensure!(
+        url.starts_with("http://") || url.starts_with("https://"),
+        "coordinator URL `{url}` has no scheme: write http://{url} (https:// with TLS)"
+    );
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
         .with_context(|| {
             format!("coordinator URL `{url}` (expected http://host:port or https://host:port)")

@@ -1,0 +1,57 @@
+// Elementwise ops and copies: ReLU, the SGD step, bias broadcasts, and the row copies of the
+// column exchange (all-gather concat, reduce-scatter slice). Grid-stride loops: any launch
+// size covers any length.
+
+#define GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
+         i += (long long)blockDim.x * gridDim.x)
+
+extern "C" __global__ void relu_forward(float* x, long long n) {
+    GRID_STRIDE(i, n) { x[i] = fmaxf(x[i], 0.0f); }
+}
+
+// dy *= (y > 0), y being the ReLU's output.
+extern "C" __global__ void relu_backward(const float* y, float* dy, long long n) {
+    GRID_STRIDE(i, n) {
+        if (y[i] <= 0.0f) dy[i] = 0.0f;
+    }
+}
+
+// The paper's update: v <- m v - wd lr w - lr g ; w <- w + v (same operation order as the CPU).
+extern "C" __global__ void sgd_update(float* w, float* v, const float* g, float lr, float momentum,
+                                      float decay, long long n) {
+    GRID_STRIDE(i, n) {
+        float vi = momentum * v[i] - decay * w[i] - lr * g[i];
+        v[i] = vi;
+        w[i] += vi;
+    }
+}
+
+// y[r, o] = b[o] for `rows` rows of `out` values (the GEMM then adds x w^T).
+extern "C" __global__ void broadcast_rows(float* y, const float* b, long long rows, int out) {
+    GRID_STRIDE(i, rows * out) { y[i] = b[i % out]; }
+}
+
+// y[n, c, p] = b[c] over `batch` images of `channels` planes of `plane` values.
+extern "C" __global__ void broadcast_channels(float* y, const float* b, long long batch,
+                                              int channels, int plane) {
+    GRID_STRIDE(i, batch * channels * plane) { y[i] = b[(i / plane) % channels]; }
+}
+
+// out[r, offset .. offset + width] = part[r, 0 .. width] for every row (one part of a concat).
+extern "C" __global__ void copy_into_rows(float* out, const float* part, long long rows, int total,
+                                          int offset, int width) {
+    GRID_STRIDE(i, rows * width) {
+        long long r = i / width;
+        out[r * total + offset + (i % width)] = part[i];
+    }
+}
+
+// dst[r, :] (=|+=) src[r, offset .. offset + width].
+extern "C" __global__ void slice_rows(float* dst, const float* src, long long rows, int total,
+                                      int offset, int width, int accumulate) {
+    GRID_STRIDE(i, rows * width) {
+        float v = src[(i / width) * total + offset + (i % width)];
+        dst[i] = accumulate ? dst[i] + v : v;
+    }
+}

@@ -1,0 +1,831 @@
+//! The CUDA backend: our kernels (`kernels/*.cu`, compiled by NVRTC at start for the GPU in
+//! use) for LRN, pooling, ReLU, dropout, softmax cross-entropy, bias gradients, SGD and the
+//! column exchange's copies; cuBLAS for the fully connected layers and for convolution as
+//! unfolding (im2col) plus matrix products.
+//!
+//! Everything runs on one stream, in order, so a buffer is never read before it is written.
+//! The driver, NVRTC and cuBLAS are loaded at run time: a machine without them gets an error
+//! that says what is missing, never a crash. cuBLAS runs in strict f32 unless TF32 is asked
+//! for (`ALEXNET_TF32=1`), so results match the CPU backend to 1e-4.
+
+pub mod kernels;
+
+use super::{Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams};
+use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Why the CUDA backend cannot start here, or `None` when a driver and a device are present.
+pub fn unavailable() -> Option<String> {
+    // SAFETY: only tries to open the library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Some(
+            "no NVIDIA driver on this machine (libcuda.so.1 cannot be loaded)".to_string(),
+        );
+    }
+    match CudaContext::device_count() {
+        Ok(0) => Some("the NVIDIA driver sees no GPU".to_string()),
+        Ok(_) => None,
+        Err(e) => Some(format!("the NVIDIA driver does not answer: {e:?}")),
+    }
+}
+
+/// The GPU an allocation failed on, for messages.
+#[derive(Clone, Debug)]
+struct DeviceInfo {
+    name: String,
+    ordinal: usize,
+}
+
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    functions: HashMap<&'static str, CudaFunction>,
+    device: DeviceInfo,
+    tf32: bool,
+    /// Unfolded images for convolution, grown on demand and kept between steps.
+    columns: Mutex<Option<CudaSlice<f32>>>,
+    /// Per-row losses of the softmax (f64, as on the CPU).
+    row_loss: Mutex<Option<CudaSlice<f64>>>,
+}
+
+/// Threads per block of the elementwise kernels.
+const THREADS: u32 = 256;
+/// Most floats the convolution's unfolding buffer may hold (1 GiB).
+const MAX_COLUMNS: usize = 1 << 28;
+
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 20) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block of `THREADS` per item (softmax rows, bias channels).
+fn per_item(items: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (items.max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Panics with what failed: the Backend trait's ops cannot fail on the CPU, and on a GPU a
+/// failed launch means a bug or a lost device, which ends the worker with this message.
+fn check<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
+    r.unwrap_or_else(|e| panic!("CUDA: {what} failed: {e:?}"))
+}
+
+impl Cuda {
+    /// Starts the backend on GPU `ordinal`: a context, a stream, cuBLAS, and every kernel
+    /// compiled for this GPU's architecture.
+    pub fn new(ordinal: usize) -> anyhow::Result<Self> {
+        if let Some(why) = unavailable() {
+            anyhow::bail!("the CUDA backend cannot start: {why}; use --backend cpu");
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| anyhow::anyhow!("opening GPU {ordinal}: {e:?}"))?;
+        let name = ctx.name().unwrap_or_else(|_| "an NVIDIA GPU".into());
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| anyhow::anyhow!("reading GPU {ordinal}'s compute capability: {e:?}"))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| anyhow::anyhow!("creating a stream on GPU {ordinal}: {e:?}"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| {
+            anyhow::anyhow!("starting cuBLAS (libcublas.so.13 on LD_LIBRARY_PATH?): {e:?}")
+        })?;
+        let tf32 = std::env::var("ALEXNET_TF32").is_ok_and(|v| v == "1");
+        // SAFETY: sets the math mode of the handle this struct owns.
+        unsafe {
+            use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode};
+            let mode = if tf32 {
+                cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+            } else {
+                cublasMath_t::CUBLAS_PEDANTIC_MATH
+            };
+            cublasSetMathMode(*blas.handle(), mode)
+                .result()
+                .map_err(|e| anyhow::anyhow!("setting cuBLAS's math mode: {e:?}"))?;
+        }
+        // NVRTC wants a 'static architecture name; one per process and GPU kind.
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let mut functions = HashMap::new();
+        for (file, source, names) in kernels::SOURCES {
+            let ptx = kernels::compile(file, source, Some(arch))?;
+            let module = ctx
+                .load_module(ptx)
+                .map_err(|e| anyhow::anyhow!("loading {file} on GPU {ordinal}: {e:?}"))?;
+            for &f in names.iter() {
+                let func = module
+                    .load_function(f)
+                    .map_err(|e| anyhow::anyhow!("{file} has no kernel `{f}`: {e:?}"))?;
+                functions.insert(f, func);
+            }
+        }
+        tracing::info!(gpu = %name, ordinal, arch, tf32, kernels = functions.len(), "CUDA backend ready");
+        Ok(Cuda {
+            ctx,
+            stream,
+            blas,
+            functions,
+            device: DeviceInfo { name, ordinal },
+            tf32,
+            columns: Mutex::new(None),
+            row_loss: Mutex::new(None),
+        })
+    }
+
+    fn f(&self, name: &str) -> &CudaFunction {
+        self.functions
+            .get(name)
+            .unwrap_or_else(|| panic!("kernel `{name}` was not loaded"))
+    }
+
+    /// Memory in use and in all on this GPU, in bytes.
+    pub fn memory(&self) -> (usize, usize) {
+        let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+        (total - free, total)
+    }
+
+    /// Allocates `len` zeros, or says how much did not fit where.
+    pub fn try_zeros(&self, len: usize) -> anyhow::Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| {
+            let (used, total) = self.memory();
+            anyhow::anyhow!(
+                "out of memory on GPU {} ({}): {} MiB more did not fit ({} of {} MiB in use): {e:?}",
+                self.device.ordinal,
+                self.device.name,
+                (4 * len) >> 20,
+                used >> 20,
+                total >> 20
+            )
+        })
+    }
+
+    /// Waits for everything queued so far (for timing).
+    pub fn synchronize(&self) -> anyhow::Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| anyhow::anyhow!("GPU {}: {e:?}", self.device.ordinal))
+    }
+
+    /// Row-major `c[m, n] = op(a) op(b) + beta c`, through column-major cuBLAS as
+    /// `c^T = op(b)^T op(a)^T`. `ta`/`tb`: whether `a` is stored `[k, m]` / `b` stored `[n, k]`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_rm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &A,
+        b: &B,
+        beta: f32,
+        c: &mut C,
+    ) {
+        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+        let cfg = GemmConfig {
+            transa: op(tb),
+            transb: op(ta),
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: 1.0f32,
+            lda: if tb { k } else { n } as i32,
+            ldb: if ta { m } else { k } as i32,
+            beta,
+            ldc: n as i32,
+        };
+        // SAFETY: the shapes above match the buffers' lengths, which the callers check.
+        check(unsafe { self.blas.gemm(cfg, b, a, c) }, "cuBLAS sgemm");
+    }
+
+    /// The unfolding buffer, at least `len` floats.
+    fn columns(&self, len: usize) -> std::sync::MutexGuard<'_, Option<CudaSlice<f32>>> {
+        let mut cols = self.columns.lock().unwrap();
+        if cols.as_ref().is_none_or(|c| c.len() < len) {
+            *cols = None;
+            *cols = Some(
+                self.try_zeros(len)
+                    .unwrap_or_else(|e| panic!("convolution's unfolding buffer: {e:#}")),
+            );
+        }
+        cols
+    }
+
+    /// Images per unfolding pass, so that the buffer stays under `MAX_COLUMNS` floats.
+    fn images_per_pass(g: &ConvGeom) -> usize {
+        let per_image = (g.in_c / g.groups) * g.kernel * g.kernel * g.out_h() * g.out_w();
+        (MAX_COLUMNS / per_image.max(1)).clamp(1, g.batch)
+    }
+
+    /// Unfolds images `n0..n0+nb`, channels of group `grp`, into `col` (`[nb][K, P]`).
+    fn im2col(
+        &self,
+        g: &ConvGeom,
+        x: &CudaSlice<f32>,
+        n0: usize,
+        nb: usize,
+        grp: usize,
+        col: &mut CudaSlice<f32>,
+    ) {
+        let cin = g.in_c / g.groups;
+        let (ih, iw, oh, ow) = (g.in_h, g.in_w, g.out_h(), g.out_w());
+        let image = g.in_c * ih * iw;
+        let per = cin * g.kernel * g.kernel * oh * ow;
+        for i in 0..nb {
+            let start = (n0 + i) * image + grp * cin * ih * iw;
+            let xv = x.slice(start..start + cin * ih * iw);
+            let mut cv = col.slice_mut(i * per..(i + 1) * per);
+            let mut l = self.stream.launch_builder(self.f("im2col"));
+            let (c, h, w, k, s, p, o_h, o_w) = (
+                cin as i32,
+                ih as i32,
+                iw as i32,
+                g.kernel as i32,
+                g.stride as i32,
+                g.pad as i32,
+                oh as i32,
+                ow as i32,
+            );
+            l.arg(&xv)
+                .arg(&mut cv)
+                .arg(&c)
+                .arg(&h)
+                .arg(&w)
+                .arg(&k)
+                .arg(&s)
+                .arg(&p)
+                .arg(&o_h)
+                .arg(&o_w);
+            // SAFETY: argument types and order match kernels/im2col.cu.
+            check(unsafe { l.launch(grid(per)) }, "im2col");
+        }
+    }
+
+    /// Training views from uint8 images on the device (crop, mirror, mean subtraction, PCA
+    /// colour shift): `images` `[batch, 3, side, side]`, `mean` `[3, side, side]`, `crops`
+    /// `(x0, y0, flip)` and `shifts` per image; returns `[batch, 3, out_side, out_side]`.
+    pub fn augment(
+        &self,
+        images: &[u8],
+        mean: &CudaSlice<f32>,
+        crops: &[(usize, usize, bool)],
+        shifts: &[[f32; 3]],
+        side: usize,
+        out_side: usize,
+    ) -> anyhow::Result<CudaSlice<f32>> {
+        let batch = crops.len();
+        anyhow::ensure!(
+            images.len() == batch * 3 * side * side && shifts.len() == batch,
+            "augment: {} bytes for {batch} images of side {side}",
+            images.len()
+        );
+        let dev_images = self
+            .stream
+            .clone_htod(images)
+            .map_err(|e| anyhow::anyhow!("copying a batch to the GPU: {e:?}"))?;
+        let c: Vec<i32> = crops
+            .iter()
+            .flat_map(|&(x, y, f)| [x as i32, y as i32, f as i32])
+            .collect();
+        let s: Vec<f32> = shifts.iter().flatten().copied().collect();
+        let dev_crops = check(self.stream.clone_htod(&c), "copying crops");
+        let dev_shifts = check(self.stream.clone_htod(&s), "copying shifts");
+        let mut out = self.try_zeros(batch * 3 * out_side * out_side)?;
+        let (b, sd, os) = (batch as i32, side as i32, out_side as i32);
+        let mut l = self.stream.launch_builder(self.f("augment_u8"));
+        l.arg(&dev_images)
+            .arg(mean)
+            .arg(&dev_crops)
+            .arg(&dev_shifts)
+            .arg(&mut out)
+            .arg(&b)
+            .arg(&sd)
+            .arg(&os);
+        // SAFETY: argument types and order match kernels/augment.cu.
+        check(
+            unsafe { l.launch(grid(batch * 3 * out_side * out_side)) },
+            "augment_u8",
+        );
+        Ok(out)
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaSlice<f32>;
+
+    fn name(&self) -> String {
+        format!(
+            "cuda:{} ({}{})",
+            self.device.ordinal,
+            self.device.name,
+            if self.tf32 { ", TF32" } else { "" }
+        )
+    }
+
+    fn zeros(&self, len: usize) -> CudaSlice<f32> {
+        self.try_zeros(len).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    fn upload(&self, host: &[f32]) -> CudaSlice<f32> {
+        if host.is_empty() {
+            return self.zeros(0);
+        }
+        check(self.stream.clone_htod(host), "copying to the GPU")
+    }
+
+    fn download(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
+        check(self.stream.clone_dtoh(buf), "copying from the GPU")
+    }
+
+    fn buf_len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+
+    fn conv2d_forward(
+        &self,
+        g: &ConvGeom,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) {
+        assert_eq!(x.len(), g.in_len(), "conv input length");
+        assert_eq!(w.len(), g.weight_len(), "conv weight length");
+        assert_eq!(b.len(), g.out_c, "conv bias length");
+        assert_eq!(y.len(), g.out_len(), "conv output length");
+        let plane = g.out_h() * g.out_w();
+        {
+            let (n, c, p) = (g.batch as i64, g.out_c as i32, plane as i32);
+            let mut l = self.stream.launch_builder(self.f("broadcast_channels"));
+            l.arg(&mut *y).arg(b).arg(&n).arg(&c).arg(&p);
+            // SAFETY: argument types and order match kernels/elementwise.cu.
+            check(unsafe { l.launch(grid(g.out_len())) }, "broadcast_channels");
+        }
+        let (cout, cin) = (g.out_c / g.groups, g.in_c / g.groups);
+        let kk = cin * g.kernel * g.kernel;
+        let per = kk * plane;
+        let pass = Self::images_per_pass(g);
+        let mut guard = self.columns(pass * per);
+        let col = guard.as_mut().unwrap();
+        for n0 in (0..g.batch).step_by(pass) {
+            let nb = pass.min(g.batch - n0);
+            for grp in 0..g.groups {
+                self.im2col(g, x, n0, nb, grp, col);
+                let wg = w.slice(grp * cout * kk..(grp + 1) * cout * kk);
+                for i in 0..nb {
+                    let start = ((n0 + i) * g.out_c + grp * cout) * plane;
+                    let mut yv = y.slice_mut(start..start + cout * plane);
+                    let cv = col.slice(i * per..(i + 1) * per);
+                    // y[cout, P] += w[cout, K] col[K, P]
+                    self.gemm_rm(false, false, cout, plane, kk, &wg, &cv, 1.0, &mut yv);
+                }
+            }
+        }
+    }
+
+    fn conv2d_backward(
+        &self,
+        g: &ConvGeom,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: Option<&mut CudaSlice<f32>>,
+        dw: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+    ) {
+        assert_eq!(x.len(), g.in_len(), "conv input length");
+        assert_eq!(dy.len(), g.out_len(), "conv output gradient length");
+        assert_eq!(dw.len(), g.weight_len(), "conv weight gradient length");
+        assert_eq!(db.len(), g.out_c, "conv bias gradient length");
+        let plane = g.out_h() * g.out_w();
+        {
+            let (n, c, p) = (g.batch as i32, g.out_c as i32, plane as i32);
+            let mut l = self.stream.launch_builder(self.f("bias_grad_channels"));
+            l.arg(dy).arg(&mut *db).arg(&n).arg(&c).arg(&p);
+            // SAFETY: argument types and order match kernels/bias.cu.
+            check(unsafe { l.launch(per_item(g.out_c)) }, "bias_grad_channels");
+        }
+        let (cout, cin) = (g.out_c / g.groups, g.in_c / g.groups);
+        let kk = cin * g.kernel * g.kernel;
+        let per = kk * plane;
+        let pass = Self::images_per_pass(g);
+        let mut guard = self.columns(pass * per);
+        let col = guard.as_mut().unwrap();
+        for n0 in (0..g.batch).step_by(pass) {
+            let nb = pass.min(g.batch - n0);
+            for grp in 0..g.groups {
+                self.im2col(g, x, n0, nb, grp, col);
+                let mut dwg = dw.slice_mut(grp * cout * kk..(grp + 1) * cout * kk);
+                for i in 0..nb {
+                    let start = ((n0 + i) * g.out_c + grp * cout) * plane;
+                    let dyv = dy.slice(start..start + cout * plane);
+                    let cv = col.slice(i * per..(i + 1) * per);
+                    // dw[cout, K] (+)= dy[cout, P] col[K, P]^T, images in order.
+                    let beta = if n0 + i == 0 { 0.0 } else { 1.0 };
+                    self.gemm_rm(false, true, cout, kk, plane, &dyv, &cv, beta, &mut dwg);
+                }
+            }
+        }
+        drop(guard);
+        if let Some(dx) = dx {
+            assert_eq!(dx.len(), g.in_len(), "conv input gradient length");
+            let mut guard = self.columns(pass * per);
+            let col = guard.as_mut().unwrap();
+            let (ih, iw, oh, ow) = (g.in_h, g.in_w, g.out_h(), g.out_w());
+            let image = g.in_c * ih * iw;
+            for n in 0..g.batch {
+                for grp in 0..g.groups {
+                    let wg = w.slice(grp * cout * kk..(grp + 1) * cout * kk);
+                    let start = (n * g.out_c + grp * cout) * plane;
+                    let dyv = dy.slice(start..start + cout * plane);
+                    let mut cv = col.slice_mut(0..per);
+                    // dcol[K, P] = w[cout, K]^T dy[cout, P]
+                    self.gemm_rm(true, false, kk, plane, cout, &wg, &dyv, 0.0, &mut cv);
+                    let s = n * image + grp * cin * ih * iw;
+                    let mut dxv = dx.slice_mut(s..s + cin * ih * iw);
+                    let cv = col.slice(0..per);
+                    let (c, h, wd, k, st, p, o_h, o_w) = (
+                        cin as i32,
+                        ih as i32,
+                        iw as i32,
+                        g.kernel as i32,
+                        g.stride as i32,
+                        g.pad as i32,
+                        oh as i32,
+                        ow as i32,
+                    );
+                    let mut l = self.stream.launch_builder(self.f("col2im"));
+                    l.arg(&cv)
+                        .arg(&mut dxv)
+                        .arg(&c)
+                        .arg(&h)
+                        .arg(&wd)
+                        .arg(&k)
+                        .arg(&st)
+                        .arg(&p)
+                        .arg(&o_h)
+                        .arg(&o_w);
+                    // SAFETY: argument types and order match kernels/im2col.cu.
+                    check(unsafe { l.launch(grid(cin * ih * iw)) }, "col2im");
+                }
+            }
+        }
+    }
+
+    fn relu_forward(&self, x: &mut CudaSlice<f32>) {
+        let n = x.len() as i64;
+        let mut l = self.stream.launch_builder(self.f("relu_forward"));
+        l.arg(&mut *x).arg(&n);
+        // SAFETY: argument types and order match kernels/elementwise.cu.
+        check(unsafe { l.launch(grid(n as usize)) }, "relu_forward");
+    }
+
+    fn relu_backward(&self, y: &CudaSlice<f32>, dy: &mut CudaSlice<f32>) {
+        assert_eq!(y.len(), dy.len(), "relu gradient length");
+        let n = y.len() as i64;
+        let mut l = self.stream.launch_builder(self.f("relu_backward"));
+        l.arg(y).arg(&mut *dy).arg(&n);
+        // SAFETY: argument types and order match kernels/elementwise.cu.
+        check(unsafe { l.launch(grid(n as usize)) }, "relu_backward");
+    }
+
+    fn lrn_forward(
+        &self,
+        g: &PlaneGeom,
+        p: &LrnParams,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        scale: &mut CudaSlice<f32>,
+    ) {
+        for (len, what) in [
+            (x.len(), "input"),
+            (y.len(), "output"),
+            (scale.len(), "scale"),
+        ] {
+            assert_eq!(len, g.len(), "lrn {what} length");
+        }
+        let (b, c, pl, size) = (
+            g.batch as i32,
+            g.channels as i32,
+            g.plane as i32,
+            p.size as i32,
+        );
+        let mut l = self.stream.launch_builder(self.f("lrn_forward"));
+        l.arg(x)
+            .arg(&mut *y)
+            .arg(&mut *scale)
+            .arg(&b)
+            .arg(&c)
+            .arg(&pl)
+            .arg(&size)
+            .arg(&p.alpha)
+            .arg(&p.beta)
+            .arg(&p.k);
+        // SAFETY: argument types and order match kernels/lrn.cu.
+        check(unsafe { l.launch(grid(g.batch * g.plane)) }, "lrn_forward");
+    }
+
+    fn lrn_backward(
+        &self,
+        g: &PlaneGeom,
+        p: &LrnParams,
+        x: &CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        scale: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) {
+        for (len, what) in [
+            (x.len(), "input"),
+            (y.len(), "output"),
+            (scale.len(), "scale"),
+            (dy.len(), "output gradient"),
+            (dx.len(), "input gradient"),
+        ] {
+            assert_eq!(len, g.len(), "lrn {what} length");
+        }
+        let (b, c, pl, size) = (
+            g.batch as i32,
+            g.channels as i32,
+            g.plane as i32,
+            p.size as i32,
+        );
+        let mut l = self.stream.launch_builder(self.f("lrn_backward"));
+        l.arg(x)
+            .arg(y)
+            .arg(scale)
+            .arg(dy)
+            .arg(&mut *dx)
+            .arg(&b)
+            .arg(&c)
+            .arg(&pl)
+            .arg(&size)
+            .arg(&p.alpha)
+            .arg(&p.beta);
+        // SAFETY: argument types and order match kernels/lrn.cu.
+        check(unsafe { l.launch(grid(g.batch * g.plane)) }, "lrn_backward");
+    }
+
+    fn maxpool_forward(&self, g: &PoolGeom, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
+        assert_eq!(x.len(), g.in_len(), "maxpool input length");
+        assert_eq!(y.len(), g.out_len(), "maxpool output length");
+        let planes = (g.batch * g.channels) as i64;
+        let d = [g.in_h, g.in_w, g.out_h(), g.out_w(), g.size, g.stride].map(|v| v as i32);
+        let mut l = self.stream.launch_builder(self.f("maxpool_forward"));
+        l.arg(x).arg(&mut *y).arg(&planes);
+        for v in &d {
+            l.arg(v);
+        }
+        // SAFETY: argument types and order match kernels/pool.cu.
+        check(unsafe { l.launch(grid(g.out_len())) }, "maxpool_forward");
+    }
+
+    fn maxpool_backward(
+        &self,
+        g: &PoolGeom,
+        x: &CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) {
+        assert_eq!(x.len(), g.in_len(), "maxpool input length");
+        assert_eq!(y.len(), g.out_len(), "maxpool output length");
+        assert_eq!(dy.len(), g.out_len(), "maxpool output gradient length");
+        assert_eq!(dx.len(), g.in_len(), "maxpool input gradient length");
+        let planes = (g.batch * g.channels) as i64;
+        let d = [g.in_h, g.in_w, g.out_h(), g.out_w(), g.size, g.stride].map(|v| v as i32);
+        let mut l = self.stream.launch_builder(self.f("maxpool_backward"));
+        l.arg(x).arg(y).arg(dy).arg(&mut *dx).arg(&planes);
+        for v in &d {
+            l.arg(v);
+        }
+        // SAFETY: argument types and order match kernels/pool.cu.
+        check(unsafe { l.launch(grid(g.in_len())) }, "maxpool_backward");
+    }
+
+    fn dropout_forward(
+        &self,
+        rows: usize,
+        cols: usize,
+        p: f32,
+        key: &DropoutKey,
+        x: &mut CudaSlice<f32>,
+    ) {
+        assert_eq!(x.len(), rows * cols, "dropout block length");
+        assert!(
+            (0.0..1.0).contains(&p),
+            "dropout probability {p} outside [0, 1)"
+        );
+        if p == 0.0 {
+            return;
+        }
+        let (r, c) = (rows as i64, cols as i32);
+        let mut l = self.stream.launch_builder(self.f("dropout"));
+        l.arg(&mut *x)
+            .arg(&r)
+            .arg(&c)
+            .arg(&p)
+            .arg(&key.seed)
+            .arg(&key.row_offset)
+            .arg(&key.col_offset)
+            .arg(&key.total_cols);
+        // SAFETY: argument types and order match kernels/dropout.cu.
+        check(unsafe { l.launch(grid(rows * cols)) }, "dropout");
+    }
+
+    fn dropout_backward(
+        &self,
+        rows: usize,
+        cols: usize,
+        p: f32,
+        key: &DropoutKey,
+        dy: &mut CudaSlice<f32>,
+    ) {
+        // Inverted dropout is linear in its input: the gradient takes the same mask and scale.
+        self.dropout_forward(rows, cols, p, key, dy)
+    }
+
+    fn linear_forward(
+        &self,
+        g: &LinearGeom,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) {
+        assert_eq!(x.len(), g.rows * g.inp, "linear input length");
+        assert_eq!(w.len(), g.out * g.inp, "linear weight length");
+        assert_eq!(b.len(), g.out, "linear bias length");
+        assert_eq!(y.len(), g.rows * g.out, "linear output length");
+        {
+            let (r, o) = (g.rows as i64, g.out as i32);
+            let mut l = self.stream.launch_builder(self.f("broadcast_rows"));
+            l.arg(&mut *y).arg(b).arg(&r).arg(&o);
+            // SAFETY: argument types and order match kernels/elementwise.cu.
+            check(unsafe { l.launch(grid(g.rows * g.out)) }, "broadcast_rows");
+        }
+        // y[rows, out] += x[rows, inp] w[out, inp]^T
+        self.gemm_rm(false, true, g.rows, g.out, g.inp, x, w, 1.0, y);
+    }
+
+    fn linear_backward(
+        &self,
+        g: &LinearGeom,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: Option<&mut CudaSlice<f32>>,
+        dw: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+    ) {
+        assert_eq!(dy.len(), g.rows * g.out, "linear output gradient length");
+        assert_eq!(dw.len(), g.out * g.inp, "linear weight gradient length");
+        assert_eq!(db.len(), g.out, "linear bias gradient length");
+        // dw[out, inp] = dy[rows, out]^T x[rows, inp]
+        self.gemm_rm(true, false, g.out, g.inp, g.rows, dy, x, 0.0, dw);
+        {
+            let (r, o) = (g.rows as i32, g.out as i32);
+            let mut l = self.stream.launch_builder(self.f("bias_grad_rows"));
+            l.arg(dy).arg(&mut *db).arg(&r).arg(&o);
+            // SAFETY: argument types and order match kernels/bias.cu.
+            check(unsafe { l.launch(per_item(g.out)) }, "bias_grad_rows");
+        }
+        if let Some(dx) = dx {
+            assert_eq!(dx.len(), g.rows * g.inp, "linear input gradient length");
+            // dx[rows, inp] = dy[rows, out] w[out, inp]
+            self.gemm_rm(false, false, g.rows, g.inp, g.out, dy, w, 0.0, dx);
+        }
+    }
+
+    fn softmax_xent(
+        &self,
+        rows: usize,
+        classes: usize,
+        logits: &CudaSlice<f32>,
+        labels: &[u32],
+        dlogits: &mut CudaSlice<f32>,
+    ) -> f32 {
+        assert_eq!(logits.len(), rows * classes, "logits length");
+        assert_eq!(dlogits.len(), rows * classes, "logits gradient length");
+        assert_eq!(labels.len(), rows, "one label per row");
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+            panic!("label {bad} outside 0..{classes}");
+        }
+        let dev_labels = check(self.stream.clone_htod(labels), "copying labels");
+        let mut guard = self.row_loss.lock().unwrap();
+        if guard.as_ref().is_none_or(|b| b.len() < rows) {
+            *guard = Some(check(
+                self.stream.alloc_zeros::<f64>(rows),
+                "allocating row losses",
+            ));
+        }
+        let loss_buf = guard.as_mut().unwrap();
+        let (r, c) = (rows as i32, classes as i32);
+        {
+            let mut l = self.stream.launch_builder(self.f("softmax_xent"));
+            l.arg(logits)
+                .arg(&dev_labels)
+                .arg(&mut *dlogits)
+                .arg(&mut *loss_buf)
+                .arg(&r)
+                .arg(&c);
+            // SAFETY: argument types and order match kernels/softmax.cu.
+            check(unsafe { l.launch(per_item(rows)) }, "softmax_xent");
+        }
+        let losses = check(
+            self.stream.clone_dtoh(&loss_buf.slice(0..rows)),
+            "copying losses",
+        );
+        (losses.iter().sum::<f64>() / rows as f64) as f32
+    }
+
+    fn sgd_update(
+        &self,
+        p: &SgdParams,
+        w: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+    ) {
+        assert!(
+            w.len() == v.len() && w.len() == g.len(),
+            "sgd buffers differ in length"
+        );
+        let decay = p.weight_decay * p.lr;
+        let n = w.len() as i64;
+        let mut l = self.stream.launch_builder(self.f("sgd_update"));
+        l.arg(&mut *w)
+            .arg(&mut *v)
+            .arg(g)
+            .arg(&p.lr)
+            .arg(&p.momentum)
+            .arg(&decay)
+            .arg(&n);
+        // SAFETY: argument types and order match kernels/elementwise.cu.
+        check(unsafe { l.launch(grid(n as usize)) }, "sgd_update");
+    }
+
+    fn concat_rows(
+        &self,
+        rows: usize,
+        parts: &[&CudaSlice<f32>],
+        widths: &[usize],
+        out: &mut CudaSlice<f32>,
+    ) {
+        assert_eq!(parts.len(), widths.len(), "concat: one width per part");
+        let total: usize = widths.iter().sum();
+        assert_eq!(out.len(), rows * total, "concat output length");
+        let mut offset = 0;
+        for (p, &w) in parts.iter().zip(widths) {
+            assert_eq!(p.len(), rows * w, "concat part length");
+            let (r, t, o, wd) = (rows as i64, total as i32, offset as i32, w as i32);
+            let mut l = self.stream.launch_builder(self.f("copy_into_rows"));
+            l.arg(&mut *out).arg(*p).arg(&r).arg(&t).arg(&o).arg(&wd);
+            // SAFETY: argument types and order match kernels/elementwise.cu.
+            check(unsafe { l.launch(grid(rows * w)) }, "copy_into_rows");
+            offset += w;
+        }
+    }
+
+    fn slice_rows(
+        &self,
+        rows: usize,
+        total: usize,
+        offset: usize,
+        width: usize,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) {
+        assert!(offset + width <= total, "slice beyond the row");
+        assert_eq!(src.len(), rows * total, "slice source length");
+        assert_eq!(dst.len(), rows * width, "slice destination length");
+        let (r, t, o, w, acc) = (
+            rows as i64,
+            total as i32,
+            offset as i32,
+            width as i32,
+            accumulate as i32,
+        );
+        let mut l = self.stream.launch_builder(self.f("slice_rows"));
+        l.arg(&mut *dst)
+            .arg(src)
+            .arg(&r)
+            .arg(&t)
+            .arg(&o)
+            .arg(&w)
+            .arg(&acc);
+        // SAFETY: argument types and order match kernels/elementwise.cu.
+        check(unsafe { l.launch(grid(rows * width)) }, "slice_rows");
+    }
+}
