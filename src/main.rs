@@ -44,7 +44,7 @@ enum LogFormat {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BackendChoice {
-    /// The best backend this build has: the CPU for now (CUDA is not built yet).
+    /// CUDA where a driver and a GPU are present, else the CPU (the log says which and why).
     Auto,
     Cpu,
     Cuda,
@@ -64,6 +64,13 @@ enum Command {
     Prepare(PrepareArgs),
     /// Time `prepare` on ImageNet-sized JPEGs and the loader on the result.
     BenchData(BenchDataArgs),
+    /// Check a backend against the CPU reference on fresh random inputs: every op at the
+    /// network's shapes, then one whole training step (forward, backward, update).
+    ///
+    /// `--backend cuda` is the GPU check (strict f32 must agree to the tolerance; the TF32
+    /// figures are reported beside, not judged); `--backend cpu` checks that the CPU's results
+    /// do not depend on how its work is split.
+    Selftest(SelftestArgs),
     /// Train across worker processes on this machine: a coordinator here, one worker per device.
     ///
     /// With no arguments: the narrow network of the paper's topology on the carried sample,
@@ -213,14 +220,6 @@ struct CoordinatorArgs {
     max_restarts: u32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum AgentDevice {
-    /// One worker per GPU when the build has a CUDA backend; CPU workers otherwise.
-    Auto,
-    Cpu,
-    Cuda,
-}
-
 #[derive(clap::Args)]
 struct AgentArgs {
     /// The coordinator, as http://host:port (https:// with --tls-ca).
@@ -233,11 +232,12 @@ struct AgentArgs {
     /// NODE_RANK*WORKERS onwards. Default: whatever ranks are free.
     #[arg(long, env = "ALEXNET_NODE_RANK")]
     node_rank: Option<u32>,
-    /// Workers on this host. Default: 1 per GPU with a CUDA backend, else 1.
+    /// Workers on this host. Default: one per GPU, or 1 without GPUs.
     #[arg(long, env = "ALEXNET_WORKERS")]
     workers: Option<usize>,
-    #[arg(long, value_enum, default_value_t = AgentDevice::Auto, env = "ALEXNET_DEVICE")]
-    device: AgentDevice,
+    /// `auto`: one worker per GPU where there are GPUs, else CPU workers; `cuda`: GPUs only.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto, env = "ALEXNET_DEVICE")]
+    device: BackendChoice,
     /// Compute threads per worker. Default: the cores divided among the workers.
     #[arg(long, env = "ALEXNET_THREADS")]
     threads: Option<usize>,
@@ -350,6 +350,24 @@ struct PrepareArgs {
     /// No progress bar (logs only).
     #[arg(long)]
     no_progress: bool,
+}
+
+#[derive(clap::Args)]
+struct SelftestArgs {
+    #[arg(long, value_enum, default_value_t = BackendChoice::Cuda)]
+    backend: BackendChoice,
+    /// Largest allowed error, relative to each output's scale.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f64,
+    /// Seeds the random inputs (a fresh one each run by default).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Images in the whole-network step (the demo network).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Print the checks as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -498,22 +516,74 @@ fn load_net(spec: &str) -> anyhow::Result<NetConfig> {
     Ok(cfg)
 }
 
-fn cpu_backend(choice: BackendChoice) -> anyhow::Result<Cpu> {
-    match choice {
-        BackendChoice::Cpu => {}
-        BackendChoice::Auto => {
-            tracing::info!("backend auto: this build has no CUDA backend yet, taking the CPU")
+/// The backend `--backend` names: `auto` takes CUDA where a driver and a GPU are present and
+/// says which it took and why.
+enum ChosenBackend {
+    Cpu(Cpu),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<alexnet::backend::cuda::Cuda>),
+}
+
+/// Runs `$body` with `$b` bound to the chosen backend, whichever type it is.
+macro_rules! with_backend {
+    ($chosen:expr, $b:ident => $body:expr) => {
+        match $chosen {
+            ChosenBackend::Cpu($b) => $body,
+            #[cfg(feature = "cuda")]
+            ChosenBackend::Cuda(boxed) => {
+                let $b = *boxed;
+                $body
+            }
         }
-        BackendChoice::Cuda => {
-            anyhow::bail!("--backend cuda: this build has no CUDA backend yet; use --backend cpu")
-        }
-    }
+    };
+}
+
+fn cpu_ready() -> Cpu {
     let cpu = Cpu::new();
     tracing::info!(
         backend = alexnet::backend::Backend::name(&cpu),
         "backend ready"
     );
-    Ok(cpu)
+    cpu
+}
+
+#[cfg(feature = "cuda")]
+fn choose_backend(choice: BackendChoice) -> anyhow::Result<ChosenBackend> {
+    use alexnet::backend::cuda::{unavailable, Cuda};
+    match choice {
+        BackendChoice::Cpu => Ok(ChosenBackend::Cpu(cpu_ready())),
+        BackendChoice::Cuda => Ok(ChosenBackend::Cuda(Box::new(Cuda::new(0)?))),
+        BackendChoice::Auto => match unavailable() {
+            None => match Cuda::new(0) {
+                Ok(c) => {
+                    tracing::info!("backend auto: a GPU is present, taking CUDA");
+                    Ok(ChosenBackend::Cuda(Box::new(c)))
+                }
+                Err(e) => {
+                    tracing::warn!("backend auto: a GPU is present but CUDA did not start ({e:#}): taking the CPU");
+                    Ok(ChosenBackend::Cpu(cpu_ready()))
+                }
+            },
+            Some(why) => {
+                tracing::info!("backend auto: {why}: taking the CPU");
+                Ok(ChosenBackend::Cpu(cpu_ready()))
+            }
+        },
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn choose_backend(choice: BackendChoice) -> anyhow::Result<ChosenBackend> {
+    match choice {
+        BackendChoice::Cuda => anyhow::bail!(
+            "--backend cuda: this binary was built without the CUDA backend (cargo feature `cuda`); use --backend cpu"
+        ),
+        BackendChoice::Auto => {
+            tracing::info!("backend auto: built without CUDA, taking the CPU")
+        }
+        BackendChoice::Cpu => {}
+    }
+    Ok(ChosenBackend::Cpu(cpu_ready()))
 }
 
 fn init_logging(format: LogFormat) {
@@ -620,6 +690,7 @@ fn dry_run(command: &Command) -> anyhow::Result<()> {
             ("status", None)
         }
         Command::Bench(_) => ("bench", None),
+        Command::Selftest(_) => ("selftest", None),
         Command::Prepare(_) => ("prepare", None),
         Command::BenchData(_) => ("bench-data", None),
         Command::Eval(_) => ("eval", None),
@@ -706,6 +777,7 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Selftest(a) => selftest(a),
         Command::BenchData(a) => {
             let r =
                 alexnet::data::bench::run(&resolve_data(&a.photos), &a.work, a.images, a.batch)?;
@@ -736,7 +808,7 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
                 net: load_net(&a.net)?,
                 seed: a.seed,
             };
-            let report = bench::run(cpu_backend(a.backend)?, &opts)?;
+            let report = with_backend!(choose_backend(a.backend)?, b => bench::run(b, &opts)?);
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -869,15 +941,6 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
             serde_json::to_string_pretty(&job)?.as_bytes(),
         )?;
     }
-    let role = alexnet::train::job::Role {
-        replica: 0,
-        columns: Box::new(alexnet::comm::LocalExchange::default()),
-        replicas: None,
-        run_dir: run_dir.clone(),
-        resume: resume
-            .as_ref()
-            .map(|(d, m)| (d.clone(), m.step, m.schedule.lr)),
-    };
     let mut book = JobBook::new(
         BookSetup {
             log_every: a.job.log_every.max(1) as u64,
@@ -892,12 +955,24 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         },
         resume.as_ref().map(|r| &r.1),
     );
-    let (net, steps) = alexnet::train::job::run(&job, cpu_backend(a.backend)?, role, &mut book)?;
-    if let Some(out) = &a.out {
-        for path in alexnet::train::job::save_columns(&net, out)? {
-            tracing::info!(path = %path.display(), "parameters written");
+    let steps = with_backend!(choose_backend(a.backend)?, backend => {
+        let role = alexnet::train::job::Role {
+            replica: 0,
+            columns: Box::new(alexnet::comm::LocalExchange::default()),
+            replicas: None,
+            run_dir: run_dir.clone(),
+            resume: resume
+                .as_ref()
+                .map(|(d, m)| (d.clone(), m.step, m.schedule.lr)),
+        };
+        let (net, steps) = alexnet::train::job::run(&job, backend, role, &mut book)?;
+        if let Some(out) = &a.out {
+            for path in alexnet::train::job::save_columns(&net, out)? {
+                tracing::info!(path = %path.display(), "parameters written");
+            }
         }
-    }
+        steps
+    });
     match book.monitor.results.last() {
         Some(last) => tracing::info!(
             epochs = last.epoch,
@@ -911,6 +986,73 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
             "done (stopped before the end of an epoch: no validation)"
         ),
     }
+    Ok(())
+}
+
+fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
+    use alexnet::backend::selftest;
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    tracing::info!(seed, "selftest inputs (rerun with --seed to repeat)");
+    let reference = Cpu::with_threads(1);
+    let mut informational = Vec::new();
+    let checks = match a.backend {
+        BackendChoice::Cpu => {
+            let mut checks = selftest::ops(&reference, &Cpu::new(), seed, a.tolerance);
+            checks.extend(selftest::network(
+                &demo_net(),
+                Cpu::with_threads(1),
+                Cpu::new(),
+                a.batch,
+                seed,
+                a.tolerance,
+            )?);
+            checks
+        }
+        #[cfg(feature = "cuda")]
+        BackendChoice::Cuda | BackendChoice::Auto => {
+            use alexnet::backend::cuda::Cuda;
+            let gpu = Cuda::open(0, false)?;
+            tracing::info!(backend = %alexnet::backend::Backend::name(&gpu), "checking against the CPU");
+            let mut checks = selftest::ops(&reference, &gpu, seed, a.tolerance);
+            checks.extend(selftest::network(
+                &demo_net(),
+                Cpu::with_threads(1),
+                gpu,
+                a.batch,
+                seed,
+                a.tolerance,
+            )?);
+            // TF32 rounds products' inputs to 10 bits: reported, not judged.
+            let tf32 = Cuda::open(0, true)?;
+            informational = selftest::ops(&reference, &tf32, seed, 1e-2);
+            checks
+        }
+        #[cfg(not(feature = "cuda"))]
+        BackendChoice::Cuda | BackendChoice::Auto => {
+            anyhow::bail!("this binary was built without the CUDA backend (cargo feature `cuda`)")
+        }
+    };
+    let failed = checks.iter().filter(|c| !c.passed()).count();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "seed": seed, "checks": checks, "tf32": informational, "failed": failed
+            }))?
+        );
+    } else {
+        print!("{}", selftest::render(&checks));
+        if !informational.is_empty() {
+            println!("\nwith TF32 (cuBLAS tensor cores; not judged):");
+            print!("{}", selftest::render(&informational));
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} checks failed (seed {seed})");
     Ok(())
 }
 
@@ -960,7 +1102,7 @@ fn coordinator_config(
             let dir = run_dir
                 .cloned()
                 .unwrap_or_else(|| PathBuf::from("runs").join(&id));
-            if alexnet::train::checkpoint::list(&dir).first().is_some() {
+            if !alexnet::train::checkpoint::list(&dir).is_empty() {
                 anyhow::bail!(
                     "{} already holds checkpoints of a run: continue it with --resume {}, or choose another --run-dir",
                     dir.display(),
@@ -1009,10 +1151,49 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
-    if let BackendChoice::Cuda = a.backend {
-        anyhow::bail!("--backend cuda: this build has no CUDA backend yet; use --backend cpu");
+/// GPUs a launch or an agent can use: counted through the driver where the CUDA backend is
+/// built, else none.
+fn usable_gpus() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        alexnet::backend::cuda::device_count()
     }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
+/// The devices of a launch's or an agent's workers, for `--backend`/`--device`.
+fn worker_devices(choice: BackendChoice, what: &str) -> anyhow::Result<Vec<String>> {
+    let gpus = usable_gpus();
+    match choice {
+        BackendChoice::Cpu => Ok(vec!["cpu".into()]),
+        BackendChoice::Cuda if gpus == 0 => anyhow::bail!(
+            "{what} cuda: no usable GPU here ({}); use {what} cpu",
+            if cfg!(feature = "cuda") {
+                "no NVIDIA driver or device"
+            } else {
+                "this binary was built without the CUDA backend"
+            }
+        ),
+        BackendChoice::Cuda => Ok((0..gpus).map(|g| format!("cuda:{g}")).collect()),
+        BackendChoice::Auto if gpus > 0 => {
+            tracing::info!(
+                gpus,
+                "{what} auto: GPUs found, one worker per GPU (round robin)"
+            );
+            Ok((0..gpus).map(|g| format!("cuda:{g}")).collect())
+        }
+        BackendChoice::Auto => {
+            tracing::info!("{what} auto: no usable GPU, CPU workers");
+            Ok(vec!["cpu".into()])
+        }
+    }
+}
+
+fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    let devices = worker_devices(a.backend, "--backend")?;
     let (mut cfg, run_dir) =
         coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
     // A fresh token per launch, handed to the workers in their environment.
@@ -1027,13 +1208,15 @@ fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
     let threads = a.threads.unwrap_or((cores / workers).max(1));
     tracing::info!(
         workers,
+        devices = ?devices,
         threads_per_worker = threads,
-        "no GPU backend in this build: starting CPU workers"
+        "starting the workers"
     );
     let outcome = alexnet::coordinator::launch::run(LaunchOptions {
         coordinator: cfg,
         run_dir: run_dir.clone(),
         threads_per_worker: threads,
+        devices,
         exe: std::env::current_exe().context("finding this binary to start workers")?,
         json_logs: log_format == LogFormat::Json,
         max_restarts: a.max_restarts,
@@ -1200,22 +1383,21 @@ fn visible_gpus() -> usize {
 }
 
 fn agent(a: AgentArgs, log_format: LogFormat) -> anyhow::Result<()> {
-    let gpus = visible_gpus();
-    match a.device {
-        AgentDevice::Cuda => anyhow::bail!(
-            "--device cuda: this build has no CUDA backend yet ({gpus} GPUs visible); use --device cpu"
-        ),
-        AgentDevice::Auto if gpus > 0 => tracing::warn!(
-            gpus,
-            "GPUs found, but this build has no CUDA backend yet: starting CPU workers"
-        ),
-        _ => {}
+    let devices = worker_devices(a.device, "--device")?;
+    let on_gpus = devices.iter().any(|d| d.starts_with("cuda"));
+    let visible = visible_gpus();
+    if !on_gpus && visible > 0 {
+        tracing::warn!(
+            visible,
+            "GPU device files are present but the CUDA backend cannot use them: CPU workers"
+        );
     }
     alexnet::agent::run(alexnet::agent::AgentOptions {
         coordinator: a.coordinator,
         job_id: a.job_id,
         node_rank: a.node_rank,
-        workers: a.workers.unwrap_or(1),
+        workers: a.workers.unwrap_or(if on_gpus { devices.len() } else { 1 }),
+        devices,
         threads_per_worker: a.threads,
         max_restarts: a.max_restarts,
         rejoin_timeout: seconds(a.rejoin_timeout, "--rejoin-timeout")?,

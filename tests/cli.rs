@@ -54,12 +54,56 @@ fn a_missing_data_folder_is_named() {
     assert!(err.contains("/nonexistent/fashion"), "{err}");
 }
 
+/// Without a driver and a GPU, every way of asking for CUDA is a clear error, never a panic;
+/// `auto` takes the CPU and says why.
+#[cfg(feature = "cuda")]
 #[test]
-fn cuda_without_a_cuda_backend_fails_cleanly() {
-    let (ok, err) = alexnet(&["bench", "--backend", "cuda"]);
-    assert!(!ok);
+fn cuda_without_a_gpu_fails_cleanly() {
+    if alexnet::backend::cuda::unavailable().is_none() {
+        eprintln!("a GPU is present: the failure path is not reachable here");
+        return;
+    }
+    for args in [
+        &[
+            "bench",
+            "--backend",
+            "cuda",
+            "--net",
+            "demo",
+            "--batch",
+            "2",
+        ][..],
+        &["train", "--backend", "cuda", "--steps", "1"],
+        &["selftest", "--backend", "cuda"],
+        &["launch", "--backend", "cuda", "--steps", "1"],
+        &[
+            "worker",
+            "--coordinator",
+            "http://127.0.0.1:9",
+            "--device",
+            "cuda:0",
+        ],
+        &[
+            "agent",
+            "--coordinator",
+            "http://127.0.0.1:9",
+            "--device",
+            "cuda",
+        ],
+    ] {
+        let (ok, err) = alexnet(args);
+        assert!(!ok, "{args:?} succeeded without a GPU");
+        assert!(
+            (err.contains("cannot start") || err.contains("no usable GPU"))
+                && err.contains("cpu")
+                && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    let (ok, err) = alexnet(&["bench", "--net", "demo", "--batch", "2", "--steps", "1"]);
+    assert!(ok, "{err}");
     assert!(
-        err.contains("--backend cuda") && !err.contains("panicked"),
+        err.contains("backend auto") && err.contains("taking the CPU"),
         "{err}"
     );
 }

@@ -678,88 +678,112 @@ macro_rules! backend_tests {
             use super::*;
             #[test]
             fn golden_conv_11x11_s4_p2() {
-                conv_golden(&$make, "conv_11x11_s4_p2.safetensors")
+                let Some(b) = $make else { return };
+                conv_golden(&b, "conv_11x11_s4_p2.safetensors")
             }
             #[test]
             fn golden_conv_3x3_p1() {
-                conv_golden(&$make, "conv_3x3_p1.safetensors")
+                let Some(b) = $make else { return };
+                conv_golden(&b, "conv_3x3_p1.safetensors")
             }
             #[test]
             fn golden_conv_5x5_p2_groups2() {
-                conv_golden(&$make, "conv_5x5_p2_groups2.safetensors")
+                let Some(b) = $make else { return };
+                conv_golden(&b, "conv_5x5_p2_groups2.safetensors")
             }
             #[test]
             fn golden_linear() {
-                linear_golden(&$make)
+                let Some(b) = $make else { return };
+                linear_golden(&b)
             }
             #[test]
             fn golden_lrn_paper() {
-                lrn_golden(&$make, "lrn_paper.safetensors")
+                let Some(b) = $make else { return };
+                lrn_golden(&b, "lrn_paper.safetensors")
             }
             #[test]
             fn golden_lrn_strong() {
-                lrn_golden(&$make, "lrn_strong.safetensors")
+                let Some(b) = $make else { return };
+                lrn_golden(&b, "lrn_strong.safetensors")
             }
             #[test]
             fn golden_maxpool() {
-                maxpool_golden(&$make)
+                let Some(b) = $make else { return };
+                maxpool_golden(&b)
             }
             #[test]
             fn golden_softmax_xent() {
-                softmax_golden(&$make)
+                let Some(b) = $make else { return };
+                softmax_golden(&b)
             }
             #[test]
             fn golden_sgd() {
-                sgd_golden(&$make)
+                let Some(b) = $make else { return };
+                sgd_golden(&b)
             }
             #[test]
             fn finite_diff_conv() {
-                conv_finite_diff(&$make)
+                let Some(b) = $make else { return };
+                conv_finite_diff(&b)
             }
             #[test]
             fn finite_diff_linear() {
-                linear_finite_diff(&$make)
+                let Some(b) = $make else { return };
+                linear_finite_diff(&b)
             }
             #[test]
             fn finite_diff_lrn() {
-                lrn_finite_diff(&$make)
+                let Some(b) = $make else { return };
+                lrn_finite_diff(&b)
             }
             #[test]
             fn finite_diff_maxpool() {
-                maxpool_finite_diff(&$make)
+                let Some(b) = $make else { return };
+                maxpool_finite_diff(&b)
             }
             #[test]
             fn finite_diff_relu() {
-                relu_finite_diff(&$make)
+                let Some(b) = $make else { return };
+                relu_finite_diff(&b)
             }
             #[test]
             fn finite_diff_dropout() {
-                dropout_finite_diff(&$make)
+                let Some(b) = $make else { return };
+                dropout_finite_diff(&b)
             }
             #[test]
             fn dropout_blocks_equal_their_part_of_the_layer() {
-                dropout_blocks_match_the_whole(&$make)
+                let Some(b) = $make else { return };
+                dropout_blocks_match_the_whole(&b)
             }
             #[test]
             fn finite_diff_softmax_xent() {
-                softmax_finite_diff(&$make)
+                let Some(b) = $make else { return };
+                softmax_finite_diff(&b)
             }
             #[test]
             fn conv_matches_direct_convolution() {
-                conv_matches_direct(&$make)
+                let Some(b) = $make else { return };
+                conv_matches_direct(&b)
             }
             #[test]
             fn conv_sets_equal_separate_convs() {
-                conv_sets_match_single(&$make)
+                let Some(b) = $make else { return };
+                conv_sets_match_single(&b)
             }
             #[test]
             fn concat_and_slice_rows() {
-                concat_and_slice(&$make)
+                let Some(b) = $make else { return };
+                concat_and_slice(&b)
             }
         }
     };
 }
 
-backend_tests!(cpu, alexnet::backend::Cpu::new());
+backend_tests!(cpu, Some(alexnet::backend::Cpu::new()));
 // The same ops with the work split three ways: uneven splits of every batch above.
-backend_tests!(cpu_split3, alexnet::backend::Cpu::with_threads(3));
+backend_tests!(cpu_split3, Some(alexnet::backend::Cpu::with_threads(3)));
+// On a GPU (the prepared GPU check runs these; without a GPU they pass without checking
+// unless ALEXNET_REQUIRE_GPU=1).
+#[cfg(feature = "cuda")]
+backend_tests!(cuda, gpu());

@@ -28,6 +28,8 @@ pub struct AgentOptions {
     pub node_rank: Option<u32>,
     /// Workers on this host.
     pub workers: usize,
+    /// Each local worker's device (`cpu`, `cuda:N`), by local index modulo its length.
+    pub devices: Vec<String>,
     /// Compute threads per worker (`None`: the cores divided among the workers).
     pub threads_per_worker: Option<usize>,
     /// Restarts of this host's workers allowed in all.
@@ -195,6 +197,8 @@ async fn ask_coordinator(opts: &AgentOptions) -> anyhow::Result<Peer> {
 }
 
 struct WorkerProcess {
+    /// This host's index of the worker.
+    local: usize,
     /// "0", "1", ... or "#0" for a worker whose rank the coordinator picks.
     label: String,
     rank: Option<u32>,
@@ -218,12 +222,13 @@ fn spawn(opts: &AgentOptions, w: &WorkerProcess, threads: usize) -> anyhow::Resu
     if opts.json_logs {
         cmd.args(["--log-format", "json"]);
     }
+    let device = &opts.devices[w.local % opts.devices.len().max(1)];
     cmd.args([
         "worker",
         "--coordinator",
         &opts.coordinator,
         "--device",
-        "cpu",
+        device,
     ])
     .args(["--threads", &threads.to_string()])
     .args([
@@ -351,6 +356,7 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
         .into_iter()
         .enumerate()
         .map(|(i, rank)| WorkerProcess {
+            local: i,
             label: rank.map(|r| r.to_string()).unwrap_or(format!("#{i}")),
             rank,
             child: None,
@@ -363,7 +369,8 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
         workers = opts.workers,
         ranks = ?opts.ranks(),
         threads_per_worker = threads,
-        "starting this host's CPU workers"
+        devices = ?opts.devices,
+        "starting this host's workers"
     );
     let mut restarts = 0;
     let outcome: anyhow::Result<()> = 'watch: loop {
@@ -482,6 +489,7 @@ mod tests {
             job_id: Some("alpha".into()),
             node_rank,
             workers,
+            devices: vec!["cpu".into()],
             threads_per_worker: None,
             max_restarts: 3,
             rejoin_timeout: Duration::from_secs(60),

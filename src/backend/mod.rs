@@ -11,6 +11,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod rng;
+pub mod selftest;
 
 pub use cpu::Cpu;
 
@@ -171,6 +172,16 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> String;
 
     fn zeros(&self, len: usize) -> Self::Buf;
+    /// [`Backend::zeros`], or an error when the device's memory is full.
+    fn try_zeros(&self, len: usize) -> anyhow::Result<Self::Buf> {
+        Ok(self.zeros(len))
+    }
+    /// Waits until every op queued so far has finished (device backends queue them).
+    fn synchronize(&self) {}
+    /// Device memory in use (bytes, the whole device as its driver reports it), for devices.
+    fn device_memory_in_use(&self) -> Option<u64> {
+        None
+    }
     fn upload(&self, host: &[f32]) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn buf_len(&self, buf: &Self::Buf) -> usize;

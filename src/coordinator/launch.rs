@@ -18,6 +18,8 @@ pub struct LaunchOptions {
     pub run_dir: PathBuf,
     /// Compute threads per worker.
     pub threads_per_worker: usize,
+    /// Each rank's device (`cpu`, `cuda:N`), by rank modulo its length.
+    pub devices: Vec<String>,
     /// The binary to start workers from (this one).
     pub exe: PathBuf,
     /// Workers log JSON lines instead of text.
@@ -126,7 +128,8 @@ fn run_generation(opts: &LaunchOptions, cfg: &CoordinatorConfig) -> anyhow::Resu
         if opts.json_logs {
             cmd.args(["--log-format", "json"]);
         }
-        cmd.args(["worker", "--coordinator", &url, "--device", "cpu"])
+        let device = &opts.devices[rank % opts.devices.len().max(1)];
+        cmd.args(["worker", "--coordinator", &url, "--device", device])
             .args([
                 "--job-id",
                 &cfg.job_id,

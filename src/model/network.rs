@@ -224,29 +224,40 @@ struct ColumnGrads<B: Backend> {
     dg2: B::Buf,
 }
 
+/// A buffer of the network's, or an error naming what did not fit and at which batch size.
+fn alloc<B: Backend>(b: &B, what: &str, batch: usize, len: usize) -> anyhow::Result<B::Buf> {
+    b.try_zeros(len).map_err(|e| {
+        anyhow::anyhow!(
+            "the {what} ({} MiB) at batch {batch} does not fit: {e:#}; lower --batch, or spread \
+             the job over more devices (--replicas)",
+            (4 * len) >> 20
+        )
+    })
+}
+
 impl<B: Backend> ColumnGrads<B> {
-    fn new(b: &B, g: &Geoms) -> Self {
+    fn new(b: &B, g: &Geoms) -> anyhow::Result<Self> {
         let w = g.exchange_widths();
         let batch = g.batch;
-        ColumnGrads {
-            dz8: b.zeros(batch * w[4]),
-            dh7: b.zeros(batch * w[3]),
-            dh6: b.zeros(batch * w[2]),
-            dp5: b.zeros(batch * w[1]),
-            da5: b.zeros(g.conv[4].out_len()),
-            da4: b.zeros(g.conv[3].out_len()),
-            da3: b.zeros(g.conv[2].out_len()),
-            dp2: b.zeros(batch * w[0]),
-            dl2: b.zeros(g.lrn[1].len()),
-            da2: b.zeros(g.lrn[1].len()),
-            dp1: b.zeros(g.pool[0].out_len()),
-            dl1: b.zeros(g.lrn[0].len()),
-            da1: b.zeros(g.lrn[0].len()),
-            dg7: b.zeros(batch * g.fc[2].inp),
-            dg6: b.zeros(batch * g.fc[1].inp),
-            dg5: b.zeros(batch * g.fc[0].inp),
-            dg2: b.zeros(g.conv[2].in_len()),
-        }
+        Ok(ColumnGrads {
+            dz8: alloc(b, "fc8 gradient", batch, batch * w[4])?,
+            dh7: alloc(b, "fc7 gradient", batch, batch * w[3])?,
+            dh6: alloc(b, "fc6 gradient", batch, batch * w[2])?,
+            dp5: alloc(b, "pool5 gradient", batch, batch * w[1])?,
+            da5: alloc(b, "conv5 gradient", batch, g.conv[4].out_len())?,
+            da4: alloc(b, "conv4 gradient", batch, g.conv[3].out_len())?,
+            da3: alloc(b, "conv3 gradient", batch, g.conv[2].out_len())?,
+            dp2: alloc(b, "pool2 gradient", batch, batch * w[0])?,
+            dl2: alloc(b, "lrn2 gradient", batch, g.lrn[1].len())?,
+            da2: alloc(b, "conv2 gradient", batch, g.lrn[1].len())?,
+            dp1: alloc(b, "pool1 gradient", batch, g.pool[0].out_len())?,
+            dl1: alloc(b, "lrn1 gradient", batch, g.lrn[0].len())?,
+            da1: alloc(b, "conv1 gradient", batch, g.lrn[0].len())?,
+            dg7: alloc(b, "fc8 input gradient", batch, batch * g.fc[2].inp)?,
+            dg6: alloc(b, "fc7 input gradient", batch, batch * g.fc[1].inp)?,
+            dg5: alloc(b, "fc6 input gradient", batch, batch * g.fc[0].inp)?,
+            dg2: alloc(b, "conv3 input gradient", batch, g.conv[2].in_len())?,
+        })
     }
 
     /// Output and input gradient of LRN `i`.
@@ -496,47 +507,52 @@ impl<B: Backend> Network<B> {
         batch * self.cfg.in_channels * self.sides.input * self.sides.input
     }
 
-    fn prepare(&mut self, batch: usize) -> Geoms {
+    fn prepare(&mut self, batch: usize) -> anyhow::Result<Geoms> {
         if let Some(g) = self.geoms.filter(|g| g.batch == batch) {
-            return g;
+            return Ok(g);
         }
         let g = Geoms::new(&self.cfg, &self.sides, batch);
         let b = &self.backend;
         for col in &mut self.columns {
             col.acts = Some(ColumnActs {
-                a1: b.zeros(g.conv[0].out_len()),
-                l1: b.zeros(g.lrn[0].len()),
-                s1: b.zeros(g.lrn[0].len()),
-                p1: b.zeros(g.pool[0].out_len()),
-                a2: b.zeros(g.conv[1].out_len()),
-                l2: b.zeros(g.lrn[1].len()),
-                s2: b.zeros(g.lrn[1].len()),
-                p2: b.zeros(g.pool[1].out_len()),
-                a3: b.zeros(g.conv[2].out_len()),
-                a4: b.zeros(g.conv[3].out_len()),
-                a5: b.zeros(g.conv[4].out_len()),
-                p5: b.zeros(g.pool[2].out_len()),
-                h6: b.zeros(batch * g.fc[0].out),
-                h7: b.zeros(batch * g.fc[1].out),
-                z8: b.zeros(batch * g.fc[2].out),
+                a1: alloc(b, "conv1 output", batch, g.conv[0].out_len())?,
+                l1: alloc(b, "lrn1 output", batch, g.lrn[0].len())?,
+                s1: alloc(b, "lrn1 scale", batch, g.lrn[0].len())?,
+                p1: alloc(b, "pool1 output", batch, g.pool[0].out_len())?,
+                a2: alloc(b, "conv2 output", batch, g.conv[1].out_len())?,
+                l2: alloc(b, "lrn2 output", batch, g.lrn[1].len())?,
+                s2: alloc(b, "lrn2 scale", batch, g.lrn[1].len())?,
+                p2: alloc(b, "pool2 output", batch, g.pool[1].out_len())?,
+                a3: alloc(b, "conv3 output", batch, g.conv[2].out_len())?,
+                a4: alloc(b, "conv4 output", batch, g.conv[3].out_len())?,
+                a5: alloc(b, "conv5 output", batch, g.conv[4].out_len())?,
+                p5: alloc(b, "pool5 output", batch, g.pool[2].out_len())?,
+                h6: alloc(b, "fc6 output", batch, batch * g.fc[0].out)?,
+                h7: alloc(b, "fc7 output", batch, batch * g.fc[1].out)?,
+                z8: alloc(b, "fc8 output", batch, batch * g.fc[2].out)?,
             });
         }
         let w = g.exchange_widths();
         self.gathered = Some(Gathered {
-            g2: b.zeros(batch * COLUMNS * w[0]),
-            g5: b.zeros(batch * COLUMNS * w[1]),
-            g6: b.zeros(batch * COLUMNS * w[2]),
-            g7: b.zeros(batch * COLUMNS * w[3]),
-            logits: b.zeros(batch * COLUMNS * w[4]),
+            g2: alloc(
+                b,
+                "conv3 input (both columns)",
+                batch,
+                batch * COLUMNS * w[0],
+            )?,
+            g5: alloc(b, "fc6 input (both columns)", batch, batch * COLUMNS * w[1])?,
+            g6: alloc(b, "fc7 input (both columns)", batch, batch * COLUMNS * w[2])?,
+            g7: alloc(b, "fc8 input (both columns)", batch, batch * COLUMNS * w[3])?,
+            logits: alloc(b, "logits", batch, batch * COLUMNS * w[4])?,
         });
         self.grads = Some(
             self.columns
                 .iter()
                 .map(|_| ColumnGrads::new(&self.backend, &g))
-                .collect(),
+                .collect::<anyhow::Result<_>>()?,
         );
         self.geoms = Some(g);
-        g
+        Ok(g)
     }
 
     /// Runs the network on `x` and returns the gathered logits `[batch, classes]`.
@@ -554,7 +570,7 @@ impl<B: Backend> Network<B> {
             batch > 0 && batch <= MAX_BATCH,
             "batch {batch} is outside the supported 1..={MAX_BATCH}"
         );
-        let g = self.prepare(batch);
+        let g = self.prepare(batch)?;
         self.last_mode = Some(mode);
         let widths = g.exchange_widths();
         let (lrn, self_lrn_across) = (self.cfg.lrn, self.cfg.lrn_across_columns);

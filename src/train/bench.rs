@@ -45,6 +45,8 @@ pub struct BenchReport {
     pub network_bytes: usize,
     /// The process's peak resident memory (Linux `VmHWM`), when known.
     pub peak_rss_bytes: Option<u64>,
+    /// Device memory in use after the timed steps (GPU backends).
+    pub device_memory_bytes: Option<u64>,
 }
 
 /// Peak resident set size of this process, from `/proc/self/status`.
@@ -84,6 +86,7 @@ pub fn run<B: Backend>(backend: B, opts: &BenchOptions) -> anyhow::Result<BenchR
     for step in 0..opts.warmup {
         let t = Instant::now();
         train_step(&mut net, &x, &labels, step as u64, &sgd)?;
+        net.backend.synchronize();
         tracing::info!(step, ms = t.elapsed().as_secs_f64() * 1e3, "warm-up step");
     }
     net.profile = Default::default();
@@ -91,6 +94,8 @@ pub fn run<B: Backend>(backend: B, opts: &BenchOptions) -> anyhow::Result<BenchR
     for step in 0..opts.steps {
         let t = Instant::now();
         let r = train_step(&mut net, &x, &labels, (opts.warmup + step) as u64, &sgd)?;
+        // A device queues the update: the step ends when it has run.
+        net.backend.synchronize();
         let ms = t.elapsed().as_secs_f64() * 1e3;
         tracing::info!(
             step,
@@ -133,6 +138,7 @@ pub fn run<B: Backend>(backend: B, opts: &BenchOptions) -> anyhow::Result<BenchR
         layers,
         network_bytes: net.resident_bytes(),
         peak_rss_bytes: peak_rss_bytes(),
+        device_memory_bytes: net.backend.device_memory_in_use(),
     })
 }
 
@@ -157,6 +163,13 @@ pub fn render(r: &BenchReport) -> String {
     let _ = writeln!(s, "network memory {:.2} GiB", gib(r.network_bytes as f64));
     if let Some(p) = r.peak_rss_bytes {
         let _ = writeln!(s, "peak RSS       {:.2} GiB", gib(p as f64));
+    }
+    if let Some(d) = r.device_memory_bytes {
+        let _ = writeln!(s, "GPU memory     {:.2} GiB in use", gib(d as f64));
+        let _ = writeln!(
+            s,
+            "(per-layer times below are host-side: the GPU runs the layers asynchronously)"
+        );
     }
     let _ = writeln!(
         s,

@@ -323,14 +323,67 @@ fn local_ip_towards(url: &str) -> anyhow::Result<std::net::IpAddr> {
     Ok(probe.local_addr()?.ip())
 }
 
+/// The device a worker computes on.
+enum Device {
+    Cpu(Cpu),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::backend::cuda::Cuda>),
+}
+
+/// Runs `$body` with `$b` bound to the device's backend, whichever type it is.
+macro_rules! with_device {
+    ($device:expr, $b:ident => $body:expr) => {
+        match $device {
+            Device::Cpu($b) => $body,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(boxed) => {
+                let $b = *boxed;
+                $body
+            }
+        }
+    };
+}
+
+impl Device {
+    /// `cpu`, or `cuda:N` (`cuda` is `cuda:0`).
+    fn open(spec: &str, threads: Option<usize>) -> anyhow::Result<Device> {
+        if spec == "cpu" {
+            return Ok(Device::Cpu(match threads {
+                Some(n) => Cpu::with_threads(n),
+                None => Cpu::new(),
+            }));
+        }
+        let ordinal = match spec.strip_prefix("cuda") {
+            Some("") => 0,
+            Some(n) => n
+                .strip_prefix(':')
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "device `{spec}`: expected cpu, cuda or cuda:N (N a GPU's index)"
+                    )
+                })?,
+            None => bail!("device `{spec}`: expected cpu, cuda or cuda:N"),
+        };
+        #[cfg(feature = "cuda")]
+        {
+            Ok(Device::Cuda(Box::new(crate::backend::cuda::Cuda::new(
+                ordinal,
+            )?)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            bail!("device cuda:{ordinal}: this binary was built without the CUDA backend (cargo feature `cuda`); use --device cpu")
+        }
+    }
+}
+
 /// Runs one worker until the job ends. An error is this worker's failure (already reported to
 /// the coordinator when it could be).
 pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        opts.device == "cpu",
-        "device `{}`: this build has no CUDA backend yet; use --device cpu",
-        opts.device
-    );
+    // The device first: a GPU that cannot start (or kernels that do not compile) is this
+    // worker's error before it takes a place in the job.
+    let device = Device::open(&opts.device, opts.threads)?;
     let ip = local_ip_towards(&opts.coordinator)?;
     let listener = TcpListener::bind((ip, 0))
         .with_context(|| format!("binding the data-plane listener on {ip}"))?;
@@ -475,7 +528,8 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         });
     }
 
-    let result = train(
+    let result = with_device!(device, backend => train(
+        backend,
         &opts,
         &assignment,
         &job,
@@ -489,7 +543,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
             commands: commands.clone(),
             decision_timeout: peer_timeout * 10,
         },
-    );
+    ));
     let send = |event| {
         let _ = events.send(WorkerEvent {
             rank,
@@ -520,7 +574,9 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     }
 }
 
-fn train(
+#[allow(clippy::too_many_arguments)]
+fn train<B: crate::backend::Backend>(
+    backend: B,
     opts: &WorkerOptions,
     a: &Assignment,
     job: &JobConfig,
@@ -545,7 +601,7 @@ fn train(
         opts.token.as_ref().map(|t| t.0.as_str()).unwrap_or(""),
     );
     let t = Instant::now();
-    let ex = connect_tcp::<Cpu>(
+    let ex = connect_tcp::<B>(
         &topology,
         a.rank as usize,
         listener,
@@ -554,10 +610,6 @@ fn train(
         peer_timeout,
     )?;
     tracing::info!(ms = t.elapsed().as_millis() as u64, "data plane connected");
-    let backend = match opts.threads {
-        Some(n) => Cpu::with_threads(n),
-        None => Cpu::new(),
-    };
     let role = Role {
         replica: a.replica as usize,
         columns: ex.columns,

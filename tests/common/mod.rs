@@ -13,9 +13,11 @@ pub struct Golden {
 
 impl Golden {
     pub fn load(name: &str) -> Golden {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/golden")
-            .join(name);
+        // ALEXNET_GOLDEN_DIR: where the test binary runs away from its source tree (the GPU check).
+        let dir = std::env::var_os("ALEXNET_GOLDEN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden"));
+        let path = dir.join(name);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
         let meta = header.metadata().clone().unwrap_or_default();
@@ -132,4 +134,20 @@ pub fn check_finite_diff(
 /// `sum(y * r)`, the scalar whose gradient with respect to `y` is `r`.
 pub fn dot(y: &[f32], r: &[f32]) -> f64 {
     y.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
+}
+
+/// The CUDA backend on GPU 0, or `None` (with a note) where there is none; with
+/// `ALEXNET_REQUIRE_GPU=1` (the prepared GPU check) a missing GPU is a failure instead.
+#[cfg(feature = "cuda")]
+#[allow(dead_code)]
+pub fn gpu() -> Option<alexnet::backend::cuda::Cuda> {
+    if let Some(why) = alexnet::backend::cuda::unavailable() {
+        assert!(
+            std::env::var("ALEXNET_REQUIRE_GPU").is_err(),
+            "ALEXNET_REQUIRE_GPU is set but {why}"
+        );
+        eprintln!("no GPU ({why}): CUDA checks skipped");
+        return None;
+    }
+    Some(alexnet::backend::cuda::Cuda::new(0).expect("starting the CUDA backend"))
 }

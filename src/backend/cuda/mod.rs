@@ -34,6 +34,16 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
+/// GPUs the driver sees (0 without a driver).
+pub fn device_count() -> usize {
+    if unavailable().is_some() {
+        return 0;
+    }
+    CudaContext::device_count()
+        .map(|n| n.max(0) as usize)
+        .unwrap_or(0)
+}
+
 /// The GPU an allocation failed on, for messages.
 #[derive(Clone, Debug)]
 struct DeviceInfo {
@@ -87,8 +97,18 @@ impl Cuda {
     /// Starts the backend on GPU `ordinal`: a context, a stream, cuBLAS, and every kernel
     /// compiled for this GPU's architecture.
     pub fn new(ordinal: usize) -> anyhow::Result<Self> {
+        Self::open(
+            ordinal,
+            std::env::var("ALEXNET_TF32").is_ok_and(|v| v == "1"),
+        )
+    }
+
+    /// [`Cuda::new`], with cuBLAS's TF32 tensor-core mode on or off (off: strict f32).
+    pub fn open(ordinal: usize, tf32: bool) -> anyhow::Result<Self> {
         if let Some(why) = unavailable() {
-            anyhow::bail!("the CUDA backend cannot start: {why}; use --backend cpu");
+            anyhow::bail!(
+                "the CUDA backend cannot start: {why}; use the CPU (--backend cpu, or --device cpu for a worker)"
+            );
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| anyhow::anyhow!("opening GPU {ordinal}: {e:?}"))?;
@@ -102,7 +122,6 @@ impl Cuda {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| {
             anyhow::anyhow!("starting cuBLAS (libcublas.so.13 on LD_LIBRARY_PATH?): {e:?}")
         })?;
-        let tf32 = std::env::var("ALEXNET_TF32").is_ok_and(|v| v == "1");
         // SAFETY: sets the math mode of the handle this struct owns.
         unsafe {
             use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode};
@@ -334,7 +353,19 @@ impl Backend for Cuda {
     }
 
     fn zeros(&self, len: usize) -> CudaSlice<f32> {
-        self.try_zeros(len).unwrap_or_else(|e| panic!("{e:#}"))
+        Cuda::try_zeros(self, len).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    fn try_zeros(&self, len: usize) -> anyhow::Result<CudaSlice<f32>> {
+        Cuda::try_zeros(self, len)
+    }
+
+    fn synchronize(&self) {
+        check(self.stream.synchronize(), "waiting for the GPU");
+    }
+
+    fn device_memory_in_use(&self) -> Option<u64> {
+        Some(self.memory().0 as u64)
     }
 
     fn upload(&self, host: &[f32]) -> CudaSlice<f32> {

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The GPU check, for one call on a machine with an NVIDIA GPU and no Rust toolchain.
+#
+#   scripts/gpu-check.sh prepare   here: builds the release binary and the op tests into
+#                                  target/gpu-check/ (carry that folder with the tree)
+#   scripts/gpu-check.sh [run]     there, in the repository root: finds the CUDA libraries
+#                                  that Python wheels ship (site-packages/nvidia/*/lib), then
+#                                  1. alexnet selftest --backend cuda: every op against the CPU
+#                                     on fresh random inputs, one whole training step, TF32 beside
+#                                  2. the op tests on the GPU: PyTorch's golden vectors, finite
+#                                     differences, a direct convolution
+#                                  3. two worker processes on the one GPU over the TCP exchange
+#                                  4. alexnet bench --backend cuda --batch 128 and PyTorch's
+#                                     paper AlexNet (bench/reference/) on the same GPU
+#                                  and prints one table. Results also go to $OUT/gpu-check/.
+#
+# Each step has its own time limit; the whole run stays under 8 minutes. A step that fails is
+# reported and the next one still runs; the exit status is non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+
+DIR=target/gpu-check
+
+if [[ ${1:-run} == prepare ]]; then
+    set -e
+    cargo build --release --locked
+    ops=$(cargo test --locked --no-run --test ops --message-format=json 2>/dev/null |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "ops" and m.get("executable"):
+        print(m["executable"])')
+    mkdir -p "$DIR"
+    cp target/release/alexnet "$DIR/alexnet"
+    cp "$ops" "$DIR/ops"
+    # Debug information is not needed there, and the carried tree is limited in size.
+    strip --strip-debug "$DIR/alexnet" "$DIR/ops"
+    du -sh "$DIR"/*
+    echo "carry: [\"$DIR\"], then run: scripts/gpu-check.sh"
+    exit 0
+fi
+
+BIN=$DIR/alexnet
+OPS=$DIR/ops
+[[ -x $BIN && -x $OPS ]] || { echo "no $BIN or $OPS: run scripts/gpu-check.sh prepare first, and carry $DIR" >&2; exit 2; }
+RESULTS=${OUT:-/tmp}/gpu-check
+mkdir -p "$RESULTS"
+
+# The CUDA libraries of the Python wheels (cuBLAS, NVRTC, NCCL, ...). NCCL ships libnccl.so.2
+# only; the loader looks for libnccl.so too.
+NV=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null || true)
+LIBDIR=$(mktemp -d /tmp/alexnet-gpu-lib.XXXXXX)
+LIBS=$LIBDIR
+if [[ -n $NV ]]; then
+    for d in "$NV"/*/lib; do LIBS="$LIBS:$d"; done
+    nccl=$(find "$NV" -name 'libnccl.so.2' | head -n 1)
+    [[ -n $nccl ]] && ln -sf "$nccl" "$LIBDIR/libnccl.so"
+fi
+export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "== GPU"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+echo "CUDA libraries from: ${NV:-(no nvidia wheels found)}"
+
+declare -A STATUS
+# step NAME SECONDS COMMAND...: runs COMMAND with a time limit; its standard output goes to
+# $RESULTS/NAME.out, its log (standard error) to $RESULTS/NAME.log.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$RESULTS/$name.out" 2>"$RESULTS/$name.log"
+    local rc=$?
+    tail -n 15 "$RESULTS/$name.log"
+    tail -n 40 "$RESULTS/$name.out"
+    STATUS[$name]="rc=$rc, $((SECONDS - t0)) s"
+    echo "-- $name: ${STATUS[$name]}"
+}
+
+step selftest 150 "$BIN" selftest --backend cuda --json
+step op-tests 150 env ALEXNET_REQUIRE_GPU=1 ALEXNET_GOLDEN_DIR=tests/golden \
+    "$OPS" cuda:: --test-threads=1
+step two-workers-one-gpu 120 "$BIN" launch --backend cuda --steps 40 --log-every 10 \
+    --run-dir "/tmp/alexnet-gpu-launch-$$"
+step bench 150 "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
+step pytorch 200 python3 bench/reference/pytorch_alexnet_gpu.py --batch 128 --steps 20 \
+    --json "$RESULTS/pytorch.json"
+
+echo
+echo "== summary"
+python3 - "$RESULTS" <<'EOF'
+import json, os, re, sys
+res = sys.argv[1]
+
+def last_json(name):
+    try:
+        return json.load(open(os.path.join(res, name + ".out")))
+    except (OSError, ValueError):
+        return None
+
+sel = last_json("selftest")
+if sel:
+    worst = max(sel["checks"], key=lambda c: c["error"])
+    print(f"selftest (strict f32)   {len(sel['checks']) - sel['failed']}/{len(sel['checks'])} passed, "
+          f"worst {worst['error']:.2e} ({worst['what']})")
+    if sel.get("tf32"):
+        w = max(sel["tf32"], key=lambda c: c["error"])
+        print(f"selftest (TF32)         worst {w['error']:.2e} ({w['what']}), not judged")
+else:
+    print("selftest                no result (see selftest.log)")
+try:
+    ops = open(os.path.join(res, "op-tests.out")).read()
+    m = re.search(r"test result: (\w+)\. (\d+) passed; (\d+) failed", ops)
+    print(f"op tests on the GPU     {m.group(2)} passed, {m.group(3)} failed" if m else "op tests                no result")
+except OSError:
+    print("op tests                not run")
+try:
+    launch = open(os.path.join(res, "two-workers-one-gpu.log")).read()
+    print("two workers, one GPU    " + ("finished" if "every worker finished" in launch else "FAILED (see two-workers-one-gpu.log)"))
+except OSError:
+    pass
+ours = last_json("bench")
+try:
+    torch = json.load(open(os.path.join(res, "pytorch.json")))
+except (OSError, ValueError):
+    torch = None
+print()
+print(f"{'training, batch 128':34} {'images/s':>10} {'GPU memory':>12} {'vs PyTorch':>11}")
+base = None
+if torch:
+    for r in torch["rows"]:
+        if not r["tf32"] and not r["channels_last"]:
+            base = r["train_img_s"]
+if ours:
+    mem = ours.get("device_memory_bytes")
+    ratio = f"{ours['images_per_s'] / base:.2f}x" if base else "-"
+    print(f"{'alexnet (' + ours['backend'] + ')':34} {ours['images_per_s']:10.1f} "
+          f"{(mem or 0) / 2**30:10.2f} GiB {ratio:>11}")
+if torch:
+    for r in torch["rows"]:
+        label = f"PyTorch {torch['torch']} tf32={r['tf32']} cl={r['channels_last']}"
+        print(f"{label[:34]:34} {r['train_img_s']:10.1f} {r['peak_mem_gib']:10.2f} GiB "
+              f"{r['train_img_s'] / base if base else float('nan'):10.2f}x")
+print("(alexnet: device memory in use; PyTorch: peak allocated by its caching allocator)")
+EOF
+
+echo
+failed=0
+for name in "${!STATUS[@]}"; do
+    echo "$name: ${STATUS[$name]}"
+    [[ ${STATUS[$name]} == rc=0,* ]] || failed=1
+done
+exit $failed

@@ -1,0 +1,388 @@
+//! `alexnet selftest`: a backend against the CPU reference, on fresh random inputs. Every op
+//! at the network's shapes (strides, pads, groups, the paper's LRN, overlapping pooling,
+//! dropout keyed like the CPU's), then the whole network: one training step (forward,
+//! backward, SGD) from the same parameters, the loss and every parameter compared.
+//!
+//! The error of a check is `max |tested - reference| / max |reference|` over the output:
+//! relative to the output's scale, so that values that should be near zero do not dominate.
+
+use super::{
+    rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
+};
+use serde::Serialize;
+
+/// One compared output.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub what: String,
+    pub error: f64,
+    pub tolerance: f64,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.error <= self.tolerance
+    }
+}
+
+/// `max |a - b| / max |b|` (0 for two empty or all-zero outputs that agree).
+pub fn scaled_error(a: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(
+        a.len(),
+        reference.len(),
+        "compared outputs differ in length"
+    );
+    let scale = reference
+        .iter()
+        .fold(0.0f64, |m, &v| m.max((v as f64).abs()));
+    let diff = a.iter().zip(reference).fold(0.0f64, |m, (&x, &y)| {
+        m.max(if x.is_nan() || y.is_nan() {
+            f64::INFINITY
+        } else {
+            (x as f64 - y as f64).abs()
+        })
+    });
+    if diff == 0.0 {
+        0.0
+    } else {
+        diff / scale.max(1e-30)
+    }
+}
+
+/// Random normal values of scale `std`, stream `label`.
+fn randn(seed: u64, label: &str, len: usize, std: f32) -> Vec<f32> {
+    let key = rng::key(seed, label);
+    (0..len as u64).map(|i| std * rng::normal(key, i)).collect()
+}
+
+struct Pair<'a, R: Backend, T: Backend> {
+    r: &'a R,
+    t: &'a T,
+    tol: f64,
+    checks: Vec<Check>,
+}
+
+impl<R: Backend, T: Backend> Pair<'_, R, T> {
+    fn up(&self, v: &[f32]) -> (R::Buf, T::Buf) {
+        (self.r.upload(v), self.t.upload(v))
+    }
+    fn zeros(&self, n: usize) -> (R::Buf, T::Buf) {
+        (self.r.zeros(n), self.t.zeros(n))
+    }
+    fn compare(&mut self, what: &str, bufs: &(R::Buf, T::Buf)) {
+        let reference = self.r.download(&bufs.0);
+        let tested = self.t.download(&bufs.1);
+        self.checks.push(Check {
+            what: what.to_string(),
+            error: scaled_error(&tested, &reference),
+            tolerance: self.tol,
+        });
+    }
+}
+
+/// The convolutions of the paper's columns, at a small batch and input.
+fn conv_shapes() -> Vec<(&'static str, ConvGeom)> {
+    let g = |batch, in_c, side, out_c, kernel, stride, pad, groups| ConvGeom {
+        batch,
+        in_c,
+        in_h: side,
+        in_w: side,
+        out_c,
+        kernel,
+        stride,
+        pad,
+        groups,
+    };
+    vec![
+        (
+            "conv 11x11 stride 4 pad 2 (conv1)",
+            g(4, 3, 67, 48, 11, 4, 2, 1),
+        ),
+        ("conv 5x5 pad 2 (conv2)", g(4, 48, 13, 64, 5, 1, 2, 1)),
+        ("conv 3x3 pad 1 (conv3..5)", g(4, 96, 7, 96, 3, 1, 1, 1)),
+        ("conv 3x3 pad 1, 2 groups", g(3, 32, 9, 48, 3, 1, 1, 2)),
+    ]
+}
+
+/// Every op of `tested` against `reference` on fresh random inputs drawn from `seed`.
+pub fn ops<R: Backend, T: Backend>(reference: &R, tested: &T, seed: u64, tol: f64) -> Vec<Check> {
+    let mut p = Pair {
+        r: reference,
+        t: tested,
+        tol,
+        checks: Vec::new(),
+    };
+    for (name, g) in conv_shapes() {
+        let x = p.up(&randn(seed, "x", g.in_len(), 1.0));
+        let w = p.up(&randn(seed, "w", g.weight_len(), 0.1));
+        let b = p.up(&randn(seed, "b", g.out_c, 0.1));
+        let dy = p.up(&randn(seed, "dy", g.out_len(), 1.0));
+        let mut y = p.zeros(g.out_len());
+        p.r.conv2d_forward(&g, &x.0, &w.0, &b.0, &mut y.0);
+        p.t.conv2d_forward(&g, &x.1, &w.1, &b.1, &mut y.1);
+        p.compare(&format!("{name}: forward"), &y);
+        let (mut dx, mut dw, mut db) = (
+            p.zeros(g.in_len()),
+            p.zeros(g.weight_len()),
+            p.zeros(g.out_c),
+        );
+        p.r.conv2d_backward(&g, &x.0, &w.0, &dy.0, Some(&mut dx.0), &mut dw.0, &mut db.0);
+        p.t.conv2d_backward(&g, &x.1, &w.1, &dy.1, Some(&mut dx.1), &mut dw.1, &mut db.1);
+        p.compare(&format!("{name}: input gradient"), &dx);
+        p.compare(&format!("{name}: weight gradient"), &dw);
+        p.compare(&format!("{name}: bias gradient"), &db);
+    }
+    {
+        let g = PlaneGeom {
+            batch: 4,
+            channels: 48,
+            plane: 15 * 15,
+        };
+        let lrn = LrnParams::default();
+        // Post-ReLU activations of the paper's scale, where the normaliser matters.
+        let xs: Vec<f32> = randn(seed, "lrn.x", g.len(), 30.0)
+            .into_iter()
+            .map(|v| v.max(0.0))
+            .collect();
+        let x = p.up(&xs);
+        let dy = p.up(&randn(seed, "lrn.dy", g.len(), 1.0));
+        let (mut y, mut s) = (p.zeros(g.len()), p.zeros(g.len()));
+        p.r.lrn_forward(&g, &lrn, &x.0, &mut y.0, &mut s.0);
+        p.t.lrn_forward(&g, &lrn, &x.1, &mut y.1, &mut s.1);
+        p.compare("lrn (paper's): forward", &y);
+        let mut dx = p.zeros(g.len());
+        p.r.lrn_backward(&g, &lrn, &x.0, &y.0, &s.0, &dy.0, &mut dx.0);
+        p.t.lrn_backward(&g, &lrn, &x.1, &y.1, &s.1, &dy.1, &mut dx.1);
+        p.compare("lrn (paper's): input gradient", &dx);
+    }
+    {
+        let g = PoolGeom {
+            batch: 4,
+            channels: 24,
+            in_h: 27,
+            in_w: 27,
+            size: 3,
+            stride: 2,
+        };
+        let xs = randn(seed, "pool.x", g.in_len(), 1.0);
+        let x = p.up(&xs);
+        let dy = p.up(&randn(seed, "pool.dy", g.out_len(), 1.0));
+        let mut y = p.zeros(g.out_len());
+        p.r.maxpool_forward(&g, &x.0, &mut y.0);
+        p.t.maxpool_forward(&g, &x.1, &mut y.1);
+        p.compare("max pool 3/2: forward", &y);
+        let mut dx = p.zeros(g.in_len());
+        p.r.maxpool_backward(&g, &x.0, &y.0, &dy.0, &mut dx.0);
+        p.t.maxpool_backward(&g, &x.1, &y.1, &dy.1, &mut dx.1);
+        p.compare("max pool 3/2: input gradient", &dx);
+        // Ties (ReLU zeros): the first maximum of each window takes the gradient on both.
+        let ties: Vec<f32> = xs.iter().map(|v| v.max(0.0).round()).collect();
+        let x = p.up(&ties);
+        p.r.maxpool_forward(&g, &x.0, &mut y.0);
+        p.t.maxpool_forward(&g, &x.1, &mut y.1);
+        p.r.maxpool_backward(&g, &x.0, &y.0, &dy.0, &mut dx.0);
+        p.t.maxpool_backward(&g, &x.1, &y.1, &dy.1, &mut dx.1);
+        p.compare("max pool 3/2 with ties: input gradient", &dx);
+    }
+    {
+        let n = 10_007;
+        let xs = randn(seed, "relu.x", n, 1.0);
+        let mut x = p.up(&xs);
+        p.r.relu_forward(&mut x.0);
+        p.t.relu_forward(&mut x.1);
+        p.compare("relu: forward", &x);
+        let mut dy = p.up(&randn(seed, "relu.dy", n, 1.0));
+        p.r.relu_backward(&x.0, &mut dy.0);
+        p.t.relu_backward(&x.1, &mut dy.1);
+        p.compare("relu: gradient", &dy);
+    }
+    {
+        let (rows, cols) = (16, 300);
+        let key = DropoutKey {
+            seed: rng::key(seed, "dropout"),
+            row_offset: 32,
+            col_offset: 300,
+            total_cols: 600,
+        };
+        let mut x = p.up(&randn(seed, "dropout.x", rows * cols, 1.0));
+        p.r.dropout_forward(rows, cols, 0.5, &key, &mut x.0);
+        p.t.dropout_forward(rows, cols, 0.5, &key, &mut x.1);
+        p.compare("dropout 0.5 (mask keyed by global position)", &x);
+        let mut dy = p.up(&randn(seed, "dropout.dy", rows * cols, 1.0));
+        p.r.dropout_backward(rows, cols, 0.5, &key, &mut dy.0);
+        p.t.dropout_backward(rows, cols, 0.5, &key, &mut dy.1);
+        p.compare("dropout 0.5: gradient", &dy);
+    }
+    {
+        let g = LinearGeom {
+            rows: 16,
+            inp: 576,
+            out: 200,
+        };
+        let x = p.up(&randn(seed, "fc.x", g.rows * g.inp, 1.0));
+        let w = p.up(&randn(seed, "fc.w", g.out * g.inp, 0.05));
+        let b = p.up(&randn(seed, "fc.b", g.out, 0.1));
+        let dy = p.up(&randn(seed, "fc.dy", g.rows * g.out, 1.0));
+        let mut y = p.zeros(g.rows * g.out);
+        p.r.linear_forward(&g, &x.0, &w.0, &b.0, &mut y.0);
+        p.t.linear_forward(&g, &x.1, &w.1, &b.1, &mut y.1);
+        p.compare("linear: forward", &y);
+        let (mut dx, mut dw, mut db) = (
+            p.zeros(g.rows * g.inp),
+            p.zeros(g.out * g.inp),
+            p.zeros(g.out),
+        );
+        p.r.linear_backward(&g, &x.0, &w.0, &dy.0, Some(&mut dx.0), &mut dw.0, &mut db.0);
+        p.t.linear_backward(&g, &x.1, &w.1, &dy.1, Some(&mut dx.1), &mut dw.1, &mut db.1);
+        p.compare("linear: input gradient", &dx);
+        p.compare("linear: weight gradient", &dw);
+        p.compare("linear: bias gradient", &db);
+    }
+    {
+        let (rows, classes) = (32, 1000);
+        let z = p.up(&randn(seed, "logits", rows * classes, 3.0));
+        let labels: Vec<u32> = (0..rows as u64)
+            .map(|i| (rng::mix64(seed ^ i) % classes as u64) as u32)
+            .collect();
+        let mut d = p.zeros(rows * classes);
+        let lr = p.r.softmax_xent(rows, classes, &z.0, &labels, &mut d.0);
+        let lt = p.t.softmax_xent(rows, classes, &z.1, &labels, &mut d.1);
+        p.compare("softmax cross-entropy: gradient", &d);
+        p.checks.push(Check {
+            what: "softmax cross-entropy: loss".into(),
+            error: scaled_error(&[lt], &[lr]),
+            tolerance: tol,
+        });
+    }
+    {
+        let n = 4099;
+        let sgd = SgdParams::default();
+        let mut w = p.up(&randn(seed, "sgd.w", n, 0.1));
+        let mut v = p.up(&randn(seed, "sgd.v", n, 0.01));
+        let g = p.up(&randn(seed, "sgd.g", n, 0.1));
+        p.r.sgd_update(&sgd, &mut w.0, &mut v.0, &g.0);
+        p.t.sgd_update(&sgd, &mut w.1, &mut v.1, &g.1);
+        p.compare("sgd: weights", &w);
+        p.compare("sgd: momentum", &v);
+    }
+    {
+        let rows = 8;
+        let (a, b) = (
+            p.up(&randn(seed, "cat.a", rows * 5, 1.0)),
+            p.up(&randn(seed, "cat.b", rows * 7, 1.0)),
+        );
+        let mut out = p.zeros(rows * 12);
+        p.r.concat_rows(rows, &[&a.0, &b.0], &[5, 7], &mut out.0);
+        p.t.concat_rows(rows, &[&a.1, &b.1], &[5, 7], &mut out.1);
+        p.compare("concat rows (all-gather)", &out);
+        let mut part = p.up(&randn(seed, "slice.d", rows * 7, 1.0));
+        p.r.slice_rows(rows, 12, 5, 7, &out.0, &mut part.0, true);
+        p.t.slice_rows(rows, 12, 5, 7, &out.1, &mut part.1, true);
+        p.compare("slice rows, accumulating (reduce-scatter)", &part);
+    }
+    p.checks
+}
+
+/// One training step of the network `cfg` (both columns in one process) from the same
+/// parameters on `reference` and `tested`: the loss and every parameter after the update.
+pub fn network<R: Backend, T: Backend>(
+    cfg: &crate::model::NetConfig,
+    reference: R,
+    tested: T,
+    batch: usize,
+    seed: u64,
+    tol: f64,
+) -> anyhow::Result<Vec<Check>> {
+    use crate::comm::LocalExchange;
+    use crate::model::Network;
+    let mut a = Network::new(
+        cfg.clone(),
+        reference,
+        Box::new(LocalExchange::default()),
+        seed,
+    )?;
+    let mut b = Network::new(
+        cfg.clone(),
+        tested,
+        Box::new(LocalExchange::default()),
+        seed,
+    )?;
+    let x = randn(seed, "network.x", a.input_len(batch), 30.0);
+    let labels: Vec<u32> = (0..batch as u64)
+        .map(|i| (rng::mix64(seed ^ i) % cfg.classes as u64) as u32)
+        .collect();
+    let sgd = SgdParams::default();
+    let (xa, xb) = (a.backend.upload(&x), b.backend.upload(&x));
+    let ra = crate::train::train_step(&mut a, &xa, &labels, 0, &sgd)?;
+    let rb = crate::train::train_step(&mut b, &xb, &labels, 0, &sgd)?;
+    let mut checks = vec![Check {
+        what: format!("network step (batch {batch}): loss"),
+        error: scaled_error(&[rb.loss], &[ra.loss]),
+        tolerance: tol,
+    }];
+    // The step moved each parameter by lr * (gradient + decay) + momentum: compare the move,
+    // which is what the forward and backward passes computed.
+    let init = Network::new(
+        cfg.clone(),
+        crate::backend::Cpu::with_threads(1),
+        Box::new(LocalExchange::default()),
+        seed,
+    )?;
+    for (((_, pa), (_, pb)), (c, p0)) in a.params().zip(b.params()).zip(init.params()) {
+        let w0 = init.backend.download(&p0.value);
+        let moved = |w: Vec<f32>| -> Vec<f32> { w.iter().zip(&w0).map(|(w, w0)| w - w0).collect() };
+        let (ma, mb) = (
+            moved(a.backend.download(&pa.value)),
+            moved(b.backend.download(&pb.value)),
+        );
+        checks.push(Check {
+            what: format!("network step: update of column {c} {}", pa.name),
+            error: scaled_error(&mb, &ma),
+            tolerance: tol,
+        });
+    }
+    Ok(checks)
+}
+
+/// The checks as a table for people; the last line says whether all passed.
+pub fn render(checks: &[Check]) -> String {
+    let width = checks.iter().map(|c| c.what.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for c in checks {
+        out.push_str(&format!(
+            "{:<width$}  {:>9.2e}  {}\n",
+            c.what,
+            c.error,
+            if c.passed() { "ok" } else { "FAIL" }
+        ));
+    }
+    let failed = checks.iter().filter(|c| !c.passed()).count();
+    out.push_str(&format!(
+        "{} checks, {} failed (tolerance {:.0e} of each output's scale)\n",
+        checks.len(),
+        failed,
+        checks.first().map(|c| c.tolerance).unwrap_or(0.0)
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+
+    #[test]
+    fn the_cpu_passes_against_itself_with_another_work_split() {
+        let checks = ops(&Cpu::with_threads(1), &Cpu::with_threads(3), 7, 1e-5);
+        let failed: Vec<_> = checks.iter().filter(|c| !c.passed()).collect();
+        assert!(failed.is_empty(), "{}", render(&checks));
+        assert!(checks.len() > 25);
+    }
+
+    #[test]
+    fn a_wrong_output_is_caught() {
+        assert_eq!(scaled_error(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((scaled_error(&[1.0, 2.1], &[1.0, 2.0]) - 0.05).abs() < 1e-6);
+        assert!(scaled_error(&[f32::NAN], &[1.0]).is_infinite());
+    }
+}
