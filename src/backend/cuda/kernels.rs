@@ -111,8 +111,10 @@ pub fn compile(name: &str, source: &str, arch: Option<&'static str>) -> anyhow::
     let opts = CompileOptions {
         name: Some(name.to_string()),
         arch,
-        // Strict IEEE f32: the backend is checked against the CPU to 1e-4.
+        // Strict IEEE f32 without fused multiply-adds, rounding as the CPU's code does (it is
+        // checked against the CPU to 1e-4; the ops without products match it bit for bit).
         ftz: Some(false),
+        fmad: Some(false),
         prec_div: Some(true),
         prec_sqrt: Some(true),
         options: vec!["--std=c++17".into()],

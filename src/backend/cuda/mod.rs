@@ -69,8 +69,13 @@ const THREADS: u32 = 256;
 /// Most floats the convolution's unfolding buffer may hold (1 GiB).
 const MAX_COLUMNS: usize = 1 << 28;
 
+/// One thread per element (most of our kernels are not grid-stride loops, so the grid must
+/// cover every element: up to 2^31 - 1 blocks).
 fn grid(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 20) as u32;
+    let blocks = u32::try_from(n.div_ceil(THREADS as usize).max(1))
+        .ok()
+        .filter(|&b| b < (1 << 31))
+        .unwrap_or_else(|| panic!("CUDA: {n} elements exceed one launch's grid"));
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -125,10 +130,11 @@ impl Cuda {
         // SAFETY: sets the math mode of the handle this struct owns.
         unsafe {
             use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode};
+            // The default math mode uses no TF32 for f32 products.
             let mode = if tf32 {
                 cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
             } else {
-                cublasMath_t::CUBLAS_PEDANTIC_MATH
+                cublasMath_t::CUBLAS_DEFAULT_MATH
             };
             cublasSetMathMode(*blas.handle(), mode)
                 .result()
@@ -176,7 +182,13 @@ impl Cuda {
 
     /// Allocates `len` zeros, or says how much did not fit where.
     pub fn try_zeros(&self, len: usize) -> anyhow::Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| {
+        if len == 0 {
+            return self
+                .stream
+                .null::<f32>()
+                .map_err(|e| anyhow::anyhow!("GPU {}: {e:?}", self.device.ordinal));
+        }
+        self.stream.alloc_zeros::<f32>(len).map_err(|e| {
             let (used, total) = self.memory();
             anyhow::anyhow!(
                 "out of memory on GPU {} ({}): {} MiB more did not fit ({} of {} MiB in use): {e:?}",
@@ -211,6 +223,9 @@ impl Cuda {
         beta: f32,
         c: &mut C,
     ) {
+        // cuBLAS calls do not make the context current (kernel launches and copies do): this
+        // thread may not have run one yet.
+        check(self.ctx.bind_to_thread(), "binding the CUDA context");
         let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
         let cfg = GemmConfig {
             transa: op(tb),
@@ -244,7 +259,7 @@ impl Cuda {
     /// Images per unfolding pass, so that the buffer stays under `MAX_COLUMNS` floats.
     fn images_per_pass(g: &ConvGeom) -> usize {
         let per_image = (g.in_c / g.groups) * g.kernel * g.kernel * g.out_h() * g.out_w();
-        (MAX_COLUMNS / per_image.max(1)).clamp(1, g.batch)
+        (MAX_COLUMNS / per_image.max(1)).clamp(1, g.batch.max(1))
     }
 
     /// Unfolds images `n0..n0+nb`, channels of group `grp`, into `col` (`[nb][K, P]`).
@@ -309,6 +324,17 @@ impl Cuda {
             "augment: {} bytes for {batch} images of side {side}",
             images.len()
         );
+        anyhow::ensure!(
+            mean.len() == 3 * side * side,
+            "augment: a mean image of {} values for side {side}",
+            mean.len()
+        );
+        if let Some(c) = crops
+            .iter()
+            .find(|c| c.0 + out_side > side || c.1 + out_side > side)
+        {
+            anyhow::bail!("augment: crop {c:?} of side {out_side} leaves the {side} image");
+        }
         let dev_images = self
             .stream
             .clone_htod(images)
@@ -376,6 +402,9 @@ impl Backend for Cuda {
     }
 
     fn download(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
+        if buf.is_empty() {
+            return Vec::new();
+        }
         check(self.stream.clone_dtoh(buf), "copying from the GPU")
     }
 
@@ -436,6 +465,7 @@ impl Backend for Cuda {
         db: &mut CudaSlice<f32>,
     ) {
         assert_eq!(x.len(), g.in_len(), "conv input length");
+        assert_eq!(w.len(), g.weight_len(), "conv weight length");
         assert_eq!(dy.len(), g.out_len(), "conv output gradient length");
         assert_eq!(dw.len(), g.weight_len(), "conv weight gradient length");
         assert_eq!(db.len(), g.out_c, "conv bias gradient length");
@@ -720,6 +750,8 @@ impl Backend for Cuda {
         dw: &mut CudaSlice<f32>,
         db: &mut CudaSlice<f32>,
     ) {
+        assert_eq!(x.len(), g.rows * g.inp, "linear input length");
+        assert_eq!(w.len(), g.out * g.inp, "linear weight length");
         assert_eq!(dy.len(), g.rows * g.out, "linear output gradient length");
         assert_eq!(dw.len(), g.out * g.inp, "linear weight gradient length");
         assert_eq!(db.len(), g.out, "linear bias gradient length");
