@@ -1027,6 +1027,21 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 seed,
                 a.tolerance,
             )?);
+            // NCCL on this GPU: judged where its library is here (multi-GPU jobs need it).
+            match alexnet::comm::nccl::check_libraries() {
+                Err(e) => tracing::warn!("NCCL not checked: {e:#}"),
+                Ok(()) => {
+                    let r = alexnet::comm::nccl::one_rank_check(0);
+                    if let Err(e) = &r {
+                        tracing::error!("NCCL: {e:#}");
+                    }
+                    checks.push(selftest::Check {
+                        what: "NCCL: one-rank communicator, all-reduce".into(),
+                        error: if r.is_ok() { 0.0 } else { f64::INFINITY },
+                        tolerance: a.tolerance,
+                    });
+                }
+            }
             // TF32 rounds products' inputs to 10 bits: reported, not judged.
             let tf32 = Cuda::open(0, true)?;
             informational = selftest::ops(&reference, &tf32, seed, 1e-2);

@@ -751,3 +751,104 @@ fn a_host_whose_clock_or_binary_differs_is_refused() {
     let mut c = c;
     let _ = c.child.kill();
 }
+
+/// Registers `reqs` at once (registration answers when every rank has joined).
+fn register_all(
+    url: &str,
+    reqs: Vec<alexnet::proto::RegisterRequest>,
+) -> Vec<Result<alexnet::proto::Assignment, tonic::Status>> {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let opts = alexnet::worker::WorkerOptions {
+            coordinator: url.into(),
+            job_id: None,
+            config_hash: None,
+            generation: None,
+            rank: None,
+            device: "cpu".into(),
+            threads: None,
+            connect_timeout: Duration::from_secs(5),
+            out: None,
+            token: Some(alexnet::coordinator::Secret(TOKEN.into())),
+            tls_ca: None,
+            tls_domain: None,
+        };
+        // Each registration waits for the others: they run side by side.
+        let calls: Vec<_> = reqs
+            .into_iter()
+            .map(|r| {
+                let opts = opts.clone();
+                tokio::spawn(async move {
+                    let mut client = alexnet::worker::client(&opts).await.unwrap();
+                    client.register(r).await.map(|a| a.into_inner())
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for c in calls {
+            out.push(c.await.unwrap());
+        }
+        out
+    })
+}
+
+fn gpu_worker(
+    rank: u32,
+    host: &str,
+    device: &str,
+    nccl: Option<u8>,
+) -> alexnet::proto::RegisterRequest {
+    alexnet::proto::RegisterRequest {
+        host: host.into(),
+        device: device.into(),
+        capabilities: ["cpu", "cuda"]
+            .into_iter()
+            .chain(nccl.map(|_| "nccl"))
+            .map(String::from)
+            .collect(),
+        data_addr: "127.0.0.1:9".into(),
+        rank: Some(rank),
+        version: alexnet::proto::VERSION.into(),
+        pid: 1 + rank,
+        unix_time_ms: alexnet::coordinator::unix_time_ms(),
+        nccl_id: nccl.map(|b| vec![b; 128]).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn column_0s_nccl_id_is_relayed_to_gpu_pairs_on_two_gpus_only() {
+    let cases = [
+        // Two GPUs with NCCL: both ranks get column 0's id.
+        (
+            "eta",
+            [("a", "cuda:0", Some(1)), ("b", "cuda:0", Some(2))],
+            Some(1u8),
+        ),
+        // One GPU for both: NCCL cannot, TCP it is.
+        (
+            "theta",
+            [("a", "cuda:0", Some(1)), ("a", "cuda:0", Some(2))],
+            None,
+        ),
+        // A partner without NCCL.
+        (
+            "iota",
+            [("a", "cuda:0", Some(1)), ("b", "cuda:1", None)],
+            None,
+        ),
+    ];
+    for (job, workers, want) in cases {
+        let (mut c, url) = coordinator(job, &[]);
+        let reqs = workers
+            .iter()
+            .enumerate()
+            .map(|(r, (host, dev, nccl))| gpu_worker(r as u32, host, dev, *nccl))
+            .collect();
+        for a in register_all(&url, reqs) {
+            let a = a.unwrap_or_else(|s| panic!("{job}: {}", s.message()));
+            let expect = want.map(|b| vec![b; 128]).unwrap_or_default();
+            assert_eq!(a.nccl_id, expect, "{job}: rank {}", a.rank);
+        }
+        let _ = c.child.kill();
+    }
+}

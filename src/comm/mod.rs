@@ -26,7 +26,7 @@ pub use local::LocalExchange;
 pub use pair::PairExchange;
 pub use replica::{ReplicaReduce, TcpReplicaGroup};
 pub use tcp::{MeshKey, TcpLink, TcpMesh};
-pub use topology::{connect_tcp, Exchanges, Placement, Topology};
+pub use topology::{connect, connect_tcp, Exchanges, Placement, Topology};
 
 /// What crossed a link (or a set of links) so far: payload only, frame headers apart.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -55,6 +55,15 @@ pub trait Link: Send {
     fn swap(&mut self, mine: &[f32], expect: usize) -> anyhow::Result<Vec<f32>>;
     /// What this link carried so far.
     fn traffic(&self) -> Traffic;
+}
+
+impl<L: Link + ?Sized> Link for Box<L> {
+    fn swap(&mut self, mine: &[f32], expect: usize) -> anyhow::Result<Vec<f32>> {
+        (**self).swap(mine, expect)
+    }
+    fn traffic(&self) -> Traffic {
+        (**self).traffic()
+    }
 }
 
 /// One collective operation between the columns of one network.

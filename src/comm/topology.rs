@@ -4,7 +4,9 @@
 //! column `c` of replica `r`; with both columns per worker, rank `r` is replica `r`.
 
 use super::tcp::MeshKey;
-use super::{ColumnExchange, LocalExchange, PairExchange, ReplicaReduce, TcpMesh, TcpReplicaGroup};
+use super::{
+    ColumnExchange, Link, LocalExchange, PairExchange, ReplicaReduce, TcpMesh, TcpReplicaGroup,
+};
 use crate::backend::Backend;
 use crate::model::config::COLUMNS;
 use serde::{Deserialize, Serialize};
@@ -93,21 +95,37 @@ pub fn connect_tcp<B: Backend>(
     key: MeshKey,
     timeout: Duration,
 ) -> anyhow::Result<Exchanges<B>> {
+    connect(topology, rank, listener, addrs, key, timeout, None)
+}
+
+/// Connects `rank` to the ranks it exchanges with: to its partner column over `column_link`
+/// when given (NCCL between GPUs), over TCP otherwise, and to its replicas over TCP.
+pub fn connect<B: Backend>(
+    topology: &Topology,
+    rank: usize,
+    listener: &TcpListener,
+    addrs: &BTreeMap<usize, String>,
+    key: MeshKey,
+    timeout: Duration,
+    column_link: Option<Box<dyn Link>>,
+) -> anyhow::Result<Exchanges<B>> {
     let partner = topology.column_partner(rank);
     let peers = topology.replica_peers(rank);
     let needed: Vec<usize> = partner
         .iter()
         .copied()
+        .filter(|_| column_link.is_none())
         .chain(peers.iter().map(|p| p.1))
         .collect();
     let mut links = TcpMesh::connect(rank, listener, addrs, &needed, key, timeout)?;
     let place = topology.placement(rank);
-    let columns: Box<dyn ColumnExchange<B>> = match partner {
-        Some(p) => Box::new(PairExchange::new(
+    let columns: Box<dyn ColumnExchange<B>> = match (partner, column_link) {
+        (Some(_), Some(link)) => Box::new(PairExchange::new(place.columns[0], link)),
+        (Some(p), None) => Box::new(PairExchange::new(
             place.columns[0],
             links.remove(&p).expect("connected"),
         )),
-        None => Box::new(LocalExchange::default()),
+        (None, _) => Box::new(LocalExchange::default()),
     };
     let replicas: Option<Box<dyn ReplicaReduce>> = if peers.is_empty() {
         None

@@ -143,6 +143,9 @@ struct Member {
     error: String,
     columns: Vec<u32>,
     replica: u32,
+    capabilities: Vec<String>,
+    /// The NCCL unique id the worker made (GPU workers with NCCL).
+    nccl_id: Vec<u8>,
 }
 
 struct State {
@@ -383,6 +386,8 @@ impl Coordinator {
                 error: String::new(),
                 columns: place.columns.iter().map(|&c| c as u32).collect(),
                 replica: place.replica as u32,
+                capabilities: req.capabilities.clone(),
+                nccl_id: req.nccl_id.clone(),
             },
         );
         tracing::info!(
@@ -421,7 +426,7 @@ impl Coordinator {
                 .iter()
                 .map(|(r, m)| (*r, m.data_addr.clone()))
                 .collect(),
-            nccl_id: Vec::new(),
+            nccl_id: self.pair_nccl_id(&st.members, rank),
             mesh_key: self.mesh_key,
             peer_timeout_ms: self.cfg.peer_timeout.as_millis() as u32,
             heartbeat_ms: self.cfg.heartbeat.as_millis() as u32,
@@ -440,6 +445,30 @@ impl Coordinator {
                 .map(|d| d.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         }
+    }
+
+    /// The NCCL id of `rank`'s pair (its column-0 rank's), when both ranks run on GPUs with
+    /// NCCL and not on the same GPU (NCCL refuses two ranks of a communicator on one device);
+    /// empty otherwise: the pair exchanges over TCP.
+    fn pair_nccl_id(&self, members: &BTreeMap<u32, Member>, rank: u32) -> Vec<u8> {
+        let Some(partner) = self.cfg.job.topology.column_partner(rank as usize) else {
+            return Vec::new();
+        };
+        let (Some(me), Some(other)) = (members.get(&rank), members.get(&(partner as u32))) else {
+            return Vec::new();
+        };
+        let nccl =
+            |m: &Member| m.capabilities.iter().any(|c| c == "nccl") && m.nccl_id.len() == 128;
+        let same_gpu = me.host == other.host && me.device == other.device;
+        if !nccl(me) || !nccl(other) || same_gpu {
+            return Vec::new();
+        }
+        let column0 = if me.columns.first() == Some(&0) {
+            me
+        } else {
+            other
+        };
+        column0.nccl_id.clone()
     }
 
     fn on_event(&self, rank: u32, ev: worker_event::Event) {

@@ -4,7 +4,7 @@
 //! when told that another rank failed.
 
 use crate::backend::Cpu;
-use crate::comm::{connect_tcp, MeshKey, Topology};
+use crate::comm::{MeshKey, Topology};
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::{
     command, worker_event, Assignment, CheckpointShards, Evaluation, Failed, Finished, Heartbeat,
@@ -345,6 +345,35 @@ macro_rules! with_device {
 }
 
 impl Device {
+    /// The GPU's index, for a CUDA device.
+    fn cuda_ordinal(&self) -> Option<usize> {
+        match self {
+            Device::Cpu(_) => None,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(c) => Some(c.ordinal()),
+        }
+    }
+
+    /// What this worker can do, and, on a GPU with NCCL, a fresh NCCL unique id for its pair
+    /// (the coordinator relays column 0's to both ranks; this process must stay up until its
+    /// partner joins, which it does: it is the column-0 worker itself).
+    fn offer(&self) -> (Vec<String>, Vec<u8>) {
+        #[allow(unused_mut)]
+        let mut caps = capabilities();
+        #[cfg(feature = "cuda")]
+        if self.cuda_ordinal().is_some() {
+            caps.push("cuda".into());
+            match crate::comm::nccl::unique_id() {
+                Ok(id) => {
+                    caps.push("nccl".into());
+                    return (caps, id.to_vec());
+                }
+                Err(e) => tracing::info!("no NCCL here ({e:#}): the columns exchange over TCP"),
+            }
+        }
+        (caps, Vec::new())
+    }
+
     /// `cpu`, or `cuda:N` (`cuda` is `cuda:0`).
     fn open(spec: &str, threads: Option<usize>) -> anyhow::Result<Device> {
         if spec == "cpu" {
@@ -384,6 +413,8 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     // The device first: a GPU that cannot start (or kernels that do not compile) is this
     // worker's error before it takes a place in the job.
     let device = Device::open(&opts.device, opts.threads)?;
+    let (capabilities, nccl_id) = device.offer();
+    let gpu = device.cuda_ordinal();
     let ip = local_ip_towards(&opts.coordinator)?;
     let listener = TcpListener::bind((ip, 0))
         .with_context(|| format!("binding the data-plane listener on {ip}"))?;
@@ -399,12 +430,13 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         generation: opts.generation,
         host: host.clone(),
         device: opts.device.clone(),
-        capabilities: capabilities(),
+        capabilities,
         data_addr,
         rank: opts.rank,
         version: crate::proto::VERSION.into(),
         pid: std::process::id(),
         unix_time_ms: crate::coordinator::unix_time_ms(),
+        nccl_id,
     };
     let (mut client, assignment) = rt.block_on(async {
         let mut client = client(&opts).await?;
@@ -530,6 +562,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
 
     let result = with_device!(device, backend => train(
         backend,
+        gpu,
         &opts,
         &assignment,
         &job,
@@ -577,6 +610,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn train<B: crate::backend::Backend>(
     backend: B,
+    gpu: Option<usize>,
     opts: &WorkerOptions,
     a: &Assignment,
     job: &JobConfig,
@@ -601,15 +635,22 @@ fn train<B: crate::backend::Backend>(
         opts.token.as_ref().map(|t| t.0.as_str()).unwrap_or(""),
     );
     let t = Instant::now();
-    let ex = connect_tcp::<B>(
+    let column_link = nccl_column_link(gpu, a, &topology, peer_timeout)?;
+    let over = if column_link.is_some() { "NCCL" } else { "TCP" };
+    let ex = crate::comm::connect::<B>(
         &topology,
         a.rank as usize,
         listener,
         &addrs,
         key,
         peer_timeout,
+        column_link,
     )?;
-    tracing::info!(ms = t.elapsed().as_millis() as u64, "data plane connected");
+    tracing::info!(
+        ms = t.elapsed().as_millis() as u64,
+        columns_over = over,
+        "data plane connected"
+    );
     let role = Role {
         replica: a.replica as usize,
         columns: ex.columns,
@@ -650,6 +691,38 @@ fn train<B: crate::backend::Backend>(
         replica_seconds,
         train_seconds,
     })
+}
+
+/// The link to the partner column over NCCL, when the coordinator relayed a NCCL id for this
+/// rank's pair (both on GPUs with NCCL, not on one GPU).
+#[cfg(feature = "cuda")]
+fn nccl_column_link(
+    gpu: Option<usize>,
+    a: &Assignment,
+    topology: &Topology,
+    timeout: Duration,
+) -> anyhow::Result<Option<Box<dyn crate::comm::Link>>> {
+    let (Some(ordinal), Ok(id), Some(partner)) = (
+        gpu,
+        <[u8; 128]>::try_from(a.nccl_id.as_slice()),
+        topology.column_partner(a.rank as usize),
+    ) else {
+        return Ok(None);
+    };
+    let me = topology.placement(a.rank as usize).columns[0];
+    let link = crate::comm::nccl::NcclLink::new(ordinal, me, partner, id, timeout)
+        .context("joining the pair's NCCL communicator")?;
+    Ok(Some(Box::new(link)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_column_link(
+    _gpu: Option<usize>,
+    _a: &Assignment,
+    _topology: &Topology,
+    _timeout: Duration,
+) -> anyhow::Result<Option<Box<dyn crate::comm::Link>>> {
+    Ok(None)
 }
 
 fn hostname() -> String {

@@ -168,6 +168,11 @@ impl Cuda {
         })
     }
 
+    /// The GPU's index.
+    pub fn ordinal(&self) -> usize {
+        self.device.ordinal
+    }
+
     fn f(&self, name: &str) -> &CudaFunction {
         self.functions
             .get(name)
