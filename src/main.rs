@@ -1211,6 +1211,9 @@ fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
     let devices = worker_devices(a.backend, "--backend")?;
     let (mut cfg, run_dir) =
         coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
+    if already_complete(&cfg, &run_dir) {
+        return Ok(());
+    }
     // A fresh token per launch, handed to the workers in their environment.
     cfg.token = Some(match read_token(None)? {
         Some(t) => t,
@@ -1294,9 +1297,30 @@ fn read_token(file: Option<&Path>) -> anyhow::Result<Option<Secret>> {
         .map(|t| Secret(t.trim().to_string())))
 }
 
+/// Whether the run being resumed is already complete (then there is nothing to start: a
+/// coordinator restarted after its job finished must not wait for workers that will not come).
+fn already_complete(cfg: &CoordinatorConfig, run_dir: &Path) -> bool {
+    let Some((_, m)) = &cfg.resume else {
+        return false;
+    };
+    let done = m.completes(cfg.job.epochs, cfg.job.max_steps);
+    if done {
+        tracing::info!(
+            run_dir = %run_dir.display(),
+            step = m.step,
+            epochs = cfg.job.epochs,
+            "the run is complete: nothing to train (extend it with --epochs or --steps)"
+        );
+    }
+    done
+}
+
 fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let (mut cfg, run_dir) =
         coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
+    if already_complete(&cfg, &run_dir) {
+        return Ok(());
+    }
     alexnet::coordinator::launch::write_run_files(&run_dir, &cfg)?;
     let mut made_token = None;
     cfg.token = match read_token(a.token_file.as_deref())? {

@@ -852,3 +852,25 @@ fn column_0s_nccl_id_is_relayed_to_gpu_pairs_on_two_gpus_only() {
         let _ = c.child.kill();
     }
 }
+
+#[test]
+fn resuming_a_complete_run_starts_nothing_and_says_so() {
+    let dir = scratch("complete");
+    run_ok(
+        exe()
+            .args(["launch", "--steps", "3", "--threads", "1", "--run-dir"])
+            .arg(&dir),
+    );
+    // A coordinator restarted after its job finished (a scheduler's retry) ends at once.
+    let t = Instant::now();
+    let out = exe()
+        .env("ALEXNET_TOKEN", TOKEN)
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--resume"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("the run is complete"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}

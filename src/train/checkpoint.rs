@@ -47,6 +47,15 @@ pub struct EpochRecord {
     pub seconds: f64,
 }
 
+impl Manifest {
+    /// Whether the run this checkpoint belongs to has nothing left to train: every epoch of
+    /// `epochs` is done, or `max_steps` steps are.
+    pub fn completes(&self, epochs: usize, max_steps: Option<u64>) -> bool {
+        (self.epoch >= epochs as u64 && self.batch_in_epoch == 0)
+            || max_steps.is_some_and(|m| self.step >= m)
+    }
+}
+
 /// The folder of the checkpoint after `step` steps.
 pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:09}"))
