@@ -1,6 +1,6 @@
 //! `alexnet`: train, benchmark and (later) serve the two-column network.
 
-use alexnet::backend::Cpu;
+use alexnet::backend::{Cpu, Device};
 use alexnet::comm::Topology;
 use alexnet::coordinator::launch::LaunchOptions;
 use alexnet::coordinator::{CoordinatorConfig, Phase, Secret};
@@ -516,28 +516,7 @@ fn load_net(spec: &str) -> anyhow::Result<NetConfig> {
     Ok(cfg)
 }
 
-/// The backend `--backend` names: `auto` takes CUDA where a driver and a GPU are present and
-/// says which it took and why.
-enum ChosenBackend {
-    Cpu(Cpu),
-    #[cfg(feature = "cuda")]
-    Cuda(Box<alexnet::backend::cuda::Cuda>),
-}
-
-/// Runs `$body` with `$b` bound to the chosen backend, whichever type it is.
-macro_rules! with_backend {
-    ($chosen:expr, $b:ident => $body:expr) => {
-        match $chosen {
-            ChosenBackend::Cpu($b) => $body,
-            #[cfg(feature = "cuda")]
-            ChosenBackend::Cuda(boxed) => {
-                let $b = *boxed;
-                $body
-            }
-        }
-    };
-}
-
+/// The CPU backend on every core, logged.
 fn cpu_ready() -> Cpu {
     let cpu = Cpu::new();
     tracing::info!(
@@ -547,33 +526,35 @@ fn cpu_ready() -> Cpu {
     cpu
 }
 
+/// The backend `--backend` names: `auto` takes CUDA where a driver and a GPU are present and
+/// says which it took and why.
 #[cfg(feature = "cuda")]
-fn choose_backend(choice: BackendChoice) -> anyhow::Result<ChosenBackend> {
+fn choose_backend(choice: BackendChoice) -> anyhow::Result<Device> {
     use alexnet::backend::cuda::{unavailable, Cuda};
     match choice {
-        BackendChoice::Cpu => Ok(ChosenBackend::Cpu(cpu_ready())),
-        BackendChoice::Cuda => Ok(ChosenBackend::Cuda(Box::new(Cuda::new(0)?))),
+        BackendChoice::Cpu => Ok(Device::Cpu(cpu_ready())),
+        BackendChoice::Cuda => Ok(Device::Cuda(Box::new(Cuda::new(0)?))),
         BackendChoice::Auto => match unavailable() {
             None => match Cuda::new(0) {
                 Ok(c) => {
                     tracing::info!("backend auto: a GPU is present, taking CUDA");
-                    Ok(ChosenBackend::Cuda(Box::new(c)))
+                    Ok(Device::Cuda(Box::new(c)))
                 }
                 Err(e) => {
                     tracing::warn!("backend auto: a GPU is present but CUDA did not start ({e:#}): taking the CPU");
-                    Ok(ChosenBackend::Cpu(cpu_ready()))
+                    Ok(Device::Cpu(cpu_ready()))
                 }
             },
             Some(why) => {
                 tracing::info!("backend auto: {why}: taking the CPU");
-                Ok(ChosenBackend::Cpu(cpu_ready()))
+                Ok(Device::Cpu(cpu_ready()))
             }
         },
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn choose_backend(choice: BackendChoice) -> anyhow::Result<ChosenBackend> {
+fn choose_backend(choice: BackendChoice) -> anyhow::Result<Device> {
     match choice {
         BackendChoice::Cuda => anyhow::bail!(
             "--backend cuda: this binary was built without the CUDA backend (cargo feature `cuda`); use --backend cpu"
@@ -583,7 +564,7 @@ fn choose_backend(choice: BackendChoice) -> anyhow::Result<ChosenBackend> {
         }
         BackendChoice::Cpu => {}
     }
-    Ok(ChosenBackend::Cpu(cpu_ready()))
+    Ok(Device::Cpu(cpu_ready()))
 }
 
 fn init_logging(format: LogFormat) {
@@ -808,7 +789,8 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
                 net: load_net(&a.net)?,
                 seed: a.seed,
             };
-            let report = with_backend!(choose_backend(a.backend)?, b => bench::run(b, &opts)?);
+            let report =
+                alexnet::with_device!(choose_backend(a.backend)?, b => bench::run(b, &opts)?);
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -955,7 +937,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         },
         resume.as_ref().map(|r| &r.1),
     );
-    let steps = with_backend!(choose_backend(a.backend)?, backend => {
+    let steps = alexnet::with_device!(choose_backend(a.backend)?, backend => {
         let role = alexnet::train::job::Role {
             replica: 0,
             columns: Box::new(alexnet::comm::LocalExchange::default()),
@@ -999,8 +981,7 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     });
     tracing::info!(seed, "selftest inputs (rerun with --seed to repeat)");
     let reference = Cpu::with_threads(1);
-    let mut informational = Vec::new();
-    let checks = match a.backend {
+    let (checks, informational) = match a.backend {
         BackendChoice::Cpu => {
             let mut checks = selftest::ops(&reference, &Cpu::new(), seed, a.tolerance);
             checks.extend(selftest::network(
@@ -1011,7 +992,7 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 seed,
                 a.tolerance,
             )?);
-            checks
+            (checks, Vec::new())
         }
         #[cfg(feature = "cuda")]
         BackendChoice::Cuda | BackendChoice::Auto => {
@@ -1044,8 +1025,7 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             }
             // TF32 rounds products' inputs to 10 bits: reported, not judged.
             let tf32 = Cuda::open(0, true)?;
-            informational = selftest::ops(&reference, &tf32, seed, 1e-2);
-            checks
+            (checks, selftest::ops(&reference, &tf32, seed, 1e-2))
         }
         #[cfg(not(feature = "cuda"))]
         BackendChoice::Cuda | BackendChoice::Auto => {
@@ -1455,22 +1435,12 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let token = read_token(a.token_file.as_deref())?;
     let opts = alexnet::worker::WorkerOptions {
-        coordinator: a.coordinator.clone(),
-        job_id: None,
-        config_hash: None,
-        generation: None,
-        rank: None,
-        device: "cpu".into(),
-        threads: None,
-        connect_timeout: std::time::Duration::from_secs(5),
-        out: None,
-        token,
         tls_ca: a
             .tls_ca
             .as_ref()
             .map(|p| std::fs::read(p).with_context(|| format!("reading --tls-ca {}", p.display())))
             .transpose()?,
-        tls_domain: None,
+        ..alexnet::worker::WorkerOptions::client_of(&a.coordinator, token)
     };
     let s = rt.block_on(async {
         let mut client = alexnet::worker::client(&opts).await?;

@@ -700,20 +700,10 @@ fn an_agent_of_another_job_or_a_rank_taken_twice_is_a_clear_error() {
 /// Registers by hand (as a worker of another host would), with `version` and a clock `skew`.
 fn register_raw(url: &str, version: &str, skew_ms: i64) -> tonic::Status {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let opts = alexnet::worker::WorkerOptions {
-            coordinator: url.into(),
-            job_id: None,
-            config_hash: None,
-            generation: None,
-            rank: None,
-            device: "cpu".into(),
-            threads: None,
-            connect_timeout: Duration::from_secs(5),
-            out: None,
-            token: Some(alexnet::coordinator::Secret(TOKEN.into())),
-            tls_ca: None,
-            tls_domain: None,
-        };
+        let opts = alexnet::worker::WorkerOptions::client_of(
+            url,
+            Some(alexnet::coordinator::Secret(TOKEN.into())),
+        );
         let mut client = alexnet::worker::client(&opts).await.unwrap();
         client
             .register(alexnet::proto::RegisterRequest {
@@ -758,20 +748,10 @@ fn register_all(
     reqs: Vec<alexnet::proto::RegisterRequest>,
 ) -> Vec<Result<alexnet::proto::Assignment, tonic::Status>> {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let opts = alexnet::worker::WorkerOptions {
-            coordinator: url.into(),
-            job_id: None,
-            config_hash: None,
-            generation: None,
-            rank: None,
-            device: "cpu".into(),
-            threads: None,
-            connect_timeout: Duration::from_secs(5),
-            out: None,
-            token: Some(alexnet::coordinator::Secret(TOKEN.into())),
-            tls_ca: None,
-            tls_domain: None,
-        };
+        let opts = alexnet::worker::WorkerOptions::client_of(
+            url,
+            Some(alexnet::coordinator::Secret(TOKEN.into())),
+        );
         // Each registration waits for the others: they run side by side.
         let calls: Vec<_> = reqs
             .into_iter()

@@ -153,22 +153,14 @@ pub fn check_peer(opts: &AgentOptions, peer: &Peer) -> anyhow::Result<()> {
 /// Asks the coordinator for its job, version, clock and members.
 async fn ask_coordinator(opts: &AgentOptions) -> anyhow::Result<Peer> {
     let wopts = WorkerOptions {
-        coordinator: opts.coordinator.clone(),
-        job_id: None,
-        config_hash: None,
-        generation: None,
-        rank: None,
-        device: "cpu".into(),
-        threads: None,
         connect_timeout: opts.rejoin_timeout,
-        out: None,
-        token: opts.token.clone(),
         tls_ca: opts
             .tls_ca
             .as_ref()
             .map(|p| std::fs::read(p).with_context(|| format!("reading --tls-ca {}", p.display())))
             .transpose()?,
         tls_domain: opts.tls_domain.clone(),
+        ..WorkerOptions::client_of(&opts.coordinator, opts.token.clone())
     };
     let mut client = crate::worker::client(&wopts).await?;
     let sent = crate::coordinator::unix_time_ms();

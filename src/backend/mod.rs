@@ -15,6 +15,73 @@ pub mod selftest;
 
 pub use cpu::Cpu;
 
+/// A backend chosen at run time: the CPU, or a GPU (boxed: the variants differ in size).
+pub enum Device {
+    Cpu(Cpu),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<cuda::Cuda>),
+}
+
+/// Runs `$body` with `$b` bound to the [`Device`]'s backend, whichever type it is (the code
+/// that trains is generic over the backend).
+#[macro_export]
+macro_rules! with_device {
+    ($device:expr, $b:ident => $body:expr) => {
+        match $device {
+            $crate::backend::Device::Cpu($b) => $body,
+            #[cfg(feature = "cuda")]
+            $crate::backend::Device::Cuda(boxed) => {
+                let $b = *boxed;
+                $body
+            }
+        }
+    };
+}
+
+impl Device {
+    /// `cpu` (with `threads` compute threads; default every core), or `cuda:N` (`cuda` is
+    /// `cuda:0`). A GPU that cannot start is an error saying why.
+    pub fn open(spec: &str, threads: Option<usize>) -> anyhow::Result<Device> {
+        if spec == "cpu" {
+            return Ok(Device::Cpu(match threads {
+                Some(n) => Cpu::with_threads(n),
+                None => Cpu::new(),
+            }));
+        }
+        let ordinal = match spec.strip_prefix("cuda") {
+            Some("") => 0,
+            Some(n) => n
+                .strip_prefix(':')
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "device `{spec}`: expected cpu, cuda or cuda:N (N a GPU's index)"
+                    )
+                })?,
+            None => anyhow::bail!("device `{spec}`: expected cpu, cuda or cuda:N"),
+        };
+        #[cfg(feature = "cuda")]
+        {
+            Ok(Device::Cuda(Box::new(cuda::Cuda::new(ordinal)?)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            anyhow::bail!(
+                "device cuda:{ordinal}: this binary was built without the CUDA backend (cargo feature `cuda`); use the CPU"
+            )
+        }
+    }
+
+    /// The GPU's index, for a CUDA device.
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        match self {
+            Device::Cpu(_) => None,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(c) => Some(c.ordinal()),
+        }
+    }
+}
+
 /// Geometry of a 2-D convolution over a batch. Weights are `[out_c, in_c / groups, k, k]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeom {

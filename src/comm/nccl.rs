@@ -722,6 +722,35 @@ const _: () = {
     let _ = send::<NcclLink>;
 };
 
+/// A NCCL communicator of one rank on GPU `device`: made, used for an all-reduce of a known
+/// block (which must come back unchanged), and destroyed. The selftest's check that NCCL and
+/// the driver work together on this machine.
+pub fn one_rank_check(device: usize) -> anyhow::Result<()> {
+    use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    check_libraries()?;
+    guarded("the one-rank NCCL check", || {
+        let ctx = CudaContext::new(device).cuda(&format!("opening CUDA device {device}"))?;
+        let stream = ctx.new_stream().cuda("creating a CUDA stream")?;
+        let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
+        let comm = Comm::from_rank(stream.clone(), 0, 1, id)
+            .map_err(|e| nccl_error("ncclCommInitRank (one rank)", e))?;
+        let host: Vec<f32> = (0..4099).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let send = stream.clone_htod(&host).cuda("copying to the GPU")?;
+        let mut recv = stream
+            .alloc_zeros::<f32>(host.len())
+            .cuda("allocating device memory")?;
+        comm.all_reduce(&send, &mut recv, &ReduceOp::Sum)
+            .map_err(|e| nccl_error("ncclAllReduce (one rank)", e))?;
+        let back = stream.clone_dtoh(&recv).cuda("copying from the GPU")?;
+        anyhow::ensure!(
+            back == host,
+            "a one-rank all-reduce changed its block (first difference at {:?})",
+            back.iter().zip(&host).position(|(a, b)| a != b)
+        );
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -778,33 +807,4 @@ mod tests {
         bad[0] = 0.0;
         assert!(check_header(&bad, 5, (1 << 40) | 3, 12).is_err());
     }
-}
-
-/// A NCCL communicator of one rank on GPU `device`: made, used for an all-reduce of a known
-/// block (which must come back unchanged), and destroyed. The selftest's check that NCCL and
-/// the driver work together on this machine.
-pub fn one_rank_check(device: usize) -> anyhow::Result<()> {
-    use cudarc::nccl::safe::{Comm, Id, ReduceOp};
-    check_libraries()?;
-    guarded("the one-rank NCCL check", || {
-        let ctx = CudaContext::new(device).cuda(&format!("opening CUDA device {device}"))?;
-        let stream = ctx.new_stream().cuda("creating a CUDA stream")?;
-        let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
-        let comm = Comm::from_rank(stream.clone(), 0, 1, id)
-            .map_err(|e| nccl_error("ncclCommInitRank (one rank)", e))?;
-        let host: Vec<f32> = (0..4099).map(|i| i as f32 * 0.5 - 7.0).collect();
-        let send = stream.clone_htod(&host).cuda("copying to the GPU")?;
-        let mut recv = stream
-            .alloc_zeros::<f32>(host.len())
-            .cuda("allocating device memory")?;
-        comm.all_reduce(&send, &mut recv, &ReduceOp::Sum)
-            .map_err(|e| nccl_error("ncclAllReduce (one rank)", e))?;
-        let back = stream.clone_dtoh(&recv).cuda("copying from the GPU")?;
-        anyhow::ensure!(
-            back == host,
-            "a one-rank all-reduce changed its block (first difference at {:?})",
-            back.iter().zip(&host).position(|(a, b)| a != b)
-        );
-        Ok(())
-    })
 }

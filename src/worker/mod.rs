@@ -3,7 +3,7 @@
 //! of the network, and reports every step; it stops when the coordinator says so, and aborts
 //! when told that another rank failed.
 
-use crate::backend::Cpu;
+use crate::backend::Device;
 use crate::comm::{MeshKey, Topology};
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::{
@@ -45,6 +45,27 @@ pub struct WorkerOptions {
     /// certificate, and the name to check it against (default: the URL's host).
     pub tls_ca: Option<Vec<u8>>,
     pub tls_domain: Option<String>,
+}
+
+impl WorkerOptions {
+    /// Options for a control-plane client that is not a worker (`status`, an agent's checks):
+    /// the coordinator, the job's token, and nothing of a worker's own.
+    pub fn client_of(coordinator: &str, token: Option<crate::coordinator::Secret>) -> Self {
+        WorkerOptions {
+            coordinator: coordinator.to_string(),
+            job_id: None,
+            config_hash: None,
+            generation: None,
+            rank: None,
+            device: "cpu".into(),
+            threads: None,
+            connect_timeout: Duration::from_secs(5),
+            out: None,
+            token,
+            tls_ca: None,
+            tls_domain: None,
+        }
+    }
 }
 
 /// Resident memory of this process, from /proc (0 where unknown).
@@ -323,88 +344,26 @@ fn local_ip_towards(url: &str) -> anyhow::Result<std::net::IpAddr> {
     Ok(probe.local_addr()?.ip())
 }
 
-/// The device a worker computes on.
-enum Device {
-    Cpu(Cpu),
+/// What this worker can do, and, on a GPU with NCCL, a fresh NCCL unique id for its pair
+/// (the coordinator relays column 0's to both ranks; this process must stay up until its
+/// partner joins, which it does: it is the column-0 worker itself).
+fn offer(device: &Device) -> (Vec<String>, Vec<u8>) {
+    #[allow(unused_mut)]
+    let mut caps = capabilities();
     #[cfg(feature = "cuda")]
-    Cuda(Box<crate::backend::cuda::Cuda>),
-}
-
-/// Runs `$body` with `$b` bound to the device's backend, whichever type it is.
-macro_rules! with_device {
-    ($device:expr, $b:ident => $body:expr) => {
-        match $device {
-            Device::Cpu($b) => $body,
-            #[cfg(feature = "cuda")]
-            Device::Cuda(boxed) => {
-                let $b = *boxed;
-                $body
+    if device.cuda_ordinal().is_some() {
+        caps.push("cuda".into());
+        match crate::comm::nccl::unique_id() {
+            Ok(id) => {
+                caps.push("nccl".into());
+                return (caps, id.to_vec());
             }
-        }
-    };
-}
-
-impl Device {
-    /// The GPU's index, for a CUDA device.
-    fn cuda_ordinal(&self) -> Option<usize> {
-        match self {
-            Device::Cpu(_) => None,
-            #[cfg(feature = "cuda")]
-            Device::Cuda(c) => Some(c.ordinal()),
+            Err(e) => tracing::info!("no NCCL here ({e:#}): the columns exchange over TCP"),
         }
     }
-
-    /// What this worker can do, and, on a GPU with NCCL, a fresh NCCL unique id for its pair
-    /// (the coordinator relays column 0's to both ranks; this process must stay up until its
-    /// partner joins, which it does: it is the column-0 worker itself).
-    fn offer(&self) -> (Vec<String>, Vec<u8>) {
-        #[allow(unused_mut)]
-        let mut caps = capabilities();
-        #[cfg(feature = "cuda")]
-        if self.cuda_ordinal().is_some() {
-            caps.push("cuda".into());
-            match crate::comm::nccl::unique_id() {
-                Ok(id) => {
-                    caps.push("nccl".into());
-                    return (caps, id.to_vec());
-                }
-                Err(e) => tracing::info!("no NCCL here ({e:#}): the columns exchange over TCP"),
-            }
-        }
-        (caps, Vec::new())
-    }
-
-    /// `cpu`, or `cuda:N` (`cuda` is `cuda:0`).
-    fn open(spec: &str, threads: Option<usize>) -> anyhow::Result<Device> {
-        if spec == "cpu" {
-            return Ok(Device::Cpu(match threads {
-                Some(n) => Cpu::with_threads(n),
-                None => Cpu::new(),
-            }));
-        }
-        let ordinal = match spec.strip_prefix("cuda") {
-            Some("") => 0,
-            Some(n) => n
-                .strip_prefix(':')
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "device `{spec}`: expected cpu, cuda or cuda:N (N a GPU's index)"
-                    )
-                })?,
-            None => bail!("device `{spec}`: expected cpu, cuda or cuda:N"),
-        };
-        #[cfg(feature = "cuda")]
-        {
-            Ok(Device::Cuda(Box::new(crate::backend::cuda::Cuda::new(
-                ordinal,
-            )?)))
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            bail!("device cuda:{ordinal}: this binary was built without the CUDA backend (cargo feature `cuda`); use --device cpu")
-        }
-    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    (caps, Vec::new())
 }
 
 /// Runs one worker until the job ends. An error is this worker's failure (already reported to
@@ -413,7 +372,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     // The device first: a GPU that cannot start (or kernels that do not compile) is this
     // worker's error before it takes a place in the job.
     let device = Device::open(&opts.device, opts.threads)?;
-    let (capabilities, nccl_id) = device.offer();
+    let (capabilities, nccl_id) = offer(&device);
     let gpu = device.cuda_ordinal();
     let ip = local_ip_towards(&opts.coordinator)?;
     let listener = TcpListener::bind((ip, 0))
@@ -560,7 +519,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         });
     }
 
-    let result = with_device!(device, backend => train(
+    let result = crate::with_device!(device, backend => train(
         backend,
         gpu,
         &opts,
