@@ -1000,6 +1000,7 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             let gpu = Cuda::open(0, false)?;
             tracing::info!(backend = %alexnet::backend::Backend::name(&gpu), "checking against the CPU");
             let mut checks = selftest::ops(&reference, &gpu, seed, a.tolerance);
+            checks.push(selftest::augment(&gpu, seed, a.tolerance)?);
             checks.extend(selftest::network(
                 &demo_net(),
                 Cpu::with_threads(1),

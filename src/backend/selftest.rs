@@ -344,6 +344,57 @@ pub fn network<R: Backend, T: Backend>(
     Ok(checks)
 }
 
+/// The CUDA backend's training views (made on the device from uint8 images) against the CPU's
+/// `data::augment::render`, on random images, crops, mirrors and colour shifts.
+#[cfg(feature = "cuda")]
+pub fn augment(gpu: &super::cuda::Cuda, seed: u64, tol: f64) -> anyhow::Result<Check> {
+    use crate::data::augment::{render, Crop};
+    let (batch, side, out) = (6, 40, 32);
+    let key = rng::key(seed, "augment.images");
+    let images: Vec<u8> = (0..(batch * 3 * side * side) as u64)
+        .map(|i| (rng::mix64(key ^ i) & 0xff) as u8)
+        .collect();
+    let mean = randn(seed, "augment.mean", 3 * side * side, 20.0)
+        .into_iter()
+        .map(|v| v + 120.0)
+        .collect::<Vec<f32>>();
+    let crops: Vec<(usize, usize, bool)> = (0..batch)
+        .map(|n| {
+            let h = rng::mix64(seed ^ (n as u64) << 8);
+            (
+                h as usize % (side - out + 1),
+                (h >> 16) as usize % (side - out + 1),
+                h >> 40 & 1 == 1,
+            )
+        })
+        .collect();
+    let shifts: Vec<[f32; 3]> = (0..batch)
+        .map(|n| {
+            let v = randn(seed, &format!("augment.shift{n}"), 3, 10.0);
+            [v[0], v[1], v[2]]
+        })
+        .collect();
+    let mut want = vec![0.0f32; batch * 3 * out * out];
+    for (n, (view, &(x0, y0, flip))) in want.chunks_mut(3 * out * out).zip(&crops).enumerate() {
+        render(
+            &images[n * 3 * side * side..][..3 * side * side],
+            &mean,
+            side,
+            Crop { x0, y0, flip },
+            shifts[n],
+            out,
+            view,
+        );
+    }
+    let dev_mean = gpu.upload(&mean);
+    let got = gpu.download(&gpu.augment(&images, &dev_mean, &crops, &shifts, side, out)?);
+    Ok(Check {
+        what: "training views from uint8 (crop, mirror, mean, colour)".into(),
+        error: scaled_error(&got, &want),
+        tolerance: tol,
+    })
+}
+
 /// The checks as a table for people; the last line says whether all passed.
 pub fn render(checks: &[Check]) -> String {
     let width = checks.iter().map(|c| c.what.len()).max().unwrap_or(0);
