@@ -273,7 +273,7 @@ struct WorkerArgs {
     /// The coordinator, as http://host:port.
     #[arg(long, env = "ALEXNET_COORDINATOR")]
     coordinator: String,
-    /// `cpu`, or `cuda:N` once the CUDA backend exists.
+    /// `cpu`, or `cuda:N` (GPU N; `cuda` is `cuda:0`).
     #[arg(long, default_value = "cpu", env = "ALEXNET_DEVICE")]
     device: String,
     /// Ask for this rank (default: the next free one).
