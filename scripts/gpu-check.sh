@@ -10,11 +10,12 @@
 #                                  2. the op tests on the GPU: PyTorch's golden vectors, finite
 #                                     differences, a direct convolution
 #                                  3. two worker processes on the one GPU over the TCP exchange
-#                                  4. alexnet bench --backend cuda --batch 128 and PyTorch's
-#                                     paper AlexNet (bench/reference/) on the same GPU
+#                                  4. alexnet bench --backend cuda --batch 128 (convolutions by
+#                                     unfolding + cuBLAS, then by cuDNN) and PyTorch's paper
+#                                     AlexNet (bench/reference/) on the same GPU
 #                                  and prints one table. Results also go to $OUT/gpu-check/.
 #
-# Each step has its own time limit; the whole run stays under 8 minutes. A step that fails is
+# Each step has its own time limit (465 s in all): the whole run stays under 8 minutes. A step that fails is
 # reported and the next one still runs; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -77,13 +78,15 @@ step() {
     echo "-- $name: ${STATUS[$name]}"
 }
 
-step selftest 150 "$BIN" selftest --backend cuda --json
-step op-tests 150 env ALEXNET_REQUIRE_GPU=1 ALEXNET_GOLDEN_DIR=tests/golden \
+step selftest 75 "$BIN" selftest --backend cuda --json
+step op-tests 75 env ALEXNET_REQUIRE_GPU=1 ALEXNET_GOLDEN_DIR=tests/golden \
     "$OPS" cuda:: --test-threads=1
-step two-workers-one-gpu 120 "$BIN" launch --backend cuda --steps 40 --log-every 10 \
+step two-workers-one-gpu 75 "$BIN" launch --backend cuda --steps 40 --log-every 10 \
     --run-dir "/tmp/alexnet-gpu-launch-$$"
-step bench 150 "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
-step pytorch 200 python3 bench/reference/pytorch_alexnet_gpu.py --batch 128 --steps 20 \
+step bench 60 "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
+step bench-cudnn 60 env ALEXNET_CONV=cudnn "$BIN" bench --backend cuda --batch 128 --steps 20 \
+    --warmup 3 --json
+step pytorch 120 python3 bench/reference/pytorch_alexnet_gpu.py --batch 128 --steps 15 \
     --json "$RESULTS/pytorch.json"
 
 echo
@@ -120,6 +123,7 @@ try:
 except OSError:
     pass
 ours = last_json("bench")
+ours_dnn = last_json("bench-cudnn")
 try:
     torch = json.load(open(os.path.join(res, "pytorch.json")))
 except (OSError, ValueError):
@@ -131,10 +135,12 @@ if torch:
     for r in torch["rows"]:
         if not r["tf32"] and not r["channels_last"]:
             base = r["train_img_s"]
-if ours:
-    mem = ours.get("device_memory_bytes")
-    ratio = f"{ours['images_per_s'] / base:.2f}x" if base else "-"
-    print(f"{'alexnet (' + ours['backend'] + ')':34} {ours['images_per_s']:10.1f} "
+for r in (ours, ours_dnn):
+    if not r:
+        continue
+    mem = r.get("device_memory_bytes")
+    ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
+    print(f"{('alexnet ' + r['backend'])[:34]:34} {r['images_per_s']:10.1f} "
           f"{(mem or 0) / 2**30:10.2f} GiB {ratio:>11}")
 if torch:
     for r in torch["rows"]:

@@ -1009,6 +1009,30 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 seed,
                 a.tolerance,
             )?);
+            // The cuDNN convolutions (ALEXNET_CONV=cudnn), judged where cuDNN is here.
+            if alexnet::backend::cuda::cudnn::present() {
+                use alexnet::backend::cuda::ConvPath;
+                let dnn = Cuda::open_with(0, false, ConvPath::Cudnn)?;
+                let mut more = selftest::ops(&reference, &dnn, seed, a.tolerance);
+                more.extend(selftest::network(
+                    &demo_net(),
+                    Cpu::with_threads(1),
+                    dnn,
+                    a.batch,
+                    seed,
+                    a.tolerance,
+                )?);
+                checks.extend(
+                    more.into_iter()
+                        .filter(|c| c.what.contains("conv") || c.what.starts_with("network"))
+                        .map(|mut c| {
+                            c.what = format!("cuDNN: {}", c.what);
+                            c
+                        }),
+                );
+            } else {
+                tracing::warn!("cuDNN not checked: libcudnn.so.9 cannot be loaded");
+            }
             // NCCL on this GPU: judged where its library is here (multi-GPU jobs need it).
             match alexnet::comm::nccl::check_libraries() {
                 Err(e) => tracing::warn!("NCCL not checked: {e:#}"),

@@ -8,6 +8,7 @@
 //! that says what is missing, never a crash. cuBLAS runs in strict f32 unless TF32 is asked
 //! for (`ALEXNET_TF32=1`), so results match the CPU backend to 1e-4.
 
+pub mod cudnn;
 pub mod kernels;
 
 use super::{Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams};
@@ -62,6 +63,28 @@ pub struct Cuda {
     columns: Mutex<Option<CudaSlice<f32>>>,
     /// Per-row losses of the softmax (f64, as on the CPU).
     row_loss: Mutex<Option<CudaSlice<f64>>>,
+    /// cuDNN for the convolutions, when chosen (`ConvPath::Cudnn`).
+    dnn: Option<cudnn::DnnCell>,
+}
+
+/// How convolutions run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvPath {
+    /// Unfolding (our im2col kernel) plus cuBLAS matrix products.
+    Unfold,
+    /// cuDNN's convolutions.
+    Cudnn,
+}
+
+impl ConvPath {
+    /// `ALEXNET_CONV=cudnn|unfold` (default: unfold).
+    pub fn from_env() -> anyhow::Result<ConvPath> {
+        match std::env::var("ALEXNET_CONV").as_deref() {
+            Err(_) | Ok("") | Ok("unfold") => Ok(ConvPath::Unfold),
+            Ok("cudnn") => Ok(ConvPath::Cudnn),
+            Ok(other) => anyhow::bail!("ALEXNET_CONV={other}: expected unfold or cudnn"),
+        }
+    }
 }
 
 /// Threads per block of the elementwise kernels.
@@ -108,8 +131,13 @@ impl Cuda {
         )
     }
 
-    /// [`Cuda::new`], with cuBLAS's TF32 tensor-core mode on or off (off: strict f32).
+    /// [`Cuda::new`], with TF32 tensor cores allowed or not (not: strict f32).
     pub fn open(ordinal: usize, tf32: bool) -> anyhow::Result<Self> {
+        Self::open_with(ordinal, tf32, ConvPath::from_env()?)
+    }
+
+    /// [`Cuda::open`] with the convolutions on `conv`.
+    pub fn open_with(ordinal: usize, tf32: bool, conv: ConvPath) -> anyhow::Result<Self> {
         if let Some(why) = unavailable() {
             anyhow::bail!(
                 "the CUDA backend cannot start: {why}; use the CPU (--backend cpu, or --device cpu for a worker)"
@@ -155,7 +183,14 @@ impl Cuda {
                 functions.insert(f, func);
             }
         }
-        tracing::info!(gpu = %name, ordinal, arch, tf32, kernels = functions.len(), "CUDA backend ready");
+        let dnn = match conv {
+            ConvPath::Unfold => None,
+            ConvPath::Cudnn => Some(cudnn::DnnCell(Mutex::new(cudnn::Dnn::new(
+                stream.clone(),
+                tf32,
+            )?))),
+        };
+        tracing::info!(gpu = %name, ordinal, arch, tf32, ?conv, kernels = functions.len(), "CUDA backend ready");
         Ok(Cuda {
             ctx,
             stream,
@@ -165,6 +200,7 @@ impl Cuda {
             tf32,
             columns: Mutex::new(None),
             row_loss: Mutex::new(None),
+            dnn,
         })
     }
 
@@ -376,9 +412,10 @@ impl Backend for Cuda {
 
     fn name(&self) -> String {
         format!(
-            "cuda:{} ({}{})",
+            "cuda:{} ({}{}{})",
             self.device.ordinal,
             self.device.name,
+            if self.dnn.is_some() { ", cuDNN" } else { "" },
             if self.tf32 { ", TF32" } else { "" }
         )
     }
@@ -437,6 +474,10 @@ impl Backend for Cuda {
             // SAFETY: argument types and order match kernels/elementwise.cu.
             check(unsafe { l.launch(grid(g.out_len())) }, "broadcast_channels");
         }
+        if let Some(dnn) = &self.dnn {
+            check(dnn.0.lock().unwrap().forward(g, x, w, y), "cuDNN forward");
+            return;
+        }
         let (cout, cin) = (g.out_c / g.groups, g.in_c / g.groups);
         let kk = cin * g.kernel * g.kernel;
         let per = kk * plane;
@@ -481,6 +522,15 @@ impl Backend for Cuda {
             l.arg(dy).arg(&mut *db).arg(&n).arg(&c).arg(&p);
             // SAFETY: argument types and order match kernels/bias.cu.
             check(unsafe { l.launch(per_item(g.out_c)) }, "bias_grad_channels");
+        }
+        if let Some(dnn) = &self.dnn {
+            let mut dnn = dnn.0.lock().unwrap();
+            check(dnn.backward_filter(g, x, dy, dw), "cuDNN backward filter");
+            if let Some(dx) = dx {
+                assert_eq!(dx.len(), g.in_len(), "conv input gradient length");
+                check(dnn.backward_data(g, w, dy, dx), "cuDNN backward data");
+            }
+            return;
         }
         let (cout, cin) = (g.out_c / g.groups, g.in_c / g.groups);
         let kk = cin * g.kernel * g.kernel;

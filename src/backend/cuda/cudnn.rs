@@ -1,0 +1,203 @@
+//! Convolutions through cuDNN: forward, backward data and backward filter, grouped, NCHW.
+//! Chosen with `ALEXNET_CONV=cudnn` (the default is unfolding plus cuBLAS) until it has been
+//! checked and timed on a GPU beside the unfolding path; `selftest` and `scripts/gpu-check.sh`
+//! run both.
+//!
+//! Strict f32 uses cuDNN's FMA math (no tensor cores); with TF32 allowed, its default math.
+
+use super::super::ConvGeom;
+use cudarc::cudnn::{
+    sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn,
+    FilterDescriptor, TensorDescriptor,
+};
+use cudarc::driver::{CudaSlice, CudaStream};
+use std::sync::Arc;
+
+/// Whether cuDNN (libcudnn.so.9) can be loaded.
+pub fn present() -> bool {
+    // SAFETY: only tries to open the library.
+    unsafe { sys::is_culib_present() }
+}
+
+/// A cuDNN handle with its workspace. Not Send by cudarc's choice (cuDNN handles must not be
+/// used by two threads at once): the backend keeps it in a [`DnnCell`].
+pub struct Dnn {
+    handle: Arc<Cudnn>,
+    stream: Arc<CudaStream>,
+    workspace: Option<CudaSlice<u8>>,
+    tf32: bool,
+}
+
+/// [`Dnn`] behind a mutex: one thread at a time uses the handle and its descriptors, which
+/// is what cuDNN asks of its users.
+pub struct DnnCell(pub std::sync::Mutex<Dnn>);
+
+// SAFETY: every use of the handle goes through the mutex, so no two threads use it at once;
+// cuDNN handles may move between threads.
+unsafe impl Send for DnnCell {}
+// SAFETY: as above.
+unsafe impl Sync for DnnCell {}
+
+type Descriptors = (
+    TensorDescriptor<f32>,
+    FilterDescriptor<f32>,
+    TensorDescriptor<f32>,
+    ConvDescriptor<f32>,
+);
+
+fn err(what: &str, e: impl std::fmt::Debug) -> anyhow::Error {
+    anyhow::anyhow!("cuDNN {what}: {e:?}")
+}
+
+impl Dnn {
+    pub fn new(stream: Arc<CudaStream>, tf32: bool) -> anyhow::Result<Dnn> {
+        anyhow::ensure!(
+            present(),
+            "cuDNN (libcudnn.so.9) cannot be loaded: put its lib folder on LD_LIBRARY_PATH, or \
+             leave ALEXNET_CONV unset for the unfolding path"
+        );
+        let handle = Cudnn::new(stream.clone()).map_err(|e| err("handle", e))?;
+        Ok(Dnn {
+            handle,
+            stream,
+            workspace: None,
+            tf32,
+        })
+    }
+
+    fn descriptors(&self, g: &ConvGeom) -> anyhow::Result<Descriptors> {
+        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let i = |v: usize| v as i32;
+        let x = self
+            .handle
+            .create_4d_tensor::<f32>(nchw, [i(g.batch), i(g.in_c), i(g.in_h), i(g.in_w)])
+            .map_err(|e| err("input descriptor", e))?;
+        let w = self
+            .handle
+            .create_4d_filter::<f32>(
+                nchw,
+                [i(g.out_c), i(g.in_c / g.groups), i(g.kernel), i(g.kernel)],
+            )
+            .map_err(|e| err("filter descriptor", e))?;
+        let y = self
+            .handle
+            .create_4d_tensor::<f32>(nchw, [i(g.batch), i(g.out_c), i(g.out_h()), i(g.out_w())])
+            .map_err(|e| err("output descriptor", e))?;
+        let mut conv = self
+            .handle
+            .create_conv2d::<f32>(
+                [i(g.pad); 2],
+                [i(g.stride); 2],
+                [1, 1],
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            )
+            .map_err(|e| err("convolution descriptor", e))?;
+        conv.set_group_count(i(g.groups))
+            .map_err(|e| err("group count", e))?;
+        conv.set_math_type(if self.tf32 {
+            sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+        } else {
+            sys::cudnnMathType_t::CUDNN_FMA_MATH
+        })
+        .map_err(|e| err("math type", e))?;
+        Ok((x, w, y, conv))
+    }
+
+    /// The workspace, at least `bytes` long (`None` for none).
+    fn workspace(&mut self, bytes: usize) -> anyhow::Result<Option<&mut CudaSlice<u8>>> {
+        if bytes == 0 {
+            return Ok(None);
+        }
+        if self.workspace.as_ref().is_none_or(|w| w.len() < bytes) {
+            self.workspace = None;
+            self.workspace = Some(self.stream.alloc_zeros::<u8>(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "out of GPU memory for cuDNN's workspace ({} MiB): {e:?}",
+                    bytes >> 20
+                )
+            })?);
+        }
+        Ok(self.workspace.as_mut())
+    }
+
+    /// `y += conv(x, w)` (the bias is already in `y`).
+    pub fn forward(
+        &mut self,
+        g: &ConvGeom,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> anyhow::Result<()> {
+        let (xd, wd, yd, cd) = self.descriptors(g)?;
+        let op = ConvForward {
+            conv: &cd,
+            x: &xd,
+            w: &wd,
+            y: &yd,
+        };
+        let algo = op
+            .pick_algorithm()
+            .map_err(|e| err("forward algorithm", e))?;
+        let bytes = op
+            .get_workspace_size(algo)
+            .map_err(|e| err("forward workspace", e))?;
+        let ws = self.workspace(bytes)?;
+        // SAFETY: the buffers' lengths match the descriptors (checked by the caller).
+        unsafe { op.launch(algo, ws, (1.0f32, 1.0f32), x, w, y) }
+            .map_err(|e| err("convolution forward", e))
+    }
+
+    /// `dw = conv_backward_filter(x, dy)`.
+    pub fn backward_filter(
+        &mut self,
+        g: &ConvGeom,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+    ) -> anyhow::Result<()> {
+        let (xd, wd, yd, cd) = self.descriptors(g)?;
+        let op = ConvBackwardFilter {
+            conv: &cd,
+            x: &xd,
+            dw: &wd,
+            dy: &yd,
+        };
+        let algo = op
+            .pick_algorithm()
+            .map_err(|e| err("backward filter algorithm", e))?;
+        let bytes = op
+            .get_workspace_size(algo)
+            .map_err(|e| err("backward filter workspace", e))?;
+        let ws = self.workspace(bytes)?;
+        // SAFETY: as in `forward`.
+        unsafe { op.launch(algo, ws, (1.0f32, 0.0f32), x, dw, dy) }
+            .map_err(|e| err("convolution backward filter", e))
+    }
+
+    /// `dx = conv_backward_data(w, dy)`.
+    pub fn backward_data(
+        &mut self,
+        g: &ConvGeom,
+        w: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) -> anyhow::Result<()> {
+        let (xd, wd, yd, cd) = self.descriptors(g)?;
+        let op = ConvBackwardData {
+            conv: &cd,
+            dx: &xd,
+            w: &wd,
+            dy: &yd,
+        };
+        let algo = op
+            .pick_algorithm()
+            .map_err(|e| err("backward data algorithm", e))?;
+        let bytes = op
+            .get_workspace_size(algo)
+            .map_err(|e| err("backward data workspace", e))?;
+        let ws = self.workspace(bytes)?;
+        // SAFETY: as in `forward`.
+        unsafe { op.launch(algo, ws, (1.0f32, 0.0f32), dx, w, dy) }
+            .map_err(|e| err("convolution backward data", e))
+    }
+}
