@@ -779,7 +779,7 @@ fn gpu_worker(
 ) -> alexnet::proto::RegisterRequest {
     alexnet::proto::RegisterRequest {
         host: host.into(),
-        device: device.into(),
+        device: device.split('@').next().unwrap().into(),
         capabilities: ["cpu", "cuda"]
             .into_iter()
             .chain(nccl.map(|_| "nccl"))
@@ -791,6 +791,11 @@ fn gpu_worker(
         pid: 1 + rank,
         unix_time_ms: alexnet::coordinator::unix_time_ms(),
         nccl_id: nccl.map(|b| vec![b; 128]).unwrap_or_default(),
+        // `cuda:N@UUID` in these cases names the GPU's UUID too.
+        gpu_uuid: device
+            .split_once('@')
+            .map(|d| d.1.to_string())
+            .unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -815,6 +820,17 @@ fn column_0s_nccl_id_is_relayed_to_gpu_pairs_on_two_gpus_only() {
             "iota",
             [("a", "cuda:0", Some(1)), ("b", "cuda:1", None)],
             None,
+        ),
+        // Two device numbers, one GPU (CUDA_VISIBLE_DEVICES renumbers): the UUID tells.
+        (
+            "kappa",
+            [("a", "cuda:0@0f", Some(1)), ("a", "cuda:1@0f", Some(2))],
+            None,
+        ),
+        (
+            "lambda",
+            [("a", "cuda:0@0f", Some(1)), ("a", "cuda:0@1e", Some(2))],
+            Some(1),
         ),
     ];
     for (job, workers, want) in cases {

@@ -72,6 +72,15 @@ impl Device {
         }
     }
 
+    /// How the coordinator should name this device: `cpu`, or `cuda:N` with the GPU's UUID.
+    pub fn describe(&self) -> (String, String) {
+        match self {
+            Device::Cpu(_) => ("cpu".into(), String::new()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(c) => (format!("cuda:{}", c.ordinal()), c.uuid()),
+        }
+    }
+
     /// The GPU's index, for a CUDA device.
     pub fn cuda_ordinal(&self) -> Option<usize> {
         match self {

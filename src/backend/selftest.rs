@@ -358,15 +358,17 @@ pub fn augment(gpu: &super::cuda::Cuda, seed: u64, tol: f64) -> anyhow::Result<C
         .into_iter()
         .map(|v| v + 120.0)
         .collect::<Vec<f32>>();
-    let crops: Vec<(usize, usize, bool)> = (0..batch)
-        .map(|n| {
+    // The first two views: one plain, one mirrored, off the diagonal; the rest at random.
+    let crops: Vec<(usize, usize, bool)> = [(1, 5, false), (6, 2, true)]
+        .into_iter()
+        .chain((2..batch).map(|n| {
             let h = rng::mix64(seed ^ (n as u64) << 8);
             (
                 h as usize % (side - out + 1),
                 (h >> 16) as usize % (side - out + 1),
                 h >> 40 & 1 == 1,
             )
-        })
+        }))
         .collect();
     let shifts: Vec<[f32; 3]> = (0..batch)
         .map(|n| {

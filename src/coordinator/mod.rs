@@ -146,6 +146,7 @@ struct Member {
     capabilities: Vec<String>,
     /// The NCCL unique id the worker made (GPU workers with NCCL).
     nccl_id: Vec<u8>,
+    gpu_uuid: String,
 }
 
 struct State {
@@ -388,6 +389,7 @@ impl Coordinator {
                 replica: place.replica as u32,
                 capabilities: req.capabilities.clone(),
                 nccl_id: req.nccl_id.clone(),
+                gpu_uuid: req.gpu_uuid.clone(),
             },
         );
         tracing::info!(
@@ -459,7 +461,11 @@ impl Coordinator {
         };
         let nccl =
             |m: &Member| m.capabilities.iter().any(|c| c == "nccl") && m.nccl_id.len() == 128;
-        let same_gpu = me.host == other.host && me.device == other.device;
+        let same_gpu = if !me.gpu_uuid.is_empty() && !other.gpu_uuid.is_empty() {
+            me.gpu_uuid == other.gpu_uuid
+        } else {
+            me.host == other.host && me.device == other.device
+        };
         if !nccl(me) || !nccl(other) || same_gpu {
             return Vec::new();
         }

@@ -373,6 +373,8 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     // worker's error before it takes a place in the job.
     let device = Device::open(&opts.device, opts.threads)?;
     let (capabilities, nccl_id) = offer(&device);
+    // `cuda` and `cuda:0` are one GPU: the coordinator sees the normalised name and the UUID.
+    let (device_name, gpu_uuid) = device.describe();
     let gpu = device.cuda_ordinal();
     let ip = local_ip_towards(&opts.coordinator)?;
     let listener = TcpListener::bind((ip, 0))
@@ -388,7 +390,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         config_hash: opts.config_hash.clone().unwrap_or_default(),
         generation: opts.generation,
         host: host.clone(),
-        device: opts.device.clone(),
+        device: device_name,
         capabilities,
         data_addr,
         rank: opts.rank,
@@ -396,6 +398,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         pid: std::process::id(),
         unix_time_ms: crate::coordinator::unix_time_ms(),
         nccl_id,
+        gpu_uuid,
     };
     let (mut client, assignment) = rt.block_on(async {
         let mut client = client(&opts).await?;

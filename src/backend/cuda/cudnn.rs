@@ -28,6 +28,13 @@ pub struct Dnn {
     tf32: bool,
 }
 
+impl Drop for Dnn {
+    fn drop(&mut self) {
+        // cudarc destroys the handle without making the context current.
+        let _ = self.stream.context().bind_to_thread();
+    }
+}
+
 /// [`Dnn`] behind a mutex: one thread at a time uses the handle and its descriptors, which
 /// is what cuDNN asks of its users.
 pub struct DnnCell(pub std::sync::Mutex<Dnn>);
@@ -63,6 +70,15 @@ impl Dnn {
             workspace: None,
             tf32,
         })
+    }
+
+    /// cuDNN's calls do not make the context current (kernel launches do): this thread may not
+    /// have run one yet.
+    fn bind(&self) -> anyhow::Result<()> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| err("binding the CUDA context", e))
     }
 
     fn descriptors(&self, g: &ConvGeom) -> anyhow::Result<Descriptors> {
@@ -128,6 +144,7 @@ impl Dnn {
         w: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
     ) -> anyhow::Result<()> {
+        self.bind()?;
         let (xd, wd, yd, cd) = self.descriptors(g)?;
         let op = ConvForward {
             conv: &cd,
@@ -155,6 +172,7 @@ impl Dnn {
         dy: &CudaSlice<f32>,
         dw: &mut CudaSlice<f32>,
     ) -> anyhow::Result<()> {
+        self.bind()?;
         let (xd, wd, yd, cd) = self.descriptors(g)?;
         let op = ConvBackwardFilter {
             conv: &cd,
@@ -182,6 +200,7 @@ impl Dnn {
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
     ) -> anyhow::Result<()> {
+        self.bind()?;
         let (xd, wd, yd, cd) = self.descriptors(g)?;
         let op = ConvBackwardData {
             conv: &cd,

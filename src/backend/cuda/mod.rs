@@ -209,6 +209,19 @@ impl Cuda {
         self.device.ordinal
     }
 
+    /// The GPU's UUID, hex (empty if the driver does not say).
+    pub fn uuid(&self) -> String {
+        self.ctx
+            .uuid()
+            .map(|u| {
+                u.bytes
+                    .iter()
+                    .map(|b| format!("{:02x}", *b as u8))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn f(&self, name: &str) -> &CudaFunction {
         self.functions
             .get(name)
