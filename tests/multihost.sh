@@ -139,7 +139,7 @@ wait_for "$LIMIT" "$WORK/cut-agent1.log" "^\[rank 0\].*ERROR.*rank 1"
 echo "   the worker on host 1 named rank 1 after $((SECONDS - CUT)) s"
 # Keep the link down a while longer: host 2's worker times out too and is restarted; it waits
 # for the coordinator until the link is back.
-sleep 6
+sleep 10
 ip -n "$NS-h2" link set eth0 up
 echo "   link of host 2 up after $((SECONDS - CUT)) s"
 finish 240 "$C" "run 2's coordinator"

@@ -376,7 +376,24 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     // `cuda` and `cuda:0` are one GPU: the coordinator sees the normalised name and the UUID.
     let (device_name, gpu_uuid) = device.describe();
     let gpu = device.cuda_ordinal();
-    let ip = local_ip_towards(&opts.coordinator)?;
+    // The interface that routes to the coordinator. A host cut off from the network has no
+    // route at all (not a slow one): wait for it like for the coordinator itself.
+    let started = Instant::now();
+    let ip = loop {
+        match local_ip_towards(&opts.coordinator) {
+            Ok(ip) => break ip,
+            Err(e) if started.elapsed() < opts.connect_timeout => {
+                tracing::debug!("no route to the coordinator yet ({e:#}); retrying");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "no route to the coordinator at {} within {:?}: is this host's network up?",
+                    opts.coordinator, opts.connect_timeout
+                )))
+            }
+        }
+    };
     let listener = TcpListener::bind((ip, 0))
         .with_context(|| format!("binding the data-plane listener on {ip}"))?;
     let data_addr = listener.local_addr()?.to_string();
