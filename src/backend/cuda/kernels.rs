@@ -129,14 +129,6 @@ pub fn compile(name: &str, source: &str, arch: Option<&'static str>) -> anyhow::
     })
 }
 
-/// Compiles every kernel file for `arch`.
-pub fn compile_all(arch: Option<&'static str>) -> anyhow::Result<Vec<(&'static str, Ptx)>> {
-    SOURCES
-        .iter()
-        .map(|(name, src, _)| Ok((*name, compile(name, src, arch)?)))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
