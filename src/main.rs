@@ -414,6 +414,11 @@ struct JobArgs {
     /// Threads that make batches from prepared data (per worker).
     #[arg(long)]
     loader_threads: Option<usize>,
+    /// Where training views of prepared data are finished (mirror, mean, colour shift):
+    /// `auto` ships bytes to a GPU and finishes them there, and finishes them in the loader
+    /// threads on a CPU. The views are the same bits either way. [default: auto]
+    #[arg(long, value_enum)]
+    augment_on: Option<alexnet::train::job::AugmentOn>,
     /// Epochs to train. [default: the job's; demo 10, paper 90]
     #[arg(long)]
     epochs: Option<usize>,
@@ -778,6 +783,14 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
                     "cores to feed 5,000 img/s   {:.1}",
                     r.loader_cores_for_5000_per_s
                 );
+                println!(
+                    "loader, bytes for a GPU     {:.0} images/s, {:.1} cores for 5,000 img/s \
+                     ({} bytes per image shipped instead of {})",
+                    r.loader_bytes_images_per_s,
+                    r.loader_bytes_cores_for_5000_per_s,
+                    r.bytes_per_image_bytes,
+                    r.bytes_per_image_floats
+                );
             }
             Ok(())
         }
@@ -852,7 +865,7 @@ fn job_from_args(a: &JobArgs, layout: Option<&LayoutArgs>) -> anyhow::Result<Job
     }
     set!(epochs => epochs, batch => batch, lr => sgd.lr, momentum => sgd.momentum,
          weight_decay => sgd.weight_decay, seed => seed, loader_threads => loader_threads,
-         checkpoint_every => checkpoint_every);
+         checkpoint_every => checkpoint_every, augment_on => augment_on);
     if a.steps.is_some() {
         job.max_steps = a.steps;
     }
@@ -1000,7 +1013,7 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             let gpu = Cuda::open(0, false)?;
             tracing::info!(backend = %alexnet::backend::Backend::name(&gpu), "checking against the CPU");
             let mut checks = selftest::ops(&reference, &gpu, seed, a.tolerance);
-            checks.push(selftest::augment(&gpu, seed, a.tolerance)?);
+            checks.push(selftest::finish_views(&gpu, seed)?);
             checks.extend(selftest::network(
                 &demo_net(),
                 Cpu::with_threads(1),

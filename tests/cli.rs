@@ -189,6 +189,45 @@ fn prepare_then_train_on_the_prepared_photographs() {
     let run = dir.join("run");
     let run = run.to_str().unwrap();
 
+    // Views finished by the backend from bytes (what a GPU does) train the same bits as views
+    // finished by the loader.
+    let columns = |augment_on: &str| -> Vec<Vec<u8>> {
+        let out = dir.join(format!("columns-{augment_on}"));
+        let (ok, err) = alexnet(
+            &[
+                &args[..],
+                &[
+                    "--net",
+                    net.to_str().unwrap(),
+                    "--batch",
+                    "4",
+                    "--steps",
+                    "3",
+                    "--augment-on",
+                    augment_on,
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+            ]
+            .concat(),
+        );
+        assert!(ok, "{err}");
+        let want = if augment_on == "device" {
+            "finished on the device"
+        } else {
+            "finished by the loader"
+        };
+        assert!(err.contains(want), "{augment_on}: {err}");
+        (0..2)
+            .map(|c| std::fs::read(out.join(format!("column{c}.safetensors"))).unwrap())
+            .collect()
+    };
+    let (host, device) = (columns("host"), columns("device"));
+    assert!(
+        host == device,
+        "parameters differ between --augment-on host and device"
+    );
+
     // The paper's ten patches, averaged.
     let out = Command::new(env!("CARGO_BIN_EXE_alexnet"))
         .args(["eval", "--ten-crop", "--batch", "4", "--run", run])

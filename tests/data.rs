@@ -1,7 +1,7 @@
 //! The input pipeline: `prepare` on the carried photographs and on broken inputs, the prepared
 //! form read back, and the loader's determinism and replica split.
 
-use alexnet::data::loader::{self, EpochLoader, LoaderConfig, View};
+use alexnet::data::loader::{self, EpochLoader, LoaderConfig, Pixels, View};
 use alexnet::data::prepare::{decode_square, prepare, symmetric_eigen3, PrepareOptions};
 use alexnet::data::shards::{Dataset, METADATA_FILE};
 use std::collections::HashSet;
@@ -303,6 +303,7 @@ fn config(global_batch: usize, replicas: usize, replica: usize, view: View) -> L
         crop: 224,
         threads: 2,
         prefetch: 2,
+        bytes: false,
     }
 }
 
@@ -324,7 +325,10 @@ fn epoch_digest(ds: &Arc<Dataset>, cfg: &LoaderConfig, epoch: u64) -> u64 {
                 .collect::<Vec<u8>>(),
         );
         h.update(
-            &b.x.iter()
+            &b.pixels
+                .into_floats()
+                .unwrap()
+                .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect::<Vec<u8>>(),
         );
@@ -424,24 +428,25 @@ fn replicas_split_every_batch_disjointly_and_cover_the_epoch() {
 #[test]
 fn evaluation_views_are_the_centre_and_the_ten_patches() {
     let (_dir, ds) = prepared("views");
-    let centre = EpochLoader::new(ds.clone(), config(4, 1, 0, View::Centre), 0)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
-    let ten = EpochLoader::new(ds.clone(), config(4, 1, 0, View::TenPatches), 0)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
+    let first = |view| {
+        let b = EpochLoader::new(ds.clone(), config(4, 1, 0, view), 0).unwrap();
+        b.into_iter()
+            .next()
+            .unwrap()
+            .unwrap()
+            .pixels
+            .into_floats()
+            .unwrap()
+    };
+    let (centre, ten) = (first(View::Centre), first(View::TenPatches));
     let per = 3 * 224 * 224;
-    assert_eq!(centre.x.len(), 4 * per);
-    assert_eq!(ten.x.len(), 40 * per);
+    assert_eq!(centre.len(), 4 * per);
+    assert_eq!(ten.len(), 40 * per);
     // Patch 4 of each sample is the centre crop; patch 9 is its mirror.
     for s in 0..4 {
-        let c = &centre.x[s * per..(s + 1) * per];
-        assert_eq!(&ten.x[(s * 10 + 4) * per..(s * 10 + 5) * per], c);
-        let mirror = &ten.x[(s * 10 + 9) * per..(s * 10 + 10) * per];
+        let c = &centre[s * per..(s + 1) * per];
+        assert_eq!(&ten[(s * 10 + 4) * per..(s * 10 + 5) * per], c);
+        let mirror = &ten[(s * 10 + 9) * per..(s * 10 + 10) * per];
         for row in 0..3 * 224 {
             let (a, b) = (
                 &c[row * 224..(row + 1) * 224],
@@ -456,5 +461,40 @@ fn evaluation_views_are_the_centre_and_the_ten_patches() {
     // The centre view is the stored image minus the mean, at offset 16.
     let (_, img) = ds.image(0).unwrap();
     let want = img[16 * 256 + 16] as f32 - ds.mean[16 * 256 + 16];
-    assert_eq!(centre.x[0], want);
+    assert_eq!(centre[0], want);
+}
+
+#[test]
+fn views_shipped_as_bytes_finish_to_the_same_bits_as_float_views() {
+    let (_dir, ds) = prepared("bytes");
+    for view in [View::Train, View::Centre, View::TenPatches] {
+        let floats = config(8, 2, 1, view);
+        let bytes = LoaderConfig {
+            bytes: true,
+            ..floats.clone()
+        };
+        let a = EpochLoader::new(ds.clone(), floats, 1).unwrap();
+        let b = EpochLoader::new(ds.clone(), bytes, 1).unwrap();
+        let mut batches = 0;
+        for (a, b) in a.zip(b) {
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert_eq!((&a.samples, &a.labels), (&b.samples, &b.labels));
+            let Pixels::Bytes(views) = &b.pixels else {
+                panic!("{view:?}: a byte batch came as floats")
+            };
+            // One byte per value where the float views take four.
+            let values = a.pixels.clone().into_floats().unwrap().len();
+            assert_eq!(views.pixels.len(), values);
+            let bits = |p: Pixels| -> Vec<u32> {
+                p.into_floats()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            assert!(bits(a.pixels) == bits(b.pixels), "{view:?}: views differ");
+            batches += 1;
+        }
+        assert!(batches >= 2, "{view:?}: {batches} batches compared");
+    }
 }

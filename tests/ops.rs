@@ -672,6 +672,26 @@ fn concat_and_slice<B: Backend>(b: &B) {
     assert_eq!(b.download(&back), vec![10.0, 12.0, 14.0, 16.0, 18.0, 20.0]);
 }
 
+/// Views finished from bytes equal the loader's float views bit for bit, and views whose
+/// parts disagree are refused before anything reaches the device.
+fn finish_views_exactly<B: Backend>(b: &B) {
+    for seed in [3, 4] {
+        let check = alexnet::backend::selftest::finish_views(b, seed).unwrap();
+        assert!(check.passed(), "{}: error {:e}", check.what, check.error);
+    }
+    let (mut views, _) = alexnet::backend::selftest::random_byte_views(5, 3);
+    let mean = b.upload(&views.mean);
+    views.crops[1].x0 = views.side;
+    let e = b
+        .finish_views(&views, &mean)
+        .err()
+        .expect("a crop outside its image");
+    assert!(
+        format!("{e:#}").contains("leaves the 40-pixel image"),
+        "{e:#}"
+    );
+}
+
 macro_rules! backend_tests {
     ($device:ident, $make:expr) => {
         mod $device {
@@ -775,6 +795,11 @@ macro_rules! backend_tests {
             fn concat_and_slice_rows() {
                 let Some(b) = $make else { return };
                 concat_and_slice(&b)
+            }
+            #[test]
+            fn views_finished_from_bytes_exactly() {
+                let Some(b) = $make else { return };
+                finish_views_exactly(&b)
             }
         }
     };

@@ -15,6 +15,8 @@ pub mod selftest;
 
 pub use cpu::Cpu;
 
+use crate::data::augment::ByteViews;
+
 /// A backend chosen at run time: the CPU, or a GPU (boxed: the variants differ in size).
 pub enum Device {
     Cpu(Cpu),
@@ -261,6 +263,17 @@ pub trait Backend: Send + Sync {
     fn upload(&self, host: &[f32]) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn buf_len(&self, buf: &Self::Buf) -> usize;
+
+    /// The float views of views cut from uint8 images (mirror, mean subtraction, colour
+    /// shift: see [`ByteViews`]), bit for bit what the loader's `render` makes; `mean` is
+    /// `views.mean` in this backend's memory.
+    fn finish_views(&self, views: &ByteViews, mean: &Self::Buf) -> anyhow::Result<Self::Buf>;
+    /// Whether batches are best shipped as bytes and finished here ([`Self::finish_views`])
+    /// rather than finished by the loader's threads: true for a GPU, which then receives a
+    /// quarter of the bytes and does the arithmetic in microseconds.
+    fn finishes_views(&self) -> bool {
+        false
+    }
 
     /// `y = conv(x, w) + b`.
     fn conv2d_forward(

@@ -9,6 +9,7 @@
 use super::{
     rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
 };
+use crate::data::augment::{self, cut, ByteViews, Crop};
 use serde::Serialize;
 
 /// One compared output.
@@ -344,24 +345,21 @@ pub fn network<R: Backend, T: Backend>(
     Ok(checks)
 }
 
-/// The CUDA backend's training views (made on the device from uint8 images) against the CPU's
-/// `data::augment::render`, on random images, crops, mirrors and colour shifts.
-#[cfg(feature = "cuda")]
-pub fn augment(gpu: &super::cuda::Cuda, seed: u64, tol: f64) -> anyhow::Result<Check> {
-    use crate::data::augment::{render, Crop};
-    let (batch, side, out) = (6, 40, 32);
+/// Random views in bytes: images of side 40 cut to 32, the first two at fixed crops (one plain,
+/// one mirrored, off the diagonal), the rest at random, with random colour shifts.
+pub fn random_byte_views(seed: u64, views: usize) -> (ByteViews, Vec<u8>) {
+    let (side, out) = (40, 32);
     let key = rng::key(seed, "augment.images");
-    let images: Vec<u8> = (0..(batch * 3 * side * side) as u64)
+    let images: Vec<u8> = (0..(views * 3 * side * side) as u64)
         .map(|i| (rng::mix64(key ^ i) & 0xff) as u8)
         .collect();
-    let mean = randn(seed, "augment.mean", 3 * side * side, 20.0)
+    let mean: Vec<f32> = randn(seed, "augment.mean", 3 * side * side, 20.0)
         .into_iter()
         .map(|v| v + 120.0)
-        .collect::<Vec<f32>>();
-    // The first two views: one plain, one mirrored, off the diagonal; the rest at random.
-    let crops: Vec<(usize, usize, bool)> = [(1, 5, false), (6, 2, true)]
+        .collect();
+    let crops: Vec<Crop> = [(1, 5, false), (6, 2, true)]
         .into_iter()
-        .chain((2..batch).map(|n| {
+        .chain((2..views).map(|n| {
             let h = rng::mix64(seed ^ (n as u64) << 8);
             (
                 h as usize % (side - out + 1),
@@ -369,31 +367,63 @@ pub fn augment(gpu: &super::cuda::Cuda, seed: u64, tol: f64) -> anyhow::Result<C
                 h >> 40 & 1 == 1,
             )
         }))
+        .take(views)
+        .map(|(x0, y0, flip)| Crop { x0, y0, flip })
         .collect();
-    let shifts: Vec<[f32; 3]> = (0..batch)
+    let shifts: Vec<[f32; 3]> = (0..views)
         .map(|n| {
             let v = randn(seed, &format!("augment.shift{n}"), 3, 10.0);
             [v[0], v[1], v[2]]
         })
         .collect();
-    let mut want = vec![0.0f32; batch * 3 * out * out];
-    for (n, (view, &(x0, y0, flip))) in want.chunks_mut(3 * out * out).zip(&crops).enumerate() {
-        render(
+    let per = 3 * out * out;
+    let mut pixels = vec![0u8; views * per];
+    for (n, (dst, &c)) in pixels.chunks_mut(per).zip(&crops).enumerate() {
+        cut(
             &images[n * 3 * side * side..][..3 * side * side],
-            &mean,
             side,
-            Crop { x0, y0, flip },
-            shifts[n],
+            c,
+            out,
+            dst,
+        );
+    }
+    let views = ByteViews {
+        side,
+        out_side: out,
+        pixels,
+        crops,
+        shifts,
+        mean: mean.into(),
+    };
+    (views, images)
+}
+
+/// A backend's views finished from bytes (on a GPU: on the device) against the loader's
+/// `data::augment::render` of the whole images, on random images, crops, mirrors and shifts.
+/// Exact (tolerance 0): a subtraction and an addition round the same everywhere, and a run
+/// must not depend on where its views were finished.
+pub fn finish_views<B: Backend>(backend: &B, seed: u64) -> anyhow::Result<Check> {
+    let (views, images) = random_byte_views(seed, 6);
+    let (side, out, per) = (views.side, views.out_side, views.view_len());
+    let mut want = vec![0.0f32; views.views() * per];
+    for (n, view) in want.chunks_mut(per).enumerate() {
+        let image = &images[n * 3 * side * side..][..3 * side * side];
+        augment::render(
+            image,
+            &views.mean,
+            side,
+            views.crops[n],
+            views.shifts[n],
             out,
             view,
         );
     }
-    let dev_mean = gpu.upload(&mean);
-    let got = gpu.download(&gpu.augment(&images, &dev_mean, &crops, &shifts, side, out)?);
+    let mean = backend.upload(&views.mean);
+    let got = backend.download(&backend.finish_views(&views, &mean)?);
     Ok(Check {
-        what: "training views from uint8 (crop, mirror, mean, colour)".into(),
+        what: "training views finished from uint8 (exact)".into(),
         error: scaled_error(&got, &want),
-        tolerance: tol,
+        tolerance: 0.0,
     })
 }
 

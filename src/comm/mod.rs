@@ -26,7 +26,7 @@ pub use local::LocalExchange;
 pub use pair::PairExchange;
 pub use replica::{ReplicaReduce, TcpReplicaGroup};
 pub use tcp::{MeshKey, TcpLink, TcpMesh};
-pub use topology::{connect, connect_tcp, Exchanges, Placement, Topology};
+pub use topology::{connect, connect_tcp, Exchanges, Joined, Placement, Topology};
 
 /// What crossed a link (or a set of links) so far: payload only, frame headers apart.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -6,18 +6,22 @@
 //! ranks (this column and its partner), created from a unique id that column 0 makes with
 //! [`unique_id`] and the coordinator relays to column 1.
 //!
-//! **Current limitation:** [`Link::swap`] takes and returns host memory, so a block is staged
-//! through the host: copied to the device, swapped over NCCL, copied back. Until the CUDA
-//! backend hands device buffers to the exchange directly, this link saves the network hop of
-//! [`TcpLink`](super::TcpLink), not the two copies across PCIe.
+//! The replicas of one column position on GPUs average their gradients the same way, with
+//! NCCL's all-reduce in a communicator of all the replicas ([`NcclReplicaGroup`]), whose id
+//! replica 0 makes.
+//!
+//! **Current limitation:** [`Link::swap`] and [`ReplicaReduce::all_reduce_mean`] take and
+//! return host memory, so a block is staged through the host: copied to the device, moved by
+//! NCCL, copied back. Until the CUDA backend hands device buffers to the exchanges directly,
+//! NCCL saves the network hop of TCP, not the two copies across PCIe.
 //!
 //! NCCL's communicator, the CUDA context and the stream are tied to the thread that uses them,
-//! so a link owns a thread that holds all three; [`NcclLink`] talks to it over channels. Every
-//! wait has the job's peer timeout, as on the TCP data plane: the communicator is created
-//! non-blocking and polled, each swap is polled until its event completes, and when the
-//! deadline passes the thread aborts the communicator (`ncclCommAbort`), which ends the pending
-//! transfers, so that a dead or silent peer is an error, not a hang. A link that failed once
-//! stays failed.
+//! so a communicator owns a thread that holds all three, and the link or group talks to it
+//! over channels. Every wait has the job's peer timeout, as on the TCP data plane: the
+//! communicator is created non-blocking and polled, each transfer is polled until its event
+//! completes, and when the deadline passes the thread aborts the communicator
+//! (`ncclCommAbort`), which ends the pending transfers, so that a dead or silent peer is an
+//! error, not a hang. A communicator that failed once stays failed.
 //!
 //! Like the TCP frame, every block carries a 16-byte header (magic, sequence, value count) in
 //! front of its values, so that ranks that fell out of step, or disagree on a block's size,
@@ -27,7 +31,7 @@
 //! binary builds and runs without them; a missing library is an error that says where to look.
 
 use super::tcp::PeerError;
-use super::{Link, Traffic};
+use super::{Link, ReplicaReduce, Traffic};
 use anyhow::{anyhow, bail, Context};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
@@ -253,17 +257,42 @@ impl Drop for RawComm {
     }
 }
 
-/// What the link's thread needs to start.
-struct Setup {
-    device: usize,
-    rank: usize,
-    peer_rank: usize,
-    id: [u8; 128],
-    timeout: Duration,
+/// Who a communicator's other ranks are, for messages, and which one a failure blames.
+#[derive(Clone, Debug)]
+struct Peers {
+    /// "rank 3", "the replicas on ranks 1, 3 and 5".
+    who: String,
+    /// The global rank a failure of the communicator is blamed on: the partner of a pair, the
+    /// other replica of two; none in a larger group (the failed rank reports itself).
+    blame: Option<usize>,
 }
 
-/// The link's thread: the communicator and what it runs on. Fields drop in this order: the
-/// communicator is aborted before the buffers and the stream go.
+impl Peers {
+    fn error(&self, message: String) -> anyhow::Error {
+        match self.blame {
+            Some(rank) => peer_error(rank, message),
+            None => anyhow!(message),
+        }
+    }
+}
+
+/// What a communicator's thread needs to start.
+struct Setup {
+    device: usize,
+    /// This process's rank in the communicator, and the communicator's size.
+    rank: usize,
+    nranks: usize,
+    id: [u8; 128],
+    timeout: Duration,
+    peers: Peers,
+}
+
+/// Words in front of an all-reduced block: 1 and the sequence number (mod 2^20), which sum to
+/// the rank count and to rank count x sequence when every rank is at the same block.
+const CHECK_WORDS: usize = 2;
+
+/// The communicator's thread: the communicator and what it runs on. Fields drop in this order:
+/// the communicator is aborted before the buffers and the stream go.
 struct Worker {
     comm: RawComm,
     send: CudaSlice<f32>,
@@ -271,10 +300,9 @@ struct Worker {
     done: CudaEvent,
     stream: Arc<CudaStream>,
     _ctx: Arc<CudaContext>,
-    /// The peer's rank in the communicator (0 or 1).
-    peer: c_int,
-    /// The peer's global rank, for messages.
-    peer_rank: usize,
+    rank: usize,
+    nranks: usize,
+    peers: Peers,
     timeout: Duration,
     seq_out: u64,
     seq_in: u64,
@@ -297,7 +325,7 @@ impl Worker {
         let done = ctx.new_event(None).cuda("creating a CUDA event")?;
         let version = nccl::get_nccl_version().map_err(|e| nccl_error("ncclGetVersion", e))?;
 
-        let peer_rank = s.peer_rank;
+        let who = &s.peers.who;
         let id = sys::ncclUniqueId {
             internal: s.id.map(|b| b as std::ffi::c_char),
         };
@@ -306,11 +334,17 @@ impl Worker {
         let started = Instant::now();
         // SAFETY: valid out-pointer and config; the CUDA context is current on this thread.
         let init = unsafe {
-            nccl::comm_init_rank_config(&mut comm.0, 2, id, s.rank as c_int, &mut config)
+            nccl::comm_init_rank_config(
+                &mut comm.0,
+                s.nranks as c_int,
+                id,
+                s.rank as c_int,
+                &mut config,
+            )
         };
         if let Err(e) = init {
             return Err(nccl_error(
-                &format!("creating the NCCL communicator with rank {peer_rank}"),
+                &format!("creating the NCCL communicator with {who}"),
                 e,
             ));
         }
@@ -322,35 +356,30 @@ impl Worker {
                 sys::ncclResult_t::ncclSuccess => break,
                 sys::ncclResult_t::ncclInProgress => {}
                 code => {
-                    return Err(peer_error(
-                        peer_rank,
-                        format!(
-                            "creating the NCCL communicator with rank {peer_rank} failed: {}",
-                            describe(code)
-                        ),
-                    ))
+                    return Err(s.peers.error(format!(
+                        "creating the NCCL communicator with {who} failed: {}",
+                        describe(code)
+                    )))
                 }
             }
             if started.elapsed() > s.timeout {
                 comm.abort();
-                return Err(peer_error(
-                    peer_rank,
-                    format!(
-                        "rank {peer_rank} did not join the NCCL communicator within {:?}: it \
-                         stopped, the link is cut, or it holds another unique id",
-                        s.timeout
-                    ),
-                ));
+                return Err(s.peers.error(format!(
+                    "{who} did not join the NCCL communicator within {:?}: stopped, cut off, or \
+                     holding another unique id",
+                    s.timeout
+                )));
             }
             pause(started);
         }
         tracing::debug!(
-            peer = peer_rank,
+            peers = %who,
             device = s.device,
-            "NCCL {}.{}.{} link up in {:?}",
+            "NCCL {}.{}.{} communicator of {} ranks up in {:?}",
             version / 10_000,
             version % 10_000 / 100,
             version % 100,
+            s.nranks,
             started.elapsed()
         );
         Ok(Worker {
@@ -360,8 +389,9 @@ impl Worker {
             done,
             stream,
             _ctx: ctx,
-            peer: 1 - s.rank as c_int,
-            peer_rank,
+            rank: s.rank,
+            nranks: s.nranks,
+            peers: s.peers.clone(),
             timeout: s.timeout,
             seq_out: 0,
             seq_in: 0,
@@ -383,31 +413,70 @@ impl Worker {
         Ok(())
     }
 
-    /// The error of a swap that failed on the communicator, after aborting it.
+    /// The error of a transfer that failed on the communicator, after aborting it.
     fn failed(&mut self, code: sys::ncclResult_t) -> anyhow::Error {
-        let peer = self.peer_rank;
-        let message = format!(
-            "the NCCL link to rank {peer} failed: {} (rank {peer} has probably failed, see its \
+        let who = self.peers.who.clone();
+        self.comm.abort();
+        self.peers.error(format!(
+            "the NCCL communicator with {who} failed: {} (a peer has probably failed, see its \
              log)",
             describe(code)
-        );
-        self.comm.abort();
-        peer_error(peer, message)
+        ))
     }
 
     fn timed_out(&mut self) -> anyhow::Error {
         self.comm.abort();
-        let peer = self.peer_rank;
-        peer_error(
-            peer,
-            format!(
-                "rank {peer} sent nothing over NCCL for {:?}: it stopped or the link is cut (the \
-                 limit is the job's peer timeout)",
-                self.timeout
-            ),
-        )
+        self.peers.error(format!(
+            "{} sent nothing over NCCL for {:?}: stopped or cut off (the limit is the job's peer \
+             timeout)",
+            self.peers.who, self.timeout
+        ))
     }
 
+    /// Aborts the communicator if a just-queued NCCL call failed.
+    fn queued<'a>(
+        &mut self,
+        calls: impl IntoIterator<Item = (&'a str, Result<nccl::NcclStatus, nccl::NcclError>)>,
+    ) -> anyhow::Result<()> {
+        for (what, r) in calls {
+            if let Err(e) = r {
+                self.comm.abort();
+                return Err(nccl_error(&format!("{what} with {}", self.peers.who), e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits, polling, until what was queued on the stream has completed: the communicator
+    /// first leaves `ncclInProgress` (a non-blocking group may still be connecting to its
+    /// peers), then the stream passes an event. Past the timeout, aborts.
+    fn wait(&mut self, started: Instant) -> anyhow::Result<()> {
+        loop {
+            match self.comm.state()? {
+                sys::ncclResult_t::ncclSuccess => break,
+                sys::ncclResult_t::ncclInProgress => {}
+                code => return Err(self.failed(code)),
+            }
+            if started.elapsed() > self.timeout {
+                return Err(self.timed_out());
+            }
+            pause(started);
+        }
+        self.done.record(&self.stream).cuda("recording a CUDA event")?;
+        while !self.done.try_is_complete().cuda("the NCCL transfer")? {
+            match self.comm.state()? {
+                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => {}
+                code => return Err(self.failed(code)),
+            }
+            if started.elapsed() > self.timeout {
+                return Err(self.timed_out());
+            }
+            pause(started);
+        }
+        Ok(())
+    }
+
+    /// Sends `mine` to the other rank of a pair and receives its block of `expect` values.
     fn swap(&mut self, mine: &[f32], expect: usize) -> anyhow::Result<Vec<f32>> {
         let started = Instant::now();
         if mine.len().max(expect) > u32::MAX as usize {
@@ -427,7 +496,7 @@ impl Worker {
 
         let f32_type = sys::ncclDataType_t::ncclFloat32;
         let cu_stream = stream.cu_stream() as sys::cudaStream_t;
-        let (comm, peer) = (self.comm.0, self.peer);
+        let (comm, peer) = (self.comm.0, 1 - self.rank as c_int);
         // No event tracking (see `start`): the guards that come with the pointers do nothing.
         let src = self.send.device_ptr(&stream).0;
         let dst = self.recv.device_ptr_mut(&stream).0;
@@ -440,49 +509,19 @@ impl Worker {
             let received = nccl::recv(dst as *mut c_void, n_in, f32_type, peer, comm, cu_stream);
             (sent, received, nccl::group_end())
         };
-        for (what, r) in [
+        self.queued([
             ("ncclSend", sent),
             ("ncclRecv", received),
             ("ncclGroupEnd", ended),
-        ] {
-            if let Err(e) = r {
-                self.comm.abort();
-                return Err(nccl_error(
-                    &format!("{what} with rank {}", self.peer_rank),
-                    e,
-                ));
-            }
-        }
-        // Non-blocking: the group may still be being set up (connections to the peer are made
-        // on first use); the transfers are on the stream once the state leaves ncclInProgress.
-        loop {
-            match self.comm.state()? {
-                sys::ncclResult_t::ncclSuccess => break,
-                sys::ncclResult_t::ncclInProgress => {}
-                code => return Err(self.failed(code)),
-            }
-            if started.elapsed() > self.timeout {
-                return Err(self.timed_out());
-            }
-            pause(started);
-        }
-        self.done.record(&stream).cuda("recording a CUDA event")?;
-        while !self.done.try_is_complete().cuda("the NCCL transfer")? {
-            match self.comm.state()? {
-                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => {}
-                code => return Err(self.failed(code)),
-            }
-            if started.elapsed() > self.timeout {
-                return Err(self.timed_out());
-            }
-            pause(started);
-        }
+        ])?;
+        self.wait(started)?;
 
         // The stream is idle: these copies return at once.
         let mut head = [0f32; HEADER];
         (stream.memcpy_dtoh(&self.recv.slice(..HEADER), &mut head))
             .cuda("copying a block from the device")?;
-        if let Err(e) = check_header(&head, self.peer_rank, self.seq_in, expect) {
+        let peer_rank = self.peers.blame.unwrap_or(0);
+        if let Err(e) = check_header(&head, peer_rank, self.seq_in, expect) {
             self.comm.abort();
             return Err(e);
         }
@@ -493,23 +532,75 @@ impl Worker {
         self.seq_in += 1;
         Ok(theirs)
     }
+
+    /// `data` = the sum over every rank of its `data`, the same bits on every rank (NCCL
+    /// reduces each element once and hands the result to all).
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let n = CHECK_WORDS + data.len();
+        self.reserve(n, n)?;
+        let stream = self.stream.clone();
+        let seq = (self.seq_out % (1 << 20)) as f32;
+        (stream.memcpy_htod(&[1.0, seq], &mut self.send.slice_mut(..CHECK_WORDS)))
+            .cuda("copying a block to the device")?;
+        (stream.memcpy_htod(&*data, &mut self.send.slice_mut(CHECK_WORDS..n)))
+            .cuda("copying a block to the device")?;
+        let cu_stream = stream.cu_stream() as sys::cudaStream_t;
+        let src = self.send.device_ptr(&stream).0;
+        let dst = self.recv.device_ptr_mut(&stream).0;
+        // SAFETY: both buffers hold `n` words and outlive the reduction (waited for, or the
+        // communicator aborted, below); the communicator is live.
+        let reduced = unsafe {
+            nccl::all_reduce(
+                src as *const c_void,
+                dst as *mut c_void,
+                n,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm.0,
+                cu_stream,
+            )
+        };
+        self.queued([("ncclAllReduce", reduced)])?;
+        self.wait(started)?;
+        let mut check = [0f32; CHECK_WORDS];
+        (stream.memcpy_dtoh(&self.recv.slice(..CHECK_WORDS), &mut check))
+            .cuda("copying a block from the device")?;
+        let ranks = self.nranks as f32;
+        if check != [ranks, ranks * seq] {
+            self.comm.abort();
+            return Err(self.peers.error(format!(
+                "the ranks of the NCCL all-reduce with {} are out of step (block {} here; the \
+                 check words summed to {check:?}, not {:?})",
+                self.peers.who,
+                self.seq_out,
+                [ranks, ranks * seq]
+            )));
+        }
+        (stream.memcpy_dtoh(&self.recv.slice(CHECK_WORDS..n), data))
+            .cuda("copying a block from the device")?;
+        self.seq_out += 1;
+        Ok(())
+    }
 }
 
-/// A block to swap; `mine` comes back with the answer, for reuse.
-struct Job {
-    mine: Vec<f32>,
-    expect: usize,
+/// What the communicator's thread is asked to do; the block comes back with the answer, for
+/// reuse.
+enum Job {
+    Swap { mine: Vec<f32>, expect: usize },
+    AllReduceSum { data: Vec<f32> },
 }
 
 enum FromWorker {
     Ready(anyhow::Result<()>),
-    Swapped(anyhow::Result<Vec<f32>>, Vec<f32>),
+    /// The answer (the peer's block, or the sum), and the block that was sent.
+    Done(anyhow::Result<Vec<f32>>, Vec<f32>),
 }
 
-/// The link's thread: starts the communicator, then swaps blocks until the link is dropped or
-/// a swap fails (which aborts the communicator: a failed link stays failed).
+/// The communicator's thread: starts the communicator, then runs jobs until it is dropped or a
+/// job fails (which aborts the communicator: a failed communicator stays failed).
 fn run(setup: Setup, jobs: Receiver<Job>, out: Sender<FromWorker>) {
-    let mut worker = match guarded("starting the NCCL link", || Worker::start(&setup)) {
+    let mut worker = match guarded("starting NCCL", || Worker::start(&setup)) {
         Ok(w) => {
             let _ = out.send(FromWorker::Ready(Ok(())));
             w
@@ -520,10 +611,166 @@ fn run(setup: Setup, jobs: Receiver<Job>, out: Sender<FromWorker>) {
         }
     };
     while let Ok(job) = jobs.recv() {
-        let result = guarded("NCCL swap", || worker.swap(&job.mine, job.expect));
-        let failed = result.is_err();
-        if out.send(FromWorker::Swapped(result, job.mine)).is_err() || failed {
+        let reply = match job {
+            Job::Swap { mine, expect } => {
+                let r = guarded("NCCL swap", || worker.swap(&mine, expect));
+                FromWorker::Done(r, mine)
+            }
+            Job::AllReduceSum { mut data } => {
+                let r = guarded("NCCL all-reduce", || worker.all_reduce_sum(&mut data));
+                match r {
+                    Ok(()) => FromWorker::Done(Ok(Vec::new()), data),
+                    Err(e) => FromWorker::Done(Err(e), data),
+                }
+            }
+        };
+        let failed = matches!(reply, FromWorker::Done(Err(_), _));
+        if out.send(reply).is_err() || failed {
             break;
+        }
+    }
+}
+
+/// A NCCL communicator run by its own thread (NCCL's communicator, the CUDA context and the
+/// stream are tied to the thread that uses them), which this talks to over channels, every
+/// wait bounded.
+struct Communicator {
+    jobs: Option<Sender<Job>>,
+    replies: Receiver<FromWorker>,
+    thread: Option<JoinHandle<()>>,
+    peers: Peers,
+    timeout: Duration,
+    /// Why the communicator failed, and whether a peer was to blame: it stays failed.
+    broken: Option<(String, bool)>,
+    /// The thread did not answer in time: a CUDA or NCCL call hangs, so dropping does not
+    /// wait for it.
+    hung: bool,
+}
+
+impl Communicator {
+    /// Joins the communicator of `id` as `setup.rank` of `setup.nranks`; fails if the others
+    /// have not joined within `setup.timeout`.
+    fn start(setup: Setup, thread_name: String) -> anyhow::Result<Communicator> {
+        if setup.nranks < 1 || setup.rank >= setup.nranks {
+            bail!(
+                "rank {} of a NCCL communicator of {} ranks does not exist",
+                setup.rank,
+                setup.nranks
+            );
+        }
+        if setup.id.iter().all(|&b| b == 0) {
+            bail!("the NCCL unique id is empty: the first rank makes it with unique_id()");
+        }
+        check_libraries()?;
+        let (jobs, job_rx) = channel();
+        let (reply_tx, replies) = channel();
+        let (peers, timeout) = (setup.peers.clone(), setup.timeout);
+        let thread = std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || run(setup, job_rx, reply_tx))
+            .context("starting the NCCL communicator's thread")?;
+        let mut c = Communicator {
+            jobs: Some(jobs),
+            replies,
+            thread: Some(thread),
+            peers,
+            timeout,
+            broken: None,
+            hung: false,
+        };
+        let wait = timeout.saturating_add(STARTUP_GRACE);
+        match c.replies.recv_timeout(wait) {
+            Ok(FromWorker::Ready(Ok(()))) => Ok(c),
+            Ok(FromWorker::Ready(Err(e))) => Err(e),
+            Ok(FromWorker::Done(..)) => bail!("the NCCL communicator's thread answered out of turn"),
+            Err(RecvTimeoutError::Timeout) => {
+                c.hung = true;
+                Err(c.peers.error(format!(
+                    "the NCCL communicator with {} did not start within {wait:?}: a CUDA or NCCL \
+                     call hangs",
+                    c.peers.who
+                )))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                bail!("the NCCL communicator's thread ended while starting")
+            }
+        }
+    }
+
+    fn fail(&mut self, e: anyhow::Error) -> anyhow::Error {
+        let by_peer = e.downcast_ref::<PeerError>().is_some();
+        self.broken = Some((format!("{e:#}"), by_peer));
+        e
+    }
+
+    /// Runs `job` on the thread: the answer and the block sent, or why it failed.
+    fn call(&mut self, job: Job) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        let who = self.peers.who.clone();
+        if let Some((why, by_peer)) = &self.broken {
+            let message = format!("the NCCL communicator with {who} failed earlier: {why}");
+            return Err(if *by_peer {
+                self.peers.error(message)
+            } else {
+                anyhow!(message)
+            });
+        }
+        let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
+        if !sent {
+            let e = anyhow!("the NCCL communicator's thread for {who} is gone");
+            return Err(self.fail(e));
+        }
+        match (self.replies).recv_timeout(self.timeout.saturating_add(SWAP_GRACE)) {
+            Ok(FromWorker::Done(Ok(answer), block)) => Ok((answer, block)),
+            Ok(FromWorker::Done(Err(e), _)) => Err(self.fail(e)),
+            Ok(FromWorker::Ready(_)) => {
+                let e = anyhow!("the NCCL communicator's thread answered out of turn");
+                Err(self.fail(e))
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                self.hung = true;
+                let e = self.peers.error(format!(
+                    "{who} sent nothing over NCCL for {:?}: stopped or cut off (and aborting the \
+                     communicator hangs too)",
+                    self.timeout
+                ));
+                Err(self.fail(e))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let e = anyhow!("the NCCL communicator's thread for {who} ended unexpectedly");
+                Err(self.fail(e))
+            }
+        }
+    }
+}
+
+impl Drop for Communicator {
+    /// Ends the thread, which aborts the communicator and frees the device buffers. Waits for
+    /// it briefly, unless it is known to hang.
+    fn drop(&mut self) {
+        self.jobs = None;
+        if self.hung {
+            return;
+        }
+        let deadline = Instant::now() + SWAP_GRACE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.replies.recv_timeout(left) {
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    if let Some(t) = self.thread.take() {
+                        let _ = t.join();
+                    }
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    tracing::warn!(
+                        peers = %self.peers.who,
+                        "the NCCL communicator's thread did not end within {SWAP_GRACE:?}; \
+                         leaving it"
+                    );
+                    return;
+                }
+            }
         }
     }
 }
@@ -531,16 +778,8 @@ fn run(setup: Setup, jobs: Receiver<Job>, out: Sender<FromWorker>) {
 /// One end of a two-rank NCCL communicator, carrying blocks between this column and its
 /// partner on another GPU (of this machine or another).
 pub struct NcclLink {
-    jobs: Option<Sender<Job>>,
-    replies: Receiver<FromWorker>,
-    thread: Option<JoinHandle<()>>,
+    comm: Communicator,
     peer_rank: usize,
-    timeout: Duration,
-    /// Why the link failed, and whether the peer was to blame: a failed link stays failed.
-    broken: Option<(String, bool)>,
-    /// The thread did not answer in time: a CUDA or NCCL call hangs, so dropping the link
-    /// does not wait for it.
-    hung: bool,
     /// The last block sent, returned by the thread, whose allocation the next swap reuses.
     spare: Vec<f32>,
     traffic: Traffic,
@@ -561,123 +800,46 @@ impl NcclLink {
         if my_rank_in_pair > 1 {
             bail!("a NCCL pair has ranks 0 and 1, not {my_rank_in_pair}");
         }
-        if id.iter().all(|&b| b == 0) {
-            bail!("the NCCL unique id is empty: column 0 makes it with unique_id()");
-        }
-        check_libraries()?;
-        let (jobs, job_rx) = channel();
-        let (reply_tx, replies) = channel();
         let setup = Setup {
             device: device_ordinal,
             rank: my_rank_in_pair,
-            peer_rank: peer_global_rank,
+            nranks: 2,
             id,
             timeout,
+            peers: Peers {
+                who: format!("rank {peer_global_rank}"),
+                blame: Some(peer_global_rank),
+            },
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("nccl-rank{peer_global_rank}"))
-            .spawn(move || run(setup, job_rx, reply_tx))
-            .context("starting the NCCL link's thread")?;
-        let mut link = NcclLink {
-            jobs: Some(jobs),
-            replies,
-            thread: Some(thread),
+        let comm = Communicator::start(setup, format!("nccl-rank{peer_global_rank}"))?;
+        Ok(NcclLink {
+            comm,
             peer_rank: peer_global_rank,
-            timeout,
-            broken: None,
-            hung: false,
             spare: Vec::new(),
             traffic: Traffic::default(),
-        };
-        let wait = timeout.saturating_add(STARTUP_GRACE);
-        match link.replies.recv_timeout(wait) {
-            Ok(FromWorker::Ready(Ok(()))) => Ok(link),
-            Ok(FromWorker::Ready(Err(e))) => Err(e),
-            Ok(FromWorker::Swapped(..)) => bail!("the NCCL link's thread answered out of turn"),
-            Err(RecvTimeoutError::Timeout) => {
-                link.hung = true;
-                Err(peer_error(
-                    peer_global_rank,
-                    format!(
-                        "the NCCL link to rank {peer_global_rank} did not start within {wait:?}: \
-                         a CUDA or NCCL call hangs"
-                    ),
-                ))
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                bail!("the NCCL link's thread ended while starting")
-            }
-        }
+        })
     }
 
     pub fn peer_rank(&self) -> usize {
         self.peer_rank
     }
-
-    fn fail(&mut self, e: anyhow::Error) -> anyhow::Error {
-        let by_peer = e.downcast_ref::<PeerError>().is_some();
-        self.broken = Some((format!("{e:#}"), by_peer));
-        e
-    }
 }
 
 impl Link for NcclLink {
     fn swap(&mut self, mine: &[f32], expect: usize) -> anyhow::Result<Vec<f32>> {
-        let peer = self.peer_rank;
-        if let Some((why, by_peer)) = &self.broken {
-            let message = format!("the NCCL link to rank {peer} failed earlier: {why}");
-            return Err(if *by_peer {
-                peer_error(peer, message)
-            } else {
-                anyhow!(message)
-            });
-        }
         let mut block = std::mem::take(&mut self.spare);
         block.clear();
         block.extend_from_slice(mine);
-        let job = Job {
+        let (theirs, spare) = self.comm.call(Job::Swap {
             mine: block,
             expect,
-        };
-        let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
-        if !sent {
-            let e = anyhow!("the NCCL link's thread for rank {peer} is gone");
-            return Err(self.fail(e));
-        }
-        match self
-            .replies
-            .recv_timeout(self.timeout.saturating_add(SWAP_GRACE))
-        {
-            Ok(FromWorker::Swapped(result, spare)) => {
-                self.spare = spare;
-                let theirs = result.map_err(|e| self.fail(e))?;
-                self.traffic.sent_bytes += 4 * mine.len() as u64;
-                self.traffic.received_bytes += 4 * expect as u64;
-                self.traffic.messages += 1;
-                self.traffic.overhead_bytes += HEADER_BYTES;
-                Ok(theirs)
-            }
-            Ok(FromWorker::Ready(_)) => {
-                let e = anyhow!("the NCCL link's thread answered out of turn");
-                Err(self.fail(e))
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                self.hung = true;
-                let e = peer_error(
-                    peer,
-                    format!(
-                        "rank {peer} sent nothing over NCCL for {:?}: it stopped or the link is \
-                         cut (and aborting the communicator hangs too)",
-                        self.timeout
-                    ),
-                );
-                Err(self.fail(e))
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                let e = anyhow!("the NCCL link's thread for rank {peer} ended unexpectedly");
-                Err(self.fail(e))
-            }
-        }
+        })?;
+        self.spare = spare;
+        self.traffic.sent_bytes += 4 * mine.len() as u64;
+        self.traffic.received_bytes += 4 * expect as u64;
+        self.traffic.messages += 1;
+        self.traffic.overhead_bytes += HEADER_BYTES;
+        Ok(theirs)
     }
 
     fn traffic(&self) -> Traffic {
@@ -685,46 +847,97 @@ impl Link for NcclLink {
     }
 }
 
-impl Drop for NcclLink {
-    /// Ends the link's thread, which aborts the communicator and frees the device buffers.
-    /// Waits for it briefly, unless it is known to hang.
-    fn drop(&mut self) {
-        self.jobs = None;
-        if self.hung {
-            return;
-        }
-        let deadline = Instant::now() + SWAP_GRACE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.replies.recv_timeout(left) {
-                Ok(_) => continue,
-                Err(RecvTimeoutError::Disconnected) => {
-                    if let Some(t) = self.thread.take() {
-                        let _ = t.join();
-                    }
-                    return;
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    tracing::warn!(
-                        peer = self.peer_rank,
-                        "the NCCL link's thread did not end within {SWAP_GRACE:?}; leaving it"
-                    );
-                    return;
-                }
-            }
-        }
+/// The replicas of one column position on GPUs, averaging their gradients with NCCL's
+/// all-reduce (ring or tree, over NVLink, PCIe or InfiniBand) instead of TCP. Like
+/// [`NcclLink`], it stages each buffer through the host.
+pub struct NcclReplicaGroup {
+    comm: Communicator,
+    replicas: usize,
+    spare: Vec<f32>,
+    traffic: Traffic,
+}
+
+impl NcclReplicaGroup {
+    /// Joins the communicator of `id` (from [`unique_id`] on replica 0) as replica `me` of the
+    /// replicas on global ranks `ranks` (by replica), on CUDA device `device_ordinal`. Fails
+    /// if the others have not joined within `timeout`, which also bounds every reduction.
+    pub fn new(
+        device_ordinal: usize,
+        me: usize,
+        ranks: &[usize],
+        id: [u8; 128],
+        timeout: Duration,
+    ) -> anyhow::Result<NcclReplicaGroup> {
+        let others: Vec<usize> = (ranks.iter().enumerate())
+            .filter(|&(r, _)| r != me)
+            .map(|(_, &rank)| rank)
+            .collect();
+        let list = others.iter().map(|r| r.to_string()).collect::<Vec<_>>();
+        let setup = Setup {
+            device: device_ordinal,
+            rank: me,
+            nranks: ranks.len(),
+            id,
+            timeout,
+            peers: Peers {
+                who: format!(
+                    "the replica{} on rank{} {}",
+                    if others.len() == 1 { "" } else { "s" },
+                    if others.len() == 1 { "" } else { "s" },
+                    list.join(", ")
+                ),
+                blame: (others.len() == 1).then(|| others[0]),
+            },
+        };
+        let comm = Communicator::start(setup, "nccl-replicas".into())?;
+        Ok(NcclReplicaGroup {
+            comm,
+            replicas: ranks.len(),
+            spare: Vec::new(),
+            traffic: Traffic::default(),
+        })
     }
 }
 
-/// The link moves between threads with its exchange; its thread keeps what cannot.
+impl ReplicaReduce for NcclReplicaGroup {
+    fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    fn all_reduce_mean(&mut self, data: &mut [f32]) -> anyhow::Result<()> {
+        let mut block = std::mem::take(&mut self.spare);
+        block.clear();
+        block.extend_from_slice(data);
+        let (_, sum) = self.comm.call(Job::AllReduceSum { data: block })?;
+        let scale = 1.0 / self.replicas as f32;
+        data.iter_mut().zip(&sum).for_each(|(d, s)| *d = s * scale);
+        self.spare = sum;
+        // A ring all-reduce sends and receives 2 (n - 1) / n of the buffer per rank.
+        let n = self.replicas as u64;
+        let moved = 4 * (CHECK_WORDS + data.len()) as u64 * 2 * (n - 1) / n;
+        self.traffic.sent_bytes += moved;
+        self.traffic.received_bytes += moved;
+        self.traffic.messages += 1;
+        Ok(())
+    }
+
+    fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+}
+
+/// The link and the group move between threads with their exchanges; their threads keep what
+/// cannot.
 const _: () = {
     fn send<T: Send>() {}
     let _ = send::<NcclLink>;
+    let _ = send::<NcclReplicaGroup>;
 };
 
 /// A NCCL communicator of one rank on GPU `device`: made, used for an all-reduce of a known
-/// block (which must come back unchanged), and destroyed. The selftest's check that NCCL and
-/// the driver work together on this machine.
+/// block (which must come back unchanged), and destroyed; then a [`NcclReplicaGroup`] of one
+/// replica, the same way. The selftest's check that NCCL and the driver work together on this
+/// machine, and that the group's plumbing does.
 pub fn one_rank_check(device: usize) -> anyhow::Result<()> {
     use cudarc::nccl::safe::{Comm, Id, ReduceOp};
     check_libraries()?;
@@ -748,7 +961,23 @@ pub fn one_rank_check(device: usize) -> anyhow::Result<()> {
             back.iter().zip(&host).position(|(a, b)| a != b)
         );
         Ok(())
-    })
+    })?;
+    // The replicas' group, through its thread, check words and host staging: a mean over one
+    // replica is the block itself, twice (the second at the next sequence number).
+    let mut group =
+        NcclReplicaGroup::new(device, 0, &[0], unique_id()?, Duration::from_secs(60))?;
+    for round in 0..2 {
+        let host: Vec<f32> = (0..1031).map(|i| (i * (round + 3)) as f32 - 99.5).collect();
+        let mut data = host.clone();
+        group.all_reduce_mean(&mut data)?;
+        anyhow::ensure!(
+            data == host,
+            "a one-replica NCCL mean changed its block in round {round} (first difference at \
+             {:?})",
+            data.iter().zip(&host).position(|(a, b)| a != b)
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -783,6 +1012,21 @@ mod tests {
             .err()
             .expect("no driver or NCCL here");
         assert!(format!("{e:#}").contains("LD_LIBRARY_PATH"), "{e:#}");
+    }
+
+    #[test]
+    fn replica_group_without_driver_or_nccl_is_an_error() {
+        if has_gpu() {
+            return;
+        }
+        let e = NcclReplicaGroup::new(0, 1, &[4, 6, 8], [7; 128], Duration::from_secs(1))
+            .err()
+            .expect("no driver or NCCL here");
+        assert!(format!("{e:#}").contains("LD_LIBRARY_PATH"), "{e:#}");
+        let e = NcclReplicaGroup::new(0, 3, &[4, 6, 8], [7; 128], Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert!(format!("{e}").contains("rank 3 of a NCCL communicator of 3"), "{e}");
     }
 
     #[test]

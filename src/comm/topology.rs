@@ -95,11 +95,20 @@ pub fn connect_tcp<B: Backend>(
     key: MeshKey,
     timeout: Duration,
 ) -> anyhow::Result<Exchanges<B>> {
-    connect(topology, rank, listener, addrs, key, timeout, None)
+    connect(topology, rank, listener, addrs, key, timeout, Joined::default())
 }
 
-/// Connects `rank` to the ranks it exchanges with: to its partner column over `column_link`
-/// when given (NCCL between GPUs), over TCP otherwise, and to its replicas over TCP.
+/// Exchanges already joined by other means (NCCL between GPUs), which TCP then leaves out.
+#[derive(Default)]
+pub struct Joined {
+    /// To the partner column.
+    pub column_link: Option<Box<dyn Link>>,
+    /// To the other replicas of this column position.
+    pub replica_group: Option<Box<dyn ReplicaReduce>>,
+}
+
+/// Connects `rank` to the ranks it exchanges with: to its partner column and to its replicas
+/// through what `joined` holds (NCCL between GPUs), over TCP for the rest.
 pub fn connect<B: Backend>(
     topology: &Topology,
     rank: usize,
@@ -107,15 +116,20 @@ pub fn connect<B: Backend>(
     addrs: &BTreeMap<usize, String>,
     key: MeshKey,
     timeout: Duration,
-    column_link: Option<Box<dyn Link>>,
+    joined: Joined,
 ) -> anyhow::Result<Exchanges<B>> {
+    let Joined {
+        column_link,
+        replica_group,
+    } = joined;
     let partner = topology.column_partner(rank);
     let peers = topology.replica_peers(rank);
+    let over_tcp = |p: &(usize, usize)| replica_group.is_none().then_some(p.1);
     let needed: Vec<usize> = partner
         .iter()
         .copied()
         .filter(|_| column_link.is_none())
-        .chain(peers.iter().map(|p| p.1))
+        .chain(peers.iter().filter_map(over_tcp))
         .collect();
     let mut links = TcpMesh::connect(rank, listener, addrs, &needed, key, timeout)?;
     let place = topology.placement(rank);
@@ -129,6 +143,14 @@ pub fn connect<B: Backend>(
     };
     let replicas: Option<Box<dyn ReplicaReduce>> = if peers.is_empty() {
         None
+    } else if let Some(group) = replica_group {
+        anyhow::ensure!(
+            group.replicas() == peers.len() + 1,
+            "a replica group of {} for {} replicas",
+            group.replicas(),
+            peers.len() + 1
+        );
+        Some(group)
     } else {
         let group = peers
             .iter()

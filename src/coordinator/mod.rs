@@ -144,9 +144,26 @@ struct Member {
     columns: Vec<u32>,
     replica: u32,
     capabilities: Vec<String>,
-    /// The NCCL unique id the worker made (GPU workers with NCCL).
+    /// The NCCL unique ids the worker made (GPU workers with NCCL): for its pair, and for
+    /// its replicas.
     nccl_id: Vec<u8>,
+    nccl_replica_id: Vec<u8>,
     gpu_uuid: String,
+}
+
+impl Member {
+    fn has_nccl(&self) -> bool {
+        self.capabilities.iter().any(|c| c == "nccl") && self.nccl_id.len() == 128
+    }
+
+    /// Whether two workers run on one GPU (NCCL refuses two ranks of a communicator there).
+    fn same_gpu(&self, other: &Member) -> bool {
+        if !self.gpu_uuid.is_empty() && !other.gpu_uuid.is_empty() {
+            self.gpu_uuid == other.gpu_uuid
+        } else {
+            self.host == other.host && self.device == other.device
+        }
+    }
 }
 
 struct State {
@@ -389,6 +406,7 @@ impl Coordinator {
                 replica: place.replica as u32,
                 capabilities: req.capabilities.clone(),
                 nccl_id: req.nccl_id.clone(),
+                nccl_replica_id: req.nccl_replica_id.clone(),
                 gpu_uuid: req.gpu_uuid.clone(),
             },
         );
@@ -429,6 +447,7 @@ impl Coordinator {
                 .map(|(r, m)| (*r, m.data_addr.clone()))
                 .collect(),
             nccl_id: self.pair_nccl_id(&st.members, rank),
+            nccl_replica_id: self.replica_nccl_id(&st.members, rank),
             mesh_key: self.mesh_key,
             peer_timeout_ms: self.cfg.peer_timeout.as_millis() as u32,
             heartbeat_ms: self.cfg.heartbeat.as_millis() as u32,
@@ -459,14 +478,7 @@ impl Coordinator {
         let (Some(me), Some(other)) = (members.get(&rank), members.get(&(partner as u32))) else {
             return Vec::new();
         };
-        let nccl =
-            |m: &Member| m.capabilities.iter().any(|c| c == "nccl") && m.nccl_id.len() == 128;
-        let same_gpu = if !me.gpu_uuid.is_empty() && !other.gpu_uuid.is_empty() {
-            me.gpu_uuid == other.gpu_uuid
-        } else {
-            me.host == other.host && me.device == other.device
-        };
-        if !nccl(me) || !nccl(other) || same_gpu {
+        if !me.has_nccl() || !other.has_nccl() || me.same_gpu(other) {
             return Vec::new();
         }
         let column0 = if me.columns.first() == Some(&0) {
@@ -475,6 +487,33 @@ impl Coordinator {
             other
         };
         column0.nccl_id.clone()
+    }
+
+    /// The NCCL id of the replicas of `rank`'s column position (replica 0's), when every one
+    /// of them runs on a GPU with NCCL and no two on the same GPU; empty otherwise: the
+    /// replicas average over TCP.
+    fn replica_nccl_id(&self, members: &BTreeMap<u32, Member>, rank: u32) -> Vec<u8> {
+        let topology = &self.cfg.job.topology;
+        let mut ranks: Vec<usize> = topology.replica_peers(rank as usize).iter().map(|p| p.1).collect();
+        if ranks.is_empty() {
+            return Vec::new();
+        }
+        ranks.push(rank as usize);
+        ranks.sort_unstable();
+        let group: Option<Vec<&Member>> = ranks.iter().map(|r| members.get(&(*r as u32))).collect();
+        let Some(group) = group else {
+            return Vec::new();
+        };
+        let usable = group.iter().all(|m| m.has_nccl() && m.nccl_replica_id.len() == 128);
+        let distinct = group
+            .iter()
+            .enumerate()
+            .all(|(i, a)| group[i + 1..].iter().all(|b| !a.same_gpu(b)));
+        if !usable || !distinct {
+            return Vec::new();
+        }
+        // Replica 0 holds the lowest rank of its position.
+        group[0].nccl_replica_id.clone()
     }
 
     fn on_event(&self, rank: u32, ev: worker_event::Event) {

@@ -121,9 +121,202 @@ pub fn render(
     }
 }
 
+/// Views still in bytes: each view's pixels cut from its stored image as stored (not yet
+/// mirrored), with what finishing them takes (mirror, mean subtraction, colour shift). A GPU
+/// finishes them itself ([`crate::backend::Backend::finish_views`]), so that the host ships a
+/// quarter of the bytes of float views and leaves the arithmetic to the device.
+#[derive(Clone, Debug)]
+pub struct ByteViews {
+    /// Side of the stored images.
+    pub side: usize,
+    /// Side of the views.
+    pub out_side: usize,
+    /// `[views, 3, out_side, out_side]`: view `v` is `cut(image, crop[v])`.
+    pub pixels: Vec<u8>,
+    pub crops: Vec<Crop>,
+    /// Colour shift of each view (0..255 units).
+    pub shifts: Vec<[f32; 3]>,
+    /// The stored images' mean, `[3, side, side]` (shared by every batch of a dataset).
+    pub mean: std::sync::Arc<[f32]>,
+}
+
+impl ByteViews {
+    pub fn views(&self) -> usize {
+        self.crops.len()
+    }
+
+    /// Values in one view.
+    pub fn view_len(&self) -> usize {
+        3 * self.out_side * self.out_side
+    }
+
+    /// Refuses views whose parts disagree (the device reads them unchecked).
+    pub fn check(&self) -> anyhow::Result<()> {
+        let (side, out) = (self.side, self.out_side);
+        anyhow::ensure!(
+            self.pixels.len() == self.views() * self.view_len()
+                && self.shifts.len() == self.views(),
+            "{} bytes and {} colour shifts for {} views of side {out}",
+            self.pixels.len(),
+            self.shifts.len(),
+            self.views()
+        );
+        anyhow::ensure!(
+            self.mean.len() == 3 * side * side,
+            "a mean image of {} values for images of side {side}",
+            self.mean.len()
+        );
+        if let Some(c) = self
+            .crops
+            .iter()
+            .find(|c| c.x0 + out > side || c.y0 + out > side)
+        {
+            anyhow::bail!("the crop {c:?} of side {out} leaves the {side}-pixel image");
+        }
+        Ok(())
+    }
+
+    /// The float views, finished here: what [`render`] makes of the same images.
+    pub fn finish(&self) -> anyhow::Result<Vec<f32>> {
+        let mut out = vec![0.0f32; self.views() * self.view_len()];
+        self.finish_with(&self.mean, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::finish`] with `mean` (a copy of `self.mean`) into `out` (`[views, 3, out_side,
+    /// out_side]`), a view per rayon task.
+    pub fn finish_with(&self, mean: &[f32], out: &mut [f32]) -> anyhow::Result<()> {
+        use rayon::prelude::*;
+        self.check()?;
+        let per = self.view_len();
+        anyhow::ensure!(
+            mean.len() == self.mean.len() && out.len() == self.views() * per,
+            "finishing {} views: a mean of {} values, room for {}",
+            self.views(),
+            mean.len(),
+            out.len()
+        );
+        out.par_chunks_mut(per)
+            .zip(self.pixels.par_chunks(per))
+            .zip(self.crops.par_iter().zip(&self.shifts))
+            .for_each(|((dst, cut), (&crop, &shift))| {
+                finish(cut, mean, self.side, crop, shift, self.out_side, dst)
+            });
+        Ok(())
+    }
+}
+
+/// Copies the `out_side` square at `crop` of a planar `[3, side, side]` image into `dst`
+/// (`[3, out_side, out_side]` bytes), as stored: the mirror is left to [`finish`].
+pub fn cut(image: &[u8], side: usize, crop: Crop, out_side: usize, dst: &mut [u8]) {
+    let plane = side * side;
+    assert_eq!(image.len(), 3 * plane, "image size");
+    assert_eq!(dst.len(), 3 * out_side * out_side, "cut size");
+    for (r, row) in dst.chunks_mut(out_side).enumerate() {
+        let (c, y) = (r / out_side, r % out_side);
+        let at = c * plane + (crop.y0 + y) * side + crop.x0;
+        row.copy_from_slice(&image[at..at + out_side]);
+    }
+}
+
+/// Finishes one view [`cut`] at `crop`: mirrored if asked, minus the mean at the crop, plus
+/// the colour shift; the same arithmetic as [`render`], so the same bits.
+pub fn finish(
+    cut: &[u8],
+    mean: &[f32],
+    side: usize,
+    crop: Crop,
+    shift: [f32; 3],
+    out_side: usize,
+    out: &mut [f32],
+) {
+    let (plane, out_plane) = (side * side, out_side * out_side);
+    assert_eq!(cut.len(), 3 * out_plane, "cut size");
+    assert_eq!(out.len(), 3 * out_plane, "view size");
+    for c in 0..3 {
+        for y in 0..out_side {
+            let src = &cut[c * out_plane + y * out_side..][..out_side];
+            let m = &mean[c * plane + (crop.y0 + y) * side + crop.x0..][..out_side];
+            let dst = &mut out[c * out_plane + y * out_side..][..out_side];
+            if crop.flip {
+                for ((d, &v), &mv) in dst.iter_mut().rev().zip(src).zip(m) {
+                    *d = v as f32 - mv + shift[c];
+                }
+            } else {
+                for ((d, &v), &mv) in dst.iter_mut().zip(src).zip(m) {
+                    *d = v as f32 - mv + shift[c];
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cut_then_finish_is_render_bit_for_bit() {
+        let (side, out) = (11, 7);
+        let image: Vec<u8> = (0..3 * side * side)
+            .map(|i| (rng::mix64(i as u64) & 0xff) as u8)
+            .collect();
+        let mean: Vec<f32> = (0..3 * side * side)
+            .map(|i| 100.0 + 30.0 * rng::normal(9, i as u64))
+            .collect();
+        for (i, (x0, y0, flip)) in [(0, 0, false), (4, 1, true), (2, 4, false), (4, 4, true)]
+            .into_iter()
+            .enumerate()
+        {
+            let crop = Crop { x0, y0, flip };
+            let shift = [0.3 * i as f32, -1.7, 2.25];
+            let mut want = vec![0.0f32; 3 * out * out];
+            render(&image, &mean, side, crop, shift, out, &mut want);
+            let mut bytes = vec![0u8; 3 * out * out];
+            cut(&image, side, crop, out, &mut bytes);
+            let mut got = vec![1.0f32; 3 * out * out];
+            finish(&bytes, &mean, side, crop, shift, out, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "crop {crop:?}");
+        }
+    }
+
+    #[test]
+    fn byte_views_with_parts_that_disagree_are_refused() {
+        let views = ByteViews {
+            side: 8,
+            out_side: 4,
+            pixels: vec![0; 2 * 48],
+            crops: vec![
+                Crop {
+                    x0: 0,
+                    y0: 0,
+                    flip: false
+                };
+                2
+            ],
+            shifts: vec![[0.0; 3]; 2],
+            mean: vec![0.0; 3 * 64].into(),
+        };
+        views.check().unwrap();
+        let short = ByteViews {
+            pixels: vec![0; 48],
+            ..views.clone()
+        };
+        assert!(format!("{}", short.check().unwrap_err()).contains("48 bytes"));
+        let outside = ByteViews {
+            crops: vec![
+                Crop {
+                    x0: 5,
+                    y0: 0,
+                    flip: false
+                };
+                2
+            ],
+            ..views.clone()
+        };
+        assert!(format!("{}", outside.check().unwrap_err()).contains("leaves the 8-pixel image"));
+    }
 
     #[test]
     fn ten_patches_are_the_corners_the_centre_and_their_mirrors() {

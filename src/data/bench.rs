@@ -23,6 +23,12 @@ pub struct DataBenchReport {
     pub loader_images_per_s_per_core: f64,
     /// Cores the loader needs to feed a GPU training at 5,000 images/s.
     pub loader_cores_for_5000_per_s: f64,
+    /// The same batches cut as bytes for a GPU to finish (what `--augment-on auto` ships to a
+    /// GPU), and the bytes per image shipped each way.
+    pub loader_bytes_images_per_s: f64,
+    pub loader_bytes_cores_for_5000_per_s: f64,
+    pub bytes_per_image_floats: usize,
+    pub bytes_per_image_bytes: usize,
 }
 
 /// Writes `count` ImageNet-sized (500x375) JPEGs into `dir` as an ImageFolder tree, made from
@@ -92,19 +98,27 @@ pub fn run(photos: &Path, work: &Path, images: usize, batch: usize) -> Result<Da
         crop: 224,
         threads,
         prefetch: 4,
+        bytes: false,
     };
     // Warm the page cache and the checksums, then time a few epochs.
     for b in EpochLoader::new(ds.clone(), cfg.clone(), 0)? {
         b?;
     }
-    let started = Instant::now();
-    let mut made = 0usize;
-    for epoch in 1..=3 {
-        for b in EpochLoader::new(ds.clone(), cfg.clone(), epoch)? {
-            made += b?.labels.len();
+    let rate = |cfg: &LoaderConfig| -> Result<f64> {
+        let started = Instant::now();
+        let mut made = 0usize;
+        for epoch in 1..=3 {
+            for b in EpochLoader::new(ds.clone(), cfg.clone(), epoch)? {
+                made += b?.labels.len();
+            }
         }
-    }
-    let loader_rate = made as f64 / started.elapsed().as_secs_f64();
+        Ok(made as f64 / started.elapsed().as_secs_f64())
+    };
+    let loader_rate = rate(&cfg)?;
+    let bytes_rate = rate(&LoaderConfig {
+        bytes: true,
+        ..cfg.clone()
+    })?;
     let _ = std::fs::remove_dir_all(work);
     Ok(DataBenchReport {
         threads,
@@ -115,5 +129,9 @@ pub fn run(photos: &Path, work: &Path, images: usize, batch: usize) -> Result<Da
         loader_images_per_s: loader_rate,
         loader_images_per_s_per_core: loader_rate / threads as f64,
         loader_cores_for_5000_per_s: 5000.0 / (loader_rate / threads as f64),
+        loader_bytes_images_per_s: bytes_rate,
+        loader_bytes_cores_for_5000_per_s: 5000.0 / (bytes_rate / threads as f64),
+        bytes_per_image_floats: 4 * 3 * cfg.crop * cfg.crop,
+        bytes_per_image_bytes: 3 * cfg.crop * cfg.crop,
     })
 }

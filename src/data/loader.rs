@@ -5,7 +5,7 @@
 //! of `R` equal parts of it. Views come from [`super::augment`], keyed by the sample's index, so
 //! any process computes any part of any batch on its own and all agree.
 
-use super::augment;
+use super::augment::{self, ByteViews, Crop};
 use super::shards::Dataset;
 use crate::backend::rng;
 use anyhow::{ensure, Result};
@@ -41,6 +41,9 @@ pub struct LoaderConfig {
     pub threads: usize,
     /// Batches made ahead of the consumer.
     pub prefetch: usize,
+    /// Ship views as bytes for the consumer to finish ([`Pixels::Bytes`]: a GPU does it)
+    /// rather than as floats.
+    pub bytes: bool,
 }
 
 /// This replica's part of one global batch.
@@ -51,8 +54,25 @@ pub struct Batch {
     /// Global sample indices, in order.
     pub samples: Vec<usize>,
     pub labels: Vec<u32>,
-    /// `[images, 3, crop, crop]` f32 (images = samples, or 10 x samples for the ten patches).
-    pub x: Vec<f32>,
+    /// `[views, 3, crop, crop]` (views = samples, or 10 x samples for the ten patches).
+    pub pixels: Pixels,
+}
+
+/// A batch's views: finished floats, or bytes for the backend to finish.
+#[derive(Clone, Debug)]
+pub enum Pixels {
+    Floats(Vec<f32>),
+    Bytes(ByteViews),
+}
+
+impl Pixels {
+    /// The float views, finished here if they came as bytes.
+    pub fn into_floats(self) -> Result<Vec<f32>> {
+        match self {
+            Pixels::Floats(x) => Ok(x),
+            Pixels::Bytes(v) => v.finish(),
+        }
+    }
 }
 
 /// The order in which `epoch` visits `len` samples.
@@ -115,6 +135,36 @@ fn check(ds: &Dataset, cfg: &LoaderConfig) -> Result<()> {
     Ok(())
 }
 
+/// The views of `samples` in `epoch`: (crop, colour shift), `views_per_sample` per sample.
+fn plan_views(
+    ds: &Dataset,
+    cfg: &LoaderConfig,
+    samples: &[usize],
+    epoch: u64,
+) -> Vec<(Crop, [f32; 3])> {
+    let (side, crop) = (ds.side(), cfg.crop);
+    let meta = &ds.meta;
+    match cfg.view {
+        View::Train => samples
+            .iter()
+            .map(|&sample| {
+                let v = augment::train_view(cfg.seed, epoch, sample as u64, side, crop);
+                let shift =
+                    augment::pca_shift(v.alphas, meta.rgb_eigenvalues, meta.rgb_eigenvectors);
+                (v.crop, shift)
+            })
+            .collect(),
+        View::Centre => vec![(augment::centre(side, crop), [0.0; 3]); samples.len()],
+        View::TenPatches => {
+            let patches = augment::ten_patches(side, crop);
+            let views = samples
+                .iter()
+                .flat_map(|_| patches.iter().map(|&p| (p, [0.0; 3])));
+            views.collect()
+        }
+    }
+}
+
 /// Makes batch `index` of `epoch` for this replica.
 pub fn make_batch(
     ds: &Dataset,
@@ -127,45 +177,52 @@ pub fn make_batch(
     let (side, crop) = (ds.side(), cfg.crop);
     let per_view = 3 * crop * crop;
     let views = if cfg.view == View::TenPatches { 10 } else { 1 };
-    let mut x = vec![0.0f32; samples.len() * views * per_view];
-    let meta = &ds.meta;
-    let patches = augment::ten_patches(side, crop);
-    let labels = x
-        .par_chunks_mut(views * per_view)
-        .zip(samples.par_iter())
-        .map(|(out, &sample)| -> Result<u32> {
-            let (label, image) = ds.image(sample)?;
-            match cfg.view {
-                View::Train => {
-                    let v = augment::train_view(cfg.seed, epoch, sample as u64, side, crop);
-                    let shift =
-                        augment::pca_shift(v.alphas, meta.rgb_eigenvalues, meta.rgb_eigenvectors);
-                    augment::render(image, &ds.mean, side, v.crop, shift, crop, out);
+    let plan = plan_views(ds, cfg, &samples, epoch);
+    // Each sample's image is read once, by one task, which makes all of its views.
+    let (labels, pixels) = if cfg.bytes {
+        let mut bytes = vec![0u8; samples.len() * views * per_view];
+        let labels = bytes
+            .par_chunks_mut(views * per_view)
+            .zip(samples.par_iter().zip(plan.par_chunks(views)))
+            .map(|(out, (&sample, plan))| -> Result<u32> {
+                let (label, image) = ds.image(sample)?;
+                for (&(c, _), dst) in plan.iter().zip(out.chunks_mut(per_view)) {
+                    augment::cut(image, side, c, crop, dst);
                 }
-                View::Centre => augment::render(
-                    image,
-                    &ds.mean,
-                    side,
-                    augment::centre(side, crop),
-                    [0.0; 3],
-                    crop,
-                    out,
-                ),
-                View::TenPatches => {
-                    for (p, dst) in patches.iter().zip(out.chunks_mut(per_view)) {
-                        augment::render(image, &ds.mean, side, *p, [0.0; 3], crop, dst);
-                    }
+                Ok(label)
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let (crops, shifts) = plan.into_iter().unzip();
+        let pixels = Pixels::Bytes(ByteViews {
+            side,
+            out_side: crop,
+            pixels: bytes,
+            crops,
+            shifts,
+            mean: ds.mean.clone(),
+        });
+        (labels, pixels)
+    } else {
+        let mut x = vec![0.0f32; samples.len() * views * per_view];
+        let labels = x
+            .par_chunks_mut(views * per_view)
+            .zip(samples.par_iter().zip(plan.par_chunks(views)))
+            .map(|(out, (&sample, plan))| -> Result<u32> {
+                let (label, image) = ds.image(sample)?;
+                for (&(c, shift), dst) in plan.iter().zip(out.chunks_mut(per_view)) {
+                    augment::render(image, &ds.mean, side, c, shift, crop, dst);
                 }
-            }
-            Ok(label)
-        })
-        .collect::<Result<Vec<u32>>>()?;
+                Ok(label)
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        (labels, Pixels::Floats(x))
+    };
     Ok(Batch {
         epoch,
         index,
         samples,
         labels,
-        x,
+        pixels,
     })
 }
 

@@ -96,8 +96,8 @@ pub fn encode_shard(side: usize, labels: &[u32], images: &[Vec<u8>]) -> Vec<u8> 
 pub struct Dataset {
     pub dir: PathBuf,
     pub meta: Metadata,
-    /// `[3, side, side]`, f32.
-    pub mean: Vec<f32>,
+    /// `[3, side, side]`, f32 (shared with the batches that a device finishes).
+    pub mean: std::sync::Arc<[f32]>,
     shards: Vec<std::sync::OnceLock<Result<memmap2::Mmap, String>>>,
     /// First global index of each shard, and one past the last.
     starts: Vec<usize>,
@@ -149,7 +149,8 @@ impl Dataset {
         let mean = mean_bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+            .collect::<Vec<f32>>()
+            .into();
         for s in &meta.shards {
             let path = dir.join(&s.file);
             let len = std::fs::metadata(&path)

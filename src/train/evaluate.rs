@@ -99,14 +99,16 @@ pub fn evaluate(
             crop: job.net.input_size,
             threads: job.loader_threads.max(1),
             prefetch: 2,
+            bytes: job.augment_on.on_device(run.net.backend.finishes_views()),
         };
         let classes = job.net.classes;
         let mut hits = Hits::default();
+        let mut uploader = super::fit::BatchUploader::default();
         for b in EpochLoader::new(set, cfg, 0)? {
             let b = b?;
             let n = b.labels.len();
             let views = if ten_crop { 10 } else { 1 };
-            let x = run.net.backend.upload(&b.x);
+            let x = uploader.upload(&run.net.backend, &b.pixels)?;
             run.net.forward(&x, n * views, Mode::Eval)?;
             let logits = run
                 .net

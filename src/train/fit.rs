@@ -7,7 +7,9 @@
 
 use super::{count_correct, train_step};
 use crate::backend::{Backend, SgdParams};
+use crate::data::loader::Pixels;
 use crate::model::{Mode, Network};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -47,8 +49,37 @@ pub struct ShardsWritten {
     pub shards: Vec<(String, String)>,
 }
 
-/// One batch on the host: `[samples, ...]` f32 inputs and their labels.
-pub type HostBatch = (Vec<f32>, Vec<u32>);
+/// One batch on the host: `[samples, ...]` inputs (floats, or bytes for the backend to
+/// finish) and their labels.
+pub type HostBatch = (Pixels, Vec<u32>);
+
+/// Puts batches on the backend: floats are uploaded, bytes finished there against the mean
+/// image, which is uploaded once per dataset.
+pub struct BatchUploader<B: Backend> {
+    mean: Option<(Arc<[f32]>, B::Buf)>,
+}
+
+impl<B: Backend> Default for BatchUploader<B> {
+    fn default() -> Self {
+        BatchUploader { mean: None }
+    }
+}
+
+impl<B: Backend> BatchUploader<B> {
+    pub fn upload(&mut self, backend: &B, pixels: &Pixels) -> anyhow::Result<B::Buf> {
+        match pixels {
+            Pixels::Floats(x) => Ok(backend.upload(x)),
+            Pixels::Bytes(views) => {
+                let fresh = !matches!(&self.mean, Some((m, _)) if Arc::ptr_eq(m, &views.mean));
+                if fresh {
+                    self.mean = Some((views.mean.clone(), backend.upload(&views.mean)));
+                }
+                let (_, mean) = self.mean.as_ref().expect("set above");
+                backend.finish_views(views, mean)
+            }
+        }
+    }
+}
 
 /// Where the batches of one process come from: its replica's part of every global batch.
 pub trait DataSource<B: Backend> {
@@ -261,13 +292,14 @@ pub fn fit<B: Backend>(
         .and_then(|p| p.every_steps)
         .filter(|&n| n > 0);
     let mut last_checkpoint = start.step;
+    let mut uploader = BatchUploader::default();
     while step < total_steps {
         let epoch = step / steps_per_epoch;
         let done_in_epoch = (step % steps_per_epoch) as usize;
         let before = step;
         for (s, batch) in data.epoch(epoch)?.enumerate().skip(done_in_epoch) {
-            let (x, labels) = batch?;
-            let x = net.backend.upload(&x);
+            let (pixels, labels) = batch?;
+            let x = uploader.upload(&net.backend, &pixels)?;
             let sgd = SgdParams { lr, ..opts.sgd };
             let r = train_step(net, &x, &labels, step, &sgd)?;
             step += 1;

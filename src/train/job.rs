@@ -53,6 +53,31 @@ pub struct JobConfig {
     /// Start from these parameters (an `alexnet export` file: unsplit, PyTorch-style names)
     /// instead of the paper's initialisation.
     pub init: Option<PathBuf>,
+    /// Where the training views of prepared data are finished (mirror, mean subtraction,
+    /// colour shift): `auto` (on a GPU, which then receives bytes; by the loader on a CPU),
+    /// `host` or `device`. The views are the same bits either way.
+    pub augment_on: AugmentOn,
+}
+
+/// Where training views are finished; see [`JobConfig::augment_on`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AugmentOn {
+    #[default]
+    Auto,
+    Host,
+    Device,
+}
+
+impl AugmentOn {
+    /// Whether the backend finishes the views, given whether it prefers to.
+    pub fn on_device(self, backend_prefers: bool) -> bool {
+        match self {
+            AugmentOn::Auto => backend_prefers,
+            AugmentOn::Host => false,
+            AugmentOn::Device => true,
+        }
+    }
 }
 
 impl Default for JobConfig {
@@ -79,6 +104,7 @@ impl Default for JobConfig {
             checkpoint_every: 0,
             keep_checkpoints: 3,
             init: None,
+            augment_on: AugmentOn::Auto,
         }
     }
 }
@@ -128,6 +154,7 @@ impl JobConfig {
             checkpoint_every: 0,
             keep_checkpoints: 0,
             loader_threads: 0,
+            augment_on: AugmentOn::Auto,
             ..self.clone()
         };
         let text = serde_json::to_string(&what).expect("a job serialises");
@@ -147,9 +174,11 @@ pub struct Role<B: Backend> {
 }
 
 /// The data of `job` as replica `replica` sees it.
+/// `views_on_device`: whether the backend finishes the training views of prepared data.
 pub fn open_data<B: Backend>(
     job: &JobConfig,
     replica: usize,
+    views_on_device: bool,
 ) -> anyhow::Result<Box<dyn DataSource<B>>> {
     let split = (job.topology.replicas, replica);
     if job.data.join(METADATA_FILE).exists() {
@@ -170,6 +199,7 @@ pub fn open_data<B: Backend>(
             split,
             job.seed,
             job.loader_threads,
+            views_on_device,
         )?))
     } else {
         let (train, val) = read_fashion_mnist_dir(&job.data).with_context(|| {
@@ -194,7 +224,8 @@ pub fn run<B: Backend>(
     reporter: &mut dyn Reporter,
 ) -> anyhow::Result<(Network<B>, u64)> {
     job.validate()?;
-    let mut data = open_data::<B>(job, role.replica)?;
+    let on_device = job.augment_on.on_device(backend.finishes_views());
+    let mut data = open_data::<B>(job, role.replica, on_device)?;
     let mut net = Network::new(job.net.clone(), backend, role.columns, job.seed)?;
     if let Some(group) = role.replicas {
         net.join_replicas(group, role.replica, job.batch / job.topology.replicas);

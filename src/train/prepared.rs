@@ -24,6 +24,7 @@ impl PreparedData {
         (replicas, replica): (usize, usize),
         seed: u64,
         loader_threads: usize,
+        finished_by_backend: bool,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             net.in_channels == 3,
@@ -51,6 +52,7 @@ impl PreparedData {
             crop: net.input_size,
             threads: loader_threads.max(1),
             prefetch: 4,
+            bytes: finished_by_backend,
         };
         anyhow::ensure!(
             batches_per_epoch(train.len(), &base) > 0,
@@ -61,6 +63,11 @@ impl PreparedData {
             train = train.len(),
             val = val.len(),
             classes = train.meta.classes.len(),
+            views = if finished_by_backend {
+                "finished on the device"
+            } else {
+                "finished by the loader"
+            },
             "prepared data ready"
         );
         Ok(PreparedData { train, val, base })
@@ -81,20 +88,22 @@ impl<B: Backend> DataSource<B> for PreparedData {
         epoch: u64,
     ) -> anyhow::Result<Box<dyn Iterator<Item = anyhow::Result<HostBatch>> + '_>> {
         let loader = EpochLoader::new(self.train.clone(), self.base.clone(), epoch)?;
-        Ok(Box::new(loader.map(|b| b.map(|b| (b.x, b.labels)))))
+        Ok(Box::new(loader.map(|b| b.map(|b| (b.pixels, b.labels)))))
     }
 
     /// Top-1 and top-5 hits on the centre crops of this replica's part of the validation set.
     fn evaluate(&mut self, net: &mut Network<B>) -> anyhow::Result<Hits> {
+        // Validation runs once an epoch and pads its last batch: its views are finished here.
         let cfg = LoaderConfig {
             view: View::Centre,
+            bytes: false,
             ..self.base.clone()
         };
         let local = cfg.global_batch / cfg.replicas;
         let mut hits = Hits::default();
         for b in EpochLoader::new(self.val.clone(), cfg, 0)? {
             let b = b?;
-            hits += eval_batch(net, &b.x, &b.labels, local)?;
+            hits += eval_batch(net, &b.pixels.into_floats()?, &b.labels, local)?;
         }
         Ok(hits)
     }

@@ -8,6 +8,7 @@
 use super::fit::{eval_batch, DataSource, Hits, HostBatch};
 use crate::backend::{rng, Backend};
 use crate::data::idx::ImageSet;
+use crate::data::loader::Pixels;
 use crate::model::{NetConfig, Network};
 use std::time::Instant;
 
@@ -248,7 +249,8 @@ impl<B: Backend> DataSource<B> for SampleData {
             for &i in &chunk {
                 x.extend_from_slice(&set.values[i * per..(i + 1) * per]);
             }
-            Ok((x, chunk.iter().map(|&i| set.labels[i]).collect()))
+            let labels = chunk.iter().map(|&i| set.labels[i]).collect();
+            Ok((Pixels::Floats(x), labels))
         })))
     }
 

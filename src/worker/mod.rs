@@ -344,26 +344,42 @@ fn local_ip_towards(url: &str) -> anyhow::Result<std::net::IpAddr> {
     Ok(probe.local_addr()?.ip())
 }
 
-/// What this worker can do, and, on a GPU with NCCL, a fresh NCCL unique id for its pair
-/// (the coordinator relays column 0's to both ranks; this process must stay up until its
-/// partner joins, which it does: it is the column-0 worker itself).
-fn offer(device: &Device) -> (Vec<String>, Vec<u8>) {
+/// What a worker offers the coordinator.
+struct Offer {
+    capabilities: Vec<String>,
+    /// On a GPU with NCCL, fresh NCCL unique ids for its pair and for its replicas (the
+    /// coordinator relays column 0's and replica 0's; this process must stay up until the
+    /// others join, which it does: it is one of them).
+    nccl_id: Vec<u8>,
+    nccl_replica_id: Vec<u8>,
+}
+
+fn offer(device: &Device) -> Offer {
     #[allow(unused_mut)]
-    let mut caps = capabilities();
+    let mut offer = Offer {
+        capabilities: capabilities(),
+        nccl_id: Vec::new(),
+        nccl_replica_id: Vec::new(),
+    };
     #[cfg(feature = "cuda")]
     if device.cuda_ordinal().is_some() {
-        caps.push("cuda".into());
-        match crate::comm::nccl::unique_id() {
-            Ok(id) => {
-                caps.push("nccl".into());
-                return (caps, id.to_vec());
+        offer.capabilities.push("cuda".into());
+        let ids = crate::comm::nccl::unique_id()
+            .and_then(|pair| Ok((pair, crate::comm::nccl::unique_id()?)));
+        match ids {
+            Ok((pair, replicas)) => {
+                offer.capabilities.push("nccl".into());
+                offer.nccl_id = pair.to_vec();
+                offer.nccl_replica_id = replicas.to_vec();
             }
-            Err(e) => tracing::info!("no NCCL here ({e:#}): the columns exchange over TCP"),
+            Err(e) => tracing::info!(
+                "no NCCL here ({e:#}): the columns and the replicas exchange over TCP"
+            ),
         }
     }
     #[cfg(not(feature = "cuda"))]
     let _ = device;
-    (caps, Vec::new())
+    offer
 }
 
 /// Runs one worker until the job ends. An error is this worker's failure (already reported to
@@ -372,7 +388,11 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     // The device first: a GPU that cannot start (or kernels that do not compile) is this
     // worker's error before it takes a place in the job.
     let device = Device::open(&opts.device, opts.threads)?;
-    let (capabilities, nccl_id) = offer(&device);
+    let Offer {
+        capabilities,
+        nccl_id,
+        nccl_replica_id,
+    } = offer(&device);
     // `cuda` and `cuda:0` are one GPU: the coordinator sees the normalised name and the UUID.
     let (device_name, gpu_uuid) = device.describe();
     let gpu = device.cuda_ordinal();
@@ -415,6 +435,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         pid: std::process::id(),
         unix_time_ms: crate::coordinator::unix_time_ms(),
         nccl_id,
+        nccl_replica_id,
         gpu_uuid,
     };
     let (mut client, assignment) = rt.block_on(async {
@@ -615,7 +636,12 @@ fn train<B: crate::backend::Backend>(
     );
     let t = Instant::now();
     let column_link = nccl_column_link(gpu, a, &topology, peer_timeout)?;
-    let over = if column_link.is_some() { "NCCL" } else { "TCP" };
+    let replica_group = nccl_replica_group(gpu, a, &topology, peer_timeout)?;
+    let over = |nccl: bool| if nccl { "NCCL" } else { "TCP" };
+    let (columns_over, replicas_over) = (
+        over(column_link.is_some()),
+        over(replica_group.is_some()),
+    );
     let ex = crate::comm::connect::<B>(
         &topology,
         a.rank as usize,
@@ -623,11 +649,15 @@ fn train<B: crate::backend::Backend>(
         &addrs,
         key,
         peer_timeout,
-        column_link,
+        crate::comm::Joined {
+            column_link,
+            replica_group,
+        },
     )?;
     tracing::info!(
         ms = t.elapsed().as_millis() as u64,
-        columns_over = over,
+        columns_over,
+        replicas_over,
         "data plane connected"
     );
     let role = Role {
@@ -692,6 +722,40 @@ fn nccl_column_link(
     let link = crate::comm::nccl::NcclLink::new(ordinal, me, partner, id, timeout)
         .context("joining the pair's NCCL communicator")?;
     Ok(Some(Box::new(link)))
+}
+
+/// The replicas' NCCL communicator, when the coordinator relayed a NCCL id for this rank's
+/// column position (every replica on its own GPU with NCCL).
+#[cfg(feature = "cuda")]
+fn nccl_replica_group(
+    gpu: Option<usize>,
+    a: &Assignment,
+    topology: &Topology,
+    timeout: Duration,
+) -> anyhow::Result<Option<Box<dyn crate::comm::ReplicaReduce>>> {
+    let (Some(ordinal), Ok(id)) = (gpu, <[u8; 128]>::try_from(a.nccl_replica_id.as_slice()))
+    else {
+        return Ok(None);
+    };
+    let rank = a.rank as usize;
+    let mut ranks: Vec<(usize, usize)> = topology.replica_peers(rank);
+    ranks.push((a.replica as usize, rank));
+    ranks.sort_unstable();
+    let ranks: Vec<usize> = ranks.into_iter().map(|(_, r)| r).collect();
+    let group =
+        crate::comm::nccl::NcclReplicaGroup::new(ordinal, a.replica as usize, &ranks, id, timeout)
+            .context("joining the replicas' NCCL communicator")?;
+    Ok(Some(Box::new(group)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_replica_group(
+    _gpu: Option<usize>,
+    _a: &Assignment,
+    _topology: &Topology,
+    _timeout: Duration,
+) -> anyhow::Result<Option<Box<dyn crate::comm::ReplicaReduce>>> {
+    Ok(None)
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -134,6 +134,17 @@ impl Backend for Cpu {
         buf.len()
     }
 
+    fn finish_views(
+        &self,
+        views: &crate::data::augment::ByteViews,
+        mean: &Vec<f32>,
+    ) -> anyhow::Result<Vec<f32>> {
+        views.check()?;
+        let mut out = vec![0.0; views.views() * views.view_len()];
+        views.finish_with(mean, &mut out)?;
+        Ok(out)
+    }
+
     fn conv2d_forward(
         &self,
         g: &ConvGeom,

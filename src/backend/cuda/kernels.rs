@@ -58,7 +58,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "kernels/augment.cu",
         include_str!("../../../kernels/augment.cu"),
-        &["augment_u8"],
+        &["finish_views"],
     ),
 ];
 

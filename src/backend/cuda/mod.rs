@@ -11,7 +11,9 @@
 pub mod cudnn;
 pub mod kernels;
 
-use super::{Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams};
+use super::{
+    Backend, ByteViews, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
+};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
@@ -359,65 +361,6 @@ impl Cuda {
             check(unsafe { l.launch(grid(per)) }, "im2col");
         }
     }
-
-    /// Training views from uint8 images on the device (crop, mirror, mean subtraction, PCA
-    /// colour shift): `images` `[batch, 3, side, side]`, `mean` `[3, side, side]`, `crops`
-    /// `(x0, y0, flip)` and `shifts` per image; returns `[batch, 3, out_side, out_side]`.
-    pub fn augment(
-        &self,
-        images: &[u8],
-        mean: &CudaSlice<f32>,
-        crops: &[(usize, usize, bool)],
-        shifts: &[[f32; 3]],
-        side: usize,
-        out_side: usize,
-    ) -> anyhow::Result<CudaSlice<f32>> {
-        let batch = crops.len();
-        anyhow::ensure!(
-            images.len() == batch * 3 * side * side && shifts.len() == batch,
-            "augment: {} bytes for {batch} images of side {side}",
-            images.len()
-        );
-        anyhow::ensure!(
-            mean.len() == 3 * side * side,
-            "augment: a mean image of {} values for side {side}",
-            mean.len()
-        );
-        if let Some(c) = crops
-            .iter()
-            .find(|c| c.0 + out_side > side || c.1 + out_side > side)
-        {
-            anyhow::bail!("augment: crop {c:?} of side {out_side} leaves the {side} image");
-        }
-        let dev_images = self
-            .stream
-            .clone_htod(images)
-            .map_err(|e| anyhow::anyhow!("copying a batch to the GPU: {e:?}"))?;
-        let c: Vec<i32> = crops
-            .iter()
-            .flat_map(|&(x, y, f)| [x as i32, y as i32, f as i32])
-            .collect();
-        let s: Vec<f32> = shifts.iter().flatten().copied().collect();
-        let dev_crops = check(self.stream.clone_htod(&c), "copying crops");
-        let dev_shifts = check(self.stream.clone_htod(&s), "copying shifts");
-        let mut out = self.try_zeros(batch * 3 * out_side * out_side)?;
-        let (b, sd, os) = (batch as i32, side as i32, out_side as i32);
-        let mut l = self.stream.launch_builder(self.f("augment_u8"));
-        l.arg(&dev_images)
-            .arg(mean)
-            .arg(&dev_crops)
-            .arg(&dev_shifts)
-            .arg(&mut out)
-            .arg(&b)
-            .arg(&sd)
-            .arg(&os);
-        // SAFETY: argument types and order match kernels/augment.cu.
-        check(
-            unsafe { l.launch(grid(batch * 3 * out_side * out_side)) },
-            "augment_u8",
-        );
-        Ok(out)
-    }
 }
 
 impl Backend for Cuda {
@@ -465,6 +408,55 @@ impl Backend for Cuda {
 
     fn buf_len(&self, buf: &CudaSlice<f32>) -> usize {
         buf.len()
+    }
+
+    fn finishes_views(&self) -> bool {
+        true
+    }
+
+    fn finish_views(
+        &self,
+        views: &ByteViews,
+        mean: &CudaSlice<f32>,
+    ) -> anyhow::Result<CudaSlice<f32>> {
+        views.check()?;
+        anyhow::ensure!(
+            mean.len() == views.mean.len(),
+            "finishing views: a mean of {} values on the GPU, {} on the host",
+            mean.len(),
+            views.mean.len()
+        );
+        let n = views.views() * views.view_len();
+        if n == 0 {
+            return self.try_zeros(0);
+        }
+        let pixels = (self.stream.clone_htod(&views.pixels))
+            .map_err(|e| anyhow::anyhow!("copying a batch of {n} bytes to the GPU: {e:?}"))?;
+        let crops: Vec<i32> = (views.crops.iter())
+            .flat_map(|c| [c.x0 as i32, c.y0 as i32, c.flip as i32])
+            .collect();
+        let shifts: Vec<f32> = views.shifts.iter().flatten().copied().collect();
+        let crops = check(self.stream.clone_htod(&crops), "copying crops to the GPU");
+        let shifts = check(
+            self.stream.clone_htod(&shifts),
+            "copying colour shifts to the GPU",
+        );
+        let mut out = self.try_zeros(n)?;
+        let count = views.views() as i32;
+        let (side, out_side) = (views.side as i32, views.out_side as i32);
+        let mut l = self.stream.launch_builder(self.f("finish_views"));
+        l.arg(&pixels)
+            .arg(mean)
+            .arg(&crops)
+            .arg(&shifts)
+            .arg(&mut out)
+            .arg(&count)
+            .arg(&side)
+            .arg(&out_side);
+        // SAFETY: argument types and order match kernels/augment.cu; `check` above bounds
+        // every index the kernel forms.
+        check(unsafe { l.launch(grid(n)) }, "finish_views");
+        Ok(out)
     }
 
     fn conv2d_forward(
