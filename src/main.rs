@@ -1055,7 +1055,7 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                         tracing::error!("NCCL: {e:#}");
                     }
                     checks.push(selftest::Check {
-                        what: "NCCL: one-rank communicator, all-reduce".into(),
+                        what: "NCCL: one-rank all-reduce, one-replica group".into(),
                         error: if r.is_ok() { 0.0 } else { f64::INFINITY },
                         tolerance: a.tolerance,
                     });

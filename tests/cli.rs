@@ -213,7 +213,7 @@ fn prepare_then_train_on_the_prepared_photographs() {
         );
         assert!(ok, "{err}");
         let want = if augment_on == "device" {
-            "finished on the device"
+            "bytes, finished by the backend"
         } else {
             "finished by the loader"
         };

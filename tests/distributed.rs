@@ -791,6 +791,7 @@ fn gpu_worker(
         pid: 1 + rank,
         unix_time_ms: alexnet::coordinator::unix_time_ms(),
         nccl_id: nccl.map(|b| vec![b; 128]).unwrap_or_default(),
+        nccl_replica_id: nccl.map(|b| vec![100 + b; 128]).unwrap_or_default(),
         // `cuda:N@UUID` in these cases names the GPU's UUID too.
         gpu_uuid: device
             .split_once('@')
@@ -844,6 +845,62 @@ fn column_0s_nccl_id_is_relayed_to_gpu_pairs_on_two_gpus_only() {
             let a = a.unwrap_or_else(|s| panic!("{job}: {}", s.message()));
             let expect = want.map(|b| vec![b; 128]).unwrap_or_default();
             assert_eq!(a.nccl_id, expect, "{job}: rank {}", a.rank);
+        }
+        let _ = c.child.kill();
+    }
+}
+
+#[test]
+fn replica_0s_nccl_id_is_relayed_to_replicas_each_on_its_own_gpu_only() {
+    // Two replicas of a pair: ranks 0 and 2 hold column 0, ranks 1 and 3 column 1. Each
+    // position's replicas get replica 0's replica id (100 + its byte here), or nothing.
+    let cases = [
+        (
+            "mu",
+            [
+                ("a", "cuda:0", Some(1)),
+                ("a", "cuda:1", Some(2)),
+                ("b", "cuda:0", Some(3)),
+                ("b", "cuda:1", Some(4)),
+            ],
+            [Some(101u8), Some(102)],
+        ),
+        // Column 0's replicas share a GPU: they average over TCP; column 1's need not.
+        (
+            "nu",
+            [
+                ("a", "cuda:0@0f", Some(1)),
+                ("a", "cuda:1@1e", Some(2)),
+                ("a", "cuda:2@0f", Some(3)),
+                ("a", "cuda:3@2d", Some(4)),
+            ],
+            [None, Some(102)],
+        ),
+        // A replica without NCCL.
+        (
+            "xi",
+            [
+                ("a", "cuda:0", Some(1)),
+                ("a", "cuda:1", Some(2)),
+                ("b", "cuda:0", Some(3)),
+                ("b", "cuda:1", None),
+            ],
+            [Some(101), None],
+        ),
+    ];
+    for (job, workers, want) in cases {
+        let (mut c, url) = coordinator(job, &["--replicas", "2"]);
+        let reqs = workers
+            .iter()
+            .enumerate()
+            .map(|(r, (host, dev, nccl))| gpu_worker(r as u32, host, dev, *nccl))
+            .collect();
+        for a in register_all(&url, reqs) {
+            let a = a.unwrap_or_else(|s| panic!("{job}: {}", s.message()));
+            let expect = want[a.rank as usize % 2]
+                .map(|b| vec![b; 128])
+                .unwrap_or_default();
+            assert_eq!(a.nccl_replica_id, expect, "{job}: rank {}", a.rank);
         }
         let _ = c.child.kill();
     }

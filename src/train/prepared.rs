@@ -16,6 +16,7 @@ pub struct PreparedData {
 }
 
 impl PreparedData {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         train: Arc<Dataset>,
         val: Arc<Dataset>,
@@ -64,7 +65,7 @@ impl PreparedData {
             val = val.len(),
             classes = train.meta.classes.len(),
             views = if finished_by_backend {
-                "finished on the device"
+                "bytes, finished by the backend"
             } else {
                 "finished by the loader"
             },
