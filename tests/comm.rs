@@ -79,7 +79,8 @@ fn train_ranks(
                 let mut net =
                     Network::new(net_cfg(), Cpu::with_threads(1), ex.columns, seed).unwrap();
                 if let Some(group) = ex.replicas {
-                    net.join_replicas(group, place.replica, local_batch);
+                    net.join_replicas(group, place.replica, local_batch)
+                        .unwrap();
                 }
                 let losses = (0..steps)
                     .map(|s| train_step(&mut net, &x, &labels, s, &SGD).unwrap().loss)

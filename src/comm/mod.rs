@@ -24,7 +24,7 @@ use crate::backend::Backend;
 pub use channel::{ChannelExchange, ChannelLink};
 pub use local::LocalExchange;
 pub use pair::PairExchange;
-pub use replica::{ReplicaReduce, TcpReplicaGroup};
+pub use replica::{OverlappedReduce, ReplicaReduce, TcpReplicaGroup};
 pub use tcp::{MeshKey, TcpLink, TcpMesh};
 pub use topology::{connect, connect_tcp, Exchanges, Joined, Placement, Topology};
 

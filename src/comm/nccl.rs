@@ -462,7 +462,9 @@ impl Worker {
             }
             pause(started);
         }
-        self.done.record(&self.stream).cuda("recording a CUDA event")?;
+        self.done
+            .record(&self.stream)
+            .cuda("recording a CUDA event")?;
         while !self.done.try_is_complete().cuda("the NCCL transfer")? {
             match self.comm.state()? {
                 sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => {}
@@ -682,7 +684,9 @@ impl Communicator {
         match c.replies.recv_timeout(wait) {
             Ok(FromWorker::Ready(Ok(()))) => Ok(c),
             Ok(FromWorker::Ready(Err(e))) => Err(e),
-            Ok(FromWorker::Done(..)) => bail!("the NCCL communicator's thread answered out of turn"),
+            Ok(FromWorker::Done(..)) => {
+                bail!("the NCCL communicator's thread answered out of turn")
+            }
             Err(RecvTimeoutError::Timeout) => {
                 c.hung = true;
                 Err(c.peers.error(format!(
@@ -964,8 +968,7 @@ pub fn one_rank_check(device: usize) -> anyhow::Result<()> {
     })?;
     // The replicas' group, through its thread, check words and host staging: a mean over one
     // replica is the block itself, twice (the second at the next sequence number).
-    let mut group =
-        NcclReplicaGroup::new(device, 0, &[0], unique_id()?, Duration::from_secs(60))?;
+    let mut group = NcclReplicaGroup::new(device, 0, &[0], unique_id()?, Duration::from_secs(60))?;
     for round in 0..2 {
         let host: Vec<f32> = (0..1031).map(|i| (i * (round + 3)) as f32 - 99.5).collect();
         let mut data = host.clone();
@@ -1026,7 +1029,10 @@ mod tests {
         let e = NcclReplicaGroup::new(0, 3, &[4, 6, 8], [7; 128], Duration::from_secs(1))
             .err()
             .unwrap();
-        assert!(format!("{e}").contains("rank 3 of a NCCL communicator of 3"), "{e}");
+        assert!(
+            format!("{e}").contains("rank 3 of a NCCL communicator of 3"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! pass, so that every replica takes the same SGD step.
 
 use super::{Link, TcpLink, Traffic};
+use anyhow::Context;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 /// Averages a buffer across the replicas of one column.
 pub trait ReplicaReduce: Send {
@@ -78,5 +82,196 @@ impl ReplicaReduce for TcpReplicaGroup {
             t += l.traffic();
         }
         t
+    }
+}
+
+/// A [`ReplicaReduce`] on a thread of its own, fed gradient buckets as the backward pass
+/// finishes them (the last layers first), so that averaging a layer's gradients overlaps the
+/// backward pass of the layers below it, as PyTorch DDP's buckets do. Buckets come back in the
+/// order they went, each averaged exactly as [`ReplicaReduce::all_reduce_mean`] averages it:
+/// the mean is taken element by element, so splitting the gradients into buckets changes no
+/// bit of the result.
+pub struct OverlappedReduce {
+    buckets: Option<Sender<Vec<f32>>>,
+    results: Receiver<anyhow::Result<Vec<f32>>>,
+    thread: Option<JoinHandle<()>>,
+    replicas: usize,
+    traffic: Arc<Mutex<Traffic>>,
+    /// Buckets sent and not yet taken back.
+    pending: usize,
+    /// Why the group failed: it stays failed.
+    failed: Option<String>,
+}
+
+impl OverlappedReduce {
+    pub fn new(mut group: Box<dyn ReplicaReduce>) -> anyhow::Result<Self> {
+        let replicas = group.replicas();
+        let traffic = Arc::new(Mutex::new(group.traffic()));
+        let (buckets, bucket_rx) = channel::<Vec<f32>>();
+        let (result_tx, results) = channel();
+        let shared = traffic.clone();
+        let thread = std::thread::Builder::new()
+            .name("replica-reduce".into())
+            .spawn(move || {
+                while let Ok(mut bucket) = bucket_rx.recv() {
+                    let r = group.all_reduce_mean(&mut bucket);
+                    *shared.lock().unwrap_or_else(|p| p.into_inner()) = group.traffic();
+                    let failed = r.is_err();
+                    if result_tx.send(r.map(|()| bucket)).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .context("starting the replicas' reduction thread")?;
+        Ok(OverlappedReduce {
+            buckets: Some(buckets),
+            results,
+            thread: Some(thread),
+            replicas,
+            traffic,
+            pending: 0,
+            failed: None,
+        })
+    }
+
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    /// Starts averaging `bucket`; [`Self::next`] returns it averaged.
+    pub fn submit(&mut self, bucket: Vec<f32>) -> anyhow::Result<()> {
+        self.check()?;
+        let sent = self
+            .buckets
+            .as_ref()
+            .is_some_and(|b| b.send(bucket).is_ok());
+        if !sent {
+            return Err(self.fail(anyhow::anyhow!(
+                "the replicas' reduction thread ended unexpectedly"
+            )));
+        }
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// The oldest bucket submitted and not yet taken, averaged. Waits for it: the group bounds
+    /// its own waits on the other replicas (the job's peer timeout).
+    pub fn next(&mut self) -> anyhow::Result<Vec<f32>> {
+        self.check()?;
+        anyhow::ensure!(self.pending > 0, "no gradient bucket is being averaged");
+        match self.results.recv() {
+            Ok(Ok(bucket)) => {
+                self.pending -= 1;
+                Ok(bucket)
+            }
+            Ok(Err(e)) => Err(self.fail(e)),
+            Err(_) => Err(self.fail(anyhow::anyhow!(
+                "the replicas' reduction thread ended unexpectedly"
+            ))),
+        }
+    }
+
+    /// Buckets submitted and not yet taken back.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// What crossed to the other replicas so far.
+    pub fn traffic(&self) -> Traffic {
+        *self.traffic.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        match &self.failed {
+            Some(why) => Err(anyhow::anyhow!(
+                "averaging gradients with the other replicas failed earlier: {why}"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a failure, keeping the error (and the peer it blames) for the caller.
+    fn fail(&mut self, e: anyhow::Error) -> anyhow::Error {
+        self.failed = Some(format!("{e:#}"));
+        e
+    }
+}
+
+impl Drop for OverlappedReduce {
+    /// Ends the thread once it has finished what it holds (each wait of which is bounded).
+    fn drop(&mut self) {
+        self.buckets = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group whose "other replica" holds zeros: the mean halves every value. It fails on
+    /// bucket `fail_at`, blaming rank 7.
+    struct HalvingGroup {
+        calls: u64,
+        fail_at: u64,
+    }
+
+    impl ReplicaReduce for HalvingGroup {
+        fn replicas(&self) -> usize {
+            2
+        }
+        fn all_reduce_mean(&mut self, data: &mut [f32]) -> anyhow::Result<()> {
+            self.calls += 1;
+            if self.calls == self.fail_at {
+                return Err(crate::comm::tcp::PeerError {
+                    rank: 7,
+                    message: "rank 7 went away".into(),
+                }
+                .into());
+            }
+            data.iter_mut().for_each(|v| *v *= 0.5);
+            Ok(())
+        }
+        fn traffic(&self) -> Traffic {
+            Traffic {
+                messages: self.calls,
+                ..Traffic::default()
+            }
+        }
+    }
+
+    #[test]
+    fn buckets_come_back_averaged_in_order_and_a_failure_sticks() {
+        let group = HalvingGroup {
+            calls: 0,
+            fail_at: 4,
+        };
+        let mut r = OverlappedReduce::new(Box::new(group)).unwrap();
+        assert_eq!(r.replicas(), 2);
+        assert!(r.next().is_err(), "nothing submitted");
+        for i in 0..3 {
+            r.submit(vec![i as f32; 3 + i]).unwrap();
+        }
+        assert_eq!(r.pending(), 3);
+        for i in 0..3 {
+            assert_eq!(r.next().unwrap(), vec![i as f32 * 0.5; 3 + i]);
+        }
+        assert_eq!(r.pending(), 0);
+        assert_eq!(r.traffic().messages, 3);
+        r.submit(vec![1.0]).unwrap();
+        let e = r.next().unwrap_err();
+        assert_eq!(
+            e.downcast_ref::<crate::comm::tcp::PeerError>()
+                .unwrap()
+                .rank,
+            7
+        );
+        let again = r.submit(vec![1.0]).unwrap_err();
+        assert!(
+            format!("{again}").contains("failed earlier: rank 7 went away"),
+            "{again}"
+        );
     }
 }

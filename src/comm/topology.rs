@@ -95,7 +95,15 @@ pub fn connect_tcp<B: Backend>(
     key: MeshKey,
     timeout: Duration,
 ) -> anyhow::Result<Exchanges<B>> {
-    connect(topology, rank, listener, addrs, key, timeout, Joined::default())
+    connect(
+        topology,
+        rank,
+        listener,
+        addrs,
+        key,
+        timeout,
+        Joined::default(),
+    )
 }
 
 /// Exchanges already joined by other means (NCCL between GPUs), which TCP then leaves out.

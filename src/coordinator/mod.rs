@@ -494,7 +494,11 @@ impl Coordinator {
     /// replicas average over TCP.
     fn replica_nccl_id(&self, members: &BTreeMap<u32, Member>, rank: u32) -> Vec<u8> {
         let topology = &self.cfg.job.topology;
-        let mut ranks: Vec<usize> = topology.replica_peers(rank as usize).iter().map(|p| p.1).collect();
+        let mut ranks: Vec<usize> = topology
+            .replica_peers(rank as usize)
+            .iter()
+            .map(|p| p.1)
+            .collect();
         if ranks.is_empty() {
             return Vec::new();
         }
@@ -504,7 +508,9 @@ impl Coordinator {
         let Some(group) = group else {
             return Vec::new();
         };
-        let usable = group.iter().all(|m| m.has_nccl() && m.nccl_replica_id.len() == 128);
+        let usable = group
+            .iter()
+            .all(|m| m.has_nccl() && m.nccl_replica_id.len() == 128);
         let distinct = group
             .iter()
             .enumerate()

@@ -403,6 +403,34 @@ fn reduce_scatter<B: Backend>(
     exchange.reduce_scatter(b, rows, width, &full, &mut halves)
 }
 
+/// Hands the finished gradients of `layers` (ascending, every held column's) to the other
+/// replicas, to be averaged while the backward pass goes on below them (data parallelism).
+fn submit_bucket<B: Backend>(
+    b: &B,
+    columns: &[Column<B>],
+    layers: &'static [usize],
+    group: Option<&mut crate::comm::OverlappedReduce>,
+    buckets: &mut Vec<&'static [usize]>,
+    prof: &mut Profile,
+) -> anyhow::Result<()> {
+    let Some(group) = group else {
+        return Ok(());
+    };
+    let t = Instant::now();
+    let mut host = Vec::new();
+    for col in columns {
+        for &layer in layers {
+            for p in &col.params[2 * layer..2 * layer + 2] {
+                host.extend(b.download(&p.grad));
+            }
+        }
+    }
+    group.submit(host)?;
+    buckets.push(layers);
+    prof.add("replicas", true, t);
+    Ok(())
+}
+
 /// The weight and bias of parameter layer `layer` (0 = conv1 .. 7 = fc8).
 fn weight_and_bias<B: Backend>(
     params: &mut [Param<B>],
@@ -435,8 +463,11 @@ pub struct Network<B: Backend> {
     seed: u64,
     /// Global index of this process's first sample in the global batch (data parallelism).
     pub sample_offset: u64,
-    /// The other replicas of this process's columns, whose gradients are averaged with these.
-    replicas: Option<Box<dyn crate::comm::ReplicaReduce>>,
+    /// The other replicas of this process's columns, whose gradients are averaged with these
+    /// while the backward pass goes on.
+    replicas: Option<crate::comm::OverlappedReduce>,
+    /// The layers of each gradient bucket being averaged, in the order they were submitted.
+    buckets: Vec<&'static [usize]>,
     geoms: Option<Geoms>,
     gathered: Option<Gathered<B>>,
     /// One gradient workspace per held column.
@@ -494,6 +525,7 @@ impl<B: Backend> Network<B> {
             seed,
             sample_offset: 0,
             replicas: None,
+            buckets: Vec::new(),
             geoms: None,
             gathered: None,
             grads: None,
@@ -780,6 +812,12 @@ impl<B: Backend> Network<B> {
         let widths = g.exchange_widths();
         let (lrn, across) = (self.cfg.lrn, self.cfg.lrn_across_columns);
         let (dropout, seed, row_offset) = (self.cfg.dropout, self.seed, self.sample_offset);
+        if self.replicas.as_ref().is_some_and(|r| r.pending() > 0) {
+            anyhow::bail!(
+                "backward called while the last step's gradients are still being averaged"
+            );
+        }
+        self.buckets.clear();
         let Network {
             backend: b,
             columns,
@@ -787,10 +825,16 @@ impl<B: Backend> Network<B> {
             gathered,
             grads,
             profile: prof,
+            replicas,
+            buckets,
             ..
         } = self;
         let gath = gathered.as_ref().expect("prepared");
         let ws = grads.as_mut().expect("prepared");
+        // Hands the finished gradients of `layers` to the other replicas, if any.
+        let mut submit = |columns: &[Column<B>], prof: &mut Profile, layers: &'static [usize]| {
+            submit_bucket(b, columns, layers, replicas.as_mut(), buckets, prof)
+        };
 
         // fc8: each column's half of dlogits; the input gradient is summed over the columns.
         for (col, w) in columns.iter_mut().zip(ws.iter_mut()) {
@@ -816,6 +860,7 @@ impl<B: Backend> Network<B> {
             );
             prof.add("fc8", true, t);
         }
+        submit(columns, prof, &[7])?;
         let t = Instant::now();
         reduce_scatter(b, exchange.as_mut(), batch, widths[3], ws, |w| {
             (&w.dg7, &mut w.dh7)
@@ -852,6 +897,7 @@ impl<B: Backend> Network<B> {
                 );
                 prof.add(name, true, t);
             }
+            submit(columns, prof, if fc == 1 { &[6] } else { &[5] })?;
             let t = Instant::now();
             if fc == 1 {
                 reduce_scatter(b, exchange.as_mut(), batch, widths[2], ws, |w| {
@@ -893,6 +939,7 @@ impl<B: Backend> Network<B> {
                 prof.add(name, true, t);
             }
         }
+        submit(columns, prof, &[2, 3, 4])?;
         let t = Instant::now();
         reduce_scatter(b, exchange.as_mut(), batch, widths[0], ws, |w| {
             (&w.dg2, &mut w.dp2)
@@ -928,6 +975,7 @@ impl<B: Backend> Network<B> {
             b.maxpool_backward(&g.pool[0], &a.l1, &a.p1, &w.dp1, &mut w.dl1);
             prof.add("pool1", true, t);
         }
+        submit(columns, prof, &[1])?;
         let t = Instant::now();
         lrn_backward_all(b, &g, &lrn, across, 0, columns, ws);
         prof.add("lrn1", true, t);
@@ -943,6 +991,7 @@ impl<B: Backend> Network<B> {
         }
         b.conv2d_backward_sets(&g.conv[0], x, &wv, &dys, &mut dws, &mut dbs);
         prof.add("conv1", true, t);
+        submit(columns, prof, &[0])?;
         Ok(())
     }
 
@@ -958,19 +1007,19 @@ impl<B: Backend> Network<B> {
         self.profile.add("sgd", true, t);
     }
 
-    /// Averages every held gradient across the replicas of this process's columns (data
-    /// parallelism), between the backward pass and the SGD step.
     /// Makes this network replica `replica` of a data-parallel group whose replicas each take
     /// `batch_per_replica` consecutive samples of the global batch: dropout masks follow the
-    /// samples' global positions, and [`Self::sync_replicas`] averages the gradients.
+    /// samples' global positions, the backward pass hands each layer's gradients to `group`
+    /// as soon as they are final, and [`Self::sync_replicas`] takes them back averaged.
     pub fn join_replicas(
         &mut self,
         group: Box<dyn crate::comm::ReplicaReduce>,
         replica: usize,
         batch_per_replica: usize,
-    ) {
+    ) -> anyhow::Result<()> {
         self.sample_offset = (replica * batch_per_replica) as u64;
-        self.replicas = Some(group);
+        self.replicas = Some(crate::comm::OverlappedReduce::new(group)?);
+        Ok(())
     }
 
     /// What crossed to the other replicas so far.
@@ -981,36 +1030,28 @@ impl<B: Backend> Network<B> {
             .unwrap_or_default()
     }
 
-    /// Averages the gradients with the other replicas, if any (between backward and SGD step).
+    /// Waits for the gradient buckets that the backward pass handed to the other replicas and
+    /// puts them back averaged (between the backward pass and the SGD step; nothing without
+    /// replicas).
     pub fn sync_replicas(&mut self) -> anyhow::Result<()> {
-        let Some(mut group) = self.replicas.take() else {
+        let Some(group) = self.replicas.as_mut() else {
             return Ok(());
         };
-        let r = self.all_reduce_grads(group.as_mut());
-        self.replicas = Some(group);
-        r
-    }
-
-    fn all_reduce_grads(
-        &mut self,
-        group: &mut dyn crate::comm::ReplicaReduce,
-    ) -> anyhow::Result<()> {
         let t = Instant::now();
         let b = &self.backend;
-        let mut host = Vec::new();
-        for col in &self.columns {
-            for p in &col.params {
-                host.extend(b.download(&p.grad));
+        for layers in std::mem::take(&mut self.buckets) {
+            let host = group.next()?;
+            let mut at = 0;
+            for col in &mut self.columns {
+                for &layer in layers {
+                    for p in &mut col.params[2 * layer..2 * layer + 2] {
+                        let n = p.len();
+                        p.grad = b.upload(&host[at..at + n]);
+                        at += n;
+                    }
+                }
             }
-        }
-        group.all_reduce_mean(&mut host)?;
-        let mut at = 0;
-        for col in &mut self.columns {
-            for p in &mut col.params {
-                let n = p.len();
-                p.grad = b.upload(&host[at..at + n]);
-                at += n;
-            }
+            anyhow::ensure!(at == host.len(), "a gradient bucket came back resized");
         }
         self.profile.add("replicas", true, t);
         Ok(())

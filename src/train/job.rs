@@ -228,7 +228,7 @@ pub fn run<B: Backend>(
     let mut data = open_data::<B>(job, role.replica, on_device)?;
     let mut net = Network::new(job.net.clone(), backend, role.columns, job.seed)?;
     if let Some(group) = role.replicas {
-        net.join_replicas(group, role.replica, job.batch / job.topology.replicas);
+        net.join_replicas(group, role.replica, job.batch / job.topology.replicas)?;
     }
     let mut start = Start {
         step: 0,

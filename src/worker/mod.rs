@@ -638,10 +638,8 @@ fn train<B: crate::backend::Backend>(
     let column_link = nccl_column_link(gpu, a, &topology, peer_timeout)?;
     let replica_group = nccl_replica_group(gpu, a, &topology, peer_timeout)?;
     let over = |nccl: bool| if nccl { "NCCL" } else { "TCP" };
-    let (columns_over, replicas_over) = (
-        over(column_link.is_some()),
-        over(replica_group.is_some()),
-    );
+    let (columns_over, replicas_over) =
+        (over(column_link.is_some()), over(replica_group.is_some()));
     let ex = crate::comm::connect::<B>(
         &topology,
         a.rank as usize,
@@ -733,8 +731,7 @@ fn nccl_replica_group(
     topology: &Topology,
     timeout: Duration,
 ) -> anyhow::Result<Option<Box<dyn crate::comm::ReplicaReduce>>> {
-    let (Some(ordinal), Ok(id)) = (gpu, <[u8; 128]>::try_from(a.nccl_replica_id.as_slice()))
-    else {
+    let (Some(ordinal), Ok(id)) = (gpu, <[u8; 128]>::try_from(a.nccl_replica_id.as_slice())) else {
         return Ok(None);
     };
     let rank = a.rank as usize;
