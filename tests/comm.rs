@@ -148,6 +148,23 @@ fn check_against_one_process(topology: Topology) {
         }
     }
     if topology.replicas > 1 {
+        // Every replica of a column ends with the same bits: they average their gradients
+        // bucket by bucket while the backward pass goes on, and must never drift apart.
+        for r in &ranks {
+            let first = ranks
+                .iter()
+                .find(|o| topology.placement(o.rank).columns == topology.placement(r.rank).columns)
+                .unwrap();
+            for ((_, name, a), (_, _, b)) in r.params.iter().zip(&first.params) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(a) == bits(b),
+                    "rank {} and rank {} differ in {name}",
+                    r.rank,
+                    first.rank
+                );
+            }
+        }
         // The global loss is the mean of the replicas' losses.
         for s in 0..steps as usize {
             let per_replica: Vec<f32> = ranks

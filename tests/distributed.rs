@@ -835,19 +835,32 @@ fn column_0s_nccl_id_is_relayed_to_gpu_pairs_on_two_gpus_only() {
         ),
     ];
     for (job, workers, want) in cases {
-        let (mut c, url) = coordinator(job, &[]);
-        let reqs = workers
-            .iter()
-            .enumerate()
-            .map(|(r, (host, dev, nccl))| gpu_worker(r as u32, host, dev, *nccl))
-            .collect();
-        for a in register_all(&url, reqs) {
-            let a = a.unwrap_or_else(|s| panic!("{job}: {}", s.message()));
+        for a in gpu_assignments(job, &[], &workers) {
             let expect = want.map(|b| vec![b; 128]).unwrap_or_default();
             assert_eq!(a.nccl_id, expect, "{job}: rank {}", a.rank);
         }
-        let _ = c.child.kill();
     }
+}
+
+/// The assignments a coordinator of `job` (with `extra` flags) gives GPU workers (host, device,
+/// NCCL id byte) registering as ranks 0, 1, ...
+fn gpu_assignments(
+    job: &str,
+    extra: &[&str],
+    workers: &[(&str, &str, Option<u8>)],
+) -> Vec<alexnet::proto::Assignment> {
+    let (mut c, url) = coordinator(job, extra);
+    let reqs = workers
+        .iter()
+        .enumerate()
+        .map(|(r, (host, dev, nccl))| gpu_worker(r as u32, host, dev, *nccl))
+        .collect();
+    let out = register_all(&url, reqs)
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|s| panic!("{job}: {}", s.message())))
+        .collect();
+    let _ = c.child.kill();
+    out
 }
 
 #[test]
@@ -889,20 +902,12 @@ fn replica_0s_nccl_id_is_relayed_to_replicas_each_on_its_own_gpu_only() {
         ),
     ];
     for (job, workers, want) in cases {
-        let (mut c, url) = coordinator(job, &["--replicas", "2"]);
-        let reqs = workers
-            .iter()
-            .enumerate()
-            .map(|(r, (host, dev, nccl))| gpu_worker(r as u32, host, dev, *nccl))
-            .collect();
-        for a in register_all(&url, reqs) {
-            let a = a.unwrap_or_else(|s| panic!("{job}: {}", s.message()));
+        for a in gpu_assignments(job, &["--replicas", "2"], &workers) {
             let expect = want[a.rank as usize % 2]
                 .map(|b| vec![b; 128])
                 .unwrap_or_default();
             assert_eq!(a.nccl_replica_id, expect, "{job}: rank {}", a.rank);
         }
-        let _ = c.child.kill();
     }
 }
 

@@ -198,11 +198,15 @@ impl OverlappedReduce {
 }
 
 impl Drop for OverlappedReduce {
-    /// Ends the thread once it has finished what it holds (each wait of which is bounded).
+    /// Ends the thread: at once when it is idle; when it still holds buckets (the step failed
+    /// elsewhere), it is left to end when its current wait does (each is bounded by the peer
+    /// timeout), so that the failure is reported without waiting for it.
     fn drop(&mut self) {
         self.buckets = None;
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if self.pending == 0 {
+                let _ = t.join();
+            }
         }
     }
 }

@@ -105,18 +105,28 @@ pub fn render(
     for c in 0..3 {
         for y in 0..out_side {
             let row = (crop.y0 + y) * side + crop.x0 + c * plane;
-            let src = &image[row..row + out_side];
-            let m = &mean[row..row + out_side];
             let dst = &mut out[c * out_plane + y * out_side..][..out_side];
-            if crop.flip {
-                for ((d, &v), &mv) in dst.iter_mut().rev().zip(src).zip(m) {
-                    *d = v as f32 - mv + shift[c];
-                }
-            } else {
-                for ((d, &v), &mv) in dst.iter_mut().zip(src).zip(m) {
-                    *d = v as f32 - mv + shift[c];
-                }
-            }
+            finish_row(
+                &image[row..][..out_side],
+                &mean[row..][..out_side],
+                shift[c],
+                crop.flip,
+                dst,
+            );
+        }
+    }
+}
+
+/// One row of a view: `src - mean + shift`, written mirrored if asked. The one place the
+/// views' arithmetic is written on the CPU (`kernels/augment.cu` does the same).
+fn finish_row(src: &[u8], mean: &[f32], shift: f32, flip: bool, dst: &mut [f32]) {
+    if flip {
+        for ((d, &v), &m) in dst.iter_mut().rev().zip(src).zip(mean) {
+            *d = v as f32 - m + shift;
+        }
+    } else {
+        for ((d, &v), &m) in dst.iter_mut().zip(src).zip(mean) {
+            *d = v as f32 - m + shift;
         }
     }
 }
@@ -238,15 +248,7 @@ pub fn finish(
             let src = &cut[c * out_plane + y * out_side..][..out_side];
             let m = &mean[c * plane + (crop.y0 + y) * side + crop.x0..][..out_side];
             let dst = &mut out[c * out_plane + y * out_side..][..out_side];
-            if crop.flip {
-                for ((d, &v), &mv) in dst.iter_mut().rev().zip(src).zip(m) {
-                    *d = v as f32 - mv + shift[c];
-                }
-            } else {
-                for ((d, &v), &mv) in dst.iter_mut().zip(src).zip(m) {
-                    *d = v as f32 - mv + shift[c];
-                }
-            }
+            finish_row(src, m, shift[c], crop.flip, dst);
         }
     }
 }
