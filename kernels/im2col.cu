@@ -1,28 +1,40 @@
-// Unfolding for convolution as a matrix product (cuBLAS): im2col lays out one image's
-// receptive fields as columns, col2im folds the input gradient back. col2im gathers (each input
-// pixel sums the column entries that read it), so there are no atomics.
-// Column layout: [in_c * k * k, out_h * out_w], row (c, ky, kx), column (oy, ox).
+// Unfolding for convolution as a matrix product (cuBLAS): im2col lays out each image's
+// receptive fields as columns, col2im folds the input gradient back. Both take a run of
+// `images` images in one launch (image n at x + n * image_stride: the images of a batch, one
+// group's channels), so that a pass over the batch is one launch, not one per image. col2im
+// gathers (each input pixel sums the column entries that read it), so there are no atomics.
+// Column layout, per image: [in_c * k * k, out_h * out_w], row (c, ky, kx), column (oy, ox);
+// image n's block starts at col + n * in_c * k * k * out_h * out_w.
 
-extern "C" __global__ void im2col(const float* x, float* col, int in_c, int in_h, int in_w, int k,
-                                  int stride, int pad, int out_h, int out_w) {
+extern "C" __global__ void im2col(const float* x, float* col, int images, long long image_stride,
+                                  int in_c, int in_h, int in_w, int k, int stride, int pad,
+                                  int out_h, int out_w) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long total = (long long)in_c * k * k * out_h * out_w;
-    if (t >= total) return;
-    int pix = (int)(t % ((long long)out_h * out_w));
-    int row = (int)(t / ((long long)out_h * out_w));
+    long long plane = (long long)out_h * out_w;
+    long long per = (long long)in_c * k * k * plane;
+    if (t >= images * per) return;
+    long long n = t / per;
+    long long r = t % per;
+    int pix = (int)(r % plane);
+    int row = (int)(r / plane);
     int kx = row % k, ky = (row / k) % k, c = row / (k * k);
     int oy = pix / out_w, ox = pix % out_w;
     int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
     col[t] = (iy >= 0 && iy < in_h && ix >= 0 && ix < in_w)
-                 ? x[((long long)c * in_h + iy) * in_w + ix]
+                 ? x[n * image_stride + ((long long)c * in_h + iy) * in_w + ix]
                  : 0.0f;
 }
 
-extern "C" __global__ void col2im(const float* col, float* dx, int in_c, int in_h, int in_w, int k,
-                                  int stride, int pad, int out_h, int out_w) {
+extern "C" __global__ void col2im(const float* col, float* dx, int images, long long image_stride,
+                                  int in_c, int in_h, int in_w, int k, int stride, int pad,
+                                  int out_h, int out_w) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= (long long)in_c * in_h * in_w) return;
-    int ix = (int)(t % in_w), iy = (int)((t / in_w) % in_h), c = (int)(t / ((long long)in_w * in_h));
+    long long image = (long long)in_c * in_h * in_w;
+    if (t >= images * image) return;
+    long long n = t / image;
+    long long r = t % image;
+    int ix = (int)(r % in_w), iy = (int)((r / in_w) % in_h), c = (int)(r / ((long long)in_w * in_h));
+    const float* cn = col + n * (long long)in_c * k * k * out_h * out_w;
     int py = iy + pad, px = ix + pad;
     float acc = 0.0f;
     for (int ky = 0; ky < k; ++ky) {
@@ -35,8 +47,8 @@ extern "C" __global__ void col2im(const float* col, float* dx, int in_c, int in_
             if (sx < 0 || sx % stride) continue;
             int ox = sx / stride;
             if (ox >= out_w) continue;
-            acc += col[((long long)(c * k + ky) * k + kx) * out_h * out_w + oy * out_w + ox];
+            acc += cn[((long long)(c * k + ky) * k + kx) * out_h * out_w + oy * out_w + ox];
         }
     }
-    dx[t] = acc;
+    dx[n * image_stride + r] = acc;
 }

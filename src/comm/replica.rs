@@ -138,7 +138,7 @@ impl OverlappedReduce {
         self.replicas
     }
 
-    /// Starts averaging `bucket`; [`Self::next`] returns it averaged.
+    /// Starts averaging `bucket`; [`Self::take_next`] returns it averaged.
     pub fn submit(&mut self, bucket: Vec<f32>) -> anyhow::Result<()> {
         self.check()?;
         let sent = self
@@ -156,7 +156,7 @@ impl OverlappedReduce {
 
     /// The oldest bucket submitted and not yet taken, averaged. Waits for it: the group bounds
     /// its own waits on the other replicas (the job's peer timeout).
-    pub fn next(&mut self) -> anyhow::Result<Vec<f32>> {
+    pub fn take_next(&mut self) -> anyhow::Result<Vec<f32>> {
         self.check()?;
         anyhow::ensure!(self.pending > 0, "no gradient bucket is being averaged");
         match self.results.recv() {
@@ -254,18 +254,18 @@ mod tests {
         };
         let mut r = OverlappedReduce::new(Box::new(group)).unwrap();
         assert_eq!(r.replicas(), 2);
-        assert!(r.next().is_err(), "nothing submitted");
+        assert!(r.take_next().is_err(), "nothing submitted");
         for i in 0..3 {
             r.submit(vec![i as f32; 3 + i]).unwrap();
         }
         assert_eq!(r.pending(), 3);
         for i in 0..3 {
-            assert_eq!(r.next().unwrap(), vec![i as f32 * 0.5; 3 + i]);
+            assert_eq!(r.take_next().unwrap(), vec![i as f32 * 0.5; 3 + i]);
         }
         assert_eq!(r.pending(), 0);
         assert_eq!(r.traffic().messages, 3);
         r.submit(vec![1.0]).unwrap();
-        let e = r.next().unwrap_err();
+        let e = r.take_next().unwrap_err();
         assert_eq!(
             e.downcast_ref::<crate::comm::tcp::PeerError>()
                 .unwrap()

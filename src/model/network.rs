@@ -1040,7 +1040,7 @@ impl<B: Backend> Network<B> {
         let t = Instant::now();
         let b = &self.backend;
         for layers in std::mem::take(&mut self.buckets) {
-            let host = group.next()?;
+            let host = group.take_next()?;
             let mut at = 0;
             for col in &mut self.columns {
                 for &layer in layers {

@@ -14,7 +14,9 @@ pub mod kernels;
 use super::{
     Backend, ByteViews, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
 };
-use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{
+    sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig,
+};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
     PushKernelArg,
@@ -299,6 +301,48 @@ impl Cuda {
         check(unsafe { self.blas.gemm(cfg, b, a, c) }, "cuBLAS sgemm");
     }
 
+    /// [`Self::gemm_rm`] for `count` products at once: product `i` reads `a` at `i * stride_a`,
+    /// `b` at `i * stride_b` and writes `c` at `i * stride_c` (a stride of 0 shares a matrix).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_rm_batched<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
+        &self,
+        ta: bool,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        (a, stride_a): (&A, usize),
+        (b, stride_b): (&B, usize),
+        beta: f32,
+        (c, stride_c): (&mut C, usize),
+        count: usize,
+    ) {
+        check(self.ctx.bind_to_thread(), "binding the CUDA context");
+        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+        // Column-major cuBLAS computes c^T = op(b)^T op(a)^T: its A is our b, its B our a.
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: op(tb),
+                transb: op(ta),
+                m: n as i32,
+                n: m as i32,
+                k: k as i32,
+                alpha: 1.0f32,
+                lda: if tb { k } else { n } as i32,
+                ldb: if ta { m } else { k } as i32,
+                beta,
+                ldc: n as i32,
+            },
+            batch_size: count as i32,
+            stride_a: stride_b as i64,
+            stride_b: stride_a as i64,
+            stride_c: stride_c as i64,
+        };
+        // SAFETY: the callers' slices hold every product's matrices at these strides.
+        check(
+            unsafe { self.blas.gemm_strided_batched(cfg, b, a, c) },
+            "cuBLAS strided batched sgemm",
+        );
+    }
+
     /// The unfolding buffer, at least `len` floats.
     fn columns(&self, len: usize) -> std::sync::MutexGuard<'_, Option<CudaSlice<f32>>> {
         let mut cols = self.columns.lock().unwrap();
@@ -318,7 +362,43 @@ impl Cuda {
         (MAX_COLUMNS / per_image.max(1)).clamp(1, g.batch.max(1))
     }
 
-    /// Unfolds images `n0..n0+nb`, channels of group `grp`, into `col` (`[nb][K, P]`).
+    /// The unfolding kernels' shape arguments for group `grp` of images `n0..n0 + nb`: the
+    /// first image's offset in the batch, the span from it to the end of the last one's group,
+    /// and (images, image stride, in_c, in_h, in_w, k, stride, pad, out_h, out_w).
+    #[allow(clippy::type_complexity)]
+    fn unfold_args(
+        g: &ConvGeom,
+        n0: usize,
+        nb: usize,
+        grp: usize,
+    ) -> (usize, usize, (i32, i64, [i32; 8])) {
+        let cin = g.in_c / g.groups;
+        let group_len = cin * g.in_h * g.in_w;
+        let image = g.in_c * g.in_h * g.in_w;
+        let start = n0 * image + grp * group_len;
+        let span = (nb - 1) * image + group_len;
+        let dims = [
+            cin as i32,
+            g.in_h as i32,
+            g.in_w as i32,
+            g.kernel as i32,
+            g.stride as i32,
+            g.pad as i32,
+            g.out_h() as i32,
+            g.out_w() as i32,
+        ];
+        (start, span, (nb as i32, image as i64, dims))
+    }
+
+    /// Where group `grp`'s outputs of images `n0..n0 + nb` lie in a convolution's output: the
+    /// first one's offset, and the span to the end of the last one's.
+    fn output_span(g: &ConvGeom, n0: usize, nb: usize, grp: usize) -> (usize, usize) {
+        let (plane, cout) = (g.out_h() * g.out_w(), g.out_c / g.groups);
+        let start = (n0 * g.out_c + grp * cout) * plane;
+        (start, ((nb - 1) * g.out_c + cout) * plane)
+    }
+
+    /// Unfolds group `grp` of images `n0..n0+nb` into `col` (`[nb][K, P]`), in one launch.
     fn im2col(
         &self,
         g: &ConvGeom,
@@ -328,38 +408,43 @@ impl Cuda {
         grp: usize,
         col: &mut CudaSlice<f32>,
     ) {
-        let cin = g.in_c / g.groups;
-        let (ih, iw, oh, ow) = (g.in_h, g.in_w, g.out_h(), g.out_w());
-        let image = g.in_c * ih * iw;
-        let per = cin * g.kernel * g.kernel * oh * ow;
-        for i in 0..nb {
-            let start = (n0 + i) * image + grp * cin * ih * iw;
-            let xv = x.slice(start..start + cin * ih * iw);
-            let mut cv = col.slice_mut(i * per..(i + 1) * per);
-            let mut l = self.stream.launch_builder(self.f("im2col"));
-            let (c, h, w, k, s, p, o_h, o_w) = (
-                cin as i32,
-                ih as i32,
-                iw as i32,
-                g.kernel as i32,
-                g.stride as i32,
-                g.pad as i32,
-                oh as i32,
-                ow as i32,
-            );
-            l.arg(&xv)
-                .arg(&mut cv)
-                .arg(&c)
-                .arg(&h)
-                .arg(&w)
-                .arg(&k)
-                .arg(&s)
-                .arg(&p)
-                .arg(&o_h)
-                .arg(&o_w);
-            // SAFETY: argument types and order match kernels/im2col.cu.
-            check(unsafe { l.launch(grid(per)) }, "im2col");
+        let per = (g.in_c / g.groups) * g.kernel * g.kernel * g.out_h() * g.out_w();
+        let (start, span, (images, image, d)) = Self::unfold_args(g, n0, nb, grp);
+        let xv = x.slice(start..start + span);
+        let mut cv = col.slice_mut(0..nb * per);
+        let mut l = self.stream.launch_builder(self.f("im2col"));
+        l.arg(&xv).arg(&mut cv).arg(&images).arg(&image);
+        for v in &d {
+            l.arg(v);
         }
+        // SAFETY: argument types and order match kernels/im2col.cu; the views hold what the
+        // kernel reads and writes.
+        check(unsafe { l.launch(grid(nb * per)) }, "im2col");
+    }
+
+    /// Folds `col` (`[nb][K, P]`, input gradients in unfolded form) back into group `grp` of
+    /// images `n0..n0+nb` of `dx`, overwriting it, in one launch.
+    fn col2im(
+        &self,
+        g: &ConvGeom,
+        col: &CudaSlice<f32>,
+        n0: usize,
+        nb: usize,
+        grp: usize,
+        dx: &mut CudaSlice<f32>,
+    ) {
+        let per = (g.in_c / g.groups) * g.kernel * g.kernel * g.out_h() * g.out_w();
+        let (start, span, (images, image, d)) = Self::unfold_args(g, n0, nb, grp);
+        let cv = col.slice(0..nb * per);
+        let mut dxv = dx.slice_mut(start..start + span);
+        let mut l = self.stream.launch_builder(self.f("col2im"));
+        l.arg(&cv).arg(&mut dxv).arg(&images).arg(&image);
+        for v in &d {
+            l.arg(v);
+        }
+        // SAFETY: as in `im2col`.
+        let threads = nb * (g.in_c / g.groups) * g.in_h * g.in_w;
+        check(unsafe { l.launch(grid(threads)) }, "col2im");
     }
 }
 
@@ -494,13 +579,20 @@ impl Backend for Cuda {
             for grp in 0..g.groups {
                 self.im2col(g, x, n0, nb, grp, col);
                 let wg = w.slice(grp * cout * kk..(grp + 1) * cout * kk);
-                for i in 0..nb {
-                    let start = ((n0 + i) * g.out_c + grp * cout) * plane;
-                    let mut yv = y.slice_mut(start..start + cout * plane);
-                    let cv = col.slice(i * per..(i + 1) * per);
-                    // y[cout, P] += w[cout, K] col[K, P]
-                    self.gemm_rm(false, false, cout, plane, kk, &wg, &cv, 1.0, &mut yv);
-                }
+                let (start, span) = Self::output_span(g, n0, nb, grp);
+                let mut yv = y.slice_mut(start..start + span);
+                let cv = col.slice(0..nb * per);
+                // y_i[cout, P] += w[cout, K] col_i[K, P], for the nb images in one call.
+                self.gemm_rm_batched(
+                    false,
+                    false,
+                    (cout, plane, kk),
+                    (&wg, 0),
+                    (&cv, per),
+                    1.0,
+                    (&mut yv, g.out_c * plane),
+                    nb,
+                );
             }
         }
     }
@@ -543,6 +635,10 @@ impl Backend for Cuda {
         let pass = Self::images_per_pass(g);
         let mut guard = self.columns(pass * per);
         let col = guard.as_mut().unwrap();
+        let mut dx = dx;
+        if let Some(dx) = &dx {
+            assert_eq!(dx.len(), g.in_len(), "conv input gradient length");
+        }
         for n0 in (0..g.batch).step_by(pass) {
             let nb = pass.min(g.batch - n0);
             for grp in 0..g.groups {
@@ -556,49 +652,24 @@ impl Backend for Cuda {
                     let beta = if n0 + i == 0 { 0.0 } else { 1.0 };
                     self.gemm_rm(false, true, cout, kk, plane, &dyv, &cv, beta, &mut dwg);
                 }
-            }
-        }
-        drop(guard);
-        if let Some(dx) = dx {
-            assert_eq!(dx.len(), g.in_len(), "conv input gradient length");
-            let mut guard = self.columns(pass * per);
-            let col = guard.as_mut().unwrap();
-            let (ih, iw, oh, ow) = (g.in_h, g.in_w, g.out_h(), g.out_w());
-            let image = g.in_c * ih * iw;
-            for n in 0..g.batch {
-                for grp in 0..g.groups {
+                if let Some(dx) = dx.as_deref_mut() {
+                    // The unfolded images are used: the same buffer takes the unfolded input
+                    // gradients dcol_i[K, P] = w[cout, K]^T dy_i[cout, P], then folds them.
                     let wg = w.slice(grp * cout * kk..(grp + 1) * cout * kk);
-                    let start = (n * g.out_c + grp * cout) * plane;
-                    let dyv = dy.slice(start..start + cout * plane);
-                    let mut cv = col.slice_mut(0..per);
-                    // dcol[K, P] = w[cout, K]^T dy[cout, P]
-                    self.gemm_rm(true, false, kk, plane, cout, &wg, &dyv, 0.0, &mut cv);
-                    let s = n * image + grp * cin * ih * iw;
-                    let mut dxv = dx.slice_mut(s..s + cin * ih * iw);
-                    let cv = col.slice(0..per);
-                    let (c, h, wd, k, st, p, o_h, o_w) = (
-                        cin as i32,
-                        ih as i32,
-                        iw as i32,
-                        g.kernel as i32,
-                        g.stride as i32,
-                        g.pad as i32,
-                        oh as i32,
-                        ow as i32,
+                    let (start, span) = Self::output_span(g, n0, nb, grp);
+                    let dyv = dy.slice(start..start + span);
+                    let mut cv = col.slice_mut(0..nb * per);
+                    self.gemm_rm_batched(
+                        true,
+                        false,
+                        (kk, plane, cout),
+                        (&wg, 0),
+                        (&dyv, g.out_c * plane),
+                        0.0,
+                        (&mut cv, per),
+                        nb,
                     );
-                    let mut l = self.stream.launch_builder(self.f("col2im"));
-                    l.arg(&cv)
-                        .arg(&mut dxv)
-                        .arg(&c)
-                        .arg(&h)
-                        .arg(&wd)
-                        .arg(&k)
-                        .arg(&st)
-                        .arg(&p)
-                        .arg(&o_h)
-                        .arg(&o_w);
-                    // SAFETY: argument types and order match kernels/im2col.cu.
-                    check(unsafe { l.launch(grid(cin * ih * iw)) }, "col2im");
+                    self.col2im(g, col, n0, nb, grp, dx);
                 }
             }
         }
