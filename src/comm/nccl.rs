@@ -23,6 +23,13 @@
 //! (`ncclCommAbort`), which ends the pending transfers, so that a dead or silent peer is an
 //! error, not a hang. A communicator that failed once stays failed.
 //!
+//! A worker may run two communicators at once on its GPU: the replica group averages one
+//! layer's gradients on its thread while the training thread swaps the columns' blocks of the
+//! layers below (`OverlappedReduce`). NCCL supports concurrent communicators on one device only
+//! as far as their kernels can run side by side; should they ever stall each other, the
+//! timeouts turn the stall into an error. (A lock around all NCCL calls would not help: it can
+//! deadlock across ranks.) Not yet seen on hardware: no check here has had several GPUs.
+//!
 //! Like the TCP frame, every block carries a 16-byte header (magic, sequence, value count) in
 //! front of its values, so that ranks that fell out of step, or disagree on a block's size,
 //! stop with an error that names the peer rather than silently swapping the wrong data.
@@ -287,8 +294,9 @@ struct Setup {
     peers: Peers,
 }
 
-/// Words in front of an all-reduced block: 1 and the sequence number (mod 2^20), which sum to
-/// the rank count and to rank count x sequence when every rank is at the same block.
+/// Words in front of an all-reduced block: 1 and the sequence number (modulo
+/// [`check_modulus`]), which sum to the rank count and to rank count x sequence when every
+/// rank is at the same block.
 const CHECK_WORDS: usize = 2;
 
 /// The communicator's thread: the communicator and what it runs on. Fields drop in this order:
@@ -542,7 +550,7 @@ impl Worker {
         let n = CHECK_WORDS + data.len();
         self.reserve(n, n)?;
         let stream = self.stream.clone();
-        let seq = (self.seq_out % (1 << 20)) as f32;
+        let seq = (self.seq_out % check_modulus(self.nranks)) as f32;
         (stream.memcpy_htod(&[1.0, seq], &mut self.send.slice_mut(..CHECK_WORDS)))
             .cuda("copying a block to the device")?;
         (stream.memcpy_htod(&*data, &mut self.send.slice_mut(CHECK_WORDS..n)))
@@ -584,6 +592,13 @@ impl Worker {
         self.seq_out += 1;
         Ok(())
     }
+}
+
+/// The modulus of the sequence word, so that the sum over `nranks` ranks, and every partial sum
+/// on the way in whatever order NCCL adds, is an integer below 2^24, exact in f32.
+fn check_modulus(nranks: usize) -> u64 {
+    let ceil_log2 = usize::BITS - nranks.max(1).saturating_sub(1).leading_zeros();
+    1 << 24u32.saturating_sub(ceil_log2).max(1)
 }
 
 /// What the communicator's thread is asked to do; the block comes back with the answer, for
@@ -1033,6 +1048,19 @@ mod tests {
             format!("{e}").contains("rank 3 of a NCCL communicator of 3"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn check_words_sum_exactly_for_any_group() {
+        for nranks in [1usize, 2, 3, 16, 17, 18, 32, 64, 1000] {
+            let m = check_modulus(nranks);
+            let seq = (m - 1) as f32;
+            assert!(nranks as u64 * (m - 1) < 1 << 24, "{nranks} ranks");
+            // The worst case, added one rank at a time.
+            let sum = (0..nranks).fold(0f32, |s, _| s + seq);
+            assert_eq!(sum, nranks as f32 * seq, "{nranks} ranks");
+        }
+        assert_eq!(check_modulus(2), 1 << 23);
     }
 
     #[test]
