@@ -135,7 +135,8 @@ fn check(ds: &Dataset, cfg: &LoaderConfig) -> Result<()> {
     Ok(())
 }
 
-/// The views of `samples` in `epoch`: (crop, colour shift), `views_per_sample` per sample.
+/// The (crop, colour shift) of each view of `samples` in `epoch`, sample by sample (ten per
+/// sample for the ten patches).
 fn plan_views(
     ds: &Dataset,
     cfg: &LoaderConfig,
