@@ -85,13 +85,19 @@ step op-tests 60 env ALEXNET_REQUIRE_GPU=1 ALEXNET_GOLDEN_DIR=tests/golden \
     "$OPS" cuda:: --test-threads=1
 step two-workers-one-gpu 60 "$BIN" launch --backend cuda --steps 40 --log-every 10 \
     --run-dir "/tmp/alexnet-gpu-launch-$$"
-# The carried photographs, prepared, and a few training steps whose views the GPU finishes from
-# the bytes the loader cuts (the selftest checks that op bit for bit against the loader's).
+# The carried photographs, prepared, and two epochs whose views the GPU finishes from the bytes
+# the loader cuts (the selftest checks that op bit for bit against the loader's), then the same
+# with the views finished by the loader: our kernels use no atomics, so the two runs should end
+# with the same parameters.
 PREP=/tmp/alexnet-gpu-prepared-$$
 step views-on-gpu 45 bash -c "'$BIN' prepare --input data/sample/imagenet-photos --output $PREP \
     --shard-images 8 && printf 'conv_channels = [8, 16, 16, 16, 8]\nfc_widths = [16, 16]\nclasses = 20\n' \
-    > $PREP.toml && '$BIN' train --backend cuda --data $PREP --val $PREP --net $PREP.toml --batch 4 \
-    --epochs 2 --log-every 1 --augment-on device"
+    > $PREP.toml && for on in device host; do '$BIN' train --backend cuda --data $PREP --val $PREP \
+    --net $PREP.toml --batch 4 --epochs 2 --log-every 1 --augment-on \$on --out $PREP.\$on || exit 1; \
+    done && if cmp -s $PREP.device/column0.safetensors $PREP.host/column0.safetensors && \
+    cmp -s $PREP.device/column1.safetensors $PREP.host/column1.safetensors; then \
+    echo 'views on the GPU and on the host: identical parameters'; else \
+    echo 'views on the GPU and on the host: parameters DIFFER'; exit 1; fi"
 step bench 60 "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
 step bench-cudnn 60 env ALEXNET_CONV=cudnn "$BIN" bench --backend cuda --batch 128 --steps 20 \
     --warmup 3 --json
@@ -133,8 +139,10 @@ except OSError:
     pass
 try:
     views = open(os.path.join(res, "views-on-gpu.log")).read()
+    same = open(os.path.join(res, "views-on-gpu.out")).read()
     ok = "bytes, finished by the backend" in views and "validation epoch=2" in views
-    print("views finished on GPU   " + ("2 epochs trained and validated" if ok else "FAILED (see views-on-gpu.log)"))
+    print("views finished on GPU   " + ("2 epochs trained and validated; " + same.strip().split(": ")[-1]
+                                         if ok else "FAILED (see views-on-gpu.log)"))
 except OSError:
     pass
 ours = last_json("bench")
