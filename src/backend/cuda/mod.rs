@@ -110,6 +110,25 @@ fn grid(n: usize) -> LaunchConfig {
     }
 }
 
+/// Row-major `c[m, n] = op(a) op(b) + beta c` as column-major cuBLAS sees it,
+/// `c^T = op(b)^T op(a)^T`: its A is our `b`, its B our `a`. `ta`/`tb`: whether `a` is stored
+/// `[k, m]` / `b` stored `[n, k]`.
+fn gemm_config(ta: bool, tb: bool, (m, n, k): (usize, usize, usize), beta: f32) -> GemmConfig<f32> {
+    let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+    GemmConfig {
+        transa: op(tb),
+        transb: op(ta),
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha: 1.0f32,
+        lda: if tb { k } else { n } as i32,
+        ldb: if ta { m } else { k } as i32,
+        beta,
+        ldc: n as i32,
+    }
+}
+
 /// One block of `THREADS` per item (softmax rows, bias channels).
 fn per_item(items: usize) -> LaunchConfig {
     LaunchConfig {
@@ -284,19 +303,7 @@ impl Cuda {
         // cuBLAS calls do not make the context current (kernel launches and copies do): this
         // thread may not have run one yet.
         check(self.ctx.bind_to_thread(), "binding the CUDA context");
-        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
-        let cfg = GemmConfig {
-            transa: op(tb),
-            transb: op(ta),
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: 1.0f32,
-            lda: if tb { k } else { n } as i32,
-            ldb: if ta { m } else { k } as i32,
-            beta,
-            ldc: n as i32,
-        };
+        let cfg = gemm_config(ta, tb, (m, n, k), beta);
         // SAFETY: the shapes above match the buffers' lengths, which the callers check.
         check(unsafe { self.blas.gemm(cfg, b, a, c) }, "cuBLAS sgemm");
     }
@@ -316,21 +323,9 @@ impl Cuda {
         count: usize,
     ) {
         check(self.ctx.bind_to_thread(), "binding the CUDA context");
-        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
-        // Column-major cuBLAS computes c^T = op(b)^T op(a)^T: its A is our b, its B our a.
+        // As in `gemm_rm`, cuBLAS's A is our b and its B our a.
         let cfg = StridedBatchedConfig {
-            gemm: GemmConfig {
-                transa: op(tb),
-                transb: op(ta),
-                m: n as i32,
-                n: m as i32,
-                k: k as i32,
-                alpha: 1.0f32,
-                lda: if tb { k } else { n } as i32,
-                ldb: if ta { m } else { k } as i32,
-                beta,
-                ldc: n as i32,
-            },
+            gemm: gemm_config(ta, tb, (m, n, k), beta),
             batch_size: count as i32,
             stride_a: stride_b as i64,
             stride_b: stride_a as i64,
