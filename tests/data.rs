@@ -498,3 +498,46 @@ fn views_shipped_as_bytes_finish_to_the_same_bits_as_float_views() {
         assert!(batches >= 2, "{view:?}: {batches} batches compared");
     }
 }
+
+#[test]
+fn evaluation_sets_are_centred_by_the_training_mean() {
+    let (_dir, train) = prepared("train-mean");
+    let input = scratch("other-set-input");
+    small_tree(&input);
+    let out = scratch("other-set");
+    prepare(&input, &out, &quiet(4)).unwrap();
+    let mut other = Dataset::open(&out).unwrap();
+    assert!(
+        other.mean != train.mean,
+        "six photographs average otherwise than twenty"
+    );
+    other.use_mean_of(&train).unwrap();
+    let other = Arc::new(other);
+    let b = EpochLoader::new(other.clone(), config(2, 1, 0, View::Centre), 0).unwrap();
+    let centre = b
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap()
+        .pixels
+        .into_floats()
+        .unwrap();
+    let (_, img) = other.image(0).unwrap();
+    let at = 16 * 256 + 16;
+    assert_eq!(centre[0], img[at] as f32 - train.mean[at]);
+    // A set prepared at another side cannot take the training mean, and says why.
+    let small = scratch("other-side");
+    let opts = PrepareOptions {
+        side: 128,
+        ..quiet(4)
+    };
+    prepare(&input, &small, &opts).unwrap();
+    let e = Dataset::open(&small)
+        .unwrap()
+        .use_mean_of(&train)
+        .unwrap_err();
+    assert!(
+        format!("{e}").contains("prepared at the training set's size"),
+        "{e}"
+    );
+}

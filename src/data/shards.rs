@@ -186,6 +186,22 @@ impl Dataset {
         self.meta.images
     }
 
+    /// Subtracts `train`'s mean image from this set's views instead of its own: evaluation
+    /// data must be centred as the network's training data was, not by its own statistics.
+    pub fn use_mean_of(&mut self, train: &Dataset) -> Result<()> {
+        ensure!(
+            train.side() == self.side(),
+            "{} holds {}-pixel images, the training set in {} {}-pixel ones: evaluate on data \
+             prepared at the training set's size",
+            self.dir.display(),
+            self.side(),
+            train.dir.display(),
+            train.side()
+        );
+        self.mean = train.mean.clone();
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.meta.images == 0
     }

@@ -77,7 +77,9 @@ pub fn evaluate(
             target.display()
         );
         let train = Dataset::open(&job.data)?;
-        let set = Arc::new(Dataset::open(&target)?);
+        let mut set = Dataset::open(&target)?;
+        set.use_mean_of(&train)?;
+        let set = Arc::new(set);
         if set.meta.classes != train.meta.classes {
             bail!(
                 "the classes of {} differ from the run's ({} vs {} classes, or another order): evaluate on data prepared from the same class folders",

@@ -189,8 +189,10 @@ pub fn open_data<B: Backend>(
                 job.data.display()
             )
         })?;
-        let train = Arc::new(Dataset::open(&job.data)?);
-        let val = Arc::new(Dataset::open(val)?);
+        let train = Dataset::open(&job.data)?;
+        let mut val = Dataset::open(val)?;
+        val.use_mean_of(&train)?;
+        let (train, val) = (Arc::new(train), Arc::new(val));
         Ok(Box::new(PreparedData::new(
             train,
             val,
