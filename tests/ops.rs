@@ -10,10 +10,10 @@ use common::*;
 
 const GOLDEN_TOL: f64 = 1e-4;
 
-fn conv_golden<B: Backend>(b: &B, file: &str) {
-    let g = Golden::load(file);
-    let (xs, ws) = (g.shape("x").to_vec(), g.shape("w").to_vec());
-    let geom = ConvGeom {
+/// The convolution a golden file was computed for, from its tensors' shapes and metadata.
+fn golden_conv_geom(g: &Golden) -> ConvGeom {
+    let (xs, ws) = (g.shape("x"), g.shape("w"));
+    ConvGeom {
         batch: xs[0],
         in_c: xs[1],
         in_h: xs[2],
@@ -23,7 +23,12 @@ fn conv_golden<B: Backend>(b: &B, file: &str) {
         stride: g.meta("stride"),
         pad: g.meta("pad"),
         groups: g.meta("groups"),
-    };
+    }
+}
+
+fn conv_golden<B: Backend>(b: &B, file: &str) {
+    let g = Golden::load(file);
+    let geom = golden_conv_geom(&g);
     assert_eq!(g.shape("y")[2], geom.out_h(), "{file}: output side");
     let (x, w, bias, dy) = (
         b.upload(g.get("x")),
@@ -654,6 +659,117 @@ fn conv_sets_match_single<B: Backend>(b: &B) {
     }
 }
 
+/// The input gradient alone (`*_backward_data`, which the network sends to the other column
+/// before it computes the weight gradients) and the weight gradients alone (`dx = None`) are
+/// bit for bit the fused backward pass's, on batches that span several of the CPU's summation
+/// leaves, grouped or not, and against PyTorch's golden input gradient.
+fn backward_split_equals_fused<B: Backend>(b: &B) {
+    let same = |what: &str, got: &B::Buf, want: &B::Buf| {
+        let (got, want) = (b.download(got), b.download(want));
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let differ = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits());
+        assert_eq!(
+            differ.count(),
+            0,
+            "{what}: the split pass differs from the fused one"
+        );
+    };
+    for (batch, groups, kernel, stride, pad) in [(9, 2, 3, 1, 1), (5, 1, 5, 2, 2), (1, 1, 3, 1, 0)]
+    {
+        let geom = ConvGeom {
+            batch,
+            in_c: 4,
+            in_h: 11,
+            in_w: 10,
+            out_c: 6,
+            kernel,
+            stride,
+            pad,
+            groups,
+        };
+        let what = format!("conv batch {batch} k{kernel} s{stride} p{pad} g{groups}");
+        let (x, w, dy) = (
+            b.upload(&random(geom.in_len(), 61)),
+            b.upload(&random(geom.weight_len(), 62)),
+            b.upload(&random(geom.out_len(), 63)),
+        );
+        let (mut dx, mut dw, mut db) = (
+            b.zeros(geom.in_len()),
+            b.zeros(geom.weight_len()),
+            b.zeros(geom.out_c),
+        );
+        b.conv2d_backward(&geom, &x, &w, &dy, Some(&mut dx), &mut dw, &mut db);
+        // Stale values in the outputs must be overwritten, not added to.
+        let mut dx_alone = b.upload(&random(geom.in_len(), 64));
+        b.conv2d_backward_data(&geom, &w, &dy, &mut dx_alone);
+        let (mut dw_alone, mut db_alone) = (
+            b.upload(&random(geom.weight_len(), 65)),
+            b.upload(&random(geom.out_c, 66)),
+        );
+        b.conv2d_backward(&geom, &x, &w, &dy, None, &mut dw_alone, &mut db_alone);
+        same(&format!("{what} dx"), &dx_alone, &dx);
+        same(&format!("{what} dw"), &dw_alone, &dw);
+        same(&format!("{what} db"), &db_alone, &db);
+    }
+    let geom = LinearGeom {
+        rows: 7,
+        inp: 13,
+        out: 9,
+    };
+    let (x, w, dy) = (
+        b.upload(&random(7 * 13, 67)),
+        b.upload(&random(9 * 13, 68)),
+        b.upload(&random(7 * 9, 69)),
+    );
+    let (mut dx, mut dw, mut db) = (b.zeros(7 * 13), b.zeros(9 * 13), b.zeros(9));
+    b.linear_backward(&geom, &x, &w, &dy, Some(&mut dx), &mut dw, &mut db);
+    let mut dx_alone = b.upload(&random(7 * 13, 70));
+    b.linear_backward_data(&geom, &w, &dy, &mut dx_alone);
+    let (mut dw_alone, mut db_alone) = (b.zeros(9 * 13), b.zeros(9));
+    b.linear_backward(&geom, &x, &w, &dy, None, &mut dw_alone, &mut db_alone);
+    same("linear dx", &dx_alone, &dx);
+    same("linear dw", &dw_alone, &dw);
+    same("linear db", &db_alone, &db);
+
+    for file in [
+        "conv_5x5_p2_groups2.safetensors",
+        "conv_11x11_s4_p2.safetensors",
+    ] {
+        let g = Golden::load(file);
+        let geom = golden_conv_geom(&g);
+        let mut dx = b.zeros(geom.in_len());
+        b.conv2d_backward_data(
+            &geom,
+            &b.upload(g.get("w")),
+            &b.upload(g.get("dy")),
+            &mut dx,
+        );
+        assert_close(
+            &format!("{file} dx alone"),
+            &b.download(&dx),
+            g.get("dx"),
+            GOLDEN_TOL,
+        );
+    }
+    let g = Golden::load("linear.safetensors");
+    let geom = LinearGeom {
+        rows: g.shape("x")[0],
+        inp: g.shape("x")[1],
+        out: g.shape("w")[0],
+    };
+    let mut dx = b.zeros(geom.rows * geom.inp);
+    b.linear_backward_data(
+        &geom,
+        &b.upload(g.get("w")),
+        &b.upload(g.get("dy")),
+        &mut dx,
+    );
+    assert_close("linear dx alone", &b.download(&dx), g.get("dx"), GOLDEN_TOL);
+}
+
 fn concat_and_slice<B: Backend>(b: &B) {
     let (a, c) = (
         b.upload(&[1.0, 2.0, 3.0, 4.0]),
@@ -790,6 +906,11 @@ macro_rules! backend_tests {
             fn conv_sets_equal_separate_convs() {
                 let Some(b) = $make else { return };
                 conv_sets_match_single(&b)
+            }
+            #[test]
+            fn backward_split_in_data_and_weights_equals_fused() {
+                let Some(b) = $make else { return };
+                backward_split_equals_fused(&b)
             }
             #[test]
             fn concat_and_slice_rows() {

@@ -297,6 +297,11 @@ pub trait Backend: Send + Sync {
         db: &mut Self::Buf,
     );
 
+    /// The input gradient alone, `dx` (overwritten), with the same bits as
+    /// [`Backend::conv2d_backward`]'s: the part a column exchange waits for. The weight
+    /// gradients then follow with `dx = None`, while the exchange travels.
+    fn conv2d_backward_data(&self, g: &ConvGeom, w: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+
     /// Several convolutions of one input (the columns' conv1, when one process holds both).
     /// The default runs them one by one; a backend may share the work.
     fn conv2d_forward_sets(
@@ -401,6 +406,16 @@ pub trait Backend: Send + Sync {
         dx: Option<&mut Self::Buf>,
         dw: &mut Self::Buf,
         db: &mut Self::Buf,
+    );
+
+    /// The input gradient alone, `dx = dy w` (overwritten), with the same bits as
+    /// [`Backend::linear_backward`]'s (see [`Backend::conv2d_backward_data`]).
+    fn linear_backward_data(
+        &self,
+        g: &LinearGeom,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
     );
 
     /// Mean softmax cross-entropy over `rows` rows of `classes` logits; writes its gradient and

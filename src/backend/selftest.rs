@@ -132,6 +132,11 @@ pub fn ops<R: Backend, T: Backend>(reference: &R, tested: &T, seed: u64, tol: f6
         p.compare(&format!("{name}: input gradient"), &dx);
         p.compare(&format!("{name}: weight gradient"), &dw);
         p.compare(&format!("{name}: bias gradient"), &db);
+        // The input gradient alone, as the network computes it before a column exchange.
+        let mut dx = p.zeros(g.in_len());
+        p.r.conv2d_backward_data(&g, &w.0, &dy.0, &mut dx.0);
+        p.t.conv2d_backward_data(&g, &w.1, &dy.1, &mut dx.1);
+        p.compare(&format!("{name}: input gradient alone"), &dx);
     }
     {
         let g = PlaneGeom {
@@ -238,6 +243,10 @@ pub fn ops<R: Backend, T: Backend>(reference: &R, tested: &T, seed: u64, tol: f6
         p.compare("linear: input gradient", &dx);
         p.compare("linear: weight gradient", &dw);
         p.compare("linear: bias gradient", &db);
+        let mut dx = p.zeros(g.rows * g.inp);
+        p.r.linear_backward_data(&g, &w.0, &dy.0, &mut dx.0);
+        p.t.linear_backward_data(&g, &w.1, &dy.1, &mut dx.1);
+        p.compare("linear: input gradient alone", &dx);
     }
     {
         let (rows, classes) = (32, 1000);

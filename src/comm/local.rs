@@ -40,7 +40,7 @@ impl<B: Backend> ColumnExchange<B> for LocalExchange {
         Ok(())
     }
 
-    fn reduce_scatter(
+    fn finish_reduce_scatter(
         &mut self,
         backend: &B,
         rows: usize,

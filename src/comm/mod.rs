@@ -91,6 +91,36 @@ pub trait ColumnExchange<B: Backend>: Send {
         width: usize,
         full: &[&B::Buf],
         out: &mut [&mut B::Buf],
+    ) -> anyhow::Result<()> {
+        self.start_reduce_scatter(backend, rows, width, full)?;
+        self.finish_reduce_scatter(backend, rows, width, full, out)
+    }
+
+    /// The first half of [`Self::reduce_scatter`]: sends the other column its part of `full`
+    /// and returns without waiting for the reply, so that the caller can compute what does not
+    /// need the sum (the layer's weight gradients) while the blocks travel. `full` must stay
+    /// unchanged until [`Self::finish_reduce_scatter`], which must come before any other
+    /// exchange. The default starts nothing: the whole exchange happens in the finish.
+    fn start_reduce_scatter(
+        &mut self,
+        backend: &B,
+        rows: usize,
+        width: usize,
+        full: &[&B::Buf],
+    ) -> anyhow::Result<()> {
+        let _ = (backend, rows, width, full);
+        Ok(())
+    }
+
+    /// The second half of [`Self::reduce_scatter`], with the same `full`: waits for the other
+    /// column's part and writes the sums into `out`.
+    fn finish_reduce_scatter(
+        &mut self,
+        backend: &B,
+        rows: usize,
+        width: usize,
+        full: &[&B::Buf],
+        out: &mut [&mut B::Buf],
     ) -> anyhow::Result<()>;
 
     /// What crossed to the other column so far (nothing when both columns are here).

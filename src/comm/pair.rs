@@ -1,22 +1,156 @@
 //! One column's end of a two-column exchange over a [`Link`] to the process holding the other.
+//!
+//! The link lives on a thread of its own ([`LinkThread`]), so that a swap can be started and
+//! taken back later: the backward pass sends the other column its part of an input gradient,
+//! computes the layer's weight gradients while the blocks travel (they do not depend on the
+//! exchange), and only then waits. On GPUs the transfer runs on NCCL's stream while the
+//! weight-gradient products run on the compute stream.
 
 use super::{ColumnExchange, Link, Traffic};
 use crate::backend::Backend;
 use crate::model::config::COLUMNS;
+use anyhow::Context;
+use std::marker::PhantomData;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// A [`Link`] on its own thread: [`LinkThread::start`] hands it a block to swap and returns at
+/// once; [`LinkThread::finish`] waits for the peer's block. One swap at a time.
+pub struct LinkThread<L: Link> {
+    blocks: Option<Sender<(Vec<f32>, usize)>>,
+    replies: Receiver<anyhow::Result<Vec<f32>>>,
+    thread: Option<JoinHandle<()>>,
+    traffic: Arc<Mutex<Traffic>>,
+    /// A swap was started and not yet finished.
+    pending: bool,
+    /// Why the link failed: it stays failed.
+    failed: Option<String>,
+    _link: PhantomData<fn() -> L>,
+}
+
+impl<L: Link + 'static> LinkThread<L> {
+    pub fn new(mut link: L) -> anyhow::Result<Self> {
+        let traffic = Arc::new(Mutex::new(link.traffic()));
+        let (blocks, block_rx) = channel::<(Vec<f32>, usize)>();
+        let (reply_tx, replies) = channel();
+        let shared = traffic.clone();
+        let thread = std::thread::Builder::new()
+            .name("column-link".into())
+            .spawn(move || {
+                while let Ok((mine, expect)) = block_rx.recv() {
+                    let r = link.swap(&mine, expect);
+                    *shared.lock().unwrap_or_else(|p| p.into_inner()) = link.traffic();
+                    let failed = r.is_err();
+                    if reply_tx.send(r).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .context("starting the column link's thread")?;
+        Ok(LinkThread {
+            blocks: Some(blocks),
+            replies,
+            thread: Some(thread),
+            traffic,
+            pending: false,
+            failed: None,
+            _link: PhantomData,
+        })
+    }
+}
+
+impl<L: Link> LinkThread<L> {
+    /// Starts swapping `mine` for the peer's block of `expect` values.
+    pub fn start(&mut self, mine: Vec<f32>, expect: usize) -> anyhow::Result<()> {
+        self.check()?;
+        anyhow::ensure!(
+            !self.pending,
+            "a column swap was started while the last one was still in flight"
+        );
+        let sent = (self.blocks.as_ref()).is_some_and(|b| b.send((mine, expect)).is_ok());
+        if !sent {
+            return Err(self.fail(anyhow::anyhow!(
+                "the column link's thread ended unexpectedly"
+            )));
+        }
+        self.pending = true;
+        Ok(())
+    }
+
+    /// The peer's block of the swap in flight. Waits for it: the link bounds its own waits on
+    /// the peer (the job's peer timeout), so this never hangs on a dead peer.
+    pub fn finish(&mut self) -> anyhow::Result<Vec<f32>> {
+        self.check()?;
+        anyhow::ensure!(self.pending, "no column swap is in flight");
+        self.pending = false;
+        match self.replies.recv() {
+            Ok(Ok(theirs)) => Ok(theirs),
+            Ok(Err(e)) => Err(self.fail(e)),
+            Err(_) => Err(self.fail(anyhow::anyhow!(
+                "the column link's thread ended unexpectedly"
+            ))),
+        }
+    }
+
+    /// [`Self::start`] and [`Self::finish`].
+    pub fn swap(&mut self, mine: Vec<f32>, expect: usize) -> anyhow::Result<Vec<f32>> {
+        self.start(mine, expect)?;
+        self.finish()
+    }
+
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
+
+    pub fn traffic(&self) -> Traffic {
+        *self.traffic.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        match &self.failed {
+            Some(why) => Err(anyhow::anyhow!(
+                "the link to the other column failed earlier: {why}"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a failure, keeping the error (and the peer it blames) for the caller.
+    fn fail(&mut self, e: anyhow::Error) -> anyhow::Error {
+        self.failed = Some(format!("{e:#}"));
+        e
+    }
+}
+
+impl<L: Link> Drop for LinkThread<L> {
+    /// Ends the thread: at once when it is idle; when a swap is still in flight (the step
+    /// failed elsewhere), it is left to end when that wait does (bounded by the peer timeout),
+    /// so that the failure is reported without waiting for it.
+    fn drop(&mut self) {
+        self.blocks = None;
+        if let Some(t) = self.thread.take() {
+            if !self.pending {
+                let _ = t.join();
+            }
+        }
+    }
+}
 
 /// The exchange of a process holding one column, whose partner column is across `link`.
 pub struct PairExchange<L: Link> {
     column: [usize; 1],
-    link: L,
+    link: LinkThread<L>,
 }
 
-impl<L: Link> PairExchange<L> {
-    /// The end for `column` (0 or 1).
+impl<L: Link + 'static> PairExchange<L> {
+    /// The end for `column` (0 or 1). Starts the link's thread.
     pub fn new(column: usize, link: L) -> Self {
         assert!(column < COLUMNS, "column {column} of {COLUMNS}");
         PairExchange {
             column: [column],
-            link,
+            link: LinkThread::new(link)
+                .unwrap_or_else(|e| panic!("column {column}'s exchange: {e:#}")),
         }
     }
 }
@@ -35,7 +169,7 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
         out: &mut B::Buf,
     ) -> anyhow::Result<()> {
         anyhow::ensure!(local.len() == 1, "a pair exchange holds one column");
-        let theirs = self.link.swap(&backend.download(local[0]), rows * width)?;
+        let theirs = self.link.swap(backend.download(local[0]), rows * width)?;
         let theirs = backend.upload(&theirs);
         let mine = local[0];
         let parts: [&B::Buf; COLUMNS] = if self.column[0] == 0 {
@@ -47,7 +181,30 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
         Ok(())
     }
 
-    fn reduce_scatter(
+    fn start_reduce_scatter(
+        &mut self,
+        backend: &B,
+        rows: usize,
+        width: usize,
+        full: &[&B::Buf],
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(full.len() == 1, "a pair exchange holds one column");
+        // Send the peer its half of this column's gradient.
+        let peer = 1 - self.column[0];
+        let mut for_peer = backend.zeros(rows * width);
+        backend.slice_rows(
+            rows,
+            COLUMNS * width,
+            peer * width,
+            width,
+            full[0],
+            &mut for_peer,
+            false,
+        );
+        self.link.start(backend.download(&for_peer), rows * width)
+    }
+
+    fn finish_reduce_scatter(
         &mut self,
         backend: &B,
         rows: usize,
@@ -59,19 +216,9 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
             full.len() == 1 && out.len() == 1,
             "a pair exchange holds one column"
         );
-        let (me, peer) = (self.column[0], 1 - self.column[0]);
-        // Send the peer its half of this column's gradient; add the peer's part of this half.
-        let mut for_peer = backend.zeros(rows * width);
-        backend.slice_rows(
-            rows,
-            COLUMNS * width,
-            peer * width,
-            width,
-            full[0],
-            &mut for_peer,
-            false,
-        );
-        let theirs = backend.upload(&self.link.swap(&backend.download(&for_peer), rows * width)?);
+        // Add the peer's part of this column's half.
+        let theirs = backend.upload(&self.link.finish()?);
+        let me = self.column[0];
         // Always sum in column order, so that both layouts of the network add the same way.
         let own = |out: &mut B::Buf, accumulate: bool| {
             backend.slice_rows(
@@ -99,5 +246,36 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
 
     fn traffic(&self) -> Traffic {
         self.link.traffic()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::ChannelLink;
+    use std::time::Duration;
+
+    #[test]
+    fn swaps_started_early_come_back_and_a_failure_sticks() {
+        let (a, b) = ChannelLink::pair(Duration::from_millis(300));
+        let (mut a, mut b) = (LinkThread::new(a).unwrap(), LinkThread::new(b).unwrap());
+        assert!(a.finish().is_err(), "nothing in flight");
+        a.start(vec![1.0, 2.0], 3).unwrap();
+        assert!(a.pending());
+        assert!(a.start(vec![0.0], 1).is_err(), "one swap at a time");
+        // The other end answers while the first end's swap is in flight.
+        assert_eq!(b.swap(vec![7.0, 8.0, 9.0], 2).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(a.finish().unwrap(), vec![7.0, 8.0, 9.0]);
+        assert!(!a.pending());
+        let t = a.traffic();
+        assert_eq!((t.sent_bytes, t.received_bytes, t.messages), (8, 12, 1));
+        // The peer never answers: the link's own timeout ends the wait, and the link stays
+        // failed.
+        drop(b);
+        a.start(vec![1.0], 1).unwrap();
+        let e = a.finish().unwrap_err();
+        assert!(format!("{e:#}").contains("other column"), "{e:#}");
+        let again = a.start(vec![1.0], 1).unwrap_err();
+        assert!(format!("{again}").contains("failed earlier"), "{again}");
     }
 }

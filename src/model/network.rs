@@ -389,9 +389,24 @@ fn lrn_backward_all<B: Backend>(
     }
 }
 
-/// Sums, for each held column's half, the gradients that the columns computed for a gathered
-/// tensor: `pick` names the workspace's full-width gradient and the half it lands in.
-fn reduce_scatter<B: Backend>(
+/// Starts summing, for each held column's half, the gradients that the columns computed for a
+/// gathered tensor (`pick`: the workspace's full-width gradient); [`finish_reduce_scatter`]
+/// takes the sums. In between, the caller computes the layer's weight gradients.
+fn start_reduce_scatter<B: Backend>(
+    b: &B,
+    exchange: &mut dyn ColumnExchange<B>,
+    rows: usize,
+    width: usize,
+    ws: &[ColumnGrads<B>],
+    pick: impl Fn(&ColumnGrads<B>) -> &B::Buf,
+) -> anyhow::Result<()> {
+    let full: Vec<&B::Buf> = ws.iter().map(pick).collect();
+    exchange.start_reduce_scatter(b, rows, width, &full)
+}
+
+/// The sums of [`start_reduce_scatter`]: `pick` names the same full-width gradient and the
+/// half it lands in.
+fn finish_reduce_scatter<B: Backend>(
     b: &B,
     exchange: &mut dyn ColumnExchange<B>,
     rows: usize,
@@ -400,7 +415,7 @@ fn reduce_scatter<B: Backend>(
     pick: impl Fn(&mut ColumnGrads<B>) -> (&B::Buf, &mut B::Buf),
 ) -> anyhow::Result<()> {
     let (full, mut halves): (Vec<&B::Buf>, Vec<&mut B::Buf>) = ws.iter_mut().map(pick).unzip();
-    exchange.reduce_scatter(b, rows, width, &full, &mut halves)
+    exchange.finish_reduce_scatter(b, rows, width, &full, &mut halves)
 }
 
 /// Hands the finished gradients of `layers` (ascending, every held column's) to the other
@@ -836,6 +851,10 @@ impl<B: Backend> Network<B> {
             submit_bucket(b, columns, layers, replicas.as_mut(), buckets, prof)
         };
 
+        // Where the columns exchange (the inputs of fc8, fc7, fc6 and conv3), each layer's
+        // input gradient is computed first and sent on its way; the weight gradients, which
+        // the exchange does not touch, are computed while it travels.
+
         // fc8: each column's half of dlogits; the input gradient is summed over the columns.
         for (col, w) in columns.iter_mut().zip(ws.iter_mut()) {
             let t = Instant::now();
@@ -848,13 +867,22 @@ impl<B: Backend> Network<B> {
                 &mut w.dz8,
                 false,
             );
+            let (wp, _) = weight_and_bias(&mut col.params, 7);
+            b.linear_backward_data(&g.fc[2], &wp.value, &w.dz8, &mut w.dg7);
+            prof.add("fc8", true, t);
+        }
+        let t = Instant::now();
+        start_reduce_scatter(b, exchange.as_mut(), batch, widths[3], ws, |w| &w.dg7)?;
+        prof.add("exchange", true, t);
+        for (col, w) in columns.iter_mut().zip(ws.iter_mut()) {
+            let t = Instant::now();
             let (wp, bp) = weight_and_bias(&mut col.params, 7);
             b.linear_backward(
                 &g.fc[2],
                 &gath.g7,
                 &wp.value,
                 &w.dz8,
-                Some(&mut w.dg7),
+                None,
                 &mut wp.grad,
                 &mut bp.grad,
             );
@@ -862,7 +890,7 @@ impl<B: Backend> Network<B> {
         }
         submit(columns, prof, &[7])?;
         let t = Instant::now();
-        reduce_scatter(b, exchange.as_mut(), batch, widths[3], ws, |w| {
+        finish_reduce_scatter(b, exchange.as_mut(), batch, widths[3], ws, |w| {
             (&w.dg7, &mut w.dh7)
         })?;
         prof.add("exchange", true, t);
@@ -885,13 +913,30 @@ impl<B: Backend> Network<B> {
                 // Dropout keeps the sign of what it keeps, and where it dropped the gradient is
                 // already zero: the ReLU's mask can be read off the post-dropout output.
                 b.relu_backward(h, dh);
+                let (wp, _) = weight_and_bias(&mut col.params, 5 + fc);
+                b.linear_backward_data(&g.fc[fc], &wp.value, dh, dfull);
+                prof.add(name, true, t);
+            }
+            let width = if fc == 1 { widths[2] } else { widths[1] };
+            let t = Instant::now();
+            start_reduce_scatter(b, exchange.as_mut(), batch, width, ws, |w| {
+                if fc == 1 {
+                    &w.dg6
+                } else {
+                    &w.dg5
+                }
+            })?;
+            prof.add("exchange", true, t);
+            for (col, w) in columns.iter_mut().zip(ws.iter()) {
+                let t = Instant::now();
+                let dh = if fc == 0 { &w.dh6 } else { &w.dh7 };
                 let (wp, bp) = weight_and_bias(&mut col.params, 5 + fc);
                 b.linear_backward(
                     &g.fc[fc],
                     input,
                     &wp.value,
                     dh,
-                    Some(dfull),
+                    None,
                     &mut wp.grad,
                     &mut bp.grad,
                 );
@@ -900,11 +945,11 @@ impl<B: Backend> Network<B> {
             submit(columns, prof, if fc == 1 { &[6] } else { &[5] })?;
             let t = Instant::now();
             if fc == 1 {
-                reduce_scatter(b, exchange.as_mut(), batch, widths[2], ws, |w| {
+                finish_reduce_scatter(b, exchange.as_mut(), batch, width, ws, |w| {
                     (&w.dg6, &mut w.dh6)
                 })?;
             } else {
-                reduce_scatter(b, exchange.as_mut(), batch, widths[1], ws, |w| {
+                finish_reduce_scatter(b, exchange.as_mut(), batch, width, ws, |w| {
                     (&w.dg5, &mut w.dp5)
                 })?;
             }
@@ -917,13 +962,12 @@ impl<B: Backend> Network<B> {
             let t = Instant::now();
             b.maxpool_backward(&g.pool[2], &a.a5, &a.p5, &w.dp5, &mut w.da5);
             prof.add("pool5", true, t);
-            // conv5, conv4, conv3: undo the ReLU on the output gradient, then the layer.
-            for (layer, name) in [(4usize, "conv5"), (3, "conv4"), (2, "conv3")] {
+            // conv5, conv4: undo the ReLU on the output gradient, then the layer.
+            for (layer, name) in [(4usize, "conv5"), (3, "conv4")] {
                 let t = Instant::now();
                 let (y, dy, x, dx) = match layer {
                     4 => (&a.a5, &mut w.da5, &a.a4, &mut w.da4),
-                    3 => (&a.a4, &mut w.da4, &a.a3, &mut w.da3),
-                    _ => (&a.a3, &mut w.da3, &gath.g2, &mut w.dg2),
+                    _ => (&a.a4, &mut w.da4, &a.a3, &mut w.da3),
                 };
                 b.relu_backward(y, dy);
                 let (wp, bp) = weight_and_bias(&mut col.params, layer);
@@ -938,10 +982,34 @@ impl<B: Backend> Network<B> {
                 );
                 prof.add(name, true, t);
             }
+            // conv3: its input gradient first, for the exchange.
+            let t = Instant::now();
+            b.relu_backward(&a.a3, &mut w.da3);
+            let (wp, _) = weight_and_bias(&mut col.params, 2);
+            b.conv2d_backward_data(&g.conv[2], &wp.value, &w.da3, &mut w.dg2);
+            prof.add("conv3", true, t);
         }
-        submit(columns, prof, &[2, 3, 4])?;
+        submit(columns, prof, &[3, 4])?;
         let t = Instant::now();
-        reduce_scatter(b, exchange.as_mut(), batch, widths[0], ws, |w| {
+        start_reduce_scatter(b, exchange.as_mut(), batch, widths[0], ws, |w| &w.dg2)?;
+        prof.add("exchange", true, t);
+        for (col, w) in columns.iter_mut().zip(ws.iter()) {
+            let t = Instant::now();
+            let (wp, bp) = weight_and_bias(&mut col.params, 2);
+            b.conv2d_backward(
+                &g.conv[2],
+                &gath.g2,
+                &wp.value,
+                &w.da3,
+                None,
+                &mut wp.grad,
+                &mut bp.grad,
+            );
+            prof.add("conv3", true, t);
+        }
+        submit(columns, prof, &[2])?;
+        let t = Instant::now();
+        finish_reduce_scatter(b, exchange.as_mut(), batch, widths[0], ws, |w| {
             (&w.dg2, &mut w.dp2)
         })?;
         prof.add("exchange", true, t);

@@ -53,6 +53,76 @@ fn valid_range(out: usize, w: usize, stride: usize, pad: usize, kx: usize) -> (u
     (lo.min(hi), hi)
 }
 
+/// Rows `k` of one group's unfolded input gradient, `dcol[k, P] = W_g[:, k]^T dY_g` (`wg`:
+/// `[m, k_rows]`, `dyg`: `[m, P]`, `m` the stacked sets' kernels), folded into the group's
+/// input planes `dxg` (added). Shared by the fused and the input-only backward passes, so that
+/// both round alike.
+fn fold_input_gradient(
+    g: &ConvGeom,
+    u: &Unfold,
+    wg: &[f32],
+    dyg: &[f32],
+    k: std::ops::Range<usize>,
+    colb: &mut [f32],
+    dxg: &mut [f32],
+) {
+    let m = dyg.len() / u.pixels;
+    let wt = MatRef {
+        data: &wg[k.start..],
+        rs: 1,
+        cs: u.k_rows,
+    };
+    sgemm(
+        k.len(),
+        u.pixels,
+        m,
+        wt,
+        MatRef::rows(dyg, u.pixels),
+        colb,
+        u.pixels,
+        false,
+        Parallelism::None,
+    );
+    col2im(g, colb, k, dxg);
+}
+
+/// The input gradient alone (`dx`, overwritten): the part of the backward pass that the column
+/// exchange waits for, so that the weight gradients ([`backward`] without `dx`) can be computed
+/// while it travels. The same products and folding, block by block, as [`backward_sets`]
+/// makes for one weight set, so the bits are the same; images run in parallel, each on its own.
+pub fn backward_data(g: &ConvGeom, w: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let u = unfold_sizes(g);
+    assert_eq!(w.len(), g.weight_len(), "conv weight length");
+    assert_eq!(dy.len(), g.out_len(), "conv output gradient length");
+    assert_eq!(dx.len(), g.in_len(), "conv input gradient length");
+    let kb = block_rows(&u);
+    let per = BACKWARD_LEAF_IMAGES;
+    dx.par_chunks_mut(per * u.in_img)
+        .enumerate()
+        .for_each(|(chunk, dxs)| {
+            let mut col = take_scratch(kb * u.pixels);
+            let mut dyg = take_scratch(u.cout_g * u.pixels);
+            for (i, dxn) in dxs.chunks_mut(u.in_img).enumerate() {
+                let n = chunk * per + i;
+                dxn.fill(0.0);
+                for gi in 0..g.groups {
+                    let start = n * u.out_img + gi * u.cout_g * u.pixels;
+                    dyg.copy_from_slice(&dy[start..start + u.cout_g * u.pixels]);
+                    let plane_off = gi * u.cin_g * g.in_h * g.in_w;
+                    let wg = &w[gi * u.cout_g * u.k_rows..][..u.cout_g * u.k_rows];
+                    for k0 in (0..u.k_rows).step_by(kb) {
+                        let k1 = (k0 + kb).min(u.k_rows);
+                        let colb = &mut col[..(k1 - k0) * u.pixels];
+                        let dxg = &mut dxn[plane_off..];
+                        fold_input_gradient(g, &u, wg, &dyg, k0..k1, colb, dxg);
+                    }
+                }
+            }
+            give_scratch(col);
+            give_scratch(dyg);
+        });
+}
+
 /// Images per leaf of the backward pass's summation tree (see [`backward_sets`]).
 const BACKWARD_LEAF_IMAGES: usize = 4;
 
@@ -377,25 +447,10 @@ pub fn backward_sets(
                         Parallelism::None,
                     );
                     if let Some(dxn) = dxn.as_deref_mut() {
-                        // dcol block [kb, P] = W_g[:, k0..k1]^T dY_g: the sets' contributions
-                        // summed, folded back while the block is still in cache.
-                        let wt = MatRef {
-                            data: &wg[k0..],
-                            rs: 1,
-                            cs: u.k_rows,
-                        };
-                        sgemm(
-                            k1 - k0,
-                            u.pixels,
-                            m,
-                            wt,
-                            MatRef::rows(&dyg, u.pixels),
-                            colb,
-                            u.pixels,
-                            false,
-                            Parallelism::None,
-                        );
-                        col2im(g, colb, k0..k1, &mut dxn[plane_off..]);
+                        // The sets' contributions summed, folded back while the block is
+                        // still in cache.
+                        let dxg = &mut dxn[plane_off..];
+                        fold_input_gradient(g, &u, wg, &dyg, k0..k1, colb, dxg);
                     }
                 }
             }

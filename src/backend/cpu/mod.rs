@@ -178,6 +178,10 @@ impl Backend for Cpu {
         )
     }
 
+    fn conv2d_backward_data(&self, g: &ConvGeom, w: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+        conv::backward_data(g, w, dy, dx)
+    }
+
     fn conv2d_forward_sets(
         &self,
         g: &ConvGeom,
@@ -330,7 +334,6 @@ impl Backend for Cpu {
         assert_eq!(dy.len(), g.rows * g.out, "linear output gradient length");
         assert_eq!(dw.len(), g.out * g.inp, "linear weight gradient length");
         assert_eq!(db.len(), g.out, "linear bias gradient length");
-        let par = self.gemm_parallelism(g.rows * g.inp * g.out);
         // dW [out, inp] = dY^T [out, rows] * X [rows, inp]
         sgemm(
             g.out,
@@ -341,27 +344,33 @@ impl Backend for Cpu {
             dw,
             g.inp,
             false,
-            par,
+            self.gemm_parallelism(g.rows * g.inp * g.out),
         );
         db.fill(0.0);
         for row in dy.chunks(g.out) {
             db.iter_mut().zip(row).for_each(|(a, b)| *a += b);
         }
         if let Some(dx) = dx {
-            assert_eq!(dx.len(), g.rows * g.inp, "linear input gradient length");
-            // dX [rows, inp] = dY [rows, out] * W [out, inp]
-            sgemm(
-                g.rows,
-                g.inp,
-                g.out,
-                MatRef::rows(dy, g.out),
-                MatRef::rows(w, g.inp),
-                dx,
-                g.inp,
-                false,
-                par,
-            );
+            self.linear_backward_data(g, w, dy, dx);
         }
+    }
+
+    fn linear_backward_data(&self, g: &LinearGeom, w: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+        assert_eq!(w.len(), g.out * g.inp, "linear weight length");
+        assert_eq!(dy.len(), g.rows * g.out, "linear output gradient length");
+        assert_eq!(dx.len(), g.rows * g.inp, "linear input gradient length");
+        // dX [rows, inp] = dY [rows, out] * W [out, inp]
+        sgemm(
+            g.rows,
+            g.inp,
+            g.out,
+            MatRef::rows(dy, g.out),
+            MatRef::rows(w, g.inp),
+            dx,
+            g.inp,
+            false,
+            self.gemm_parallelism(g.rows * g.inp * g.out),
+        );
     }
 
     fn softmax_xent(

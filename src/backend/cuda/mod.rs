@@ -443,6 +443,40 @@ impl Cuda {
     }
 }
 
+impl Cuda {
+    /// A convolution's weight gradient by unfolding: `dw[cout, K] (+)= dy_i[cout, P]
+    /// col_i[K, P]^T`, images in order (one product each).
+    fn conv_weight_grads(
+        &self,
+        g: &ConvGeom,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+    ) {
+        let (cout, cin) = (g.out_c / g.groups, g.in_c / g.groups);
+        let plane = g.out_h() * g.out_w();
+        let kk = cin * g.kernel * g.kernel;
+        let per = kk * plane;
+        let pass = Self::images_per_pass(g);
+        let mut guard = self.columns(pass * per);
+        let col = guard.as_mut().unwrap();
+        for n0 in (0..g.batch).step_by(pass) {
+            let nb = pass.min(g.batch - n0);
+            for grp in 0..g.groups {
+                self.im2col(g, x, n0, nb, grp, col);
+                let mut dwg = dw.slice_mut(grp * cout * kk..(grp + 1) * cout * kk);
+                for i in 0..nb {
+                    let start = ((n0 + i) * g.out_c + grp * cout) * plane;
+                    let dyv = dy.slice(start..start + cout * plane);
+                    let cv = col.slice(i * per..(i + 1) * per);
+                    let beta = if n0 + i == 0 { 0.0 } else { 1.0 };
+                    self.gemm_rm(false, true, cout, kk, plane, &dyv, &cv, beta, &mut dwg);
+                }
+            }
+        }
+    }
+}
+
 impl Backend for Cuda {
     type Buf = CudaSlice<f32>;
 
@@ -616,56 +650,62 @@ impl Backend for Cuda {
             check(unsafe { l.launch(per_item(g.out_c)) }, "bias_grad_channels");
         }
         if let Some(dnn) = &self.dnn {
-            let mut dnn = dnn.0.lock().unwrap();
-            check(dnn.backward_filter(g, x, dy, dw), "cuDNN backward filter");
-            if let Some(dx) = dx {
-                assert_eq!(dx.len(), g.in_len(), "conv input gradient length");
-                check(dnn.backward_data(g, w, dy, dx), "cuDNN backward data");
-            }
+            check(
+                dnn.0.lock().unwrap().backward_filter(g, x, dy, dw),
+                "cuDNN backward filter",
+            );
+        } else {
+            self.conv_weight_grads(g, x, dy, dw);
+        }
+        if let Some(dx) = dx {
+            self.conv2d_backward_data(g, w, dy, dx);
+        }
+    }
+
+    fn conv2d_backward_data(
+        &self,
+        g: &ConvGeom,
+        w: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) {
+        assert_eq!(w.len(), g.weight_len(), "conv weight length");
+        assert_eq!(dy.len(), g.out_len(), "conv output gradient length");
+        assert_eq!(dx.len(), g.in_len(), "conv input gradient length");
+        if let Some(dnn) = &self.dnn {
+            check(
+                dnn.0.lock().unwrap().backward_data(g, w, dy, dx),
+                "cuDNN backward data",
+            );
             return;
         }
         let (cout, cin) = (g.out_c / g.groups, g.in_c / g.groups);
+        let plane = g.out_h() * g.out_w();
         let kk = cin * g.kernel * g.kernel;
         let per = kk * plane;
         let pass = Self::images_per_pass(g);
         let mut guard = self.columns(pass * per);
         let col = guard.as_mut().unwrap();
-        let mut dx = dx;
-        if let Some(dx) = &dx {
-            assert_eq!(dx.len(), g.in_len(), "conv input gradient length");
-        }
         for n0 in (0..g.batch).step_by(pass) {
             let nb = pass.min(g.batch - n0);
             for grp in 0..g.groups {
-                self.im2col(g, x, n0, nb, grp, col);
-                let mut dwg = dw.slice_mut(grp * cout * kk..(grp + 1) * cout * kk);
-                for i in 0..nb {
-                    let start = ((n0 + i) * g.out_c + grp * cout) * plane;
-                    let dyv = dy.slice(start..start + cout * plane);
-                    let cv = col.slice(i * per..(i + 1) * per);
-                    // dw[cout, K] (+)= dy[cout, P] col[K, P]^T, images in order.
-                    let beta = if n0 + i == 0 { 0.0 } else { 1.0 };
-                    self.gemm_rm(false, true, cout, kk, plane, &dyv, &cv, beta, &mut dwg);
-                }
-                if let Some(dx) = dx.as_deref_mut() {
-                    // The unfolded images are used: the same buffer takes the unfolded input
-                    // gradients dcol_i[K, P] = w[cout, K]^T dy_i[cout, P], then folds them.
-                    let wg = w.slice(grp * cout * kk..(grp + 1) * cout * kk);
-                    let (start, span) = Self::output_span(g, n0, nb, grp);
-                    let dyv = dy.slice(start..start + span);
-                    let mut cv = col.slice_mut(0..nb * per);
-                    self.gemm_rm_batched(
-                        true,
-                        false,
-                        (kk, plane, cout),
-                        (&wg, 0),
-                        (&dyv, g.out_c * plane),
-                        0.0,
-                        (&mut cv, per),
-                        nb,
-                    );
-                    self.col2im(g, col, n0, nb, grp, dx);
-                }
+                // The unfolded input gradients dcol_i[K, P] = w[cout, K]^T dy_i[cout, P] of the
+                // nb images in one call, then folded back in one launch.
+                let wg = w.slice(grp * cout * kk..(grp + 1) * cout * kk);
+                let (start, span) = Self::output_span(g, n0, nb, grp);
+                let dyv = dy.slice(start..start + span);
+                let mut cv = col.slice_mut(0..nb * per);
+                self.gemm_rm_batched(
+                    true,
+                    false,
+                    (kk, plane, cout),
+                    (&wg, 0),
+                    (&dyv, g.out_c * plane),
+                    0.0,
+                    (&mut cv, per),
+                    nb,
+                );
+                self.col2im(g, col, n0, nb, grp, dx);
             }
         }
     }
@@ -891,10 +931,22 @@ impl Backend for Cuda {
             check(unsafe { l.launch(per_item(g.out)) }, "bias_grad_rows");
         }
         if let Some(dx) = dx {
-            assert_eq!(dx.len(), g.rows * g.inp, "linear input gradient length");
-            // dx[rows, inp] = dy[rows, out] w[out, inp]
-            self.gemm_rm(false, false, g.rows, g.inp, g.out, dy, w, 0.0, dx);
+            self.linear_backward_data(g, w, dy, dx);
         }
+    }
+
+    fn linear_backward_data(
+        &self,
+        g: &LinearGeom,
+        w: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) {
+        assert_eq!(w.len(), g.out * g.inp, "linear weight length");
+        assert_eq!(dy.len(), g.rows * g.out, "linear output gradient length");
+        assert_eq!(dx.len(), g.rows * g.inp, "linear input gradient length");
+        // dx[rows, inp] = dy[rows, out] w[out, inp]
+        self.gemm_rm(false, false, g.rows, g.inp, g.out, dy, w, 0.0, dx);
     }
 
     fn softmax_xent(
