@@ -1070,3 +1070,31 @@ impl Backend for Cuda {
         check(unsafe { l.launch(grid(rows * width)) }, "slice_rows");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-item kernels (softmax rows, bias gradients) size their shared reduction arrays
+    /// with their own `#define THREADS` and halve it in their reductions: the block that
+    /// `per_item` launches must be exactly that size, and a power of two.
+    #[test]
+    fn per_item_blocks_match_the_kernels_shared_arrays() {
+        assert!(THREADS.is_power_of_two());
+        assert_eq!(per_item(3).block_dim, (THREADS, 1, 1));
+        let mut seen = 0;
+        for (file, source, _) in kernels::SOURCES {
+            for line in source.lines() {
+                if let Some(n) = line.trim().strip_prefix("#define THREADS ") {
+                    assert_eq!(
+                        n.trim().parse::<u32>().ok(),
+                        Some(THREADS),
+                        "{file}: {line}"
+                    );
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen >= 2, "the softmax and bias kernels define THREADS");
+    }
+}
