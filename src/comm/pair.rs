@@ -3,8 +3,8 @@
 //! The link lives on a thread of its own ([`LinkThread`]), so that a swap can be started and
 //! taken back later: the backward pass sends the other column its part of an input gradient,
 //! computes the layer's weight gradients while the blocks travel (they do not depend on the
-//! exchange), and only then waits. On GPUs the transfer runs on NCCL's stream while the
-//! weight-gradient products run on the compute stream.
+//! exchange), and only then waits. Over NCCL the transfer runs on the communicator's own
+//! stream while the weight-gradient products run on the compute stream.
 
 use super::{ColumnExchange, Link, Traffic};
 use crate::backend::Backend;
@@ -70,9 +70,8 @@ impl<L: Link> LinkThread<L> {
         );
         let sent = (self.blocks.as_ref()).is_some_and(|b| b.send((mine, expect)).is_ok());
         if !sent {
-            return Err(self.fail(anyhow::anyhow!(
-                "the column link's thread ended unexpectedly"
-            )));
+            let e = self.ended();
+            return Err(self.fail(e));
         }
         self.pending = true;
         Ok(())
@@ -87,9 +86,24 @@ impl<L: Link> LinkThread<L> {
         match self.replies.recv() {
             Ok(Ok(theirs)) => Ok(theirs),
             Ok(Err(e)) => Err(self.fail(e)),
-            Err(_) => Err(self.fail(anyhow::anyhow!(
-                "the column link's thread ended unexpectedly"
-            ))),
+            Err(_) => {
+                let e = self.ended();
+                Err(self.fail(e))
+            }
+        }
+    }
+
+    /// Why the link's thread ended without an answer: it panicked (its message), or it is gone.
+    fn ended(&mut self) -> anyhow::Error {
+        let panicked = self.thread.take().and_then(|t| t.join().err());
+        match panicked {
+            Some(p) => {
+                let why = (p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                anyhow::anyhow!("the column link's thread panicked: {why}")
+            }
+            None => anyhow::anyhow!("the column link's thread ended unexpectedly"),
         }
     }
 
@@ -277,5 +291,28 @@ mod tests {
         assert!(format!("{e:#}").contains("other column"), "{e:#}");
         let again = a.start(vec![1.0], 1).unwrap_err();
         assert!(format!("{again}").contains("failed earlier"), "{again}");
+    }
+
+    struct PanickingLink;
+
+    impl Link for PanickingLink {
+        fn swap(&mut self, _: &[f32], _: usize) -> anyhow::Result<Vec<f32>> {
+            panic!("the writer thread panicked")
+        }
+        fn traffic(&self) -> Traffic {
+            Traffic::default()
+        }
+    }
+
+    #[test]
+    fn a_panic_on_the_links_thread_is_reported_with_its_message() {
+        let mut link = LinkThread::new(PanickingLink).unwrap();
+        link.start(vec![1.0], 1).unwrap();
+        let e = link.finish().unwrap_err();
+        assert!(
+            format!("{e}").contains("panicked: the writer thread panicked"),
+            "{e}"
+        );
+        assert!(link.start(vec![1.0], 1).is_err());
     }
 }

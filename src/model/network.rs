@@ -989,7 +989,6 @@ impl<B: Backend> Network<B> {
             b.conv2d_backward_data(&g.conv[2], &wp.value, &w.da3, &mut w.dg2);
             prof.add("conv3", true, t);
         }
-        submit(columns, prof, &[3, 4])?;
         let t = Instant::now();
         start_reduce_scatter(b, exchange.as_mut(), batch, widths[0], ws, |w| &w.dg2)?;
         prof.add("exchange", true, t);
@@ -1007,7 +1006,7 @@ impl<B: Backend> Network<B> {
             );
             prof.add("conv3", true, t);
         }
-        submit(columns, prof, &[2])?;
+        submit(columns, prof, &[2, 3, 4])?;
         let t = Instant::now();
         finish_reduce_scatter(b, exchange.as_mut(), batch, widths[0], ws, |w| {
             (&w.dg2, &mut w.dp2)
