@@ -4,6 +4,7 @@
 //! run both.
 //!
 //! Strict f32 uses cuDNN's FMA math (no tensor cores); with TF32 allowed, its default math.
+//! The backward algorithms are deterministic ones (see [`deterministic_filter`]).
 
 use super::super::ConvGeom;
 use cudarc::cudnn::{
@@ -54,6 +55,55 @@ type Descriptors = (
 
 fn err(what: &str, e: impl std::fmt::Debug) -> anyhow::Error {
     anyhow::anyhow!("cuDNN {what}: {e:?}")
+}
+
+/// cuDNN's backward algorithms 0 (data and filter) and 3 (filter) add into their outputs with
+/// atomics, so their sums change order from run to run; the heuristic may pick them. They are
+/// replaced by algorithm 1, which sums in a fixed order: a run then repeats itself bit for bit,
+/// resumes exactly and trains the same parameters whatever finishes the views, as on the
+/// unfolding path (whose kernels use no atomics).
+fn deterministic_filter(
+    a: sys::cudnnConvolutionBwdFilterAlgo_t,
+) -> sys::cudnnConvolutionBwdFilterAlgo_t {
+    use sys::cudnnConvolutionBwdFilterAlgo_t::*;
+    match a {
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0 | CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3 => {
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1
+        }
+        other => other,
+    }
+}
+
+/// See [`deterministic_filter`].
+fn deterministic_data(a: sys::cudnnConvolutionBwdDataAlgo_t) -> sys::cudnnConvolutionBwdDataAlgo_t {
+    use sys::cudnnConvolutionBwdDataAlgo_t::*;
+    match a {
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 => CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+        other => other,
+    }
+}
+
+/// The deterministic replacement `wanted` of the heuristic's `picked` algorithm and its
+/// workspace bytes; `picked` (with a warning) where cuDNN does not support the replacement for
+/// this convolution.
+fn deterministic<A: Copy + PartialEq + std::fmt::Debug, E: std::fmt::Debug>(
+    picked: A,
+    wanted: A,
+    workspace: impl Fn(A) -> Result<usize, E>,
+) -> Result<(A, usize), E> {
+    if wanted != picked {
+        match workspace(wanted) {
+            Ok(bytes) => return Ok((wanted, bytes)),
+            Err(e) => tracing::warn!(
+                ?picked,
+                ?wanted,
+                error = ?e,
+                "cuDNN does not support the deterministic algorithm here: this convolution's \
+                 gradients may differ in their last bits from run to run"
+            ),
+        }
+    }
+    Ok((picked, workspace(picked)?))
 }
 
 impl Dnn {
@@ -180,12 +230,13 @@ impl Dnn {
             dw: &wd,
             dy: &yd,
         };
-        let algo = op
+        let picked = op
             .pick_algorithm()
             .map_err(|e| err("backward filter algorithm", e))?;
-        let bytes = op
-            .get_workspace_size(algo)
-            .map_err(|e| err("backward filter workspace", e))?;
+        let (algo, bytes) = deterministic(picked, deterministic_filter(picked), |a| {
+            op.get_workspace_size(a)
+        })
+        .map_err(|e| err("backward filter workspace", e))?;
         let ws = self.workspace(bytes)?;
         // SAFETY: as in `forward`.
         unsafe { op.launch(algo, ws, (1.0f32, 0.0f32), x, dw, dy) }
@@ -208,15 +259,63 @@ impl Dnn {
             w: &wd,
             dy: &yd,
         };
-        let algo = op
+        let picked = op
             .pick_algorithm()
             .map_err(|e| err("backward data algorithm", e))?;
-        let bytes = op
-            .get_workspace_size(algo)
-            .map_err(|e| err("backward data workspace", e))?;
+        let (algo, bytes) = deterministic(picked, deterministic_data(picked), |a| {
+            op.get_workspace_size(a)
+        })
+        .map_err(|e| err("backward data workspace", e))?;
         let ws = self.workspace(bytes)?;
         // SAFETY: as in `forward`.
         unsafe { op.launch(algo, ws, (1.0f32, 0.0f32), dx, w, dy) }
             .map_err(|e| err("convolution backward data", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::cudnnConvolutionBwdDataAlgo_t as Data;
+    use sys::cudnnConvolutionBwdFilterAlgo_t as Filter;
+
+    #[test]
+    fn atomic_backward_algorithms_are_replaced_where_supported() {
+        use Filter::*;
+        assert_eq!(
+            deterministic_filter(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0),
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1
+        );
+        assert_eq!(
+            deterministic_filter(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3),
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1
+        );
+        assert_eq!(
+            deterministic_filter(CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT),
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT
+        );
+        assert_eq!(
+            deterministic_data(Data::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0),
+            Data::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1
+        );
+        let (a0, a1) = (
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        );
+        // Supported: the replacement and its workspace.
+        let sizes = |a: Filter| -> Result<usize, String> { Ok(if a == a1 { 7 } else { 3 }) };
+        assert_eq!(deterministic(a0, a1, sizes), Ok((a1, 7)));
+        // Not supported: the heuristic's pick stands.
+        let unsupported = |a: Filter| -> Result<usize, String> {
+            if a == a1 {
+                Err("no".into())
+            } else {
+                Ok(3)
+            }
+        };
+        assert_eq!(deterministic(a0, a1, unsupported), Ok((a0, 3)));
+        // Nothing to replace, and a failure of the pick itself is the caller's error.
+        let failing = |_: Filter| -> Result<usize, String> { Err("bad".into()) };
+        assert_eq!(deterministic(a1, a1, failing), Err("bad".to_string()));
     }
 }
