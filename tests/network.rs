@@ -311,7 +311,7 @@ fn two_columns_on_two_threads_train_like_one_process() {
                 .loss,
         );
     }
-    let (e0, e1) = ChannelExchange::pair(std::time::Duration::from_secs(60));
+    let (e0, e1) = ChannelExchange::pair(std::time::Duration::from_secs(60)).unwrap();
     let threads: Vec<_> = [e0, e1]
         .into_iter()
         .map(|exchange| {
@@ -359,7 +359,7 @@ fn two_columns_on_two_threads_train_like_one_process() {
 fn a_missing_column_is_an_error_not_a_hang() {
     use alexnet::comm::ChannelExchange;
     let cfg = NetConfig::narrow(63, [4, 8, 8, 8, 4], [8, 8], 4);
-    let (e0, e1) = ChannelExchange::pair(std::time::Duration::from_millis(200));
+    let (e0, e1) = ChannelExchange::pair(std::time::Duration::from_millis(200)).unwrap();
     let mut net = Network::new(cfg, Cpu::new(), Box::new(e0), 1).unwrap();
     let x = vec![0.5f32; net.input_len(2)];
     // The other column never answers.

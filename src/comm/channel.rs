@@ -37,9 +37,9 @@ impl ChannelLink {
 
 impl PairExchange<ChannelLink> {
     /// The two ends: for column 0 and for column 1.
-    pub fn pair(timeout: Duration) -> (ChannelExchange, ChannelExchange) {
+    pub fn pair(timeout: Duration) -> anyhow::Result<(ChannelExchange, ChannelExchange)> {
         let (a, b) = ChannelLink::pair(timeout);
-        (PairExchange::new(0, a), PairExchange::new(1, b))
+        Ok((PairExchange::new(0, a)?, PairExchange::new(1, b)?))
     }
 }
 

@@ -159,13 +159,12 @@ pub struct PairExchange<L: Link> {
 
 impl<L: Link + 'static> PairExchange<L> {
     /// The end for `column` (0 or 1). Starts the link's thread.
-    pub fn new(column: usize, link: L) -> Self {
+    pub fn new(column: usize, link: L) -> anyhow::Result<Self> {
         assert!(column < COLUMNS, "column {column} of {COLUMNS}");
-        PairExchange {
+        Ok(PairExchange {
             column: [column],
-            link: LinkThread::new(link)
-                .unwrap_or_else(|e| panic!("column {column}'s exchange: {e:#}")),
-        }
+            link: LinkThread::new(link)?,
+        })
     }
 }
 

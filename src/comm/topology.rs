@@ -142,11 +142,11 @@ pub fn connect<B: Backend>(
     let mut links = TcpMesh::connect(rank, listener, addrs, &needed, key, timeout)?;
     let place = topology.placement(rank);
     let columns: Box<dyn ColumnExchange<B>> = match (partner, column_link) {
-        (Some(_), Some(link)) => Box::new(PairExchange::new(place.columns[0], link)),
+        (Some(_), Some(link)) => Box::new(PairExchange::new(place.columns[0], link)?),
         (Some(p), None) => Box::new(PairExchange::new(
             place.columns[0],
             links.remove(&p).expect("connected"),
-        )),
+        )?),
         (None, _) => Box::new(LocalExchange::default()),
     };
     let replicas: Option<Box<dyn ReplicaReduce>> = if peers.is_empty() {
