@@ -82,25 +82,13 @@ pub trait ColumnExchange<B: Backend>: Send {
         out: &mut B::Buf,
     ) -> anyhow::Result<()>;
 
-    /// `out[i]` (`[rows, width]`) = the sum over all columns of block `local_columns()[i]` of
-    /// their `[rows, COLUMNS * width]` gradients. `full` holds this process's gradients.
-    fn reduce_scatter(
-        &mut self,
-        backend: &B,
-        rows: usize,
-        width: usize,
-        full: &[&B::Buf],
-        out: &mut [&mut B::Buf],
-    ) -> anyhow::Result<()> {
-        self.start_reduce_scatter(backend, rows, width, full)?;
-        self.finish_reduce_scatter(backend, rows, width, full, out)
-    }
-
-    /// The first half of [`Self::reduce_scatter`]: sends the other column its part of `full`
-    /// and returns without waiting for the reply, so that the caller can compute what does not
-    /// need the sum (the layer's weight gradients) while the blocks travel. `full` must stay
+    /// Starts the backward exchange of a gathered tensor's gradients: sends the other column
+    /// its part of `full` (this process's `[rows, COLUMNS * width]` gradients, one per held
+    /// column) and returns without waiting for the reply, so that the caller can compute what
+    /// does not need the sum (the layer's weight gradients) while the blocks travel. `full` must stay
     /// unchanged until [`Self::finish_reduce_scatter`], which must come before any other
-    /// exchange. The default starts nothing: the whole exchange happens in the finish.
+    /// exchange. The default starts nothing: the whole exchange happens in the finish (both
+    /// columns in one process: a sum in memory).
     fn start_reduce_scatter(
         &mut self,
         backend: &B,
@@ -112,8 +100,9 @@ pub trait ColumnExchange<B: Backend>: Send {
         Ok(())
     }
 
-    /// The second half of [`Self::reduce_scatter`], with the same `full`: waits for the other
-    /// column's part and writes the sums into `out`.
+    /// Finishes what [`Self::start_reduce_scatter`] started, with the same `full`: `out[i]`
+    /// (`[rows, width]`) = the sum over all columns of block `local_columns()[i]` of their
+    /// gradients. Waits for the other column's part.
     fn finish_reduce_scatter(
         &mut self,
         backend: &B,
