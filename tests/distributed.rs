@@ -104,7 +104,7 @@ fn run_ok(cmd: &mut Command) -> String {
     err
 }
 
-fn column_files(dir: &Path) -> Vec<Vec<(String, Vec<usize>, Vec<f32>)>> {
+fn column_files(dir: &Path) -> Vec<alexnet::train::job::NamedTensors> {
     (0..2)
         .map(|c| {
             alexnet::train::job::load_column_file(&dir.join(format!("column{c}.safetensors")))
@@ -114,7 +114,7 @@ fn column_files(dir: &Path) -> Vec<Vec<(String, Vec<usize>, Vec<f32>)>> {
 }
 
 /// The reference: one process holding both columns, 5 steps of the default job.
-fn one_process(dir: &Path) -> Vec<Vec<(String, Vec<usize>, Vec<f32>)>> {
+fn one_process(dir: &Path) -> Vec<alexnet::train::job::NamedTensors> {
     run_ok(
         exe()
             .args(["train", "--steps", "5", "--backend", "cpu", "--out"])

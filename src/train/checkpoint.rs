@@ -116,11 +116,11 @@ pub fn serialize(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> anyhow::Result<V
     Ok(safetensors::serialize(views, &None)?)
 }
 
-/// Tensors of a safetensors file: name -> (shape, values).
-pub fn read_tensors(
-    bytes: &[u8],
-    what: &Path,
-) -> anyhow::Result<std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>> {
+/// Tensors by name: name -> (shape, values).
+pub type TensorsByName = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Tensors of a safetensors file.
+pub fn read_tensors(bytes: &[u8], what: &Path) -> anyhow::Result<TensorsByName> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .with_context(|| format!("{} is not a readable safetensors file", what.display()))?;
     let mut out = std::collections::HashMap::new();
@@ -171,7 +171,7 @@ pub fn list(run_dir: &Path) -> Vec<(u64, PathBuf)> {
             e.path().join(MANIFEST).exists().then(|| (step, e.path()))
         })
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
     found
 }
 

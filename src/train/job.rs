@@ -288,10 +288,11 @@ pub fn import_unsplit<B: Backend>(net: &mut Network<B>, path: &Path) -> anyhow::
     .with_context(|| format!("importing {}", path.display()))
 }
 
-/// The unsplit parameters of a network holding both columns: (PyTorch-style name, shape, values).
-pub fn export_unsplit<B: Backend>(
-    net: &Network<B>,
-) -> anyhow::Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+/// Named tensors in order: (name, shape, values).
+pub type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// The unsplit parameters of a network holding both columns, by PyTorch-style name.
+pub fn export_unsplit<B: Backend>(net: &Network<B>) -> anyhow::Result<NamedTensors> {
     anyhow::ensure!(net.columns.len() == COLUMNS, "exporting needs both columns");
     let mut out = Vec::new();
     for (i, p) in net.columns[0].params.iter().enumerate() {
@@ -332,7 +333,7 @@ pub fn save_columns<B: Backend>(net: &Network<B>, dir: &Path) -> anyhow::Result<
 }
 
 /// Reads a file written by [`save_columns`]: (name, shape, values), by name.
-pub fn load_column_file(path: &Path) -> anyhow::Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn load_column_file(path: &Path) -> anyhow::Result<NamedTensors> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out: Vec<_> = super::checkpoint::read_tensors(&bytes, path)?
         .into_iter()
