@@ -18,6 +18,7 @@ pub mod pair;
 pub mod replica;
 pub mod tcp;
 pub mod topology;
+pub mod worker;
 
 use crate::backend::Backend;
 

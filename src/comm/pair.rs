@@ -6,55 +6,38 @@
 //! exchange), and only then waits. Over NCCL the transfer runs on the communicator's own
 //! stream while the weight-gradient products run on the compute stream.
 
+use super::worker::Worker;
 use super::{ColumnExchange, Link, Traffic};
 use crate::backend::Backend;
 use crate::model::config::COLUMNS;
-use anyhow::Context;
 use std::marker::PhantomData;
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 /// A [`Link`] on its own thread: [`LinkThread::start`] hands it a block to swap and returns at
 /// once; [`LinkThread::finish`] waits for the peer's block. One swap at a time.
 pub struct LinkThread<L: Link> {
-    blocks: Option<Sender<(Vec<f32>, usize)>>,
-    replies: Receiver<anyhow::Result<Vec<f32>>>,
-    thread: Option<JoinHandle<()>>,
+    worker: Worker<(Vec<f32>, usize), Vec<f32>>,
     traffic: Arc<Mutex<Traffic>>,
-    /// A swap was started and not yet finished.
-    pending: bool,
-    /// Why the link failed: it stays failed.
-    failed: Option<String>,
     _link: PhantomData<fn() -> L>,
 }
 
 impl<L: Link + 'static> LinkThread<L> {
     pub fn new(mut link: L) -> anyhow::Result<Self> {
         let traffic = Arc::new(Mutex::new(link.traffic()));
-        let (blocks, block_rx) = channel::<(Vec<f32>, usize)>();
-        let (reply_tx, replies) = channel();
         let shared = traffic.clone();
-        let thread = std::thread::Builder::new()
-            .name("column-link".into())
-            .spawn(move || {
-                while let Ok((mine, expect)) = block_rx.recv() {
-                    let r = link.swap(&mine, expect);
-                    *shared.lock().unwrap_or_else(|p| p.into_inner()) = link.traffic();
-                    let failed = r.is_err();
-                    if reply_tx.send(r).is_err() || failed {
-                        return;
-                    }
-                }
-            })
-            .context("starting the column link's thread")?;
+        let worker = Worker::spawn(
+            "column-link",
+            "the column link's thread",
+            "the link to the other column",
+            move |(mine, expect): (Vec<f32>, usize)| {
+                let r = link.swap(&mine, expect);
+                *shared.lock().unwrap_or_else(|p| p.into_inner()) = link.traffic();
+                r
+            },
+        )?;
         Ok(LinkThread {
-            blocks: Some(blocks),
-            replies,
-            thread: Some(thread),
+            worker,
             traffic,
-            pending: false,
-            failed: None,
             _link: PhantomData,
         })
     }
@@ -63,48 +46,17 @@ impl<L: Link + 'static> LinkThread<L> {
 impl<L: Link> LinkThread<L> {
     /// Starts swapping `mine` for the peer's block of `expect` values.
     pub fn start(&mut self, mine: Vec<f32>, expect: usize) -> anyhow::Result<()> {
-        self.check()?;
         anyhow::ensure!(
-            !self.pending,
+            !self.pending(),
             "a column swap was started while the last one was still in flight"
         );
-        let sent = (self.blocks.as_ref()).is_some_and(|b| b.send((mine, expect)).is_ok());
-        if !sent {
-            let e = self.ended();
-            return Err(self.fail(e));
-        }
-        self.pending = true;
-        Ok(())
+        self.worker.submit((mine, expect))
     }
 
     /// The peer's block of the swap in flight. Waits for it: the link bounds its own waits on
     /// the peer (the job's peer timeout), so this never hangs on a dead peer.
     pub fn finish(&mut self) -> anyhow::Result<Vec<f32>> {
-        self.check()?;
-        anyhow::ensure!(self.pending, "no column swap is in flight");
-        self.pending = false;
-        match self.replies.recv() {
-            Ok(Ok(theirs)) => Ok(theirs),
-            Ok(Err(e)) => Err(self.fail(e)),
-            Err(_) => {
-                let e = self.ended();
-                Err(self.fail(e))
-            }
-        }
-    }
-
-    /// Why the link's thread ended without an answer: it panicked (its message), or it is gone.
-    fn ended(&mut self) -> anyhow::Error {
-        let panicked = self.thread.take().and_then(|t| t.join().err());
-        match panicked {
-            Some(p) => {
-                let why = (p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "no message".into());
-                anyhow::anyhow!("the column link's thread panicked: {why}")
-            }
-            None => anyhow::anyhow!("the column link's thread ended unexpectedly"),
-        }
+        self.worker.take()
     }
 
     /// [`Self::start`] and [`Self::finish`].
@@ -114,40 +66,11 @@ impl<L: Link> LinkThread<L> {
     }
 
     pub fn pending(&self) -> bool {
-        self.pending
+        self.worker.pending() > 0
     }
 
     pub fn traffic(&self) -> Traffic {
         *self.traffic.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn check(&self) -> anyhow::Result<()> {
-        match &self.failed {
-            Some(why) => Err(anyhow::anyhow!(
-                "the link to the other column failed earlier: {why}"
-            )),
-            None => Ok(()),
-        }
-    }
-
-    /// Records a failure, keeping the error (and the peer it blames) for the caller.
-    fn fail(&mut self, e: anyhow::Error) -> anyhow::Error {
-        self.failed = Some(format!("{e:#}"));
-        e
-    }
-}
-
-impl<L: Link> Drop for LinkThread<L> {
-    /// Ends the thread: at once when it is idle; when a swap is still in flight (the step
-    /// failed elsewhere), it is left to end when that wait does (bounded by the peer timeout),
-    /// so that the failure is reported without waiting for it.
-    fn drop(&mut self) {
-        self.blocks = None;
-        if let Some(t) = self.thread.take() {
-            if !self.pending {
-                let _ = t.join();
-            }
-        }
     }
 }
 

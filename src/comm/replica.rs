@@ -1,11 +1,9 @@
 //! Data parallelism: the replicas of one column average their gradients after every backward
 //! pass, so that every replica takes the same SGD step.
 
+use super::worker::Worker;
 use super::{Link, TcpLink, Traffic};
-use anyhow::Context;
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 /// Averages a buffer across the replicas of one column.
 pub trait ReplicaReduce: Send {
@@ -92,45 +90,30 @@ impl ReplicaReduce for TcpReplicaGroup {
 /// the mean is taken element by element, so splitting the gradients into buckets changes no
 /// bit of the result.
 pub struct OverlappedReduce {
-    buckets: Option<Sender<Vec<f32>>>,
-    results: Receiver<anyhow::Result<Vec<f32>>>,
-    thread: Option<JoinHandle<()>>,
+    worker: Worker<Vec<f32>, Vec<f32>>,
     replicas: usize,
     traffic: Arc<Mutex<Traffic>>,
-    /// Buckets sent and not yet taken back.
-    pending: usize,
-    /// Why the group failed: it stays failed.
-    failed: Option<String>,
 }
 
 impl OverlappedReduce {
     pub fn new(mut group: Box<dyn ReplicaReduce>) -> anyhow::Result<Self> {
         let replicas = group.replicas();
         let traffic = Arc::new(Mutex::new(group.traffic()));
-        let (buckets, bucket_rx) = channel::<Vec<f32>>();
-        let (result_tx, results) = channel();
         let shared = traffic.clone();
-        let thread = std::thread::Builder::new()
-            .name("replica-reduce".into())
-            .spawn(move || {
-                while let Ok(mut bucket) = bucket_rx.recv() {
-                    let r = group.all_reduce_mean(&mut bucket);
-                    *shared.lock().unwrap_or_else(|p| p.into_inner()) = group.traffic();
-                    let failed = r.is_err();
-                    if result_tx.send(r.map(|()| bucket)).is_err() || failed {
-                        return;
-                    }
-                }
-            })
-            .context("starting the replicas' reduction thread")?;
+        let worker = Worker::spawn(
+            "replica-reduce",
+            "the replicas' reduction thread",
+            "averaging gradients with the other replicas",
+            move |mut bucket: Vec<f32>| {
+                let r = group.all_reduce_mean(&mut bucket);
+                *shared.lock().unwrap_or_else(|p| p.into_inner()) = group.traffic();
+                r.map(|()| bucket)
+            },
+        )?;
         Ok(OverlappedReduce {
-            buckets: Some(buckets),
-            results,
-            thread: Some(thread),
+            worker,
             replicas,
             traffic,
-            pending: 0,
-            failed: None,
         })
     }
 
@@ -140,74 +123,23 @@ impl OverlappedReduce {
 
     /// Starts averaging `bucket`; [`Self::take_next`] returns it averaged.
     pub fn submit(&mut self, bucket: Vec<f32>) -> anyhow::Result<()> {
-        self.check()?;
-        let sent = self
-            .buckets
-            .as_ref()
-            .is_some_and(|b| b.send(bucket).is_ok());
-        if !sent {
-            return Err(self.fail(anyhow::anyhow!(
-                "the replicas' reduction thread ended unexpectedly"
-            )));
-        }
-        self.pending += 1;
-        Ok(())
+        self.worker.submit(bucket)
     }
 
     /// The oldest bucket submitted and not yet taken, averaged. Waits for it: the group bounds
     /// its own waits on the other replicas (the job's peer timeout).
     pub fn take_next(&mut self) -> anyhow::Result<Vec<f32>> {
-        self.check()?;
-        anyhow::ensure!(self.pending > 0, "no gradient bucket is being averaged");
-        match self.results.recv() {
-            Ok(Ok(bucket)) => {
-                self.pending -= 1;
-                Ok(bucket)
-            }
-            Ok(Err(e)) => Err(self.fail(e)),
-            Err(_) => Err(self.fail(anyhow::anyhow!(
-                "the replicas' reduction thread ended unexpectedly"
-            ))),
-        }
+        self.worker.take()
     }
 
     /// Buckets submitted and not yet taken back.
     pub fn pending(&self) -> usize {
-        self.pending
+        self.worker.pending()
     }
 
     /// What crossed to the other replicas so far.
     pub fn traffic(&self) -> Traffic {
         *self.traffic.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn check(&self) -> anyhow::Result<()> {
-        match &self.failed {
-            Some(why) => Err(anyhow::anyhow!(
-                "averaging gradients with the other replicas failed earlier: {why}"
-            )),
-            None => Ok(()),
-        }
-    }
-
-    /// Records a failure, keeping the error (and the peer it blames) for the caller.
-    fn fail(&mut self, e: anyhow::Error) -> anyhow::Error {
-        self.failed = Some(format!("{e:#}"));
-        e
-    }
-}
-
-impl Drop for OverlappedReduce {
-    /// Ends the thread: at once when it is idle; when it still holds buckets (the step failed
-    /// elsewhere), it is left to end when its current wait does (each is bounded by the peer
-    /// timeout), so that the failure is reported without waiting for it.
-    fn drop(&mut self) {
-        self.buckets = None;
-        if let Some(t) = self.thread.take() {
-            if self.pending == 0 {
-                let _ = t.join();
-            }
-        }
     }
 }
 
