@@ -1,5 +1,6 @@
-// Elementwise ops and copies: ReLU, the SGD step, bias broadcasts, and the row copies of the
-// column exchange (all-gather concat, reduce-scatter slice). Grid-stride loops: any launch
+// Elementwise ops and copies: ReLU, the SGD step, bias broadcasts, the row copies of the
+// column exchange (all-gather concat, reduce-scatter slice) and the regrouping of a
+// convolution's output gradient for its weight gradient. Grid-stride loops: any launch
 // size covers any length.
 
 #define GRID_STRIDE(i, n) \
@@ -53,5 +54,19 @@ extern "C" __global__ void slice_rows(float* dst, const float* src, long long ro
     GRID_STRIDE(i, rows * width) {
         float v = src[(i / width) * total + offset + (i % width)];
         dst[i] = accumulate ? dst[i] + v : v;
+    }
+}
+
+// dst[b][a][j] = src[a * a_stride + b * inner + j] for a < outer, b < middle, j < inner: swaps
+// the two outer dimensions of a block. A convolution's output gradient, [images][channels]
+// [pixels] with one group's channels at a stride of all channels, becomes [channels][images]
+// [pixels], so that one matrix product sums the weight gradient over images and pixels.
+extern "C" __global__ void swap_outer(float* dst, const float* src, long long outer, int middle,
+                                      int inner, long long a_stride) {
+    GRID_STRIDE(t, outer * middle * inner) {
+        long long j = t % inner;
+        long long r = t / inner;
+        long long a = r % outer, b = r / outer;
+        dst[t] = src[a * a_stride + b * inner + j];
     }
 }

@@ -3,12 +3,16 @@
 // `images` images in one launch (image n at x + n * image_stride: the images of a batch, one
 // group's channels), so that a pass over the batch is one launch, not one per image. col2im
 // gathers (each input pixel sums the column entries that read it), so there are no atomics.
-// Column layout, per image: [in_c * k * k, out_h * out_w], row (c, ky, kx), column (oy, ox);
-// image n's block starts at col + n * in_c * k * k * out_h * out_w.
+// Rows (c, ky, kx) of in_c * k * k, columns (oy, ox) of out_h * out_w. im2col writes entry
+// (n, row, pixel) at col + n * col_image + row * col_row + pixel: per image [rows, pixels]
+// (col_image = rows * pixels, col_row = pixels: one product per image, for the forward pass
+// and the input gradient), or per row [images, pixels] (col_image = pixels, col_row = images
+// * pixels: one product over the images and pixels together, for the weight gradient).
+// col2im reads the first layout.
 
 extern "C" __global__ void im2col(const float* x, float* col, int images, long long image_stride,
-                                  int in_c, int in_h, int in_w, int k, int stride, int pad,
-                                  int out_h, int out_w) {
+                                  long long col_image, long long col_row, int in_c, int in_h,
+                                  int in_w, int k, int stride, int pad, int out_h, int out_w) {
     long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     long long plane = (long long)out_h * out_w;
     long long per = (long long)in_c * k * k * plane;
@@ -20,9 +24,10 @@ extern "C" __global__ void im2col(const float* x, float* col, int images, long l
     int kx = row % k, ky = (row / k) % k, c = row / (k * k);
     int oy = pix / out_w, ox = pix % out_w;
     int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
-    col[t] = (iy >= 0 && iy < in_h && ix >= 0 && ix < in_w)
-                 ? x[n * image_stride + ((long long)c * in_h + iy) * in_w + ix]
-                 : 0.0f;
+    col[n * col_image + row * col_row + pix] =
+        (iy >= 0 && iy < in_h && ix >= 0 && ix < in_w)
+            ? x[n * image_stride + ((long long)c * in_h + iy) * in_w + ix]
+            : 0.0f;
 }
 
 extern "C" __global__ void col2im(const float* col, float* dx, int images, long long image_stride,

@@ -15,6 +15,8 @@
 #                                  4. alexnet bench --backend cuda --batch 128 (convolutions by
 #                                     unfolding + cuBLAS, then by cuDNN) and PyTorch's paper
 #                                     AlexNet (bench/reference/) on the same GPU
+#                                  5. a batch too large for the GPU: the error must name the
+#                                     layer and the batch size
 #                                  and prints one table. Results also go to $OUT/gpu-check/.
 #
 # Each step has its own time limit (470 s in all): the whole run stays under 8 minutes. A step that fails is
@@ -82,7 +84,7 @@ step() {
 
 step selftest 75 "$BIN" selftest --backend cuda --json
 step op-tests 60 env ALEXNET_REQUIRE_GPU=1 ALEXNET_GOLDEN_DIR=tests/golden \
-    "$OPS" cuda:: --test-threads=1
+    "$OPS" cuda --test-threads=1
 step two-workers-one-gpu 60 "$BIN" launch --backend cuda --steps 40 --log-every 10 \
     --run-dir "/tmp/alexnet-gpu-launch-$$"
 # The carried photographs, prepared, and two epochs whose views the GPU finishes from the bytes
@@ -98,11 +100,17 @@ step views-on-gpu 45 bash -c "'$BIN' prepare --input data/sample/imagenet-photos
     cmp -s $PREP.device/column1.safetensors $PREP.host/column1.safetensors; then \
     echo 'views on the GPU and on the host: identical parameters'; else \
     echo 'views on the GPU and on the host: parameters DIFFER'; exit 1; fi"
-step bench 60 "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
-step bench-cudnn 60 env ALEXNET_CONV=cudnn "$BIN" bench --backend cuda --batch 128 --steps 20 \
+step bench 45 "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
+step bench-cudnn 45 env ALEXNET_CONV=cudnn "$BIN" bench --backend cuda --batch 128 --steps 20 \
     --warmup 3 --json
 step pytorch 110 python3 bench/reference/pytorch_alexnet_gpu.py --batch 128 --steps 15 \
     --json "$RESULTS/pytorch.json"
+# 30,000 paper-size images need about 0.4 TB of activations: the network must refuse the batch
+# before the first step, with an error that names the layer and the batch size.
+# shellcheck disable=SC2016 # the script is bash -c's, its $1 the binary
+step out-of-memory 30 bash -c 'msg=$("$1" bench --backend cuda --batch 30000 --steps 1 \
+    --warmup 0 2>&1 >/dev/null); rc=$?; printf "%s\n" "$msg" >&2; echo "exit status $rc"
+    [[ $rc != 0 ]] && grep -q "at batch 30000 does not fit" <<<"$msg"' _ "$BIN"
 
 echo
 echo "== summary"
@@ -143,6 +151,12 @@ try:
     ok = "bytes, finished by the backend" in views and "validation epoch=2" in views
     print("views finished on GPU   " + ("2 epochs trained and validated; " + same.strip().split(": ")[-1]
                                          if ok else "FAILED (see views-on-gpu.log)"))
+except OSError:
+    pass
+try:
+    oom = open(os.path.join(res, "out-of-memory.log")).read()
+    line = next((l for l in oom.splitlines() if "does not fit" in l), None)
+    print("batch too large         " + (line.strip()[-160:] if line else "NO clear error (see out-of-memory.log)"))
 except OSError:
     pass
 ours = last_json("bench")

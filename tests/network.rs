@@ -84,6 +84,46 @@ fn golden_mini_alexnet_logits_loss_and_every_gradient() {
     }
 }
 
+/// An evaluation pass allocates no gradient buffers (ten-crop evaluation runs at ten times the
+/// batch); a backward pass after it allocates them and still computes PyTorch's gradients.
+#[test]
+fn evaluation_holds_no_gradients_and_a_backward_after_it_adds_them() {
+    let g = Golden::load("mini_alexnet.safetensors");
+    let cfg = mini_config(&g);
+    let cpu = Cpu::new();
+    let mut net = golden_network(&g, cfg.clone());
+    let batch = g.shape("x")[0];
+    let x = cpu.upload(g.get("x"));
+    let labels: Vec<u32> = g.get("labels").iter().map(|&l| l as u32).collect();
+    let logits = net.forward(&x, batch, Mode::Eval).unwrap().clone();
+    let eval_bytes = net.resident_bytes();
+    let mut dlogits = cpu.zeros(logits.len());
+    cpu.softmax_xent(batch, cfg.classes, &logits, &labels, &mut dlogits);
+    net.backward(&x, &dlogits).unwrap();
+    let train_bytes = net.resident_bytes();
+    assert!(
+        train_bytes > eval_bytes,
+        "backward allocates the activations' gradients: {eval_bytes} -> {train_bytes} bytes"
+    );
+    if cfg.dropout == 0.0 {
+        // Evaluation is then the training function, and the golden gradients apply.
+        for layer in LAYERS {
+            let name = format!("{layer}.weight");
+            let got = net.unsplit_grad(&name).unwrap();
+            assert_close(&name, &got, g.get(&format!("grad.{name}")), 1e-4);
+        }
+    }
+    // Reserving the batch already prepared allocates nothing more, and another batch size
+    // replaces the buffers rather than adding to them.
+    net.reserve(batch).unwrap();
+    assert_eq!(net.resident_bytes(), train_bytes);
+    net.reserve(2 * batch).unwrap();
+    let double = net.resident_bytes();
+    net.reserve(batch).unwrap();
+    assert_eq!(net.resident_bytes(), train_bytes);
+    assert!(double > train_bytes);
+}
+
 #[test]
 fn lrn_per_column_stops_at_the_column_boundary() {
     let g = Golden::load("mini_alexnet.safetensors");

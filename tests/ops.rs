@@ -938,3 +938,32 @@ backend_tests!(cpu_split3, Some(alexnet::backend::Cpu::with_threads(3)));
 // unless ALEXNET_REQUIRE_GPU=1).
 #[cfg(feature = "cuda")]
 backend_tests!(cuda, gpu());
+
+/// The convolutions on a GPU with the unfolding limited, so that a batch runs in several
+/// passes and the weight gradient adds up across them, as the paper's layers do at large
+/// batches. The direct convolution's cases at 50,000 floats a pass: passes of 2, 2 and 1 images
+/// (groups 1), and of one image (groups 2; groups 1); at 140,000: one pass, passes of 2 and 1
+/// (groups 2), and of 3, 3 and 1 (groups 1). The other checks run at the lower limit.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_convolutions_in_several_unfolding_passes() {
+    for limit in [50_000, 140_000] {
+        let Some(b) = gpu().map(|b| b.with_unfolding_limit(limit)) else {
+            return;
+        };
+        conv_matches_direct(&b);
+    }
+    let Some(b) = gpu().map(|b| b.with_unfolding_limit(50_000)) else {
+        return;
+    };
+    for file in [
+        "conv_11x11_s4_p2.safetensors",
+        "conv_3x3_p1.safetensors",
+        "conv_5x5_p2_groups2.safetensors",
+    ] {
+        conv_golden(&b, file);
+    }
+    conv_finite_diff(&b);
+    conv_sets_match_single(&b);
+    backward_split_equals_fused(&b);
+}

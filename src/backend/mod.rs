@@ -93,8 +93,14 @@ impl Device {
     }
 }
 
+/// A device allocation that did not fit; the message says how much, where, and what was in
+/// use. Callers that know which layer asked add that, and what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OutOfMemory(pub String);
+
 /// Geometry of a 2-D convolution over a batch. Weights are `[out_c, in_c / groups, k, k]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvGeom {
     pub batch: usize,
     pub in_c: usize,
@@ -301,6 +307,17 @@ pub trait Backend: Send + Sync {
     /// [`Backend::conv2d_backward`]'s: the part a column exchange waits for. The weight
     /// gradients then follow with `dx = None`, while the exchange travels.
     fn conv2d_backward_data(&self, g: &ConvGeom, w: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+
+    /// Readies what convolutions of geometry `g` need beyond their tensors (on a GPU: the
+    /// unfolding buffers, or cuDNN's algorithms and workspace), for the forward pass and, with
+    /// `backward`, the backward pass too, so that a batch that does not fit fails when the
+    /// network is prepared, naming the layer, not in the middle of a step (an allocation that
+    /// fails is an [`OutOfMemory`]). The ops still ready it themselves when called without
+    /// this. The CPU needs nothing.
+    fn prepare_convolution(&self, g: &ConvGeom, backward: bool) -> anyhow::Result<()> {
+        let _ = (g, backward);
+        Ok(())
+    }
 
     /// Several convolutions of one input (the columns' conv1, when one process holds both).
     /// The default runs them one by one; a backend may share the work.

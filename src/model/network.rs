@@ -12,7 +12,8 @@ use super::config::{
 };
 use super::params::{init_column, Param};
 use crate::backend::{
-    rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
+    rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, OutOfMemory, PlaneGeom, PoolGeom,
+    SgdParams,
 };
 use crate::comm::ColumnExchange;
 use std::time::{Duration, Instant};
@@ -224,15 +225,35 @@ struct ColumnGrads<B: Backend> {
     dg2: B::Buf,
 }
 
+/// What to change when a batch does not fit.
+const TOO_LARGE: &str = "lower --batch, or spread the job over more devices (--replicas)";
+
 /// A buffer of the network's, or an error naming what did not fit and at which batch size.
 fn alloc<B: Backend>(b: &B, what: &str, batch: usize, len: usize) -> anyhow::Result<B::Buf> {
     b.try_zeros(len).map_err(|e| {
         anyhow::anyhow!(
-            "the {what} ({} MiB) at batch {batch} does not fit: {e:#}; lower --batch, or spread \
-             the job over more devices (--replicas)",
+            "the {what} ({} MiB) at batch {batch} does not fit: {e:#}; {TOO_LARGE}",
             (4 * len) >> 20
         )
     })
+}
+
+/// Readies the convolutions' working memory (forward, or forward and backward) for `g`'s
+/// batch, or names the layer that did not fit.
+fn prepare_convolutions<B: Backend>(b: &B, g: &Geoms, backward: bool) -> anyhow::Result<()> {
+    for (i, conv) in g.conv.iter().enumerate() {
+        b.prepare_convolution(conv, backward).map_err(|e| {
+            let (layer, batch) = (i + 1, g.batch);
+            if e.downcast_ref::<OutOfMemory>().is_some() {
+                anyhow::anyhow!(
+                    "conv{layer}'s working memory at batch {batch} does not fit: {e:#}; {TOO_LARGE}"
+                )
+            } else {
+                anyhow::anyhow!("preparing conv{layer} at batch {batch}: {e:#}")
+            }
+        })?;
+    }
+    Ok(())
 }
 
 impl<B: Backend> ColumnGrads<B> {
@@ -554,12 +575,51 @@ impl<B: Backend> Network<B> {
         batch * self.cfg.in_channels * self.sides.input * self.sides.input
     }
 
-    fn prepare(&mut self, batch: usize) -> anyhow::Result<Geoms> {
-        if let Some(g) = self.geoms.filter(|g| g.batch == batch) {
+    /// Allocates everything a step at `batch` needs (activations, gradients, the
+    /// convolutions' working memory), or says which layer did not fit: a caller may ask
+    /// before it spends time on the first batch's data. The first step does it otherwise.
+    pub fn reserve(&mut self, batch: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            batch > 0 && batch <= MAX_BATCH,
+            "batch {batch} is outside the supported 1..={MAX_BATCH}"
+        );
+        self.prepare(batch, true).map(drop)
+    }
+
+    /// The geometry at `batch`, with the forward pass's buffers allocated and, with
+    /// `backward`, the backward pass's too (evaluation never allocates gradients).
+    fn prepare(&mut self, batch: usize, backward: bool) -> anyhow::Result<Geoms> {
+        let g = match self.geoms.filter(|g| g.batch == batch) {
+            Some(g) if !backward || self.grads.is_some() => return Ok(g),
+            Some(g) => g,
+            None => self.prepare_forward(batch)?,
+        };
+        if !backward {
             return Ok(g);
+        }
+        prepare_convolutions(&self.backend, &g, true)?;
+        self.grads = Some(
+            self.columns
+                .iter()
+                .map(|_| ColumnGrads::new(&self.backend, &g))
+                .collect::<anyhow::Result<_>>()?,
+        );
+        Ok(g)
+    }
+
+    /// Allocates the forward pass's buffers at `batch`, dropping those of another batch size
+    /// first (so that the two are never held at once, and a failure leaves nothing half-made:
+    /// the next call starts over).
+    fn prepare_forward(&mut self, batch: usize) -> anyhow::Result<Geoms> {
+        self.geoms = None;
+        self.grads = None;
+        self.gathered = None;
+        for col in &mut self.columns {
+            col.acts = None;
         }
         let g = Geoms::new(&self.cfg, &self.sides, batch);
         let b = &self.backend;
+        prepare_convolutions(b, &g, false)?;
         for col in &mut self.columns {
             col.acts = Some(ColumnActs {
                 a1: alloc(b, "conv1 output", batch, g.conv[0].out_len())?,
@@ -592,12 +652,6 @@ impl<B: Backend> Network<B> {
             g7: alloc(b, "fc8 input (both columns)", batch, batch * COLUMNS * w[3])?,
             logits: alloc(b, "logits", batch, batch * COLUMNS * w[4])?,
         });
-        self.grads = Some(
-            self.columns
-                .iter()
-                .map(|_| ColumnGrads::new(&self.backend, &g))
-                .collect::<anyhow::Result<_>>()?,
-        );
         self.geoms = Some(g);
         Ok(g)
     }
@@ -617,7 +671,7 @@ impl<B: Backend> Network<B> {
             batch > 0 && batch <= MAX_BATCH,
             "batch {batch} is outside the supported 1..={MAX_BATCH}"
         );
-        let g = self.prepare(batch)?;
+        let g = self.prepare(batch, matches!(mode, Mode::Train { .. }))?;
         self.last_mode = Some(mode);
         let widths = g.exchange_widths();
         let (lrn, self_lrn_across) = (self.cfg.lrn, self.cfg.lrn_across_columns);
@@ -815,6 +869,8 @@ impl<B: Backend> Network<B> {
             _ => anyhow::bail!("backward called before forward"),
         };
         let batch = g.batch;
+        // After an evaluation pass, the gradients are not there yet.
+        self.prepare(batch, true)?;
         anyhow::ensure!(
             self.backend.buf_len(x) == self.input_len(batch) && self.backend.buf_len(dlogits) == batch * self.cfg.classes,
             "backward: the input ({} values) and the logits' gradient ({} values) do not match the last forward \

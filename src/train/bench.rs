@@ -67,6 +67,8 @@ pub fn run<B: Backend>(backend: B, opts: &BenchOptions) -> anyhow::Result<BenchR
         Box::new(LocalExchange::default()),
         opts.seed,
     )?;
+    // A batch that does not fit fails now, naming the layer, before the input is made.
+    net.reserve(opts.batch)?;
     let classes = opts.net.classes;
     // Mean-subtracted pixel-like values, fixed labels: the speed does not depend on them.
     let key = rng::key(opts.seed, "bench.input");

@@ -251,6 +251,9 @@ pub fn run<B: Backend>(
         }
         (None, None) => {}
     }
+    // A batch that does not fit this device fails now, naming the layer, before the loader
+    // and the peers wait on the first step.
+    net.reserve(job.batch / job.topology.replicas)?;
     tracing::info!(
         backend = net.backend.name(),
         columns = ?net.columns.iter().map(|c| c.index).collect::<Vec<_>>(),

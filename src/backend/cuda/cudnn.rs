@@ -6,12 +6,13 @@
 //! Strict f32 uses cuDNN's FMA math (no tensor cores); with TF32 allowed, its default math.
 //! The backward algorithms are deterministic ones (see [`deterministic_filter`]).
 
-use super::super::ConvGeom;
+use super::super::{ConvGeom, OutOfMemory};
 use cudarc::cudnn::{
     sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn,
     FilterDescriptor, TensorDescriptor,
 };
 use cudarc::driver::{CudaSlice, CudaStream};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Whether cuDNN (libcudnn.so.9) can be loaded.
@@ -20,11 +21,14 @@ pub fn present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
-/// A cuDNN handle with its workspace. Not Send by cudarc's choice (cuDNN handles must not be
+/// A cuDNN handle with its convolutions' plans and their workspace. Not Send by cudarc's choice (cuDNN handles must not be
 /// used by two threads at once): the backend keeps it in a [`DnnCell`].
 pub struct Dnn {
     handle: Arc<Cudnn>,
     stream: Arc<CudaStream>,
+    /// Each convolution's plan, by geometry (a new batch size is a new geometry).
+    plans: HashMap<ConvGeom, Plan>,
+    /// One workspace, as large as the largest plan needs: the passes run one at a time.
     workspace: Option<CudaSlice<u8>>,
     tf32: bool,
 }
@@ -46,12 +50,22 @@ unsafe impl Send for DnnCell {}
 // SAFETY: as above.
 unsafe impl Sync for DnnCell {}
 
-type Descriptors = (
-    TensorDescriptor<f32>,
-    FilterDescriptor<f32>,
-    TensorDescriptor<f32>,
-    ConvDescriptor<f32>,
-);
+/// What one convolution's three passes need, found once per geometry: cuDNN's descriptors,
+/// the algorithms (the backward ones deterministic) and the workspace each pass needs.
+/// Finding them costs a heuristic query per pass, and a step runs every convolution three
+/// times per column: they are kept, not found again each call.
+struct Plan {
+    x: TensorDescriptor<f32>,
+    w: FilterDescriptor<f32>,
+    y: TensorDescriptor<f32>,
+    conv: ConvDescriptor<f32>,
+    forward: sys::cudnnConvolutionFwdAlgo_t,
+    filter: sys::cudnnConvolutionBwdFilterAlgo_t,
+    data: sys::cudnnConvolutionBwdDataAlgo_t,
+    /// Workspace bytes of the forward pass, and of all three passes.
+    forward_bytes: usize,
+    any_bytes: usize,
+}
 
 fn err(what: &str, e: impl std::fmt::Debug) -> anyhow::Error {
     anyhow::anyhow!("cuDNN {what}: {e:?}")
@@ -117,6 +131,7 @@ impl Dnn {
         Ok(Dnn {
             handle,
             stream,
+            plans: HashMap::new(),
             workspace: None,
             tf32,
         })
@@ -131,7 +146,7 @@ impl Dnn {
             .map_err(|e| err("binding the CUDA context", e))
     }
 
-    fn descriptors(&self, g: &ConvGeom) -> anyhow::Result<Descriptors> {
+    fn new_plan(&self, g: &ConvGeom) -> anyhow::Result<Plan> {
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let i = |v: usize| v as i32;
         let x = self
@@ -166,24 +181,101 @@ impl Dnn {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
         })
         .map_err(|e| err("math type", e))?;
-        Ok((x, w, y, conv))
+
+        let fwd = ConvForward {
+            conv: &conv,
+            x: &x,
+            w: &w,
+            y: &y,
+        };
+        let forward = fwd
+            .pick_algorithm()
+            .map_err(|e| err("forward algorithm", e))?;
+        let forward_bytes = fwd
+            .get_workspace_size(forward)
+            .map_err(|e| err("forward workspace", e))?;
+        let bwd_filter = ConvBackwardFilter {
+            conv: &conv,
+            x: &x,
+            dw: &w,
+            dy: &y,
+        };
+        let picked = bwd_filter
+            .pick_algorithm()
+            .map_err(|e| err("backward filter algorithm", e))?;
+        let (filter, filter_bytes) = deterministic(picked, deterministic_filter(picked), |a| {
+            bwd_filter.get_workspace_size(a)
+        })
+        .map_err(|e| err("backward filter workspace", e))?;
+        let bwd_data = ConvBackwardData {
+            conv: &conv,
+            dx: &x,
+            w: &w,
+            dy: &y,
+        };
+        let picked = bwd_data
+            .pick_algorithm()
+            .map_err(|e| err("backward data algorithm", e))?;
+        let (data, data_bytes) = deterministic(picked, deterministic_data(picked), |a| {
+            bwd_data.get_workspace_size(a)
+        })
+        .map_err(|e| err("backward data workspace", e))?;
+        tracing::debug!(
+            ?g,
+            ?forward,
+            ?filter,
+            ?data,
+            workspace_mib = forward_bytes.max(filter_bytes).max(data_bytes) >> 20,
+            "cuDNN convolution planned"
+        );
+        Ok(Plan {
+            x,
+            w,
+            y,
+            conv,
+            forward,
+            filter,
+            data,
+            forward_bytes,
+            any_bytes: forward_bytes.max(filter_bytes).max(data_bytes),
+        })
     }
 
-    /// The workspace, at least `bytes` long (`None` for none).
-    fn workspace(&mut self, bytes: usize) -> anyhow::Result<Option<&mut CudaSlice<u8>>> {
-        if bytes == 0 {
-            return Ok(None);
+    /// Finds the plan of `g` (once) and grows the workspace to what its forward pass needs
+    /// and, with `backward`, its backward passes too, so that a convolution that does not fit
+    /// fails here, before a step starts, when the network prepares its layers.
+    pub fn prepare(&mut self, g: &ConvGeom, backward: bool) -> anyhow::Result<()> {
+        self.bind()?;
+        if !self.plans.contains_key(g) {
+            let plan = self.new_plan(g)?;
+            self.plans.insert(*g, plan);
         }
-        if self.workspace.as_ref().is_none_or(|w| w.len() < bytes) {
+        let plan = &self.plans[g];
+        let bytes = if backward {
+            plan.any_bytes
+        } else {
+            plan.forward_bytes
+        };
+        if bytes > 0 && self.workspace.as_ref().is_none_or(|w| w.len() < bytes) {
             self.workspace = None;
             self.workspace = Some(self.stream.alloc_zeros::<u8>(bytes).map_err(|e| {
-                anyhow::anyhow!(
+                anyhow::Error::new(OutOfMemory(format!(
                     "out of GPU memory for cuDNN's workspace ({} MiB): {e:?}",
                     bytes >> 20
-                )
+                )))
             })?);
         }
-        Ok(self.workspace.as_mut())
+        Ok(())
+    }
+
+    /// The plan of `g` and the workspace, prepared for the forward pass or all passes.
+    fn ready(
+        &mut self,
+        g: &ConvGeom,
+        backward: bool,
+    ) -> anyhow::Result<(&Plan, Option<&mut CudaSlice<u8>>)> {
+        self.prepare(g, backward)?;
+        Ok((&self.plans[g], self.workspace.as_mut()))
     }
 
     /// `y += conv(x, w)` (the bias is already in `y`).
@@ -194,23 +286,15 @@ impl Dnn {
         w: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
     ) -> anyhow::Result<()> {
-        self.bind()?;
-        let (xd, wd, yd, cd) = self.descriptors(g)?;
+        let (p, ws) = self.ready(g, false)?;
         let op = ConvForward {
-            conv: &cd,
-            x: &xd,
-            w: &wd,
-            y: &yd,
+            conv: &p.conv,
+            x: &p.x,
+            w: &p.w,
+            y: &p.y,
         };
-        let algo = op
-            .pick_algorithm()
-            .map_err(|e| err("forward algorithm", e))?;
-        let bytes = op
-            .get_workspace_size(algo)
-            .map_err(|e| err("forward workspace", e))?;
-        let ws = self.workspace(bytes)?;
         // SAFETY: the buffers' lengths match the descriptors (checked by the caller).
-        unsafe { op.launch(algo, ws, (1.0f32, 1.0f32), x, w, y) }
+        unsafe { op.launch(p.forward, ws, (1.0f32, 1.0f32), x, w, y) }
             .map_err(|e| err("convolution forward", e))
     }
 
@@ -222,24 +306,15 @@ impl Dnn {
         dy: &CudaSlice<f32>,
         dw: &mut CudaSlice<f32>,
     ) -> anyhow::Result<()> {
-        self.bind()?;
-        let (xd, wd, yd, cd) = self.descriptors(g)?;
+        let (p, ws) = self.ready(g, true)?;
         let op = ConvBackwardFilter {
-            conv: &cd,
-            x: &xd,
-            dw: &wd,
-            dy: &yd,
+            conv: &p.conv,
+            x: &p.x,
+            dw: &p.w,
+            dy: &p.y,
         };
-        let picked = op
-            .pick_algorithm()
-            .map_err(|e| err("backward filter algorithm", e))?;
-        let (algo, bytes) = deterministic(picked, deterministic_filter(picked), |a| {
-            op.get_workspace_size(a)
-        })
-        .map_err(|e| err("backward filter workspace", e))?;
-        let ws = self.workspace(bytes)?;
         // SAFETY: as in `forward`.
-        unsafe { op.launch(algo, ws, (1.0f32, 0.0f32), x, dw, dy) }
+        unsafe { op.launch(p.filter, ws, (1.0f32, 0.0f32), x, dw, dy) }
             .map_err(|e| err("convolution backward filter", e))
     }
 
@@ -251,24 +326,15 @@ impl Dnn {
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
     ) -> anyhow::Result<()> {
-        self.bind()?;
-        let (xd, wd, yd, cd) = self.descriptors(g)?;
+        let (p, ws) = self.ready(g, true)?;
         let op = ConvBackwardData {
-            conv: &cd,
-            dx: &xd,
-            w: &wd,
-            dy: &yd,
+            conv: &p.conv,
+            dx: &p.x,
+            w: &p.w,
+            dy: &p.y,
         };
-        let picked = op
-            .pick_algorithm()
-            .map_err(|e| err("backward data algorithm", e))?;
-        let (algo, bytes) = deterministic(picked, deterministic_data(picked), |a| {
-            op.get_workspace_size(a)
-        })
-        .map_err(|e| err("backward data workspace", e))?;
-        let ws = self.workspace(bytes)?;
         // SAFETY: as in `forward`.
-        unsafe { op.launch(algo, ws, (1.0f32, 0.0f32), dx, w, dy) }
+        unsafe { op.launch(p.data, ws, (1.0f32, 0.0f32), dx, w, dy) }
             .map_err(|e| err("convolution backward data", e))
     }
 }

@@ -23,6 +23,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "broadcast_channels",
             "copy_into_rows",
             "slice_rows",
+            "swap_outer",
         ],
     ),
     (

@@ -12,7 +12,8 @@ pub mod cudnn;
 pub mod kernels;
 
 use super::{
-    Backend, ByteViews, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
+    Backend, ByteViews, ConvGeom, DropoutKey, LinearGeom, LrnParams, OutOfMemory, PlaneGeom,
+    PoolGeom, SgdParams,
 };
 use cudarc::cublas::{
     sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig,
@@ -63,12 +64,34 @@ pub struct Cuda {
     functions: HashMap<&'static str, CudaFunction>,
     device: DeviceInfo,
     tf32: bool,
-    /// Unfolded images for convolution, grown on demand and kept between steps.
-    columns: Mutex<Option<CudaSlice<f32>>>,
+    /// The unfolding path's scratch buffers, grown on demand and kept between steps.
+    unfolding: Mutex<Unfolding>,
+    /// Most floats of unfolded images per pass ([`MAX_COLUMNS`] unless a test lowers it).
+    max_columns: usize,
     /// Per-row losses of the softmax (f64, as on the CPU).
     row_loss: Mutex<Option<CudaSlice<f64>>>,
     /// cuDNN for the convolutions, when chosen (`ConvPath::Cudnn`).
     dnn: Option<cudnn::DnnCell>,
+}
+
+/// The unfolding path's scratch: one buffer of each kind serves every layer, in turn (one
+/// stream runs the ops in order), sized for the largest.
+#[derive(Default)]
+struct Unfolding {
+    /// Unfolded images (im2col's output, or the input gradient before col2im folds it).
+    columns: Option<CudaSlice<f32>>,
+    /// A pass's output gradient regrouped channel-major, for the weight gradient.
+    gradients: Option<CudaSlice<f32>>,
+}
+
+/// How im2col lays out the unfolded images (see `kernels/im2col.cu`).
+#[derive(Clone, Copy)]
+enum ColumnLayout {
+    /// `[images][rows, pixels]`: one product per image (forward pass, input gradient).
+    ByImage,
+    /// `[rows][images, pixels]`: one product over a pass's images and pixels together (weight
+    /// gradient).
+    ByRow,
 }
 
 /// How convolutions run.
@@ -221,10 +244,19 @@ impl Cuda {
             functions,
             device: DeviceInfo { name, ordinal },
             tf32,
-            columns: Mutex::new(None),
+            unfolding: Mutex::new(Unfolding::default()),
+            max_columns: MAX_COLUMNS,
             row_loss: Mutex::new(None),
             dnn,
         })
+    }
+
+    /// The same backend with the convolutions unfolded at most `floats` floats at a time, so
+    /// that a small test splits a batch into several passes (a last one shorter) as the
+    /// paper's layers do at large batches.
+    pub fn with_unfolding_limit(mut self, floats: usize) -> Self {
+        self.max_columns = floats.max(1);
+        self
     }
 
     /// The GPU's index.
@@ -267,14 +299,14 @@ impl Cuda {
         }
         self.stream.alloc_zeros::<f32>(len).map_err(|e| {
             let (used, total) = self.memory();
-            anyhow::anyhow!(
+            anyhow::Error::new(OutOfMemory(format!(
                 "out of memory on GPU {} ({}): {} MiB more did not fit ({} of {} MiB in use): {e:?}",
                 self.device.ordinal,
                 self.device.name,
                 (4 * len) >> 20,
                 used >> 20,
                 total >> 20
-            )
+            )))
         })
     }
 
@@ -338,23 +370,47 @@ impl Cuda {
         );
     }
 
-    /// The unfolding buffer, at least `len` floats.
-    fn columns(&self, len: usize) -> std::sync::MutexGuard<'_, Option<CudaSlice<f32>>> {
-        let mut cols = self.columns.lock().unwrap();
-        if cols.as_ref().is_none_or(|c| c.len() < len) {
-            *cols = None;
-            *cols = Some(
-                self.try_zeros(len)
-                    .unwrap_or_else(|e| panic!("convolution's unfolding buffer: {e:#}")),
-            );
+    /// The unfolding scratch, with at least `columns` floats of unfolded images and `gradients`
+    /// of regrouped output gradients.
+    fn try_unfolding(
+        &self,
+        columns: usize,
+        gradients: usize,
+    ) -> anyhow::Result<std::sync::MutexGuard<'_, Unfolding>> {
+        let mut guard = self.unfolding.lock().unwrap();
+        let u = &mut *guard;
+        for (buf, len) in [(&mut u.columns, columns), (&mut u.gradients, gradients)] {
+            if len > 0 && buf.as_ref().is_none_or(|c| c.len() < len) {
+                *buf = None;
+                *buf = Some(self.try_zeros(len)?);
+            }
         }
-        cols
+        Ok(guard)
     }
 
-    /// Images per unfolding pass, so that the buffer stays under `MAX_COLUMNS` floats.
-    fn images_per_pass(g: &ConvGeom) -> usize {
+    /// [`Self::try_unfolding`] inside an op, which cannot return an error: the network
+    /// reserves the scratch before its first step ([`Backend::prepare_convolution`]), so this
+    /// fails only for ops called on their own.
+    fn unfolding(&self, columns: usize, gradients: usize) -> std::sync::MutexGuard<'_, Unfolding> {
+        self.try_unfolding(columns, gradients)
+            .unwrap_or_else(|e| panic!("convolution's unfolding buffers: {e:#}"))
+    }
+
+    /// The unfolding scratch a convolution of geometry `g` needs: a pass's unfolded images,
+    /// and its output gradient regrouped for the weight gradient.
+    fn unfolding_lens(&self, g: &ConvGeom) -> (usize, usize) {
+        let pass = self.images_per_pass(g);
+        let per = (g.in_c / g.groups) * g.kernel * g.kernel * g.out_h() * g.out_w();
+        (
+            pass * per,
+            pass * (g.out_c / g.groups) * g.out_h() * g.out_w(),
+        )
+    }
+
+    /// Images per unfolding pass, so that the buffer stays under `max_columns` floats.
+    fn images_per_pass(&self, g: &ConvGeom) -> usize {
         let per_image = (g.in_c / g.groups) * g.kernel * g.kernel * g.out_h() * g.out_w();
-        (MAX_COLUMNS / per_image.max(1)).clamp(1, g.batch.max(1))
+        (self.max_columns / per_image.max(1)).clamp(1, g.batch.max(1))
     }
 
     /// The unfolding kernels' shape arguments for group `grp` of images `n0..n0 + nb`: the
@@ -393,7 +449,9 @@ impl Cuda {
         (start, ((nb - 1) * g.out_c + cout) * plane)
     }
 
-    /// Unfolds group `grp` of images `n0..n0+nb` into `col` (`[nb][K, P]`), in one launch.
+    /// Unfolds group `grp` of images `n0..n0+nb` into `col` (`[nb][K, P]` or `[K][nb, P]`, as
+    /// `layout` says), in one launch.
+    #[allow(clippy::too_many_arguments)]
     fn im2col(
         &self,
         g: &ConvGeom,
@@ -401,14 +459,26 @@ impl Cuda {
         n0: usize,
         nb: usize,
         grp: usize,
+        layout: ColumnLayout,
         col: &mut CudaSlice<f32>,
     ) {
-        let per = (g.in_c / g.groups) * g.kernel * g.kernel * g.out_h() * g.out_w();
+        let plane = g.out_h() * g.out_w();
+        let rows = (g.in_c / g.groups) * g.kernel * g.kernel;
+        let per = rows * plane;
+        let (col_image, col_row) = match layout {
+            ColumnLayout::ByImage => (per as i64, plane as i64),
+            ColumnLayout::ByRow => (plane as i64, (nb * plane) as i64),
+        };
         let (start, span, (images, image, d)) = Self::unfold_args(g, n0, nb, grp);
         let xv = x.slice(start..start + span);
         let mut cv = col.slice_mut(0..nb * per);
         let mut l = self.stream.launch_builder(self.f("im2col"));
-        l.arg(&xv).arg(&mut cv).arg(&images).arg(&image);
+        l.arg(&xv)
+            .arg(&mut cv)
+            .arg(&images)
+            .arg(&image)
+            .arg(&col_image)
+            .arg(&col_row);
         for v in &d {
             l.arg(v);
         }
@@ -444,8 +514,10 @@ impl Cuda {
 }
 
 impl Cuda {
-    /// A convolution's weight gradient by unfolding: `dw[cout, K] (+)= dy_i[cout, P]
-    /// col_i[K, P]^T`, images in order (one product each).
+    /// A convolution's weight gradient by unfolding: per group and pass of `nb` images,
+    /// `dw[cout, K] (+)= dy[cout, nb P] col[K, nb P]^T`, one product that sums over the pass's
+    /// images and pixels together (the images unfolded row-major, `[K][nb, P]`, and the output
+    /// gradient regrouped channel-major, `[cout][nb, P]`), not one small product per image.
     fn conv_weight_grads(
         &self,
         g: &ConvGeom,
@@ -456,22 +528,47 @@ impl Cuda {
         let (cout, cin) = (g.out_c / g.groups, g.in_c / g.groups);
         let plane = g.out_h() * g.out_w();
         let kk = cin * g.kernel * g.kernel;
-        let per = kk * plane;
-        let pass = Self::images_per_pass(g);
-        let mut guard = self.columns(pass * per);
-        let col = guard.as_mut().unwrap();
+        let pass = self.images_per_pass(g);
+        let (columns, gradients) = self.unfolding_lens(g);
+        let mut guard = self.unfolding(columns, gradients);
+        let scratch = &mut *guard;
+        let col = scratch.columns.as_mut().unwrap();
+        let dyt = scratch.gradients.as_mut().unwrap();
         for n0 in (0..g.batch).step_by(pass) {
             let nb = pass.min(g.batch - n0);
             for grp in 0..g.groups {
-                self.im2col(g, x, n0, nb, grp, col);
-                let mut dwg = dw.slice_mut(grp * cout * kk..(grp + 1) * cout * kk);
-                for i in 0..nb {
-                    let start = ((n0 + i) * g.out_c + grp * cout) * plane;
-                    let dyv = dy.slice(start..start + cout * plane);
-                    let cv = col.slice(i * per..(i + 1) * per);
-                    let beta = if n0 + i == 0 { 0.0 } else { 1.0 };
-                    self.gemm_rm(false, true, cout, kk, plane, &dyv, &cv, beta, &mut dwg);
+                self.im2col(g, x, n0, nb, grp, ColumnLayout::ByRow, col);
+                let (start, span) = Self::output_span(g, n0, nb, grp);
+                let dyv = dy.slice(start..start + span);
+                let mut dytv = dyt.slice_mut(0..nb * cout * plane);
+                {
+                    let (outer, middle, inner) = (nb as i64, cout as i32, plane as i32);
+                    let a_stride = (g.out_c * plane) as i64;
+                    let mut l = self.stream.launch_builder(self.f("swap_outer"));
+                    l.arg(&mut dytv)
+                        .arg(&dyv)
+                        .arg(&outer)
+                        .arg(&middle)
+                        .arg(&inner)
+                        .arg(&a_stride);
+                    // SAFETY: argument types and order match kernels/elementwise.cu; `dyv`
+                    // spans the last image's group, `dytv` holds nb * cout * plane floats.
+                    check(unsafe { l.launch(grid(nb * cout * plane)) }, "swap_outer");
                 }
+                let cv = col.slice(0..kk * nb * plane);
+                let mut dwg = dw.slice_mut(grp * cout * kk..(grp + 1) * cout * kk);
+                let beta = if n0 == 0 { 0.0 } else { 1.0 };
+                self.gemm_rm(
+                    false,
+                    true,
+                    cout,
+                    kk,
+                    nb * plane,
+                    &dytv,
+                    &cv,
+                    beta,
+                    &mut dwg,
+                );
             }
         }
     }
@@ -573,6 +670,16 @@ impl Backend for Cuda {
         Ok(out)
     }
 
+    fn prepare_convolution(&self, g: &ConvGeom, backward: bool) -> anyhow::Result<()> {
+        if let Some(dnn) = &self.dnn {
+            return dnn.0.lock().unwrap().prepare(g, backward);
+        }
+        let (columns, gradients) = self.unfolding_lens(g);
+        // The regrouped output gradients serve the weight gradient only.
+        self.try_unfolding(columns, if backward { gradients } else { 0 })
+            .map(drop)
+    }
+
     fn conv2d_forward(
         &self,
         g: &ConvGeom,
@@ -600,13 +707,13 @@ impl Backend for Cuda {
         let (cout, cin) = (g.out_c / g.groups, g.in_c / g.groups);
         let kk = cin * g.kernel * g.kernel;
         let per = kk * plane;
-        let pass = Self::images_per_pass(g);
-        let mut guard = self.columns(pass * per);
-        let col = guard.as_mut().unwrap();
+        let pass = self.images_per_pass(g);
+        let mut guard = self.unfolding(per * pass, 0);
+        let col = guard.columns.as_mut().unwrap();
         for n0 in (0..g.batch).step_by(pass) {
             let nb = pass.min(g.batch - n0);
             for grp in 0..g.groups {
-                self.im2col(g, x, n0, nb, grp, col);
+                self.im2col(g, x, n0, nb, grp, ColumnLayout::ByImage, col);
                 let wg = w.slice(grp * cout * kk..(grp + 1) * cout * kk);
                 let (start, span) = Self::output_span(g, n0, nb, grp);
                 let mut yv = y.slice_mut(start..start + span);
@@ -683,9 +790,9 @@ impl Backend for Cuda {
         let plane = g.out_h() * g.out_w();
         let kk = cin * g.kernel * g.kernel;
         let per = kk * plane;
-        let pass = Self::images_per_pass(g);
-        let mut guard = self.columns(pass * per);
-        let col = guard.as_mut().unwrap();
+        let pass = self.images_per_pass(g);
+        let mut guard = self.unfolding(per * pass, 0);
+        let col = guard.columns.as_mut().unwrap();
         for n0 in (0..g.batch).step_by(pass) {
             let nb = pass.min(g.batch - n0);
             for grp in 0..g.groups {
