@@ -82,10 +82,10 @@ step() {
     echo "-- $name: ${STATUS[$name]}"
 }
 
-step selftest 75 "$BIN" selftest --backend cuda --json
+step selftest 90 env NCCL_DEBUG=WARN "$BIN" selftest --backend cuda --require-all --json
 step op-tests 60 env ALEXNET_REQUIRE_GPU=1 ALEXNET_GOLDEN_DIR=tests/golden \
     "$OPS" cuda --test-threads=1
-step two-workers-one-gpu 60 "$BIN" launch --backend cuda --steps 40 --log-every 10 \
+step two-workers-one-gpu 45 "$BIN" launch --backend cuda --steps 40 --log-every 10 \
     --run-dir "/tmp/alexnet-gpu-launch-$$"
 # The carried photographs, prepared, and two epochs whose views the GPU finishes from the bytes
 # the loader cuts (the selftest checks that op bit for bit against the loader's), then the same

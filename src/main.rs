@@ -368,6 +368,10 @@ struct SelftestArgs {
     /// Print the checks as JSON.
     #[arg(long)]
     json: bool,
+    /// Fail where cuDNN or NCCL cannot be loaded, rather than skip their checks with a
+    /// warning: for a GPU machine that must have them (`scripts/gpu-check.sh` passes it).
+    #[arg(long)]
+    require_all: bool,
 }
 
 #[derive(clap::Args)]
@@ -1043,11 +1047,26 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                             c
                         }),
                 );
+            } else if a.require_all {
+                tracing::error!("cuDNN cannot be loaded (libcudnn.so.9), and --require-all");
+                checks.push(selftest::Check {
+                    what: "cuDNN: libcudnn.so.9 loaded".into(),
+                    error: f64::INFINITY,
+                    tolerance: a.tolerance,
+                });
             } else {
                 tracing::warn!("cuDNN not checked: libcudnn.so.9 cannot be loaded");
             }
             // NCCL on this GPU: judged where its library is here (multi-GPU jobs need it).
             match alexnet::comm::nccl::check_libraries() {
+                Err(e) if a.require_all => {
+                    tracing::error!("NCCL: {e:#}, and --require-all");
+                    checks.push(selftest::Check {
+                        what: "NCCL: libnccl.so loaded".into(),
+                        error: f64::INFINITY,
+                        tolerance: a.tolerance,
+                    });
+                }
                 Err(e) => tracing::warn!("NCCL not checked: {e:#}"),
                 Ok(()) => {
                     let r = alexnet::comm::nccl::one_rank_check(0);

@@ -106,8 +106,10 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Resu
 
 /// NCCL's description of `code`, and of the last error it logged.
 fn describe(code: sys::ncclResult_t) -> String {
-    // SAFETY: both return pointers to static (or communicator-owned) NUL-terminated strings;
-    // ncclGetLastError ignores its argument.
+    // SAFETY: both return NUL-terminated strings: a static one, and NCCL's process-wide last
+    // error (its argument is ignored), copied at once. Another communicator's thread may write
+    // that buffer meanwhile, so the second text may be torn or be another communicator's; it
+    // is only added to a message.
     unsafe {
         let text = |p: *const std::ffi::c_char| {
             (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
@@ -164,7 +166,10 @@ fn header(seq: u64, count: usize) -> [f32; HEADER] {
     ]
 }
 
-/// Checks a received header against the block that was due.
+/// Checks a received header against the block that was due. The count check catches a peer
+/// that sends a block of another size only where NCCL delivers it: a send and a receive of
+/// different counts are an error NCCL need not report, and most often the receive just never
+/// completes, which the swap reports when the peer timeout runs out.
 fn check_header(h: &[f32; HEADER], peer: usize, seq: u64, expect: usize) -> anyhow::Result<()> {
     if h[0].to_bits() != u32::from_le_bytes(*BLOCK_MAGIC) {
         return Err(peer_error(
@@ -232,7 +237,21 @@ fn pause(since: Instant) {
     }
 }
 
-/// A communicator, aborted when dropped (abort, unlike destroy, never waits for the peer).
+/// How long a communicator that ends cleanly may take to finish what is in flight before it is
+/// aborted instead (under [`Communicator`]'s wait for its thread).
+const FINALIZE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Whether a communicator's failure code says that a peer (or the network to it) failed, rather
+/// than this process: only then is the failure blamed on the peer.
+fn peer_failure(code: sys::ncclResult_t) -> bool {
+    matches!(
+        code,
+        sys::ncclResult_t::ncclRemoteError | sys::ncclResult_t::ncclSystemError
+    )
+}
+
+/// A communicator, aborted when dropped (abort, unlike destroy, never waits for the peer); one
+/// that ends cleanly is finalized first ([`RawComm::finalize`]).
 struct RawComm(sys::ncclComm_t);
 
 impl RawComm {
@@ -245,6 +264,61 @@ impl RawComm {
             .result()
             .map_err(|e| nccl_error("ncclCommGetAsyncError", e))?;
         Ok(state)
+    }
+
+    /// Ends the communicator cleanly: NCCL first finishes every operation still in flight (over
+    /// a network, the last chunks of a send may still be leaving after this rank's kernel has
+    /// finished, and an abort would cut them off from the peer's last receive), then it is
+    /// destroyed. Past `limit`, or on an error, it is aborted instead.
+    fn finalize(&mut self, limit: Duration) {
+        if self.0.is_null() {
+            return;
+        }
+        let started = Instant::now();
+        // SAFETY: `self.0` is a live communicator, used by this thread only.
+        let r = unsafe { sys::ncclCommFinalize(self.0) };
+        if !matches!(
+            r,
+            sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
+        ) {
+            tracing::warn!(
+                "ncclCommFinalize: {}; aborting the communicator",
+                describe(r)
+            );
+            return self.abort();
+        }
+        loop {
+            match self.state() {
+                Ok(sys::ncclResult_t::ncclSuccess) => break,
+                Ok(sys::ncclResult_t::ncclInProgress) if started.elapsed() < limit => {
+                    pause(started)
+                }
+                Ok(sys::ncclResult_t::ncclInProgress) => {
+                    tracing::warn!(
+                        ?limit,
+                        "NCCL did not finish in time; aborting the communicator"
+                    );
+                    return self.abort();
+                }
+                Ok(code) => {
+                    tracing::warn!(
+                        "finishing NCCL: {}; aborting the communicator",
+                        describe(code)
+                    );
+                    return self.abort();
+                }
+                Err(e) => {
+                    tracing::warn!("finishing NCCL: {e:#}; aborting the communicator");
+                    return self.abort();
+                }
+            }
+        }
+        // SAFETY: finalized, so this does not wait on the peers; not used again.
+        let r = unsafe { sys::ncclCommDestroy(self.0) };
+        self.0 = std::ptr::null_mut();
+        if r != sys::ncclResult_t::ncclSuccess {
+            tracing::warn!("ncclCommDestroy: {}", describe(r));
+        }
     }
 
     fn abort(&mut self) {
@@ -363,12 +437,16 @@ impl Worker {
             match comm.state()? {
                 sys::ncclResult_t::ncclSuccess => break,
                 sys::ncclResult_t::ncclInProgress => {}
-                code => {
+                code if peer_failure(code) => {
                     return Err(s.peers.error(format!(
                         "creating the NCCL communicator with {who} failed: {}",
                         describe(code)
                     )))
                 }
+                code => bail!(
+                    "creating the NCCL communicator with {who} failed in this process: {}",
+                    describe(code)
+                ),
             }
             if started.elapsed() > s.timeout {
                 comm.abort();
@@ -380,7 +458,7 @@ impl Worker {
             }
             pause(started);
         }
-        tracing::debug!(
+        tracing::info!(
             peers = %who,
             device = s.device,
             "NCCL {}.{}.{} communicator of {} ranks up in {:?}",
@@ -421,22 +499,30 @@ impl Worker {
         Ok(())
     }
 
-    /// The error of a transfer that failed on the communicator, after aborting it.
+    /// The error of a transfer that failed on the communicator, after aborting it: blamed on
+    /// the peer where NCCL says a peer or the network failed, on this process otherwise.
     fn failed(&mut self, code: sys::ncclResult_t) -> anyhow::Error {
         let who = self.peers.who.clone();
         self.comm.abort();
-        self.peers.error(format!(
-            "the NCCL communicator with {who} failed: {} (a peer has probably failed, see its \
-             log)",
-            describe(code)
-        ))
+        if peer_failure(code) {
+            self.peers.error(format!(
+                "the NCCL communicator with {who} failed: {} (a peer has probably failed, see \
+                 its log)",
+                describe(code)
+            ))
+        } else {
+            anyhow!(
+                "the NCCL communicator with {who} failed in this process: {}",
+                describe(code)
+            )
+        }
     }
 
     fn timed_out(&mut self) -> anyhow::Error {
         self.comm.abort();
         self.peers.error(format!(
-            "{} sent nothing over NCCL for {:?}: stopped or cut off (the limit is the job's peer \
-             timeout)",
+            "{} sent nothing over NCCL for {:?}: stopped, cut off, or sending blocks of another \
+             size (the limit is the job's peer timeout)",
             self.peers.who, self.timeout
         ))
     }
@@ -646,6 +732,8 @@ fn run(setup: Setup, jobs: Receiver<Job>, out: Sender<FromWorker>) {
             break;
         }
     }
+    // Dropped, or failed (then already aborted, and this does nothing).
+    worker.comm.finalize(FINALIZE_LIMIT);
 }
 
 /// A NCCL communicator run by its own thread (NCCL's communicator, the CUDA context and the
@@ -899,12 +987,11 @@ impl NcclReplicaGroup {
             id,
             timeout,
             peers: Peers {
-                who: format!(
-                    "the replica{} on rank{} {}",
-                    if others.len() == 1 { "" } else { "s" },
-                    if others.len() == 1 { "" } else { "s" },
-                    list.join(", ")
-                ),
+                who: match others.len() {
+                    0 => "no other replica".to_string(),
+                    1 => format!("the replica on rank {}", list[0]),
+                    _ => format!("the replicas on ranks {}", list.join(", ")),
+                },
                 blame: (others.len() == 1).then(|| others[0]),
             },
         };
@@ -953,6 +1040,10 @@ const _: () = {
     let _ = send::<NcclReplicaGroup>;
 };
 
+/// How long each part of [`one_rank_check`] may take: a communicator of one rank on one GPU
+/// needs well under a second.
+const ONE_RANK_LIMIT: Duration = Duration::from_secs(15);
+
 /// A NCCL communicator of one rank on GPU `device`: made, used for an all-reduce of a known
 /// block (which must come back unchanged), and destroyed; then a [`NcclReplicaGroup`] of one
 /// replica, the same way. The selftest's check that NCCL and the driver work together on this
@@ -960,30 +1051,43 @@ const _: () = {
 pub fn one_rank_check(device: usize) -> anyhow::Result<()> {
     use cudarc::nccl::safe::{Comm, Id, ReduceOp};
     check_libraries()?;
-    guarded("the one-rank NCCL check", || {
-        let ctx = CudaContext::new(device).cuda(&format!("opening CUDA device {device}"))?;
-        let stream = ctx.new_stream().cuda("creating a CUDA stream")?;
-        let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
-        let comm = Comm::from_rank(stream.clone(), 0, 1, id)
-            .map_err(|e| nccl_error("ncclCommInitRank (one rank)", e))?;
-        let host: Vec<f32> = (0..4099).map(|i| i as f32 * 0.5 - 7.0).collect();
-        let send = stream.clone_htod(&host).cuda("copying to the GPU")?;
-        let mut recv = stream
-            .alloc_zeros::<f32>(host.len())
-            .cuda("allocating device memory")?;
-        comm.all_reduce(&send, &mut recv, &ReduceOp::Sum)
-            .map_err(|e| nccl_error("ncclAllReduce (one rank)", e))?;
-        let back = stream.clone_dtoh(&recv).cuda("copying from the GPU")?;
-        anyhow::ensure!(
-            back == host,
-            "a one-rank all-reduce changed its block (first difference at {:?})",
-            back.iter().zip(&host).position(|(a, b)| a != b)
-        );
-        Ok(())
-    })?;
+    // cudarc's communicator blocks in its calls: it runs on a thread of its own, waited for
+    // with a limit (and left behind if it hangs), so that the selftest always reports.
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("nccl-check".into())
+        .spawn(move || {
+            let r = guarded("the one-rank NCCL check", || {
+                let ctx =
+                    CudaContext::new(device).cuda(&format!("opening CUDA device {device}"))?;
+                let stream = ctx.new_stream().cuda("creating a CUDA stream")?;
+                let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
+                let comm = Comm::from_rank(stream.clone(), 0, 1, id)
+                    .map_err(|e| nccl_error("ncclCommInitRank (one rank)", e))?;
+                let host: Vec<f32> = (0..4099).map(|i| i as f32 * 0.5 - 7.0).collect();
+                let send = stream.clone_htod(&host).cuda("copying to the GPU")?;
+                let mut recv = stream
+                    .alloc_zeros::<f32>(host.len())
+                    .cuda("allocating device memory")?;
+                comm.all_reduce(&send, &mut recv, &ReduceOp::Sum)
+                    .map_err(|e| nccl_error("ncclAllReduce (one rank)", e))?;
+                let back = stream.clone_dtoh(&recv).cuda("copying from the GPU")?;
+                anyhow::ensure!(
+                    back == host,
+                    "a one-rank all-reduce changed its block (first difference at {:?})",
+                    back.iter().zip(&host).position(|(a, b)| a != b)
+                );
+                Ok(())
+            });
+            let _ = done.send(r);
+        })
+        .map_err(|e| anyhow!("starting the NCCL check's thread: {e}"))?;
+    result.recv_timeout(ONE_RANK_LIMIT).map_err(|_| {
+        anyhow!("a one-rank NCCL communicator did not make and all-reduce in {ONE_RANK_LIMIT:?}")
+    })??;
     // The replicas' group, through its thread, check words and host staging: a mean over one
     // replica is the block itself, twice (the second at the next sequence number).
-    let mut group = NcclReplicaGroup::new(device, 0, &[0], unique_id()?, Duration::from_secs(60))?;
+    let mut group = NcclReplicaGroup::new(device, 0, &[0], unique_id()?, ONE_RANK_LIMIT)?;
     for round in 0..2 {
         let host: Vec<f32> = (0..1031).map(|i| (i * (round + 3)) as f32 - 99.5).collect();
         let mut data = host.clone();
