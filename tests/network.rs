@@ -124,6 +124,28 @@ fn evaluation_holds_no_gradients_and_a_backward_after_it_adds_them() {
     assert!(double > train_bytes);
 }
 
+/// A batch far beyond this machine's memory is refused when the network is prepared, with
+/// what it needs and what to change, rather than killed by the system mid-step; the network
+/// still works at a batch that fits afterwards.
+#[test]
+fn a_batch_beyond_this_machines_memory_is_refused_up_front() {
+    let mut net = Network::new(
+        NetConfig::default(),
+        Cpu::new(),
+        Box::new(LocalExchange::default()),
+        1,
+    )
+    .unwrap();
+    // The paper's network at 65,536 images: about 1.5 TB of activations and gradients.
+    let e = format!("{:#}", net.reserve(65_536).unwrap_err());
+    assert!(e.contains("at batch 65536"), "{e}");
+    assert!(e.contains("lower --batch"), "{e}");
+    net.reserve(2).unwrap();
+    let x = net.backend.upload(&vec![0.5; net.input_len(2)]);
+    let logits = net.forward(&x, 2, Mode::Eval).unwrap().clone();
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
+
 #[test]
 fn lrn_per_column_stops_at_the_column_boundary() {
     let g = Golden::load("mini_alexnet.safetensors");

@@ -266,6 +266,13 @@ pub trait Backend: Send + Sync {
     fn device_memory_in_use(&self) -> Option<u64> {
         None
     }
+    /// Bytes that new buffers may still take, where allocating does not say so itself: the
+    /// CPU's buffers are mapped lazily, so an allocation beyond the machine's memory succeeds
+    /// and the process is killed later, when it writes. `None`: allocation fails when memory
+    /// runs out (a GPU), or nothing is known.
+    fn memory_available(&self) -> Option<u64> {
+        None
+    }
     fn upload(&self, host: &[f32]) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn buf_len(&self, buf: &Self::Buf) -> usize;

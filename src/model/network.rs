@@ -30,10 +30,18 @@ pub enum Mode {
 pub struct Profile {
     /// (layer, forward, backward), in the order layers first ran.
     pub layers: Vec<(&'static str, Duration, Duration)>,
+    /// Wait for the backend at the end of every layer. A device queues its ops, so without
+    /// this a layer's time is the time to queue it, and the wait lands on whichever layer
+    /// next reads a result on the host; with it, each layer's time is its own, at the cost of
+    /// the waits (the benchmark times its steps without, then profiles a few with).
+    pub synchronize: bool,
 }
 
 impl Profile {
-    fn add(&mut self, layer: &'static str, backward: bool, since: Instant) {
+    fn add<B: Backend>(&mut self, b: &B, layer: &'static str, backward: bool, since: Instant) {
+        if self.synchronize {
+            b.synchronize();
+        }
         let d = since.elapsed();
         let entry = match self.layers.iter_mut().find(|e| e.0 == layer) {
             Some(e) => e,
@@ -463,7 +471,7 @@ fn submit_bucket<B: Backend>(
     }
     group.submit(host)?;
     buckets.push(layers);
-    prof.add("replicas", true, t);
+    prof.add(b, "replicas", true, t);
     Ok(())
 }
 
@@ -589,22 +597,51 @@ impl<B: Backend> Network<B> {
     /// The geometry at `batch`, with the forward pass's buffers allocated and, with
     /// `backward`, the backward pass's too (evaluation never allocates gradients).
     fn prepare(&mut self, batch: usize, backward: bool) -> anyhow::Result<Geoms> {
-        let g = match self.geoms.filter(|g| g.batch == batch) {
+        // The buffers' bytes that this call keeps; it adds the rest.
+        let (g, kept) = match self.geoms.filter(|g| g.batch == batch) {
             Some(g) if !backward || self.grads.is_some() => return Ok(g),
-            Some(g) => g,
-            None => self.prepare_forward(batch)?,
+            Some(g) => (g, self.buffer_bytes()),
+            None => (self.prepare_forward(batch)?, 0),
         };
-        if !backward {
-            return Ok(g);
+        if backward {
+            prepare_convolutions(&self.backend, &g, true)?;
+            self.grads = Some(
+                self.columns
+                    .iter()
+                    .map(|_| ColumnGrads::new(&self.backend, &g))
+                    .collect::<anyhow::Result<_>>()?,
+            );
         }
-        prepare_convolutions(&self.backend, &g, true)?;
-        self.grads = Some(
-            self.columns
-                .iter()
-                .map(|_| ColumnGrads::new(&self.backend, &g))
-                .collect::<anyhow::Result<_>>()?,
-        );
+        self.check_memory(batch, kept)?;
         Ok(g)
+    }
+
+    /// Refuses the buffers just allocated (all but `kept` bytes of them) where the backend
+    /// knows that they cannot all be backed by memory (the CPU's are mapped lazily: without
+    /// this, the process would be killed at the first step that writes them). Drops every
+    /// buffer then, so that a later call starts over.
+    fn check_memory(&mut self, batch: usize, kept: usize) -> anyhow::Result<()> {
+        let Some(available) = self.backend.memory_available() else {
+            return Ok(());
+        };
+        let added = (self.buffer_bytes() - kept) as u64;
+        if added <= available {
+            return Ok(());
+        }
+        self.geoms = None;
+        self.grads = None;
+        self.gathered = None;
+        for col in &mut self.columns {
+            col.acts = None;
+        }
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        anyhow::bail!(
+            "the network's activations and gradients at batch {batch} need {:.1} GiB, and {:.1} \
+             GiB of memory are available here (the system's, or its container's limit): \
+             {TOO_LARGE}",
+            gib(added),
+            gib(available)
+        )
     }
 
     /// Allocates the forward pass's buffers at `batch`, dropping those of another batch size
@@ -701,15 +738,15 @@ impl<B: Backend> Network<B> {
         for y in ys {
             b.relu_forward(y);
         }
-        prof.add("conv1", false, t);
+        prof.add(b, "conv1", false, t);
         let t = Instant::now();
         lrn_forward_all(b, &g, &lrn, across, 0, columns);
-        prof.add("lrn1", false, t);
+        prof.add(b, "lrn1", false, t);
         for col in columns.iter_mut() {
             let a = col.acts.as_mut().expect("prepared");
             let t = Instant::now();
             b.maxpool_forward(&g.pool[0], &a.l1, &mut a.p1);
-            prof.add("pool1", false, t);
+            prof.add(b, "pool1", false, t);
             let t = Instant::now();
             b.conv2d_forward(
                 &g.conv[1],
@@ -719,16 +756,16 @@ impl<B: Backend> Network<B> {
                 &mut a.a2,
             );
             b.relu_forward(&mut a.a2);
-            prof.add("conv2", false, t);
+            prof.add(b, "conv2", false, t);
         }
         let t = Instant::now();
         lrn_forward_all(b, &g, &lrn, across, 1, columns);
-        prof.add("lrn2", false, t);
+        prof.add(b, "lrn2", false, t);
         for col in columns.iter_mut() {
             let a = col.acts.as_mut().expect("prepared");
             let t = Instant::now();
             b.maxpool_forward(&g.pool[1], &a.l2, &mut a.p2);
-            prof.add("pool2", false, t);
+            prof.add(b, "pool2", false, t);
         }
         let t = Instant::now();
         let parts: Vec<&B::Buf> = columns
@@ -736,7 +773,7 @@ impl<B: Backend> Network<B> {
             .map(|c| &c.acts.as_ref().unwrap().p2)
             .collect();
         exchange.all_gather(b, batch, widths[0], &parts, &mut gath.g2)?;
-        prof.add("exchange", false, t);
+        prof.add(b, "exchange", false, t);
 
         // conv3 (reads both) .. pool5.
         for col in columns.iter_mut() {
@@ -745,18 +782,18 @@ impl<B: Backend> Network<B> {
             let t = Instant::now();
             b.conv2d_forward(&g.conv[2], &gath.g2, &p[4].value, &p[5].value, &mut a.a3);
             b.relu_forward(&mut a.a3);
-            prof.add("conv3", false, t);
+            prof.add(b, "conv3", false, t);
             let t = Instant::now();
             b.conv2d_forward(&g.conv[3], &a.a3, &p[6].value, &p[7].value, &mut a.a4);
             b.relu_forward(&mut a.a4);
-            prof.add("conv4", false, t);
+            prof.add(b, "conv4", false, t);
             let t = Instant::now();
             b.conv2d_forward(&g.conv[4], &a.a4, &p[8].value, &p[9].value, &mut a.a5);
             b.relu_forward(&mut a.a5);
-            prof.add("conv5", false, t);
+            prof.add(b, "conv5", false, t);
             let t = Instant::now();
             b.maxpool_forward(&g.pool[2], &a.a5, &mut a.p5);
-            prof.add("pool5", false, t);
+            prof.add(b, "pool5", false, t);
         }
         let t = Instant::now();
         let parts: Vec<&B::Buf> = columns
@@ -764,7 +801,7 @@ impl<B: Backend> Network<B> {
             .map(|c| &c.acts.as_ref().unwrap().p5)
             .collect();
         exchange.all_gather(b, batch, widths[1], &parts, &mut gath.g5)?;
-        prof.add("exchange", false, t);
+        prof.add(b, "exchange", false, t);
 
         // fc6 and fc7 (read both), each followed by ReLU, dropout and a gather.
         for (fc, name) in [(0usize, "fc6"), (1, "fc7")] {
@@ -786,7 +823,7 @@ impl<B: Backend> Network<B> {
                     let key = dropout_key(seed, name, step, row_offset, index, &g.fc[fc]);
                     b.dropout_forward(batch, g.fc[fc].out, dropout, &key, h);
                 }
-                prof.add(name, false, t);
+                prof.add(b, name, false, t);
             }
             let t = Instant::now();
             let parts: Vec<&B::Buf> = columns
@@ -801,7 +838,7 @@ impl<B: Backend> Network<B> {
                 .collect();
             let out = if fc == 0 { &mut gath.g6 } else { &mut gath.g7 };
             exchange.all_gather(b, batch, widths[2 + fc], &parts, out)?;
-            prof.add("exchange", false, t);
+            prof.add(b, "exchange", false, t);
         }
 
         // fc8: each column computes its half of the classes; the logits are gathered.
@@ -815,7 +852,7 @@ impl<B: Backend> Network<B> {
                 &col.params[15].value,
                 &mut a.z8,
             );
-            prof.add("fc8", false, t);
+            prof.add(b, "fc8", false, t);
         }
         let t = Instant::now();
         let parts: Vec<&B::Buf> = columns
@@ -823,7 +860,7 @@ impl<B: Backend> Network<B> {
             .map(|c| &c.acts.as_ref().unwrap().z8)
             .collect();
         exchange.all_gather(b, batch, widths[4], &parts, &mut gath.logits)?;
-        prof.add("exchange", false, t);
+        prof.add(b, "exchange", false, t);
         Ok(&gath.logits)
     }
 
@@ -925,11 +962,11 @@ impl<B: Backend> Network<B> {
             );
             let (wp, _) = weight_and_bias(&mut col.params, 7);
             b.linear_backward_data(&g.fc[2], &wp.value, &w.dz8, &mut w.dg7);
-            prof.add("fc8", true, t);
+            prof.add(b, "fc8", true, t);
         }
         let t = Instant::now();
         start_reduce_scatter(b, exchange.as_mut(), batch, widths[3], ws, |w| &w.dg7)?;
-        prof.add("exchange", true, t);
+        prof.add(b, "exchange", true, t);
         for (col, w) in columns.iter_mut().zip(ws.iter_mut()) {
             let t = Instant::now();
             let (wp, bp) = weight_and_bias(&mut col.params, 7);
@@ -942,14 +979,14 @@ impl<B: Backend> Network<B> {
                 &mut wp.grad,
                 &mut bp.grad,
             );
-            prof.add("fc8", true, t);
+            prof.add(b, "fc8", true, t);
         }
         submit(columns, prof, &[7])?;
         let t = Instant::now();
         finish_reduce_scatter(b, exchange.as_mut(), batch, widths[3], ws, |w| {
             (&w.dg7, &mut w.dh7)
         })?;
-        prof.add("exchange", true, t);
+        prof.add(b, "exchange", true, t);
 
         // fc7, then fc6: undo dropout and ReLU on the half, then the layer.
         for (fc, name) in [(1usize, "fc7"), (0, "fc6")] {
@@ -971,7 +1008,7 @@ impl<B: Backend> Network<B> {
                 b.relu_backward(h, dh);
                 let (wp, _) = weight_and_bias(&mut col.params, 5 + fc);
                 b.linear_backward_data(&g.fc[fc], &wp.value, dh, dfull);
-                prof.add(name, true, t);
+                prof.add(b, name, true, t);
             }
             let width = if fc == 1 { widths[2] } else { widths[1] };
             let t = Instant::now();
@@ -982,7 +1019,7 @@ impl<B: Backend> Network<B> {
                     &w.dg5
                 }
             })?;
-            prof.add("exchange", true, t);
+            prof.add(b, "exchange", true, t);
             for (col, w) in columns.iter_mut().zip(ws.iter()) {
                 let t = Instant::now();
                 let dh = if fc == 0 { &w.dh6 } else { &w.dh7 };
@@ -996,7 +1033,7 @@ impl<B: Backend> Network<B> {
                     &mut wp.grad,
                     &mut bp.grad,
                 );
-                prof.add(name, true, t);
+                prof.add(b, name, true, t);
             }
             submit(columns, prof, if fc == 1 { &[6] } else { &[5] })?;
             let t = Instant::now();
@@ -1009,7 +1046,7 @@ impl<B: Backend> Network<B> {
                     (&w.dg5, &mut w.dp5)
                 })?;
             }
-            prof.add("exchange", true, t);
+            prof.add(b, "exchange", true, t);
         }
 
         // pool5 .. conv3, whose input gradient is over both columns' pool2 maps.
@@ -1017,7 +1054,7 @@ impl<B: Backend> Network<B> {
             let a = col.acts.as_ref().expect("forward ran");
             let t = Instant::now();
             b.maxpool_backward(&g.pool[2], &a.a5, &a.p5, &w.dp5, &mut w.da5);
-            prof.add("pool5", true, t);
+            prof.add(b, "pool5", true, t);
             // conv5, conv4: undo the ReLU on the output gradient, then the layer.
             for (layer, name) in [(4usize, "conv5"), (3, "conv4")] {
                 let t = Instant::now();
@@ -1036,18 +1073,18 @@ impl<B: Backend> Network<B> {
                     &mut wp.grad,
                     &mut bp.grad,
                 );
-                prof.add(name, true, t);
+                prof.add(b, name, true, t);
             }
             // conv3: its input gradient first, for the exchange.
             let t = Instant::now();
             b.relu_backward(&a.a3, &mut w.da3);
             let (wp, _) = weight_and_bias(&mut col.params, 2);
             b.conv2d_backward_data(&g.conv[2], &wp.value, &w.da3, &mut w.dg2);
-            prof.add("conv3", true, t);
+            prof.add(b, "conv3", true, t);
         }
         let t = Instant::now();
         start_reduce_scatter(b, exchange.as_mut(), batch, widths[0], ws, |w| &w.dg2)?;
-        prof.add("exchange", true, t);
+        prof.add(b, "exchange", true, t);
         for (col, w) in columns.iter_mut().zip(ws.iter()) {
             let t = Instant::now();
             let (wp, bp) = weight_and_bias(&mut col.params, 2);
@@ -1060,25 +1097,25 @@ impl<B: Backend> Network<B> {
                 &mut wp.grad,
                 &mut bp.grad,
             );
-            prof.add("conv3", true, t);
+            prof.add(b, "conv3", true, t);
         }
         submit(columns, prof, &[2, 3, 4])?;
         let t = Instant::now();
         finish_reduce_scatter(b, exchange.as_mut(), batch, widths[0], ws, |w| {
             (&w.dg2, &mut w.dp2)
         })?;
-        prof.add("exchange", true, t);
+        prof.add(b, "exchange", true, t);
 
         // pool2 .. conv1, each column on its own maps.
         for (col, w) in columns.iter().zip(ws.iter_mut()) {
             let a = col.acts.as_ref().expect("forward ran");
             let t = Instant::now();
             b.maxpool_backward(&g.pool[1], &a.l2, &a.p2, &w.dp2, &mut w.dl2);
-            prof.add("pool2", true, t);
+            prof.add(b, "pool2", true, t);
         }
         let t = Instant::now();
         lrn_backward_all(b, &g, &lrn, across, 1, columns, ws);
-        prof.add("lrn2", true, t);
+        prof.add(b, "lrn2", true, t);
         for (col, w) in columns.iter_mut().zip(ws.iter_mut()) {
             let a = col.acts.as_ref().expect("forward ran");
             let t = Instant::now();
@@ -1093,15 +1130,15 @@ impl<B: Backend> Network<B> {
                 &mut wp.grad,
                 &mut bp.grad,
             );
-            prof.add("conv2", true, t);
+            prof.add(b, "conv2", true, t);
             let t = Instant::now();
             b.maxpool_backward(&g.pool[0], &a.l1, &a.p1, &w.dp1, &mut w.dl1);
-            prof.add("pool1", true, t);
+            prof.add(b, "pool1", true, t);
         }
         submit(columns, prof, &[1])?;
         let t = Instant::now();
         lrn_backward_all(b, &g, &lrn, across, 0, columns, ws);
-        prof.add("lrn1", true, t);
+        prof.add(b, "lrn1", true, t);
         let t = Instant::now();
         let (mut wv, mut dys, mut dws, mut dbs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (col, w) in columns.iter_mut().zip(ws.iter_mut()) {
@@ -1113,7 +1150,7 @@ impl<B: Backend> Network<B> {
             dys.push(&w.da1);
         }
         b.conv2d_backward_sets(&g.conv[0], x, &wv, &dys, &mut dws, &mut dbs);
-        prof.add("conv1", true, t);
+        prof.add(b, "conv1", true, t);
         submit(columns, prof, &[0])?;
         Ok(())
     }
@@ -1127,7 +1164,7 @@ impl<B: Backend> Network<B> {
                     .sgd_update(sgd, &mut p.value, &mut p.momentum, &p.grad);
             }
         }
-        self.profile.add("sgd", true, t);
+        self.profile.add(&self.backend, "sgd", true, t);
     }
 
     /// Makes this network replica `replica` of a data-parallel group whose replicas each take
@@ -1176,7 +1213,7 @@ impl<B: Backend> Network<B> {
             }
             anyhow::ensure!(at == host.len(), "a gradient bucket came back resized");
         }
-        self.profile.add("replicas", true, t);
+        self.profile.add(&self.backend, "replicas", true, t);
         Ok(())
     }
 
@@ -1237,10 +1274,17 @@ impl<B: Backend> Network<B> {
     /// Bytes of every buffer the network keeps between steps (parameters, gradients, momenta,
     /// activations).
     pub fn resident_bytes(&self) -> usize {
+        let params: usize = (self.columns.iter())
+            .map(|col| col.params.iter().map(|p| 3 * p.len()).sum::<usize>())
+            .sum();
+        4 * params + self.buffer_bytes()
+    }
+
+    /// Bytes of the buffers a batch size needs: activations, gathered tensors, gradients.
+    fn buffer_bytes(&self) -> usize {
         let b = &self.backend;
         let mut n = 0;
         for col in &self.columns {
-            n += col.params.iter().map(|p| 3 * p.len()).sum::<usize>();
             if let Some(a) = &col.acts {
                 for buf in [
                     &a.a1, &a.l1, &a.s1, &a.p1, &a.a2, &a.l2, &a.s2, &a.p2, &a.a3, &a.a4, &a.a5,

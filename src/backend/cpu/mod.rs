@@ -6,11 +6,13 @@
 mod conv;
 pub mod gemm;
 mod lrn;
+pub mod memory;
 mod pool;
 
 use self::gemm::{sgemm, MatRef, Parallelism};
 use super::{
-    rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
+    rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, OutOfMemory, PlaneGeom, PoolGeom,
+    SgdParams,
 };
 use rayon::prelude::*;
 
@@ -123,6 +125,30 @@ impl Backend for Cpu {
 
     fn zeros(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
+    }
+    /// [`Backend::zeros`], failing instead of aborting the process where the system refuses
+    /// the mapping (a single buffer larger than memory and swap together).
+    fn try_zeros(&self, len: usize) -> anyhow::Result<Vec<f32>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let layout = std::alloc::Layout::array::<f32>(len)
+            .map_err(|_| OutOfMemory(format!("{len} floats exceed the address space")))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<f32>();
+        if ptr.is_null() {
+            return Err(OutOfMemory(format!(
+                "out of memory: the system refused {} MiB more",
+                (4 * len) >> 20
+            ))
+            .into());
+        }
+        // SAFETY: `ptr` comes from the global allocator with the layout of `len` f32s, which
+        // is the layout a Vec<f32> of capacity `len` frees with; all-zero bits are 0.0f32.
+        Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+    }
+    fn memory_available(&self) -> Option<u64> {
+        memory::available_bytes()
     }
     fn upload(&self, host: &[f32]) -> Vec<f32> {
         host.to_vec()
