@@ -185,6 +185,18 @@ if torch:
         print(f"{label[:34]:34} {r['train_img_s']:10.1f} {r['peak_mem_gib']:10.2f} GiB "
               f"{r['train_img_s'] / base if base else float('nan'):10.2f}x")
 print("(alexnet: device memory in use; PyTorch: peak allocated by its caching allocator)")
+runs = [(n, r) for n, r in (("unfolding", ours), ("cuDNN", ours_dnn)) if r and r.get("layers")]
+if runs:
+    print()
+    print("where a step's time goes, ms (forward + backward, each layer timed to its end):")
+    print(f"{'layer':10}" + "".join(f"{n:>22}" for n, _ in runs))
+    names = [l["layer"] for l in runs[0][1]["layers"]]
+    for name in names:
+        cells = []
+        for _, r in runs:
+            l = next((l for l in r["layers"] if l["layer"] == name), None)
+            cells.append(f"{l['forward_ms']:8.2f} + {l['backward_ms']:8.2f}  " if l else " " * 22)
+        print(f"{name:10}" + "".join(f"{c:>22}" for c in cells))
 EOF
 
 echo
