@@ -125,13 +125,20 @@ def last_json(name):
         return None
 
 sel = last_json("selftest")
+def err(c):
+    # A check that could not run is an infinite error, which JSON writes as null.
+    return float("inf") if c["error"] is None else c["error"]
+
 if sel:
-    worst = max(sel["checks"], key=lambda c: c["error"])
+    worst = max(sel["checks"], key=err)
     print(f"selftest (strict f32)   {len(sel['checks']) - sel['failed']}/{len(sel['checks'])} passed, "
-          f"worst {worst['error']:.2e} ({worst['what']})")
+          f"worst {err(worst):.2e} ({worst['what']})")
+    for c in sel["checks"]:
+        if not err(c) <= c["tolerance"]:
+            print(f"  FAILED: {c['what']} ({err(c):.2e})")
     if sel.get("tf32"):
-        w = max(sel["tf32"], key=lambda c: c["error"])
-        print(f"selftest (TF32)         worst {w['error']:.2e} ({w['what']}), not judged")
+        w = max(sel["tf32"], key=err)
+        print(f"selftest (TF32)         worst {err(w):.2e} ({w['what']}), not judged")
 else:
     print("selftest                no result (see selftest.log)")
 try:

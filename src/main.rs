@@ -989,6 +989,10 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !(a.require_all && matches!(a.backend, BackendChoice::Cpu)),
+        "--require-all asks for the GPU's libraries (cuDNN, NCCL): use it with --backend cuda"
+    );
     use alexnet::backend::selftest;
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()

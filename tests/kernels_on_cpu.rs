@@ -2,8 +2,9 @@
 //! numbers expanded as for NVRTC), with a small header standing in for CUDA's built-ins: the
 //! thread and block indices, `__shared__` arrays, and `__syncthreads` as a barrier between
 //! real threads, one per CUDA thread of a block. Each kernel is launched with the grid and the
-//! arguments the CUDA backend gives it (`src/backend/cuda/mod.rs`) and checked against the CPU
-//! backend's op on random inputs.
+//! arguments the CUDA backend gives it (`src/backend/cuda/mod.rs`), rebuilt here, and checked
+//! against the CPU backend's op on random inputs. The convolution runs as one pass over its
+//! batch; the offsets of several passes are checked on a GPU (`tests/ops.rs`).
 //!
 //! This checks every kernel's arithmetic and indexing without a GPU. It cannot check what only
 //! a GPU does (the compiler's fused multiply-adds, memory races between blocks, the launch
@@ -168,9 +169,12 @@ static void emulate(void (*f)(A...), unsigned grid, unsigned block, bool threads
         (items.max(1) as u32, 256)
     }
 
-    /// Runs `kernel` over `(blocks, threads)`; false where the kernels cannot run here.
+    /// Runs `kernel` over `(blocks, threads)`; false where the kernels cannot run here. One
+    /// launch at a time: the grid's and block's sizes are the library's globals.
     fn launch(kernel: &str, (blocks, threads): (u32, u32), mut args: Vec<Arg>) -> bool {
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let Some(lib) = library() else { return false };
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let mut ptrs: Vec<*mut c_void> = (args.iter_mut())
             .map(|a| match a {
                 Arg::Ptr(p) => p as *mut *mut c_void as *mut c_void,

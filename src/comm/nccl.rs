@@ -242,12 +242,10 @@ fn pause(since: Instant) {
 const FINALIZE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Whether a communicator's failure code says that a peer (or the network to it) failed, rather
-/// than this process: only then is the failure blamed on the peer.
+/// than this process: only then is the failure blamed on the peer. `ncclSystemError` is a
+/// system call that failed here (a too small `/dev/shm` in a container, sockets, memory).
 fn peer_failure(code: sys::ncclResult_t) -> bool {
-    matches!(
-        code,
-        sys::ncclResult_t::ncclRemoteError | sys::ncclResult_t::ncclSystemError
-    )
+    code == sys::ncclResult_t::ncclRemoteError
 }
 
 /// A communicator, aborted when dropped (abort, unlike destroy, never waits for the peer); one
@@ -313,7 +311,8 @@ impl RawComm {
                 }
             }
         }
-        // SAFETY: finalized, so this does not wait on the peers; not used again.
+        // SAFETY: finalized, and not used again. (NCCL may still wait here for the other ranks
+        // on this machine to free theirs; `Communicator`'s drop waits only so long.)
         let r = unsafe { sys::ncclCommDestroy(self.0) };
         self.0 = std::ptr::null_mut();
         if r != sys::ncclResult_t::ncclSuccess {
@@ -701,7 +700,9 @@ enum FromWorker {
 }
 
 /// The communicator's thread: starts the communicator, then runs jobs until it is dropped or a
-/// job fails (which aborts the communicator: a failed communicator stays failed).
+/// job fails. Then it ends the communicator: finalized after clean work (so that what is still
+/// in flight reaches the peers), aborted after a failure (which may have left it mid-transfer:
+/// a failed communicator stays failed).
 fn run(setup: Setup, jobs: Receiver<Job>, out: Sender<FromWorker>) {
     let mut worker = match guarded("starting NCCL", || Worker::start(&setup)) {
         Ok(w) => {
@@ -728,11 +729,14 @@ fn run(setup: Setup, jobs: Receiver<Job>, out: Sender<FromWorker>) {
             }
         };
         let failed = matches!(reply, FromWorker::Done(Err(_), _));
+        if failed {
+            worker.comm.abort();
+        }
         if out.send(reply).is_err() || failed {
             break;
         }
     }
-    // Dropped, or failed (then already aborted, and this does nothing).
+    // Aborted already after a failure, when this does nothing.
     worker.comm.finalize(FINALIZE_LIMIT);
 }
 
@@ -851,8 +855,8 @@ impl Communicator {
 }
 
 impl Drop for Communicator {
-    /// Ends the thread, which aborts the communicator and frees the device buffers. Waits for
-    /// it briefly, unless it is known to hang.
+    /// Ends the thread, which finalizes (or, after a failure, aborts) the communicator and frees
+    /// the device buffers. Waits for it briefly, unless it is known to hang.
     fn drop(&mut self) {
         self.jobs = None;
         if self.hung {
@@ -1045,48 +1049,63 @@ const _: () = {
 const ONE_RANK_LIMIT: Duration = Duration::from_secs(15);
 
 /// A NCCL communicator of one rank on GPU `device`: made, used for an all-reduce of a known
-/// block (which must come back unchanged), and destroyed; then a [`NcclReplicaGroup`] of one
+/// block (which must come back unchanged), and dropped; then a [`NcclReplicaGroup`] of one
 /// replica, the same way. The selftest's check that NCCL and the driver work together on this
 /// machine, and that the group's plumbing does.
 pub fn one_rank_check(device: usize) -> anyhow::Result<()> {
-    use cudarc::nccl::safe::{Comm, Id, ReduceOp};
     check_libraries()?;
-    // cudarc's communicator blocks in its calls: it runs on a thread of its own, waited for
-    // with a limit (and left behind if it hangs), so that the selftest always reports.
+    // cudarc's communicator blocks in its calls, and the group waits for a hung CUDA call
+    // longer than the selftest may take: both parts run on a thread of their own, waited for
+    // with a limit (and left behind if they hang), so that the selftest always reports.
     let (done, result) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("nccl-check".into())
         .spawn(move || {
-            let r = guarded("the one-rank NCCL check", || {
-                let ctx =
-                    CudaContext::new(device).cuda(&format!("opening CUDA device {device}"))?;
-                let stream = ctx.new_stream().cuda("creating a CUDA stream")?;
-                let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
-                let comm = Comm::from_rank(stream.clone(), 0, 1, id)
-                    .map_err(|e| nccl_error("ncclCommInitRank (one rank)", e))?;
-                let host: Vec<f32> = (0..4099).map(|i| i as f32 * 0.5 - 7.0).collect();
-                let send = stream.clone_htod(&host).cuda("copying to the GPU")?;
-                let mut recv = stream
-                    .alloc_zeros::<f32>(host.len())
-                    .cuda("allocating device memory")?;
-                comm.all_reduce(&send, &mut recv, &ReduceOp::Sum)
-                    .map_err(|e| nccl_error("ncclAllReduce (one rank)", e))?;
-                let back = stream.clone_dtoh(&recv).cuda("copying from the GPU")?;
-                anyhow::ensure!(
-                    back == host,
-                    "a one-rank all-reduce changed its block (first difference at {:?})",
-                    back.iter().zip(&host).position(|(a, b)| a != b)
-                );
-                Ok(())
-            });
-            let _ = done.send(r);
+            let _ = done.send(one_rank_comm(device).and_then(|()| one_replica_group(device)));
         })
         .map_err(|e| anyhow!("starting the NCCL check's thread: {e}"))?;
-    result.recv_timeout(ONE_RANK_LIMIT).map_err(|_| {
-        anyhow!("a one-rank NCCL communicator did not make and all-reduce in {ONE_RANK_LIMIT:?}")
-    })??;
-    // The replicas' group, through its thread, check words and host staging: a mean over one
-    // replica is the block itself, twice (the second at the next sequence number).
+    let limit = 2 * ONE_RANK_LIMIT + Duration::from_secs(5);
+    match result.recv_timeout(limit) {
+        Ok(r) => r,
+        Err(RecvTimeoutError::Timeout) => {
+            bail!("the one-rank NCCL check did not finish in {limit:?}: a NCCL or CUDA call hangs")
+        }
+        Err(RecvTimeoutError::Disconnected) => {
+            bail!("the one-rank NCCL check's thread ended without a result")
+        }
+    }
+}
+
+/// A communicator of one rank (cudarc's, blocking): made, used for an all-reduce of a known
+/// block, which must come back unchanged, and dropped.
+fn one_rank_comm(device: usize) -> anyhow::Result<()> {
+    use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    guarded("the one-rank NCCL check", || {
+        let ctx = CudaContext::new(device).cuda(&format!("opening CUDA device {device}"))?;
+        let stream = ctx.new_stream().cuda("creating a CUDA stream")?;
+        let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
+        let comm = Comm::from_rank(stream.clone(), 0, 1, id)
+            .map_err(|e| nccl_error("ncclCommInitRank (one rank)", e))?;
+        let host: Vec<f32> = (0..4099).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let send = stream.clone_htod(&host).cuda("copying to the GPU")?;
+        let mut recv = stream
+            .alloc_zeros::<f32>(host.len())
+            .cuda("allocating device memory")?;
+        comm.all_reduce(&send, &mut recv, &ReduceOp::Sum)
+            .map_err(|e| nccl_error("ncclAllReduce (one rank)", e))?;
+        let back = stream.clone_dtoh(&recv).cuda("copying from the GPU")?;
+        anyhow::ensure!(
+            back == host,
+            "a one-rank all-reduce changed its block (first difference at {:?})",
+            back.iter().zip(&host).position(|(a, b)| a != b)
+        );
+        Ok(())
+    })
+}
+
+/// The replicas' group of one replica, through its thread, check words and host staging: a
+/// mean over one replica is the block itself, twice (the second at the next sequence number).
+fn one_replica_group(device: usize) -> anyhow::Result<()> {
     let mut group = NcclReplicaGroup::new(device, 0, &[0], unique_id()?, ONE_RANK_LIMIT)?;
     for round in 0..2 {
         let host: Vec<f32> = (0..1031).map(|i| (i * (round + 3)) as f32 - 99.5).collect();

@@ -635,10 +635,14 @@ impl<B: Backend> Network<B> {
             col.acts = None;
         }
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let what = if kept > 0 {
+            "the network's gradients"
+        } else {
+            "the network's buffers (activations, and gradients for training)"
+        };
         anyhow::bail!(
-            "the network's activations and gradients at batch {batch} need {:.1} GiB, and {:.1} \
-             GiB of memory are available here (the system's, or its container's limit): \
-             {TOO_LARGE}",
+            "{what} at batch {batch} need {:.1} GiB, and {:.1} GiB of memory are available here \
+             (the system's, or its container's limit): {TOO_LARGE}",
             gib(added),
             gib(available)
         )
@@ -708,6 +712,8 @@ impl<B: Backend> Network<B> {
             batch > 0 && batch <= MAX_BATCH,
             "batch {batch} is outside the supported 1..={MAX_BATCH}"
         );
+        // Until this pass has run, no backward may follow.
+        self.last_mode = None;
         let g = self.prepare(batch, matches!(mode, Mode::Train { .. }))?;
         self.last_mode = Some(mode);
         let widths = g.exchange_widths();

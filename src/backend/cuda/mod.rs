@@ -298,6 +298,14 @@ impl Cuda {
                 .map_err(|e| anyhow::anyhow!("GPU {}: {e:?}", self.device.ordinal));
         }
         self.stream.alloc_zeros::<f32>(len).map_err(|e| {
+            use cudarc::driver::sys::CUresult;
+            if e.0 != CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                return anyhow::anyhow!(
+                    "allocating {} MiB on GPU {}: {e:?}",
+                    (4 * len) >> 20,
+                    self.device.ordinal
+                );
+            }
             let (used, total) = self.memory();
             anyhow::Error::new(OutOfMemory(format!(
                 "out of memory on GPU {} ({}): {} MiB more did not fit ({} of {} MiB in use): {e:?}",
