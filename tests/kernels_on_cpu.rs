@@ -3,8 +3,8 @@
 //! thread and block indices, `__shared__` arrays, and `__syncthreads` as a barrier between
 //! real threads, one per CUDA thread of a block. Each kernel is launched with the grid and the
 //! arguments the CUDA backend gives it (`src/backend/cuda/mod.rs`), rebuilt here, and checked
-//! against the CPU backend's op on random inputs. The convolution runs as one pass over its
-//! batch; the offsets of several passes are checked on a GPU (`tests/ops.rs`).
+//! against the CPU backend's op on random inputs, the convolution in one pass over its batch
+//! and in several.
 //!
 //! This checks every kernel's arithmetic and indexing without a GPU. It cannot check what only
 //! a GPU does (the compiler's fused multiply-adds, memory races between blocks, the launch
@@ -583,37 +583,45 @@ static void emulate(void (*f)(A...), unsigned grid, unsigned block, bool threads
         assert_eq!(out, want, "finish_views");
     }
 
-    /// A convolution the way the CUDA backend's unfolding path runs it, one pass over the
-    /// batch: per group, im2col (`[images][rows, pixels]`) and one product per image for the
-    /// output; im2col by row (`[rows][images, pixels]`), the output gradient regrouped by
-    /// swap_outer, and one product for the weight gradient; one product per image and col2im
-    /// for the input gradient. The products are plain loops here; cuBLAS runs them there.
+    /// A convolution the way the CUDA backend's unfolding path runs it, in passes of `pass`
+    /// images (the last one shorter) as when a batch's unfolding outgrows its buffer: per pass
+    /// and group, im2col (`[images][rows, pixels]`) and one product per image for the output;
+    /// im2col by row (`[rows][images, pixels]`), the output gradient regrouped by swap_outer,
+    /// and one product for the weight gradient, added across passes; one product per image and
+    /// col2im for the input gradient. The offsets are the backend's `unfold_args` and
+    /// `output_span`; the products are plain loops here (cuBLAS runs them there).
     #[test]
     fn convolution_by_unfolding_matches_the_cpu() {
         let b = cpu();
-        for g in [
-            ConvGeom {
-                batch: 3,
-                in_c: 3,
-                in_h: 19,
-                in_w: 17,
-                out_c: 4,
-                kernel: 5,
-                stride: 2,
-                pad: 2,
-                groups: 1,
-            },
-            ConvGeom {
-                batch: 2,
-                in_c: 6,
-                in_h: 9,
-                in_w: 9,
-                out_c: 8,
-                kernel: 3,
-                stride: 1,
-                pad: 1,
-                groups: 2,
-            },
+        for (g, pass) in [
+            (
+                ConvGeom {
+                    batch: 3,
+                    in_c: 3,
+                    in_h: 19,
+                    in_w: 17,
+                    out_c: 4,
+                    kernel: 5,
+                    stride: 2,
+                    pad: 2,
+                    groups: 1,
+                },
+                3,
+            ),
+            (
+                ConvGeom {
+                    batch: 5,
+                    in_c: 6,
+                    in_h: 9,
+                    in_w: 9,
+                    out_c: 8,
+                    kernel: 3,
+                    stride: 1,
+                    pad: 1,
+                    groups: 2,
+                },
+                2,
+            ),
         ] {
             let (x, w, bias, dy) = (
                 random(g.in_len(), 1),
@@ -625,7 +633,6 @@ static void emulate(void (*f)(A...), unsigned grid, unsigned block, bool threads
             let plane = g.out_h() * g.out_w();
             let kk = cin * g.kernel * g.kernel;
             let per = kk * plane;
-            let nb = g.batch;
             let image = g.in_c * g.in_h * g.in_w;
             let dims = [
                 cin,
@@ -638,91 +645,97 @@ static void emulate(void (*f)(A...), unsigned grid, unsigned block, bool threads
                 g.out_w(),
             ]
             .map(|v| v as i32);
-            let im2col = |grp: usize, by_row: bool, col: &mut Vec<f32>| {
-                let (col_image, col_row) = if by_row {
-                    (plane as i64, (nb * plane) as i64)
-                } else {
-                    (per as i64, plane as i64)
-                };
-                let xv = &x[grp * cin * g.in_h * g.in_w..];
-                let mut args = vec![
-                    ptr(xv),
-                    ptr_mut(col),
-                    Arg::I32(nb as i32),
-                    Arg::I64(image as i64),
-                    Arg::I64(col_image),
-                    Arg::I64(col_row),
-                ];
-                args.extend(dims.map(Arg::I32));
-                launch("im2col", grid(nb * per), args)
-            };
+            // `unfold_args`: where group `grp` of images n0.. starts in the input.
+            let in_start = |n0: usize, grp: usize| n0 * image + grp * cin * g.in_h * g.in_w;
+            // `output_span`: where it starts in the output.
+            let out_start = |n0: usize, grp: usize| (n0 * g.out_c + grp * cout) * plane;
             let mut y = vec![0.0f32; g.out_len()];
-            let mut dw = vec![0.0f32; g.weight_len()];
+            let mut dw = vec![f32::NAN; g.weight_len()];
             let mut dx = vec![f32::NAN; g.in_len()];
-            let mut col = vec![f32::NAN; nb * per];
-            let mut dyt = vec![f32::NAN; nb * cout * plane];
-            for grp in 0..g.groups {
-                // Forward: y_i[cout, P] = b + w[cout, K] col_i[K, P].
-                if !im2col(grp, false, &mut col) {
-                    return;
-                }
-                for n in 0..nb {
+            let mut col = vec![f32::NAN; pass * per];
+            let mut dyt = vec![f32::NAN; pass * cout * plane];
+            for n0 in (0..g.batch).step_by(pass) {
+                let nb = pass.min(g.batch - n0);
+                for grp in 0..g.groups {
+                    let im2col = |by_row: bool, col: &mut Vec<f32>| {
+                        let (col_image, col_row) = if by_row {
+                            (plane as i64, (nb * plane) as i64)
+                        } else {
+                            (per as i64, plane as i64)
+                        };
+                        let mut args = vec![
+                            ptr(&x[in_start(n0, grp)..]),
+                            ptr_mut(col),
+                            Arg::I32(nb as i32),
+                            Arg::I64(image as i64),
+                            Arg::I64(col_image),
+                            Arg::I64(col_row),
+                        ];
+                        args.extend(dims.map(Arg::I32));
+                        launch("im2col", grid(nb * per), args)
+                    };
+                    // Forward: y_i[cout, P] = b + w[cout, K] col_i[K, P].
+                    if !im2col(false, &mut col) {
+                        return;
+                    }
+                    for i in 0..nb {
+                        for o in 0..cout {
+                            let oc = grp * cout + o;
+                            for p in 0..plane {
+                                let s: f64 = (0..kk)
+                                    .map(|k| (w[oc * kk + k] * col[i * per + k * plane + p]) as f64)
+                                    .sum();
+                                y[((n0 + i) * g.out_c + oc) * plane + p] = bias[oc] + s as f32;
+                            }
+                        }
+                    }
+                    // Weight gradient: dw[cout, K] (+)= dyt[cout, nb P] col[K, nb P]^T.
+                    im2col(true, &mut col);
+                    launch(
+                        "swap_outer",
+                        grid(nb * cout * plane),
+                        vec![
+                            ptr_mut(&mut dyt),
+                            ptr(&dy[out_start(n0, grp)..]),
+                            Arg::I64(nb as i64),
+                            Arg::I32(cout as i32),
+                            Arg::I32(plane as i32),
+                            Arg::I64((g.out_c * plane) as i64),
+                        ],
+                    );
                     for o in 0..cout {
-                        let oc = grp * cout + o;
-                        for p in 0..plane {
-                            let s: f64 = (0..kk)
-                                .map(|k| (w[oc * kk + k] * col[n * per + k * plane + p]) as f64)
+                        for k in 0..kk {
+                            let s: f64 = (0..nb * plane)
+                                .map(|j| (dyt[o * nb * plane + j] * col[k * nb * plane + j]) as f64)
                                 .sum();
-                            y[(n * g.out_c + oc) * plane + p] = bias[oc] + s as f32;
+                            let d = &mut dw[(grp * cout + o) * kk + k];
+                            *d = if n0 == 0 { s as f32 } else { *d + s as f32 };
                         }
                     }
-                }
-                // Weight gradient: dw[cout, K] = dyt[cout, nb P] col[K, nb P]^T.
-                im2col(grp, true, &mut col);
-                let dyv = &dy[grp * cout * plane..];
-                launch(
-                    "swap_outer",
-                    grid(nb * cout * plane),
-                    vec![
-                        ptr_mut(&mut dyt),
-                        ptr(dyv),
-                        Arg::I64(nb as i64),
-                        Arg::I32(cout as i32),
-                        Arg::I32(plane as i32),
-                        Arg::I64((g.out_c * plane) as i64),
-                    ],
-                );
-                for o in 0..cout {
-                    for k in 0..kk {
-                        let s: f64 = (0..nb * plane)
-                            .map(|j| (dyt[o * nb * plane + j] * col[k * nb * plane + j]) as f64)
-                            .sum();
-                        dw[(grp * cout + o) * kk + k] = s as f32;
-                    }
-                }
-                // Input gradient: dcol_i[K, P] = w[cout, K]^T dy_i[cout, P], then col2im.
-                for n in 0..nb {
-                    for k in 0..kk {
-                        for p in 0..plane {
-                            let s: f64 = (0..cout)
-                                .map(|o| {
-                                    let oc = grp * cout + o;
-                                    (w[oc * kk + k] * dy[(n * g.out_c + oc) * plane + p]) as f64
-                                })
-                                .sum();
-                            col[n * per + k * plane + p] = s as f32;
+                    // Input gradient: dcol_i[K, P] = w[cout, K]^T dy_i[cout, P], then col2im.
+                    for i in 0..nb {
+                        for k in 0..kk {
+                            for p in 0..plane {
+                                let s: f64 = (0..cout)
+                                    .map(|o| {
+                                        let oc = grp * cout + o;
+                                        let at = ((n0 + i) * g.out_c + oc) * plane + p;
+                                        (w[oc * kk + k] * dy[at]) as f64
+                                    })
+                                    .sum();
+                                col[i * per + k * plane + p] = s as f32;
+                            }
                         }
                     }
+                    let mut args = vec![
+                        ptr(&col),
+                        ptr_mut(&mut dx[in_start(n0, grp)..]),
+                        Arg::I32(nb as i32),
+                        Arg::I64(image as i64),
+                    ];
+                    args.extend(dims.map(Arg::I32));
+                    launch("col2im", grid(nb * cin * g.in_h * g.in_w), args);
                 }
-                let dxv = &mut dx[grp * cin * g.in_h * g.in_w..];
-                let mut args = vec![
-                    ptr(&col),
-                    ptr_mut(dxv),
-                    Arg::I32(nb as i32),
-                    Arg::I64(image as i64),
-                ];
-                args.extend(dims.map(Arg::I32));
-                launch("col2im", grid(nb * cin * g.in_h * g.in_w), args);
             }
             let mut cy = vec![0.0; g.out_len()];
             b.conv2d_forward(&g, &x, &w, &bias, &mut cy);
