@@ -49,15 +49,44 @@ fn golden_network(g: &Golden, cfg: NetConfig) -> Network<Cpu> {
     net
 }
 
-#[test]
-fn golden_mini_alexnet_logits_loss_and_every_gradient() {
+/// The golden narrow network, loaded, with its configuration, batch and labels.
+struct GoldenRun {
+    g: Golden,
+    cfg: NetConfig,
+    net: Network<Cpu>,
+    batch: usize,
+    x: Vec<f32>,
+    labels: Vec<u32>,
+}
+
+fn golden_run() -> GoldenRun {
     let g = Golden::load("mini_alexnet.safetensors");
     let cfg = mini_config(&g);
-    let cpu = Cpu::new();
-    let mut net = golden_network(&g, cfg.clone());
+    let net = golden_network(&g, cfg.clone());
     let batch = g.shape("x")[0];
-    let x = cpu.upload(g.get("x"));
-    let labels: Vec<u32> = g.get("labels").iter().map(|&l| l as u32).collect();
+    let x = g.get("x").to_vec();
+    let labels = g.get("labels").iter().map(|&l| l as u32).collect();
+    GoldenRun {
+        g,
+        cfg,
+        net,
+        batch,
+        x,
+        labels,
+    }
+}
+
+#[test]
+fn golden_mini_alexnet_logits_loss_and_every_gradient() {
+    let GoldenRun {
+        g,
+        cfg,
+        mut net,
+        batch,
+        x,
+        labels,
+    } = golden_run();
+    let cpu = Cpu::new();
     // Dropout is off in the golden network; evaluation mode is the same function.
     let mode = if cfg.dropout == 0.0 {
         Mode::Train { step: 0 }
@@ -88,13 +117,15 @@ fn golden_mini_alexnet_logits_loss_and_every_gradient() {
 /// batch); a backward pass after it allocates them and still computes PyTorch's gradients.
 #[test]
 fn evaluation_holds_no_gradients_and_a_backward_after_it_adds_them() {
-    let g = Golden::load("mini_alexnet.safetensors");
-    let cfg = mini_config(&g);
+    let GoldenRun {
+        g,
+        cfg,
+        mut net,
+        batch,
+        x,
+        labels,
+    } = golden_run();
     let cpu = Cpu::new();
-    let mut net = golden_network(&g, cfg.clone());
-    let batch = g.shape("x")[0];
-    let x = cpu.upload(g.get("x"));
-    let labels: Vec<u32> = g.get("labels").iter().map(|&l| l as u32).collect();
     let logits = net.forward(&x, batch, Mode::Eval).unwrap().clone();
     let eval_bytes = net.resident_bytes();
     let mut dlogits = cpu.zeros(logits.len());
