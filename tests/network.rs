@@ -460,8 +460,12 @@ fn a_missing_column_is_an_error_not_a_hang() {
         std::thread::sleep(std::time::Duration::from_millis(600));
         drop(e1);
     });
-    let e = format!("{:#}", net.forward(&x, 2, Mode::Eval).unwrap_err());
+    let e = format!("{:#}", net.forward(&x, 2, Mode::Train { step: 0 }).unwrap_err());
     assert!(e.contains("no block from the other column"), "{e}");
+    // A forward pass that failed half-way leaves nothing for a backward pass to work on.
+    let dlogits = vec![0.0f32; 2 * 4];
+    let e = format!("{:#}", net.backward(&x, &dlogits).unwrap_err());
+    assert!(e.contains("before forward"), "{e}");
     silent.join().unwrap();
     let e = format!("{:#}", net.forward(&x, 2, Mode::Eval).unwrap_err());
     assert!(e.contains("gone") || e.contains("no block"), "{e}");

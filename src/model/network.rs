@@ -712,10 +712,9 @@ impl<B: Backend> Network<B> {
             batch > 0 && batch <= MAX_BATCH,
             "batch {batch} is outside the supported 1..={MAX_BATCH}"
         );
-        // Until this pass has run, no backward may follow.
+        // Until this pass has run to its end, no backward may follow.
         self.last_mode = None;
         let g = self.prepare(batch, matches!(mode, Mode::Train { .. }))?;
-        self.last_mode = Some(mode);
         let widths = g.exchange_widths();
         let (lrn, self_lrn_across) = (self.cfg.lrn, self.cfg.lrn_across_columns);
         let (dropout, seed, row_offset) = (self.cfg.dropout, self.seed, self.sample_offset);
@@ -725,6 +724,7 @@ impl<B: Backend> Network<B> {
             exchange,
             gathered,
             profile: prof,
+            last_mode,
             ..
         } = self;
         let gath = gathered.as_mut().expect("prepared");
@@ -867,6 +867,7 @@ impl<B: Backend> Network<B> {
             .collect();
         exchange.all_gather(b, batch, widths[4], &parts, &mut gath.logits)?;
         prof.add(b, "exchange", false, t);
+        *last_mode = Some(mode);
         Ok(&gath.logits)
     }
 
