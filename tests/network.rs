@@ -460,7 +460,10 @@ fn a_missing_column_is_an_error_not_a_hang() {
         std::thread::sleep(std::time::Duration::from_millis(600));
         drop(e1);
     });
-    let e = format!("{:#}", net.forward(&x, 2, Mode::Train { step: 0 }).unwrap_err());
+    let e = format!(
+        "{:#}",
+        net.forward(&x, 2, Mode::Train { step: 0 }).unwrap_err()
+    );
     assert!(e.contains("no block from the other column"), "{e}");
     // A forward pass that failed half-way leaves nothing for a backward pass to work on.
     let dlogits = vec![0.0f32; 2 * 4];
