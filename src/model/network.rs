@@ -628,12 +628,7 @@ impl<B: Backend> Network<B> {
         if added <= available {
             return Ok(());
         }
-        self.geoms = None;
-        self.grads = None;
-        self.gathered = None;
-        for col in &mut self.columns {
-            col.acts = None;
-        }
+        self.drop_buffers();
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let what = if kept > 0 {
             "the network's gradients"
@@ -648,16 +643,21 @@ impl<B: Backend> Network<B> {
         )
     }
 
-    /// Allocates the forward pass's buffers at `batch`, dropping those of another batch size
-    /// first (so that the two are never held at once, and a failure leaves nothing half-made:
-    /// the next call starts over).
-    fn prepare_forward(&mut self, batch: usize) -> anyhow::Result<Geoms> {
+    /// Frees every buffer of a batch size: the next `prepare` starts over.
+    fn drop_buffers(&mut self) {
         self.geoms = None;
         self.grads = None;
         self.gathered = None;
         for col in &mut self.columns {
             col.acts = None;
         }
+    }
+
+    /// Allocates the forward pass's buffers at `batch`, dropping those of another batch size
+    /// first (so that the two are never held at once, and a failure leaves nothing half-made:
+    /// the next call starts over).
+    fn prepare_forward(&mut self, batch: usize) -> anyhow::Result<Geoms> {
+        self.drop_buffers();
         let g = Geoms::new(&self.cfg, &self.sides, batch);
         let b = &self.backend;
         prepare_convolutions(b, &g, false)?;
