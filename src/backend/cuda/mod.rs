@@ -152,6 +152,26 @@ fn gemm_config(ta: bool, tb: bool, (m, n, k): (usize, usize, usize), beta: f32) 
     }
 }
 
+/// [`gemm_config`] for `count` row-major products: product `i` reads `a` at `i * stride_a`, `b`
+/// at `i * stride_b` and writes `c` at `i * stride_c`. As in `gemm_config`, cuBLAS's A is our
+/// `b` and its B our `a`, so their strides swap too.
+fn batched_config(
+    ta: bool,
+    tb: bool,
+    mnk: (usize, usize, usize),
+    (stride_a, stride_b, stride_c): (usize, usize, usize),
+    beta: f32,
+    count: usize,
+) -> StridedBatchedConfig<f32> {
+    StridedBatchedConfig {
+        gemm: gemm_config(ta, tb, mnk, beta),
+        batch_size: count as i32,
+        stride_a: stride_b as i64,
+        stride_b: stride_a as i64,
+        stride_c: stride_c as i64,
+    }
+}
+
 /// One block of `THREADS` per item (softmax rows, bias channels).
 fn per_item(items: usize) -> LaunchConfig {
     LaunchConfig {
@@ -363,14 +383,14 @@ impl Cuda {
         count: usize,
     ) {
         check(self.ctx.bind_to_thread(), "binding the CUDA context");
-        // As in `gemm_rm`, cuBLAS's A is our b and its B our a.
-        let cfg = StridedBatchedConfig {
-            gemm: gemm_config(ta, tb, (m, n, k), beta),
-            batch_size: count as i32,
-            stride_a: stride_b as i64,
-            stride_b: stride_a as i64,
-            stride_c: stride_c as i64,
-        };
+        let cfg = batched_config(
+            ta,
+            tb,
+            (m, n, k),
+            (stride_a, stride_b, stride_c),
+            beta,
+            count,
+        );
         // SAFETY: the callers' slices hold every product's matrices at these strides.
         check(
             unsafe { self.blas.gemm_strided_batched(cfg, b, a, c) },
@@ -1189,6 +1209,195 @@ impl Backend for Cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::rng;
+
+    fn random(seed: u64, len: usize) -> Vec<f32> {
+        let key = rng::key(seed, "cuBLAS configuration test");
+        (0..len)
+            .map(|i| rng::uniform(key, i as u64) - 0.5)
+            .collect()
+    }
+
+    /// cuBLAS's column-major `sgemmStridedBatched`, by its definition: for each product `p`,
+    /// `C_p = alpha op(A_p) op(B_p) + beta C_p`, element `(i, j)` of a matrix with leading
+    /// dimension `ld` at `i + j * ld`. It refuses leading dimensions that cuBLAS refuses
+    /// (`CUBLAS_STATUS_INVALID_VALUE`), and reads or writes past a slice's end panic, as
+    /// cuBLAS would fault there.
+    fn reference_sgemm(cfg: &StridedBatchedConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let g = &cfg.gemm;
+        let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+        let ta = g.transa == Op::CUBLAS_OP_T;
+        let tb = g.transb == Op::CUBLAS_OP_T;
+        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+        assert!(
+            lda >= (if ta { k } else { m }).max(1),
+            "lda {lda} too small"
+        );
+        assert!(
+            ldb >= (if tb { n } else { k }).max(1),
+            "ldb {ldb} too small"
+        );
+        assert!(ldc >= m.max(1), "ldc {ldc} too small");
+        for p in 0..cfg.batch_size as usize {
+            let (oa, ob, oc) = (
+                p * cfg.stride_a as usize,
+                p * cfg.stride_b as usize,
+                p * cfg.stride_c as usize,
+            );
+            for j in 0..n {
+                for i in 0..m {
+                    let mut sum = 0.0f64;
+                    for l in 0..k {
+                        let av = a[oa + if ta { l + i * lda } else { i + l * lda }];
+                        let bv = b[ob + if tb { j + l * ldb } else { l + j * ldb }];
+                        sum += av as f64 * bv as f64;
+                    }
+                    let cv = &mut c[oc + i + j * ldc];
+                    let before = if g.beta == 0.0 { 0.0 } else { g.beta * *cv };
+                    *cv = g.alpha * sum as f32 + before;
+                }
+            }
+        }
+    }
+
+    /// The row-major product `c[m, n] = op(a) op(b) + beta c` by loops, `a` stored `[k, m]` if
+    /// `ta` (else `[m, k]`), `b` stored `[n, k]` if `tb` (else `[k, n]`).
+    #[allow(clippy::too_many_arguments)]
+    fn row_major(
+        ta: bool,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        beta: f32,
+        c: &mut [f32],
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let mut sum = 0.0f64;
+                for l in 0..k {
+                    let av = a[if ta { l * m + i } else { i * k + l }];
+                    let bv = b[if tb { j * k + l } else { l * n + j }];
+                    sum += av as f64 * bv as f64;
+                }
+                c[i * n + j] = sum as f32 + beta * c[i * n + j];
+            }
+        }
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{what}: [{i}] {g} vs {w}"
+            );
+        }
+    }
+
+    /// `gemm_rm` hands cuBLAS our `b` as its A and our `a` as its B: every transposition and
+    /// leading dimension must give the row-major product, with beta 0, 1 and in between (the
+    /// linear layers and the weight gradients use all four transpositions between them).
+    #[test]
+    fn cublas_configurations_compute_row_major_products() {
+        let mut seed = 0;
+        for (m, n, k) in [(3, 5, 7), (1, 4, 2), (6, 1, 3), (4, 4, 1)] {
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    for beta in [0.0, 1.0, 0.5] {
+                        seed += 1;
+                        let (a, b) = (random(seed, m * k), random(seed + 1000, k * n));
+                        let c0 = random(seed + 2000, m * n);
+                        let mut want = c0.clone();
+                        row_major(ta, tb, (m, n, k), &a, &b, beta, &mut want);
+                        let cfg = batched_config(ta, tb, (m, n, k), (0, 0, 0), beta, 1);
+                        let mut got = c0.clone();
+                        reference_sgemm(&cfg, &b, &a, &mut got);
+                        let what = format!("ta={ta} tb={tb} m={m} n={n} k={k} beta={beta}");
+                        assert_close(&got, &want, &what);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The batched products of the unfolding convolution, with the offsets and spans the
+    /// backend slices (`output_span`): forward `y_i[cout, P] += w_g[cout, K] col_i[K, P]` into
+    /// one group's channels of every image, and backward data
+    /// `dcol_i[K, P] = w_g[cout, K]^T dy_i[cout, P]`, for each group of a two-group layer.
+    #[test]
+    fn batched_configurations_match_the_unfolding_convolutions_products() {
+        let g = ConvGeom {
+            batch: 3,
+            in_c: 4,
+            in_h: 5,
+            in_w: 5,
+            out_c: 6,
+            kernel: 3,
+            stride: 1,
+            pad: 1,
+            groups: 2,
+        };
+        let (cout, cin, plane) = (g.out_c / g.groups, g.in_c / g.groups, g.out_h() * g.out_w());
+        let kk = cin * g.kernel * g.kernel;
+        let per = kk * plane;
+        let w = random(1, g.weight_len());
+        let (n0, nb) = (1, 2);
+        for grp in 0..g.groups {
+            let wg = &w[grp * cout * kk..(grp + 1) * cout * kk];
+            let (start, span) = Cuda::output_span(&g, n0, nb, grp);
+
+            // Forward, accumulating onto the bias already broadcast into y.
+            let col = random(2, nb * per);
+            let y0 = random(3, g.out_len());
+            let mut want = y0.clone();
+            for i in 0..nb {
+                let at = ((n0 + i) * g.out_c + grp * cout) * plane;
+                let out = &mut want[at..at + cout * plane];
+                row_major(
+                    false,
+                    false,
+                    (cout, plane, kk),
+                    wg,
+                    &col[i * per..],
+                    1.0,
+                    out,
+                );
+            }
+            let cfg = batched_config(
+                false,
+                false,
+                (cout, plane, kk),
+                (0, per, g.out_c * plane),
+                1.0,
+                nb,
+            );
+            let mut got = y0.clone();
+            reference_sgemm(&cfg, &col, wg, &mut got[start..start + span]);
+            assert_close(&got, &want, &format!("forward, group {grp}"));
+
+            // Backward data, overwriting the unfolded gradients.
+            let dy = random(4, g.out_len());
+            let mut want = vec![0.0; nb * per];
+            for i in 0..nb {
+                let at = ((n0 + i) * g.out_c + grp * cout) * plane;
+                let dyi = &dy[at..at + cout * plane];
+                let out = &mut want[i * per..(i + 1) * per];
+                row_major(true, false, (kk, plane, cout), wg, dyi, 0.0, out);
+            }
+            let cfg = batched_config(
+                true,
+                false,
+                (kk, plane, cout),
+                (0, g.out_c * plane, per),
+                0.0,
+                nb,
+            );
+            let mut got = vec![f32::NAN; nb * per];
+            reference_sgemm(&cfg, &dy[start..start + span], wg, &mut got);
+            assert_close(&got, &want, &format!("backward data, group {grp}"));
+        }
+    }
 
     /// The per-item kernels (softmax rows, bias gradients) size their shared reduction arrays
     /// with their own `#define THREADS` and halve it in their reductions: the block that
