@@ -101,8 +101,9 @@ step views-on-gpu 45 bash -c "'$BIN' prepare --input data/sample/imagenet-photos
     echo 'views on the GPU and on the host: identical parameters'; else \
     echo 'views on the GPU and on the host: parameters DIFFER'; exit 1; fi"
 step bench 45 "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
-step bench-cudnn 45 env ALEXNET_CONV=cudnn "$BIN" bench --backend cuda --batch 128 --steps 20 \
-    --warmup 3 --json
+# The debug lines name the algorithms cuDNN's timing chose for each convolution.
+step bench-cudnn 45 env ALEXNET_CONV=cudnn RUST_LOG=info,alexnet::backend::cuda::cudnn=debug \
+    "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
 step pytorch 110 python3 bench/reference/pytorch_alexnet_gpu.py --batch 128 --steps 15 \
     --json "$RESULTS/pytorch.json"
 # 30,000 paper-size images need about 0.4 TB of activations: the network must refuse the batch
@@ -204,6 +205,22 @@ if runs:
             l = next((l for l in r["layers"] if l["layer"] == name), None)
             cells.append(f"{l['forward_ms']:8.2f} + {l['backward_ms']:8.2f}  " if l else " " * 22)
         print(f"{name:10}" + "".join(f"{c:>22}" for c in cells))
+try:
+    planned = [l for l in open(os.path.join(res, "bench-cudnn.log")).read().splitlines()
+               if "cuDNN convolution planned" in l]
+except OSError:
+    planned = []
+if planned:
+    print()
+    print("cuDNN's algorithms (forward / backward filter / backward data; timed: chosen by timing):")
+    short = lambda v: re.sub(r"CUDNN_CONVOLUTION_(FWD|BWD_FILTER|BWD_DATA)_ALGO_", "", v)
+    for l in planned:
+        f = dict(re.findall(r"(\w+)=(\S+)", l.split("cuDNN convolution planned", 1)[1]))
+        c = re.search(r"in_c: (\d+), in_h: (\d+).*out_c: (\d+), kernel: (\d+)", l)
+        shape = f"{c.group(1)}x{c.group(2)} -> {c.group(3)}, k{c.group(4)}" if c else "?"
+        print(f"  {shape:22} timed={f.get('timed', '?'):5} {short(f.get('forward', '?'))} / "
+              f"{short(f.get('filter', '?'))} / {short(f.get('data', '?'))}, "
+              f"workspace {f.get('workspace_mib', '?')} MiB")
 EOF
 
 echo

@@ -599,7 +599,10 @@ impl Coordinator {
                 if all {
                     tracing::info!(
                         steps = f.steps,
-                        seconds = st.started.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0),
+                        seconds = %format!(
+                            "{:.2}",
+                            st.started.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0)
+                        ),
                         "every worker finished"
                     );
                     for tx in st.sessions.values() {

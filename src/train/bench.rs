@@ -91,7 +91,7 @@ pub fn run<B: Backend>(backend: B, opts: &BenchOptions) -> anyhow::Result<BenchR
         let t = Instant::now();
         train_step(&mut net, &x, &labels, step as u64, &sgd)?;
         net.backend.synchronize();
-        tracing::info!(step, ms = t.elapsed().as_secs_f64() * 1e3, "warm-up step");
+        tracing::info!(step, ms = %format!("{:.1}", t.elapsed().as_secs_f64() * 1e3), "warm-up step");
     }
     net.profile = Default::default();
     let mut times = Vec::with_capacity(opts.steps);

@@ -4,9 +4,12 @@
 //! run both.
 //!
 //! Strict f32 uses cuDNN's FMA math (no tensor cores); with TF32 allowed, its default math.
-//! The backward algorithms are deterministic ones (see [`deterministic_filter`]).
+//! Each convolution's algorithms are timed on the GPU once ([`super::cudnn_find`]), the fastest
+//! taken (`ALEXNET_CUDNN_ALGOS=heuristic`: cuDNN's heuristic instead); the backward ones are
+//! deterministic ones (see [`deterministic_filter`]).
 
 use super::super::{ConvGeom, OutOfMemory};
+use super::cudnn_find::{self, TimingHandle};
 use cudarc::cudnn::{
     sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn,
     FilterDescriptor, TensorDescriptor,
@@ -21,9 +24,34 @@ pub fn present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// How each convolution's algorithms are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlgoChoice {
+    /// Every algorithm run once on this GPU, the fastest taken (PyTorch's `cudnn.benchmark`).
+    Timed,
+    /// cuDNN's heuristic, from a model of the GPU: nothing runs.
+    Heuristic,
+}
+
+impl AlgoChoice {
+    /// `ALEXNET_CUDNN_ALGOS=timed|heuristic` (default: timed).
+    pub fn from_env() -> anyhow::Result<AlgoChoice> {
+        match std::env::var("ALEXNET_CUDNN_ALGOS").as_deref() {
+            Err(_) | Ok("") | Ok("timed") => Ok(AlgoChoice::Timed),
+            Ok("heuristic") => Ok(AlgoChoice::Heuristic),
+            Ok(other) => {
+                anyhow::bail!("ALEXNET_CUDNN_ALGOS={other}: expected timed or heuristic")
+            }
+        }
+    }
+}
+
 /// A cuDNN handle with its convolutions' plans and their workspace. Not Send by cudarc's choice (cuDNN handles must not be
 /// used by two threads at once): the backend keeps it in a [`DnnCell`].
 pub struct Dnn {
+    /// The timing's own handle (see [`cudnn_find`]), while the algorithms are timed; dropped
+    /// before `stream`, whose stream it runs on.
+    timing: Option<TimingHandle>,
     handle: Arc<Cudnn>,
     stream: Arc<CudaStream>,
     /// Each convolution's plan, by geometry (a new batch size is a new geometry).
@@ -120,15 +148,41 @@ fn deterministic<A: Copy + PartialEq + std::fmt::Debug, E: std::fmt::Debug>(
     Ok((picked, workspace(picked)?))
 }
 
+/// A pass's algorithm and its workspace bytes: the one timing chose (`timed`), or else the
+/// heuristic's pick, replaced by its deterministic counterpart where cuDNN supports that.
+fn choose<A: Copy + PartialEq + std::fmt::Debug, E: std::fmt::Debug>(
+    timed: Option<A>,
+    pick: impl FnOnce() -> Result<A, E>,
+    replacement: impl Fn(A) -> A,
+    workspace: impl Fn(A) -> Result<usize, E>,
+) -> Result<(A, usize), E> {
+    match timed {
+        Some(a) => Ok((a, workspace(a)?)),
+        None => {
+            let picked = pick()?;
+            deterministic(picked, replacement(picked), workspace)
+        }
+    }
+}
+
 impl Dnn {
-    pub fn new(stream: Arc<CudaStream>, tf32: bool) -> anyhow::Result<Dnn> {
+    pub fn new(stream: Arc<CudaStream>, tf32: bool, algos: AlgoChoice) -> anyhow::Result<Dnn> {
         anyhow::ensure!(
             present(),
             "cuDNN (libcudnn.so.9) cannot be loaded: put its lib folder on LD_LIBRARY_PATH, or \
              leave ALEXNET_CONV unset for the unfolding path"
         );
         let handle = Cudnn::new(stream.clone()).map_err(|e| err("handle", e))?;
+        let timing = match algos {
+            AlgoChoice::Heuristic => None,
+            AlgoChoice::Timed => TimingHandle::new(&stream)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "cuDNN's algorithms will come from its heuristic")
+                })
+                .ok(),
+        };
         Ok(Dnn {
+            timing,
             handle,
             stream,
             plans: HashMap::new(),
@@ -175,12 +229,27 @@ impl Dnn {
             .map_err(|e| err("convolution descriptor", e))?;
         conv.set_group_count(i(g.groups))
             .map_err(|e| err("group count", e))?;
-        conv.set_math_type(if self.tf32 {
+        let math = if self.tf32 {
             sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
         } else {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
-        })
-        .map_err(|e| err("math type", e))?;
+        };
+        conv.set_math_type(math).map_err(|e| err("math type", e))?;
+        let timed = self.timing.as_ref().and_then(|h| {
+            cudnn_find::find(h, g, math)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, ?g, "this convolution's algorithms come from cuDNN's heuristic")
+                })
+                .ok()
+        });
+        // Workspace beyond half the free memory is not worth an algorithm: the batch's
+        // activations need it more.
+        let max_bytes = self
+            .stream
+            .context()
+            .mem_get_info()
+            .map(|(free, _)| free / 2)
+            .unwrap_or(usize::MAX);
 
         let fwd = ConvForward {
             conv: &conv,
@@ -188,40 +257,48 @@ impl Dnn {
             w: &w,
             y: &y,
         };
-        let forward = fwd
-            .pick_algorithm()
-            .map_err(|e| err("forward algorithm", e))?;
-        let forward_bytes = fwd
-            .get_workspace_size(forward)
-            .map_err(|e| err("forward workspace", e))?;
         let bwd_filter = ConvBackwardFilter {
             conv: &conv,
             x: &x,
             dw: &w,
             dy: &y,
         };
-        let picked = bwd_filter
-            .pick_algorithm()
-            .map_err(|e| err("backward filter algorithm", e))?;
-        let (filter, filter_bytes) = deterministic(picked, deterministic_filter(picked), |a| {
-            bwd_filter.get_workspace_size(a)
-        })
-        .map_err(|e| err("backward filter workspace", e))?;
         let bwd_data = ConvBackwardData {
             conv: &conv,
             dx: &x,
             w: &w,
             dy: &y,
         };
-        let picked = bwd_data
-            .pick_algorithm()
-            .map_err(|e| err("backward data algorithm", e))?;
-        let (data, data_bytes) = deterministic(picked, deterministic_data(picked), |a| {
-            bwd_data.get_workspace_size(a)
-        })
-        .map_err(|e| err("backward data workspace", e))?;
+        let (forward, forward_bytes) = choose(
+            timed
+                .as_ref()
+                .and_then(|t| cudnn_find::fastest(&t.forward, false, max_bytes)),
+            || fwd.pick_algorithm(),
+            |a| a,
+            |a| fwd.get_workspace_size(a),
+        )
+        .map_err(|e| err("forward algorithm", e))?;
+        let (filter, filter_bytes) = choose(
+            timed
+                .as_ref()
+                .and_then(|t| cudnn_find::fastest(&t.filter, true, max_bytes)),
+            || bwd_filter.pick_algorithm(),
+            deterministic_filter,
+            |a| bwd_filter.get_workspace_size(a),
+        )
+        .map_err(|e| err("backward filter algorithm", e))?;
+        let (data, data_bytes) = choose(
+            timed
+                .as_ref()
+                .and_then(|t| cudnn_find::fastest(&t.data, true, max_bytes)),
+            || bwd_data.pick_algorithm(),
+            deterministic_data,
+            |a| bwd_data.get_workspace_size(a),
+        )
+        .map_err(|e| err("backward data algorithm", e))?;
         tracing::debug!(
             ?g,
+            timed = timed.is_some(),
             ?forward,
             ?filter,
             ?data,
@@ -383,5 +460,31 @@ mod tests {
         // Nothing to replace, and a failure of the pick itself is the caller's error.
         let failing = |_: Filter| -> Result<usize, String> { Err("bad".into()) };
         assert_eq!(deterministic(a1, a1, failing), Err("bad".to_string()));
+    }
+
+    #[test]
+    fn a_timed_algorithm_stands_and_the_heuristics_is_made_deterministic() {
+        use Filter::*;
+        let (a0, a1, fft) = (
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+        );
+        let sizes = |a: Filter| -> Result<usize, String> { Ok(if a == fft { 9 } else { 4 }) };
+        let unused = || -> Result<Filter, String> { panic!("the heuristic is not asked") };
+        assert_eq!(
+            choose(Some(fft), unused, deterministic_filter, sizes),
+            Ok((fft, 9))
+        );
+        let heuristic = || -> Result<Filter, String> { Ok(a0) };
+        assert_eq!(
+            choose(None, heuristic, deterministic_filter, sizes),
+            Ok((a1, 4))
+        );
+        let failing = || -> Result<Filter, String> { Err("no algorithm".into()) };
+        assert_eq!(
+            choose(None, failing, deterministic_filter, sizes),
+            Err("no algorithm".to_string())
+        );
     }
 }

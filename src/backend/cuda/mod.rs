@@ -9,6 +9,7 @@
 //! for (`ALEXNET_TF32=1`), so results match the CPU backend to 1e-4.
 
 pub mod cudnn;
+mod cudnn_find;
 pub mod kernels;
 
 use super::{
@@ -254,6 +255,7 @@ impl Cuda {
             ConvPath::Cudnn => Some(cudnn::DnnCell(Mutex::new(cudnn::Dnn::new(
                 stream.clone(),
                 tf32,
+                cudnn::AlgoChoice::from_env()?,
             )?))),
         };
         tracing::info!(gpu = %name, ordinal, arch, tf32, ?conv, kernels = functions.len(), "CUDA backend ready");
