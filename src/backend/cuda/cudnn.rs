@@ -201,6 +201,15 @@ impl Dnn {
     }
 
     fn new_plan(&self, g: &ConvGeom) -> anyhow::Result<Plan> {
+        // cuDNN's 4-d descriptors count a tensor's elements in 32 bits.
+        let largest = g.in_len().max(g.out_len());
+        anyhow::ensure!(
+            largest <= i32::MAX as usize,
+            "cuDNN cannot describe this convolution at batch {}: one of its tensors holds {largest} \
+             values, beyond cuDNN's 2^31 - 1; lower --batch, or leave ALEXNET_CONV unset for the \
+             unfolding path",
+            g.batch
+        );
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let i = |v: usize| v as i32;
         let x = self

@@ -26,6 +26,12 @@ use cudarc::driver::{
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// The CUDA version this build's libraries (cuBLAS 13, NVRTC 13, cuDNN for CUDA 13) and the
+/// PTX that NVRTC 13 writes need of the driver, as `cuDriverGetVersion` counts it.
+const CUDA_VERSION_NEEDED: i32 = 13000;
+/// The oldest GPUs NVRTC 13 compiles for: compute capability 7.5 (Turing).
+const OLDEST_GPU: (i32, i32) = (7, 5);
+
 /// Why the CUDA backend cannot start here, or `None` when a driver and a device are present.
 pub fn unavailable() -> Option<String> {
     // SAFETY: only tries to open the library.
@@ -33,6 +39,19 @@ pub fn unavailable() -> Option<String> {
         return Some(
             "no NVIDIA driver on this machine (libcuda.so.1 cannot be loaded)".to_string(),
         );
+    }
+    let mut version = 0;
+    // SAFETY: the library is present; the call only writes the version.
+    let answered = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    if answered == cudarc::driver::sys::CUresult::CUDA_SUCCESS && version < CUDA_VERSION_NEEDED {
+        return Some(format!(
+            "the NVIDIA driver supports CUDA up to {}.{}, and this build needs CUDA {}.{} \
+             (driver 580 or newer): update the driver",
+            version / 1000,
+            version % 1000 / 10,
+            CUDA_VERSION_NEEDED / 1000,
+            CUDA_VERSION_NEEDED % 1000 / 10,
+        ));
     }
     match CudaContext::device_count() {
         Ok(0) => Some("the NVIDIA driver sees no GPU".to_string()),
@@ -216,6 +235,14 @@ impl Cuda {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| anyhow::anyhow!("reading GPU {ordinal}'s compute capability: {e:?}"))?;
+        anyhow::ensure!(
+            (major, minor) >= OLDEST_GPU,
+            "GPU {ordinal} ({name}) has compute capability {major}.{minor}, and CUDA 13 builds \
+             for {}.{} (Turing) or newer: use another GPU (--device cuda:N), or the CPU \
+             (--backend cpu)",
+            OLDEST_GPU.0,
+            OLDEST_GPU.1
+        );
         let stream = ctx
             .new_stream()
             .map_err(|e| anyhow::anyhow!("creating a stream on GPU {ordinal}: {e:?}"))?;
