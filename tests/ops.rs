@@ -938,6 +938,10 @@ backend_tests!(cpu_split3, Some(alexnet::backend::Cpu::with_threads(3)));
 // unless ALEXNET_REQUIRE_GPU=1).
 #[cfg(feature = "cuda")]
 backend_tests!(cuda, gpu());
+// The same with the convolutions on cuDNN, whose timed algorithms (FFT, Winograd, ...) round
+// differently from a direct sum: the golden vectors and finite differences judge them too.
+#[cfg(feature = "cuda")]
+backend_tests!(cuda_cudnn, gpu_cudnn());
 
 /// The convolutions on a GPU with the unfolding limited, so that a batch runs in several
 /// passes and the weight gradient adds up across them, as the paper's layers do at large

@@ -141,13 +141,39 @@ pub fn dot(y: &[f32], r: &[f32]) -> f64 {
 #[cfg(feature = "cuda")]
 #[allow(dead_code)]
 pub fn gpu() -> Option<alexnet::backend::cuda::Cuda> {
+    gpu_here().then(|| alexnet::backend::cuda::Cuda::new(0).expect("starting the CUDA backend"))
+}
+
+/// Whether there is a GPU to check (see [`gpu`]).
+#[cfg(feature = "cuda")]
+fn gpu_here() -> bool {
     if let Some(why) = alexnet::backend::cuda::unavailable() {
         assert!(
             std::env::var("ALEXNET_REQUIRE_GPU").is_err(),
             "ALEXNET_REQUIRE_GPU is set but {why}"
         );
         eprintln!("no GPU ({why}): CUDA checks skipped");
+        return false;
+    }
+    true
+}
+
+/// [`gpu`] with the convolutions on cuDNN (their algorithms timed, as in training), or `None`
+/// where there is no GPU or no cuDNN; with `ALEXNET_REQUIRE_GPU=1` either is a failure.
+#[cfg(feature = "cuda")]
+#[allow(dead_code)]
+pub fn gpu_cudnn() -> Option<alexnet::backend::cuda::Cuda> {
+    if !gpu_here() {
         return None;
     }
-    Some(alexnet::backend::cuda::Cuda::new(0).expect("starting the CUDA backend"))
+    if !alexnet::backend::cuda::cudnn::present() {
+        assert!(
+            std::env::var("ALEXNET_REQUIRE_GPU").is_err(),
+            "ALEXNET_REQUIRE_GPU is set but cuDNN (libcudnn.so.9) cannot be loaded"
+        );
+        eprintln!("no cuDNN: its checks skipped");
+        return None;
+    }
+    let conv = alexnet::backend::cuda::ConvPath::Cudnn;
+    Some(alexnet::backend::cuda::Cuda::open_with(0, false, conv).expect("starting cuDNN"))
 }
