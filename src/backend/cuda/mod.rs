@@ -11,6 +11,7 @@
 pub mod cudnn;
 mod cudnn_find;
 pub mod kernels;
+mod staging;
 
 use super::{
     Backend, ByteViews, ConvGeom, DropoutKey, LinearGeom, LrnParams, OutOfMemory, PlaneGeom,
@@ -20,8 +21,8 @@ use cudarc::cublas::{
     sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig,
 };
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    DriverError, LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -92,6 +93,8 @@ pub struct Cuda {
     row_loss: Mutex<Option<CudaSlice<f64>>>,
     /// cuDNN for the convolutions, when chosen (`ConvPath::Cudnn`).
     dnn: Option<cudnn::DnnCell>,
+    /// Pinned buffers that uploads pass through, so that they do not wait for the GPU.
+    staging: Mutex<staging::Staging>,
 }
 
 /// The unfolding path's scratch: one buffer of each kind serves every layer, in turn (one
@@ -297,6 +300,7 @@ impl Cuda {
             max_columns: MAX_COLUMNS,
             row_loss: Mutex::new(None),
             dnn,
+            staging: Mutex::new(staging::Staging::default()),
         })
     }
 
@@ -372,6 +376,15 @@ impl Cuda {
         self.stream
             .synchronize()
             .map_err(|e| anyhow::anyhow!("GPU {}: {e:?}", self.device.ordinal))
+    }
+
+    /// A copy of `host` on the GPU, queued behind the stream's work through a pinned staging
+    /// buffer ([`staging`]), or copied directly where pinned memory is refused.
+    fn to_gpu<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, DriverError> {
+        if let Some(buf) = self.staging.lock().unwrap().upload(&self.stream, host)? {
+            return Ok(buf);
+        }
+        self.stream.clone_htod(host)
     }
 
     /// Row-major `c[m, n] = op(a) op(b) + beta c`, through column-major cuBLAS as
@@ -664,7 +677,7 @@ impl Backend for Cuda {
         if host.is_empty() {
             return self.zeros(0);
         }
-        check(self.stream.clone_htod(host), "copying to the GPU")
+        check(self.to_gpu(host), "copying to the GPU")
     }
 
     fn download(&self, buf: &CudaSlice<f32>) -> Vec<f32> {
@@ -698,17 +711,14 @@ impl Backend for Cuda {
         if n == 0 {
             return self.try_zeros(0);
         }
-        let pixels = (self.stream.clone_htod(&views.pixels))
+        let pixels = (self.to_gpu(&views.pixels))
             .map_err(|e| anyhow::anyhow!("copying a batch of {n} bytes to the GPU: {e:?}"))?;
         let crops: Vec<i32> = (views.crops.iter())
             .flat_map(|c| [c.x0 as i32, c.y0 as i32, c.flip as i32])
             .collect();
         let shifts: Vec<f32> = views.shifts.iter().flatten().copied().collect();
-        let crops = check(self.stream.clone_htod(&crops), "copying crops to the GPU");
-        let shifts = check(
-            self.stream.clone_htod(&shifts),
-            "copying colour shifts to the GPU",
-        );
+        let crops = check(self.to_gpu(&crops), "copying crops to the GPU");
+        let shifts = check(self.to_gpu(&shifts), "copying colour shifts to the GPU");
         let mut out = self.try_zeros(n)?;
         let count = views.views() as i32;
         let (side, out_side) = (views.side as i32, views.out_side as i32);
@@ -1127,7 +1137,7 @@ impl Backend for Cuda {
         if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
             panic!("label {bad} outside 0..{classes}");
         }
-        let dev_labels = check(self.stream.clone_htod(labels), "copying labels");
+        let dev_labels = check(self.to_gpu(labels), "copying labels");
         let mut guard = self.row_loss.lock().unwrap();
         if guard.as_ref().is_none_or(|b| b.len() < rows) {
             *guard = Some(check(

@@ -1,0 +1,264 @@
+//! Host-to-GPU copies through page-locked (pinned) staging buffers of our own.
+//!
+//! A copy from ordinary, pageable memory may wait for all the work queued on the stream before
+//! it: the driver stages it through pinned memory of its own, and it may first synchronise
+//! with the stream. At the start of a step that work is the previous step's backward pass, so
+//! the host would wait for the GPU to drain, and the GPU then wait while the host copied the
+//! batch and queued the next forward pass. Copied into one of these buffers first, the
+//! transfer is queued behind that work like a kernel and the call returns at once.
+//!
+//! A buffer is used again only once the copy out of it has finished (an event recorded after
+//! each copy says when): the few uploads a step makes (the batch's bytes, its crops and
+//! colour shifts, the labels) each find a free buffer, and the pool stays at that size.
+
+use cudarc::driver::{
+    result, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, DriverError,
+    PinnedHostSlice,
+};
+use std::sync::Arc;
+
+/// Most buffers in the pool: past this, an upload waits for the oldest copy to finish.
+const MAX_BUFFERS: usize = 8;
+/// Buffers grow in steps of this, so that batches of slightly different sizes share them.
+const GRANULE: usize = 1 << 20;
+/// Larger uploads copy directly: they are one-off (parameters, a checkpoint), and the pool
+/// stays under `MAX_BUFFERS` times this (256 MiB) of page-locked memory. A batch of 128
+/// views as bytes is 19 MiB.
+const MAX_STAGED: usize = 32 << 20;
+
+/// The pool, as [`pick`] sees it: one entry per buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct BufferState {
+    pub capacity: usize,
+    /// Whether the copy out of it has finished.
+    pub free: bool,
+    /// When it was last used (a counter): the oldest is waited for when all are busy.
+    pub used: u64,
+}
+
+/// Which buffer an upload of some bytes takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    /// Buffer `i`: free and large enough.
+    Use(usize),
+    /// Buffer `i` is free but too small: a larger one replaces it.
+    Replace(usize),
+    /// A new buffer.
+    Add,
+    /// Every buffer is busy and the pool is full: wait for buffer `i` (the oldest), then use it.
+    Wait(usize),
+}
+
+/// The buffer for an upload of `bytes`: the smallest free one that holds it; else a new one
+/// while the pool has room; else the largest free one, replaced by a larger; else the oldest
+/// busy one, once its copy has finished.
+pub fn pick(buffers: &[BufferState], bytes: usize, max: usize) -> Pick {
+    let free = || buffers.iter().enumerate().filter(|(_, b)| b.free);
+    if let Some((i, _)) = free()
+        .filter(|(_, b)| b.capacity >= bytes)
+        .min_by_key(|(_, b)| b.capacity)
+    {
+        return Pick::Use(i);
+    }
+    if buffers.len() < max {
+        return Pick::Add;
+    }
+    if let Some((i, _)) = free().max_by_key(|(_, b)| b.capacity) {
+        return Pick::Replace(i);
+    }
+    let oldest = (buffers.iter().enumerate())
+        .min_by_key(|(_, b)| b.used)
+        .map_or(0, |(i, _)| i);
+    Pick::Wait(oldest)
+}
+
+struct Buffer {
+    host: PinnedHostSlice<u8>,
+    /// Recorded on the stream after each copy out of `host`.
+    copied: CudaEvent,
+    used: u64,
+}
+
+/// The staging buffers of one stream.
+#[derive(Default)]
+pub struct Staging {
+    buffers: Vec<Buffer>,
+    clock: u64,
+    /// Pinned memory was refused once (a container's locked-memory limit, say): uploads copy
+    /// from the caller's memory from then on.
+    refused: bool,
+}
+
+impl Staging {
+    /// A copy of `host` on the GPU, queued on `stream` through a staging buffer; `None` where
+    /// pinned memory is refused here or `host` is over [`MAX_STAGED`], and the caller copies
+    /// directly.
+    pub fn upload<T: DeviceRepr>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        host: &[T],
+    ) -> Result<Option<CudaSlice<T>>, DriverError> {
+        let bytes = std::mem::size_of_val(host);
+        if self.refused || bytes == 0 || bytes > MAX_STAGED {
+            return Ok(None);
+        }
+        let states: Vec<BufferState> = (self.buffers.iter())
+            .map(|b| BufferState {
+                capacity: b.host.len(),
+                // SAFETY: the event is live. A query of an event never recorded succeeds.
+                free: unsafe { result::event::query(b.copied.cu_event()) }.is_ok(),
+                used: b.used,
+            })
+            .collect();
+        let i = match pick(&states, bytes, MAX_BUFFERS) {
+            Pick::Use(i) => i,
+            Pick::Wait(i) => {
+                self.buffers[i].copied.synchronize()?;
+                if self.buffers[i].host.len() >= bytes {
+                    i
+                } else {
+                    match self.new_buffer(stream, bytes)? {
+                        Some(b) => {
+                            self.buffers[i] = b;
+                            i
+                        }
+                        None => return Ok(None),
+                    }
+                }
+            }
+            Pick::Replace(i) => match self.new_buffer(stream, bytes)? {
+                Some(b) => {
+                    self.buffers[i] = b;
+                    i
+                }
+                None => return Ok(None),
+            },
+            Pick::Add => match self.new_buffer(stream, bytes)? {
+                Some(b) => {
+                    self.buffers.push(b);
+                    self.buffers.len() - 1
+                }
+                None => return Ok(None),
+            },
+        };
+        self.clock += 1;
+        let Buffer {
+            host: pinned,
+            copied,
+            used,
+        } = &mut self.buffers[i];
+        *used = self.clock;
+        // The copy out of this buffer has finished (`pick` chose a free one, or waited); the
+        // slice's own event is never recorded, so this does not wait.
+        let staged = &mut pinned.as_mut_slice()?[..bytes];
+        // SAFETY: `T: DeviceRepr` is plain data, so its bytes may be read as bytes.
+        let src = unsafe { std::slice::from_raw_parts(host.as_ptr().cast::<u8>(), bytes) };
+        staged.copy_from_slice(src);
+        // SAFETY: the copy below fills all of it before the stream's next work reads it.
+        let mut dst = unsafe { stream.alloc::<T>(host.len()) }?;
+        {
+            let (ptr, _written) = dst.device_ptr_mut(stream);
+            // SAFETY: `dst` holds `bytes` bytes; `staged` is pinned and is not written again
+            // until `copied`, recorded next, has completed.
+            unsafe { result::memcpy_htod_async(ptr, &*staged, stream.cu_stream()) }?;
+        }
+        copied.record(stream)?;
+        Ok(Some(dst))
+    }
+
+    /// A buffer of at least `bytes`, or `None` (and no more tries) where pinned memory is
+    /// refused.
+    fn new_buffer(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        bytes: usize,
+    ) -> Result<Option<Buffer>, DriverError> {
+        let capacity = bytes.div_ceil(GRANULE) * GRANULE;
+        // SAFETY: the buffer is written before each copy reads it.
+        match unsafe { stream.context().alloc_pinned::<u8>(capacity) } {
+            Ok(host) => {
+                tracing::debug!(
+                    mib = capacity >> 20,
+                    buffers = self.buffers.len() + 1,
+                    "pinned staging buffer"
+                );
+                Ok(Some(Buffer {
+                    host,
+                    copied: stream.context().new_event(None)?,
+                    used: 0,
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    mib = capacity >> 20,
+                    error = ?e,
+                    "page-locked memory refused: uploads to the GPU copy from pageable memory, \
+                     which waits for the GPU's queued work (raise the locked-memory limit, \
+                     ulimit -l, for faster steps)"
+                );
+                self.refused = true;
+                Ok(None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(capacity: usize, free: bool, used: u64) -> BufferState {
+        BufferState {
+            capacity,
+            free,
+            used,
+        }
+    }
+
+    #[test]
+    fn an_upload_takes_the_smallest_free_buffer_that_holds_it() {
+        let pool = [b(8, true, 1), b(4, true, 2), b(2, true, 3), b(16, false, 4)];
+        assert_eq!(pick(&pool, 3, 8), Pick::Use(1));
+        assert_eq!(pick(&pool, 8, 8), Pick::Use(0));
+        // Only a busy buffer holds it: a new one while there is room.
+        assert_eq!(pick(&pool, 12, 8), Pick::Add);
+        assert_eq!(pick(&[], 1, 8), Pick::Add);
+    }
+
+    #[test]
+    fn a_full_pool_replaces_a_free_buffer_or_waits_for_the_oldest() {
+        let pool = [b(8, true, 5), b(4, true, 2), b(16, false, 4)];
+        // Full, and no free buffer holds 12: the largest free one is replaced.
+        assert_eq!(pick(&pool, 12, 3), Pick::Replace(0));
+        let busy = [b(8, false, 5), b(4, false, 2), b(16, false, 4)];
+        assert_eq!(pick(&busy, 1, 3), Pick::Wait(1));
+        assert_eq!(pick(&busy, 1, 4), Pick::Add);
+    }
+
+    /// A step's uploads in steady state: three per step, each step's copies finished by the
+    /// next (the GPU has run them long before): three buffers serve every step.
+    #[test]
+    fn a_steady_stream_of_steps_keeps_the_pool_small() {
+        let mut pool: Vec<BufferState> = Vec::new();
+        let mut clock = 0;
+        for _step in 0..10 {
+            for s in pool.iter_mut() {
+                s.free = true;
+            }
+            for bytes in [19 << 20, 1536, 1536] {
+                clock += 1;
+                let i = match pick(&pool, bytes, MAX_BUFFERS) {
+                    Pick::Use(i) => i,
+                    Pick::Add => {
+                        pool.push(b(bytes.div_ceil(GRANULE) * GRANULE, true, 0));
+                        pool.len() - 1
+                    }
+                    other => panic!("{other:?}"),
+                };
+                pool[i].free = false;
+                pool[i].used = clock;
+            }
+        }
+        assert_eq!(pool.len(), 3);
+    }
+}
