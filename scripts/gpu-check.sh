@@ -14,8 +14,9 @@
 #                                     and training on the carried photographs with the views
 #                                     finished on the GPU
 #                                  4. alexnet bench --backend cuda --batch 128 (convolutions by
-#                                     unfolding + cuBLAS, then by cuDNN) and PyTorch's paper
-#                                     AlexNet (bench/reference/) on the same GPU
+#                                     unfolding + cuBLAS, also with each step uploading its
+#                                     input, then by cuDNN) and PyTorch's paper AlexNet
+#                                     (bench/reference/) on the same GPU
 #                                  5. a batch too large for the GPU: the error must name the
 #                                     layer and the batch size
 #                                  and prints one table. Results also go to $OUT/gpu-check/.
@@ -101,7 +102,8 @@ step views-on-gpu 45 bash -c "'$BIN' prepare --input data/sample/imagenet-photos
     cmp -s $PREP.device/column1.safetensors $PREP.host/column1.safetensors; then \
     echo 'views on the GPU and on the host: identical parameters'; else \
     echo 'views on the GPU and on the host: parameters DIFFER'; exit 1; fi"
-step bench 45 "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
+# --upload: as many steps again, each uploading its input as bytes, as training does.
+step bench 45 "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --upload --json
 # The debug lines name the algorithms cuDNN's timing chose for each convolution.
 step bench-cudnn 45 env ALEXNET_CONV=cudnn RUST_LOG=info,alexnet::backend::cuda::cudnn=debug \
     "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
@@ -188,6 +190,10 @@ for r in (ours, ours_dnn):
     ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
     print(f"{('alexnet ' + r['backend'])[:34]:34} {r['images_per_s']:10.1f} "
           f"{(mem or 0) / 2**30:10.2f} GiB {ratio:>11}")
+    up = r.get("uploading_images_per_s")
+    if up:
+        ratio = f"{up / base:.2f}x" if base else "-"
+        print(f"{'  each step uploading its input':34} {up:10.1f} {'':>14} {ratio:>11}")
 if torch:
     for r in torch["rows"]:
         label = f"PyTorch {torch['torch']} tf32={r['tf32']} cl={r['channels_last']}"

@@ -493,6 +493,11 @@ struct BenchArgs {
     json: bool,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Also time as many steps that each upload their input the way training on prepared
+    /// images does (views as bytes, finished on the backend), back to back: what the input
+    /// costs beside the timed steps, whose input stays where it is. Needs 3 input channels.
+    #[arg(long)]
+    upload: bool,
 }
 
 /// The narrow network of the default training job: the paper's topology at a quarter to a
@@ -805,6 +810,7 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
                 steps: a.steps,
                 net: load_net(&a.net)?,
                 seed: a.seed,
+                upload: a.upload,
             };
             let report =
                 alexnet::with_device!(choose_backend(a.backend)?, b => bench::run(b, &opts)?);

@@ -285,3 +285,35 @@ fn prepare_then_train_on_the_prepared_photographs() {
     assert!(!ok && err.contains("differ from the run's"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `bench --upload` times steps that upload their input as bytes, beside the timed steps, and
+/// refuses a grey network (the views travel as colour bytes) before any step.
+#[test]
+fn bench_times_steps_that_upload_their_input() {
+    let path = temp_file(
+        "colour.toml",
+        "input_size = 64\nin_channels = 3\nconv_channels = [8, 16, 16, 16, 8]\n\
+         fc_widths = [16, 16]\nclasses = 10\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+        .args(["bench", "--backend", "cpu", "--net", path.to_str().unwrap()])
+        .args(["--batch", "4", "--steps", "2", "--upload", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let uploading = report["uploading_images_per_s"].as_f64();
+    assert!(uploading.is_some_and(|v| v > 0.0), "{report}");
+    assert!(
+        err.contains("steps uploading their input as bytes"),
+        "{err}"
+    );
+
+    let (ok, err) = alexnet(&["bench", "--backend", "cpu", "--net", "demo", "--upload"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--upload") && err.contains("3 input channels") && !err.contains("timed step"),
+        "{err}"
+    );
+}
