@@ -63,8 +63,13 @@ pub struct Dnn {
 
 impl Drop for Dnn {
     fn drop(&mut self) {
-        // cudarc destroys the handle without making the context current.
-        let _ = self.stream.context().bind_to_thread();
+        // cudarc destroys the handle without making the context current. A bind first reports
+        // (and clears) any error that earlier asynchronous work left, without binding: the
+        // second binds.
+        let ctx = self.stream.context();
+        if ctx.bind_to_thread().is_err() {
+            let _ = ctx.bind_to_thread();
+        }
     }
 }
 
@@ -148,21 +153,28 @@ fn deterministic<A: Copy + PartialEq + std::fmt::Debug, E: std::fmt::Debug>(
     Ok((picked, workspace(picked)?))
 }
 
-/// A pass's algorithm and its workspace bytes: the one timing chose (`timed`), or else the
-/// heuristic's pick, replaced by its deterministic counterpart where cuDNN supports that.
+/// A pass's algorithm and its workspace bytes: the one timing chose (`timed`), or else (also
+/// where cuDNN will not size its workspace) the heuristic's pick, replaced by its
+/// deterministic counterpart where cuDNN supports that.
 fn choose<A: Copy + PartialEq + std::fmt::Debug, E: std::fmt::Debug>(
     timed: Option<A>,
     pick: impl FnOnce() -> Result<A, E>,
     replacement: impl Fn(A) -> A,
     workspace: impl Fn(A) -> Result<usize, E>,
 ) -> Result<(A, usize), E> {
-    match timed {
-        Some(a) => Ok((a, workspace(a)?)),
-        None => {
-            let picked = pick()?;
-            deterministic(picked, replacement(picked), workspace)
+    if let Some(a) = timed {
+        match workspace(a) {
+            Ok(bytes) => return Ok((a, bytes)),
+            Err(e) => tracing::warn!(
+                algorithm = ?a,
+                error = ?e,
+                "cuDNN will not size the workspace of the algorithm its timing chose: the \
+                 heuristic's choice instead"
+            ),
         }
     }
+    let picked = pick()?;
+    deterministic(picked, replacement(picked), workspace)
 }
 
 impl Dnn {
@@ -481,6 +493,19 @@ mod tests {
         );
         let sizes = |a: Filter| -> Result<usize, String> { Ok(if a == fft { 9 } else { 4 }) };
         let unused = || -> Result<Filter, String> { panic!("the heuristic is not asked") };
+        let no_fft = |a: Filter| -> Result<usize, String> {
+            if a == fft {
+                Err("not sized".into())
+            } else {
+                Ok(4)
+            }
+        };
+        let heuristic = || -> Result<Filter, String> { Ok(a0) };
+        // Where cuDNN will not size the timed choice's workspace, the heuristic's stands.
+        assert_eq!(
+            choose(Some(fft), heuristic, deterministic_filter, no_fft),
+            Ok((a1, 4))
+        );
         assert_eq!(
             choose(Some(fft), unused, deterministic_filter, sizes),
             Ok((fft, 9))

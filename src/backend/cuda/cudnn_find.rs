@@ -16,7 +16,8 @@ use std::sync::Arc;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Timing<A> {
     pub algo: A,
-    /// Whether the algorithm ran (cuDNN lists the ones it could not run too).
+    /// Whether the algorithm ran, in strict f32 with FMA math as asked (cuDNN lists the ones it
+    /// could not run too).
     pub ran: bool,
     pub ms: f32,
     /// Its workspace, bytes.
@@ -158,13 +159,15 @@ fn describe(g: &ConvGeom, math: sys::cudnnMathType_t) -> anyhow::Result<Descript
 }
 
 /// What cuDNN reports of an algorithm, for [`Timing`].
+/// In strict f32 (`math` is FMA math), an entry timed in another math type does not count.
 macro_rules! timings {
-    ($perf:expr, $returned:expr) => {
+    ($perf:expr, $returned:expr, $math:expr) => {
         $perf[..($returned.max(0) as usize).min($perf.len())]
             .iter()
             .map(|p| Timing {
                 algo: p.algo,
-                ran: p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS,
+                ran: p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                    && ($math != sys::cudnnMathType_t::CUDNN_FMA_MATH || p.mathType == $math),
                 ms: p.time,
                 bytes: p.memory,
                 deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
@@ -208,7 +211,7 @@ pub fn find(h: &TimingHandle, g: &ConvGeom, math: sys::cudnnMathType_t) -> anyho
         )
         .result()
         .map_err(|e| err("forward", e))?;
-        let forward = timings!(fwd, returned);
+        let forward = timings!(fwd, returned, math);
 
         let mut returned = 0;
         let mut filter: [FilterPerf; FILTER] = std::mem::zeroed();
@@ -224,7 +227,7 @@ pub fn find(h: &TimingHandle, g: &ConvGeom, math: sys::cudnnMathType_t) -> anyho
         )
         .result()
         .map_err(|e| err("backward filter", e))?;
-        let filter = timings!(filter, returned);
+        let filter = timings!(filter, returned, math);
 
         let mut returned = 0;
         let mut data: [DataPerf; DATA] = std::mem::zeroed();
@@ -240,7 +243,7 @@ pub fn find(h: &TimingHandle, g: &ConvGeom, math: sys::cudnnMathType_t) -> anyho
         )
         .result()
         .map_err(|e| err("backward data", e))?;
-        let data = timings!(data, returned);
+        let data = timings!(data, returned, math);
         Ok(Found {
             forward,
             filter,

@@ -380,7 +380,10 @@ impl Cuda {
 
     /// A copy of `host` on the GPU, queued behind the stream's work through a pinned staging
     /// buffer ([`staging`]), or copied directly where pinned memory is refused.
-    fn to_gpu<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, DriverError> {
+    fn to_gpu<T: DeviceRepr + bytemuck::NoUninit>(
+        &self,
+        host: &[T],
+    ) -> Result<CudaSlice<T>, DriverError> {
         if let Some(buf) = self.staging.lock().unwrap().upload(&self.stream, host)? {
             return Ok(buf);
         }

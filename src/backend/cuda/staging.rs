@@ -8,9 +8,10 @@
 //! transfer is queued behind that work like a kernel and the call returns at once.
 //!
 //! A buffer is used again only once the copy out of it has finished (an event recorded after
-//! each copy says when): the few uploads a step makes (the batch's bytes, its crops and
+//! each copy says when): the four uploads a step makes (the batch's bytes, its crops and
 //! colour shifts, the labels) each find a free buffer, and the pool stays at that size.
 
+use bytemuck::NoUninit;
 use cudarc::driver::{
     result, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, DriverError,
     PinnedHostSlice,
@@ -93,7 +94,7 @@ impl Staging {
     /// A copy of `host` on the GPU, queued on `stream` through a staging buffer; `None` where
     /// pinned memory is refused here or `host` is over [`MAX_STAGED`], and the caller copies
     /// directly.
-    pub fn upload<T: DeviceRepr>(
+    pub fn upload<T: DeviceRepr + NoUninit>(
         &mut self,
         stream: &Arc<CudaStream>,
         host: &[T],
@@ -102,14 +103,16 @@ impl Staging {
         if self.refused || bytes == 0 || bytes > MAX_STAGED {
             return Ok(None);
         }
-        let states: Vec<BufferState> = (self.buffers.iter())
-            .map(|b| BufferState {
-                capacity: b.host.len(),
-                // SAFETY: the event is live. A query of an event never recorded succeeds.
-                free: unsafe { result::event::query(b.copied.cu_event()) }.is_ok(),
-                used: b.used,
+        let states = (self.buffers.iter())
+            .map(|b| {
+                Ok(BufferState {
+                    capacity: b.host.len(),
+                    // An event never recorded is complete.
+                    free: b.copied.try_is_complete()?,
+                    used: b.used,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, DriverError>>()?;
         let i = match pick(&states, bytes, MAX_BUFFERS) {
             Pick::Use(i) => i,
             Pick::Wait(i) => {
@@ -151,9 +154,7 @@ impl Staging {
         // The copy out of this buffer has finished (`pick` chose a free one, or waited); the
         // slice's own event is never recorded, so this does not wait.
         let staged = &mut pinned.as_mut_slice()?[..bytes];
-        // SAFETY: `T: DeviceRepr` is plain data, so its bytes may be read as bytes.
-        let src = unsafe { std::slice::from_raw_parts(host.as_ptr().cast::<u8>(), bytes) };
-        staged.copy_from_slice(src);
+        staged.copy_from_slice(bytemuck::cast_slice(host));
         // SAFETY: the copy below fills all of it before the stream's next work reads it.
         let mut dst = unsafe { stream.alloc::<T>(host.len()) }?;
         {
@@ -174,6 +175,9 @@ impl Staging {
         bytes: usize,
     ) -> Result<Option<Buffer>, DriverError> {
         let capacity = bytes.div_ceil(GRANULE) * GRANULE;
+        // An error that earlier asynchronous work left behind surfaces here, as itself, not
+        // as a refusal of pinned memory below (cudarc reports such errors at the next bind).
+        stream.context().bind_to_thread()?;
         // SAFETY: the buffer is written before each copy reads it.
         match unsafe { stream.context().alloc_pinned::<u8>(capacity) } {
             Ok(host) => {
@@ -192,13 +196,22 @@ impl Staging {
                 tracing::warn!(
                     mib = capacity >> 20,
                     error = ?e,
-                    "page-locked memory refused: uploads to the GPU copy from pageable memory, \
-                     which waits for the GPU's queued work (raise the locked-memory limit, \
-                     ulimit -l, for faster steps)"
+                    "page-locked memory refused: uploads to the GPU copy from pageable memory \
+                     from now on, which waits for the GPU's queued work (slower steps)"
                 );
                 self.refused = true;
                 Ok(None)
             }
+        }
+    }
+}
+
+impl Drop for Staging {
+    /// The driver frees page-locked memory at once, and promises no wait for a copy still
+    /// reading it: each buffer's last copy is waited for first.
+    fn drop(&mut self) {
+        for b in &self.buffers {
+            let _ = b.copied.synchronize();
         }
     }
 }
@@ -235,7 +248,7 @@ mod tests {
         assert_eq!(pick(&busy, 1, 4), Pick::Add);
     }
 
-    /// A step's uploads in steady state: three per step, each step's copies finished by the
+    /// A step's uploads in steady state: four per step, each step's copies finished by the
     /// next (the GPU has run them long before): three buffers serve every step.
     #[test]
     fn a_steady_stream_of_steps_keeps_the_pool_small() {
@@ -245,7 +258,7 @@ mod tests {
             for s in pool.iter_mut() {
                 s.free = true;
             }
-            for bytes in [19 << 20, 1536, 1536] {
+            for bytes in [19 << 20, 1536, 1536, 512] {
                 clock += 1;
                 let i = match pick(&pool, bytes, MAX_BUFFERS) {
                     Pick::Use(i) => i,
@@ -259,6 +272,6 @@ mod tests {
                 pool[i].used = clock;
             }
         }
-        assert_eq!(pool.len(), 3);
+        assert_eq!(pool.len(), 4);
     }
 }
