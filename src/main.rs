@@ -969,6 +969,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
             resume: resume
                 .as_ref()
                 .map(|(d, m)| (d.clone(), m.step, m.schedule.lr)),
+            memory_sharers: 1,
         };
         let (net, steps) = alexnet::train::job::run(&job, backend, role, &mut book)?;
         if let Some(out) = &a.out {

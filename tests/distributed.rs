@@ -932,3 +932,57 @@ fn resuming_a_complete_run_starts_nothing_and_says_so() {
     assert!(err.contains("the run is complete"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }
+
+#[test]
+fn workers_on_the_same_memory_are_counted_in_their_assignments() {
+    let cases = [
+        // Two CPU workers on one host share its memory; on two hosts, each has its own.
+        ("mu", [("a", "cpu"), ("a", "cpu")], 2),
+        ("nu", [("a", "cpu"), ("b", "cpu")], 1),
+        // Two workers on one GPU share its memory; on two GPUs (the UUIDs differ), they do not.
+        ("xi", [("a", "cuda:0"), ("a", "cuda:0")], 2),
+        ("omicron", [("a", "cuda:0@0f"), ("a", "cuda:1@1e")], 1),
+        // A GPU worker and a CPU worker on one host: the GPU's memory is not the host's.
+        ("pi", [("a", "cuda:0"), ("a", "cpu")], 1),
+    ];
+    for (job, workers, want) in cases {
+        let workers = workers.map(|(host, dev)| (host, dev, None));
+        for a in gpu_assignments(job, &[], &workers) {
+            assert_eq!(a.memory_sharers, want, "{job}: rank {}", a.rank);
+        }
+    }
+}
+
+/// CPU workers on one machine check their batch against their share of its memory, so that
+/// together they do not take more than is there (`ALEXNET_MEMORY_LIMIT` stands in for a small
+/// machine): room for one worker's buffers is not enough for two.
+#[test]
+fn workers_on_one_machine_check_their_batch_against_their_share_of_its_memory() {
+    let dir = scratch("share");
+    let launch = |limit: String, run: &str| {
+        let out = exe()
+            .env("ALEXNET_MEMORY_LIMIT", &limit)
+            .args(["launch", "--steps", "1", "--max-restarts", "0"])
+            .args(["--peer-timeout", "20", "--run-dir"])
+            .arg(dir.join(run))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), err)
+    };
+    let shared = "shared by the job's 2 workers on this machine";
+    let (ok, err) = launch("1M".into(), "tiny");
+    assert!(!ok && err.contains(shared), "{err}");
+    // Each worker's need, as its refusal says (`need 8.1 MiB`).
+    let need: f64 = err
+        .split("need ")
+        .nth(1)
+        .and_then(|s| s.split(" MiB").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no need in MiB in: {err}"));
+    let kib = |f: f64| format!("{}K", (need * f * 1024.0) as u64);
+    let (ok, err) = launch(kib(1.6), "one");
+    assert!(!ok && err.contains(shared), "{err}");
+    let (ok, err) = launch(kib(2.4), "both");
+    assert!(ok, "{err}");
+}

@@ -156,6 +156,13 @@ impl Member {
         self.capabilities.iter().any(|c| c == "nccl") && self.nccl_id.len() == 128
     }
 
+    /// Whether two workers' buffers come out of the same memory: both on the CPU of one
+    /// host, or on one GPU.
+    fn shares_memory_with(&self, other: &Member) -> bool {
+        (self.host == other.host && self.device == "cpu" && other.device == "cpu")
+            || (self.device != "cpu" && other.device != "cpu" && self.same_gpu(other))
+    }
+
     /// Whether two workers run on one GPU (NCCL refuses two ranks of a communicator there).
     fn same_gpu(&self, other: &Member) -> bool {
         if !self.gpu_uuid.is_empty() && !other.gpu_uuid.is_empty() {
@@ -448,6 +455,11 @@ impl Coordinator {
                 .collect(),
             nccl_id: self.pair_nccl_id(&st.members, rank),
             nccl_replica_id: self.replica_nccl_id(&st.members, rank),
+            memory_sharers: st
+                .members
+                .values()
+                .filter(|o| m.shares_memory_with(o))
+                .count() as u32,
             mesh_key: self.mesh_key,
             peer_timeout_ms: self.cfg.peer_timeout.as_millis() as u32,
             heartbeat_ms: self.cfg.heartbeat.as_millis() as u32,

@@ -234,6 +234,15 @@ struct ColumnGrads<B: Backend> {
 }
 
 /// What to change when a batch does not fit.
+/// Bytes for people: MiB below a GiB, GiB above.
+fn human_bytes(b: u64) -> String {
+    if b < 1 << 30 {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    }
+}
+
 const TOO_LARGE: &str = "lower --batch, or spread the job over more devices (--replicas)";
 
 /// A buffer of the network's, or an error naming what did not fit and at which batch size.
@@ -518,6 +527,9 @@ pub struct Network<B: Backend> {
     grads: Option<Vec<ColumnGrads<B>>>,
     /// The mode of the last forward pass: the backward pass must undo the same dropout.
     last_mode: Option<Mode>,
+    /// Processes whose buffers come out of the same memory as this one's, itself included
+    /// ([`Network::share_memory`]).
+    memory_sharers: usize,
     pub profile: Profile,
 }
 
@@ -574,6 +586,7 @@ impl<B: Backend> Network<B> {
             gathered: None,
             grads: None,
             last_mode: None,
+            memory_sharers: 1,
             profile: Profile::default(),
         })
     }
@@ -624,23 +637,44 @@ impl<B: Backend> Network<B> {
         let Some(available) = self.backend.memory_available() else {
             return Ok(());
         };
+        // Processes on the same memory check at about the same time, before any of them has
+        // touched its buffers (which the system maps lazily): each counts on its share only.
+        let share = available / self.memory_sharers as u64;
         let added = (self.buffer_bytes() - kept) as u64;
-        if added <= available {
+        if added <= share {
             return Ok(());
         }
         self.drop_buffers();
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let what = if kept > 0 {
             "the network's gradients"
         } else {
             "the network's buffers (activations, and gradients for training)"
         };
+        let room = if self.memory_sharers > 1 {
+            format!(
+                "this worker's share is {} ({} of memory available here, the system's or its \
+                 container's limit, shared by the job's {} workers on this machine)",
+                human_bytes(share),
+                human_bytes(available),
+                self.memory_sharers
+            )
+        } else {
+            format!(
+                "{} of memory are available here (the system's, or its container's limit)",
+                human_bytes(available)
+            )
+        };
         anyhow::bail!(
-            "{what} at batch {batch} need {:.1} GiB, and {:.1} GiB of memory are available here \
-             (the system's, or its container's limit): {TOO_LARGE}",
-            gib(added),
-            gib(available)
+            "{what} at batch {batch} need {}, and {room}: {TOO_LARGE}",
+            human_bytes(added)
         )
+    }
+
+    /// Declares that `processes` processes (this one included) take their buffers from the
+    /// same memory, as CPU workers on one host do: the memory check before the first step
+    /// gives this one its share. 1 by default.
+    pub fn share_memory(&mut self, processes: usize) {
+        self.memory_sharers = processes.max(1);
     }
 
     /// Frees every buffer of a batch size: the next `prepare` starts over.

@@ -171,6 +171,9 @@ pub struct Role<B: Backend> {
     pub run_dir: Option<PathBuf>,
     /// A checkpoint to continue from: its folder, step and learning rate.
     pub resume: Option<(PathBuf, u64, f32)>,
+    /// Processes of the job whose buffers come out of the same memory as this one's, itself
+    /// included (CPU workers on one host): each checks its batch against its share.
+    pub memory_sharers: usize,
 }
 
 /// The data of `job` as replica `replica` sees it.
@@ -253,6 +256,7 @@ pub fn run<B: Backend>(
     }
     // A batch that does not fit this device fails now, naming the layer, before the loader
     // and the peers wait on the first step.
+    net.share_memory(role.memory_sharers);
     net.reserve(job.batch / job.topology.replicas)?;
     tracing::info!(
         backend = net.backend.name(),

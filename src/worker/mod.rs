@@ -664,6 +664,7 @@ fn train<B: crate::backend::Backend>(
         replicas: ex.replicas,
         run_dir: (!a.run_dir.is_empty()).then(|| PathBuf::from(&a.run_dir)),
         resume: (a.resume_step > 0).then(|| (PathBuf::from(&a.resume_dir), a.resume_step, a.lr)),
+        memory_sharers: a.memory_sharers.max(1) as usize,
     };
     let t = Instant::now();
     let (net, steps) = job::run(job, backend, role, &mut reporter)?;
