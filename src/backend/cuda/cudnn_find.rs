@@ -158,11 +158,21 @@ fn describe(g: &ConvGeom, math: sys::cudnnMathType_t) -> anyhow::Result<Descript
     Ok(d)
 }
 
-/// What cuDNN reports of an algorithm, for [`Timing`].
-/// In strict f32 (`math` is FMA math), an entry timed in another math type does not count.
-macro_rules! timings {
-    ($perf:expr, $returned:expr, $math:expr) => {
-        $perf[..($returned.max(0) as usize).min($perf.len())]
+/// Runs one of cuDNN's `cudnnFind...Algorithm` calls (`$call` given the count asked for, where
+/// to write the count returned and where to write the results) with room for all `$count`
+/// algorithms, and reads its results as [`Timing`]s. In strict f32 (`$math` is FMA math), an
+/// entry timed in another math type does not count as run.
+///
+/// Safety: called in an unsafe block; `$perf` must be the call's result type, for which all
+/// zero bits are a valid value.
+macro_rules! find_pass {
+    ($perf:ty, $count:expr, $math:expr, $what:expr, $call:expr) => {{
+        let mut returned: i32 = 0;
+        let mut perf: [$perf; $count] = std::mem::zeroed();
+        ($call)($count as i32, &mut returned, perf.as_mut_ptr())
+            .result()
+            .map_err(|e| err($what, e))?;
+        perf[..(returned.max(0) as usize).min($count)]
             .iter()
             .map(|p| Timing {
                 algo: p.algo,
@@ -173,7 +183,7 @@ macro_rules! timings {
                 deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
             })
             .collect::<Vec<_>>()
-    };
+    }};
 }
 
 /// Times every algorithm of the three passes of `g` on this GPU, with `math` as the
@@ -195,55 +205,17 @@ pub fn find(h: &TimingHandle, g: &ConvGeom, math: sys::cudnnMathType_t) -> anyho
         sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as usize;
     // SAFETY: all-zero perf structs are valid (status success, algorithm 0, ...); cuDNN fills
     // at most the requested count and says how many it filled; the descriptors and the handle
-    // are live.
+    // are live, and each call takes them in the order its C signature gives.
     unsafe {
-        let mut returned = 0;
-        let mut fwd: [FwdPerf; FORWARD] = std::mem::zeroed();
-        sys::cudnnFindConvolutionForwardAlgorithm(
-            h.0,
-            d.x,
-            d.w,
-            d.conv,
-            d.y,
-            FORWARD as i32,
-            &mut returned,
-            fwd.as_mut_ptr(),
-        )
-        .result()
-        .map_err(|e| err("forward", e))?;
-        let forward = timings!(fwd, returned, math);
-
-        let mut returned = 0;
-        let mut filter: [FilterPerf; FILTER] = std::mem::zeroed();
-        sys::cudnnFindConvolutionBackwardFilterAlgorithm(
-            h.0,
-            d.x,
-            d.y,
-            d.conv,
-            d.w,
-            FILTER as i32,
-            &mut returned,
-            filter.as_mut_ptr(),
-        )
-        .result()
-        .map_err(|e| err("backward filter", e))?;
-        let filter = timings!(filter, returned, math);
-
-        let mut returned = 0;
-        let mut data: [DataPerf; DATA] = std::mem::zeroed();
-        sys::cudnnFindConvolutionBackwardDataAlgorithm(
-            h.0,
-            d.w,
-            d.y,
-            d.conv,
-            d.x,
-            DATA as i32,
-            &mut returned,
-            data.as_mut_ptr(),
-        )
-        .result()
-        .map_err(|e| err("backward data", e))?;
-        let data = timings!(data, returned, math);
+        let forward = find_pass!(FwdPerf, FORWARD, math, "forward", |n, r, p| {
+            sys::cudnnFindConvolutionForwardAlgorithm(h.0, d.x, d.w, d.conv, d.y, n, r, p)
+        });
+        let filter = find_pass!(FilterPerf, FILTER, math, "backward filter", |n, r, p| {
+            sys::cudnnFindConvolutionBackwardFilterAlgorithm(h.0, d.x, d.y, d.conv, d.w, n, r, p)
+        });
+        let data = find_pass!(DataPerf, DATA, math, "backward data", |n, r, p| {
+            sys::cudnnFindConvolutionBackwardDataAlgorithm(h.0, d.w, d.y, d.conv, d.x, n, r, p)
+        });
         Ok(Found {
             forward,
             filter,
