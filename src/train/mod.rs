@@ -45,11 +45,13 @@ pub fn train_step<B: Backend>(
         loss.is_finite(),
         "the loss diverged to {loss} at step {step}: lower the learning rate"
     );
-    let (top1_correct, top5_correct) =
-        count_correct(&net.backend.download(logits), classes, labels);
+    // Read now, while the loss has made the device finish the forward pass; counted once the
+    // backward pass is queued, so that a device is not kept waiting for the count.
+    let logits = net.backend.download(logits);
     net.backward(x, &dlogits)?;
     net.sync_replicas()?;
     net.sgd_step(sgd);
+    let (top1_correct, top5_correct) = count_correct(&logits, classes, labels);
     Ok(StepResult {
         loss,
         top1_correct,
