@@ -85,7 +85,7 @@ struct Buffer {
 pub struct Staging {
     buffers: Vec<Buffer>,
     clock: u64,
-    /// Pinned memory was refused once (a container's locked-memory limit, say): uploads copy
+    /// Pinned memory was refused once (a container's limits, say): uploads copy
     /// from the caller's memory from then on.
     refused: bool,
 }
@@ -113,36 +113,33 @@ impl Staging {
                 })
             })
             .collect::<Result<Vec<_>, DriverError>>()?;
-        let i = match pick(&states, bytes, MAX_BUFFERS) {
-            Pick::Use(i) => i,
+        // The buffer to use (none: a new one), and whether it must be (re)made to hold `bytes`.
+        let (slot, make) = match pick(&states, bytes, MAX_BUFFERS) {
+            Pick::Use(i) => (Some(i), false),
+            Pick::Replace(i) => (Some(i), true),
+            Pick::Add => (None, true),
             Pick::Wait(i) => {
                 self.buffers[i].copied.synchronize()?;
-                if self.buffers[i].host.len() >= bytes {
-                    i
-                } else {
-                    match self.new_buffer(stream, bytes)? {
-                        Some(b) => {
-                            self.buffers[i] = b;
-                            i
-                        }
-                        None => return Ok(None),
+                (Some(i), self.buffers[i].host.len() < bytes)
+            }
+        };
+        let i = match (slot, make) {
+            (Some(i), false) => i,
+            (slot, _) => {
+                let Some(made) = self.new_buffer(stream, bytes)? else {
+                    return Ok(None);
+                };
+                match slot {
+                    Some(i) => {
+                        self.buffers[i] = made;
+                        i
+                    }
+                    None => {
+                        self.buffers.push(made);
+                        self.buffers.len() - 1
                     }
                 }
             }
-            Pick::Replace(i) => match self.new_buffer(stream, bytes)? {
-                Some(b) => {
-                    self.buffers[i] = b;
-                    i
-                }
-                None => return Ok(None),
-            },
-            Pick::Add => match self.new_buffer(stream, bytes)? {
-                Some(b) => {
-                    self.buffers.push(b);
-                    self.buffers.len() - 1
-                }
-                None => return Ok(None),
-            },
         };
         self.clock += 1;
         let Buffer {
