@@ -6,6 +6,8 @@
 //! name the kernel's own file and line.
 
 use cudarc::nvrtc::{CompileOptions, Ptx};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 /// The headers kernels may include, by name.
 const HEADERS: &[(&str, &str)] = &[("rng.cuh", include_str!("../../../kernels/rng.cuh"))];
@@ -128,6 +130,25 @@ pub fn compile(name: &str, source: &str, arch: Option<&'static str>) -> anyhow::
         ),
         other => anyhow::anyhow!("kernel {name}: NVRTC failed: {other:?}"),
     })
+}
+
+/// [`compile`] for one of the [`SOURCES`], once per process and architecture: every backend a
+/// process opens (the selftest's two, one per case in the op tests) shares the PTX rather
+/// than compiling every file again.
+pub fn compile_once(
+    name: &'static str,
+    source: &'static str,
+    arch: &'static str,
+) -> anyhow::Result<Ptx> {
+    type Cache = Mutex<HashMap<(&'static str, &'static str), Ptx>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(ptx) = cache.lock().unwrap().get(&(name, arch)) {
+        return Ok(ptx.clone());
+    }
+    let ptx = compile(name, source, Some(arch))?;
+    cache.lock().unwrap().insert((name, arch), ptx.clone());
+    Ok(ptx)
 }
 
 #[cfg(test)]

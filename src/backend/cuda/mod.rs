@@ -269,7 +269,7 @@ impl Cuda {
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let mut functions = HashMap::new();
         for (file, source, names) in kernels::SOURCES {
-            let ptx = kernels::compile(file, source, Some(arch))?;
+            let ptx = kernels::compile_once(file, source, arch)?;
             let module = ctx
                 .load_module(ptx)
                 .map_err(|e| anyhow::anyhow!("loading {file} on GPU {ordinal}: {e:?}"))?;
