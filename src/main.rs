@@ -1029,6 +1029,7 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             tracing::info!(backend = %alexnet::backend::Backend::name(&gpu), "checking against the CPU");
             let mut checks = selftest::ops(&reference, &gpu, seed, a.tolerance);
             checks.push(selftest::finish_views(&gpu, seed)?);
+            checks.push(selftest::uploads(&gpu, seed));
             checks.extend(selftest::network(
                 &demo_net(),
                 Cpu::with_threads(1),

@@ -436,6 +436,45 @@ pub fn finish_views<B: Backend>(backend: &B, seed: u64) -> anyhow::Result<Check>
     })
 }
 
+/// Uploads back to back, more of them and larger than a device's staging pool holds at once
+/// (so that its buffers are reused, waited for and replaced while copies are in flight), then
+/// read back: every value must arrive exactly.
+pub fn uploads<B: Backend>(backend: &B, seed: u64) -> Check {
+    // Floats: from one value to 6 Mi (24 MiB), small and large in turn, twice over.
+    const SIZES: [usize; 12] = [
+        1,
+        1000,
+        1 << 20,
+        7,
+        6 << 20,
+        3,
+        1 << 18,
+        5 << 20,
+        2,
+        1 << 20,
+        4 << 20,
+        123_457,
+    ];
+    let key = rng::key(seed, "selftest.uploads");
+    let hosts: Vec<Vec<f32>> = (0..2 * SIZES.len())
+        .map(|u| {
+            let k = rng::subkey(key, u as u64);
+            (0..SIZES[u % SIZES.len()] as u64)
+                .map(|i| rng::normal(k, i))
+                .collect()
+        })
+        .collect();
+    let bufs: Vec<B::Buf> = hosts.iter().map(|h| backend.upload(h)).collect();
+    let error = (hosts.iter().zip(&bufs))
+        .map(|(h, b)| scaled_error(&backend.download(b), h))
+        .fold(0.0, f64::max);
+    Check {
+        what: "24 uploads back to back, read back (exact)".into(),
+        error,
+        tolerance: 0.0,
+    }
+}
+
 /// The checks as a table for people; the last line says whether all passed.
 pub fn render(checks: &[Check]) -> String {
     let width = checks.iter().map(|c| c.what.len()).max().unwrap_or(0);
@@ -462,6 +501,12 @@ pub fn render(checks: &[Check]) -> String {
 mod tests {
     use super::*;
     use crate::backend::Cpu;
+
+    #[test]
+    fn uploads_arrive_exactly() {
+        let check = uploads(&Cpu::new(), 3);
+        assert!(check.passed(), "{}", render(&[check]));
+    }
 
     #[test]
     fn the_cpu_passes_against_itself_with_another_work_split() {
