@@ -4,7 +4,7 @@
 mod common;
 
 use alexnet::backend::{
-    Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
+    Backend, ConvGeom, DropoutKey, InputPart, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
 };
 use common::*;
 
@@ -585,6 +585,101 @@ fn conv_matches_direct<B: Backend>(b: &B) {
     }
 }
 
+/// A layer computed in parts of its input channels or features (as conv3, fc6, fc7 and fc8 are,
+/// one part per column) equals the layer computed whole: the first part writes the output and
+/// the bias over whatever was there, the others add to it. Uneven parts, and parts in any order.
+fn parts_sum_to_the_whole<B: Backend>(b: &B) {
+    let whole = ConvGeom {
+        batch: 3,
+        in_c: 10,
+        in_h: 9,
+        in_w: 9,
+        out_c: 6,
+        kernel: 3,
+        stride: 1,
+        pad: 1,
+        groups: 1,
+    };
+    let strided = ConvGeom {
+        in_c: 7,
+        in_h: 15,
+        in_w: 15,
+        kernel: 5,
+        stride: 2,
+        pad: 2,
+        ..whole
+    };
+    for (geom, splits) in [
+        (whole, vec![(0, 4), (4, 10)]),
+        (whole, vec![(5, 10), (0, 5)]),
+        (strided, vec![(3, 4), (0, 3), (4, 7)]),
+    ] {
+        let (x, w, bias) = (
+            random(geom.in_len(), 81),
+            random(geom.weight_len(), 82),
+            random(geom.out_c, 83),
+        );
+        let (wb, bb) = (b.upload(&w), b.upload(&bias));
+        let mut want = b.zeros(geom.out_len());
+        b.conv2d_forward(&geom, &b.upload(&x), &wb, &bb, &mut want);
+        let mut got = b.upload(&random(geom.out_len(), 84));
+        let plane = geom.in_h * geom.in_w;
+        for (i, &(lo, hi)) in splits.iter().enumerate() {
+            let part_geom = ConvGeom {
+                in_c: hi - lo,
+                ..geom
+            };
+            let x_part: Vec<f32> = x
+                .chunks(geom.in_c * plane)
+                .flat_map(|image| image[lo * plane..hi * plane].to_vec())
+                .collect();
+            let part = InputPart {
+                first: lo,
+                total: geom.in_c,
+            };
+            let xb = b.upload(&x_part);
+            b.conv2d_forward_part(&part_geom, part, &xb, &wb, &bb, &mut got, i > 0);
+        }
+        let what = format!("conv {}x{} in parts {splits:?}", geom.kernel, geom.kernel);
+        assert_close(&what, &b.download(&got), &b.download(&want), 1e-5);
+    }
+
+    let geom = LinearGeom {
+        rows: 5,
+        inp: 13,
+        out: 7,
+    };
+    let (x, w, bias) = (
+        random(geom.rows * geom.inp, 91),
+        random(geom.out * geom.inp, 92),
+        random(geom.out, 93),
+    );
+    let (wb, bb) = (b.upload(&w), b.upload(&bias));
+    let mut want = b.zeros(geom.rows * geom.out);
+    b.linear_forward(&geom, &b.upload(&x), &wb, &bb, &mut want);
+    for splits in [vec![(0, 6), (6, 13)], vec![(9, 13), (0, 2), (2, 9)]] {
+        let mut got = b.upload(&random(geom.rows * geom.out, 94));
+        for (i, &(lo, hi)) in splits.iter().enumerate() {
+            let part_geom = LinearGeom {
+                inp: hi - lo,
+                ..geom
+            };
+            let x_part: Vec<f32> = x
+                .chunks(geom.inp)
+                .flat_map(|row| row[lo..hi].to_vec())
+                .collect();
+            let part = InputPart {
+                first: lo,
+                total: geom.inp,
+            };
+            let xb = b.upload(&x_part);
+            b.linear_forward_part(&part_geom, part, &xb, &wb, &bb, &mut got, i > 0);
+        }
+        let what = format!("linear in parts {splits:?}");
+        assert_close(&what, &b.download(&got), &b.download(&want), 1e-5);
+    }
+}
+
 /// The shared-input convolution (both columns' conv1 at once) equals the convolutions run apart.
 fn conv_sets_match_single<B: Backend>(b: &B) {
     let geom = ConvGeom {
@@ -918,6 +1013,11 @@ macro_rules! backend_tests {
                 backward_split_equals_fused(&b)
             }
             #[test]
+            fn layers_in_parts_of_their_input_equal_the_whole() {
+                let Some(b) = $make else { return };
+                parts_sum_to_the_whole(&b)
+            }
+            #[test]
             fn concat_and_slice_rows() {
                 let Some(b) = $make else { return };
                 concat_and_slice(&b)
@@ -970,4 +1070,8 @@ fn cuda_convolutions_in_several_unfolding_passes() {
     conv_finite_diff(&b);
     conv_sets_match_single(&b);
     backward_split_equals_fused(&b);
+    // Parts of one or two images a pass (under 5,000 floats), against the whole in several.
+    if let Some(b) = gpu().map(|b| b.with_unfolding_limit(5_000)) {
+        parts_sum_to_the_whole(&b);
+    }
 }

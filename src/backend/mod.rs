@@ -209,6 +209,18 @@ pub struct LinearGeom {
     pub out: usize,
 }
 
+/// Which input channels (of a convolution) or features (of a fully connected layer) a partial
+/// forward product reads: `[first, first + count)` of the layer's `total`, where `count` is the
+/// part's geometry's `in_c` or `inp`.
+///
+/// A layer whose input is gathered from both columns (conv3, fc6, fc7, fc8) is computed as two
+/// such parts, the column's own first: it runs while the other column's part is still crossing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputPart {
+    pub first: usize,
+    pub total: usize,
+}
+
 /// The paper's SGD step: `v <- m v - wd lr w - lr g ; w <- w + v`.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -341,6 +353,22 @@ pub trait Backend: Send + Sync {
         }
     }
 
+    /// The part of [`Backend::conv2d_forward`] that input channels `part` contribute: `x` holds
+    /// just those channels (`g.in_c` of them; `g` is the part's geometry), `w` is the whole
+    /// layer's `[out_c, part.total, k, k]`. Writes `y = part + b`, or adds the part to `y` when
+    /// `accumulate` (`b` is then unused). One group only.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_forward_part(
+        &self,
+        g: &ConvGeom,
+        part: InputPart,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+        accumulate: bool,
+    );
+
     /// Backward of [`Backend::conv2d_forward_sets`] without the input gradient.
     fn conv2d_backward_sets(
         &self,
@@ -420,6 +448,22 @@ pub trait Backend: Send + Sync {
         b: &Self::Buf,
         y: &mut Self::Buf,
     );
+    /// The part of [`Backend::linear_forward`] that input features `part` contribute: `x` is
+    /// `[rows, g.inp]`, just those features (`g` is the part's geometry), `w` the whole layer's
+    /// `[out, part.total]`. Writes `y = part + b`, or adds the part to `y` when `accumulate`
+    /// (`b` is then unused).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward_part(
+        &self,
+        g: &LinearGeom,
+        part: InputPart,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+        accumulate: bool,
+    );
+
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,

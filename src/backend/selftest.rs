@@ -7,7 +7,8 @@
 //! relative to the output's scale, so that values that should be near zero do not dominate.
 
 use super::{
-    rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
+    rng, Backend, ConvGeom, DropoutKey, InputPart, LinearGeom, LrnParams, PlaneGeom, PoolGeom,
+    SgdParams,
 };
 use crate::data::augment::{self, cut, ByteViews, Crop};
 use serde::Serialize;
@@ -137,6 +138,24 @@ pub fn ops<R: Backend, T: Backend>(reference: &R, tested: &T, seed: u64, tol: f6
         p.r.conv2d_backward_data(&g, &w.0, &dy.0, &mut dx.0);
         p.t.conv2d_backward_data(&g, &w.1, &dy.1, &mut dx.1);
         p.compare(&format!("{name}: input gradient alone"), &dx);
+        // The forward pass in two parts of the input channels, as conv3 runs (one group).
+        if g.groups == 1 && g.in_c % 2 == 0 {
+            let half = ConvGeom {
+                in_c: g.in_c / 2,
+                ..g
+            };
+            let mut y = p.up(&randn(seed, "stale y", g.out_len(), 1.0));
+            for i in 0..2 {
+                let xi = p.up(&randn(seed, &format!("x part {i}"), half.in_len(), 1.0));
+                let part = InputPart {
+                    first: i * half.in_c,
+                    total: g.in_c,
+                };
+                p.r.conv2d_forward_part(&half, part, &xi.0, &w.0, &b.0, &mut y.0, i > 0);
+                p.t.conv2d_forward_part(&half, part, &xi.1, &w.1, &b.1, &mut y.1, i > 0);
+            }
+            p.compare(&format!("{name}: forward in two parts of its input"), &y);
+        }
     }
     {
         let g = PlaneGeom {
@@ -247,6 +266,27 @@ pub fn ops<R: Backend, T: Backend>(reference: &R, tested: &T, seed: u64, tol: f6
         p.r.linear_backward_data(&g, &w.0, &dy.0, &mut dx.0);
         p.t.linear_backward_data(&g, &w.1, &dy.1, &mut dx.1);
         p.compare("linear: input gradient alone", &dx);
+        // The forward pass in two parts of the input features, as fc6, fc7 and fc8 run.
+        let half = LinearGeom {
+            inp: g.inp / 2,
+            ..g
+        };
+        let mut y = p.up(&randn(seed, "fc.stale y", g.rows * g.out, 1.0));
+        for i in 0..2 {
+            let xi = p.up(&randn(
+                seed,
+                &format!("fc.x part {i}"),
+                g.rows * half.inp,
+                1.0,
+            ));
+            let part = InputPart {
+                first: i * half.inp,
+                total: g.inp,
+            };
+            p.r.linear_forward_part(&half, part, &xi.0, &w.0, &b.0, &mut y.0, i > 0);
+            p.t.linear_forward_part(&half, part, &xi.1, &w.1, &b.1, &mut y.1, i > 0);
+        }
+        p.compare("linear: forward in two parts of its input", &y);
     }
     {
         let (rows, classes) = (32, 1000);

@@ -23,21 +23,21 @@ impl<B: Backend> ColumnExchange<B> for LocalExchange {
         &self.columns
     }
 
-    fn all_gather(
+    fn finish_all_gather(
         &mut self,
         backend: &B,
         rows: usize,
         width: usize,
         local: &[&B::Buf],
         out: &mut B::Buf,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<B::Buf>> {
         anyhow::ensure!(
             local.len() == COLUMNS,
             "a local exchange needs all {COLUMNS} columns, got {}",
             local.len()
         );
         backend.concat_rows(rows, local, &[width; COLUMNS], out);
-        Ok(())
+        Ok(Vec::new())
     }
 
     fn finish_reduce_scatter(

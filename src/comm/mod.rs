@@ -81,7 +81,39 @@ pub trait ColumnExchange<B: Backend>: Send {
         width: usize,
         local: &[&B::Buf],
         out: &mut B::Buf,
-    ) -> anyhow::Result<()>;
+    ) -> anyhow::Result<()> {
+        self.start_all_gather(backend, rows, width, local)?;
+        self.finish_all_gather(backend, rows, width, local, out)
+            .map(drop)
+    }
+
+    /// Starts [`Self::all_gather`]: sends this process's blocks to the other column and returns
+    /// without waiting for its blocks, so that the caller can compute with the blocks it holds
+    /// (the part of the next layer that reads them) while the others travel. `local` must stay
+    /// unchanged until [`Self::finish_all_gather`], which must come before any other exchange.
+    /// The default starts nothing (both columns in one process).
+    fn start_all_gather(
+        &mut self,
+        backend: &B,
+        rows: usize,
+        width: usize,
+        local: &[&B::Buf],
+    ) -> anyhow::Result<()> {
+        let _ = (backend, rows, width, local);
+        Ok(())
+    }
+
+    /// Finishes what [`Self::start_all_gather`] started, with the same `local`: fills `out` as
+    /// [`Self::all_gather`] does, and returns the blocks of the columns held elsewhere
+    /// (`[rows, width]` each, in column order; none when both columns are here). Waits for them.
+    fn finish_all_gather(
+        &mut self,
+        backend: &B,
+        rows: usize,
+        width: usize,
+        local: &[&B::Buf],
+        out: &mut B::Buf,
+    ) -> anyhow::Result<Vec<B::Buf>>;
 
     /// Starts the backward exchange of a gathered tensor's gradients: sends the other column
     /// its part of `full` (this process's `[rows, COLUMNS * width]` gradients, one per held

@@ -3,8 +3,10 @@
 //! The link lives on a thread of its own ([`LinkThread`]), so that a swap can be started and
 //! taken back later: the backward pass sends the other column its part of an input gradient,
 //! computes the layer's weight gradients while the blocks travel (they do not depend on the
-//! exchange), and only then waits. Over NCCL the transfer runs on the communicator's own
-//! stream while the weight-gradient products run on the compute stream.
+//! exchange), and only then waits; the forward pass sends its block of a gathered tensor and
+//! computes the next layer's part that reads it while the other column's block travels. Over
+//! NCCL the transfer runs on the communicator's own stream while those products run on the
+//! compute stream.
 
 use super::worker::Worker;
 use super::{ColumnExchange, Link, Traffic};
@@ -96,17 +98,27 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
         &self.column
     }
 
-    fn all_gather(
+    fn start_all_gather(
+        &mut self,
+        backend: &B,
+        rows: usize,
+        width: usize,
+        local: &[&B::Buf],
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(local.len() == 1, "a pair exchange holds one column");
+        self.link.start(backend.download(local[0]), rows * width)
+    }
+
+    fn finish_all_gather(
         &mut self,
         backend: &B,
         rows: usize,
         width: usize,
         local: &[&B::Buf],
         out: &mut B::Buf,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<B::Buf>> {
         anyhow::ensure!(local.len() == 1, "a pair exchange holds one column");
-        let theirs = self.link.swap(backend.download(local[0]), rows * width)?;
-        let theirs = backend.upload(&theirs);
+        let theirs = backend.upload(&self.link.finish()?);
         let mine = local[0];
         let parts: [&B::Buf; COLUMNS] = if self.column[0] == 0 {
             [mine, &theirs]
@@ -114,7 +126,7 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
             [&theirs, mine]
         };
         backend.concat_rows(rows, &parts, &[width; COLUMNS], out);
-        Ok(())
+        Ok(vec![theirs])
     }
 
     fn start_reduce_scatter(

@@ -5,15 +5,17 @@
 //! holds; at the exchange points the [`ColumnExchange`] gathers the halves (forward) or sums and
 //! scatters the gradients (backward). This is Megatron-LM's column-parallel layer: every layer
 //! that reads "both" columns is an all-gather of its input followed by a layer that computes
-//! only its own block of output units.
+//! only its own block of output units. That layer's forward product is taken in two parts of
+//! its input ([`ReadsBoth`]), so that the part reading the column's own block runs while the
+//! other column's block is on its way.
 
 use super::config::{
     NetConfig, Sides, COLUMNS, CONV_KERNEL, CONV_PAD, CONV_STRIDE, POOL_SIZE, POOL_STRIDE,
 };
 use super::params::{init_column, Param};
 use crate::backend::{
-    rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, OutOfMemory, PlaneGeom, PoolGeom,
-    SgdParams,
+    rng, Backend, ConvGeom, DropoutKey, InputPart, LinearGeom, LrnParams, OutOfMemory, PlaneGeom,
+    PoolGeom, SgdParams,
 };
 use crate::comm::ColumnExchange;
 use std::time::{Duration, Instant};
@@ -137,6 +139,22 @@ impl Geoms {
         }
     }
 
+    /// conv3's part that reads one column's pool2 maps ([`ReadsBoth`]).
+    fn conv3_part(&self) -> ConvGeom {
+        ConvGeom {
+            in_c: self.conv[2].in_c / COLUMNS,
+            ..self.conv[2]
+        }
+    }
+
+    /// Fully connected layer `i`'s part that reads one column's features.
+    fn fc_part(&self, i: usize) -> LinearGeom {
+        LinearGeom {
+            inp: self.fc[i].inp / COLUMNS,
+            ..self.fc[i]
+        }
+    }
+
     /// Per-sample widths of the exchanged tensors (one column's half): pool2, pool5, fc6, fc7, fc8.
     fn exchange_widths(&self) -> [usize; 5] {
         let p = |g: &PoolGeom| g.channels * g.out_h() * g.out_w();
@@ -256,11 +274,16 @@ fn alloc<B: Backend>(b: &B, what: &str, batch: usize, len: usize) -> anyhow::Res
 }
 
 /// Readies the convolutions' working memory (forward, or forward and backward) for `g`'s
-/// batch, or names the layer that did not fit.
+/// batch, or names the layer that did not fit. conv3's forward pass runs in parts.
 fn prepare_convolutions<B: Backend>(b: &B, g: &Geoms, backward: bool) -> anyhow::Result<()> {
-    for (i, conv) in g.conv.iter().enumerate() {
-        b.prepare_convolution(conv, backward).map_err(|e| {
-            let (layer, batch) = (i + 1, g.batch);
+    let whole = g
+        .conv
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i + 1, *c, backward));
+    for (layer, conv, backward) in whole.chain([(3, g.conv3_part(), false)]) {
+        b.prepare_convolution(&conv, backward).map_err(|e| {
+            let batch = g.batch;
             if e.downcast_ref::<OutOfMemory>().is_some() {
                 anyhow::anyhow!(
                     "conv{layer}'s working memory at batch {batch} does not fit: {e:#}; {TOO_LARGE}"
@@ -531,6 +554,167 @@ pub struct Network<B: Backend> {
     /// ([`Network::share_memory`]).
     memory_sharers: usize,
     pub profile: Profile,
+}
+
+/// A layer that reads both columns' blocks of its input: conv3 (pool2), fc6 (pool5), fc7 (fc6)
+/// and fc8 (fc7). It is computed in two parts ([`InputPart`]): each column's own block first,
+/// while the other column's block is still crossing, then the other's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadsBoth {
+    Conv3,
+    Fc6,
+    Fc7,
+    Fc8,
+}
+
+impl ReadsBoth {
+    fn name(self) -> &'static str {
+        match self {
+            ReadsBoth::Conv3 => "conv3",
+            ReadsBoth::Fc6 => "fc6",
+            ReadsBoth::Fc7 => "fc7",
+            ReadsBoth::Fc8 => "fc8",
+        }
+    }
+
+    /// The layer's weight in a column's parameters (its bias follows).
+    fn param(self) -> usize {
+        match self {
+            ReadsBoth::Conv3 => 4,
+            ReadsBoth::Fc6 => 10,
+            ReadsBoth::Fc7 => 12,
+            ReadsBoth::Fc8 => 14,
+        }
+    }
+
+    /// A column's block of the layer's input.
+    fn input<B: Backend>(self, a: &ColumnActs<B>) -> &B::Buf {
+        match self {
+            ReadsBoth::Conv3 => &a.p2,
+            ReadsBoth::Fc6 => &a.p5,
+            ReadsBoth::Fc7 => &a.h6,
+            ReadsBoth::Fc8 => &a.h7,
+        }
+    }
+
+    /// A column's block of the layer's input, and its output.
+    fn input_output<B: Backend>(self, a: &mut ColumnActs<B>) -> (&B::Buf, &mut B::Buf) {
+        match self {
+            ReadsBoth::Conv3 => (&a.p2, &mut a.a3),
+            ReadsBoth::Fc6 => (&a.p5, &mut a.h6),
+            ReadsBoth::Fc7 => (&a.h6, &mut a.h7),
+            ReadsBoth::Fc8 => (&a.h7, &mut a.z8),
+        }
+    }
+
+    fn output<B: Backend>(self, a: &mut ColumnActs<B>) -> &mut B::Buf {
+        self.input_output(a).1
+    }
+
+    /// `y = part + b`, or `y += part` when `accumulate`: the part of the layer of column
+    /// `params` that reads column `from`'s block `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn part<B: Backend>(
+        self,
+        b: &B,
+        g: &Geoms,
+        params: &[Param<B>],
+        from: usize,
+        x: &B::Buf,
+        y: &mut B::Buf,
+        accumulate: bool,
+    ) {
+        let (w, bias) = (&params[self.param()].value, &params[self.param() + 1].value);
+        let fc = match self {
+            ReadsBoth::Conv3 => {
+                let gp = g.conv3_part();
+                let part = InputPart {
+                    first: from * gp.in_c,
+                    total: COLUMNS * gp.in_c,
+                };
+                return b.conv2d_forward_part(&gp, part, x, w, bias, y, accumulate);
+            }
+            ReadsBoth::Fc6 => 0,
+            ReadsBoth::Fc7 => 1,
+            ReadsBoth::Fc8 => 2,
+        };
+        let gp = g.fc_part(fc);
+        let part = InputPart {
+            first: from * gp.inp,
+            total: COLUMNS * gp.inp,
+        };
+        b.linear_forward_part(&gp, part, x, w, bias, y, accumulate)
+    }
+}
+
+/// Runs a [`ReadsBoth`] layer of every held column, with the all-gather of its input into
+/// `gathered` (which the backward pass reads): starts the gather, computes each column's part
+/// that reads its own block while the other column's block travels, then waits for the
+/// gather and adds the parts that read the other columns' blocks, in column order. Every
+/// column adds its parts in that order whether the other column is held here or not, so one
+/// process holding both columns and two processes holding one each train the same bits.
+#[allow(clippy::too_many_arguments)]
+fn reads_both<B: Backend>(
+    b: &B,
+    g: &Geoms,
+    layer: ReadsBoth,
+    width: usize,
+    exchange: &mut dyn ColumnExchange<B>,
+    columns: &mut [Column<B>],
+    gathered: &mut B::Buf,
+    prof: &mut Profile,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let blocks: Vec<&B::Buf> = columns
+        .iter()
+        .map(|c| layer.input(c.acts.as_ref().expect("prepared")))
+        .collect();
+    exchange.start_all_gather(b, g.batch, width, &blocks)?;
+    prof.add(b, "exchange", false, t);
+
+    for col in columns.iter_mut() {
+        let t = Instant::now();
+        let (x, y) = layer.input_output(col.acts.as_mut().expect("prepared"));
+        layer.part(b, g, &col.params, col.index, x, y, false);
+        prof.add(b, layer.name(), false, t);
+    }
+
+    let t = Instant::now();
+    let blocks: Vec<&B::Buf> = columns
+        .iter()
+        .map(|c| layer.input(c.acts.as_ref().expect("prepared")))
+        .collect();
+    let remote = exchange.finish_all_gather(b, g.batch, width, &blocks, gathered)?;
+    prof.add(b, "exchange", false, t);
+    let held: Vec<usize> = columns.iter().map(|c| c.index).collect();
+    let elsewhere: Vec<usize> = (0..COLUMNS).filter(|c| !held.contains(c)).collect();
+    anyhow::ensure!(
+        remote.len() == elsewhere.len(),
+        "the column exchange returned {} blocks for the {} columns held elsewhere",
+        remote.len(),
+        elsewhere.len()
+    );
+
+    for i in 0..columns.len() {
+        let t = Instant::now();
+        let (before, rest) = columns.split_at_mut(i);
+        let (me, after) = rest.split_first_mut().expect("in range");
+        for from in (0..COLUMNS).filter(|&c| c != me.index) {
+            let x = match before.iter().chain(after.iter()).find(|c| c.index == from) {
+                Some(c) => layer.input(c.acts.as_ref().expect("prepared")),
+                None => {
+                    &remote[elsewhere
+                        .iter()
+                        .position(|&c| c == from)
+                        .expect("elsewhere")]
+                }
+            };
+            let y = layer.output(me.acts.as_mut().expect("prepared"));
+            layer.part(b, g, &me.params, from, x, y, true);
+        }
+        prof.add(b, layer.name(), false, t);
+    }
+    Ok(())
 }
 
 fn dropout_key(
@@ -807,20 +991,22 @@ impl<B: Backend> Network<B> {
             b.maxpool_forward(&g.pool[1], &a.l2, &mut a.p2);
             prof.add(b, "pool2", false, t);
         }
-        let t = Instant::now();
-        let parts: Vec<&B::Buf> = columns
-            .iter()
-            .map(|c| &c.acts.as_ref().unwrap().p2)
-            .collect();
-        exchange.all_gather(b, batch, widths[0], &parts, &mut gath.g2)?;
-        prof.add(b, "exchange", false, t);
-
         // conv3 (reads both) .. pool5.
+        let exchange = &mut **exchange;
+        reads_both(
+            b,
+            &g,
+            ReadsBoth::Conv3,
+            widths[0],
+            exchange,
+            columns,
+            &mut gath.g2,
+            prof,
+        )?;
         for col in columns.iter_mut() {
             let a = col.acts.as_mut().expect("prepared");
             let p = &col.params;
             let t = Instant::now();
-            b.conv2d_forward(&g.conv[2], &gath.g2, &p[4].value, &p[5].value, &mut a.a3);
             b.relu_forward(&mut a.a3);
             prof.add(b, "conv3", false, t);
             let t = Instant::now();
@@ -835,65 +1021,44 @@ impl<B: Backend> Network<B> {
             b.maxpool_forward(&g.pool[2], &a.a5, &mut a.p5);
             prof.add(b, "pool5", false, t);
         }
-        let t = Instant::now();
-        let parts: Vec<&B::Buf> = columns
-            .iter()
-            .map(|c| &c.acts.as_ref().unwrap().p5)
-            .collect();
-        exchange.all_gather(b, batch, widths[1], &parts, &mut gath.g5)?;
-        prof.add(b, "exchange", false, t);
 
-        // fc6 and fc7 (read both), each followed by ReLU, dropout and a gather.
-        for (fc, name) in [(0usize, "fc6"), (1, "fc7")] {
-            let input = if fc == 0 { &gath.g5 } else { &gath.g6 };
+        // fc6 and fc7 (read both), each followed by ReLU and dropout.
+        for (fc, layer) in [(0usize, ReadsBoth::Fc6), (1, ReadsBoth::Fc7)] {
+            let gathered = if fc == 0 { &mut gath.g5 } else { &mut gath.g6 };
+            reads_both(
+                b,
+                &g,
+                layer,
+                widths[1 + fc],
+                exchange,
+                columns,
+                gathered,
+                prof,
+            )?;
             for col in columns.iter_mut() {
                 let index = col.index;
-                let a = col.acts.as_mut().expect("prepared");
-                let h = if fc == 0 { &mut a.h6 } else { &mut a.h7 };
                 let t = Instant::now();
-                b.linear_forward(
-                    &g.fc[fc],
-                    input,
-                    &col.params[10 + 2 * fc].value,
-                    &col.params[11 + 2 * fc].value,
-                    h,
-                );
+                let h = layer.output(col.acts.as_mut().expect("prepared"));
                 b.relu_forward(h);
                 if let Mode::Train { step } = mode {
-                    let key = dropout_key(seed, name, step, row_offset, index, &g.fc[fc]);
+                    let key = dropout_key(seed, layer.name(), step, row_offset, index, &g.fc[fc]);
                     b.dropout_forward(batch, g.fc[fc].out, dropout, &key, h);
                 }
-                prof.add(b, name, false, t);
+                prof.add(b, layer.name(), false, t);
             }
-            let t = Instant::now();
-            let parts: Vec<&B::Buf> = columns
-                .iter()
-                .map(|c| {
-                    if fc == 0 {
-                        &c.acts.as_ref().unwrap().h6
-                    } else {
-                        &c.acts.as_ref().unwrap().h7
-                    }
-                })
-                .collect();
-            let out = if fc == 0 { &mut gath.g6 } else { &mut gath.g7 };
-            exchange.all_gather(b, batch, widths[2 + fc], &parts, out)?;
-            prof.add(b, "exchange", false, t);
         }
 
         // fc8: each column computes its half of the classes; the logits are gathered.
-        for col in columns.iter_mut() {
-            let a = col.acts.as_mut().expect("prepared");
-            let t = Instant::now();
-            b.linear_forward(
-                &g.fc[2],
-                &gath.g7,
-                &col.params[14].value,
-                &col.params[15].value,
-                &mut a.z8,
-            );
-            prof.add(b, "fc8", false, t);
-        }
+        reads_both(
+            b,
+            &g,
+            ReadsBoth::Fc8,
+            widths[3],
+            exchange,
+            columns,
+            &mut gath.g7,
+            prof,
+        )?;
         let t = Instant::now();
         let parts: Vec<&B::Buf> = columns
             .iter()

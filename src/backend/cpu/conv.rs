@@ -10,7 +10,7 @@
 
 use super::gemm::{sgemm, MatRef, Parallelism};
 use super::{give_scratch, split_even, take_scratch};
-use crate::backend::ConvGeom;
+use crate::backend::{ConvGeom, InputPart};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
@@ -252,6 +252,46 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], thr
     forward_sets(g, x, &[w], &[b], &mut [y], threads)
 }
 
+/// The part of a convolution that input channels `part` contribute (see
+/// [`crate::backend::Backend::conv2d_forward_part`]): `g` is the part's geometry, `x` holds its
+/// channels, `w` is the whole layer's. The weights' rows are read in place, `part.total * k * k`
+/// apart, from column `part.first * k * k`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_part(
+    g: &ConvGeom,
+    part: InputPart,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    assert_eq!(g.groups, 1, "a partial convolution has one group");
+    assert!(
+        part.first + g.in_c <= part.total,
+        "conv: channels {}..{} of {}",
+        part.first,
+        part.first + g.in_c,
+        part.total
+    );
+    let kk = g.kernel * g.kernel;
+    assert_eq!(w.len(), g.out_c * part.total * kk, "conv weight length");
+    let rows = WeightRows {
+        data: std::borrow::Cow::Borrowed(&w[part.first * kk..]),
+        stride: part.total * kk,
+    };
+    let bs = [b];
+    forward_rows(
+        g,
+        x,
+        rows,
+        (!accumulate).then_some(&bs[..]),
+        &mut [y],
+        threads,
+    )
+}
+
 /// Several convolutions of the same input (the two columns' conv1): the input is unfolded once
 /// and the weight sets are stacked into one GEMM, whose larger M runs the kernel at a better
 /// rate (conv1's 48 rows per column are too few for AVX-512 tiles).
@@ -269,14 +309,44 @@ pub fn forward_sets(
         sets > 0 && bs.len() == sets && ys.len() == sets,
         "conv: one bias and one output per weight set"
     );
-    assert_eq!(x.len(), g.in_len(), "conv input length");
-    for ((w, b), y) in ws.iter().zip(bs).zip(ys.iter()) {
+    for w in ws {
         assert_eq!(w.len(), g.weight_len(), "conv weight length");
-        assert_eq!(b.len(), g.out_c, "conv bias length");
+    }
+    let rows = WeightRows {
+        data: stack_sets(g, &u, ws),
+        stride: u.k_rows,
+    };
+    forward_rows(g, x, rows, Some(bs), ys, threads)
+}
+
+/// The weight sets of a forward pass, stacked: per group, `[sets * cout_g]` rows `stride` apart,
+/// each holding the `k_rows` weights of one kernel from its start.
+struct WeightRows<'a> {
+    data: std::borrow::Cow<'a, [f32]>,
+    stride: usize,
+}
+
+/// The forward pass of [`forward_sets`]: `ys = conv(x, w) + bs`, or `ys += conv(x, w)` without
+/// biases.
+fn forward_rows(
+    g: &ConvGeom,
+    x: &[f32],
+    w: WeightRows,
+    bs: Option<&[&[f32]]>,
+    ys: &mut [&mut [f32]],
+    threads: usize,
+) {
+    let u = unfold_sizes(g);
+    let sets = ys.len();
+    assert_eq!(x.len(), g.in_len(), "conv input length");
+    for (set, y) in ys.iter().enumerate() {
+        if let Some(bs) = bs {
+            assert_eq!(bs[set].len(), g.out_c, "conv bias length");
+        }
         assert_eq!(y.len(), g.out_len(), "conv output length");
     }
     let m = sets * u.cout_g;
-    let stacked = stack_sets(g, &u, ws);
+    let (stacked, w_rs) = (&w.data, w.stride);
     let per = split_even(g.batch, tasks(threads));
     let chunks = g.batch.div_ceil(per);
     // Each task gets its images' output blocks of every set.
@@ -297,14 +367,14 @@ pub fn forward_sets(
                 let xn = &x[(chunk * per + i) * u.in_img..][..u.in_img];
                 for gi in 0..g.groups {
                     let xg = &xn[gi * u.cin_g * g.in_h * g.in_w..];
-                    let wg = &stacked[gi * m * u.k_rows..][..m * u.k_rows];
+                    let wg = &stacked[gi * m * w_rs..];
                     for k0 in (0..u.k_rows).step_by(kb) {
                         let k1 = (k0 + kb).min(u.k_rows);
                         let colb = &mut col[..(k1 - k0) * u.pixels];
                         im2col(g, xg, k0..k1, colb);
                         let a = MatRef {
                             data: &wg[k0..],
-                            rs: u.k_rows,
+                            rs: w_rs,
                             cs: 1,
                         };
                         sgemm(
@@ -328,8 +398,13 @@ pub fn forward_sets(
                             .zip(src.chunks(u.pixels))
                             .enumerate()
                         {
-                            let bias = bs[set][gi * u.cout_g + o];
-                            dst.iter_mut().zip(src).for_each(|(d, v)| *d = v + bias);
+                            match bs {
+                                Some(bs) => {
+                                    let bias = bs[set][gi * u.cout_g + o];
+                                    dst.iter_mut().zip(src).for_each(|(d, v)| *d = v + bias);
+                                }
+                                None => dst.iter_mut().zip(src).for_each(|(d, v)| *d += v),
+                            }
                         }
                     }
                 }

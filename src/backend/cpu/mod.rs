@@ -11,8 +11,8 @@ mod pool;
 
 use self::gemm::{sgemm, MatRef, Parallelism};
 use super::{
-    rng, Backend, ConvGeom, DropoutKey, LinearGeom, LrnParams, OutOfMemory, PlaneGeom, PoolGeom,
-    SgdParams,
+    rng, Backend, ConvGeom, DropoutKey, InputPart, LinearGeom, LrnParams, OutOfMemory, PlaneGeom,
+    PoolGeom, SgdParams,
 };
 use rayon::prelude::*;
 
@@ -222,6 +222,19 @@ impl Backend for Cpu {
         conv::forward_sets(g, x, &ws, &bs, &mut ys, self.threads)
     }
 
+    fn conv2d_forward_part(
+        &self,
+        g: &ConvGeom,
+        part: InputPart,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        y: &mut Vec<f32>,
+        accumulate: bool,
+    ) {
+        conv::forward_part(g, part, x, w, b, y, accumulate, self.threads)
+    }
+
     fn conv2d_backward_sets(
         &self,
         g: &ConvGeom,
@@ -340,6 +353,52 @@ impl Backend for Cpu {
             g.inp,
             MatRef::rows(x, g.inp),
             MatRef::transposed(w, g.inp),
+            y,
+            g.out,
+            true,
+            par,
+        );
+    }
+
+    fn linear_forward_part(
+        &self,
+        g: &LinearGeom,
+        part: InputPart,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        y: &mut Vec<f32>,
+        accumulate: bool,
+    ) {
+        assert!(
+            part.first + g.inp <= part.total,
+            "linear: features {}..{} of {}",
+            part.first,
+            part.first + g.inp,
+            part.total
+        );
+        assert_eq!(x.len(), g.rows * g.inp, "linear input length");
+        assert_eq!(w.len(), g.out * part.total, "linear weight length");
+        assert_eq!(b.len(), g.out, "linear bias length");
+        assert_eq!(y.len(), g.rows * g.out, "linear output length");
+        if !accumulate {
+            for row in y.chunks_mut(g.out) {
+                row.copy_from_slice(b);
+            }
+        }
+        let par = self.gemm_parallelism(g.rows * g.inp * g.out);
+        // w's part, transposed in place: element (feature i, output o) at o * total + first + i.
+        let w_part = MatRef {
+            data: &w[part.first..],
+            rs: 1,
+            cs: part.total,
+        };
+        sgemm(
+            g.rows,
+            g.out,
+            g.inp,
+            MatRef::rows(x, g.inp),
+            w_part,
             y,
             g.out,
             true,

@@ -14,15 +14,15 @@ pub mod kernels;
 mod staging;
 
 use super::{
-    Backend, ByteViews, ConvGeom, DropoutKey, LinearGeom, LrnParams, OutOfMemory, PlaneGeom,
-    PoolGeom, SgdParams,
+    Backend, ByteViews, ConvGeom, DropoutKey, InputPart, LinearGeom, LrnParams, OutOfMemory,
+    PlaneGeom, PoolGeom, SgdParams,
 };
 use cudarc::cublas::{
     sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig,
 };
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    DriverError, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
+    DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -158,8 +158,15 @@ fn grid(n: usize) -> LaunchConfig {
 
 /// Row-major `c[m, n] = op(a) op(b) + beta c` as column-major cuBLAS sees it,
 /// `c^T = op(b)^T op(a)^T`: its A is our `b`, its B our `a`. `ta`/`tb`: whether `a` is stored
-/// `[k, m]` / `b` stored `[n, k]`.
-fn gemm_config(ta: bool, tb: bool, (m, n, k): (usize, usize, usize), beta: f32) -> GemmConfig<f32> {
+/// `[k, m]` / `b` stored `[n, k]`; `(lda, ldb)`: how far apart `a`'s and `b`'s stored rows are
+/// ([`dense_strides`] unless a matrix is a block of columns of a wider one).
+fn gemm_config(
+    ta: bool,
+    tb: bool,
+    (m, n, k): (usize, usize, usize),
+    (lda, ldb): (usize, usize),
+    beta: f32,
+) -> GemmConfig<f32> {
     let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
     GemmConfig {
         transa: op(tb),
@@ -168,11 +175,16 @@ fn gemm_config(ta: bool, tb: bool, (m, n, k): (usize, usize, usize), beta: f32) 
         n: m as i32,
         k: k as i32,
         alpha: 1.0f32,
-        lda: if tb { k } else { n } as i32,
-        ldb: if ta { m } else { k } as i32,
+        lda: ldb as i32,
+        ldb: lda as i32,
         beta,
         ldc: n as i32,
     }
+}
+
+/// The row strides of a dense `a` and `b` in [`gemm_config`]'s product.
+fn dense_strides(ta: bool, tb: bool, (m, n, k): (usize, usize, usize)) -> (usize, usize) {
+    (if ta { m } else { k }, if tb { k } else { n })
 }
 
 /// [`gemm_config`] for `count` row-major products: product `i` reads `a` at `i * stride_a`, `b`
@@ -182,12 +194,13 @@ fn batched_config(
     ta: bool,
     tb: bool,
     mnk: (usize, usize, usize),
+    lds: (usize, usize),
     (stride_a, stride_b, stride_c): (usize, usize, usize),
     beta: f32,
     count: usize,
 ) -> StridedBatchedConfig<f32> {
     StridedBatchedConfig {
-        gemm: gemm_config(ta, tb, mnk, beta),
+        gemm: gemm_config(ta, tb, mnk, lds, beta),
         batch_size: count as i32,
         stride_a: stride_b as i64,
         stride_b: stride_a as i64,
@@ -405,22 +418,41 @@ impl Cuda {
         beta: f32,
         c: &mut C,
     ) {
+        let lds = dense_strides(ta, tb, (m, n, k));
+        self.gemm_rm_ld(ta, tb, (m, n, k), lds, a, b, beta, c)
+    }
+
+    /// [`Self::gemm_rm`] with `a`'s and `b`'s stored rows `lds` apart.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_rm_ld<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
+        &self,
+        ta: bool,
+        tb: bool,
+        mnk: (usize, usize, usize),
+        lds: (usize, usize),
+        a: &A,
+        b: &B,
+        beta: f32,
+        c: &mut C,
+    ) {
         // cuBLAS calls do not make the context current (kernel launches and copies do): this
         // thread may not have run one yet.
         check(self.ctx.bind_to_thread(), "binding the CUDA context");
-        let cfg = gemm_config(ta, tb, (m, n, k), beta);
-        // SAFETY: the shapes above match the buffers' lengths, which the callers check.
+        let cfg = gemm_config(ta, tb, mnk, lds, beta);
+        // SAFETY: the shapes and strides match the buffers' lengths, which the callers check.
         check(unsafe { self.blas.gemm(cfg, b, a, c) }, "cuBLAS sgemm");
     }
 
-    /// [`Self::gemm_rm`] for `count` products at once: product `i` reads `a` at `i * stride_a`,
-    /// `b` at `i * stride_b` and writes `c` at `i * stride_c` (a stride of 0 shares a matrix).
+    /// [`Self::gemm_rm_ld`] for `count` products at once: product `i` reads `a` at
+    /// `i * stride_a`, `b` at `i * stride_b` and writes `c` at `i * stride_c` (a stride of 0
+    /// shares a matrix).
     #[allow(clippy::too_many_arguments)]
     fn gemm_rm_batched<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
         &self,
         ta: bool,
         tb: bool,
-        (m, n, k): (usize, usize, usize),
+        mnk: (usize, usize, usize),
+        lds: (usize, usize),
         (a, stride_a): (&A, usize),
         (b, stride_b): (&B, usize),
         beta: f32,
@@ -428,14 +460,8 @@ impl Cuda {
         count: usize,
     ) {
         check(self.ctx.bind_to_thread(), "binding the CUDA context");
-        let cfg = batched_config(
-            ta,
-            tb,
-            (m, n, k),
-            (stride_a, stride_b, stride_c),
-            beta,
-            count,
-        );
+        let strides = (stride_a, stride_b, stride_c);
+        let cfg = batched_config(ta, tb, mnk, lds, strides, beta, count);
         // SAFETY: the callers' slices hold every product's matrices at these strides.
         check(
             unsafe { self.blas.gemm_strided_batched(cfg, b, a, c) },
@@ -587,6 +613,68 @@ impl Cuda {
 }
 
 impl Cuda {
+    /// `y[n, c, :] = b[c]`: a convolution's output, before its products add to it.
+    fn broadcast_channels(&self, g: &ConvGeom, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
+        let plane = g.out_h() * g.out_w();
+        let (n, c, p) = (g.batch as i64, g.out_c as i32, plane as i32);
+        let mut l = self.stream.launch_builder(self.f("broadcast_channels"));
+        l.arg(&mut *y).arg(b).arg(&n).arg(&c).arg(&p);
+        // SAFETY: argument types and order match kernels/elementwise.cu.
+        check(unsafe { l.launch(grid(g.out_len())) }, "broadcast_channels");
+    }
+
+    /// `y[r, :] = b`: a linear layer's output, before its product adds to it.
+    fn broadcast_rows(&self, g: &LinearGeom, b: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
+        let (r, o) = (g.rows as i64, g.out as i32);
+        let mut l = self.stream.launch_builder(self.f("broadcast_rows"));
+        l.arg(&mut *y).arg(b).arg(&r).arg(&o);
+        // SAFETY: argument types and order match kernels/elementwise.cu.
+        check(unsafe { l.launch(grid(g.rows * g.out)) }, "broadcast_rows");
+    }
+
+    /// `y += conv(x, w)` by unfolding, per group and pass of images: `y_i[cout, P] +=
+    /// w_g[cout, K] col_i[K, P]`. The kernels' rows of `K` weights lie `w_rs` apart in `w`:
+    /// `K` when `w` is the layer's own, more when it is a block of input channels of a wider
+    /// layer's weights.
+    fn unfolded_forward(
+        &self,
+        g: &ConvGeom,
+        x: &CudaSlice<f32>,
+        w: &CudaView<'_, f32>,
+        w_rs: usize,
+        y: &mut CudaSlice<f32>,
+    ) {
+        let plane = g.out_h() * g.out_w();
+        let (cout, cin) = (g.out_c / g.groups, g.in_c / g.groups);
+        let kk = cin * g.kernel * g.kernel;
+        let per = kk * plane;
+        let pass = self.images_per_pass(g);
+        let mut guard = self.unfolding(per * pass, 0);
+        let col = guard.columns.as_mut().unwrap();
+        for n0 in (0..g.batch).step_by(pass) {
+            let nb = pass.min(g.batch - n0);
+            for grp in 0..g.groups {
+                self.im2col(g, x, n0, nb, grp, ColumnLayout::ByImage, col);
+                let wg = w.slice(grp * cout * w_rs..);
+                let (start, span) = Self::output_span(g, n0, nb, grp);
+                let mut yv = y.slice_mut(start..start + span);
+                let cv = col.slice(0..nb * per);
+                // The nb images in one call.
+                self.gemm_rm_batched(
+                    false,
+                    false,
+                    (cout, plane, kk),
+                    (w_rs, plane),
+                    (&wg, 0),
+                    (&cv, per),
+                    1.0,
+                    (&mut yv, g.out_c * plane),
+                    nb,
+                );
+            }
+        }
+    }
+
     /// A convolution's weight gradient by unfolding: per group and pass of `nb` images,
     /// `dw[cout, K] (+)= dy[cout, nb P] col[K, nb P]^T`, one product that sums over the pass's
     /// images and pixels together (the images unfolded row-major, `[K][nb, P]`, and the output
@@ -762,45 +850,55 @@ impl Backend for Cuda {
         assert_eq!(w.len(), g.weight_len(), "conv weight length");
         assert_eq!(b.len(), g.out_c, "conv bias length");
         assert_eq!(y.len(), g.out_len(), "conv output length");
-        let plane = g.out_h() * g.out_w();
-        {
-            let (n, c, p) = (g.batch as i64, g.out_c as i32, plane as i32);
-            let mut l = self.stream.launch_builder(self.f("broadcast_channels"));
-            l.arg(&mut *y).arg(b).arg(&n).arg(&c).arg(&p);
-            // SAFETY: argument types and order match kernels/elementwise.cu.
-            check(unsafe { l.launch(grid(g.out_len())) }, "broadcast_channels");
-        }
+        self.broadcast_channels(g, b, y);
         if let Some(dnn) = &self.dnn {
             check(dnn.0.lock().unwrap().forward(g, x, w, y), "cuDNN forward");
             return;
         }
-        let (cout, cin) = (g.out_c / g.groups, g.in_c / g.groups);
-        let kk = cin * g.kernel * g.kernel;
-        let per = kk * plane;
-        let pass = self.images_per_pass(g);
-        let mut guard = self.unfolding(per * pass, 0);
-        let col = guard.columns.as_mut().unwrap();
-        for n0 in (0..g.batch).step_by(pass) {
-            let nb = pass.min(g.batch - n0);
-            for grp in 0..g.groups {
-                self.im2col(g, x, n0, nb, grp, ColumnLayout::ByImage, col);
-                let wg = w.slice(grp * cout * kk..(grp + 1) * cout * kk);
-                let (start, span) = Self::output_span(g, n0, nb, grp);
-                let mut yv = y.slice_mut(start..start + span);
-                let cv = col.slice(0..nb * per);
-                // y_i[cout, P] += w[cout, K] col_i[K, P], for the nb images in one call.
-                self.gemm_rm_batched(
-                    false,
-                    false,
-                    (cout, plane, kk),
-                    (&wg, 0),
-                    (&cv, per),
-                    1.0,
-                    (&mut yv, g.out_c * plane),
-                    nb,
-                );
-            }
+        let kk = g.in_c / g.groups * g.kernel * g.kernel;
+        self.unfolded_forward(g, x, &w.slice(..), kk, y);
+    }
+
+    fn conv2d_forward_part(
+        &self,
+        g: &ConvGeom,
+        part: InputPart,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) {
+        assert_eq!(g.groups, 1, "a partial convolution has one group");
+        assert!(
+            part.first + g.in_c <= part.total,
+            "conv: channels {}..{} of {}",
+            part.first,
+            part.first + g.in_c,
+            part.total
+        );
+        let kk = g.kernel * g.kernel;
+        assert_eq!(x.len(), g.in_len(), "conv input length");
+        assert_eq!(w.len(), g.out_c * part.total * kk, "conv weight length");
+        assert_eq!(b.len(), g.out_c, "conv bias length");
+        assert_eq!(y.len(), g.out_len(), "conv output length");
+        if !accumulate {
+            self.broadcast_channels(g, b, y);
         }
+        if let Some(dnn) = &self.dnn {
+            // cuDNN reads dense filters: the part's block of every kernel, copied out (conv3's
+            // half of one column is under 1 MiB, a few microseconds).
+            let mut w_part = self.zeros(g.weight_len());
+            let (row, first) = (part.total * kk, part.first * kk);
+            self.slice_rows(g.out_c, row, first, g.in_c * kk, w, &mut w_part, false);
+            check(
+                dnn.0.lock().unwrap().forward(g, x, &w_part, y),
+                "cuDNN forward",
+            );
+            return;
+        }
+        let w_part = w.slice(part.first * kk..);
+        self.unfolded_forward(g, x, &w_part, part.total * kk, y);
     }
 
     fn conv2d_backward(
@@ -876,6 +974,7 @@ impl Backend for Cuda {
                     true,
                     false,
                     (kk, plane, cout),
+                    dense_strides(true, false, (kk, plane, cout)),
                     (&wg, 0),
                     (&dyv, g.out_c * plane),
                     0.0,
@@ -1072,15 +1171,39 @@ impl Backend for Cuda {
         assert_eq!(w.len(), g.out * g.inp, "linear weight length");
         assert_eq!(b.len(), g.out, "linear bias length");
         assert_eq!(y.len(), g.rows * g.out, "linear output length");
-        {
-            let (r, o) = (g.rows as i64, g.out as i32);
-            let mut l = self.stream.launch_builder(self.f("broadcast_rows"));
-            l.arg(&mut *y).arg(b).arg(&r).arg(&o);
-            // SAFETY: argument types and order match kernels/elementwise.cu.
-            check(unsafe { l.launch(grid(g.rows * g.out)) }, "broadcast_rows");
-        }
+        self.broadcast_rows(g, b, y);
         // y[rows, out] += x[rows, inp] w[out, inp]^T
         self.gemm_rm(false, true, g.rows, g.out, g.inp, x, w, 1.0, y);
+    }
+
+    fn linear_forward_part(
+        &self,
+        g: &LinearGeom,
+        part: InputPart,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) {
+        assert!(
+            part.first + g.inp <= part.total,
+            "linear: features {}..{} of {}",
+            part.first,
+            part.first + g.inp,
+            part.total
+        );
+        assert_eq!(x.len(), g.rows * g.inp, "linear input length");
+        assert_eq!(w.len(), g.out * part.total, "linear weight length");
+        assert_eq!(b.len(), g.out, "linear bias length");
+        assert_eq!(y.len(), g.rows * g.out, "linear output length");
+        if !accumulate {
+            self.broadcast_rows(g, b, y);
+        }
+        // y[rows, out] += x[rows, inp] w[out, first..first + inp]^T, w's rows `total` apart.
+        let w_part = w.slice(part.first..);
+        let mnk = (g.rows, g.out, g.inp);
+        self.gemm_rm_ld(false, true, mnk, (g.inp, part.total), x, &w_part, 1.0, y);
     }
 
     fn linear_backward(
@@ -1352,7 +1475,8 @@ mod tests {
                         let c0 = random(seed + 2000, m * n);
                         let mut want = c0.clone();
                         row_major(ta, tb, (m, n, k), &a, &b, beta, &mut want);
-                        let cfg = batched_config(ta, tb, (m, n, k), (0, 0, 0), beta, 1);
+                        let (mnk, lds) = ((m, n, k), dense_strides(ta, tb, (m, n, k)));
+                        let cfg = batched_config(ta, tb, mnk, lds, (0, 0, 0), beta, 1);
                         let mut got = c0.clone();
                         reference_sgemm(&cfg, &b, &a, &mut got);
                         let what = format!("ta={ta} tb={tb} m={m} n={n} k={k} beta={beta}");
@@ -1410,6 +1534,7 @@ mod tests {
                 false,
                 false,
                 (cout, plane, kk),
+                (kk, plane),
                 (0, per, g.out_c * plane),
                 1.0,
                 nb,
@@ -1431,6 +1556,7 @@ mod tests {
                 true,
                 false,
                 (kk, plane, cout),
+                dense_strides(true, false, (kk, plane, cout)),
                 (0, g.out_c * plane, per),
                 0.0,
                 nb,
@@ -1439,6 +1565,89 @@ mod tests {
             reference_sgemm(&cfg, &dy[start..start + span], wg, &mut got);
             assert_close(&got, &want, &format!("backward data, group {grp}"));
         }
+    }
+
+    /// The partial forward products of a layer whose input is gathered from both columns read
+    /// their block of the weights in place: `linear_forward_part`'s
+    /// `y[rows, out] += x[rows, inp] w[out, first..first + inp]^T` with `w`'s rows `total` apart,
+    /// and the unfolding `conv2d_forward_part`'s `y_i[cout, P] += w[cout, first K..] col_i[K, P]`
+    /// with the kernels' rows `total K` apart, each against the product of the block copied out.
+    #[test]
+    fn column_block_products_read_their_block_of_the_weights() {
+        let (rows, out, total) = (5, 6, 11);
+        for (first, inp) in [(0, 4), (4, 7), (3, 5)] {
+            let w = random(10 + first as u64, out * total);
+            let block: Vec<f32> = (0..out)
+                .flat_map(|o| w[o * total + first..o * total + first + inp].to_vec())
+                .collect();
+            let x = random(20, rows * inp);
+            let y0 = random(30, rows * out);
+            let mut want = y0.clone();
+            row_major(false, true, (rows, out, inp), &x, &block, 1.0, &mut want);
+            let cfg = batched_config(
+                false,
+                true,
+                (rows, out, inp),
+                (inp, total),
+                (0, 0, 0),
+                1.0,
+                1,
+            );
+            let mut got = y0.clone();
+            reference_sgemm(&cfg, &w[first..], &x, &mut got);
+            assert_close(&got, &want, &format!("linear, features {first}+{inp}"));
+        }
+
+        let g = ConvGeom {
+            batch: 3,
+            in_c: 2,
+            in_h: 5,
+            in_w: 5,
+            out_c: 4,
+            kernel: 3,
+            stride: 1,
+            pad: 1,
+            groups: 1,
+        };
+        let (plane, kk) = (g.out_h() * g.out_w(), g.in_c * g.kernel * g.kernel);
+        let per = kk * plane;
+        let (first, total) = (3, 7);
+        let w_rs = total * g.kernel * g.kernel;
+        let w = random(40, g.out_c * w_rs);
+        let w_first = first * g.kernel * g.kernel;
+        let block: Vec<f32> = (0..g.out_c)
+            .flat_map(|o| w[o * w_rs + w_first..o * w_rs + w_first + kk].to_vec())
+            .collect();
+        let (n0, nb) = (1, 2);
+        let col = random(50, nb * per);
+        let y0 = random(60, g.out_len());
+        let mut want = y0.clone();
+        for i in 0..nb {
+            let at = (n0 + i) * g.out_c * plane;
+            let out = &mut want[at..at + g.out_c * plane];
+            row_major(
+                false,
+                false,
+                (g.out_c, plane, kk),
+                &block,
+                &col[i * per..],
+                1.0,
+                out,
+            );
+        }
+        let cfg = batched_config(
+            false,
+            false,
+            (g.out_c, plane, kk),
+            (w_rs, plane),
+            (0, per, g.out_c * plane),
+            1.0,
+            nb,
+        );
+        let (start, span) = Cuda::output_span(&g, n0, nb, 0);
+        let mut got = y0.clone();
+        reference_sgemm(&cfg, &col, &w[w_first..], &mut got[start..start + span]);
+        assert_close(&got, &want, "convolution, channels 3+2 of 7");
     }
 
     /// The per-item kernels (softmax rows, bias gradients) size their shared reduction arrays
