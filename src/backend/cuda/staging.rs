@@ -9,7 +9,9 @@
 //!
 //! A buffer is used again only once the copy out of it has finished (an event recorded after
 //! each copy says when): the four uploads a step makes (the batch's bytes, its crops and
-//! colour shifts, the labels) each find a free buffer, and the pool stays at that size.
+//! colour shifts, the labels) each find a free buffer, and the pool stays at that size. A
+//! buffer no upload has used for [`STALE_AFTER`] uploads is released (the parameters' uploads
+//! at start-up fill the pool, and page-locked memory is taken from the whole machine).
 
 use bytemuck::NoUninit;
 use cudarc::driver::{
@@ -26,6 +28,11 @@ const GRANULE: usize = 1 << 20;
 /// stays under `MAX_BUFFERS` times this (256 MiB) of page-locked memory. A batch of 128
 /// views as bytes is 19 MiB.
 const MAX_STAGED: usize = 32 << 20;
+
+/// Uploads after which a free buffer that none of them used is released: a step makes four,
+/// so the buffers only start-up needed go within some 16 steps, and a buffer a step uses is
+/// never stale.
+const STALE_AFTER: u64 = 64;
 
 /// The pool, as [`pick`] sees it: one entry per buffer.
 #[derive(Clone, Copy, Debug)]
@@ -73,6 +80,17 @@ pub fn pick(buffers: &[BufferState], bytes: usize, max: usize) -> Pick {
     Pick::Wait(oldest)
 }
 
+/// The free buffers that no upload has used since `clock - horizon` (`clock` counts the
+/// uploads), which the pool releases; in decreasing order, to be removed one by one.
+pub fn stale(buffers: &[BufferState], clock: u64, horizon: u64) -> Vec<usize> {
+    let mut old: Vec<usize> = (buffers.iter().enumerate())
+        .filter(|(_, b)| b.free && b.used + horizon < clock)
+        .map(|(i, _)| i)
+        .collect();
+    old.reverse();
+    old
+}
+
 struct Buffer {
     host: PinnedHostSlice<u8>,
     /// Recorded on the stream after each copy out of `host`.
@@ -103,7 +121,7 @@ impl Staging {
         if self.refused || bytes == 0 || bytes > MAX_STAGED {
             return Ok(None);
         }
-        let states = (self.buffers.iter())
+        let mut states = (self.buffers.iter())
             .map(|b| {
                 Ok(BufferState {
                     capacity: b.host.len(),
@@ -113,6 +131,16 @@ impl Staging {
                 })
             })
             .collect::<Result<Vec<_>, DriverError>>()?;
+        for i in stale(&states, self.clock, STALE_AFTER) {
+            // Its last copy has completed (it is free): the memory can go at once.
+            let gone = self.buffers.remove(i);
+            states.remove(i);
+            tracing::debug!(
+                mib = gone.host.len() >> 20,
+                buffers = self.buffers.len(),
+                "pinned staging buffer released, unused for {STALE_AFTER} uploads"
+            );
+        }
         // The buffer to use (none: a new one), and whether it must be (re)made to hold `bytes`.
         let (slot, make) = match pick(&states, bytes, MAX_BUFFERS) {
             Pick::Use(i) => (Some(i), false),
@@ -245,30 +273,63 @@ mod tests {
         assert_eq!(pick(&busy, 1, 4), Pick::Add);
     }
 
+    #[test]
+    fn free_buffers_unused_for_the_horizon_are_released() {
+        let pool = [
+            b(8, true, 1),
+            b(4, false, 2),
+            b(2, true, 40),
+            b(16, true, 3),
+        ];
+        // At upload 50 with a horizon of 45: buffers 0 and 3 (last used at 1 and 3); buffer 1
+        // is as old but its copy has not finished.
+        assert_eq!(stale(&pool, 50, 45), vec![3, 0]);
+        assert_eq!(stale(&pool, 46, 45), Vec::<usize>::new());
+        assert_eq!(stale(&[], 100, 1), Vec::<usize>::new());
+    }
+
     /// A step's uploads in steady state: four per step, each step's copies finished by the
     /// next (the GPU has run them long before): three buffers serve every step.
+    /// Start-up's parameter uploads fill the pool (each copy still running when the next
+    /// comes); the steps' four uploads then keep four buffers, and the rest are released.
     #[test]
     fn a_steady_stream_of_steps_keeps_the_pool_small() {
         let mut pool: Vec<BufferState> = Vec::new();
         let mut clock = 0;
-        for _step in 0..10 {
+        let mut upload = |pool: &mut Vec<BufferState>, bytes: usize| {
+            for i in stale(pool, clock, STALE_AFTER) {
+                pool.remove(i);
+            }
+            clock += 1;
+            let i = match pick(pool, bytes, MAX_BUFFERS) {
+                Pick::Use(i) => i,
+                Pick::Add => {
+                    pool.push(b(bytes.div_ceil(GRANULE) * GRANULE, true, 0));
+                    pool.len() - 1
+                }
+                Pick::Replace(i) | Pick::Wait(i) => {
+                    pool[i].capacity = pool[i].capacity.max(bytes);
+                    i
+                }
+            };
+            pool[i].free = false;
+            pool[i].used = clock;
+        };
+        for layer in 0..16 {
+            upload(&mut pool, (layer + 1) << 20);
+        }
+        assert_eq!(pool.len(), MAX_BUFFERS, "start-up fills the pool");
+        for step in 0..40 {
             for s in pool.iter_mut() {
                 s.free = true;
             }
             for bytes in [19 << 20, 1536, 1536, 512] {
-                clock += 1;
-                let i = match pick(&pool, bytes, MAX_BUFFERS) {
-                    Pick::Use(i) => i,
-                    Pick::Add => {
-                        pool.push(b(bytes.div_ceil(GRANULE) * GRANULE, true, 0));
-                        pool.len() - 1
-                    }
-                    other => panic!("{other:?}"),
-                };
-                pool[i].free = false;
-                pool[i].used = clock;
+                upload(&mut pool, bytes);
+            }
+            if step == 9 {
+                assert!(pool.len() > 4, "released too early: {pool:?}");
             }
         }
-        assert_eq!(pool.len(), 4);
+        assert_eq!(pool.len(), 4, "{pool:?}");
     }
 }
