@@ -880,15 +880,19 @@ impl Backend for Cuda {
         let kk = g.kernel * g.kernel;
         assert_eq!(x.len(), g.in_len(), "conv input length");
         assert_eq!(w.len(), g.out_c * part.total * kk, "conv weight length");
-        assert_eq!(b.len(), g.out_c, "conv bias length");
         assert_eq!(y.len(), g.out_len(), "conv output length");
         if !accumulate {
+            assert_eq!(b.len(), g.out_c, "conv bias length");
             self.broadcast_channels(g, b, y);
         }
         if let Some(dnn) = &self.dnn {
             // cuDNN reads dense filters: the part's block of every kernel, copied out (conv3's
             // half of one column is under 1 MiB, a few microseconds).
-            let mut w_part = self.zeros(g.weight_len());
+            // SAFETY: `slice_rows` below writes all of it before the convolution reads it.
+            let mut w_part = check(
+                unsafe { self.stream.alloc::<f32>(g.weight_len()) },
+                "allocating conv3's block of weights",
+            );
             let (row, first) = (part.total * kk, part.first * kk);
             self.slice_rows(g.out_c, row, first, g.in_c * kk, w, &mut w_part, false);
             check(
@@ -1195,9 +1199,9 @@ impl Backend for Cuda {
         );
         assert_eq!(x.len(), g.rows * g.inp, "linear input length");
         assert_eq!(w.len(), g.out * part.total, "linear weight length");
-        assert_eq!(b.len(), g.out, "linear bias length");
         assert_eq!(y.len(), g.rows * g.out, "linear output length");
         if !accumulate {
+            assert_eq!(b.len(), g.out, "linear bias length");
             self.broadcast_rows(g, b, y);
         }
         // y[rows, out] += x[rows, inp] w[out, first..first + inp]^T, w's rows `total` apart.

@@ -29,8 +29,9 @@ const GRANULE: usize = 1 << 20;
 /// views as bytes is 19 MiB.
 const MAX_STAGED: usize = 32 << 20;
 
-/// Uploads after which a free buffer that none of them used is released: a step makes four,
-/// so the buffers only start-up needed go within some 16 steps, and a buffer a step uses is
+/// Uploads after which a free buffer that none of them used is released: a step makes four
+/// (thirteen when the other column is in another process: its blocks arrive as uploads too),
+/// so the buffers only start-up needed go within some 16 steps, and a buffer every step uses is
 /// never stale.
 const STALE_AFTER: u64 = 64;
 
@@ -121,7 +122,7 @@ impl Staging {
         if self.refused || bytes == 0 || bytes > MAX_STAGED {
             return Ok(None);
         }
-        let mut states = (self.buffers.iter())
+        let states = (self.buffers.iter())
             .map(|b| {
                 Ok(BufferState {
                     capacity: b.host.len(),
@@ -131,16 +132,6 @@ impl Staging {
                 })
             })
             .collect::<Result<Vec<_>, DriverError>>()?;
-        for i in stale(&states, self.clock, STALE_AFTER) {
-            // Its last copy has completed (it is free): the memory can go at once.
-            let gone = self.buffers.remove(i);
-            states.remove(i);
-            tracing::debug!(
-                mib = gone.host.len() >> 20,
-                buffers = self.buffers.len(),
-                "pinned staging buffer released, unused for {STALE_AFTER} uploads"
-            );
-        }
         // The buffer to use (none: a new one), and whether it must be (re)made to hold `bytes`.
         let (slot, make) = match pick(&states, bytes, MAX_BUFFERS) {
             Pick::Use(i) => (Some(i), false),
@@ -189,7 +180,30 @@ impl Staging {
             unsafe { result::memcpy_htod_async(ptr, &*staged, stream.cu_stream()) }?;
         }
         copied.record(stream)?;
+        self.release_stale(&states);
         Ok(Some(dst))
+    }
+
+    /// Releases the buffers that were free before this upload (`before`: the pool as it was,
+    /// index for index; a buffer added since is at the end) and that no upload has used for
+    /// [`STALE_AFTER`] uploads. After the pick, so that a stale buffer this upload wanted is
+    /// used rather than freed and pinned again (both synchronous calls).
+    fn release_stale(&mut self, before: &[BufferState]) {
+        let now: Vec<BufferState> = (before.iter().zip(&self.buffers))
+            .map(|(state, b)| BufferState {
+                used: b.used,
+                ..*state
+            })
+            .collect();
+        for i in stale(&now, self.clock, STALE_AFTER) {
+            // Its last copy had completed (it was free): the memory can go at once.
+            let gone = self.buffers.remove(i);
+            tracing::debug!(
+                mib = gone.host.len() >> 20,
+                buffers = self.buffers.len(),
+                "pinned staging buffer released, unused for {STALE_AFTER} uploads"
+            );
+        }
     }
 
     /// A buffer of at least `bytes`, or `None` (and no more tries) where pinned memory is
@@ -297,9 +311,6 @@ mod tests {
         let mut pool: Vec<BufferState> = Vec::new();
         let mut clock = 0;
         let mut upload = |pool: &mut Vec<BufferState>, bytes: usize| {
-            for i in stale(pool, clock, STALE_AFTER) {
-                pool.remove(i);
-            }
             clock += 1;
             let i = match pick(pool, bytes, MAX_BUFFERS) {
                 Pick::Use(i) => i,
@@ -314,6 +325,10 @@ mod tests {
             };
             pool[i].free = false;
             pool[i].used = clock;
+            // As `release_stale`, after the pick.
+            for i in stale(pool, clock, STALE_AFTER) {
+                pool.remove(i);
+            }
         };
         for layer in 0..16 {
             upload(&mut pool, (layer + 1) << 20);
