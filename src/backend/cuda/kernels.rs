@@ -132,6 +132,17 @@ pub fn compile(name: &str, source: &str, arch: Option<&'static str>) -> anyhow::
     })
 }
 
+/// NVRTC's name for compute capability `major.minor` (`compute_90`), as the `'static` string
+/// it wants: made once per process and capability, however many backends open.
+pub fn arch_name(major: i32, minor: i32) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashMap<(i32, i32), &'static str>>> = OnceLock::new();
+    let names = NAMES.get_or_init(Default::default);
+    let mut names = names.lock().unwrap_or_else(|p| p.into_inner());
+    names
+        .entry((major, minor))
+        .or_insert_with(|| Box::leak(format!("compute_{major}{minor}").into_boxed_str()))
+}
+
 /// [`compile`] for one of the [`SOURCES`], once per process and architecture: every backend a
 /// process opens (the selftest's two, one per case in the op tests) shares the PTX rather
 /// than compiling every file again.
@@ -154,6 +165,17 @@ pub fn compile_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_architecture_name_is_made_once() {
+        let a = arch_name(9, 0);
+        assert_eq!(a, "compute_90");
+        assert!(
+            std::ptr::eq(a, arch_name(9, 0)),
+            "the same string, not another leak"
+        );
+        assert_eq!(arch_name(12, 1), "compute_121");
+    }
 
     #[test]
     fn includes_expand_and_keep_the_kernel_files_line_numbers() {

@@ -278,8 +278,7 @@ impl Cuda {
                 .result()
                 .map_err(|e| anyhow::anyhow!("setting cuBLAS's math mode: {e:?}"))?;
         }
-        // NVRTC wants a 'static architecture name; one per process and GPU kind.
-        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let arch = kernels::arch_name(major, minor);
         let mut functions = HashMap::new();
         for (file, source, names) in kernels::SOURCES {
             let ptx = kernels::compile_once(file, source, arch)?;
