@@ -221,6 +221,39 @@ pub struct InputPart {
     pub total: usize,
 }
 
+impl InputPart {
+    /// Checks the lengths of [`Backend::conv2d_forward_part`]'s buffers (`x`, `w`, `b`, `y`),
+    /// panicking with the one that does not fit, as the whole ops do.
+    pub fn check_conv(&self, g: &ConvGeom, [x, w, b, y]: [usize; 4], accumulate: bool) {
+        assert_eq!(g.groups, 1, "a partial convolution has one group");
+        let (first, end) = (self.first, self.first + g.in_c);
+        assert!(
+            end <= self.total,
+            "conv: channels {first}..{end} of {}",
+            self.total
+        );
+        assert_eq!(x, g.in_len(), "conv input length");
+        let kk = g.kernel * g.kernel;
+        assert_eq!(w, g.out_c * self.total * kk, "conv weight length");
+        assert!(accumulate || b == g.out_c, "conv bias length");
+        assert_eq!(y, g.out_len(), "conv output length");
+    }
+
+    /// As [`Self::check_conv`], for [`Backend::linear_forward_part`].
+    pub fn check_linear(&self, g: &LinearGeom, [x, w, b, y]: [usize; 4], accumulate: bool) {
+        let (first, end) = (self.first, self.first + g.inp);
+        assert!(
+            end <= self.total,
+            "linear: features {first}..{end} of {}",
+            self.total
+        );
+        assert_eq!(x, g.rows * g.inp, "linear input length");
+        assert_eq!(w, g.out * self.total, "linear weight length");
+        assert!(accumulate || b == g.out, "linear bias length");
+        assert_eq!(y, g.rows * g.out, "linear output length");
+    }
+}
+
 /// The paper's SGD step: `v <- m v - wd lr w - lr g ; w <- w + v`.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]

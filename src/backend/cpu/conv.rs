@@ -267,16 +267,8 @@ pub fn forward_part(
     accumulate: bool,
     threads: usize,
 ) {
-    assert_eq!(g.groups, 1, "a partial convolution has one group");
-    assert!(
-        part.first + g.in_c <= part.total,
-        "conv: channels {}..{} of {}",
-        part.first,
-        part.first + g.in_c,
-        part.total
-    );
+    part.check_conv(g, [x.len(), w.len(), b.len(), y.len()], accumulate);
     let kk = g.kernel * g.kernel;
-    assert_eq!(w.len(), g.out_c * part.total * kk, "conv weight length");
     let rows = WeightRows {
         data: std::borrow::Cow::Borrowed(&w[part.first * kk..]),
         stride: part.total * kk,

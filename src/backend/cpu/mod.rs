@@ -370,18 +370,8 @@ impl Backend for Cpu {
         y: &mut Vec<f32>,
         accumulate: bool,
     ) {
-        assert!(
-            part.first + g.inp <= part.total,
-            "linear: features {}..{} of {}",
-            part.first,
-            part.first + g.inp,
-            part.total
-        );
-        assert_eq!(x.len(), g.rows * g.inp, "linear input length");
-        assert_eq!(w.len(), g.out * part.total, "linear weight length");
-        assert_eq!(y.len(), g.rows * g.out, "linear output length");
+        part.check_linear(g, [x.len(), w.len(), b.len(), y.len()], accumulate);
         if !accumulate {
-            assert_eq!(b.len(), g.out, "linear bias length");
             for row in y.chunks_mut(g.out) {
                 row.copy_from_slice(b);
             }

@@ -868,20 +868,9 @@ impl Backend for Cuda {
         y: &mut CudaSlice<f32>,
         accumulate: bool,
     ) {
-        assert_eq!(g.groups, 1, "a partial convolution has one group");
-        assert!(
-            part.first + g.in_c <= part.total,
-            "conv: channels {}..{} of {}",
-            part.first,
-            part.first + g.in_c,
-            part.total
-        );
+        part.check_conv(g, [x.len(), w.len(), b.len(), y.len()], accumulate);
         let kk = g.kernel * g.kernel;
-        assert_eq!(x.len(), g.in_len(), "conv input length");
-        assert_eq!(w.len(), g.out_c * part.total * kk, "conv weight length");
-        assert_eq!(y.len(), g.out_len(), "conv output length");
         if !accumulate {
-            assert_eq!(b.len(), g.out_c, "conv bias length");
             self.broadcast_channels(g, b, y);
         }
         if let Some(dnn) = &self.dnn {
@@ -1189,18 +1178,8 @@ impl Backend for Cuda {
         y: &mut CudaSlice<f32>,
         accumulate: bool,
     ) {
-        assert!(
-            part.first + g.inp <= part.total,
-            "linear: features {}..{} of {}",
-            part.first,
-            part.first + g.inp,
-            part.total
-        );
-        assert_eq!(x.len(), g.rows * g.inp, "linear input length");
-        assert_eq!(w.len(), g.out * part.total, "linear weight length");
-        assert_eq!(y.len(), g.rows * g.out, "linear output length");
+        part.check_linear(g, [x.len(), w.len(), b.len(), y.len()], accumulate);
         if !accumulate {
-            assert_eq!(b.len(), g.out, "linear bias length");
             self.broadcast_rows(g, b, y);
         }
         // y[rows, out] += x[rows, inp] w[out, first..first + inp]^T, w's rows `total` apart.
