@@ -626,24 +626,29 @@ impl ReadsBoth {
     ) {
         let (w, bias) = (&params[self.param()].value, &params[self.param() + 1].value);
         let fc = match self {
-            ReadsBoth::Conv3 => {
+            ReadsBoth::Conv3 => None,
+            ReadsBoth::Fc6 => Some(0),
+            ReadsBoth::Fc7 => Some(1),
+            ReadsBoth::Fc8 => Some(2),
+        };
+        match fc {
+            None => {
                 let gp = g.conv3_part();
                 let part = InputPart {
                     first: from * gp.in_c,
                     total: COLUMNS * gp.in_c,
                 };
-                return b.conv2d_forward_part(&gp, part, x, w, bias, y, accumulate);
+                b.conv2d_forward_part(&gp, part, x, w, bias, y, accumulate)
             }
-            ReadsBoth::Fc6 => 0,
-            ReadsBoth::Fc7 => 1,
-            ReadsBoth::Fc8 => 2,
-        };
-        let gp = g.fc_part(fc);
-        let part = InputPart {
-            first: from * gp.inp,
-            total: COLUMNS * gp.inp,
-        };
-        b.linear_forward_part(&gp, part, x, w, bias, y, accumulate)
+            Some(fc) => {
+                let gp = g.fc_part(fc);
+                let part = InputPart {
+                    first: from * gp.inp,
+                    total: COLUMNS * gp.inp,
+                };
+                b.linear_forward_part(&gp, part, x, w, bias, y, accumulate)
+            }
+        }
     }
 }
 
