@@ -6,7 +6,9 @@
 #   scripts/gpu-check.sh [run]     there, in the repository root: finds the CUDA libraries
 #                                  that Python wheels ship (site-packages/nvidia/*/lib), then
 #                                  1. alexnet selftest --backend cuda: every op against the CPU
-#                                     on fresh random inputs, one whole training step, TF32 beside
+#                                     on fresh random inputs and against PyTorch's golden
+#                                     vectors, one whole training step, a short job in two
+#                                     worker processes on the GPU against one, TF32 beside
 #                                  2. the op tests on the GPU: PyTorch's golden vectors, finite
 #                                     differences, a direct convolution (convolutions by
 #                                     unfolding, then by cuDNN with its timed algorithms)
@@ -57,6 +59,7 @@ mkdir -p "$RESULTS"
 # only; the loader looks for libnccl.so too.
 NV=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null || true)
 LIBDIR=$(mktemp -d /tmp/alexnet-gpu-lib.XXXXXX)
+trap 'rm -rf "$LIBDIR"' EXIT
 LIBS=$LIBDIR
 if [[ -n $NV ]]; then
     for d in "$NV"/*/lib; do LIBS="$LIBS:$d"; done
@@ -84,17 +87,17 @@ step() {
     echo "-- $name: ${STATUS[$name]}"
 }
 
-step selftest 90 env NCCL_DEBUG=WARN "$BIN" selftest --backend cuda --require-all --json
+step selftest 110 env NCCL_DEBUG=WARN "$BIN" selftest --backend cuda --require-all --json
 step op-tests 75 env ALEXNET_REQUIRE_GPU=1 ALEXNET_GOLDEN_DIR=tests/golden \
     "$OPS" cuda --test-threads=1
-step two-workers-one-gpu 45 "$BIN" launch --backend cuda --steps 40 --log-every 10 \
+step two-workers-one-gpu 30 "$BIN" launch --backend cuda --steps 40 --log-every 10 \
     --run-dir "/tmp/alexnet-gpu-launch-$$"
 # The carried photographs, prepared, and two epochs whose views the GPU finishes from the bytes
 # the loader cuts (the selftest checks that op bit for bit against the loader's), then the same
 # with the views finished by the loader: our kernels use no atomics, so the two runs should end
 # with the same parameters.
 PREP=/tmp/alexnet-gpu-prepared-$$
-step views-on-gpu 45 bash -c "'$BIN' prepare --input data/sample/imagenet-photos --output $PREP \
+step views-on-gpu 40 bash -c "'$BIN' prepare --input data/sample/imagenet-photos --output $PREP \
     --shard-images 8 && printf 'conv_channels = [8, 16, 16, 16, 8]\nfc_widths = [16, 16]\nclasses = 20\n' \
     > $PREP.toml && for on in device host; do '$BIN' train --backend cuda --data $PREP --val $PREP \
     --net $PREP.toml --batch 4 --epochs 2 --log-every 1 --augment-on \$on --out $PREP.\$on || exit 1; \

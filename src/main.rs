@@ -1,6 +1,6 @@
 //! `alexnet`: train, benchmark and (later) serve the two-column network.
 
-use alexnet::backend::{Cpu, Device};
+use alexnet::backend::{selftest, Cpu, Device};
 use alexnet::comm::Topology;
 use alexnet::coordinator::launch::LaunchOptions;
 use alexnet::coordinator::{CoordinatorConfig, Phase, Secret};
@@ -995,12 +995,53 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The backend `selftest --backend` checks: `auto` takes the GPU where a driver and a device
+/// are present, and checks the CPU otherwise (saying so); `cuda` insists on the GPU.
+fn selftest_backend(choice: BackendChoice) -> BackendChoice {
+    if !matches!(choice, BackendChoice::Auto) {
+        return choice;
+    }
+    #[cfg(feature = "cuda")]
+    let why_not = alexnet::backend::cuda::unavailable();
+    #[cfg(not(feature = "cuda"))]
+    let why_not = Some("this binary was built without the CUDA backend (cargo feature `cuda`)");
+    match why_not {
+        None => BackendChoice::Cuda,
+        Some(why) => {
+            tracing::info!("backend auto: {why}: checking the CPU");
+            BackendChoice::Cpu
+        }
+    }
+}
+
+/// [`alexnet::backend::selftest::processes`]: this binary's two layouts of a short job, in a
+/// scratch folder that is removed afterwards where the check passed (kept for its logs
+/// otherwise).
+fn selftest_processes(backend: &str, tolerance: f64) -> anyhow::Result<Vec<selftest::Check>> {
+    let exe = std::env::current_exe().context("finding this binary, to run its processes")?;
+    let dir = std::env::temp_dir().join(format!("alexnet-selftest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    tracing::info!(
+        backend,
+        "running a short job as one process, then as two worker processes"
+    );
+    let limit = std::time::Duration::from_secs(120);
+    let checks = selftest::processes(&exe, backend, &dir, limit, tolerance)?;
+    if checks.iter().all(selftest::Check::passed) {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        tracing::error!(dir = %dir.display(), "the layouts' runs are kept here");
+    }
+    Ok(checks)
+}
+
 fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         !(a.require_all && matches!(a.backend, BackendChoice::Cpu)),
         "--require-all asks for the GPU's libraries (cuDNN, NCCL): use it with --backend cuda"
     );
-    use alexnet::backend::selftest;
+    use alexnet::backend::golden;
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1009,9 +1050,12 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     });
     tracing::info!(seed, "selftest inputs (rerun with --seed to repeat)");
     let reference = Cpu::with_threads(1);
-    let (checks, informational) = match a.backend {
+    let (checks, informational) = match selftest_backend(a.backend) {
         BackendChoice::Cpu => {
-            let mut checks = selftest::ops(&reference, &Cpu::new(), seed, a.tolerance);
+            let cpu = Cpu::new();
+            let mut checks = selftest::ops(&reference, &cpu, seed, a.tolerance);
+            checks.extend(golden::ops(&cpu, a.tolerance)?);
+            checks.extend(selftest_processes("cpu", a.tolerance)?);
             checks.extend(selftest::network(
                 &demo_net(),
                 Cpu::with_threads(1),
@@ -1028,6 +1072,7 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             let gpu = Cuda::open(0, false)?;
             tracing::info!(backend = %alexnet::backend::Backend::name(&gpu), "checking against the CPU");
             let mut checks = selftest::ops(&reference, &gpu, seed, a.tolerance);
+            checks.extend(golden::ops(&gpu, a.tolerance)?);
             checks.push(selftest::finish_views(&gpu, seed)?);
             checks.push(selftest::uploads(&gpu, seed));
             checks.extend(selftest::network(
@@ -1038,11 +1083,13 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 seed,
                 a.tolerance,
             )?);
+            checks.extend(selftest_processes("cuda", a.tolerance)?);
             // The cuDNN convolutions (ALEXNET_CONV=cudnn), judged where cuDNN is here.
             if alexnet::backend::cuda::cudnn::present() {
                 use alexnet::backend::cuda::ConvPath;
                 let dnn = Cuda::open_with(0, false, ConvPath::Cudnn)?;
                 let mut more = selftest::ops(&reference, &dnn, seed, a.tolerance);
+                more.extend(golden::ops(&dnn, a.tolerance)?);
                 more.extend(selftest::network(
                     &demo_net(),
                     Cpu::with_threads(1),

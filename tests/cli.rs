@@ -108,6 +108,31 @@ fn cuda_without_a_gpu_fails_cleanly() {
     );
 }
 
+/// `selftest` on the CPU (what `auto` takes without a GPU): the ops against a single thread,
+/// PyTorch's golden vectors compiled into the binary, the network, and a short job in two
+/// worker processes over TCP against one process, every check passed.
+#[test]
+fn selftest_on_the_cpu_checks_golden_vectors_and_two_processes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+        .args(["selftest", "--backend", "cpu", "--json", "--seed", "5"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["failed"], 0, "{report}");
+    let checks = report["checks"].as_array().unwrap();
+    let named = |prefix: &str| {
+        checks
+            .iter()
+            .filter(|c| c["what"].as_str().unwrap().starts_with(prefix))
+            .count()
+    };
+    assert_eq!(named("golden "), 27, "{report}");
+    assert_eq!(named("two worker processes over TCP (cpu)"), 2, "{report}");
+    assert!(named("network step") > 10, "{report}");
+}
+
 #[test]
 fn a_batch_that_the_replicas_cannot_share_is_refused_before_any_work() {
     let (ok, err) = alexnet(&["launch", "--batch", "63", "--replicas", "2"]);

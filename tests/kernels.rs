@@ -27,8 +27,9 @@ fn every_kernel_compiles_for_the_gpus_we_target() {
     if !nvrtc_here() {
         return;
     }
-    // Ampere (A100), Hopper (H100, H200), Blackwell (B200).
-    for arch in ["compute_80", "compute_90", "compute_100"] {
+    // Turing (T4, the oldest the README supports), Ampere (A100), Hopper (H100, H200),
+    // Blackwell (B200).
+    for arch in ["compute_75", "compute_80", "compute_90", "compute_100"] {
         for (file, source, functions) in kernels::SOURCES {
             let ptx = kernels::compile(file, source, Some(arch))
                 .unwrap_or_else(|e| panic!("{arch}: {e:#}"))

@@ -4,186 +4,26 @@
 mod common;
 
 use alexnet::backend::{
-    Backend, ConvGeom, DropoutKey, InputPart, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams,
+    Backend, ConvGeom, DropoutKey, InputPart, LinearGeom, LrnParams, PlaneGeom, PoolGeom,
 };
 use common::*;
 
 const GOLDEN_TOL: f64 = 1e-4;
 
-/// The convolution a golden file was computed for, from its tensors' shapes and metadata.
-fn golden_conv_geom(g: &Golden) -> ConvGeom {
-    let (xs, ws) = (g.shape("x"), g.shape("w"));
-    ConvGeom {
-        batch: xs[0],
-        in_c: xs[1],
-        in_h: xs[2],
-        in_w: xs[3],
-        out_c: ws[0],
-        kernel: ws[2],
-        stride: g.meta("stride"),
-        pad: g.meta("pad"),
-        groups: g.meta("groups"),
+/// PyTorch's outputs for the op `file` was computed for, against `b`'s (the checks
+/// `alexnet selftest` runs on the compiled-in copies).
+fn golden<B: Backend>(b: &B, file: &str) {
+    let checks = alexnet::backend::golden::check(b, &Golden::load(file), GOLDEN_TOL);
+    assert!(!checks.is_empty(), "{file}: nothing checked");
+    for c in checks {
+        assert!(
+            c.passed(),
+            "{}: relative error {:.3e} exceeds {:.0e}",
+            c.what,
+            c.error,
+            c.tolerance
+        );
     }
-}
-
-fn conv_golden<B: Backend>(b: &B, file: &str) {
-    let g = Golden::load(file);
-    let geom = golden_conv_geom(&g);
-    assert_eq!(g.shape("y")[2], geom.out_h(), "{file}: output side");
-    let (x, w, bias, dy) = (
-        b.upload(g.get("x")),
-        b.upload(g.get("w")),
-        b.upload(g.get("b")),
-        b.upload(g.get("dy")),
-    );
-    let mut y = b.zeros(geom.out_len());
-    b.conv2d_forward(&geom, &x, &w, &bias, &mut y);
-    assert_close(
-        &format!("{file} y"),
-        &b.download(&y),
-        g.get("y"),
-        GOLDEN_TOL,
-    );
-    let (mut dx, mut dw, mut db) = (
-        b.zeros(geom.in_len()),
-        b.zeros(geom.weight_len()),
-        b.zeros(geom.out_c),
-    );
-    b.conv2d_backward(&geom, &x, &w, &dy, Some(&mut dx), &mut dw, &mut db);
-    assert_close(
-        &format!("{file} dx"),
-        &b.download(&dx),
-        g.get("dx"),
-        GOLDEN_TOL,
-    );
-    assert_close(
-        &format!("{file} dw"),
-        &b.download(&dw),
-        g.get("dw"),
-        GOLDEN_TOL,
-    );
-    assert_close(
-        &format!("{file} db"),
-        &b.download(&db),
-        g.get("db"),
-        GOLDEN_TOL,
-    );
-}
-
-fn linear_golden<B: Backend>(b: &B) {
-    let g = Golden::load("linear.safetensors");
-    let geom = LinearGeom {
-        rows: g.shape("x")[0],
-        inp: g.shape("x")[1],
-        out: g.shape("w")[0],
-    };
-    let (x, w, bias, dy) = (
-        b.upload(g.get("x")),
-        b.upload(g.get("w")),
-        b.upload(g.get("b")),
-        b.upload(g.get("dy")),
-    );
-    let mut y = b.zeros(geom.rows * geom.out);
-    b.linear_forward(&geom, &x, &w, &bias, &mut y);
-    assert_close("linear y", &b.download(&y), g.get("y"), GOLDEN_TOL);
-    let (mut dx, mut dw, mut db) = (
-        b.zeros(geom.rows * geom.inp),
-        b.zeros(geom.out * geom.inp),
-        b.zeros(geom.out),
-    );
-    b.linear_backward(&geom, &x, &w, &dy, Some(&mut dx), &mut dw, &mut db);
-    assert_close("linear dx", &b.download(&dx), g.get("dx"), GOLDEN_TOL);
-    assert_close("linear dw", &b.download(&dw), g.get("dw"), GOLDEN_TOL);
-    assert_close("linear db", &b.download(&db), g.get("db"), GOLDEN_TOL);
-}
-
-fn lrn_golden<B: Backend>(b: &B, file: &str) {
-    let g = Golden::load(file);
-    let p = LrnParams {
-        size: g.meta("n"),
-        alpha: g.meta("alpha"),
-        beta: g.meta("beta"),
-        k: g.meta("k"),
-    };
-    let s = g.shape("x");
-    let geom = PlaneGeom {
-        batch: s[0],
-        channels: s[1],
-        plane: s[2] * s[3],
-    };
-    let x = b.upload(g.get("x"));
-    let (mut y, mut scale, mut dx) = (
-        b.zeros(geom.len()),
-        b.zeros(geom.len()),
-        b.zeros(geom.len()),
-    );
-    b.lrn_forward(&geom, &p, &x, &mut y, &mut scale);
-    assert_close(
-        &format!("{file} y"),
-        &b.download(&y),
-        g.get("y"),
-        GOLDEN_TOL,
-    );
-    b.lrn_backward(&geom, &p, &x, &y, &scale, &b.upload(g.get("dy")), &mut dx);
-    assert_close(
-        &format!("{file} dx"),
-        &b.download(&dx),
-        g.get("dx"),
-        GOLDEN_TOL,
-    );
-}
-
-fn maxpool_golden<B: Backend>(b: &B) {
-    let g = Golden::load("maxpool_3_s2.safetensors");
-    let s = g.shape("x");
-    let geom = PoolGeom {
-        batch: s[0],
-        channels: s[1],
-        in_h: s[2],
-        in_w: s[3],
-        size: g.meta("size"),
-        stride: g.meta("stride"),
-    };
-    let x = b.upload(g.get("x"));
-    let (mut y, mut dx) = (b.zeros(geom.out_len()), b.zeros(geom.in_len()));
-    b.maxpool_forward(&geom, &x, &mut y);
-    assert_close("maxpool y", &b.download(&y), g.get("y"), GOLDEN_TOL);
-    b.maxpool_backward(&geom, &x, &y, &b.upload(g.get("dy")), &mut dx);
-    assert_close("maxpool dx", &b.download(&dx), g.get("dx"), GOLDEN_TOL);
-}
-
-fn softmax_golden<B: Backend>(b: &B) {
-    let g = Golden::load("softmax_xent.safetensors");
-    let (rows, classes) = (g.shape("logits")[0], g.shape("logits")[1]);
-    let labels: Vec<u32> = g.get("labels").iter().map(|&l| l as u32).collect();
-    let mut d = b.zeros(rows * classes);
-    let loss = b.softmax_xent(rows, classes, &b.upload(g.get("logits")), &labels, &mut d);
-    assert_close("softmax loss", &[loss], g.get("loss"), GOLDEN_TOL);
-    assert_close(
-        "softmax dlogits",
-        &b.download(&d),
-        g.get("dlogits"),
-        GOLDEN_TOL,
-    );
-    let top5: Vec<f32> = alexnet::backend::cpu::top_k(rows, classes, g.get("logits"), 5)
-        .into_iter()
-        .flatten()
-        .map(|i| i as f32)
-        .collect();
-    assert_eq!(top5, g.get("top5"), "top-5 classes");
-}
-
-fn sgd_golden<B: Backend>(b: &B) {
-    let g = Golden::load("sgd_paper.safetensors");
-    let p = SgdParams {
-        lr: g.meta("lr"),
-        momentum: g.meta("momentum"),
-        weight_decay: g.meta("weight_decay"),
-    };
-    let (mut w, mut v) = (b.upload(g.get("w")), b.upload(g.get("v")));
-    b.sgd_update(&p, &mut w, &mut v, &b.upload(g.get("grad")));
-    assert_close("sgd w", &b.download(&w), g.get("w_next"), GOLDEN_TOL);
-    assert_close("sgd v", &b.download(&v), g.get("v_next"), GOLDEN_TOL);
 }
 
 // ---- finite differences on small random shapes ----
@@ -839,7 +679,7 @@ fn backward_split_equals_fused<B: Backend>(b: &B) {
         "conv_11x11_s4_p2.safetensors",
     ] {
         let g = Golden::load(file);
-        let geom = golden_conv_geom(&g);
+        let geom = g.conv_geom();
         let mut dx = b.zeros(geom.in_len());
         b.conv2d_backward_data(
             &geom,
@@ -855,11 +695,7 @@ fn backward_split_equals_fused<B: Backend>(b: &B) {
         );
     }
     let g = Golden::load("linear.safetensors");
-    let geom = LinearGeom {
-        rows: g.shape("x")[0],
-        inp: g.shape("x")[1],
-        out: g.shape("w")[0],
-    };
+    let geom = g.linear_geom();
     let mut dx = b.zeros(geom.rows * geom.inp);
     b.linear_backward_data(
         &geom,
@@ -915,47 +751,47 @@ macro_rules! backend_tests {
             #[test]
             fn golden_conv_11x11_s4_p2() {
                 let Some(b) = $make else { return };
-                conv_golden(&b, "conv_11x11_s4_p2.safetensors")
+                golden(&b, "conv_11x11_s4_p2.safetensors")
             }
             #[test]
             fn golden_conv_3x3_p1() {
                 let Some(b) = $make else { return };
-                conv_golden(&b, "conv_3x3_p1.safetensors")
+                golden(&b, "conv_3x3_p1.safetensors")
             }
             #[test]
             fn golden_conv_5x5_p2_groups2() {
                 let Some(b) = $make else { return };
-                conv_golden(&b, "conv_5x5_p2_groups2.safetensors")
+                golden(&b, "conv_5x5_p2_groups2.safetensors")
             }
             #[test]
             fn golden_linear() {
                 let Some(b) = $make else { return };
-                linear_golden(&b)
+                golden(&b, "linear.safetensors")
             }
             #[test]
             fn golden_lrn_paper() {
                 let Some(b) = $make else { return };
-                lrn_golden(&b, "lrn_paper.safetensors")
+                golden(&b, "lrn_paper.safetensors")
             }
             #[test]
             fn golden_lrn_strong() {
                 let Some(b) = $make else { return };
-                lrn_golden(&b, "lrn_strong.safetensors")
+                golden(&b, "lrn_strong.safetensors")
             }
             #[test]
             fn golden_maxpool() {
                 let Some(b) = $make else { return };
-                maxpool_golden(&b)
+                golden(&b, "maxpool_3_s2.safetensors")
             }
             #[test]
             fn golden_softmax_xent() {
                 let Some(b) = $make else { return };
-                softmax_golden(&b)
+                golden(&b, "softmax_xent.safetensors")
             }
             #[test]
             fn golden_sgd() {
                 let Some(b) = $make else { return };
-                sgd_golden(&b)
+                golden(&b, "sgd_paper.safetensors")
             }
             #[test]
             fn finite_diff_conv() {
@@ -1065,7 +901,7 @@ fn cuda_convolutions_in_several_unfolding_passes() {
         "conv_3x3_p1.safetensors",
         "conv_5x5_p2_groups2.safetensors",
     ] {
-        conv_golden(&b, file);
+        golden(&b, file);
     }
     conv_finite_diff(&b);
     conv_sets_match_single(&b);

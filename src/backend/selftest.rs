@@ -394,6 +394,191 @@ pub fn network<R: Backend, T: Backend>(
     Ok(checks)
 }
 
+/// What [`processes`] runs: two workers, one column each, exchanging over TCP, against one
+/// process holding both columns, for `STEPS` steps of the default network on small synthetic
+/// images (written beside the runs, so the check needs nothing but the binary).
+const STEPS: usize = 5;
+
+/// The two layouts of a job on `backend` (`cpu` or `cuda`), each a process of `exe`:
+/// `alexnet train` with both columns in one process, and `alexnet launch` with one worker
+/// process per column exchanging over TCP (two workers on one GPU, for `cuda`). Each column's
+/// parameters after the steps are compared, as their move from the initial parameters: the
+/// error is `max |two - one| / max |one - initial|`. A run that fails or overruns `limit` is
+/// a failed check, its log's end in the error log.
+pub fn processes(
+    exe: &std::path::Path,
+    backend: &str,
+    dir: &std::path::Path,
+    limit: std::time::Duration,
+    tol: f64,
+) -> anyhow::Result<Vec<Check>> {
+    use anyhow::Context;
+    let data = dir.join("data");
+    write_idx_sample(&data, 64, 16).context("writing the synthetic images")?;
+    let steps = STEPS.to_string();
+    let runs = [
+        ("train", "initial", vec!["--steps", "0", "--out"], "initial"),
+        (
+            "train",
+            "one process",
+            vec!["--steps", &steps, "--out"],
+            "one",
+        ),
+        (
+            "launch",
+            "two workers",
+            vec!["--steps", &steps, "--peer-timeout", "30", "--run-dir"],
+            "two",
+        ),
+    ];
+    let what = format!("two worker processes over TCP ({backend}), {STEPS} steps");
+    let mut params = Vec::new();
+    for (command, name, args, out) in runs {
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg(command)
+            .args(["--backend", backend, "--batch", "16", "--data"])
+            .arg(&data)
+            .args(args)
+            .arg(dir.join(out));
+        let out = match command {
+            "launch" => dir.join(out).join("params"),
+            _ => dir.join(out),
+        };
+        if let Err(e) = run_bounded(
+            &mut cmd,
+            limit,
+            &dir.join(format!("{command}-{name}.log").replace(' ', "-")),
+        ) {
+            tracing::error!("{what}: {name}: {e:#}");
+            return Ok(vec![Check {
+                what: format!("{what}: {name} ran"),
+                error: f64::INFINITY,
+                tolerance: tol,
+            }]);
+        }
+        params.push(
+            (0..2)
+                .map(|c| {
+                    crate::train::job::load_column_file(&out.join(format!("column{c}.safetensors")))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        );
+    }
+    let (initial, one, two) = (&params[0], &params[1], &params[2]);
+    let mut checks = Vec::new();
+    for c in 0..2 {
+        let (mut diff, mut moved, mut worst) = (0.0f64, 0.0f64, (0.0f64, String::new()));
+        for ((p0, p1), p2) in initial[c].iter().zip(&one[c]).zip(&two[c]) {
+            anyhow::ensure!(
+                p0.0 == p1.0 && p1.0 == p2.0 && p1.2.len() == p2.2.len() && p0.2.len() == p1.2.len(),
+                "{what}: column {c}'s parameters differ in name or size between the layouts ({} / {})",
+                p1.0,
+                p2.0
+            );
+            let d = p1.2.iter().zip(&p2.2).fold(0.0f64, |m, (a, b)| {
+                m.max(if a.is_nan() || b.is_nan() {
+                    f64::INFINITY
+                } else {
+                    (*a as f64 - *b as f64).abs()
+                })
+            });
+            let m =
+                p0.2.iter()
+                    .zip(&p1.2)
+                    .fold(0.0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+            if d > worst.0 {
+                worst = (d, p1.0.clone());
+            }
+            diff = diff.max(d);
+            moved = moved.max(m);
+        }
+        // Parameters that did not move would pass any comparison: a run that trained nothing.
+        anyhow::ensure!(
+            moved > 0.0,
+            "{what}: column {c}'s parameters did not move in {STEPS} steps"
+        );
+        let error = if diff == 0.0 {
+            0.0
+        } else {
+            diff / moved.max(1e-30)
+        };
+        let at = if worst.1.is_empty() {
+            String::new()
+        } else {
+            format!(" (largest in {})", worst.1)
+        };
+        checks.push(Check {
+            what: format!("{what}: column {c}'s parameters{at}"),
+            error,
+            tolerance: tol,
+        });
+    }
+    Ok(checks)
+}
+
+/// Runs `cmd` to completion within `limit`, its standard error to `log`; kills it past the
+/// limit. An error holds the log's last lines.
+fn run_bounded(
+    cmd: &mut std::process::Command,
+    limit: std::time::Duration,
+    log: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let tail = || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    };
+    match status {
+        Some(s) if s.success() => Ok(()),
+        Some(s) => anyhow::bail!("{s}; the end of {}:\n{}", log.display(), tail()),
+        None => anyhow::bail!(
+            "still running after {limit:?}, stopped; the end of {}:\n{}",
+            log.display(),
+            tail()
+        ),
+    }
+}
+
+/// `train` and `t10k` IDX files (uncompressed) of random 28x28 images, labels 0..9 in turn.
+fn write_idx_sample(dir: &std::path::Path, train: usize, test: usize) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (split, n) in [("train", train), ("t10k", test)] {
+        let key = rng::key(n as u64, split);
+        let mut images = [0x803u32, n as u32, 28, 28]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect::<Vec<u8>>();
+        images.extend((0..(n * 28 * 28) as u64).map(|i| (rng::mix64(key ^ i) >> 56) as u8));
+        let mut labels = [0x801u32, n as u32]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect::<Vec<u8>>();
+        labels.extend((0..n).map(|i| (i % 10) as u8));
+        std::fs::write(dir.join(format!("{split}-images-idx3-ubyte")), images)?;
+        std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), labels)?;
+    }
+    Ok(())
+}
+
 /// Random views in bytes: images of side 40 cut to 32, the first two at fixed crops (one plain,
 /// one mirrored, off the diagonal), the rest at random, with random colour shifts.
 pub fn random_byte_views(seed: u64, views: usize) -> (ByteViews, Vec<u8>) {
@@ -529,7 +714,8 @@ pub fn render(checks: &[Check]) -> String {
     }
     let failed = checks.iter().filter(|c| !c.passed()).count();
     out.push_str(&format!(
-        "{} checks, {} failed (tolerance {:.0e} of each output's scale)\n",
+        "{} checks, {} failed (tolerance {:.0e}: of each output's largest value against the \
+         CPU, of its L2 norm against PyTorch's golden vectors)\n",
         checks.len(),
         failed,
         checks.first().map(|c| c.tolerance).unwrap_or(0.0)

@@ -1,78 +1,25 @@
 //! Helpers shared by the integration tests: golden files, random data, error measures.
 #![allow(dead_code)]
 
-use safetensors::SafeTensors;
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// A golden file: tensors by name (shape, f32 values) and its metadata.
-pub struct Golden {
-    pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
-    pub meta: HashMap<String, String>,
+pub use alexnet::backend::golden::{rel_err, Golden};
+
+/// Golden files read from the tree, or from `ALEXNET_GOLDEN_DIR` where the test binary runs
+/// away from its source tree (the GPU check).
+pub trait GoldenFile {
+    fn load(name: &str) -> Golden;
 }
 
-impl Golden {
-    pub fn load(name: &str) -> Golden {
-        // ALEXNET_GOLDEN_DIR: where the test binary runs away from its source tree (the GPU check).
+impl GoldenFile for Golden {
+    fn load(name: &str) -> Golden {
         let dir = std::env::var_os("ALEXNET_GOLDEN_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden"));
         let path = dir.join(name);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
-        let meta = header.metadata().clone().unwrap_or_default();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let tensors = st
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| {
-                assert_eq!(v.dtype(), safetensors::Dtype::F32, "{name}: {k} is not f32");
-                let data = v
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                (k, (v.shape().to_vec(), data))
-            })
-            .collect();
-        Golden { tensors, meta }
+        Golden::parse(name, &bytes).unwrap()
     }
-
-    pub fn get(&self, name: &str) -> &[f32] {
-        &self
-            .tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("no tensor {name}"))
-            .1
-    }
-
-    pub fn shape(&self, name: &str) -> &[usize] {
-        &self.tensors[name].0
-    }
-
-    pub fn meta<T: std::str::FromStr>(&self, key: &str) -> T
-    where
-        T::Err: std::fmt::Debug,
-    {
-        self.meta
-            .get(key)
-            .unwrap_or_else(|| panic!("no metadata {key}"))
-            .trim_matches('"')
-            .parse()
-            .unwrap()
-    }
-}
-
-/// `|got - want| / |want|` over whole tensors.
-pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "lengths differ");
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (diff / norm.max(1e-30)).sqrt()
 }
 
 #[track_caller]
