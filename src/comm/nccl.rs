@@ -237,6 +237,55 @@ fn pause(since: Instant) {
     }
 }
 
+/// How a wait for a communicator's queued work ended.
+#[derive(Debug, PartialEq)]
+enum Waited {
+    Done,
+    /// The communicator reported this error (the caller aborts it).
+    Failed(sys::ncclResult_t),
+    /// The work did not complete within the timeout (the caller aborts the communicator).
+    TimedOut,
+}
+
+/// Polls until work queued on a communicator has completed, never past `timeout` from
+/// `started`. First the communicator's `state` leaves `ncclInProgress` (a non-blocking group
+/// may still be connecting to its peers); then `mark` records an event behind the work on its
+/// stream, and `complete` says when the stream has passed it. An error `state` ends the wait
+/// in either phase. Kept apart from the CUDA and NCCL calls so that the timeout and failure
+/// paths are tested without a GPU.
+fn poll_completion(
+    started: Instant,
+    timeout: Duration,
+    mut state: impl FnMut() -> anyhow::Result<sys::ncclResult_t>,
+    mark: impl FnOnce() -> anyhow::Result<()>,
+    mut complete: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Waited> {
+    use sys::ncclResult_t::{ncclInProgress, ncclSuccess};
+    loop {
+        match state()? {
+            ncclSuccess => break,
+            ncclInProgress => {}
+            code => return Ok(Waited::Failed(code)),
+        }
+        if started.elapsed() > timeout {
+            return Ok(Waited::TimedOut);
+        }
+        pause(started);
+    }
+    mark()?;
+    while !complete()? {
+        match state()? {
+            ncclSuccess | ncclInProgress => {}
+            code => return Ok(Waited::Failed(code)),
+        }
+        if started.elapsed() > timeout {
+            return Ok(Waited::TimedOut);
+        }
+        pause(started);
+    }
+    Ok(Waited::Done)
+}
+
 /// How long a communicator that ends cleanly may take to finish what is in flight before it is
 /// aborted instead (under [`Communicator`]'s wait for its thread).
 const FINALIZE_LIMIT: Duration = Duration::from_secs(5);
@@ -432,22 +481,20 @@ impl Worker {
         if comm.0.is_null() {
             bail!("ncclCommInitRankConfig returned no communicator");
         }
-        loop {
-            match comm.state()? {
-                sys::ncclResult_t::ncclSuccess => break,
-                sys::ncclResult_t::ncclInProgress => {}
-                code if peer_failure(code) => {
-                    return Err(s.peers.error(format!(
-                        "creating the NCCL communicator with {who} failed: {}",
-                        describe(code)
-                    )))
-                }
-                code => bail!(
-                    "creating the NCCL communicator with {who} failed in this process: {}",
+        // Set up once the communicator leaves `ncclInProgress` (nothing is queued on a stream).
+        match poll_completion(started, s.timeout, || comm.state(), || Ok(()), || Ok(true))? {
+            Waited::Done => {}
+            Waited::Failed(code) if peer_failure(code) => {
+                return Err(s.peers.error(format!(
+                    "creating the NCCL communicator with {who} failed: {}",
                     describe(code)
-                ),
+                )))
             }
-            if started.elapsed() > s.timeout {
+            Waited::Failed(code) => bail!(
+                "creating the NCCL communicator with {who} failed in this process: {}",
+                describe(code)
+            ),
+            Waited::TimedOut => {
                 comm.abort();
                 return Err(s.peers.error(format!(
                     "{who} did not join the NCCL communicator within {:?}: stopped, cut off, or \
@@ -455,7 +502,6 @@ impl Worker {
                     s.timeout
                 )));
             }
-            pause(started);
         }
         tracing::info!(
             peers = %who,
@@ -540,35 +586,22 @@ impl Worker {
         Ok(())
     }
 
-    /// Waits, polling, until what was queued on the stream has completed: the communicator
-    /// first leaves `ncclInProgress` (a non-blocking group may still be connecting to its
-    /// peers), then the stream passes an event. Past the timeout, aborts.
+    /// Waits, polling, until what was queued on the stream has completed ([`poll_completion`]);
+    /// aborts the communicator where it failed or the timeout passed.
     fn wait(&mut self, started: Instant) -> anyhow::Result<()> {
-        loop {
-            match self.comm.state()? {
-                sys::ncclResult_t::ncclSuccess => break,
-                sys::ncclResult_t::ncclInProgress => {}
-                code => return Err(self.failed(code)),
-            }
-            if started.elapsed() > self.timeout {
-                return Err(self.timed_out());
-            }
-            pause(started);
+        let (comm, done, stream) = (&self.comm, &self.done, &self.stream);
+        let waited = poll_completion(
+            started,
+            self.timeout,
+            || comm.state(),
+            || done.record(stream).cuda("recording a CUDA event"),
+            || done.try_is_complete().cuda("the NCCL transfer"),
+        )?;
+        match waited {
+            Waited::Done => Ok(()),
+            Waited::Failed(code) => Err(self.failed(code)),
+            Waited::TimedOut => Err(self.timed_out()),
         }
-        self.done
-            .record(&self.stream)
-            .cuda("recording a CUDA event")?;
-        while !self.done.try_is_complete().cuda("the NCCL transfer")? {
-            match self.comm.state()? {
-                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => {}
-                code => return Err(self.failed(code)),
-            }
-            if started.elapsed() > self.timeout {
-                return Err(self.timed_out());
-            }
-            pause(started);
-        }
-        Ok(())
     }
 
     /// Sends `mine` to the other rank of a pair and receives its block of `expect` values.
@@ -1193,6 +1226,94 @@ mod tests {
             .err()
             .unwrap();
         assert!(format!("{e}").contains("unique id"), "{e}");
+    }
+
+    use sys::ncclResult_t::{ncclInProgress, ncclRemoteError, ncclSuccess};
+
+    /// [`poll_completion`] over scripted answers: `states` in turn (the last one repeated),
+    /// the stream complete after `busy` polls (never, for `None`). Returns how it ended, and
+    /// whether the event was recorded.
+    fn poll(
+        states: &[sys::ncclResult_t],
+        busy: Option<usize>,
+        timeout: Duration,
+    ) -> (Waited, bool) {
+        let (mut i, mut polls, mut marked) = (0, 0, false);
+        let waited = poll_completion(
+            Instant::now(),
+            timeout,
+            || {
+                let s = states[i.min(states.len() - 1)];
+                i += 1;
+                Ok(s)
+            },
+            || {
+                marked = true;
+                Ok(())
+            },
+            || {
+                polls += 1;
+                Ok(busy.is_some_and(|b| polls > b))
+            },
+        )
+        .unwrap();
+        (waited, marked)
+    }
+
+    #[test]
+    fn a_wait_ends_when_the_group_is_set_up_and_the_stream_has_passed() {
+        let long = Duration::from_secs(30);
+        let (w, marked) = poll(
+            &[ncclInProgress, ncclInProgress, ncclSuccess],
+            Some(3),
+            long,
+        );
+        assert_eq!(w, Waited::Done);
+        assert!(marked);
+        assert_eq!(poll(&[ncclSuccess], Some(0), long), (Waited::Done, true));
+    }
+
+    #[test]
+    fn a_failed_communicator_ends_the_wait_in_either_phase() {
+        let long = Duration::from_secs(30);
+        // While the group is still being set up: the event is never recorded.
+        let (w, marked) = poll(&[ncclInProgress, ncclRemoteError], Some(0), long);
+        assert_eq!(w, Waited::Failed(ncclRemoteError));
+        assert!(!marked);
+        // While the transfer runs: a peer that dies mid-transfer.
+        let (w, marked) = poll(&[ncclSuccess, ncclSuccess, ncclRemoteError], None, long);
+        assert_eq!(w, Waited::Failed(ncclRemoteError));
+        assert!(marked);
+    }
+
+    #[test]
+    fn a_wait_that_never_completes_times_out_in_either_phase() {
+        let timeout = Duration::from_millis(40);
+        for (states, busy) in [
+            // A peer that never joins the group.
+            (&[ncclInProgress][..], Some(0)),
+            // A transfer that never finishes (a peer that stopped sending).
+            (&[ncclSuccess][..], None),
+        ] {
+            let started = Instant::now();
+            let (w, _) = poll(states, busy, timeout);
+            assert_eq!(w, Waited::TimedOut, "{states:?}");
+            let took = started.elapsed();
+            assert!(took >= timeout && took < Duration::from_secs(5), "{took:?}");
+        }
+    }
+
+    #[test]
+    fn an_error_asking_the_state_is_returned() {
+        let e = poll_completion(
+            Instant::now(),
+            Duration::from_secs(30),
+            || anyhow::bail!("ncclCommGetAsyncError: invalid argument"),
+            || Ok(()),
+            || Ok(true),
+        )
+        .unwrap_err();
+        assert!(format!("{e}").contains("ncclCommGetAsyncError"), "{e}");
     }
 
     #[test]
