@@ -471,3 +471,273 @@ fn a_missing_column_is_an_error_not_a_hang() {
     let e = format!("{:#}", net.forward(&x, 2, Mode::Eval).unwrap_err());
     assert!(e.contains("gone") || e.contains("no block"), "{e}");
 }
+
+/// The CPU with a device's memory: buffers taken through `try_zeros` count against `cap`
+/// bytes (and are never given back: each test uses a fresh network), and past it fail with
+/// [`OutOfMemory`], as the CUDA backend's allocations do on a full GPU; with
+/// `refuse_convolutions`, readying a convolution's working memory fails likewise. Every op
+/// runs on the CPU.
+mod capped {
+    use alexnet::backend::{
+        Backend, ConvGeom, Cpu, DropoutKey, InputPart, LinearGeom, LrnParams, OutOfMemory,
+        PlaneGeom, PoolGeom, SgdParams,
+    };
+    use alexnet::data::augment::ByteViews;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    pub struct Capped {
+        pub cpu: Cpu,
+        pub cap: u64,
+        pub used: AtomicU64,
+        pub refuse_convolutions: bool,
+    }
+
+    impl Capped {
+        pub fn new(cap: u64) -> Capped {
+            Capped {
+                cpu: Cpu::with_threads(1),
+                cap,
+                used: AtomicU64::new(0),
+                refuse_convolutions: false,
+            }
+        }
+    }
+
+    type Buf = Vec<f32>;
+
+    impl Backend for Capped {
+        type Buf = Vec<f32>;
+        fn name(&self) -> String {
+            format!("capped test device ({} bytes)", self.cap)
+        }
+        fn zeros(&self, len: usize) -> Buf {
+            self.cpu.zeros(len)
+        }
+        fn try_zeros(&self, len: usize) -> anyhow::Result<Buf> {
+            let bytes = 4 * len as u64;
+            let used = self.used.load(Ordering::Relaxed);
+            if used + bytes > self.cap {
+                return Err(OutOfMemory(format!(
+                    "out of memory on the test device: {bytes} bytes more did not fit ({used} of {} in use)",
+                    self.cap
+                ))
+                .into());
+            }
+            self.used.fetch_add(bytes, Ordering::Relaxed);
+            Ok(self.cpu.zeros(len))
+        }
+        fn upload(&self, host: &[f32]) -> Buf {
+            self.cpu.upload(host)
+        }
+        fn download(&self, buf: &Buf) -> Vec<f32> {
+            self.cpu.download(buf)
+        }
+        fn buf_len(&self, buf: &Buf) -> usize {
+            buf.len()
+        }
+        fn finish_views(&self, views: &ByteViews, mean: &Buf) -> anyhow::Result<Buf> {
+            self.cpu.finish_views(views, mean)
+        }
+        fn prepare_convolution(&self, g: &ConvGeom, backward: bool) -> anyhow::Result<()> {
+            if self.refuse_convolutions {
+                return Err(OutOfMemory(
+                    "out of memory on the test device: no room to unfold".into(),
+                )
+                .into());
+            }
+            self.cpu.prepare_convolution(g, backward)
+        }
+        fn conv2d_forward(&self, g: &ConvGeom, x: &Buf, w: &Buf, b: &Buf, y: &mut Buf) {
+            self.cpu.conv2d_forward(g, x, w, b, y)
+        }
+        fn conv2d_backward(
+            &self,
+            g: &ConvGeom,
+            x: &Buf,
+            w: &Buf,
+            dy: &Buf,
+            dx: Option<&mut Buf>,
+            dw: &mut Buf,
+            db: &mut Buf,
+        ) {
+            self.cpu.conv2d_backward(g, x, w, dy, dx, dw, db)
+        }
+        fn conv2d_backward_data(&self, g: &ConvGeom, w: &Buf, dy: &Buf, dx: &mut Buf) {
+            self.cpu.conv2d_backward_data(g, w, dy, dx)
+        }
+        fn conv2d_forward_part(
+            &self,
+            g: &ConvGeom,
+            part: InputPart,
+            x: &Buf,
+            w: &Buf,
+            b: &Buf,
+            y: &mut Buf,
+            accumulate: bool,
+        ) {
+            self.cpu
+                .conv2d_forward_part(g, part, x, w, b, y, accumulate)
+        }
+        fn relu_forward(&self, x: &mut Buf) {
+            self.cpu.relu_forward(x)
+        }
+        fn relu_backward(&self, y: &Buf, dy: &mut Buf) {
+            self.cpu.relu_backward(y, dy)
+        }
+        fn lrn_forward(&self, g: &PlaneGeom, p: &LrnParams, x: &Buf, y: &mut Buf, scale: &mut Buf) {
+            self.cpu.lrn_forward(g, p, x, y, scale)
+        }
+        fn lrn_backward(
+            &self,
+            g: &PlaneGeom,
+            p: &LrnParams,
+            x: &Buf,
+            y: &Buf,
+            scale: &Buf,
+            dy: &Buf,
+            dx: &mut Buf,
+        ) {
+            self.cpu.lrn_backward(g, p, x, y, scale, dy, dx)
+        }
+        fn maxpool_forward(&self, g: &PoolGeom, x: &Buf, y: &mut Buf) {
+            self.cpu.maxpool_forward(g, x, y)
+        }
+        fn maxpool_backward(&self, g: &PoolGeom, x: &Buf, y: &Buf, dy: &Buf, dx: &mut Buf) {
+            self.cpu.maxpool_backward(g, x, y, dy, dx)
+        }
+        fn dropout_forward(&self, rows: usize, cols: usize, p: f32, key: &DropoutKey, x: &mut Buf) {
+            self.cpu.dropout_forward(rows, cols, p, key, x)
+        }
+        fn dropout_backward(
+            &self,
+            rows: usize,
+            cols: usize,
+            p: f32,
+            key: &DropoutKey,
+            dy: &mut Buf,
+        ) {
+            self.cpu.dropout_backward(rows, cols, p, key, dy)
+        }
+        fn linear_forward(&self, g: &LinearGeom, x: &Buf, w: &Buf, b: &Buf, y: &mut Buf) {
+            self.cpu.linear_forward(g, x, w, b, y)
+        }
+        fn linear_forward_part(
+            &self,
+            g: &LinearGeom,
+            part: InputPart,
+            x: &Buf,
+            w: &Buf,
+            b: &Buf,
+            y: &mut Buf,
+            accumulate: bool,
+        ) {
+            self.cpu
+                .linear_forward_part(g, part, x, w, b, y, accumulate)
+        }
+        fn linear_backward(
+            &self,
+            g: &LinearGeom,
+            x: &Buf,
+            w: &Buf,
+            dy: &Buf,
+            dx: Option<&mut Buf>,
+            dw: &mut Buf,
+            db: &mut Buf,
+        ) {
+            self.cpu.linear_backward(g, x, w, dy, dx, dw, db)
+        }
+        fn linear_backward_data(&self, g: &LinearGeom, w: &Buf, dy: &Buf, dx: &mut Buf) {
+            self.cpu.linear_backward_data(g, w, dy, dx)
+        }
+        fn softmax_xent(
+            &self,
+            rows: usize,
+            classes: usize,
+            logits: &Buf,
+            labels: &[u32],
+            dlogits: &mut Buf,
+        ) -> f32 {
+            self.cpu
+                .softmax_xent(rows, classes, logits, labels, dlogits)
+        }
+        fn sgd_update(&self, p: &SgdParams, w: &mut Buf, v: &mut Buf, g: &Buf) {
+            self.cpu.sgd_update(p, w, v, g)
+        }
+        fn concat_rows(&self, rows: usize, parts: &[&Buf], widths: &[usize], out: &mut Buf) {
+            self.cpu.concat_rows(rows, parts, widths, out)
+        }
+        fn slice_rows(
+            &self,
+            rows: usize,
+            total: usize,
+            offset: usize,
+            width: usize,
+            src: &Buf,
+            dst: &mut Buf,
+            accumulate: bool,
+        ) {
+            self.cpu
+                .slice_rows(rows, total, offset, width, src, dst, accumulate)
+        }
+    }
+}
+
+/// A device that runs out of memory (allocations refused, as on a full GPU) is named with the
+/// layer whose buffer or working memory did not fit and the batch size, and what to change.
+#[test]
+fn out_of_device_memory_names_the_layer_and_the_batch() {
+    use capped::Capped;
+    use std::sync::atomic::Ordering;
+    let network = |b: Capped| {
+        let small = NetConfig {
+            input_size: 64,
+            in_channels: 1,
+            conv_channels: [8, 16, 16, 16, 8],
+            fc_widths: [16, 16],
+            classes: 10,
+            ..NetConfig::default()
+        };
+        Network::new(small, b, Box::new(LocalExchange::default()), 1).unwrap()
+    };
+    let batch = 6;
+    let err = |net: &mut Network<Capped>| format!("{:#}", net.reserve(batch).unwrap_err());
+
+    // Nothing fits: the first buffer, conv1's output.
+    let e = err(&mut network(Capped::new(0)));
+    assert!(
+        e.contains("the conv1 output") && e.contains("at batch 6 does not fit"),
+        "{e}"
+    );
+    assert!(
+        e.contains("out of memory on the test device") && e.contains("lower --batch"),
+        "{e}"
+    );
+
+    // Room for the forward pass (what evaluation takes) and not a byte more: evaluation runs,
+    // and training fails at the first gradient buffer, fc8's.
+    let mut probe = network(Capped::new(u64::MAX));
+    let x = probe.backend.upload(&vec![0.5; probe.input_len(batch)]);
+    probe.forward(&x, batch, Mode::Eval).unwrap();
+    let forward_bytes = probe.backend.used.load(Ordering::Relaxed);
+    let mut net = network(Capped::new(forward_bytes));
+    let x = net.backend.upload(&vec![0.5; net.input_len(batch)]);
+    net.forward(&x, batch, Mode::Eval).unwrap();
+    let e = err(&mut net);
+    assert!(
+        e.contains("the fc8 gradient") && e.contains("at batch 6 does not fit"),
+        "{e}"
+    );
+
+    // The convolutions' working memory: named by layer.
+    let mut refusing = Capped::new(u64::MAX);
+    refusing.refuse_convolutions = true;
+    let e = err(&mut network(refusing));
+    assert!(
+        e.contains("conv1's working memory at batch 6 does not fit"),
+        "{e}"
+    );
+    assert!(
+        e.contains("no room to unfold") && e.contains("lower --batch"),
+        "{e}"
+    );
+}
