@@ -59,7 +59,10 @@ mkdir -p "$RESULTS"
 # only; the loader looks for libnccl.so too.
 NV=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null || true)
 LIBDIR=$(mktemp -d /tmp/alexnet-gpu-lib.XXXXXX)
-trap 'rm -rf "$LIBDIR"' EXIT
+PREP=/tmp/alexnet-gpu-prepared-$$
+# The scratch folders go at exit: the libraries' links, the two workers' run, the prepared data
+# and its two trainings.
+trap 'rm -rf "$LIBDIR" "/tmp/alexnet-gpu-launch-$$" "$PREP" "$PREP".*' EXIT
 LIBS=$LIBDIR
 if [[ -n $NV ]]; then
     for d in "$NV"/*/lib; do LIBS="$LIBS:$d"; done
@@ -87,7 +90,8 @@ step() {
     echo "-- $name: ${STATUS[$name]}"
 }
 
-step selftest 110 env NCCL_DEBUG=WARN "$BIN" selftest --backend cuda --require-all --json
+step selftest 120 env NCCL_DEBUG=WARN "$BIN" selftest --backend cuda --require-all --json \
+    --process-timeout 25
 step op-tests 75 env ALEXNET_REQUIRE_GPU=1 ALEXNET_GOLDEN_DIR=tests/golden \
     "$OPS" cuda --test-threads=1
 step two-workers-one-gpu 30 "$BIN" launch --backend cuda --steps 40 --log-every 10 \
@@ -96,7 +100,6 @@ step two-workers-one-gpu 30 "$BIN" launch --backend cuda --steps 40 --log-every 
 # the loader cuts (the selftest checks that op bit for bit against the loader's), then the same
 # with the views finished by the loader: our kernels use no atomics, so the two runs should end
 # with the same parameters.
-PREP=/tmp/alexnet-gpu-prepared-$$
 step views-on-gpu 40 bash -c "'$BIN' prepare --input data/sample/imagenet-photos --output $PREP \
     --shard-images 8 && printf 'conv_channels = [8, 16, 16, 16, 8]\nfc_widths = [16, 16]\nclasses = 20\n' \
     > $PREP.toml && for on in device host; do '$BIN' train --backend cuda --data $PREP --val $PREP \
@@ -110,7 +113,7 @@ step bench 45 "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --up
 # The debug lines name the algorithms cuDNN's timing chose for each convolution.
 step bench-cudnn 45 env ALEXNET_CONV=cudnn RUST_LOG=info,alexnet::backend::cuda::cudnn=debug \
     "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
-step pytorch 105 python3 bench/reference/pytorch_alexnet_gpu.py --batch 128 --steps 15 \
+step pytorch 95 python3 bench/reference/pytorch_alexnet_gpu.py --batch 128 --steps 15 \
     --json "$RESULTS/pytorch.json"
 # 30,000 paper-size images need about 0.4 TB of activations: the network must refuse the batch
 # before the first step, with an error that names the layer and the batch size.

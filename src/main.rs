@@ -65,11 +65,14 @@ enum Command {
     /// Time `prepare` on ImageNet-sized JPEGs and the loader on the result.
     BenchData(BenchDataArgs),
     /// Check a backend against the CPU reference on fresh random inputs: every op at the
-    /// network's shapes, then one whole training step (forward, backward, update).
+    /// network's shapes, then one whole training step (forward, backward, update); every op
+    /// against PyTorch's golden vectors (compiled in); and a short job run as two worker
+    /// processes over TCP against one process.
     ///
     /// `--backend cuda` is the GPU check (strict f32 must agree to the tolerance; the TF32
-    /// figures are reported beside, not judged); `--backend cpu` checks that the CPU's results
-    /// do not depend on how its work is split.
+    /// figures are reported beside, not judged; both workers run on GPU 0); `--backend cpu`
+    /// checks that the CPU's results do not depend on how its work is split; `auto` checks
+    /// the GPU where there is one, the CPU otherwise.
     Selftest(SelftestArgs),
     /// Train across worker processes on this machine: a coordinator here, one worker per device.
     ///
@@ -365,6 +368,9 @@ struct SelftestArgs {
     /// Images in the whole-network step (the demo network).
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Seconds each run of the short job in one and in two worker processes may take.
+    #[arg(long, default_value_t = 60.0)]
+    process_timeout: f64,
     /// Print the checks as JSON.
     #[arg(long)]
     json: bool,
@@ -1017,7 +1023,11 @@ fn selftest_backend(choice: BackendChoice) -> BackendChoice {
 /// [`alexnet::backend::selftest::processes`]: this binary's two layouts of a short job, in a
 /// scratch folder that is removed afterwards where the check passed (kept for its logs
 /// otherwise).
-fn selftest_processes(backend: &str, tolerance: f64) -> anyhow::Result<Vec<selftest::Check>> {
+fn selftest_processes(
+    backend: &str,
+    limit: std::time::Duration,
+    tolerance: f64,
+) -> anyhow::Result<Vec<selftest::Check>> {
     let exe = std::env::current_exe().context("finding this binary, to run its processes")?;
     let dir = std::env::temp_dir().join(format!("alexnet-selftest-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -1026,8 +1036,7 @@ fn selftest_processes(backend: &str, tolerance: f64) -> anyhow::Result<Vec<selft
         backend,
         "running a short job as one process, then as two worker processes"
     );
-    let limit = std::time::Duration::from_secs(120);
-    let checks = selftest::processes(&exe, backend, &dir, limit, tolerance)?;
+    let checks = selftest::processes(&exe, backend, &dir, limit, tolerance);
     if checks.iter().all(selftest::Check::passed) {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
@@ -1037,8 +1046,13 @@ fn selftest_processes(backend: &str, tolerance: f64) -> anyhow::Result<Vec<selft
 }
 
 fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
+    // `--require-all` asks for the GPU: `auto` does not fall back to the CPU then.
+    let backend = match (a.backend, a.require_all) {
+        (BackendChoice::Auto, true) => BackendChoice::Cuda,
+        (choice, _) => selftest_backend(choice),
+    };
     anyhow::ensure!(
-        !(a.require_all && matches!(a.backend, BackendChoice::Cpu)),
+        !(a.require_all && matches!(backend, BackendChoice::Cpu)),
         "--require-all asks for the GPU's libraries (cuDNN, NCCL): use it with --backend cuda"
     );
     use alexnet::backend::golden;
@@ -1049,13 +1063,13 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             .unwrap_or(1)
     });
     tracing::info!(seed, "selftest inputs (rerun with --seed to repeat)");
+    let process_limit = seconds(a.process_timeout, "--process-timeout")?;
     let reference = Cpu::with_threads(1);
-    let (checks, informational) = match selftest_backend(a.backend) {
+    let (checks, informational) = match backend {
         BackendChoice::Cpu => {
             let cpu = Cpu::new();
             let mut checks = selftest::ops(&reference, &cpu, seed, a.tolerance);
             checks.extend(golden::ops(&cpu, a.tolerance)?);
-            checks.extend(selftest_processes("cpu", a.tolerance)?);
             checks.extend(selftest::network(
                 &demo_net(),
                 Cpu::with_threads(1),
@@ -1064,6 +1078,7 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 seed,
                 a.tolerance,
             )?);
+            checks.extend(selftest_processes("cpu", process_limit, a.tolerance)?);
             (checks, Vec::new())
         }
         #[cfg(feature = "cuda")]
@@ -1083,7 +1098,6 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 seed,
                 a.tolerance,
             )?);
-            checks.extend(selftest_processes("cuda", a.tolerance)?);
             // The cuDNN convolutions (ALEXNET_CONV=cudnn), judged where cuDNN is here.
             if alexnet::backend::cuda::cudnn::present() {
                 use alexnet::backend::cuda::ConvPath;
@@ -1139,6 +1153,8 @@ fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                     });
                 }
             }
+            // Last: the processes, which take the most time.
+            checks.extend(selftest_processes("cuda", process_limit, a.tolerance)?);
             // TF32 rounds products' inputs to 10 bits: reported, not judged.
             let tf32 = Cuda::open(0, true)?;
             (checks, selftest::ops(&reference, &tf32, seed, 1e-2))
