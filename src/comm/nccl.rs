@@ -241,7 +241,7 @@ fn pause(since: Instant) {
 #[derive(Debug, PartialEq)]
 enum Waited {
     Done,
-    /// The communicator reported this error (the caller aborts it).
+    /// The communicator reported this error (the caller aborts it, or drops it: a drop aborts).
     Failed(sys::ncclResult_t),
     /// The work did not complete within the timeout (the caller aborts the communicator).
     TimedOut,
