@@ -11,6 +11,7 @@ use super::{
     SgdParams,
 };
 use crate::data::augment::{self, cut, ByteViews, Crop};
+use crate::data::idx;
 use serde::Serialize;
 
 /// One compared output.
@@ -643,16 +644,14 @@ fn write_idx_sample(dir: &std::path::Path, train: usize, test: usize) -> std::io
     std::fs::create_dir_all(dir)?;
     for (split, n) in [("train", train), ("t10k", test)] {
         let key = rng::key(n as u64, split);
-        let mut images = [0x803u32, n as u32, 28, 28]
-            .iter()
-            .flat_map(|v| v.to_be_bytes())
-            .collect::<Vec<u8>>();
-        images.extend((0..(n * 28 * 28) as u64).map(|i| (rng::mix64(key ^ i) >> 56) as u8));
-        let mut labels = [0x801u32, n as u32]
-            .iter()
-            .flat_map(|v| v.to_be_bytes())
-            .collect::<Vec<u8>>();
-        labels.extend((0..n).map(|i| (i % 10) as u8));
+        let pixels: Vec<u8> = (0..(n * 28 * 28) as u64)
+            .map(|i| (rng::mix64(key ^ i) >> 56) as u8)
+            .collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let (images, labels) = (
+            idx::encode_images(28, 28, &pixels),
+            idx::encode_labels(&labels),
+        );
         std::fs::write(dir.join(format!("{split}-images-idx3-ubyte")), images)?;
         std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), labels)?;
     }

@@ -34,6 +34,28 @@ pub const FASHION_MNIST_CLASSES: [&str; 10] = [
 const IMAGE_MAGIC: u32 = 0x0000_0803;
 /// IDX magic for unsigned bytes in one dimension (count).
 const LABEL_MAGIC: u32 = 0x0000_0801;
+/// An IDX file of `rows` x `cols` byte images (`pixels`, image after image): what
+/// [`read_idx_pair`] reads.
+pub fn encode_images(rows: u32, cols: u32, pixels: &[u8]) -> Vec<u8> {
+    let count = pixels.len() / (rows * cols).max(1) as usize;
+    encode(IMAGE_MAGIC, &[count as u32, rows, cols], pixels)
+}
+
+/// An IDX file of byte labels.
+pub fn encode_labels(labels: &[u8]) -> Vec<u8> {
+    encode(LABEL_MAGIC, &[labels.len() as u32], labels)
+}
+
+/// The big-endian header (magic, then each dimension), then the payload.
+fn encode(magic: u32, dims: &[u32], payload: &[u8]) -> Vec<u8> {
+    let mut out = magic.to_be_bytes().to_vec();
+    for d in dims {
+        out.extend_from_slice(&d.to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
 /// The first two bytes of every gzip stream (RFC 1952). An IDX file always
 /// starts with two zero bytes, so the two cannot be confused.
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -291,15 +313,6 @@ mod tests {
         }
     }
 
-    fn idx_bytes(magic: u32, dims: &[u32], payload: &[u8]) -> Vec<u8> {
-        let mut out = magic.to_be_bytes().to_vec();
-        for d in dims {
-            out.extend_from_slice(&d.to_be_bytes());
-        }
-        out.extend_from_slice(payload);
-        out
-    }
-
     fn gzip(bytes: &[u8]) -> Vec<u8> {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         enc.write_all(bytes).unwrap();
@@ -309,11 +322,8 @@ mod tests {
     /// Three 2x2 images labelled 0, 2, 1.
     fn tiny_pair(dir: &TempDir) -> (PathBuf, PathBuf) {
         let pixels: Vec<u8> = (0..12).collect();
-        let images = dir.write(
-            "imgs-idx3-ubyte",
-            &idx_bytes(IMAGE_MAGIC, &[3, 2, 2], &pixels),
-        );
-        let labels = dir.write("lbls-idx1-ubyte", &idx_bytes(LABEL_MAGIC, &[3], &[0, 2, 1]));
+        let images = dir.write("imgs-idx3-ubyte", &encode(IMAGE_MAGIC, &[3, 2, 2], &pixels));
+        let labels = dir.write("lbls-idx1-ubyte", &encode(LABEL_MAGIC, &[3], &[0, 2, 1]));
         (images, labels)
     }
 
@@ -413,7 +423,7 @@ mod tests {
             "{msg}"
         );
 
-        let bogus = dir.write("bogus-labels", &idx_bytes(0x0000_0901, &[3], &[0, 1, 2]));
+        let bogus = dir.write("bogus-labels", &encode(0x0000_0901, &[3], &[0, 1, 2]));
         let msg = error_text(read_idx_pair(&images, &bogus));
         assert!(
             msg.contains("bogus-labels") && msg.contains("0x00000901"),
@@ -425,7 +435,7 @@ mod tests {
     fn mismatched_counts_are_an_error_naming_both_files() {
         let dir = TempDir::new("counts");
         let (images, _) = tiny_pair(&dir);
-        let labels = dir.write("four-labels", &idx_bytes(LABEL_MAGIC, &[4], &[0, 1, 2, 3]));
+        let labels = dir.write("four-labels", &encode(LABEL_MAGIC, &[4], &[0, 1, 2, 3]));
         let msg = error_text(read_idx_pair(&images, &labels));
         assert!(
             msg.contains("imgs-idx3-ubyte") && msg.contains("four-labels"),
