@@ -158,7 +158,7 @@ pub fn column_bytes_per_step(
     cfg: &crate::model::NetConfig,
     batch: usize,
 ) -> anyhow::Result<ColumnBytes> {
-    let w = crate::model::network::exchange_widths(cfg)?;
+    let w = crate::model::shapes::exchange_widths(cfg)?;
     let per = |width: usize| (batch * width * 4) as u64;
     Ok(ColumnBytes {
         forward: w.map(per),

@@ -34,6 +34,42 @@ impl<B: Backend> Param<B> {
     }
 }
 
+/// One column of the network: its half of every layer's parameters, in [`LAYERS`] order,
+/// weight then bias (the order checkpoints and exports keep).
+pub struct Column<B: Backend> {
+    pub index: usize,
+    pub params: Vec<Param<B>>,
+}
+
+impl<B: Backend> Column<B> {
+    /// The parameter named `name` (`conv3.weight`, `fc8.bias`, ...).
+    pub fn param(&self, name: &str) -> Option<&Param<B>> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
+    /// Position of `layer`'s weight; its bias follows.
+    fn weight_at(&self, layer: &str) -> usize {
+        let at = (self.params.iter())
+            .position(|p| p.name.strip_suffix(".weight") == Some(layer))
+            .unwrap_or_else(|| panic!("a column has no layer {layer}"));
+        debug_assert_eq!(self.params[at + 1].name, format!("{layer}.bias"));
+        at
+    }
+
+    /// `layer`'s weight and bias.
+    pub fn weight_and_bias(&self, layer: &str) -> (&Param<B>, &Param<B>) {
+        let at = self.weight_at(layer);
+        (&self.params[at], &self.params[at + 1])
+    }
+
+    /// `layer`'s weight and bias, to write their gradients.
+    pub fn weight_and_bias_mut(&mut self, layer: &str) -> (&mut Param<B>, &mut Param<B>) {
+        let at = self.weight_at(layer);
+        let (w, rest) = self.params[at..].split_at_mut(1);
+        (&mut w[0], &mut rest[0])
+    }
+}
+
 /// Shapes of one column's weight and bias for each layer in [`LAYERS`] order.
 pub fn column_shapes(cfg: &NetConfig, sides: &Sides) -> Vec<(Vec<usize>, Vec<usize>)> {
     let half = |n: usize| n / COLUMNS;

@@ -4,9 +4,9 @@
 use super::train_step;
 use crate::backend::{rng, Backend, SgdParams};
 use crate::comm::LocalExchange;
-use crate::model::network::train_flops_per_image;
 use crate::model::network::Profile;
 use crate::model::params::parameter_count;
+use crate::model::shapes::train_flops_per_image;
 use crate::model::{NetConfig, Network};
 use serde::Serialize;
 use std::time::Instant;
@@ -149,17 +149,17 @@ pub fn run<B: Backend>(backend: B, opts: &BenchOptions) -> anyhow::Result<BenchR
         .profile
         .layers
         .iter()
-        .map(|(_, f, b)| per_step(*f) + per_step(*b))
+        .map(|l| per_step(l.forward) + per_step(l.backward))
         .sum();
     let layers = net
         .profile
         .layers
         .iter()
-        .map(|(layer, f, b)| LayerTime {
-            layer: layer.to_string(),
-            forward_ms: per_step(*f),
-            backward_ms: per_step(*b),
-            share: (per_step(*f) + per_step(*b)) / total.max(1e-12),
+        .map(|l| LayerTime {
+            layer: l.layer.to_string(),
+            forward_ms: per_step(l.forward),
+            backward_ms: per_step(l.backward),
+            share: (per_step(l.forward) + per_step(l.backward)) / total.max(1e-12),
         })
         .collect();
     let flops = train_flops_per_image(&opts.net)?;
@@ -303,7 +303,7 @@ pub fn render(r: &BenchReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::network::forward_macs_per_image;
+    use crate::model::shapes::forward_macs_per_image;
 
     #[test]
     fn paper_forward_is_724_million_multiply_adds() {

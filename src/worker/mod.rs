@@ -674,16 +674,8 @@ fn train<B: crate::backend::Backend>(
             tracing::info!(path = %path.display(), "parameters written");
         }
     }
-    let seconds = |name: &str| {
-        net.profile
-            .layers
-            .iter()
-            .filter(|l| l.0 == name)
-            .map(|l| (l.1 + l.2).as_secs_f64())
-            .fold(0.0, |a, b| a + b)
-    };
-    let exchange_seconds = seconds("exchange");
-    let replica_seconds = seconds("replicas");
+    let exchange_seconds = net.profile.seconds("exchange");
+    let replica_seconds = net.profile.seconds("replicas");
     tracing::info!(
         steps,
         train_seconds = format!("{train_seconds:.2}"),

@@ -1,0 +1,128 @@
+//! The shape facts of the network that follow from its configuration and a batch size: every
+//! op's geometry in one column, the widths the columns exchange, the work of a step.
+//!
+//! A leaf of the model: the layers, the column exchange's byte counts and the benchmark read
+//! it; it reads only the configuration and the backend's geometry types.
+
+use super::config::{
+    NetConfig, Sides, COLUMNS, CONV_KERNEL, CONV_PAD, CONV_STRIDE, POOL_SIZE, POOL_STRIDE,
+};
+use crate::backend::{ConvGeom, LinearGeom, PlaneGeom, PoolGeom};
+
+/// Geometry of every op of one column for a batch size.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geoms {
+    pub batch: usize,
+    pub conv: [ConvGeom; 5],
+    pub lrn: [PlaneGeom; 2],
+    pub pool: [PoolGeom; 3],
+    pub fc: [LinearGeom; 3],
+}
+
+impl Geoms {
+    pub fn new(cfg: &NetConfig, s: &Sides, batch: usize) -> Self {
+        let h = |n: usize| n / COLUMNS;
+        let c = cfg.conv_channels;
+        let conv = |i: usize, in_c: usize, side: usize, out_c: usize| ConvGeom {
+            batch,
+            in_c,
+            in_h: side,
+            in_w: side,
+            out_c,
+            kernel: CONV_KERNEL[i],
+            stride: CONV_STRIDE[i],
+            pad: CONV_PAD[i],
+            groups: 1,
+        };
+        let pool = |channels: usize, side: usize| PoolGeom {
+            batch,
+            channels,
+            in_h: side,
+            in_w: side,
+            size: POOL_SIZE,
+            stride: POOL_STRIDE,
+        };
+        Geoms {
+            batch,
+            conv: [
+                conv(0, cfg.in_channels, s.input, h(c[0])),
+                conv(1, h(c[0]), s.pool1, h(c[1])),
+                conv(2, c[1], s.pool2, h(c[2])),
+                conv(3, h(c[2]), s.conv3, h(c[3])),
+                conv(4, h(c[3]), s.conv3, h(c[4])),
+            ],
+            lrn: [
+                PlaneGeom {
+                    batch,
+                    channels: h(c[0]),
+                    plane: s.conv1 * s.conv1,
+                },
+                PlaneGeom {
+                    batch,
+                    channels: h(c[1]),
+                    plane: s.conv2 * s.conv2,
+                },
+            ],
+            pool: [
+                pool(h(c[0]), s.conv1),
+                pool(h(c[1]), s.conv2),
+                pool(h(c[4]), s.conv3),
+            ],
+            fc: [
+                LinearGeom {
+                    rows: batch,
+                    inp: cfg.fc6_inputs(s),
+                    out: h(cfg.fc_widths[0]),
+                },
+                LinearGeom {
+                    rows: batch,
+                    inp: cfg.fc_widths[0],
+                    out: h(cfg.fc_widths[1]),
+                },
+                LinearGeom {
+                    rows: batch,
+                    inp: cfg.fc_widths[1],
+                    out: h(cfg.classes),
+                },
+            ],
+        }
+    }
+
+    /// Per-sample widths of the exchanged tensors (one column's half): pool2, pool5, fc6, fc7, fc8.
+    pub fn exchange_widths(&self) -> [usize; 5] {
+        let p = |g: &PoolGeom| g.channels * g.out_h() * g.out_w();
+        [
+            p(&self.pool[1]),
+            p(&self.pool[2]),
+            self.fc[0].out,
+            self.fc[1].out,
+            self.fc[2].out,
+        ]
+    }
+}
+
+/// Features per sample that one column contributes at each exchange point (pool2, pool5, fc6,
+/// fc7, logits).
+pub fn exchange_widths(cfg: &NetConfig) -> anyhow::Result<[usize; 5]> {
+    let sides = cfg.validate()?;
+    Ok(Geoms::new(cfg, &sides, 1).exchange_widths())
+}
+
+/// The largest batch one process runs (larger ones are split over replicas or steps).
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// Multiply-adds of one image's forward pass through the whole network (both columns).
+pub fn forward_macs_per_image(cfg: &NetConfig) -> anyhow::Result<u64> {
+    let g = Geoms::new(cfg, &cfg.validate()?, 1);
+    let conv: usize = g.conv.iter().map(|c| c.forward_macs()).sum();
+    let fc: usize = g.fc.iter().map(|f| f.inp * f.out).sum();
+    Ok((COLUMNS * (conv + fc)) as u64)
+}
+
+/// FLOPs of one image's training step: forward, input gradients and weight gradients (3x the
+/// forward's multiply-adds, less conv1's input gradient, which nothing needs), 2 FLOPs each.
+pub fn train_flops_per_image(cfg: &NetConfig) -> anyhow::Result<u64> {
+    let g = Geoms::new(cfg, &cfg.validate()?, 1);
+    let conv1 = (COLUMNS * g.conv[0].forward_macs()) as u64;
+    Ok(2 * (3 * forward_macs_per_image(cfg)? - conv1))
+}
