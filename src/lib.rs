@@ -5,6 +5,8 @@
 //! - [`comm`]: how the columns exchange activations and gradients.
 //! - [`data`]: images in, batches out.
 //! - [`train`]: the training loop and the benchmark.
+//! - [`rng`], [`files`]: randomness as a function of coordinates; files written atomically
+//!   (leaves that every layer above may use).
 
 pub mod agent;
 pub mod backend;
@@ -12,6 +14,8 @@ pub mod comm;
 pub mod coordinator;
 pub mod data;
 pub mod model;
+pub mod files;
 pub mod proto;
+pub mod rng;
 pub mod train;
 pub mod worker;

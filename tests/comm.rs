@@ -5,7 +5,8 @@
 mod common;
 
 use alexnet::backend::{Cpu, SgdParams};
-use alexnet::comm::{column_bytes_per_step, connect_tcp, LocalExchange, MeshKey, Topology};
+use alexnet::comm::{connect_tcp, LocalExchange, MeshKey, Topology};
+use alexnet::model::shapes::column_bytes_per_step;
 use alexnet::model::{NetConfig, Network};
 use alexnet::train::train_step;
 use common::{assert_close, random};

@@ -2,7 +2,7 @@
 
 use super::ColumnExchange;
 use crate::backend::Backend;
-use crate::model::config::COLUMNS;
+use super::COLUMNS;
 
 /// The exchange of a process that holds both columns.
 #[derive(Debug)]

@@ -18,9 +18,13 @@ pub mod pair;
 pub mod replica;
 pub mod tcp;
 pub mod topology;
-pub mod worker;
+pub mod job_thread;
 
 use crate::backend::Backend;
+
+/// Columns of the network: each holds half the kernels of every layer, and the exchanges are
+/// between them.
+pub const COLUMNS: usize = 2;
 
 pub use channel::{ChannelExchange, ChannelLink};
 pub use local::LocalExchange;
@@ -148,35 +152,5 @@ pub trait ColumnExchange<B: Backend>: Send {
     /// What crossed to the other column so far (nothing when both columns are here).
     fn traffic(&self) -> Traffic {
         Traffic::default()
-    }
-}
-
-/// Bytes one column sends to the other in one training step (forward all-gathers of pool2,
-/// pool5, fc6, fc7 and the logits; backward reduce-scatters of all but the logits, whose
-/// gradient both columns already hold), from the layer shapes.
-pub fn column_bytes_per_step(
-    cfg: &crate::model::NetConfig,
-    batch: usize,
-) -> anyhow::Result<ColumnBytes> {
-    let w = crate::model::shapes::exchange_widths(cfg)?;
-    let per = |width: usize| (batch * width * 4) as u64;
-    Ok(ColumnBytes {
-        forward: w.map(per),
-        backward: [per(w[0]), per(w[1]), per(w[2]), per(w[3]), 0],
-    })
-}
-
-/// Bytes per exchange point (pool2, pool5, fc6, fc7, logits) one column sends per step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ColumnBytes {
-    pub forward: [u64; 5],
-    pub backward: [u64; 5],
-}
-
-impl ColumnBytes {
-    pub const POINTS: [&'static str; 5] = ["pool2", "pool5", "fc6", "fc7", "logits"];
-
-    pub fn total(&self) -> u64 {
-        self.forward.iter().chain(&self.backward).sum()
     }
 }

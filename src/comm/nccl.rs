@@ -423,7 +423,7 @@ const CHECK_WORDS: usize = 2;
 
 /// The communicator's thread: the communicator and what it runs on. Fields drop in this order:
 /// the communicator is aborted before the buffers and the stream go.
-struct Worker {
+struct CommOnThread {
     comm: RawComm,
     send: CudaSlice<f32>,
     recv: CudaSlice<f32>,
@@ -438,8 +438,8 @@ struct Worker {
     seq_in: u64,
 }
 
-impl Worker {
-    fn start(s: &Setup) -> anyhow::Result<Worker> {
+impl CommOnThread {
+    fn start(s: &Setup) -> anyhow::Result<CommOnThread> {
         let ctx = CudaContext::new(s.device).cuda(&format!("opening CUDA device {}", s.device))?;
         // One stream carries every copy and transfer, in order, so cudarc need not track the
         // buffers' uses with events.
@@ -513,7 +513,7 @@ impl Worker {
             s.nranks,
             started.elapsed()
         );
-        Ok(Worker {
+        Ok(CommOnThread {
             comm,
             send,
             recv,
@@ -726,7 +726,7 @@ enum Job {
     AllReduceSum { data: Vec<f32> },
 }
 
-enum FromWorker {
+enum FromThread {
     Ready(anyhow::Result<()>),
     /// The answer (the peer's block, or the sum), and the block that was sent.
     Done(anyhow::Result<Vec<f32>>, Vec<f32>),
@@ -736,41 +736,41 @@ enum FromWorker {
 /// job fails. Then it ends the communicator: finalized after clean work (so that what is still
 /// in flight reaches the peers), aborted after a failure (which may have left it mid-transfer:
 /// a failed communicator stays failed).
-fn run(setup: Setup, jobs: Receiver<Job>, out: Sender<FromWorker>) {
-    let mut worker = match guarded("starting NCCL", || Worker::start(&setup)) {
+fn run(setup: Setup, jobs: Receiver<Job>, out: Sender<FromThread>) {
+    let mut thread = match guarded("starting NCCL", || CommOnThread::start(&setup)) {
         Ok(w) => {
-            let _ = out.send(FromWorker::Ready(Ok(())));
+            let _ = out.send(FromThread::Ready(Ok(())));
             w
         }
         Err(e) => {
-            let _ = out.send(FromWorker::Ready(Err(e)));
+            let _ = out.send(FromThread::Ready(Err(e)));
             return;
         }
     };
     while let Ok(job) = jobs.recv() {
         let reply = match job {
             Job::Swap { mine, expect } => {
-                let r = guarded("NCCL swap", || worker.swap(&mine, expect));
-                FromWorker::Done(r, mine)
+                let r = guarded("NCCL swap", || thread.swap(&mine, expect));
+                FromThread::Done(r, mine)
             }
             Job::AllReduceSum { mut data } => {
-                let r = guarded("NCCL all-reduce", || worker.all_reduce_sum(&mut data));
+                let r = guarded("NCCL all-reduce", || thread.all_reduce_sum(&mut data));
                 match r {
-                    Ok(()) => FromWorker::Done(Ok(Vec::new()), data),
-                    Err(e) => FromWorker::Done(Err(e), data),
+                    Ok(()) => FromThread::Done(Ok(Vec::new()), data),
+                    Err(e) => FromThread::Done(Err(e), data),
                 }
             }
         };
-        let failed = matches!(reply, FromWorker::Done(Err(_), _));
+        let failed = matches!(reply, FromThread::Done(Err(_), _));
         if failed {
-            worker.comm.abort();
+            thread.comm.abort();
         }
         if out.send(reply).is_err() || failed {
             break;
         }
     }
     // Aborted already after a failure, when this does nothing.
-    worker.comm.finalize(FINALIZE_LIMIT);
+    thread.comm.finalize(FINALIZE_LIMIT);
 }
 
 /// A NCCL communicator run by its own thread (NCCL's communicator, the CUDA context and the
@@ -778,7 +778,7 @@ fn run(setup: Setup, jobs: Receiver<Job>, out: Sender<FromWorker>) {
 /// wait bounded.
 struct Communicator {
     jobs: Option<Sender<Job>>,
-    replies: Receiver<FromWorker>,
+    replies: Receiver<FromThread>,
     thread: Option<JoinHandle<()>>,
     peers: Peers,
     timeout: Duration,
@@ -822,9 +822,9 @@ impl Communicator {
         };
         let wait = timeout.saturating_add(STARTUP_GRACE);
         match c.replies.recv_timeout(wait) {
-            Ok(FromWorker::Ready(Ok(()))) => Ok(c),
-            Ok(FromWorker::Ready(Err(e))) => Err(e),
-            Ok(FromWorker::Done(..)) => {
+            Ok(FromThread::Ready(Ok(()))) => Ok(c),
+            Ok(FromThread::Ready(Err(e))) => Err(e),
+            Ok(FromThread::Done(..)) => {
                 bail!("the NCCL communicator's thread answered out of turn")
             }
             Err(RecvTimeoutError::Timeout) => {
@@ -864,9 +864,9 @@ impl Communicator {
             return Err(self.fail(e));
         }
         match (self.replies).recv_timeout(self.timeout.saturating_add(SWAP_GRACE)) {
-            Ok(FromWorker::Done(Ok(answer), block)) => Ok((answer, block)),
-            Ok(FromWorker::Done(Err(e), _)) => Err(self.fail(e)),
-            Ok(FromWorker::Ready(_)) => {
+            Ok(FromThread::Done(Ok(answer), block)) => Ok((answer, block)),
+            Ok(FromThread::Done(Err(e), _)) => Err(self.fail(e)),
+            Ok(FromThread::Ready(_)) => {
                 let e = anyhow!("the NCCL communicator's thread answered out of turn");
                 Err(self.fail(e))
             }

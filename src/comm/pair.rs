@@ -8,17 +8,17 @@
 //! NCCL the transfer runs on the communicator's own stream while those products run on the
 //! compute stream.
 
-use super::worker::Worker;
+use super::job_thread::JobThread;
 use super::{ColumnExchange, Link, Traffic};
 use crate::backend::Backend;
-use crate::model::config::COLUMNS;
+use super::COLUMNS;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
 /// A [`Link`] on its own thread: [`LinkThread::start`] hands it a block to swap and returns at
 /// once; [`LinkThread::finish`] waits for the peer's block. One swap at a time.
 pub struct LinkThread<L: Link> {
-    worker: Worker<(Vec<f32>, usize), Vec<f32>>,
+    thread: JobThread<(Vec<f32>, usize), Vec<f32>>,
     traffic: Arc<Mutex<Traffic>>,
     _link: PhantomData<fn() -> L>,
 }
@@ -27,7 +27,7 @@ impl<L: Link + 'static> LinkThread<L> {
     pub fn new(mut link: L) -> anyhow::Result<Self> {
         let traffic = Arc::new(Mutex::new(link.traffic()));
         let shared = traffic.clone();
-        let worker = Worker::spawn(
+        let thread = JobThread::spawn(
             "column-link",
             "the column link's thread",
             "the link to the other column",
@@ -38,7 +38,7 @@ impl<L: Link + 'static> LinkThread<L> {
             },
         )?;
         Ok(LinkThread {
-            worker,
+            thread,
             traffic,
             _link: PhantomData,
         })
@@ -52,13 +52,13 @@ impl<L: Link> LinkThread<L> {
             !self.pending(),
             "a column swap was started while the last one was still in flight"
         );
-        self.worker.submit((mine, expect))
+        self.thread.submit((mine, expect))
     }
 
     /// The peer's block of the swap in flight. Waits for it: the link bounds its own waits on
     /// the peer (the job's peer timeout), so this never hangs on a dead peer.
     pub fn finish(&mut self) -> anyhow::Result<Vec<f32>> {
-        self.worker.take()
+        self.thread.take()
     }
 
     /// [`Self::start`] and [`Self::finish`].
@@ -68,7 +68,7 @@ impl<L: Link> LinkThread<L> {
     }
 
     pub fn pending(&self) -> bool {
-        self.worker.pending() > 0
+        self.thread.pending() > 0
     }
 
     pub fn traffic(&self) -> Traffic {

@@ -1,7 +1,7 @@
 //! Data parallelism: the replicas of one column average their gradients after every backward
 //! pass, so that every replica takes the same SGD step.
 
-use super::worker::Worker;
+use super::job_thread::JobThread;
 use super::{Link, TcpLink, Traffic};
 use std::sync::{Arc, Mutex};
 
@@ -90,7 +90,7 @@ impl ReplicaReduce for TcpReplicaGroup {
 /// the mean is taken element by element, so splitting the gradients into buckets changes no
 /// bit of the result.
 pub struct OverlappedReduce {
-    worker: Worker<Vec<f32>, Vec<f32>>,
+    thread: JobThread<Vec<f32>, Vec<f32>>,
     replicas: usize,
     traffic: Arc<Mutex<Traffic>>,
 }
@@ -100,7 +100,7 @@ impl OverlappedReduce {
         let replicas = group.replicas();
         let traffic = Arc::new(Mutex::new(group.traffic()));
         let shared = traffic.clone();
-        let worker = Worker::spawn(
+        let thread = JobThread::spawn(
             "replica-reduce",
             "the replicas' reduction thread",
             "averaging gradients with the other replicas",
@@ -111,7 +111,7 @@ impl OverlappedReduce {
             },
         )?;
         Ok(OverlappedReduce {
-            worker,
+            thread,
             replicas,
             traffic,
         })
@@ -123,18 +123,18 @@ impl OverlappedReduce {
 
     /// Starts averaging `bucket`; [`Self::take_next`] returns it averaged.
     pub fn submit(&mut self, bucket: Vec<f32>) -> anyhow::Result<()> {
-        self.worker.submit(bucket)
+        self.thread.submit(bucket)
     }
 
     /// The oldest bucket submitted and not yet taken, averaged. Waits for it: the group bounds
     /// its own waits on the other replicas (the job's peer timeout).
     pub fn take_next(&mut self) -> anyhow::Result<Vec<f32>> {
-        self.worker.take()
+        self.thread.take()
     }
 
     /// Buckets submitted and not yet taken back.
     pub fn pending(&self) -> usize {
-        self.worker.pending()
+        self.thread.pending()
     }
 
     /// What crossed to the other replicas so far.

@@ -8,7 +8,7 @@ use super::{
     ColumnExchange, Link, LocalExchange, PairExchange, ReplicaReduce, TcpMesh, TcpReplicaGroup,
 };
 use crate::backend::Backend;
-use crate::model::config::COLUMNS;
+use super::COLUMNS;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::TcpListener;

@@ -5,7 +5,7 @@
 //! that hold the two columns of one network draw the same views without talking to each other,
 //! and a resumed run draws what the uninterrupted run would have.
 
-use crate::backend::rng;
+use crate::rng;
 
 /// Where a view sits in the stored image, and whether it is mirrored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,7 +133,7 @@ fn finish_row(src: &[u8], mean: &[f32], shift: f32, flip: bool, dst: &mut [f32])
 
 /// Views still in bytes: each view's pixels cut from its stored image as stored (not yet
 /// mirrored), with what finishing them takes (mirror, mean subtraction, colour shift). A GPU
-/// finishes them itself ([`crate::backend::Backend::finish_views`]), so that the host ships a
+/// finishes them itself (the backends' `finish_views`), so that the host ships a
 /// quarter of the bytes of float views and leaves the arithmetic to the device.
 #[derive(Clone, Debug)]
 pub struct ByteViews {

@@ -7,7 +7,7 @@
 
 use super::augment::{self, ByteViews, Crop};
 use super::shards::Dataset;
-use crate::backend::rng;
+use crate::rng;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 use std::sync::mpsc::{sync_channel, Receiver};

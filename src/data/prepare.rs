@@ -11,6 +11,7 @@ use super::shards::{
     shard_name, xxh3_hex, Metadata, ShardInfo, Skipped, FORMAT, MEAN_FILE, METADATA_FILE,
     SHARD_MAGIC,
 };
+pub use crate::files::{sync_dir, write_atomic, write_atomic_with};
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -210,49 +211,6 @@ fn accumulate(planar: &[u8], sums: &mut [u64], moments: &mut [u64; 9]) {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file, flushed to disk, then renamed.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |w| w.write_all(bytes))
-}
-
-/// Writes `path` atomically with `fill`: into a temporary file, flushed to disk, then renamed;
-/// on failure the temporary file is removed and the error names the file (and says when the
-/// disk is full).
-pub fn write_atomic_with(
-    path: &Path,
-    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    let result = (|| -> std::io::Result<()> {
-        let f = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        fill(&mut w)?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        let hint = if e.raw_os_error() == Some(28) {
-            ": the disk is full; free space or choose another --output (finished shards are kept and a rerun continues)"
-        } else {
-            ""
-        };
-        bail!("writing {}: {e}{hint}", path.display());
-    }
-    Ok(())
-}
-
-pub fn sync_dir(dir: &Path) {
-    // Makes the renames durable; not every file system supports it, and nothing depends on it
-    // beyond durability, so a failure is not an error.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
 
 fn sums_name(index: usize) -> String {
     format!("shard-{index:05}.sums")

@@ -51,8 +51,9 @@ pub const CONV_STRIDE: [usize; 5] = [4, 1, 1, 1, 1];
 pub const CONV_PAD: [usize; 5] = [2, 2, 1, 1, 1];
 pub const POOL_SIZE: usize = 3;
 pub const POOL_STRIDE: usize = 2;
-/// Columns of the network: each holds half the kernels of every layer.
-pub const COLUMNS: usize = 2;
+/// Columns of the network: each holds half the kernels of every layer (defined where the
+/// columns' exchanges are, which the network sits on).
+pub use crate::comm::COLUMNS;
 
 /// Spatial sides of the feature maps that follow from the input size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

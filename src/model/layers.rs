@@ -9,8 +9,9 @@
 use super::params::Column;
 use super::profile::{Pass, Profile};
 use crate::backend::{
-    rng, Backend, ConvGeom, DropoutKey, InputPart, LinearGeom, LrnParams, PlaneGeom, PoolGeom,
+    Backend, ConvGeom, DropoutKey, InputPart, LinearGeom, LrnParams, PlaneGeom, PoolGeom,
 };
+use crate::rng;
 use crate::comm::ColumnExchange;
 use crate::model::config::COLUMNS;
 

@@ -7,7 +7,8 @@
 //! initialised alone equals its half of a network initialised whole.
 
 use super::config::{NetConfig, Sides, COLUMNS, CONV_KERNEL};
-use crate::backend::{rng, Backend};
+use crate::backend::Backend;
+use crate::rng;
 
 /// The layers that have parameters, in order.
 pub const LAYERS: [&str; 8] = [

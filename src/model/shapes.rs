@@ -126,3 +126,33 @@ pub fn train_flops_per_image(cfg: &NetConfig) -> anyhow::Result<u64> {
     let conv1 = (COLUMNS * g.conv[0].forward_macs()) as u64;
     Ok(2 * (3 * forward_macs_per_image(cfg)? - conv1))
 }
+
+/// Bytes one column sends to the other in one training step (forward all-gathers of pool2,
+/// pool5, fc6, fc7 and the logits; backward reduce-scatters of all but the logits, whose
+/// gradient both columns already hold), from the layer shapes.
+pub fn column_bytes_per_step(
+    cfg: &NetConfig,
+    batch: usize,
+) -> anyhow::Result<ColumnBytes> {
+    let w = exchange_widths(cfg)?;
+    let per = |width: usize| (batch * width * 4) as u64;
+    Ok(ColumnBytes {
+        forward: w.map(per),
+        backward: [per(w[0]), per(w[1]), per(w[2]), per(w[3]), 0],
+    })
+}
+
+/// Bytes per exchange point (pool2, pool5, fc6, fc7, logits) one column sends per step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnBytes {
+    pub forward: [u64; 5],
+    pub backward: [u64; 5],
+}
+
+impl ColumnBytes {
+    pub const POINTS: [&'static str; 5] = ["pool2", "pool5", "fc6", "fc7", "logits"];
+
+    pub fn total(&self) -> u64 {
+        self.forward.iter().chain(&self.backward).sum()
+    }
+}

@@ -2,7 +2,8 @@
 //! layer, and peak memory.
 
 use super::train_step;
-use crate::backend::{rng, Backend, SgdParams};
+use crate::backend::{Backend, SgdParams};
+use crate::rng;
 use crate::comm::LocalExchange;
 use crate::model::network::Profile;
 use crate::model::params::parameter_count;

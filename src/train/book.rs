@@ -5,7 +5,7 @@
 use super::checkpoint::{self, EpochRecord, Manifest};
 use super::fit::{EvalReport, LogMonitor, Reporter, ShardsWritten, StepReport};
 use super::schedule::{Schedule, ScheduleState};
-use crate::data::prepare::write_atomic;
+use crate::files::write_atomic;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -154,9 +154,4 @@ impl Reporter for JobBook {
     fn checkpoint(&mut self, c: &ShardsWritten) -> anyhow::Result<()> {
         self.shards_written(c).map(|_| ())
     }
-}
-
-/// Writes `bytes` to `dir/name` atomically (the report's files).
-pub(crate) fn write_file(dir: &std::path::Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
-    write_atomic(&dir.join(name), bytes)
 }

@@ -8,7 +8,7 @@
 
 use super::schedule::ScheduleState;
 use crate::backend::Backend;
-use crate::data::prepare::{sync_dir, write_atomic};
+use crate::files::{sync_dir, write_atomic};
 use crate::model::Network;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};

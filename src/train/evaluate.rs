@@ -262,7 +262,7 @@ pub fn predict(
 pub fn export(run: &TrainedRun, out: &Path) -> anyhow::Result<()> {
     let tensors = job::export_unsplit(&run.net)?;
     let bytes = checkpoint::serialize(&tensors)?;
-    crate::data::prepare::write_atomic(out, &bytes)
+    crate::files::write_atomic(out, &bytes)
 }
 
 #[cfg(test)]

@@ -112,6 +112,27 @@ impl std::ops::AddAssign for Hits {
     }
 }
 
+/// The counts as the control plane carries them.
+impl From<Hits> for crate::proto::Hits {
+    fn from(h: Hits) -> Self {
+        crate::proto::Hits {
+            top1: h.top1,
+            top5: h.top5,
+            samples: h.samples,
+        }
+    }
+}
+
+impl From<crate::proto::Hits> for Hits {
+    fn from(h: crate::proto::Hits) -> Self {
+        Hits {
+            top1: h.top1,
+            top5: h.top5,
+            samples: h.samples,
+        }
+    }
+}
+
 impl Hits {
     pub fn top1_err(&self) -> f64 {
         1.0 - self.top1 as f64 / self.samples.max(1) as f64

@@ -333,7 +333,7 @@ pub fn save_columns<B: Backend>(net: &Network<B>, dir: &Path) -> anyhow::Result<
             .collect();
         let bytes = super::checkpoint::serialize(&values)?;
         let path = dir.join(format!("column{}.safetensors", col.index));
-        crate::data::prepare::write_atomic(&path, &bytes)?;
+        crate::files::write_atomic(&path, &bytes)?;
         written.push(path);
     }
     Ok(written)

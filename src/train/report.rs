@@ -1,8 +1,8 @@
 //! The training report in the run folder: `report.csv` (one row per epoch) and `report.svg`
 //! (training loss and validation errors against epochs), refreshed after every epoch.
 
-use super::book::write_file;
 use super::checkpoint::EpochRecord;
+use crate::files::write_atomic;
 use std::fmt::Write;
 use std::path::Path;
 
@@ -15,8 +15,8 @@ pub fn write(run_dir: &Path, history: &[EpochRecord]) -> anyhow::Result<()> {
             h.epoch, h.train_loss, h.val_top1_err, h.val_top5_err, h.lr, h.seconds
         )?;
     }
-    write_file(run_dir, "report.csv", csv.as_bytes())?;
-    write_file(run_dir, "report.svg", svg(history).as_bytes())
+    write_atomic(&run_dir.join("report.csv"), csv.as_bytes())?;
+    write_atomic(&run_dir.join("report.svg"), svg(history).as_bytes())
 }
 
 /// A two-panel line chart: training loss (left), validation top-1 and top-5 error (right).

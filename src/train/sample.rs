@@ -6,7 +6,8 @@
 //! `(seed, epoch)`, so a rerun sees the same batches.
 
 use super::fit::{eval_batch, DataSource, Hits, HostBatch};
-use crate::backend::{rng, Backend};
+use crate::backend::Backend;
+use crate::rng;
 use crate::data::idx::ImageSet;
 use crate::data::loader::Pixels;
 use crate::model::{NetConfig, Network};

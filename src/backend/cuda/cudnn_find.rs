@@ -4,7 +4,7 @@
 //!
 //! cudarc runs the convolutions but keeps its descriptors' handles private, so the timing
 //! makes descriptors of its own, with the same shape, mode, group count and math type as the
-//! ones the convolution runs with ([`super::cudnn`]); only the algorithms found here travel
+//! ones the convolution runs with (`cudnn.rs`); only the algorithms found here travel
 //! there. Any failure here leaves the heuristic's choice in place.
 
 use super::super::ConvGeom;
@@ -98,7 +98,7 @@ impl Drop for Descriptors {
     }
 }
 
-/// The descriptors of `g` as `super::cudnn` makes them through cudarc: NCHW f32 tensors, the
+/// The descriptors of `g` as `cudnn.rs` makes them through cudarc: NCHW f32 tensors, the
 /// filter `[out_c, in_c / groups, k, k]`, cross-correlation with f32 compute, the group count,
 /// and `math`.
 fn describe(g: &ConvGeom, math: sys::cudnnMathType_t) -> anyhow::Result<Descriptors> {

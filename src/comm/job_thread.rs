@@ -1,9 +1,8 @@
 //! A thread that runs an exchange's jobs in order while the training thread computes: the
-//! mechanism under the replicas' overlapped average ([`super::OverlappedReduce`]) and the
-//! column link's early swaps ([`super::pair::LinkThread`]).
+//! mechanism under the replicas' overlapped average and the column link's early swaps.
 //!
-//! Jobs go in with [`Worker::submit`] and their results come back in the same order with
-//! [`Worker::take`]. The job itself bounds its waits on peers (the job's peer timeout), so a
+//! Jobs go in with [`JobThread::submit`] and their results come back in the same order with
+//! [`JobThread::take`]. The job itself bounds its waits on peers (the job's peer timeout), so a
 //! take never hangs on a dead peer. The first failure is returned as it is (keeping the peer it
 //! blames) and stops the thread; every later call fails at once, naming it. A panic on the
 //! thread is reported with its message.
@@ -12,13 +11,13 @@ use anyhow::Context;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
-pub struct Worker<J, R> {
+pub struct JobThread<J, R> {
     jobs: Option<Sender<J>>,
     results: Receiver<anyhow::Result<R>>,
     thread: Option<JoinHandle<()>>,
     /// Jobs submitted and not yet taken back.
     pending: usize,
-    /// Why the worker failed: it stays failed.
+    /// Why the thread failed: it stays failed.
     failed: Option<String>,
     /// The thread, as messages name it ("the replicas' reduction thread").
     what: &'static str,
@@ -26,7 +25,7 @@ pub struct Worker<J, R> {
     doing: &'static str,
 }
 
-impl<J: Send + 'static, R: Send + 'static> Worker<J, R> {
+impl<J: Send + 'static, R: Send + 'static> JobThread<J, R> {
     /// Starts thread `name`, which runs `run` on each job in turn.
     pub fn spawn(
         name: &str,
@@ -48,7 +47,7 @@ impl<J: Send + 'static, R: Send + 'static> Worker<J, R> {
                 }
             })
             .with_context(|| format!("starting {what}"))?;
-        Ok(Worker {
+        Ok(JobThread {
             jobs: Some(jobs),
             results,
             thread: Some(thread),
@@ -60,7 +59,7 @@ impl<J: Send + 'static, R: Send + 'static> Worker<J, R> {
     }
 }
 
-impl<J, R> Worker<J, R> {
+impl<J, R> JobThread<J, R> {
     /// Queues `job`; [`Self::take`] returns its result.
     pub fn submit(&mut self, job: J) -> anyhow::Result<()> {
         self.check()?;
@@ -122,7 +121,7 @@ impl<J, R> Worker<J, R> {
     }
 }
 
-impl<J, R> Drop for Worker<J, R> {
+impl<J, R> Drop for JobThread<J, R> {
     /// Ends the thread: at once when it is idle; when it still holds jobs (the step failed
     /// elsewhere), it is left to end when its current wait does (each is bounded by the peer
     /// timeout), so that the failure is reported without waiting for it.

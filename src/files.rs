@@ -1,0 +1,50 @@
+//! Files that are either whole or absent: every file the project keeps (datasets, checkpoints,
+//! reports, run files) is written into a temporary file, flushed to disk and renamed.
+
+use anyhow::{bail, Result};
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `bytes` to `path` atomically: a temporary file, flushed to disk, then renamed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// Writes `path` atomically with `fill`: into a temporary file, flushed to disk, then renamed;
+/// on failure the temporary file is removed and the error names the file (and says when the
+/// disk is full).
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let f = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        fill(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        let hint = if e.raw_os_error() == Some(28) {
+            ": the disk is full; free space or choose another --output (finished shards are kept and a rerun continues)"
+        } else {
+            ""
+        };
+        bail!("writing {}: {e}{hint}", path.display());
+    }
+    Ok(())
+}
+
+pub fn sync_dir(dir: &Path) {
+    // Makes the renames durable; not every file system supports it, and nothing depends on it
+    // beyond durability, so a failure is not an error.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
