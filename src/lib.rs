@@ -5,6 +5,7 @@
 //! - [`comm`]: how the columns exchange activations and gradients.
 //! - [`data`]: images in, batches out.
 //! - [`train`]: the training loop and the benchmark.
+//! - [`selftest`]: a backend checked against the CPU reference and PyTorch's golden vectors.
 
 pub mod agent;
 pub mod backend;
@@ -13,5 +14,6 @@ pub mod coordinator;
 pub mod data;
 pub mod model;
 pub mod proto;
+pub mod selftest;
 pub mod train;
 pub mod worker;

@@ -1,6 +1,6 @@
 //! `alexnet`: train, benchmark and (later) serve the two-column network.
 
-use alexnet::backend::{selftest, Cpu, Device};
+use alexnet::backend::{Cpu, Device};
 use alexnet::comm::Topology;
 use alexnet::coordinator::launch::LaunchOptions;
 use alexnet::coordinator::{CoordinatorConfig, Phase, Secret};
@@ -1001,186 +1001,22 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The backend `selftest --backend` checks: `auto` takes the GPU where a driver and a device
-/// are present, and checks the CPU otherwise (saying so); `cuda` insists on the GPU.
-fn selftest_backend(choice: BackendChoice) -> BackendChoice {
-    if !matches!(choice, BackendChoice::Auto) {
-        return choice;
-    }
-    #[cfg(feature = "cuda")]
-    let why_not = alexnet::backend::cuda::unavailable();
-    #[cfg(not(feature = "cuda"))]
-    let why_not = Some("this binary was built without the CUDA backend (cargo feature `cuda`)");
-    match why_not {
-        None => BackendChoice::Cuda,
-        Some(why) => {
-            tracing::info!("backend auto: {why}: checking the CPU");
-            BackendChoice::Cpu
-        }
-    }
-}
-
-/// [`alexnet::backend::selftest::processes`]: this binary's two layouts of a short job, in a
-/// scratch folder that is removed afterwards where the check passed (kept for its logs
-/// otherwise).
-fn selftest_processes(
-    backend: &str,
-    limit: std::time::Duration,
-    tolerance: f64,
-) -> anyhow::Result<Vec<selftest::Check>> {
-    let exe = std::env::current_exe().context("finding this binary, to run its processes")?;
-    let dir = std::env::temp_dir().join(format!("alexnet-selftest-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    tracing::info!(
-        backend,
-        "running a short job as one process, then as two worker processes"
-    );
-    let checks = selftest::processes(&exe, backend, &dir, limit, tolerance);
-    if checks.iter().all(selftest::Check::passed) {
-        let _ = std::fs::remove_dir_all(&dir);
-    } else {
-        tracing::error!(dir = %dir.display(), "the layouts' runs are kept here");
-    }
-    Ok(checks)
-}
-
 fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
-    // `--require-all` asks for the GPU: `auto` does not fall back to the CPU then.
-    let backend = match (a.backend, a.require_all) {
-        (BackendChoice::Auto, true) => BackendChoice::Cuda,
-        (choice, _) => selftest_backend(choice),
-    };
-    anyhow::ensure!(
-        !(a.require_all && matches!(backend, BackendChoice::Cpu)),
-        "--require-all asks for the GPU's libraries (cuDNN, NCCL): use it with --backend cuda"
-    );
-    use alexnet::backend::golden;
-    let seed = a.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-    });
-    tracing::info!(seed, "selftest inputs (rerun with --seed to repeat)");
-    let process_limit = seconds(a.process_timeout, "--process-timeout")?;
-    let reference = Cpu::with_threads(1);
-    let (checks, informational) = match backend {
-        BackendChoice::Cpu => {
-            let cpu = Cpu::new();
-            let mut checks = selftest::ops(&reference, &cpu, seed, a.tolerance);
-            checks.extend(golden::ops(&cpu, a.tolerance)?);
-            checks.extend(selftest::network(
-                &demo_net(),
-                Cpu::with_threads(1),
-                Cpu::new(),
-                a.batch,
-                seed,
-                a.tolerance,
-            )?);
-            checks.extend(selftest_processes("cpu", process_limit, a.tolerance)?);
-            (checks, Vec::new())
-        }
-        #[cfg(feature = "cuda")]
-        BackendChoice::Cuda | BackendChoice::Auto => {
-            use alexnet::backend::cuda::Cuda;
-            let gpu = Cuda::open(0, false)?;
-            tracing::info!(backend = %alexnet::backend::Backend::name(&gpu), "checking against the CPU");
-            let mut checks = selftest::ops(&reference, &gpu, seed, a.tolerance);
-            checks.extend(golden::ops(&gpu, a.tolerance)?);
-            checks.push(selftest::finish_views(&gpu, seed)?);
-            checks.push(selftest::uploads(&gpu, seed));
-            checks.extend(selftest::network(
-                &demo_net(),
-                Cpu::with_threads(1),
-                gpu,
-                a.batch,
-                seed,
-                a.tolerance,
-            )?);
-            // The cuDNN convolutions (ALEXNET_CONV=cudnn), judged where cuDNN is here.
-            if alexnet::backend::cuda::cudnn::present() {
-                use alexnet::backend::cuda::ConvPath;
-                let dnn = Cuda::open_with(0, false, ConvPath::Cudnn)?;
-                let mut more = selftest::ops(&reference, &dnn, seed, a.tolerance);
-                more.extend(golden::ops(&dnn, a.tolerance)?);
-                more.extend(selftest::network(
-                    &demo_net(),
-                    Cpu::with_threads(1),
-                    dnn,
-                    a.batch,
-                    seed,
-                    a.tolerance,
-                )?);
-                checks.extend(
-                    more.into_iter()
-                        .filter(|c| c.what.contains("conv") || c.what.starts_with("network"))
-                        .map(|mut c| {
-                            c.what = format!("cuDNN: {}", c.what);
-                            c
-                        }),
-                );
-            } else if a.require_all {
-                tracing::error!("cuDNN cannot be loaded (libcudnn.so.9), and --require-all");
-                checks.push(selftest::Check {
-                    what: "cuDNN: libcudnn.so.9 loaded".into(),
-                    error: f64::INFINITY,
-                    tolerance: a.tolerance,
-                });
-            } else {
-                tracing::warn!("cuDNN not checked: libcudnn.so.9 cannot be loaded");
-            }
-            // NCCL on this GPU: judged where its library is here (multi-GPU jobs need it).
-            match alexnet::comm::nccl::check_libraries() {
-                Err(e) if a.require_all => {
-                    tracing::error!("NCCL: {e:#}, and --require-all");
-                    checks.push(selftest::Check {
-                        what: "NCCL: libnccl.so loaded".into(),
-                        error: f64::INFINITY,
-                        tolerance: a.tolerance,
-                    });
-                }
-                Err(e) => tracing::warn!("NCCL not checked: {e:#}"),
-                Ok(()) => {
-                    let r = alexnet::comm::nccl::one_rank_check(0);
-                    if let Err(e) = &r {
-                        tracing::error!("NCCL: {e:#}");
-                    }
-                    checks.push(selftest::Check {
-                        what: "NCCL: one-rank all-reduce, one-replica group".into(),
-                        error: if r.is_ok() { 0.0 } else { f64::INFINITY },
-                        tolerance: a.tolerance,
-                    });
-                }
-            }
-            // Last: the processes, which take the most time.
-            checks.extend(selftest_processes("cuda", process_limit, a.tolerance)?);
-            // TF32 rounds products' inputs to 10 bits: reported, not judged.
-            let tf32 = Cuda::open(0, true)?;
-            (checks, selftest::ops(&reference, &tf32, seed, 1e-2))
-        }
-        #[cfg(not(feature = "cuda"))]
-        BackendChoice::Cuda | BackendChoice::Auto => {
-            anyhow::bail!("this binary was built without the CUDA backend (cargo feature `cuda`)")
-        }
-    };
-    let failed = checks.iter().filter(|c| !c.passed()).count();
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "seed": seed, "checks": checks, "tf32": informational, "failed": failed
-            }))?
-        );
-    } else {
-        print!("{}", selftest::render(&checks));
-        if !informational.is_empty() {
-            println!("\nwith TF32 (cuBLAS tensor cores; not judged):");
-            print!("{}", selftest::render(&informational));
-        }
-    }
-    anyhow::ensure!(failed == 0, "{failed} checks failed (seed {seed})");
-    Ok(())
+    use alexnet::selftest::Target;
+    alexnet::selftest::run(&alexnet::selftest::Options {
+        backend: match a.backend {
+            BackendChoice::Auto => None,
+            BackendChoice::Cpu => Some(Target::Cpu),
+            BackendChoice::Cuda => Some(Target::Cuda),
+        },
+        tolerance: a.tolerance,
+        seed: a.seed,
+        batch: a.batch,
+        net: demo_net(),
+        process_timeout: seconds(a.process_timeout, "--process-timeout")?,
+        json: a.json,
+        require_all: a.require_all,
+    })
 }
 
 fn seconds(s: f64, what: &str) -> anyhow::Result<std::time::Duration> {

@@ -10,9 +10,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod golden;
 pub mod rng;
-pub mod selftest;
 
 pub use cpu::Cpu;
 
