@@ -101,7 +101,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         seed: a.seed,
         batch: a.batch,
         net: demo_net(),
-        process_timeout: seconds(a.process_timeout, "--process-timeout")?,
+        process_timeout: a.process_timeout,
         json: a.json,
         require_all: a.require_all,
     })
@@ -292,7 +292,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         rank: a.rank,
         device: a.device,
         threads: a.threads,
-        connect_timeout: seconds(a.connect_timeout, "--connect-timeout")?,
+        connect_timeout: a.connect_timeout,
         out: a.out,
         token: read_token(a.token_file.as_deref())?,
         tls_ca: a
@@ -322,8 +322,8 @@ pub fn agent(a: AgentArgs, log_format: LogFormat) -> anyhow::Result<()> {
         devices,
         threads_per_worker: a.threads,
         max_restarts: a.max_restarts,
-        rejoin_timeout: seconds(a.rejoin_timeout, "--rejoin-timeout")?,
-        max_clock_skew: seconds(a.max_clock_skew, "--max-clock-skew")?,
+        rejoin_timeout: a.rejoin_timeout,
+        max_clock_skew: a.max_clock_skew,
         token: read_token(a.token_file.as_deref())?,
         tls_ca: a.tls_ca,
         tls_domain: a.tls_domain,

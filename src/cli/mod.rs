@@ -17,6 +17,7 @@ pub mod status;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -160,17 +161,17 @@ pub struct LayoutArgs {
     #[arg(long)]
     pub columns_per_worker: Option<usize>,
     /// Seconds without news from a peer (heartbeat, data) before it counts as lost.
-    #[arg(long, default_value_t = 60.0, env = "ALEXNET_PEER_TIMEOUT")]
-    pub peer_timeout: f64,
+    #[arg(long, default_value = "60", value_parser = seconds, env = "ALEXNET_PEER_TIMEOUT")]
+    pub peer_timeout: Duration,
     /// Seconds the first worker waits for the last one to join.
-    #[arg(long, default_value_t = 300.0)]
-    pub rendezvous_timeout: f64,
+    #[arg(long, default_value = "300", value_parser = seconds)]
+    pub rendezvous_timeout: Duration,
     /// Job name; workers started for another job are refused. Default: job-<unix time>.
     #[arg(long, env = "ALEXNET_JOB_ID")]
     pub job_id: Option<String>,
     /// Seconds a worker's clock may differ from the coordinator's before it is refused.
-    #[arg(long, default_value_t = 60.0, env = "ALEXNET_MAX_CLOCK_SKEW")]
-    pub max_clock_skew: f64,
+    #[arg(long, default_value = "60", value_parser = seconds, env = "ALEXNET_MAX_CLOCK_SKEW")]
+    pub max_clock_skew: Duration,
 }
 
 #[derive(clap::Args)]
@@ -204,7 +205,7 @@ pub struct CoordinatorArgs {
     pub layout: LayoutArgs,
     /// Address to listen on. The default takes connections from this machine only; use
     /// 0.0.0.0:50051 (on a trusted network) for workers on other hosts.
-    #[arg(long, default_value = "127.0.0.1:50051", env = "ALEXNET_LISTEN")]
+    #[arg(long, default_value = "127.0.0.1:50051", env = "ALEXNET_LISTEN", value_parser = listen_address)]
     pub listen: String,
     /// The run folder (checkpoint manifests, report); workers must see the same path.
     /// Default: runs/<job id>.
@@ -232,7 +233,7 @@ pub struct CoordinatorArgs {
 #[derive(clap::Args)]
 pub struct AgentArgs {
     /// The coordinator, as http://host:port (https:// with --tls-ca).
-    #[arg(long, env = "ALEXNET_COORDINATOR")]
+    #[arg(long, env = "ALEXNET_COORDINATOR", value_parser = coordinator_url)]
     pub coordinator: String,
     /// Only join this job: an agent pointed at another job's coordinator stops with an error.
     #[arg(long, env = "ALEXNET_JOB_ID")]
@@ -242,7 +243,7 @@ pub struct AgentArgs {
     #[arg(long, env = "ALEXNET_NODE_RANK")]
     pub node_rank: Option<u32>,
     /// Workers on this host. Default: one per GPU, or 1 without GPUs.
-    #[arg(long, env = "ALEXNET_WORKERS")]
+    #[arg(long, env = "ALEXNET_WORKERS", value_parser = at_least_one)]
     pub workers: Option<usize>,
     /// `auto`: one worker per GPU where there are GPUs, else CPU workers; `cuda`: GPUs only.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto, env = "ALEXNET_DEVICE")]
@@ -255,11 +256,11 @@ pub struct AgentArgs {
     pub max_restarts: usize,
     /// Seconds a (re)started worker keeps trying to reach the coordinator: how long this
     /// host may be cut off from it and still rejoin.
-    #[arg(long, default_value_t = 300.0, env = "ALEXNET_REJOIN_TIMEOUT")]
-    pub rejoin_timeout: f64,
+    #[arg(long, default_value = "300", value_parser = seconds, env = "ALEXNET_REJOIN_TIMEOUT")]
+    pub rejoin_timeout: Duration,
     /// Seconds this host's clock may differ from the coordinator's.
-    #[arg(long, default_value_t = 60.0, env = "ALEXNET_MAX_CLOCK_SKEW")]
-    pub max_clock_skew: f64,
+    #[arg(long, default_value = "60", value_parser = seconds, env = "ALEXNET_MAX_CLOCK_SKEW")]
+    pub max_clock_skew: Duration,
     /// Each rank's log file goes here too (rank<N>.log).
     #[arg(long, env = "ALEXNET_LOG_DIR")]
     pub log_dir: Option<PathBuf>,
@@ -280,7 +281,7 @@ pub struct AgentArgs {
 #[derive(clap::Args)]
 pub struct WorkerArgs {
     /// The coordinator, as http://host:port.
-    #[arg(long, env = "ALEXNET_COORDINATOR")]
+    #[arg(long, env = "ALEXNET_COORDINATOR", value_parser = coordinator_url)]
     pub coordinator: String,
     /// `cpu`, or `cuda:N` (GPU N; `cuda` is `cuda:0`).
     #[arg(long, default_value = "cpu", env = "ALEXNET_DEVICE")]
@@ -301,8 +302,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "ALEXNET_THREADS")]
     pub threads: Option<usize>,
     /// Seconds to keep trying to reach the coordinator.
-    #[arg(long, default_value_t = 30.0)]
-    pub connect_timeout: f64,
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    pub connect_timeout: Duration,
     /// Write this worker's trained columns here (replica 0 only).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -325,7 +326,8 @@ pub struct StatusArgs {
     #[arg(
         long,
         env = "ALEXNET_COORDINATOR",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "http://127.0.0.1:50051",
+        value_parser = coordinator_url
     )]
     pub coordinator: String,
     /// Print the status as JSON.
@@ -375,8 +377,8 @@ pub struct SelftestArgs {
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// Seconds each run of the short job in one and in two worker processes may take.
-    #[arg(long, default_value_t = 60.0)]
-    pub process_timeout: f64,
+    #[arg(long, default_value = "60", value_parser = seconds)]
+    pub process_timeout: Duration,
     /// Print the checks as JSON.
     #[arg(long)]
     pub json: bool,
@@ -512,9 +514,45 @@ pub struct BenchArgs {
     pub upload: bool,
 }
 
-pub fn seconds(s: f64, what: &str) -> anyhow::Result<std::time::Duration> {
-    std::time::Duration::try_from_secs_f64(s)
+/// A flag's number of seconds: positive and finite.
+fn seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    Duration::try_from_secs_f64(v)
         .ok()
         .filter(|d| !d.is_zero())
-        .ok_or_else(|| anyhow::anyhow!("{what} must be a positive number of seconds, not {s}"))
+        .ok_or_else(|| format!("must be a positive number of seconds, not {v}"))
+}
+
+/// A coordinator's URL: a scheme, then what tonic takes as an endpoint.
+fn coordinator_url(u: &str) -> Result<String, String> {
+    if !(u.starts_with("http://") || u.starts_with("https://")) {
+        return Err(format!(
+            "coordinator URL `{u}` has no scheme: write http://{u} (https:// with TLS)"
+        ));
+    }
+    tonic::transport::Endpoint::from_shared(u.to_string())
+        .map(|_| u.to_string())
+        .map_err(|e| format!("coordinator URL `{u}` (expected http://host:port): {e}"))
+}
+
+/// A `host:port` listen address, checked without resolving the name (a pod's or node's name
+/// need not resolve where a recipe is checked).
+fn listen_address(addr: &str) -> Result<String, String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or("expected host:port, e.g. 0.0.0.0:50051")?;
+    port.parse::<u16>()
+        .map_err(|e| format!("port `{port}` is not a number from 0 to 65535: {e}"))?;
+    if host.is_empty() {
+        return Err("no host before the port".into());
+    }
+    Ok(addr.to_string())
+}
+
+/// A count that must be at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>().map_err(|e| format!("{e}"))? {
+        0 => Err("must be at least 1".into()),
+        n => Ok(n),
+    }
 }

@@ -1,7 +1,7 @@
 //! Planning a run: the job a command line describes (job file, then flags), a resumed run's
 //! job, and the coordinator of a new or resumed run with its run folder.
 
-use super::{seconds, JobArgs, LayoutArgs};
+use super::{JobArgs, LayoutArgs};
 use alexnet::coordinator::CoordinatorConfig;
 use alexnet::model::NetConfig;
 use alexnet::train::job::JobConfig;
@@ -153,7 +153,7 @@ pub fn coordinator_config(
     run_dir: Option<&PathBuf>,
     resume: Option<&PathBuf>,
 ) -> anyhow::Result<(CoordinatorConfig, PathBuf)> {
-    let peer_timeout = seconds(layout.peer_timeout, "--peer-timeout")?;
+    let peer_timeout = layout.peer_timeout;
     let (job, job_id, run_dir, resume) = match resume {
         Some(dir) => {
             let job = resumed_job(dir, job_args)?;
@@ -193,8 +193,8 @@ pub fn coordinator_config(
             generation,
             peer_timeout,
             heartbeat: (peer_timeout / 10).min(std::time::Duration::from_secs(2)),
-            rendezvous_timeout: seconds(layout.rendezvous_timeout, "--rendezvous-timeout")?,
-            max_clock_skew: seconds(layout.max_clock_skew, "--max-clock-skew")?,
+            rendezvous_timeout: layout.rendezvous_timeout,
+            max_clock_skew: layout.max_clock_skew,
             restarts_left: 0,
             log_every: job_args.log_every.max(1) as u64,
             run_dir: Some(absolute(&run_dir)),
