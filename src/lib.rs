@@ -5,6 +5,7 @@
 //! - [`comm`]: how the columns exchange activations and gradients.
 //! - [`data`]: images in, batches out.
 //! - [`train`]: the training loop and the benchmark.
+//! - [`selftest`]: a backend checked against the CPU reference and PyTorch's golden vectors.
 //! - [`rng`], [`files`]: randomness as a function of coordinates; files written atomically
 //!   (leaves that every layer above may use).
 
@@ -13,9 +14,10 @@ pub mod backend;
 pub mod comm;
 pub mod coordinator;
 pub mod data;
-pub mod model;
 pub mod files;
+pub mod model;
 pub mod proto;
 pub mod rng;
+pub mod selftest;
 pub mod train;
 pub mod worker;

@@ -556,7 +556,7 @@ static void emulate(void (*f)(A...), unsigned grid, unsigned block, bool threads
     #[test]
     fn views_finished_from_bytes_exactly() {
         let b = cpu();
-        let (views, _) = alexnet::backend::selftest::random_byte_views(4, 7);
+        let (views, _) = alexnet::selftest::random_byte_views(4, 7);
         let n = views.views() * views.view_len();
         let crops: Vec<i32> = (views.crops.iter())
             .flat_map(|c| [c.x0 as i32, c.y0 as i32, c.flip as i32])

@@ -13,7 +13,7 @@ const GOLDEN_TOL: f64 = 1e-4;
 /// PyTorch's outputs for the op `file` was computed for, against `b`'s (the checks
 /// `alexnet selftest` runs on the compiled-in copies).
 fn golden<B: Backend>(b: &B, file: &str) {
-    let checks = alexnet::backend::golden::check(b, &Golden::load(file), GOLDEN_TOL);
+    let checks = alexnet::selftest::golden::check(b, &Golden::load(file), GOLDEN_TOL);
     assert!(!checks.is_empty(), "{file}: nothing checked");
     for c in checks {
         assert!(
@@ -728,10 +728,10 @@ fn concat_and_slice<B: Backend>(b: &B) {
 /// parts disagree are refused before anything reaches the device.
 fn finish_views_exactly<B: Backend>(b: &B) {
     for seed in [3, 4] {
-        let check = alexnet::backend::selftest::finish_views(b, seed).unwrap();
+        let check = alexnet::selftest::finish_views(b, seed).unwrap();
         assert!(check.passed(), "{}: error {:e}", check.what, check.error);
     }
-    let (mut views, _) = alexnet::backend::selftest::random_byte_views(5, 3);
+    let (mut views, _) = alexnet::selftest::random_byte_views(5, 3);
     let mean = b.upload(&views.mean);
     views.crops[1].x0 = views.side;
     let e = b

@@ -10,10 +10,8 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod golden;
 /// The backends draw dropout masks from the counter-based generator.
 pub use crate::rng;
-pub mod selftest;
 
 pub use cpu::Cpu;
 

@@ -1,8 +1,8 @@
 //! Both columns in one process: the exchange is a copy in memory.
 
 use super::ColumnExchange;
-use crate::backend::Backend;
 use super::COLUMNS;
+use crate::backend::Backend;
 
 /// The exchange of a process that holds both columns.
 #[derive(Debug)]

@@ -11,6 +11,7 @@
 //! through a [`ReplicaReduce`]; they exchange nothing else.
 
 pub mod channel;
+pub mod job_thread;
 pub mod local;
 #[cfg(feature = "nccl")]
 pub mod nccl;
@@ -18,7 +19,6 @@ pub mod pair;
 pub mod replica;
 pub mod tcp;
 pub mod topology;
-pub mod job_thread;
 
 use crate::backend::Backend;
 

@@ -9,9 +9,9 @@
 //! compute stream.
 
 use super::job_thread::JobThread;
+use super::COLUMNS;
 use super::{ColumnExchange, Link, Traffic};
 use crate::backend::Backend;
-use super::COLUMNS;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 

@@ -4,11 +4,11 @@
 //! column `c` of replica `r`; with both columns per worker, rank `r` is replica `r`.
 
 use super::tcp::MeshKey;
+use super::COLUMNS;
 use super::{
     ColumnExchange, Link, LocalExchange, PairExchange, ReplicaReduce, TcpMesh, TcpReplicaGroup,
 };
 use crate::backend::Backend;
-use super::COLUMNS;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::TcpListener;

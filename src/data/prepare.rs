@@ -15,7 +15,6 @@ pub use crate::files::{sync_dir, write_atomic, write_atomic_with};
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -210,7 +209,6 @@ fn accumulate(planar: &[u8], sums: &mut [u64], moments: &mut [u64; 9]) {
         }
     }
 }
-
 
 fn sums_name(index: usize) -> String {
     format!("shard-{index:05}.sums")

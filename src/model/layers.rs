@@ -11,9 +11,9 @@ use super::profile::{Pass, Profile};
 use crate::backend::{
     Backend, ConvGeom, DropoutKey, InputPart, LinearGeom, LrnParams, PlaneGeom, PoolGeom,
 };
-use crate::rng;
 use crate::comm::ColumnExchange;
 use crate::model::config::COLUMNS;
+use crate::rng;
 
 /// What to change when a batch does not fit.
 pub(super) const TOO_LARGE: &str =

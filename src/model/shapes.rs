@@ -130,10 +130,7 @@ pub fn train_flops_per_image(cfg: &NetConfig) -> anyhow::Result<u64> {
 /// Bytes one column sends to the other in one training step (forward all-gathers of pool2,
 /// pool5, fc6, fc7 and the logits; backward reduce-scatters of all but the logits, whose
 /// gradient both columns already hold), from the layer shapes.
-pub fn column_bytes_per_step(
-    cfg: &NetConfig,
-    batch: usize,
-) -> anyhow::Result<ColumnBytes> {
+pub fn column_bytes_per_step(cfg: &NetConfig, batch: usize) -> anyhow::Result<ColumnBytes> {
     let w = exchange_widths(cfg)?;
     let per = |width: usize| (batch * width * 4) as u64;
     Ok(ColumnBytes {

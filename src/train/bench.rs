@@ -3,12 +3,12 @@
 
 use super::train_step;
 use crate::backend::{Backend, SgdParams};
-use crate::rng;
 use crate::comm::LocalExchange;
 use crate::model::network::Profile;
 use crate::model::params::parameter_count;
 use crate::model::shapes::train_flops_per_image;
 use crate::model::{NetConfig, Network};
+use crate::rng;
 use serde::Serialize;
 use std::time::Instant;
 

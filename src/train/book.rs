@@ -5,7 +5,6 @@
 use super::checkpoint::{self, EpochRecord, Manifest};
 use super::fit::{EvalReport, LogMonitor, Reporter, ShardsWritten, StepReport};
 use super::schedule::{Schedule, ScheduleState};
-use crate::files::write_atomic;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;

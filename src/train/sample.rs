@@ -7,10 +7,10 @@
 
 use super::fit::{eval_batch, DataSource, Hits, HostBatch};
 use crate::backend::Backend;
-use crate::rng;
 use crate::data::idx::ImageSet;
 use crate::data::loader::Pixels;
 use crate::model::{NetConfig, Network};
+use crate::rng;
 use std::time::Instant;
 
 /// A set resized to `side` x `side`, as f32 with the training mean subtracted.

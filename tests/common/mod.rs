@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-pub use alexnet::backend::golden::{rel_err, Golden};
+pub use alexnet::selftest::golden::{rel_err, Golden};
 
 /// Golden files read from the tree, or from `ALEXNET_GOLDEN_DIR` where the test binary runs
 /// away from its source tree (the GPU check).

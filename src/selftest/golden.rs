@@ -7,8 +7,8 @@
 //! The error of a golden check is `‖tested − reference‖₂ / ‖reference‖₂` over the whole
 //! output.
 
-use super::selftest::Check;
-use super::{Backend, ConvGeom, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams};
+use super::Check;
+use crate::backend::{Backend, ConvGeom, LinearGeom, LrnParams, PlaneGeom, PoolGeom, SgdParams};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 
@@ -305,7 +305,7 @@ fn softmax<B: Backend>(b: &B, c: &mut Compare) {
     c.values("loss", &[loss], "loss");
     c.values("dlogits", &b.download(&d), "dlogits");
     // The top-5 classes come from the logits on the host, whichever backend made them.
-    let top5: Vec<f32> = super::cpu::top_k(rows, classes, g.get("logits"), 5)
+    let top5: Vec<f32> = crate::backend::cpu::top_k(rows, classes, g.get("logits"), 5)
         .into_iter()
         .flatten()
         .map(|i| i as f32)

@@ -1,0 +1,444 @@
+//! What each command does, from its parsed arguments.
+
+use super::devices::{choose_backend, visible_gpus, worker_devices};
+use super::plan::{
+    already_complete, coordinator_config, demo_net, job_from_args, load_net, resolve_data,
+    resumed_job,
+};
+use super::*;
+use alexnet::backend::Cpu;
+use alexnet::comm::Topology;
+use alexnet::coordinator::launch::LaunchOptions;
+use alexnet::coordinator::{Phase, Secret};
+use alexnet::train::bench;
+use alexnet::train::book::{BookSetup, JobBook};
+use anyhow::Context;
+use std::path::Path;
+
+pub fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let (mut job, run_dir) = match &a.resume {
+        Some(dir) => (resumed_job(dir, &a.job)?, Some(dir.clone())),
+        None => (job_from_args(&a.job, None)?, a.run_dir.clone()),
+    };
+    // One process holds both columns.
+    job.topology = Topology {
+        replicas: 1,
+        columns_per_worker: alexnet::model::config::COLUMNS,
+    };
+    job.validate()?;
+    let resume = match (&a.resume, &run_dir) {
+        (Some(_), Some(dir)) => alexnet::train::checkpoint::latest(dir, Some(&job.hash()))?,
+        _ => None,
+    };
+    if a.resume.is_some() && resume.is_none() {
+        tracing::warn!("the run folder has no checkpoint yet: starting from the beginning");
+    }
+    if let Some(dir) = &run_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        alexnet::files::write_atomic(
+            &dir.join("job.json"),
+            serde_json::to_string_pretty(&job)?.as_bytes(),
+        )?;
+    }
+    let mut book = JobBook::new(
+        BookSetup {
+            log_every: a.job.log_every.max(1) as u64,
+            classes: job.net.classes,
+            schedule: job.schedule,
+            lr: job.sgd.lr,
+            run_dir: run_dir.clone(),
+            keep: job.keep_checkpoints,
+            seed: job.seed,
+            config_hash: job.hash(),
+            generation: resume.as_ref().map(|r| r.1.generation + 1).unwrap_or(0),
+        },
+        resume.as_ref().map(|r| &r.1),
+    );
+    let steps = alexnet::with_device!(choose_backend(a.backend)?, backend => {
+        let role = alexnet::train::job::Role {
+            replica: 0,
+            columns: Box::new(alexnet::comm::LocalExchange::default()),
+            replicas: None,
+            run_dir: run_dir.clone(),
+            resume: resume
+                .as_ref()
+                .map(|(d, m)| (d.clone(), m.step, m.schedule.lr)),
+            memory_sharers: 1,
+        };
+        let (net, steps) = alexnet::train::job::run(&job, backend, role, &mut book)?;
+        if let Some(out) = &a.out {
+            for path in alexnet::train::job::save_columns(&net, out)? {
+                tracing::info!(path = %path.display(), "parameters written");
+            }
+        }
+        steps
+    });
+    match book.monitor.results.last() {
+        Some(last) => tracing::info!(
+            epochs = last.epoch,
+            steps,
+            val_top1_err = format!("{:.3}", last.val_top1_err),
+            val_top5_err = format!("{:.3}", last.val_top5_err),
+            "done"
+        ),
+        None => tracing::info!(
+            steps,
+            "done (stopped before the end of an epoch: no validation)"
+        ),
+    }
+    Ok(())
+}
+
+pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
+    use alexnet::selftest::Target;
+    alexnet::selftest::run(&alexnet::selftest::Options {
+        backend: match a.backend {
+            BackendChoice::Auto => None,
+            BackendChoice::Cpu => Some(Target::Cpu),
+            BackendChoice::Cuda => Some(Target::Cuda),
+        },
+        tolerance: a.tolerance,
+        seed: a.seed,
+        batch: a.batch,
+        net: demo_net(),
+        process_timeout: a.process_timeout,
+        json: a.json,
+        require_all: a.require_all,
+    })
+}
+
+pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    let devices = worker_devices(a.backend, "--backend")?;
+    let (mut cfg, run_dir) =
+        coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
+    if already_complete(&cfg, &run_dir) {
+        return Ok(());
+    }
+    // A fresh token per launch, handed to the workers in their environment.
+    cfg.token = Some(match read_token(None)? {
+        Some(t) => t,
+        None => Secret::random()?,
+    });
+    let workers = cfg.job.topology.world_size();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = a.threads.unwrap_or((cores / workers).max(1));
+    tracing::info!(
+        workers,
+        devices = ?devices,
+        threads_per_worker = threads,
+        "starting the workers"
+    );
+    let outcome = alexnet::coordinator::launch::run(LaunchOptions {
+        coordinator: cfg,
+        run_dir: run_dir.clone(),
+        threads_per_worker: threads,
+        devices,
+        exe: std::env::current_exe().context("finding this binary to start workers")?,
+        json_logs: log_format == LogFormat::Json,
+        max_restarts: a.max_restarts,
+    })?;
+    report_exchange_share(&outcome.exchange_seconds);
+    match (&outcome.phase, &outcome.first_failure) {
+        (Phase::Finished, _) => {
+            if let Some(last) = outcome.results.last() {
+                tracing::info!(
+                    epochs = last.epoch,
+                    val_top1_err = format!("{:.3}", last.val_top1_err),
+                    val_top5_err = format!("{:.3}", last.val_top5_err),
+                    restarts = outcome.restarts,
+                    run_dir = %run_dir.display(),
+                    "done"
+                );
+            } else {
+                tracing::info!(restarts = outcome.restarts, run_dir = %run_dir.display(), "done");
+            }
+            Ok(())
+        }
+        (_, Some(first)) => anyhow::bail!("first failure: {first} (logs in {})", run_dir.display()),
+        (Phase::Failed { rank, error }, None) => anyhow::bail!(
+            "first failure: {}: {error} (logs in {})",
+            rank.map(|r| format!("rank {r}"))
+                .unwrap_or_else(|| "the coordinator".into()),
+            run_dir.display()
+        ),
+        (p, None) => anyhow::bail!("the job ended as {p:?}"),
+    }
+}
+
+/// Logs each rank's share of training time spent waiting in the exchanges.
+pub fn report_exchange_share(seconds: &[(u32, f64, f64, f64)]) {
+    for &(rank, columns, replicas, total) in seconds {
+        if total > 0.0 {
+            tracing::info!(
+                rank,
+                column_exchange_share = format!("{:.1}%", 100.0 * columns / total),
+                replica_exchange_share = format!("{:.1}%", 100.0 * replicas / total),
+                train_seconds = format!("{total:.2}"),
+                "time in the exchanges"
+            );
+        }
+    }
+}
+
+/// The job token from ALEXNET_TOKEN or a file (never from a flag: flags show in `ps`).
+pub fn read_token(file: Option<&Path>) -> anyhow::Result<Option<Secret>> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the token file {}", path.display()))?;
+        let t = text.trim();
+        anyhow::ensure!(!t.is_empty(), "the token file {} is empty", path.display());
+        return Ok(Some(Secret(t.to_string())));
+    }
+    Ok(std::env::var("ALEXNET_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| Secret(t.trim().to_string())))
+}
+
+/// Writes a file only its owner can read.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    let mut f = o
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
+    let (mut cfg, run_dir) =
+        coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
+    if already_complete(&cfg, &run_dir) {
+        return Ok(());
+    }
+    alexnet::coordinator::launch::write_run_files(&run_dir, &cfg)?;
+    let mut made_token = None;
+    cfg.token = match read_token(a.token_file.as_deref())? {
+        Some(t) => Some(t),
+        None => {
+            let t = Secret::random()?;
+            let path = run_dir.join("token");
+            write_private(&path, t.0.as_bytes())?;
+            made_token = Some(path);
+            Some(t)
+        }
+    };
+    if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+        let c = std::fs::read(cert)
+            .with_context(|| format!("reading --tls-cert {}", cert.display()))?;
+        let k = std::fs::read_to_string(key)
+            .with_context(|| format!("reading --tls-key {}", key.display()))?;
+        cfg.tls = Some((c, Secret(k)));
+    }
+    let off_loopback = cfg.tls.is_none()
+        && !a.listen.starts_with("127.")
+        && !a.listen.starts_with("localhost")
+        && !a.listen.starts_with("[::1]");
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .with_context(|| format!("listening on {} (--listen)", a.listen))?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            tls = cfg.tls.is_some(),
+            job = %cfg.job_id,
+            config = %alexnet::train::job::JobConfig::hash(&cfg.job),
+            workers = cfg.job.topology.world_size(),
+            "coordinator listening; start the workers with `alexnet worker --coordinator http://THIS_HOST:PORT`"
+        );
+        if let Some(path) = &made_token {
+            tracing::info!(
+                file = %path.display(),
+                "made a job token: workers need it (ALEXNET_TOKEN_FILE or --token-file)"
+            );
+        }
+        if off_loopback {
+            tracing::warn!(
+                listen = %a.listen,
+                "the control plane is not on loopback and has no TLS: pass --tls-cert and --tls-key on an untrusted network"
+            );
+        }
+        cfg.restarts_left = a.max_restarts;
+        let supervisor = alexnet::coordinator::generations::Supervisor::new(cfg)?;
+        let (phase, c) = supervisor.serve(listener).await?;
+        report_exchange_share(&c.exchange_seconds());
+        match phase {
+            Phase::Finished => Ok(()),
+            Phase::Failed { rank, error } => anyhow::bail!(
+                "the job failed: {}: {error}",
+                rank.map(|r| format!("rank {r}")).unwrap_or_else(|| "coordinator".into())
+            ),
+            p => anyhow::bail!("the job ended as {p:?}"),
+        }
+    })
+}
+
+pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    alexnet::worker::run(alexnet::worker::WorkerOptions {
+        coordinator: a.coordinator,
+        job_id: a.job_id,
+        config_hash: a.config_hash,
+        generation: a.generation,
+        rank: a.rank,
+        device: a.device,
+        threads: a.threads,
+        connect_timeout: a.connect_timeout,
+        out: a.out,
+        token: read_token(a.token_file.as_deref())?,
+        tls_ca: a
+            .tls_ca
+            .as_ref()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading --tls-ca {}", p.display())))
+            .transpose()?,
+        tls_domain: a.tls_domain,
+    })
+}
+
+pub fn agent(a: AgentArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    let devices = worker_devices(a.device, "--device")?;
+    let on_gpus = devices.iter().any(|d| d.starts_with("cuda"));
+    let visible = visible_gpus();
+    if !on_gpus && visible > 0 {
+        tracing::warn!(
+            visible,
+            "GPU device files are present but the CUDA backend cannot use them: CPU workers"
+        );
+    }
+    alexnet::agent::run(alexnet::agent::AgentOptions {
+        coordinator: a.coordinator,
+        job_id: a.job_id,
+        node_rank: a.node_rank,
+        workers: a.workers.unwrap_or(if on_gpus { devices.len() } else { 1 }),
+        devices,
+        threads_per_worker: a.threads,
+        max_restarts: a.max_restarts,
+        rejoin_timeout: a.rejoin_timeout,
+        max_clock_skew: a.max_clock_skew,
+        token: read_token(a.token_file.as_deref())?,
+        tls_ca: a.tls_ca,
+        tls_domain: a.tls_domain,
+        exe: std::env::current_exe().context("finding this binary to start workers")?,
+        json_logs: log_format == LogFormat::Json,
+        log_dir: a.log_dir,
+        out: a.out,
+    })
+}
+
+/// Top-1 and top-5 error of a trained run on a dataset.
+pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let mut run = alexnet::train::evaluate::load_run(&a.run, Cpu::new())?;
+    let hits = alexnet::train::evaluate::evaluate(
+        &mut run,
+        a.data.as_deref().map(resolve_data).as_deref(),
+        a.ten_crop,
+        a.batch.max(1),
+    )?;
+    println!(
+        "step {}: top-1 error {:.4}, top-5 error {:.4} on {} images ({})",
+        run.manifest.step,
+        hits.top1_err(),
+        hits.top5_err(),
+        hits.samples,
+        if a.ten_crop { "ten patches" } else { "centre" }
+    );
+    Ok(())
+}
+
+/// The top classes of image files by a trained run.
+pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
+    let mut run = alexnet::train::evaluate::load_run(&a.run, Cpu::new())?;
+    let top = alexnet::train::evaluate::predict(&mut run, &a.images, a.top)?;
+    for (path, classes) in a.images.iter().zip(top) {
+        println!("{}", path.display());
+        for (c, name, p) in classes {
+            println!("  {p:>6.3}  {name} ({c})");
+        }
+    }
+    Ok(())
+}
+
+/// A trained run's parameters as one unsplit file.
+pub fn export(a: ExportArgs) -> anyhow::Result<()> {
+    let run = alexnet::train::evaluate::load_run(&a.run, Cpu::new())?;
+    alexnet::train::evaluate::export(&run, &a.out)?;
+    tracing::info!(out = %a.out.display(), step = run.manifest.step, "exported");
+    Ok(())
+}
+
+/// An ImageFolder tree in the preprocessed, sharded form.
+pub fn prepare(a: PrepareArgs) -> anyhow::Result<()> {
+    let opts = alexnet::data::prepare::PrepareOptions {
+        side: a.side,
+        shard_images: a.shard_images,
+        strict: a.strict,
+        progress: !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let summary = alexnet::data::prepare::prepare(&a.input, &a.output, &opts)?;
+    if !summary.skipped.is_empty() {
+        tracing::warn!(
+            skipped = summary.skipped.len(),
+            "some files were skipped (named above; --strict stops instead)"
+        );
+    }
+    Ok(())
+}
+
+/// `prepare` and the loader timed.
+pub fn bench_data(a: BenchDataArgs) -> anyhow::Result<()> {
+    let r = alexnet::data::bench::run(&resolve_data(&a.photos), &a.work, a.images, a.batch)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("threads                     {}", r.threads);
+        println!(
+            "prepare (500x375 JPEG)      {:.0} images/s, {:.0} per core",
+            r.prepare_images_per_s, r.prepare_images_per_s_per_core
+        );
+        println!(
+            "loader (train views, b{})  {:.0} images/s, {:.0} per core",
+            r.loader_batch, r.loader_images_per_s, r.loader_images_per_s_per_core
+        );
+        println!(
+            "cores to feed 5,000 img/s   {:.1}",
+            r.loader_cores_for_5000_per_s
+        );
+        println!(
+            "loader, bytes for a GPU     {:.0} images/s, {:.1} cores for 5,000 img/s \
+             ({} bytes per image shipped instead of {})",
+            r.loader_bytes_images_per_s,
+            r.loader_bytes_cores_for_5000_per_s,
+            r.bytes_per_image_bytes,
+            r.bytes_per_image_floats
+        );
+    }
+    Ok(())
+}
+
+/// Training steps timed on random data.
+pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let opts = bench::BenchOptions {
+        batch: a.batch,
+        warmup: a.warmup,
+        steps: a.steps,
+        net: load_net(&a.net)?,
+        seed: a.seed,
+        upload: a.upload,
+    };
+    let report = alexnet::with_device!(choose_backend(a.backend)?, b => bench::run(b, &opts)?);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", bench::render(&report));
+    }
+    Ok(())
+}

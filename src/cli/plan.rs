@@ -1,0 +1,238 @@
+//! Planning a run: the job a command line describes (job file, then flags), a resumed run's
+//! job, and the coordinator of a new or resumed run with its run folder.
+
+use super::{JobArgs, LayoutArgs};
+use alexnet::coordinator::CoordinatorConfig;
+use alexnet::model::NetConfig;
+use alexnet::train::job::JobConfig;
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+
+/// The narrow network of the default training job: the paper's topology at a quarter to a
+/// sixteenth of its widths, for 28x28 grey images upscaled to 64.
+pub fn demo_net() -> NetConfig {
+    NetConfig {
+        input_size: 64,
+        in_channels: 1,
+        conv_channels: [32, 64, 96, 96, 64],
+        fc_widths: [256, 256],
+        classes: 10,
+        init_std: 0.03,
+        ..NetConfig::default()
+    }
+}
+
+pub fn load_net(spec: &str) -> anyhow::Result<NetConfig> {
+    let cfg = match spec {
+        "paper" => NetConfig::default(),
+        "demo" => demo_net(),
+        path => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("reading network file {path} (or use `paper` or `demo`)")
+            })?;
+            toml::from_str(&text).with_context(|| format!("network file {path}"))?
+        }
+    };
+    cfg.validate()
+        .with_context(|| format!("network `{spec}`"))?;
+    Ok(cfg)
+}
+
+/// The demo job: the narrow network on the carried sample, briefly.
+pub fn demo_job() -> JobConfig {
+    JobConfig {
+        net: demo_net(),
+        epochs: 10,
+        batch: 64,
+        ..JobConfig::default()
+    }
+}
+
+pub fn load_job(spec: &str) -> anyhow::Result<JobConfig> {
+    Ok(match spec {
+        "paper" => JobConfig::default(),
+        "demo" => demo_job(),
+        path => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading job file {path} (or use `paper` or `demo`)"))?;
+            toml::from_str(&text).with_context(|| format!("job file {path}"))?
+        }
+    })
+}
+
+/// The job the flags describe: the job file (or the default for the data), then each flag
+/// given; `layout` overrides the topology.
+pub fn job_from_args(a: &JobArgs, layout: Option<&LayoutArgs>) -> anyhow::Result<JobConfig> {
+    let data_flag = a.data.as_ref().map(|d| resolve_data(d));
+    let prepared = |d: &Path| d.join(alexnet::data::shards::METADATA_FILE).exists();
+    let spec = match (&a.config, &data_flag) {
+        (Some(c), _) => c.clone(),
+        (None, Some(d)) if prepared(d) => "paper".into(),
+        (None, _) => "demo".into(),
+    };
+    let mut job = load_job(&spec)?;
+    if let Some(d) = data_flag {
+        job.data = d;
+    }
+    job.data = absolute(&resolve_data(&job.data));
+    if let Some(v) = &a.val {
+        job.val = Some(v.clone());
+    }
+    job.val = job.val.as_ref().map(|v| absolute(&resolve_data(v)));
+    if let Some(n) = &a.net {
+        job.net = load_net(n)?;
+    }
+    macro_rules! set {
+        ($($flag:ident => $($field:ident).+),* $(,)?) => {
+            $(if let Some(v) = a.$flag.clone() { job.$($field).+ = v; })*
+        };
+    }
+    set!(epochs => epochs, batch => batch, lr => sgd.lr, momentum => sgd.momentum,
+         weight_decay => sgd.weight_decay, seed => seed, loader_threads => loader_threads,
+         checkpoint_every => checkpoint_every, augment_on => augment_on);
+    if a.steps.is_some() {
+        job.max_steps = a.steps;
+    }
+    if a.init.is_some() {
+        job.init = a.init.as_ref().map(|p| absolute(p));
+    }
+    if let Some(l) = layout {
+        if let Some(r) = l.replicas {
+            job.topology.replicas = r;
+        }
+        if let Some(c) = l.columns_per_worker {
+            job.topology.columns_per_worker = c;
+        }
+    }
+    job.validate().with_context(|| format!("job `{spec}`"))?;
+    Ok(job)
+}
+
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// A run folder's job, for `--resume`: only how long to run may change.
+pub fn resumed_job(run_dir: &Path, a: &JobArgs) -> anyhow::Result<JobConfig> {
+    let path = run_dir.join("job.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a run folder (no job.json to resume)",
+            run_dir.display()
+        )
+    })?;
+    let mut job: JobConfig =
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    if let Some(e) = a.epochs {
+        job.epochs = e;
+    }
+    if a.steps.is_some() {
+        job.max_steps = a.steps;
+    }
+    if let Some(n) = a.checkpoint_every {
+        job.checkpoint_every = n;
+    }
+    Ok(job)
+}
+
+pub fn job_id_or_new(given: &Option<String>) -> String {
+    given.clone().unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        format!("job-{t}")
+    })
+}
+
+/// The coordinator of a new run, or of the run in `resume` continued from its newest usable
+/// checkpoint (in a new generation); returns it with the run folder.
+pub fn coordinator_config(
+    job_args: &JobArgs,
+    layout: &LayoutArgs,
+    run_dir: Option<&PathBuf>,
+    resume: Option<&PathBuf>,
+) -> anyhow::Result<(CoordinatorConfig, PathBuf)> {
+    let peer_timeout = layout.peer_timeout;
+    let (job, job_id, run_dir, resume) = match resume {
+        Some(dir) => {
+            let job = resumed_job(dir, job_args)?;
+            let id = std::fs::read_to_string(dir.join("job-id"))
+                .map(|s| s.trim().to_string())
+                .ok()
+                .or_else(|| layout.job_id.clone())
+                .unwrap_or_else(|| job_id_or_new(&None));
+            let latest = alexnet::train::checkpoint::latest(dir, Some(&job.hash()))?;
+            if latest.is_none() {
+                tracing::warn!(run_dir = %dir.display(), "no checkpoint yet: the run starts from the beginning");
+            }
+            (job, id, dir.clone(), latest)
+        }
+        None => {
+            let job = job_from_args(job_args, Some(layout))?;
+            let id = job_id_or_new(&layout.job_id);
+            let dir = run_dir
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from("runs").join(&id));
+            if !alexnet::train::checkpoint::list(&dir).is_empty() {
+                anyhow::bail!(
+                    "{} already holds checkpoints of a run: continue it with --resume {}, or choose another --run-dir",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            (job, id, dir, None)
+        }
+    };
+    job.validate()?;
+    let generation = resume.as_ref().map(|r| r.1.generation + 1).unwrap_or(0);
+    Ok((
+        CoordinatorConfig {
+            job_id,
+            job,
+            generation,
+            peer_timeout,
+            heartbeat: (peer_timeout / 10).min(std::time::Duration::from_secs(2)),
+            rendezvous_timeout: layout.rendezvous_timeout,
+            max_clock_skew: layout.max_clock_skew,
+            restarts_left: 0,
+            log_every: job_args.log_every.max(1) as u64,
+            run_dir: Some(absolute(&run_dir)),
+            resume,
+            token: None,
+            tls: None,
+        },
+        run_dir,
+    ))
+}
+
+/// Whether the run being resumed is already complete (then there is nothing to start: a
+/// coordinator restarted after its job finished must not wait for workers that will not come).
+pub fn already_complete(cfg: &CoordinatorConfig, run_dir: &Path) -> bool {
+    let Some((_, m)) = &cfg.resume else {
+        return false;
+    };
+    let done = m.completes(cfg.job.epochs, cfg.job.max_steps);
+    if done {
+        tracing::info!(
+            run_dir = %run_dir.display(),
+            step = m.step,
+            epochs = cfg.job.epochs,
+            "the run is complete: nothing to train (extend it with --epochs or --steps)"
+        );
+    }
+    done
+}
+
+/// The default sample folder is relative to the repository; find it from elsewhere too.
+pub fn resolve_data(path: &Path) -> PathBuf {
+    if path.exists() || path.is_absolute() {
+        return path.to_path_buf();
+    }
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    if beside.exists() {
+        beside
+    } else {
+        path.to_path_buf()
+    }
+}
