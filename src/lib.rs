@@ -6,7 +6,9 @@
 //! - [`data`]: images in, batches out.
 //! - [`train`]: the training loop and the benchmark.
 
+pub mod admission;
 pub mod agent;
+pub mod auth;
 pub mod backend;
 pub mod comm;
 pub mod coordinator;

@@ -700,10 +700,8 @@ fn an_agent_of_another_job_or_a_rank_taken_twice_is_a_clear_error() {
 /// Registers by hand (as a worker of another host would), with `version` and a clock `skew`.
 fn register_raw(url: &str, version: &str, skew_ms: i64) -> tonic::Status {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let opts = alexnet::worker::WorkerOptions::client_of(
-            url,
-            Some(alexnet::coordinator::Secret(TOKEN.into())),
-        );
+        let opts =
+            alexnet::worker::WorkerOptions::client_of(url, Some(alexnet::auth::Secret::new(TOKEN)));
         let mut client = alexnet::worker::client(&opts).await.unwrap();
         client
             .register(alexnet::proto::RegisterRequest {
@@ -748,10 +746,8 @@ fn register_all(
     reqs: Vec<alexnet::proto::RegisterRequest>,
 ) -> Vec<Result<alexnet::proto::Assignment, tonic::Status>> {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let opts = alexnet::worker::WorkerOptions::client_of(
-            url,
-            Some(alexnet::coordinator::Secret(TOKEN.into())),
-        );
+        let opts =
+            alexnet::worker::WorkerOptions::client_of(url, Some(alexnet::auth::Secret::new(TOKEN)));
         // Each registration waits for the others: they run side by side.
         let calls: Vec<_> = reqs
             .into_iter()

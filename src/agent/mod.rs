@@ -7,9 +7,10 @@
 //! SIGTERM or SIGINT. A worker's exit status tells it whether a restart can help
 //! (`worker::EXIT_REFUSED`, `worker::EXIT_JOB_OVER`).
 
-use crate::coordinator::Secret;
+use crate::admission::{self, Holder, Joiner};
+use crate::auth::Secret;
 use crate::worker::{Verdict, WorkerOptions, EXIT_JOB_OVER, EXIT_REFUSED};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -99,53 +100,28 @@ pub struct Peer {
     pub world_size: u32,
     /// Coordinator clock minus this host's, corrected for half the round trip.
     pub clock_offset_ms: i64,
-    /// Ranks held by live workers: rank, host, pid, state.
-    pub held: Vec<(u32, String, u32, String)>,
+    /// Ranks held by live workers.
+    pub held: Vec<Holder>,
 }
 
 /// Checks the coordinator's answer against this agent: same job, same binary version, clocks
-/// within the allowed skew, and the ranks this host claims exist and are free.
-pub fn check_peer(opts: &AgentOptions, peer: &Peer) -> anyhow::Result<()> {
+/// within the allowed skew, and the ranks this host claims exist and are free (the rules a
+/// worker meets at the coordinator, asked before anything is started).
+pub fn check_peer(opts: &AgentOptions, peer: &Peer) -> Result<(), admission::Refusal> {
+    let who = Joiner::Agent {
+        coordinator: &opts.coordinator,
+        node_rank: opts.node_rank.unwrap_or(0),
+        workers: opts.workers,
+    };
     if let Some(job) = &opts.job_id {
-        if *job != peer.job_id {
-            bail!(
-                "the coordinator at {} runs job `{}`, this agent was started for job `{job}`: point it at its own job's coordinator",
-                opts.coordinator,
-                peer.job_id
-            );
-        }
+        admission::same_job(&peer.job_id, job, who)?;
     }
-    if peer.version != crate::proto::VERSION {
-        bail!(
-            "the coordinator runs alexnet {}, this host {}: install the same binary on every host",
-            peer.version,
-            crate::proto::VERSION
-        );
-    }
-    let skew = Duration::from_millis(peer.clock_offset_ms.unsigned_abs());
-    if skew > opts.max_clock_skew {
-        bail!(
-            "this host's clock is {:.1} s {} the coordinator's (at most {:?} allowed): synchronise the clocks (NTP, chrony)",
-            skew.as_secs_f64(),
-            if peer.clock_offset_ms > 0 { "behind" } else { "ahead of" },
-            opts.max_clock_skew
-        );
-    }
+    admission::same_version(&peer.version, who)?;
+    // The offset is the coordinator's clock minus this host's; the rule takes the other sign.
+    admission::clock_within(-peer.clock_offset_ms, false, opts.max_clock_skew, who)?;
     for rank in opts.ranks().into_iter().flatten() {
-        if rank >= peer.world_size {
-            bail!(
-                "--node-rank {} with {} workers claims rank {rank}, but job `{}` has {} ranks: check --node-rank and --workers",
-                opts.node_rank.unwrap_or(0),
-                opts.workers,
-                peer.job_id,
-                peer.world_size
-            );
-        }
-        if let Some((_, host, pid, state)) = peer.held.iter().find(|h| h.0 == rank) {
-            bail!(
-                "rank {rank} is already held by a worker on {host} (pid {pid}, {state}): is another agent running with the same --node-rank?"
-            );
-        }
+        admission::rank_exists(rank, peer.world_size, &peer.job_id, who)?;
+        admission::rank_free(rank, peer.held.iter().find(|h| h.rank == rank), who)?;
     }
     Ok(())
 }
@@ -163,7 +139,7 @@ async fn ask_coordinator(opts: &AgentOptions) -> anyhow::Result<Peer> {
         ..WorkerOptions::client_of(&opts.coordinator, opts.token.clone())
     };
     let mut client = crate::worker::client(&wopts).await?;
-    let sent = crate::coordinator::unix_time_ms();
+    let sent = admission::unix_time_ms();
     let s = tokio::time::timeout(
         Duration::from_secs(30),
         client.status(crate::proto::StatusRequest {}),
@@ -172,7 +148,7 @@ async fn ask_coordinator(opts: &AgentOptions) -> anyhow::Result<Peer> {
     .context("the coordinator did not answer a status request within 30 s")?
     .map_err(|s| anyhow::anyhow!("the coordinator refused this agent: {}", s.message()))?
     .into_inner();
-    let received = crate::coordinator::unix_time_ms();
+    let received = admission::unix_time_ms();
     let live = ["joined", "running"];
     Ok(Peer {
         job_id: s.job_id,
@@ -183,7 +159,12 @@ async fn ask_coordinator(opts: &AgentOptions) -> anyhow::Result<Peer> {
             .workers
             .into_iter()
             .filter(|w| live.contains(&w.state.as_str()) && s.state != "failed")
-            .map(|w| (w.rank, w.host, w.pid, w.state))
+            .map(|w| Holder {
+                rank: w.rank,
+                host: w.host,
+                pid: w.pid,
+                state: w.state,
+            })
             .collect(),
     })
 }
@@ -242,12 +223,7 @@ fn spawn(opts: &AgentOptions, w: &WorkerProcess, threads: usize) -> anyhow::Resu
     if let Some(d) = &opts.tls_domain {
         cmd.args(["--tls-domain", d]);
     }
-    // The token goes through the environment, not the command line (which `ps` shows).
-    cmd.env_remove("ALEXNET_TOKEN_FILE");
-    match &opts.token {
-        Some(t) => cmd.env("ALEXNET_TOKEN", &t.0),
-        None => cmd.env_remove("ALEXNET_TOKEN"),
-    };
+    crate::auth::pass_to_child(&mut cmd, &opts.token);
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;
@@ -502,7 +478,12 @@ mod tests {
             version: crate::proto::VERSION.into(),
             world_size: 4,
             clock_offset_ms: 120,
-            held: vec![(0, "host-a".into(), 4242, "joined".into())],
+            held: vec![Holder {
+                rank: 0,
+                host: "host-a".into(),
+                pid: 4242,
+                state: "joined".into(),
+            }],
         }
     }
 

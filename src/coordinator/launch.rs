@@ -3,7 +3,7 @@
 //! file per rank in the run folder, and on failure names the first rank that failed, its exit
 //! status and its last error.
 
-use super::{Coordinator, CoordinatorConfig, Phase};
+use super::{Coordinator, CoordinatorConfig, ExchangeSeconds, Phase};
 use crate::agent::forward_lines;
 use anyhow::Context;
 use std::path::PathBuf;
@@ -36,7 +36,7 @@ pub struct LaunchOutcome {
     pub first_failure: Option<String>,
     pub results: Vec<crate::train::fit::EpochResult>,
     /// Per rank: seconds in the column exchange, the replica exchange, and training.
-    pub exchange_seconds: Vec<(u32, f64, f64, f64)>,
+    pub exchange_seconds: Vec<ExchangeSeconds>,
     pub restarts: usize,
 }
 
@@ -143,12 +143,7 @@ fn run_generation(opts: &LaunchOptions, cfg: &CoordinatorConfig) -> anyhow::Resu
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // The token goes through the environment, not the command line (which `ps` shows).
-        cmd.env_remove("ALEXNET_TOKEN_FILE");
-        match &cfg.token {
-            Some(t) => cmd.env("ALEXNET_TOKEN", &t.0),
-            None => cmd.env_remove("ALEXNET_TOKEN"),
-        };
+        crate::auth::pass_to_child(&mut cmd, &cfg.token);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting worker {rank} from {}", opts.exe.display()))?;
