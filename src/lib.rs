@@ -15,5 +15,6 @@ pub mod coordinator;
 pub mod data;
 pub mod model;
 pub mod proto;
+pub mod spawn;
 pub mod train;
 pub mod worker;

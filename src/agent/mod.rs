@@ -9,11 +9,11 @@
 
 use crate::admission::{self, Holder, Joiner};
 use crate::auth::Secret;
+use crate::spawn::{spawn_worker, WorkerSpec};
 use crate::worker::{Verdict, WorkerOptions, EXIT_JOB_OVER, EXIT_REFUSED};
 use anyhow::Context;
-use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,37 +59,6 @@ impl AgentOptions {
             .map(|i| self.node_rank.map(|n| n * self.workers as u32 + i))
             .collect()
     }
-}
-
-/// Copies a child's output lines to this process's stderr with a rank prefix, and to its log
-/// file; remembers its last error line.
-pub fn forward_lines(
-    label: String,
-    from: impl std::io::Read + Send + 'static,
-    log: Option<Arc<Mutex<std::fs::File>>>,
-    last_error: Arc<Mutex<Option<String>>>,
-) {
-    // In JSON lines a known rank is a number, a worker still waiting for one a string.
-    let json_label = match label.parse::<u32>() {
-        Ok(n) => n.to_string(),
-        Err(_) => format!("\"{label}\""),
-    };
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(from).lines() {
-            let Ok(line) = line else { return };
-            if line.contains(" ERROR ") || line.contains("\"level\":\"ERROR\"") {
-                *last_error.lock().unwrap() = Some(line.clone());
-            }
-            if let Some(log) = &log {
-                let _ = writeln!(log.lock().unwrap(), "{line}");
-            }
-            match line.strip_prefix('{') {
-                // A JSON line stays one JSON object, with the rank as its first field.
-                Some(rest) => eprintln!("{{\"rank\":{json_label},{rest}"),
-                None => eprintln!("[rank {label}] {line}"),
-            }
-        }
-    });
 }
 
 /// What the agent found out about the coordinator before starting anything.
@@ -182,94 +151,29 @@ struct WorkerProcess {
     restart_at: Option<Instant>,
 }
 
-/// Sends SIGTERM to a child (std only has SIGKILL).
-fn terminate(child: &Child) {
-    // SAFETY: kill(2) with a pid this process started and has not yet reaped.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-    }
-}
-
-fn spawn(opts: &AgentOptions, w: &WorkerProcess, threads: usize) -> anyhow::Result<Child> {
-    let mut cmd = Command::new(&opts.exe);
-    if opts.json_logs {
-        cmd.args(["--log-format", "json"]);
-    }
-    let device = &opts.devices[w.local % opts.devices.len().max(1)];
-    cmd.args([
-        "worker",
-        "--coordinator",
-        &opts.coordinator,
-        "--device",
-        device,
-    ])
-    .args(["--threads", &threads.to_string()])
-    .args([
-        "--connect-timeout",
-        &opts.rejoin_timeout.as_secs_f64().to_string(),
-    ]);
-    if let Some(r) = w.rank {
-        cmd.args(["--rank", &r.to_string()]);
-    }
-    if let Some(j) = &opts.job_id {
-        cmd.args(["--job-id", j]);
-    }
-    if let Some(out) = &opts.out {
-        cmd.arg("--out").arg(out);
-    }
-    if let Some(ca) = &opts.tls_ca {
-        cmd.arg("--tls-ca").arg(ca);
-    }
-    if let Some(d) = &opts.tls_domain {
-        cmd.args(["--tls-domain", d]);
-    }
-    crate::auth::pass_to_child(&mut cmd, &opts.token);
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe; it makes the worker end with this agent even
-        // when the agent is killed without a chance to stop it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-    }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting a worker from {}", opts.exe.display()))?;
-    let log = match &opts.log_dir {
-        Some(dir) => {
-            let name = match w.rank {
-                Some(r) => format!("rank{r}.log"),
-                None => format!("worker{}.log", w.label.trim_start_matches('#')),
-            };
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join(&name))
-                .with_context(|| format!("opening the log file {}", dir.join(name).display()))?;
-            Some(Arc::new(Mutex::new(f)))
-        }
-        None => None,
+/// How worker `w` of this host is started.
+fn spec(opts: &AgentOptions, w: &WorkerProcess, threads: usize) -> WorkerSpec {
+    let log_name = match w.rank {
+        Some(r) => format!("rank{r}.log"),
+        None => format!("worker{}.log", w.label.trim_start_matches('#')),
     };
-    forward_lines(
-        w.label.clone(),
-        child.stderr.take().unwrap(),
-        log.clone(),
-        w.last_error.clone(),
-    );
-    forward_lines(
-        w.label.clone(),
-        child.stdout.take().unwrap(),
-        log,
-        w.last_error.clone(),
-    );
-    Ok(child)
+    WorkerSpec {
+        exe: opts.exe.clone(),
+        json_logs: opts.json_logs,
+        coordinator: opts.coordinator.clone(),
+        device: opts.devices[w.local % opts.devices.len().max(1)].clone(),
+        threads,
+        rank: w.rank,
+        job_id: opts.job_id.clone(),
+        config_hash: None,
+        connect_timeout: Some(opts.rejoin_timeout),
+        out: opts.out.clone(),
+        tls_ca: opts.tls_ca.clone(),
+        tls_domain: opts.tls_domain.clone(),
+        token: opts.token.clone(),
+        label: w.label.clone(),
+        log_file: opts.log_dir.as_ref().map(|d| d.join(log_name)),
+    }
 }
 
 /// Runs this host's part of the job until its workers finish (Ok), the job fails for good,
@@ -350,7 +254,10 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
             if let Some(at) = w.restart_at {
                 if Instant::now() >= at {
                     w.restart_at = None;
-                    w.child = Some(spawn(&opts, w, threads)?);
+                    w.child = Some(spawn_worker(
+                        &spec(&opts, w, threads),
+                        w.last_error.clone(),
+                    )?);
                 }
             }
         }
@@ -425,7 +332,7 @@ fn stop_all(workers: &mut [WorkerProcess]) {
         return;
     }
     for c in &running {
-        terminate(c);
+        crate::spawn::terminate(c);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     for c in running {

@@ -4,10 +4,10 @@
 //! status and its last error.
 
 use super::{Coordinator, CoordinatorConfig, ExchangeSeconds, Phase};
-use crate::agent::forward_lines;
+use crate::spawn::{spawn_worker, WorkerSpec};
 use anyhow::Context;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -117,49 +117,26 @@ fn run_generation(opts: &LaunchOptions, cfg: &CoordinatorConfig) -> anyhow::Resu
     let world = cfg.job.topology.world_size();
     let mut procs = Vec::new();
     for rank in 0..world {
-        // One log per rank, kept across generations.
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(opts.run_dir.join(format!("rank{rank}.log")))
-            .context("creating the rank's log file")?;
-        let log = Arc::new(Mutex::new(log));
-        let mut cmd = Command::new(&opts.exe);
-        if opts.json_logs {
-            cmd.args(["--log-format", "json"]);
-        }
-        let device = &opts.devices[rank % opts.devices.len().max(1)];
-        cmd.args(["worker", "--coordinator", &url, "--device", device])
-            .args([
-                "--job-id",
-                &cfg.job_id,
-                "--config-hash",
-                coordinator.config_hash(),
-            ])
-            .args(["--rank", &rank.to_string()])
-            .args(["--threads", &opts.threads_per_worker.to_string()])
-            .arg("--out")
-            .arg(opts.run_dir.join("params"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        crate::auth::pass_to_child(&mut cmd, &cfg.token);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting worker {rank} from {}", opts.exe.display()))?;
+        let spec = WorkerSpec {
+            exe: opts.exe.clone(),
+            json_logs: opts.json_logs,
+            coordinator: url.clone(),
+            device: opts.devices[rank % opts.devices.len().max(1)].clone(),
+            threads: opts.threads_per_worker,
+            rank: Some(rank as u32),
+            job_id: Some(cfg.job_id.clone()),
+            config_hash: Some(coordinator.config_hash().to_string()),
+            connect_timeout: None,
+            out: Some(opts.run_dir.join("params")),
+            tls_ca: None,
+            tls_domain: None,
+            token: cfg.token.clone(),
+            label: rank.to_string(),
+            // One log per rank, kept across generations.
+            log_file: Some(opts.run_dir.join(format!("rank{rank}.log"))),
+        };
         let last_error = Arc::new(Mutex::new(None));
-        forward_lines(
-            rank.to_string(),
-            child.stderr.take().unwrap(),
-            Some(log.clone()),
-            last_error.clone(),
-        );
-        forward_lines(
-            rank.to_string(),
-            child.stdout.take().unwrap(),
-            Some(log),
-            last_error.clone(),
-        );
+        let child = spawn_worker(&spec, last_error.clone())?;
         procs.push(RankProcess {
             rank,
             child,
