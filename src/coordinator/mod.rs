@@ -131,13 +131,13 @@ impl Coordinator {
         if orders.close_sessions {
             sh.sessions.clear();
         }
-        let now = sh.control.phase().clone();
-        drop(sh);
+        // Published under the lock, so that phases are seen in the order they were decided.
+        let now = sh.control.phase();
         self.phase.send_if_modified(|p| {
-            if *p == now {
+            if p == now {
                 return false;
             }
-            *p = now;
+            *p = now.clone();
             true
         });
         out
