@@ -9,7 +9,9 @@
 //! - [`rng`], [`files`]: randomness as a function of coordinates; files written atomically
 //!   (leaves that every layer above may use).
 
+pub mod admission;
 pub mod agent;
+pub mod auth;
 pub mod backend;
 pub mod comm;
 pub mod coordinator;
@@ -19,5 +21,6 @@ pub mod model;
 pub mod proto;
 pub mod rng;
 pub mod selftest;
+pub mod spawn;
 pub mod train;
 pub mod worker;

@@ -7,12 +7,13 @@
 //! SIGTERM or SIGINT. A worker's exit status tells it whether a restart can help
 //! (`worker::EXIT_REFUSED`, `worker::EXIT_JOB_OVER`).
 
-use crate::coordinator::Secret;
+use crate::admission::{self, Holder, Joiner};
+use crate::auth::Secret;
+use crate::spawn::{spawn_worker, WorkerSpec};
 use crate::worker::{Verdict, WorkerOptions, EXIT_JOB_OVER, EXIT_REFUSED};
-use anyhow::{bail, Context};
-use std::io::{BufRead, Write};
+use anyhow::Context;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,37 +61,6 @@ impl AgentOptions {
     }
 }
 
-/// Copies a child's output lines to this process's stderr with a rank prefix, and to its log
-/// file; remembers its last error line.
-pub fn forward_lines(
-    label: String,
-    from: impl std::io::Read + Send + 'static,
-    log: Option<Arc<Mutex<std::fs::File>>>,
-    last_error: Arc<Mutex<Option<String>>>,
-) {
-    // In JSON lines a known rank is a number, a worker still waiting for one a string.
-    let json_label = match label.parse::<u32>() {
-        Ok(n) => n.to_string(),
-        Err(_) => format!("\"{label}\""),
-    };
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(from).lines() {
-            let Ok(line) = line else { return };
-            if line.contains(" ERROR ") || line.contains("\"level\":\"ERROR\"") {
-                *last_error.lock().unwrap() = Some(line.clone());
-            }
-            if let Some(log) = &log {
-                let _ = writeln!(log.lock().unwrap(), "{line}");
-            }
-            match line.strip_prefix('{') {
-                // A JSON line stays one JSON object, with the rank as its first field.
-                Some(rest) => eprintln!("{{\"rank\":{json_label},{rest}"),
-                None => eprintln!("[rank {label}] {line}"),
-            }
-        }
-    });
-}
-
 /// What the agent found out about the coordinator before starting anything.
 #[derive(Debug)]
 pub struct Peer {
@@ -99,53 +69,28 @@ pub struct Peer {
     pub world_size: u32,
     /// Coordinator clock minus this host's, corrected for half the round trip.
     pub clock_offset_ms: i64,
-    /// Ranks held by live workers: rank, host, pid, state.
-    pub held: Vec<(u32, String, u32, String)>,
+    /// Ranks held by live workers.
+    pub held: Vec<Holder>,
 }
 
 /// Checks the coordinator's answer against this agent: same job, same binary version, clocks
-/// within the allowed skew, and the ranks this host claims exist and are free.
-pub fn check_peer(opts: &AgentOptions, peer: &Peer) -> anyhow::Result<()> {
+/// within the allowed skew, and the ranks this host claims exist and are free (the rules a
+/// worker meets at the coordinator, asked before anything is started).
+pub fn check_peer(opts: &AgentOptions, peer: &Peer) -> Result<(), admission::Refusal> {
+    let who = Joiner::Agent {
+        coordinator: &opts.coordinator,
+        node_rank: opts.node_rank.unwrap_or(0),
+        workers: opts.workers,
+    };
     if let Some(job) = &opts.job_id {
-        if *job != peer.job_id {
-            bail!(
-                "the coordinator at {} runs job `{}`, this agent was started for job `{job}`: point it at its own job's coordinator",
-                opts.coordinator,
-                peer.job_id
-            );
-        }
+        admission::same_job(&peer.job_id, job, who)?;
     }
-    if peer.version != crate::proto::VERSION {
-        bail!(
-            "the coordinator runs alexnet {}, this host {}: install the same binary on every host",
-            peer.version,
-            crate::proto::VERSION
-        );
-    }
-    let skew = Duration::from_millis(peer.clock_offset_ms.unsigned_abs());
-    if skew > opts.max_clock_skew {
-        bail!(
-            "this host's clock is {:.1} s {} the coordinator's (at most {:?} allowed): synchronise the clocks (NTP, chrony)",
-            skew.as_secs_f64(),
-            if peer.clock_offset_ms > 0 { "behind" } else { "ahead of" },
-            opts.max_clock_skew
-        );
-    }
+    admission::same_version(&peer.version, who)?;
+    // The offset is the coordinator's clock minus this host's; the rule takes the other sign.
+    admission::clock_within(-peer.clock_offset_ms, false, opts.max_clock_skew, who)?;
     for rank in opts.ranks().into_iter().flatten() {
-        if rank >= peer.world_size {
-            bail!(
-                "--node-rank {} with {} workers claims rank {rank}, but job `{}` has {} ranks: check --node-rank and --workers",
-                opts.node_rank.unwrap_or(0),
-                opts.workers,
-                peer.job_id,
-                peer.world_size
-            );
-        }
-        if let Some((_, host, pid, state)) = peer.held.iter().find(|h| h.0 == rank) {
-            bail!(
-                "rank {rank} is already held by a worker on {host} (pid {pid}, {state}): is another agent running with the same --node-rank?"
-            );
-        }
+        admission::rank_exists(rank, peer.world_size, &peer.job_id, who)?;
+        admission::rank_free(rank, peer.held.iter().find(|h| h.rank == rank), who)?;
     }
     Ok(())
 }
@@ -163,7 +108,7 @@ async fn ask_coordinator(opts: &AgentOptions) -> anyhow::Result<Peer> {
         ..WorkerOptions::client_of(&opts.coordinator, opts.token.clone())
     };
     let mut client = crate::worker::client(&wopts).await?;
-    let sent = crate::coordinator::unix_time_ms();
+    let sent = admission::unix_time_ms();
     let s = tokio::time::timeout(
         Duration::from_secs(30),
         client.status(crate::proto::StatusRequest {}),
@@ -172,7 +117,7 @@ async fn ask_coordinator(opts: &AgentOptions) -> anyhow::Result<Peer> {
     .context("the coordinator did not answer a status request within 30 s")?
     .map_err(|s| anyhow::anyhow!("the coordinator refused this agent: {}", s.message()))?
     .into_inner();
-    let received = crate::coordinator::unix_time_ms();
+    let received = admission::unix_time_ms();
     let live = ["joined", "running"];
     Ok(Peer {
         job_id: s.job_id,
@@ -183,7 +128,12 @@ async fn ask_coordinator(opts: &AgentOptions) -> anyhow::Result<Peer> {
             .workers
             .into_iter()
             .filter(|w| live.contains(&w.state.as_str()) && s.state != "failed")
-            .map(|w| (w.rank, w.host, w.pid, w.state))
+            .map(|w| Holder {
+                rank: w.rank,
+                host: w.host,
+                pid: w.pid,
+                state: w.state,
+            })
             .collect(),
     })
 }
@@ -201,99 +151,29 @@ struct WorkerProcess {
     restart_at: Option<Instant>,
 }
 
-/// Sends SIGTERM to a child (std only has SIGKILL).
-fn terminate(child: &Child) {
-    // SAFETY: kill(2) with a pid this process started and has not yet reaped.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-    }
-}
-
-fn spawn(opts: &AgentOptions, w: &WorkerProcess, threads: usize) -> anyhow::Result<Child> {
-    let mut cmd = Command::new(&opts.exe);
-    if opts.json_logs {
-        cmd.args(["--log-format", "json"]);
-    }
-    let device = &opts.devices[w.local % opts.devices.len().max(1)];
-    cmd.args([
-        "worker",
-        "--coordinator",
-        &opts.coordinator,
-        "--device",
-        device,
-    ])
-    .args(["--threads", &threads.to_string()])
-    .args([
-        "--connect-timeout",
-        &opts.rejoin_timeout.as_secs_f64().to_string(),
-    ]);
-    if let Some(r) = w.rank {
-        cmd.args(["--rank", &r.to_string()]);
-    }
-    if let Some(j) = &opts.job_id {
-        cmd.args(["--job-id", j]);
-    }
-    if let Some(out) = &opts.out {
-        cmd.arg("--out").arg(out);
-    }
-    if let Some(ca) = &opts.tls_ca {
-        cmd.arg("--tls-ca").arg(ca);
-    }
-    if let Some(d) = &opts.tls_domain {
-        cmd.args(["--tls-domain", d]);
-    }
-    // The token goes through the environment, not the command line (which `ps` shows).
-    cmd.env_remove("ALEXNET_TOKEN_FILE");
-    match &opts.token {
-        Some(t) => cmd.env("ALEXNET_TOKEN", &t.0),
-        None => cmd.env_remove("ALEXNET_TOKEN"),
+/// How worker `w` of this host is started.
+fn spec(opts: &AgentOptions, w: &WorkerProcess, threads: usize) -> WorkerSpec {
+    let log_name = match w.rank {
+        Some(r) => format!("rank{r}.log"),
+        None => format!("worker{}.log", w.label.trim_start_matches('#')),
     };
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe; it makes the worker end with this agent even
-        // when the agent is killed without a chance to stop it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
+    WorkerSpec {
+        exe: opts.exe.clone(),
+        json_logs: opts.json_logs,
+        coordinator: opts.coordinator.clone(),
+        device: opts.devices[w.local % opts.devices.len().max(1)].clone(),
+        threads,
+        rank: w.rank,
+        job_id: opts.job_id.clone(),
+        config_hash: None,
+        connect_timeout: Some(opts.rejoin_timeout),
+        out: opts.out.clone(),
+        tls_ca: opts.tls_ca.clone(),
+        tls_domain: opts.tls_domain.clone(),
+        token: opts.token.clone(),
+        label: w.label.clone(),
+        log_file: opts.log_dir.as_ref().map(|d| d.join(log_name)),
     }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting a worker from {}", opts.exe.display()))?;
-    let log = match &opts.log_dir {
-        Some(dir) => {
-            let name = match w.rank {
-                Some(r) => format!("rank{r}.log"),
-                None => format!("worker{}.log", w.label.trim_start_matches('#')),
-            };
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join(&name))
-                .with_context(|| format!("opening the log file {}", dir.join(name).display()))?;
-            Some(Arc::new(Mutex::new(f)))
-        }
-        None => None,
-    };
-    forward_lines(
-        w.label.clone(),
-        child.stderr.take().unwrap(),
-        log.clone(),
-        w.last_error.clone(),
-    );
-    forward_lines(
-        w.label.clone(),
-        child.stdout.take().unwrap(),
-        log,
-        w.last_error.clone(),
-    );
-    Ok(child)
 }
 
 /// Runs this host's part of the job until its workers finish (Ok), the job fails for good,
@@ -374,7 +254,10 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
             if let Some(at) = w.restart_at {
                 if Instant::now() >= at {
                     w.restart_at = None;
-                    w.child = Some(spawn(&opts, w, threads)?);
+                    w.child = Some(spawn_worker(
+                        &spec(&opts, w, threads),
+                        w.last_error.clone(),
+                    )?);
                 }
             }
         }
@@ -449,7 +332,7 @@ fn stop_all(workers: &mut [WorkerProcess]) {
         return;
     }
     for c in &running {
-        terminate(c);
+        crate::spawn::terminate(c);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     for c in running {
@@ -502,7 +385,12 @@ mod tests {
             version: crate::proto::VERSION.into(),
             world_size: 4,
             clock_offset_ms: 120,
-            held: vec![(0, "host-a".into(), 4242, "joined".into())],
+            held: vec![Holder {
+                rank: 0,
+                host: "host-a".into(),
+                pid: 4242,
+                state: "joined".into(),
+            }],
         }
     }
 

@@ -168,8 +168,9 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
 }
 
 /// Logs each rank's share of training time spent waiting in the exchanges.
-pub fn report_exchange_share(seconds: &[(u32, f64, f64, f64)]) {
-    for &(rank, columns, replicas, total) in seconds {
+pub fn report_exchange_share(seconds: &[alexnet::coordinator::ExchangeSeconds]) {
+    for s in seconds {
+        let (rank, columns, replicas, total) = (s.rank, s.columns, s.replicas, s.train);
         if total > 0.0 {
             tracing::info!(
                 rank,
@@ -189,12 +190,12 @@ pub fn read_token(file: Option<&Path>) -> anyhow::Result<Option<Secret>> {
             .with_context(|| format!("reading the token file {}", path.display()))?;
         let t = text.trim();
         anyhow::ensure!(!t.is_empty(), "the token file {} is empty", path.display());
-        return Ok(Some(Secret(t.to_string())));
+        return Ok(Some(Secret::new(t)));
     }
     Ok(std::env::var("ALEXNET_TOKEN")
         .ok()
         .filter(|t| !t.trim().is_empty())
-        .map(|t| Secret(t.trim().to_string())))
+        .map(|t| Secret::new(t.trim())))
 }
 
 /// Writes a file only its owner can read.
@@ -227,7 +228,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         None => {
             let t = Secret::random()?;
             let path = run_dir.join("token");
-            write_private(&path, t.0.as_bytes())?;
+            write_private(&path, t.expose().as_bytes())?;
             made_token = Some(path);
             Some(t)
         }
@@ -237,7 +238,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
             .with_context(|| format!("reading --tls-cert {}", cert.display()))?;
         let k = std::fs::read_to_string(key)
             .with_context(|| format!("reading --tls-key {}", key.display()))?;
-        cfg.tls = Some((c, Secret(k)));
+        cfg.tls = Some((c, Secret::new(k)));
     }
     let off_loopback = cfg.tls.is_none()
         && !a.listen.starts_with("127.")

@@ -3,11 +3,11 @@
 //! file per rank in the run folder, and on failure names the first rank that failed, its exit
 //! status and its last error.
 
-use super::{Coordinator, CoordinatorConfig, Phase};
-use crate::agent::forward_lines;
+use super::{Coordinator, CoordinatorConfig, ExchangeSeconds, Phase};
+use crate::spawn::{spawn_worker, WorkerSpec};
 use anyhow::Context;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,7 @@ pub struct LaunchOutcome {
     pub first_failure: Option<String>,
     pub results: Vec<crate::train::fit::EpochResult>,
     /// Per rank: seconds in the column exchange, the replica exchange, and training.
-    pub exchange_seconds: Vec<(u32, f64, f64, f64)>,
+    pub exchange_seconds: Vec<ExchangeSeconds>,
     pub restarts: usize,
 }
 
@@ -44,11 +44,11 @@ pub struct LaunchOutcome {
 pub fn write_run_files(run_dir: &std::path::Path, cfg: &CoordinatorConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("creating the run folder {}", run_dir.display()))?;
-    crate::data::prepare::write_atomic(
+    crate::files::write_atomic(
         &run_dir.join("job.json"),
         serde_json::to_string_pretty(&cfg.job)?.as_bytes(),
     )?;
-    crate::data::prepare::write_atomic(&run_dir.join("job-id"), cfg.job_id.as_bytes())
+    crate::files::write_atomic(&run_dir.join("job-id"), cfg.job_id.as_bytes())
 }
 
 /// Runs the job, restarting every worker from the newest complete checkpoint in a new
@@ -117,54 +117,26 @@ fn run_generation(opts: &LaunchOptions, cfg: &CoordinatorConfig) -> anyhow::Resu
     let world = cfg.job.topology.world_size();
     let mut procs = Vec::new();
     for rank in 0..world {
-        // One log per rank, kept across generations.
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(opts.run_dir.join(format!("rank{rank}.log")))
-            .context("creating the rank's log file")?;
-        let log = Arc::new(Mutex::new(log));
-        let mut cmd = Command::new(&opts.exe);
-        if opts.json_logs {
-            cmd.args(["--log-format", "json"]);
-        }
-        let device = &opts.devices[rank % opts.devices.len().max(1)];
-        cmd.args(["worker", "--coordinator", &url, "--device", device])
-            .args([
-                "--job-id",
-                &cfg.job_id,
-                "--config-hash",
-                coordinator.config_hash(),
-            ])
-            .args(["--rank", &rank.to_string()])
-            .args(["--threads", &opts.threads_per_worker.to_string()])
-            .arg("--out")
-            .arg(opts.run_dir.join("params"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // The token goes through the environment, not the command line (which `ps` shows).
-        cmd.env_remove("ALEXNET_TOKEN_FILE");
-        match &cfg.token {
-            Some(t) => cmd.env("ALEXNET_TOKEN", &t.0),
-            None => cmd.env_remove("ALEXNET_TOKEN"),
+        let spec = WorkerSpec {
+            exe: opts.exe.clone(),
+            json_logs: opts.json_logs,
+            coordinator: url.clone(),
+            device: opts.devices[rank % opts.devices.len().max(1)].clone(),
+            threads: opts.threads_per_worker,
+            rank: Some(rank as u32),
+            job_id: Some(cfg.job_id.clone()),
+            config_hash: Some(coordinator.config_hash().to_string()),
+            connect_timeout: None,
+            out: Some(opts.run_dir.join("params")),
+            tls_ca: None,
+            tls_domain: None,
+            token: cfg.token.clone(),
+            label: rank.to_string(),
+            // One log per rank, kept across generations.
+            log_file: Some(opts.run_dir.join(format!("rank{rank}.log"))),
         };
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting worker {rank} from {}", opts.exe.display()))?;
         let last_error = Arc::new(Mutex::new(None));
-        forward_lines(
-            rank.to_string(),
-            child.stderr.take().unwrap(),
-            Some(log.clone()),
-            last_error.clone(),
-        );
-        forward_lines(
-            rank.to_string(),
-            child.stdout.take().unwrap(),
-            Some(log),
-            last_error.clone(),
-        );
+        let child = spawn_worker(&spec, last_error.clone())?;
         procs.push(RankProcess {
             rank,
             child,

@@ -11,7 +11,7 @@ use super::shards::{
     shard_name, xxh3_hex, Metadata, ShardInfo, Skipped, FORMAT, MEAN_FILE, METADATA_FILE,
     SHARD_MAGIC,
 };
-pub use crate::files::{sync_dir, write_atomic, write_atomic_with};
+use crate::files::{sync_dir, write_atomic, write_atomic_with};
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

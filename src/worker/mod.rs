@@ -3,6 +3,8 @@
 //! of the network, and reports every step; it stops when the coordinator says so, and aborts
 //! when told that another rank failed.
 
+use crate::auth::Secret;
+pub use crate::auth::TokenInterceptor;
 use crate::backend::Device;
 use crate::comm::{MeshKey, Topology};
 use crate::proto::coordinator_client::CoordinatorClient;
@@ -40,7 +42,7 @@ pub struct WorkerOptions {
     /// Where replica 0 writes its columns' parameters at the end.
     pub out: Option<PathBuf>,
     /// The job's token (sent with every call; proves membership on the data plane).
-    pub token: Option<crate::coordinator::Secret>,
+    pub token: Option<Secret>,
     /// For a coordinator serving TLS: the PEM certificate of the authority that signed its
     /// certificate, and the name to check it against (default: the URL's host).
     pub tls_ca: Option<Vec<u8>>,
@@ -50,7 +52,7 @@ pub struct WorkerOptions {
 impl WorkerOptions {
     /// Options for a control-plane client that is not a worker (`status`, an agent's checks):
     /// the coordinator, the job's token, and nothing of a worker's own.
-    pub fn client_of(coordinator: &str, token: Option<crate::coordinator::Secret>) -> Self {
+    pub fn client_of(coordinator: &str, token: Option<Secret>) -> Self {
         WorkerOptions {
             coordinator: coordinator.to_string(),
             job_id: None,
@@ -239,22 +241,6 @@ impl Reporter for RemoteReporter {
     }
 }
 
-/// Adds the job's token to every call (`authorization: Bearer TOKEN`).
-#[derive(Clone)]
-pub struct TokenInterceptor(Option<crate::coordinator::Secret>);
-
-impl tonic::service::Interceptor for TokenInterceptor {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(t) = &self.0 {
-            let value = format!("Bearer {}", t.0).parse().map_err(|_| {
-                tonic::Status::invalid_argument("the job token is not printable ASCII")
-            })?;
-            req.metadata_mut().insert("authorization", value);
-        }
-        Ok(req)
-    }
-}
-
 /// A client of the coordinator in `opts.coordinator`: TLS and token as `opts` says.
 pub async fn client(
     opts: &WorkerOptions,
@@ -433,7 +419,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         rank: opts.rank,
         version: crate::proto::VERSION.into(),
         pid: std::process::id(),
-        unix_time_ms: crate::coordinator::unix_time_ms(),
+        unix_time_ms: crate::admission::unix_time_ms(),
         nccl_id,
         nccl_replica_id,
         gpu_uuid,
@@ -632,7 +618,7 @@ fn train<B: crate::backend::Backend>(
     let key = MeshKey::new(
         a.mesh_key,
         a.generation,
-        opts.token.as_ref().map(|t| t.0.as_str()).unwrap_or(""),
+        opts.token.as_ref().map(|t| t.expose()).unwrap_or(""),
     );
     let t = Instant::now();
     let column_link = nccl_column_link(gpu, a, &topology, peer_timeout)?;
