@@ -62,7 +62,11 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
             run_dir: run_dir.clone(),
             resume: resume
                 .as_ref()
-                .map(|(d, m)| (d.clone(), m.step, m.schedule.lr)),
+                .map(|(dir, m)| alexnet::train::job::ResumeFrom {
+                    dir: dir.clone(),
+                    step: m.step,
+                    lr: m.schedule.lr,
+                }),
             memory_sharers: 1,
         };
         let (net, steps) = alexnet::train::job::run(&job, backend, role, &mut book)?;
@@ -73,7 +77,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         }
         steps
     });
-    match book.monitor.results.last() {
+    match book.history.last() {
         Some(last) => tracing::info!(
             epochs = last.epoch,
             steps,

@@ -211,8 +211,8 @@ impl Control {
     }
 
     /// The validation results so far.
-    pub fn results(&self) -> &[crate::train::fit::EpochResult] {
-        &self.book.monitor.results
+    pub fn results(&self) -> &[crate::train::checkpoint::EpochRecord] {
+        &self.book.history
     }
 
     /// The newest complete checkpoint's step.

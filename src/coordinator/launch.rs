@@ -34,7 +34,7 @@ pub struct LaunchOutcome {
     pub phase: Phase,
     /// "rank R exited with STATUS: LAST ERROR" for the first worker that failed.
     pub first_failure: Option<String>,
-    pub results: Vec<crate::train::fit::EpochResult>,
+    pub results: Vec<crate::train::checkpoint::EpochRecord>,
     /// Per rank: seconds in the column exchange, the replica exchange, and training.
     pub exchange_seconds: Vec<ExchangeSeconds>,
     pub restarts: usize,

@@ -99,7 +99,7 @@ impl Coordinator {
     }
 
     /// The validation results so far.
-    pub fn results(&self) -> Vec<crate::train::fit::EpochResult> {
+    pub fn results(&self) -> Vec<crate::train::checkpoint::EpochRecord> {
         self.shared.lock().unwrap().control.results().to_vec()
     }
 

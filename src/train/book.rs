@@ -63,15 +63,6 @@ impl JobBook {
             book.state = m.schedule;
             book.history = m.history.clone();
             book.last_checkpoint = Some(m.step);
-            for h in &m.history {
-                book.monitor.results.push(super::fit::EpochResult {
-                    epoch: h.epoch,
-                    train_loss: h.train_loss,
-                    val_top1_err: h.val_top1_err,
-                    val_top5_err: h.val_top5_err,
-                    lr: h.lr,
-                });
-            }
         }
         book
     }
@@ -85,7 +76,7 @@ impl JobBook {
     /// learning rate of the next epoch.
     pub fn evaluation(&mut self, r: &EvalReport) -> f32 {
         let lr_used = self.state.lr;
-        let train_loss = self.monitor.evaluation(r, lr_used);
+        let train_loss = self.monitor.evaluation(r);
         let next = self.state.observe(&self.schedule, r.hits.top1_err());
         self.history.push(EpochRecord {
             epoch: r.epoch,

@@ -37,6 +37,7 @@ pub struct Manifest {
     pub history: Vec<EpochRecord>,
 }
 
+/// One epoch's figures: what the report plots, the manifest keeps and `launch` sums up.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
     pub epoch: u64,

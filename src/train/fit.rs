@@ -177,19 +177,8 @@ pub trait Reporter {
     fn checkpoint(&mut self, c: &ShardsWritten) -> anyhow::Result<()>;
 }
 
-/// Validation figures after an epoch.
-#[derive(Clone, Debug)]
-pub struct EpochResult {
-    pub epoch: u64,
-    pub train_loss: f32,
-    pub val_top1_err: f64,
-    pub val_top5_err: f64,
-    /// The learning rate the epoch trained with.
-    pub lr: f32,
-}
-
 /// Logs training progress every `log_every` steps (loss, training error, images/s, learning
-/// rate, ETA) and validation after each epoch; keeps the per-epoch results.
+/// rate, ETA) and validation after each epoch (the job's book keeps the per-epoch records).
 pub struct LogMonitor {
     log_every: u64,
     classes: usize,
@@ -197,7 +186,6 @@ pub struct LogMonitor {
     window_start: Instant,
     window: (f64, Hits, u64),
     epoch_loss: (f64, u64),
-    pub results: Vec<EpochResult>,
 }
 
 impl LogMonitor {
@@ -209,7 +197,6 @@ impl LogMonitor {
             window_start: Instant::now(),
             window: (0.0, Hits::default(), 0),
             epoch_loss: (0.0, 0),
-            results: Vec::new(),
         }
     }
 }
@@ -248,7 +235,7 @@ impl LogMonitor {
     }
 
     /// Logs a validation; returns the mean training loss of the epoch.
-    pub fn evaluation(&mut self, r: &EvalReport, lr: f32) -> f32 {
+    pub fn evaluation(&mut self, r: &EvalReport) -> f32 {
         let train_loss = (self.epoch_loss.0 / self.epoch_loss.1.max(1) as f64) as f32;
         self.epoch_loss = (0.0, 0);
         tracing::info!(
@@ -260,13 +247,6 @@ impl LogMonitor {
             samples = r.hits.samples,
             "validation"
         );
-        self.results.push(EpochResult {
-            epoch: r.epoch,
-            train_loss,
-            val_top1_err: r.hits.top1_err(),
-            val_top5_err: r.hits.top5_err(),
-            lr,
-        });
         train_loss
     }
 }

@@ -162,6 +162,15 @@ impl JobConfig {
     }
 }
 
+/// A checkpoint a run continues from: its folder, the steps it holds and the learning rate the
+/// schedule had reached.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResumeFrom {
+    pub dir: PathBuf,
+    pub step: u64,
+    pub lr: f32,
+}
+
 /// Where this process sits in the job, and where its run starts.
 pub struct Role<B: Backend> {
     pub replica: usize,
@@ -169,8 +178,8 @@ pub struct Role<B: Backend> {
     pub replicas: Option<Box<dyn ReplicaReduce>>,
     /// The run folder, for checkpoints (none: no checkpoints).
     pub run_dir: Option<PathBuf>,
-    /// A checkpoint to continue from: its folder, step and learning rate.
-    pub resume: Option<(PathBuf, u64, f32)>,
+    /// A checkpoint to continue from.
+    pub resume: Option<ResumeFrom>,
     /// Processes of the job whose buffers come out of the same memory as this one's, itself
     /// included (CPU workers on one host): each checks its batch against its share.
     pub memory_sharers: usize,
@@ -240,7 +249,7 @@ pub fn run<B: Backend>(
         lr: job.sgd.lr,
     };
     match (&role.resume, &job.init) {
-        (Some((dir, step, lr)), _) => {
+        (Some(ResumeFrom { dir, step, lr }), _) => {
             super::checkpoint::load_shards(&mut net, dir)?;
             start = Start {
                 step: *step,

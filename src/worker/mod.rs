@@ -649,7 +649,11 @@ fn train<B: crate::backend::Backend>(
         columns: ex.columns,
         replicas: ex.replicas,
         run_dir: (!a.run_dir.is_empty()).then(|| PathBuf::from(&a.run_dir)),
-        resume: (a.resume_step > 0).then(|| (PathBuf::from(&a.resume_dir), a.resume_step, a.lr)),
+        resume: (a.resume_step > 0).then(|| job::ResumeFrom {
+            dir: PathBuf::from(&a.resume_dir),
+            step: a.resume_step,
+            lr: a.lr,
+        }),
         memory_sharers: a.memory_sharers.max(1) as usize,
     };
     let t = Instant::now();
