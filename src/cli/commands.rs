@@ -242,7 +242,10 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
             .with_context(|| format!("reading --tls-cert {}", cert.display()))?;
         let k = std::fs::read_to_string(key)
             .with_context(|| format!("reading --tls-key {}", key.display()))?;
-        cfg.tls = Some((c, Secret::new(k)));
+        cfg.tls = Some(alexnet::coordinator::TlsIdentity {
+            cert_pem: c,
+            key_pem: Secret::new(k),
+        });
     }
     let off_loopback = cfg.tls.is_none()
         && !a.listen.starts_with("127.")

@@ -27,6 +27,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+/// The coordinator's TLS identity: its PEM certificate (chain) and private key.
+#[derive(Clone, Debug)]
+pub struct TlsIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Secret,
+}
+
 /// How the coordinator runs one job.
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
@@ -45,8 +52,8 @@ pub struct CoordinatorConfig {
     pub resume: Option<(std::path::PathBuf, Manifest)>,
     /// The job's token: every gRPC call and every data-plane connection must present it.
     pub token: Option<Secret>,
-    /// TLS for the control plane: PEM certificate (chain) and private key.
-    pub tls: Option<(Vec<u8>, Secret)>,
+    /// TLS for the control plane.
+    pub tls: Option<TlsIdentity>,
     /// Workers whose clock differs from the coordinator's by more than this are refused.
     pub max_clock_skew: Duration,
     /// Generations that may still follow this one after a failure: workers told to abort
@@ -218,10 +225,10 @@ pub(crate) fn serve_rpc<S: CoordinatorRpc>(
     let name = <CoordinatorServer<S> as tonic::server::NamedService>::NAME;
     let token = cfg.token.clone();
     let mut builder = tonic::transport::Server::builder();
-    if let Some((cert, key)) = &cfg.tls {
+    if let Some(TlsIdentity { cert_pem, key_pem }) = &cfg.tls {
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(
-                tonic::transport::Identity::from_pem(cert, key.expose().as_bytes()),
+                tonic::transport::Identity::from_pem(cert_pem, key_pem.expose().as_bytes()),
             ))
             .map_err(|e| anyhow::anyhow!("the TLS certificate or key is not usable: {e}"))?;
     }
