@@ -2,6 +2,8 @@
 //! how a launcher hands it to the workers it starts. The coordinator, the agent and the
 //! workers all take it from here, so that there is one place where it can leak.
 
+use anyhow::Context;
+use std::path::Path;
 use tonic::{Request, Status};
 
 /// A value that never appears in logs or debug output (the job token, a private key). Its
@@ -92,6 +94,38 @@ pub fn pass_to_child(cmd: &mut std::process::Command, token: &Option<Secret>) {
         Some(t) => cmd.env("ALEXNET_TOKEN", &t.0),
         None => cmd.env_remove("ALEXNET_TOKEN"),
     };
+}
+
+/// The job token from ALEXNET_TOKEN or a file (never from a flag: flags show in `ps`).
+pub fn read_token(file: Option<&Path>) -> anyhow::Result<Option<Secret>> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the token file {}", path.display()))?;
+        let t = text.trim();
+        anyhow::ensure!(!t.is_empty(), "the token file {} is empty", path.display());
+        return Ok(Some(Secret::new(t)));
+    }
+    Ok(std::env::var("ALEXNET_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| Secret::new(t.trim())))
+}
+
+/// Writes a file only its owner can read.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    let mut f = o
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
 }
 
 #[cfg(test)]

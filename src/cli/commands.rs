@@ -6,6 +6,7 @@ use super::plan::{
     resumed_job,
 };
 use super::*;
+use alexnet::auth::{read_token, write_private};
 use alexnet::backend::Cpu;
 use alexnet::comm::Topology;
 use alexnet::coordinator::launch::LaunchOptions;
@@ -13,7 +14,6 @@ use alexnet::coordinator::{Phase, Secret};
 use alexnet::train::bench;
 use alexnet::train::book::{BookSetup, JobBook};
 use anyhow::Context;
-use std::path::Path;
 
 pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     let (mut job, run_dir) = match &a.resume {
@@ -185,38 +185,6 @@ pub fn report_exchange_share(seconds: &[alexnet::coordinator::ExchangeSeconds]) 
             );
         }
     }
-}
-
-/// The job token from ALEXNET_TOKEN or a file (never from a flag: flags show in `ps`).
-pub fn read_token(file: Option<&Path>) -> anyhow::Result<Option<Secret>> {
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the token file {}", path.display()))?;
-        let t = text.trim();
-        anyhow::ensure!(!t.is_empty(), "the token file {} is empty", path.display());
-        return Ok(Some(Secret::new(t)));
-    }
-    Ok(std::env::var("ALEXNET_TOKEN")
-        .ok()
-        .filter(|t| !t.trim().is_empty())
-        .map(|t| Secret::new(t.trim())))
-}
-
-/// Writes a file only its owner can read.
-pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    o.mode(0o600);
-    let mut f = o
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {

@@ -1,7 +1,7 @@
 //! `alexnet status`: a running job's state, as a table or JSON.
 
-use super::commands::read_token;
 use super::StatusArgs;
+use alexnet::auth::read_token;
 use anyhow::Context;
 
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
