@@ -331,10 +331,10 @@ impl<B: Backend> ColumnStage<B> {
                 b.conv2d_backward_sets(&self.conv, x, &ws, &dys, &mut dws, &mut dbs);
             }
             Input::Own(xs) => {
-                let mut dx = dx.map(|d| d.into_iter().map(Some).collect::<Vec<_>>());
-                for (i, ((c, x), p)) in self.cols.iter_mut().zip(xs).zip(params).enumerate() {
+                let mut dx = dx.map(Vec::into_iter);
+                for ((c, x), p) in self.cols.iter_mut().zip(xs).zip(params) {
                     let (w, bias) = p.weight_and_bias_mut(self.name);
-                    let dxi = dx.as_mut().and_then(|d| d[i].take());
+                    let dxi = dx.as_mut().and_then(Iterator::next);
                     let dy = &c.grads().dy;
                     b.conv2d_backward(
                         &self.conv,
