@@ -111,8 +111,8 @@ step views-on-gpu 40 bash -c "'$BIN' prepare --input data/sample/imagenet-photos
 # --upload: as many steps again, each uploading its input as bytes, as training does.
 step bench 45 "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --upload --json
 # The debug lines name the algorithms cuDNN's timing chose for each convolution.
-step bench-cudnn 45 env ALEXNET_CONV=cudnn RUST_LOG=info,alexnet::backend::cuda::cudnn=debug \
-    "$BIN" bench --backend cuda --batch 128 --steps 20 --warmup 3 --json
+step bench-cudnn 45 env RUST_LOG=info,alexnet::backend::cuda::cudnn=debug \
+    "$BIN" bench --backend cuda --conv cudnn --batch 128 --steps 20 --warmup 3 --json
 step pytorch 95 python3 bench/reference/pytorch_alexnet_gpu.py --batch 128 --steps 15 \
     --json "$RESULTS/pytorch.json"
 # 30,000 paper-size images need about 0.4 TB of activations: the network must refuse the batch

@@ -20,6 +20,8 @@ pub struct WorkerSpec {
     pub coordinator: String,
     pub device: String,
     pub threads: usize,
+    /// How the device runs: given as flags, not left to the worker's environment.
+    pub settings: crate::backend::DeviceSettings,
     /// The rank to ask for; `None`: the coordinator picks.
     pub rank: Option<u32>,
     pub job_id: Option<String>,
@@ -51,7 +53,8 @@ impl WorkerSpec {
             "--device",
             &self.device,
         ])
-        .args(["--threads", &self.threads.to_string()]);
+        .args(["--threads", &self.threads.to_string()])
+        .args(self.settings.worker_args());
         if let Some(t) = self.connect_timeout {
             cmd.args(["--connect-timeout", &t.as_secs_f64().to_string()]);
         }
@@ -179,6 +182,11 @@ mod tests {
             coordinator: "http://127.0.0.1:9".into(),
             device: "cuda:1".into(),
             threads: 3,
+            settings: crate::backend::DeviceSettings {
+                tf32: true,
+                conv: crate::backend::ConvPath::Cudnn,
+                ..Default::default()
+            },
             rank: Some(2),
             job_id: Some("alpha".into()),
             config_hash: None,
@@ -208,6 +216,7 @@ mod tests {
             "--rank 2",
             "--job-id alpha",
             "--tls-domain localhost",
+            "--tf32 --conv cudnn",
         ] {
             assert!(line.contains(part), "{part} in {line}");
         }

@@ -50,6 +50,8 @@ pub struct AgentOptions {
     pub log_dir: Option<PathBuf>,
     /// Where replica 0's workers write their trained columns.
     pub out: Option<PathBuf>,
+    /// How the workers' devices run.
+    pub settings: crate::backend::DeviceSettings,
 }
 
 impl AgentOptions {
@@ -163,6 +165,7 @@ fn spec(opts: &AgentOptions, w: &WorkerProcess, threads: usize) -> WorkerSpec {
         coordinator: opts.coordinator.clone(),
         device: opts.devices[w.local % opts.devices.len().max(1)].clone(),
         threads,
+        settings: opts.settings.clone(),
         rank: w.rank,
         job_id: opts.job_id.clone(),
         config_hash: None,
@@ -376,6 +379,7 @@ mod tests {
             json_logs: false,
             log_dir: None,
             out: None,
+            settings: Default::default(),
         }
     }
 

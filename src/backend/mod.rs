@@ -10,10 +10,12 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod settings;
 /// The backends draw dropout masks from the counter-based generator.
 pub use crate::rng;
 
 pub use cpu::Cpu;
+pub use settings::{AlgoChoice, ConvPath, DeviceSettings};
 
 use crate::data::augment::ByteViews;
 
@@ -42,13 +44,18 @@ macro_rules! with_device {
 
 impl Device {
     /// `cpu` (with `threads` compute threads; default every core), or `cuda:N` (`cuda` is
-    /// `cuda:0`). A GPU that cannot start is an error saying why.
-    pub fn open(spec: &str, threads: Option<usize>) -> anyhow::Result<Device> {
+    /// `cuda:0`), run as `settings` say. A GPU that cannot start is an error saying why.
+    pub fn open(
+        spec: &str,
+        threads: Option<usize>,
+        settings: &DeviceSettings,
+    ) -> anyhow::Result<Device> {
         if spec == "cpu" {
-            return Ok(Device::Cpu(match threads {
+            let cpu = match threads {
                 Some(n) => Cpu::with_threads(n),
                 None => Cpu::new(),
-            }));
+            };
+            return Ok(Device::Cpu(cpu.with_memory_limit(settings.memory_limit)));
         }
         let ordinal = match spec.strip_prefix("cuda") {
             Some("") => 0,
@@ -64,10 +71,11 @@ impl Device {
         };
         #[cfg(feature = "cuda")]
         {
-            Ok(Device::Cuda(Box::new(cuda::Cuda::new(ordinal)?)))
+            Ok(Device::Cuda(Box::new(cuda::Cuda::new(ordinal, settings)?)))
         }
         #[cfg(not(feature = "cuda"))]
         {
+            let _ = settings;
             anyhow::bail!(
                 "device cuda:{ordinal}: this binary was built without the CUDA backend (cargo feature `cuda`); use the CPU"
             )

@@ -54,7 +54,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         },
         resume.as_ref().map(|r| &r.1),
     );
-    let steps = alexnet::with_device!(choose_backend(a.backend)?, backend => {
+    let steps = alexnet::with_device!(choose_backend(a.backend, &a.device_settings.settings())?, backend => {
         let role = alexnet::train::job::Role {
             replica: 0,
             columns: Box::new(alexnet::comm::LocalExchange::default()),
@@ -142,6 +142,7 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
         exe: std::env::current_exe().context("finding this binary to start workers")?,
         json_logs: log_format == LogFormat::Json,
         max_restarts: a.max_restarts,
+        settings: a.device_settings.settings(),
     })?;
     report_exchange_share(&outcome.exchange_seconds);
     match (&outcome.phase, &outcome.first_failure) {
@@ -268,6 +269,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         rank: a.rank,
         device: a.device,
         threads: a.threads,
+        settings: a.device_settings.settings(),
         connect_timeout: a.connect_timeout,
         out: a.out,
         token: read_token(a.token_file.as_deref())?,
@@ -307,6 +309,7 @@ pub fn agent(a: AgentArgs, log_format: LogFormat) -> anyhow::Result<()> {
         json_logs: log_format == LogFormat::Json,
         log_dir: a.log_dir,
         out: a.out,
+        settings: a.device_settings.settings(),
     })
 }
 
@@ -410,7 +413,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         seed: a.seed,
         upload: a.upload,
     };
-    let report = alexnet::with_device!(choose_backend(a.backend)?, b => bench::run(b, &opts)?);
+    let report = alexnet::with_device!(choose_backend(a.backend, &a.device_settings.settings())?, b => bench::run(b, &opts)?);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

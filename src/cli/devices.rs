@@ -2,11 +2,11 @@
 //! agent's workers.
 
 use super::BackendChoice;
-use alexnet::backend::{Cpu, Device};
+use alexnet::backend::{Cpu, Device, DeviceSettings};
 
 /// The CPU backend on every core, logged.
-pub fn cpu_ready() -> Cpu {
-    let cpu = Cpu::new();
+pub fn cpu_ready(settings: &DeviceSettings) -> Cpu {
+    let cpu = Cpu::new().with_memory_limit(settings.memory_limit);
     tracing::info!(
         backend = alexnet::backend::Backend::name(&cpu),
         "backend ready"
@@ -17,32 +17,32 @@ pub fn cpu_ready() -> Cpu {
 /// The backend `--backend` names: `auto` takes CUDA where a driver and a GPU are present and
 /// says which it took and why.
 #[cfg(feature = "cuda")]
-pub fn choose_backend(choice: BackendChoice) -> anyhow::Result<Device> {
+pub fn choose_backend(choice: BackendChoice, settings: &DeviceSettings) -> anyhow::Result<Device> {
     use alexnet::backend::cuda::{unavailable, Cuda};
     match choice {
-        BackendChoice::Cpu => Ok(Device::Cpu(cpu_ready())),
-        BackendChoice::Cuda => Ok(Device::Cuda(Box::new(Cuda::new(0)?))),
+        BackendChoice::Cpu => Ok(Device::Cpu(cpu_ready(settings))),
+        BackendChoice::Cuda => Ok(Device::Cuda(Box::new(Cuda::new(0, settings)?))),
         BackendChoice::Auto => match unavailable() {
-            None => match Cuda::new(0) {
+            None => match Cuda::new(0, settings) {
                 Ok(c) => {
                     tracing::info!("backend auto: a GPU is present, taking CUDA");
                     Ok(Device::Cuda(Box::new(c)))
                 }
                 Err(e) => {
                     tracing::warn!("backend auto: a GPU is present but CUDA did not start ({e:#}): taking the CPU");
-                    Ok(Device::Cpu(cpu_ready()))
+                    Ok(Device::Cpu(cpu_ready(settings)))
                 }
             },
             Some(why) => {
                 tracing::info!("backend auto: {why}: taking the CPU");
-                Ok(Device::Cpu(cpu_ready()))
+                Ok(Device::Cpu(cpu_ready(settings)))
             }
         },
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-pub fn choose_backend(choice: BackendChoice) -> anyhow::Result<Device> {
+pub fn choose_backend(choice: BackendChoice, settings: &DeviceSettings) -> anyhow::Result<Device> {
     match choice {
         BackendChoice::Cuda => anyhow::bail!(
             "--backend cuda: this binary was built without the CUDA backend (cargo feature `cuda`); use --backend cpu"
@@ -52,7 +52,7 @@ pub fn choose_backend(choice: BackendChoice) -> anyhow::Result<Device> {
         }
         BackendChoice::Cpu => {}
     }
-    Ok(Device::Cpu(cpu_ready()))
+    Ok(Device::Cpu(cpu_ready(settings)))
 }
 
 /// GPUs a launch or an agent can use: counted through the driver where the CUDA backend is

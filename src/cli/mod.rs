@@ -57,6 +57,41 @@ pub enum BackendChoice {
     Cuda,
 }
 
+/// How the devices run, for every command that opens one (and handed to a launcher's workers
+/// on their command line).
+#[derive(clap::Args, Clone, Debug)]
+#[command(next_help_heading = "Device settings")]
+pub struct DeviceArgs {
+    /// The most memory the job's CPU workers on this machine may take for their buffers
+    /// together (bytes, or with K, M, G or T: 12G), where the machine has more than the job
+    /// should use and no container limit says so. A batch that does not fit is refused up
+    /// front. Default: what the machine and its control group have free.
+    #[arg(long, value_name = "SIZE", value_parser = memory_size, env = "ALEXNET_MEMORY_LIMIT")]
+    pub memory_limit: Option<u64>,
+    /// GPUs: allow TF32 tensor cores in matrix products and convolutions (faster; inputs
+    /// rounded to 10 bits). Default: strict f32, within 1e-4 of the CPU.
+    #[arg(long, env = "ALEXNET_TF32")]
+    pub tf32: bool,
+    /// GPUs: how convolutions run: `unfold` (im2col and cuBLAS) or `cudnn`.
+    #[arg(long, value_enum, default_value_t = alexnet::backend::ConvPath::Unfold, env = "ALEXNET_CONV")]
+    pub conv: alexnet::backend::ConvPath,
+    /// GPUs with `--conv cudnn`: `timed` runs each algorithm once and takes the fastest
+    /// (PyTorch's cudnn.benchmark); `heuristic` takes cuDNN's guess and times nothing.
+    #[arg(long, value_enum, default_value_t = alexnet::backend::AlgoChoice::Timed, env = "ALEXNET_CUDNN_ALGOS")]
+    pub cudnn_algos: alexnet::backend::AlgoChoice,
+}
+
+impl DeviceArgs {
+    pub fn settings(&self) -> alexnet::backend::DeviceSettings {
+        alexnet::backend::DeviceSettings {
+            memory_limit: self.memory_limit,
+            tf32: self.tf32,
+            conv: self.conv,
+            cudnn_algos: self.cudnn_algos,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Train on IDX files (Fashion-MNIST layout) or a prepared dataset, reporting validation error.
@@ -195,6 +230,8 @@ pub struct LaunchArgs {
     pub threads: Option<usize>,
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
+    #[command(flatten)]
+    pub device_settings: DeviceArgs,
 }
 
 #[derive(clap::Args)]
@@ -276,6 +313,8 @@ pub struct AgentArgs {
     /// The name the coordinator's certificate must carry (default: the URL's host).
     #[arg(long)]
     pub tls_domain: Option<String>,
+    #[command(flatten)]
+    pub device_settings: DeviceArgs,
 }
 
 #[derive(clap::Args)]
@@ -318,6 +357,8 @@ pub struct WorkerArgs {
     /// The name the coordinator's certificate must carry (default: the URL's host).
     #[arg(long)]
     pub tls_domain: Option<String>,
+    #[command(flatten)]
+    pub device_settings: DeviceArgs,
 }
 
 #[derive(clap::Args)]
@@ -484,6 +525,8 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
+    #[command(flatten)]
+    pub device_settings: DeviceArgs,
 }
 
 #[derive(clap::Args)]
@@ -512,6 +555,8 @@ pub struct BenchArgs {
     /// costs beside the timed steps, whose input stays where it is. Needs 3 input channels.
     #[arg(long)]
     pub upload: bool,
+    #[command(flatten)]
+    pub device_settings: DeviceArgs,
 }
 
 /// A flag's number of seconds: positive and finite.
@@ -547,6 +592,13 @@ fn listen_address(addr: &str) -> Result<String, String> {
         return Err("no host before the port".into());
     }
     Ok(addr.to_string())
+}
+
+/// A size in bytes: a number, or one with a binary K, M, G or T suffix.
+fn memory_size(s: &str) -> Result<u64, String> {
+    alexnet::backend::settings::parse_size(s).ok_or_else(|| {
+        format!("`{s}` is not a size: bytes, or a number with K, M, G or T (12G, 512M)")
+    })
 }
 
 /// A count that must be at least 1.

@@ -26,6 +26,8 @@ pub struct LaunchOptions {
     pub json_logs: bool,
     /// Restarts (new generations from the newest checkpoint) allowed after failures.
     pub max_restarts: usize,
+    /// How the workers' devices run.
+    pub settings: crate::backend::DeviceSettings,
 }
 
 /// How a launch ended.
@@ -123,6 +125,7 @@ fn run_generation(opts: &LaunchOptions, cfg: &CoordinatorConfig) -> anyhow::Resu
             coordinator: url.clone(),
             device: opts.devices[rank % opts.devices.len().max(1)].clone(),
             threads: opts.threads_per_worker,
+            settings: opts.settings.clone(),
             rank: Some(rank as u32),
             job_id: Some(cfg.job_id.clone()),
             config_hash: Some(coordinator.config_hash().to_string()),

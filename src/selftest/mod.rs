@@ -198,9 +198,10 @@ fn gpu_checks(
     reference: &crate::backend::Cpu,
 ) -> anyhow::Result<(Vec<Check>, Vec<Check>)> {
     use crate::backend::cuda::Cuda;
-    use crate::backend::Cpu;
+    use crate::backend::{ConvPath, Cpu, DeviceSettings};
     let tolerance = opts.tolerance;
-    let gpu = Cuda::open(0, false)?;
+    // Strict f32 on the unfolding path, whatever the flags say: the path every check judges.
+    let gpu = Cuda::new(0, &DeviceSettings::default())?;
     tracing::info!(backend = %crate::backend::Backend::name(&gpu), "checking against the CPU");
     let mut checks = ops(reference, &gpu, seed, tolerance);
     checks.extend(golden::ops(&gpu, tolerance)?);
@@ -214,10 +215,13 @@ fn gpu_checks(
         seed,
         tolerance,
     )?);
-    // The cuDNN convolutions (ALEXNET_CONV=cudnn), judged where cuDNN is here.
+    // The cuDNN convolutions (`--conv cudnn`), judged where cuDNN is here.
     if crate::backend::cuda::cudnn::present() {
-        use crate::backend::cuda::ConvPath;
-        let dnn = Cuda::open_with(0, false, ConvPath::Cudnn)?;
+        let cudnn = DeviceSettings {
+            conv: ConvPath::Cudnn,
+            ..DeviceSettings::default()
+        };
+        let dnn = Cuda::new(0, &cudnn)?;
         let mut more = ops(reference, &dnn, seed, tolerance);
         more.extend(golden::ops(&dnn, tolerance)?);
         more.extend(network(
@@ -276,7 +280,13 @@ fn gpu_checks(
         tolerance,
     )?);
     // TF32 rounds products' inputs to 10 bits: reported, not judged.
-    let tf32 = Cuda::open(0, true)?;
+    let tf32 = Cuda::new(
+        0,
+        &DeviceSettings {
+            tf32: true,
+            ..DeviceSettings::default()
+        },
+    )?;
     Ok((checks, ops(reference, &tf32, seed, 1e-2)))
 }
 

@@ -37,6 +37,8 @@ pub struct WorkerOptions {
     pub device: String,
     /// Compute threads (default: every core).
     pub threads: Option<usize>,
+    /// How the device runs (memory limit, TF32, convolutions).
+    pub settings: crate::backend::DeviceSettings,
     /// How long to keep trying to reach the coordinator.
     pub connect_timeout: Duration,
     /// Where replica 0 writes its columns' parameters at the end.
@@ -61,6 +63,7 @@ impl WorkerOptions {
             rank: None,
             device: "cpu".into(),
             threads: None,
+            settings: Default::default(),
             connect_timeout: Duration::from_secs(5),
             out: None,
             token,
@@ -373,7 +376,7 @@ fn offer(device: &Device) -> Offer {
 pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     // The device first: a GPU that cannot start (or kernels that do not compile) is this
     // worker's error before it takes a place in the job.
-    let device = Device::open(&opts.device, opts.threads)?;
+    let device = Device::open(&opts.device, opts.threads, &opts.settings)?;
     let Offer {
         capabilities,
         nccl_id,

@@ -88,7 +88,10 @@ pub fn dot(y: &[f32], r: &[f32]) -> f64 {
 #[cfg(feature = "cuda")]
 #[allow(dead_code)]
 pub fn gpu() -> Option<alexnet::backend::cuda::Cuda> {
-    gpu_here().then(|| alexnet::backend::cuda::Cuda::new(0).expect("starting the CUDA backend"))
+    gpu_here().then(|| {
+        alexnet::backend::cuda::Cuda::new(0, &Default::default())
+            .expect("starting the CUDA backend")
+    })
 }
 
 /// Whether there is a GPU to check (see [`gpu`]).
@@ -121,6 +124,9 @@ pub fn gpu_cudnn() -> Option<alexnet::backend::cuda::Cuda> {
         eprintln!("no cuDNN: its checks skipped");
         return None;
     }
-    let conv = alexnet::backend::cuda::ConvPath::Cudnn;
-    Some(alexnet::backend::cuda::Cuda::open_with(0, false, conv).expect("starting cuDNN"))
+    let cudnn = alexnet::backend::DeviceSettings {
+        conv: alexnet::backend::ConvPath::Cudnn,
+        ..Default::default()
+    };
+    Some(alexnet::backend::cuda::Cuda::new(0, &cudnn).expect("starting cuDNN"))
 }

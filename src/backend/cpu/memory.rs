@@ -5,55 +5,15 @@
 
 /// Bytes available to new buffers: the kernel's `MemAvailable`, or less where this process's
 /// control group (a container's, or a Slurm job's) has a memory limit closer to its use, or
-/// where `ALEXNET_MEMORY_LIMIT` sets a lower one. `None` where none of these can be read.
-pub fn available_bytes() -> Option<u64> {
+/// where `limit` (the job's `--memory-limit`) is lower. `None` where none of these can be read.
+pub fn available_bytes(limit: Option<u64>) -> Option<u64> {
     let system = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| meminfo_available(&m));
-    [system, cgroup_headroom(), limit_from_env()]
+    [system, cgroup_headroom(), limit]
         .into_iter()
         .flatten()
         .min()
-}
-
-/// `ALEXNET_MEMORY_LIMIT`: the most memory the job's workers on this machine may take for
-/// their buffers together (bytes, or with a binary K, M, G or T suffix: `12G`), where the
-/// machine has more than the job should use and no control group says so.
-fn limit_from_env() -> Option<u64> {
-    let text = std::env::var("ALEXNET_MEMORY_LIMIT").ok()?;
-    let limit = parse_size(&text);
-    if limit.is_none() {
-        tracing::warn!(
-            value = %text,
-            "ALEXNET_MEMORY_LIMIT is not a size (bytes, or a number with K, M, G or T: 12G): ignored"
-        );
-    }
-    limit
-}
-
-/// `12G`, `512M`, `1.5G`, `1048576`: bytes, the suffixes binary (and an optional `iB` or `B`
-/// after them).
-fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (number, shift) = match t.char_indices().last()? {
-        (i, c) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return None,
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let value: f64 = number.trim().parse().ok()?;
-    (value.is_finite() && value >= 0.0).then(|| (value * (1u64 << shift) as f64) as u64)
 }
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes.
@@ -137,18 +97,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_read_with_binary_suffixes() {
-        assert_eq!(parse_size("1048576"), Some(1 << 20));
-        assert_eq!(parse_size("12G"), Some(12 << 30));
-        assert_eq!(parse_size("512m"), Some(512 << 20));
-        assert_eq!(parse_size("1.5GiB"), Some(3 << 29));
-        assert_eq!(parse_size(" 64 MB "), Some(64 << 20));
-        for bad in ["", "G", "twelve", "12X", "-1G", "NaN"] {
-            assert_eq!(parse_size(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
     fn reads_meminfo_and_control_group_limits() {
         let meminfo =
             "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
@@ -182,6 +130,6 @@ mod tests {
         assert_eq!(ancestors("/").collect::<Vec<_>>(), [""]);
         // This machine: something is known.
         #[cfg(target_os = "linux")]
-        assert!(available_bytes().is_some());
+        assert!(available_bytes(None).is_some());
     }
 }

@@ -65,6 +65,8 @@ const BLOCK: usize = 1 << 15;
 #[derive(Clone, Debug)]
 pub struct Cpu {
     threads: usize,
+    /// `--memory-limit`: the most the job's workers on this machine may take, in bytes.
+    memory_limit: Option<u64>,
 }
 
 impl Default for Cpu {
@@ -78,6 +80,7 @@ impl Cpu {
     pub fn new() -> Self {
         Cpu {
             threads: rayon::current_num_threads(),
+            memory_limit: None,
         }
     }
 
@@ -86,6 +89,16 @@ impl Cpu {
     pub fn with_threads(threads: usize) -> Self {
         Cpu {
             threads: threads.max(1),
+            memory_limit: None,
+        }
+    }
+
+    /// Buffers refused beyond `limit` bytes (for all of this machine's workers together), as
+    /// well as beyond what the machine and the control group allow.
+    pub fn with_memory_limit(self, limit: Option<u64>) -> Self {
+        Cpu {
+            memory_limit: limit,
+            ..self
         }
     }
 
@@ -148,7 +161,7 @@ impl Backend for Cpu {
         Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
     }
     fn memory_available(&self) -> Option<u64> {
-        memory::available_bytes()
+        memory::available_bytes(self.memory_limit)
     }
     fn upload(&self, host: &[f32]) -> Vec<f32> {
         host.to_vec()

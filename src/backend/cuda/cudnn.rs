@@ -1,11 +1,11 @@
 //! Convolutions through cuDNN: forward, backward data and backward filter, grouped, NCHW.
-//! Chosen with `ALEXNET_CONV=cudnn` (the default is unfolding plus cuBLAS) until it has been
+//! Chosen with `--conv cudnn` (the default is unfolding plus cuBLAS) until it has been
 //! checked and timed on a GPU beside the unfolding path; `selftest` and `scripts/gpu-check.sh`
 //! run both.
 //!
 //! Strict f32 uses cuDNN's FMA math (no tensor cores); with TF32 allowed, its default math.
 //! Each convolution's algorithms are timed on the GPU once ([`super::cudnn_find`]), the fastest
-//! taken (`ALEXNET_CUDNN_ALGOS=heuristic`: cuDNN's heuristic instead); the backward ones are
+//! taken (`--cudnn-algos heuristic`: cuDNN's heuristic instead); the backward ones are
 //! deterministic ones (see [`deterministic_filter`]).
 
 use super::super::{ConvGeom, OutOfMemory};
@@ -24,27 +24,7 @@ pub fn present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
-/// How each convolution's algorithms are chosen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AlgoChoice {
-    /// Every algorithm run once on this GPU, the fastest taken (PyTorch's `cudnn.benchmark`).
-    Timed,
-    /// cuDNN's heuristic, from a model of the GPU: nothing runs.
-    Heuristic,
-}
-
-impl AlgoChoice {
-    /// `ALEXNET_CUDNN_ALGOS=timed|heuristic` (default: timed).
-    pub fn from_env() -> anyhow::Result<AlgoChoice> {
-        match std::env::var("ALEXNET_CUDNN_ALGOS").as_deref() {
-            Err(_) | Ok("") | Ok("timed") => Ok(AlgoChoice::Timed),
-            Ok("heuristic") => Ok(AlgoChoice::Heuristic),
-            Ok(other) => {
-                anyhow::bail!("ALEXNET_CUDNN_ALGOS={other}: expected timed or heuristic")
-            }
-        }
-    }
-}
+pub use crate::backend::settings::AlgoChoice;
 
 /// A cuDNN handle with its convolutions' plans and their workspace. Not Send by cudarc's choice (cuDNN handles must not be
 /// used by two threads at once): the backend keeps it in a [`DnnCell`].
@@ -182,7 +162,7 @@ impl Dnn {
         anyhow::ensure!(
             present(),
             "cuDNN (libcudnn.so.9) cannot be loaded: put its lib folder on LD_LIBRARY_PATH, or \
-             leave ALEXNET_CONV unset for the unfolding path"
+             use --conv unfold for the unfolding path"
         );
         let handle = Cudnn::new(stream.clone()).map_err(|e| err("handle", e))?;
         let timing = match algos {
@@ -218,7 +198,7 @@ impl Dnn {
         anyhow::ensure!(
             largest <= i32::MAX as usize,
             "cuDNN cannot describe this convolution at batch {}: one of its tensors holds {largest} \
-             values, beyond cuDNN's 2^31 - 1; lower --batch, or leave ALEXNET_CONV unset for the \
+             values, beyond cuDNN's 2^31 - 1; lower --batch, or use --conv unfold for the \
              unfolding path",
             g.batch
         );

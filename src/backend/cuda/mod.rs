@@ -6,7 +6,7 @@
 //! Everything runs on one stream, in order, so a buffer is never read before it is written.
 //! The driver, NVRTC and cuBLAS are loaded at run time: a machine without them gets an error
 //! that says what is missing, never a crash. cuBLAS runs in strict f32 unless TF32 is asked
-//! for (`ALEXNET_TF32=1`), so results match the CPU backend to 1e-4.
+//! for (`--tf32`), so results match the CPU backend to 1e-4.
 
 pub mod cudnn;
 mod cudnn_find;
@@ -14,8 +14,8 @@ pub mod kernels;
 mod staging;
 
 use super::{
-    Backend, ByteViews, ConvGeom, DropoutKey, InputPart, LinearGeom, LrnParams, OutOfMemory,
-    PlaneGeom, PoolGeom, SgdParams,
+    Backend, ByteViews, ConvGeom, DeviceSettings, DropoutKey, InputPart, LinearGeom, LrnParams,
+    OutOfMemory, PlaneGeom, PoolGeom, SgdParams,
 };
 use cudarc::cublas::{
     sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig,
@@ -117,25 +117,7 @@ enum ColumnLayout {
     ByRow,
 }
 
-/// How convolutions run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConvPath {
-    /// Unfolding (our im2col kernel) plus cuBLAS matrix products.
-    Unfold,
-    /// cuDNN's convolutions.
-    Cudnn,
-}
-
-impl ConvPath {
-    /// `ALEXNET_CONV=cudnn|unfold` (default: unfold).
-    pub fn from_env() -> anyhow::Result<ConvPath> {
-        match std::env::var("ALEXNET_CONV").as_deref() {
-            Err(_) | Ok("") | Ok("unfold") => Ok(ConvPath::Unfold),
-            Ok("cudnn") => Ok(ConvPath::Cudnn),
-            Ok(other) => anyhow::bail!("ALEXNET_CONV={other}: expected unfold or cudnn"),
-        }
-    }
-}
+pub use super::settings::ConvPath;
 
 /// Threads per block of the elementwise kernels.
 const THREADS: u32 = 256;
@@ -224,22 +206,11 @@ fn check<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
 }
 
 impl Cuda {
-    /// Starts the backend on GPU `ordinal`: a context, a stream, cuBLAS, and every kernel
-    /// compiled for this GPU's architecture.
-    pub fn new(ordinal: usize) -> anyhow::Result<Self> {
-        Self::open(
-            ordinal,
-            std::env::var("ALEXNET_TF32").is_ok_and(|v| v == "1"),
-        )
-    }
-
-    /// [`Cuda::new`], with TF32 tensor cores allowed or not (not: strict f32).
-    pub fn open(ordinal: usize, tf32: bool) -> anyhow::Result<Self> {
-        Self::open_with(ordinal, tf32, ConvPath::from_env()?)
-    }
-
-    /// [`Cuda::open`] with the convolutions on `conv`.
-    pub fn open_with(ordinal: usize, tf32: bool, conv: ConvPath) -> anyhow::Result<Self> {
+    /// Starts the backend on GPU `ordinal`: a context, a stream, cuBLAS, every kernel
+    /// compiled for this GPU's architecture, and the convolutions, TF32 and cuDNN's algorithm
+    /// choice as `settings` say.
+    pub fn new(ordinal: usize, settings: &DeviceSettings) -> anyhow::Result<Self> {
+        let (tf32, conv) = (settings.tf32, settings.conv);
         if let Some(why) = unavailable() {
             anyhow::bail!(
                 "the CUDA backend cannot start: {why}; use the CPU (--backend cpu, or --device cpu for a worker)"
@@ -297,7 +268,7 @@ impl Cuda {
             ConvPath::Cudnn => Some(cudnn::DnnCell(Mutex::new(cudnn::Dnn::new(
                 stream.clone(),
                 tf32,
-                cudnn::AlgoChoice::from_env()?,
+                settings.cudnn_algos,
             )?))),
         };
         tracing::info!(gpu = %name, ordinal, arch, tf32, ?conv, kernels = functions.len(), "CUDA backend ready");
