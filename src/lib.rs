@@ -17,6 +17,7 @@ pub mod comm;
 pub mod coordinator;
 pub mod data;
 pub mod files;
+pub mod launch;
 pub mod model;
 pub mod proto;
 pub mod rng;

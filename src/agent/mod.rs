@@ -24,6 +24,8 @@ pub struct AgentOptions {
     pub coordinator: String,
     /// The job this host was started for; `None` joins whatever job the coordinator runs.
     pub job_id: Option<String>,
+    /// The configuration its workers must find (`None`: whatever the job has).
+    pub config_hash: Option<String>,
     /// This host's place among the hosts: its workers take ranks
     /// `node_rank * workers .. (node_rank + 1) * workers`. `None`: the next free ranks.
     pub node_rank: Option<u32>,
@@ -33,8 +35,9 @@ pub struct AgentOptions {
     pub devices: Vec<String>,
     /// Compute threads per worker (`None`: the cores divided among the workers).
     pub threads_per_worker: Option<usize>,
-    /// Restarts of this host's workers allowed in all.
-    pub max_restarts: usize,
+    /// Restarts of this host's workers allowed in all (`None`: no limit here, where the
+    /// coordinator beside in this process decides, by ending the job, when restarting stops).
+    pub max_restarts: Option<usize>,
     /// How long a (re)started worker keeps trying to reach the coordinator: how long a
     /// host may be cut off and still rejoin.
     pub rejoin_timeout: Duration,
@@ -148,10 +151,56 @@ struct WorkerProcess {
     rank: Option<u32>,
     child: Option<Child>,
     last_error: Arc<Mutex<Option<String>>>,
+    /// When its current process started.
+    started: Instant,
+    /// How its last process ended: status, and its last error line.
+    exit: Option<(ExitStatus, Option<String>)>,
+    /// Killed by this host after the job was over.
+    killed: bool,
     done: bool,
     /// When to start it again after a failure.
     restart_at: Option<Instant>,
 }
+
+/// What became of one of this host's workers: how its last process ended.
+#[derive(Debug)]
+pub struct WorkerFate {
+    pub rank: Option<u32>,
+    /// Its last process's exit status (`None`: still running, or never started).
+    pub status: Option<ExitStatus>,
+    /// Killed by the launcher after the job was over.
+    pub killed: bool,
+    /// The last error line of its last process.
+    pub last_error: Option<String>,
+}
+
+/// The coordinator a host's workers belong to, as the loop that runs them sees it. An agent on
+/// another host knows it only through the network ([`Remote`]); `alexnet launch` runs it in
+/// the same process, tells it at once of a worker's death and learns from it when the job is
+/// over.
+pub trait Coordinated {
+    /// A worker started at `started` exited with `status` (not success), its last error line
+    /// `last_error`.
+    fn worker_failed(
+        &self,
+        _rank: Option<u32>,
+        _started: Instant,
+        _status: ExitStatus,
+        _last_error: Option<&str>,
+    ) {
+    }
+    /// `Some(grace)` once the job is over for good: failed workers are not restarted, and
+    /// workers still running `grace` later are killed. `None` while it goes on (or where
+    /// nothing tells: a remote coordinator ends its workers itself).
+    fn over(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// A coordinator on another host: the loop learns of it only through its workers' exits.
+pub struct Remote;
+
+impl Coordinated for Remote {}
 
 /// How worker `w` of this host is started.
 fn spec(opts: &AgentOptions, w: &WorkerProcess, threads: usize) -> WorkerSpec {
@@ -168,7 +217,7 @@ fn spec(opts: &AgentOptions, w: &WorkerProcess, threads: usize) -> WorkerSpec {
         settings: opts.settings.clone(),
         rank: w.rank,
         job_id: opts.job_id.clone(),
-        config_hash: None,
+        config_hash: opts.config_hash.clone(),
         connect_timeout: Some(opts.rejoin_timeout),
         out: opts.out.clone(),
         tls_ca: opts.tls_ca.clone(),
@@ -187,24 +236,7 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        rt.spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            stop.store(true, Ordering::SeqCst);
-        });
-    }
+    let stop = stop_on_signal(&rt);
     tracing::info!(coordinator = %opts.coordinator, "asking the coordinator about its job");
     let peer = rt.block_on(ask_coordinator(&opts))?;
     // A mismatch will not go away by itself: the agent's exit status says so (as a worker's).
@@ -216,6 +248,59 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
         clock_offset_ms = peer.clock_offset_ms,
         "the coordinator runs this job"
     );
+    supervise(&opts, &stop, &Remote).0
+}
+
+/// A flag raised by SIGTERM or SIGINT, watched on `rt`.
+pub fn stop_on_signal(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        flag.store(true, Ordering::SeqCst);
+    });
+    stop
+}
+
+/// Starts this host's workers, restarts those that fail (within `opts.max_restarts`, and
+/// while `coordinator` says the job goes on), and stops them all on `stop`. Returns how the
+/// watch ended and what became of each worker.
+pub fn supervise(
+    opts: &AgentOptions,
+    stop: &AtomicBool,
+    coordinator: &dyn Coordinated,
+) -> (anyhow::Result<()>, Vec<WorkerFate>) {
+    let mut workers = Vec::new();
+    let outcome = watch(opts, stop, coordinator, &mut workers);
+    stop_all(&mut workers);
+    let fates = workers
+        .into_iter()
+        .map(|w| WorkerFate {
+            rank: w.rank,
+            status: w.exit.as_ref().map(|e| e.0),
+            killed: w.killed,
+            last_error: w.exit.and_then(|e| e.1),
+        })
+        .collect();
+    (outcome, fates)
+}
+
+fn watch(
+    opts: &AgentOptions,
+    stop: &AtomicBool,
+    coordinator: &dyn Coordinated,
+    workers: &mut Vec<WorkerProcess>,
+) -> anyhow::Result<()> {
     if let Some(dir) = &opts.log_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the log folder {}", dir.display()))?;
@@ -226,7 +311,7 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let threads = opts
         .threads_per_worker
         .unwrap_or((cores / opts.workers).max(1));
-    let mut workers: Vec<WorkerProcess> = opts
+    *workers = opts
         .ranks()
         .into_iter()
         .enumerate()
@@ -236,6 +321,9 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
             rank,
             child: None,
             last_error: Arc::new(Mutex::new(None)),
+            started: Instant::now(),
+            exit: None,
+            killed: false,
             done: false,
             restart_at: Some(Instant::now()),
         })
@@ -248,19 +336,40 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
         "starting this host's workers"
     );
     let mut restarts = 0;
-    let outcome: anyhow::Result<()> = 'watch: loop {
+    let mut over_since: Option<Instant> = None;
+    loop {
         if stop.load(Ordering::SeqCst) {
             tracing::warn!("stopping on a signal: terminating this host's workers");
-            break Err(Verdict::Stopped("this agent was stopped by a signal".into()).into());
+            return Err(Verdict::Stopped("this agent was stopped by a signal".into()).into());
+        }
+        let over = coordinator.over();
+        if let Some(grace) = over {
+            // The job is over for good: nothing is restarted, stragglers are killed.
+            if workers.iter().all(|w| w.child.is_none()) {
+                return Ok(());
+            }
+            let since = *over_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > grace {
+                for w in workers.iter_mut() {
+                    if let Some(c) = w.child.as_mut() {
+                        tracing::warn!(
+                            rank = %w.label,
+                            "still running {grace:?} after the job ended: killing it"
+                        );
+                        let _ = c.kill();
+                        w.killed = true;
+                    }
+                }
+            }
         }
         for w in workers.iter_mut() {
             if let Some(at) = w.restart_at {
-                if Instant::now() >= at {
+                if over.is_some() {
                     w.restart_at = None;
-                    w.child = Some(spawn_worker(
-                        &spec(&opts, w, threads),
-                        w.last_error.clone(),
-                    )?);
+                } else if Instant::now() >= at {
+                    w.restart_at = None;
+                    w.started = Instant::now();
+                    w.child = Some(spawn_worker(&spec(opts, w, threads), w.last_error.clone())?);
                 }
             }
         }
@@ -275,6 +384,7 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
             // Let the output threads catch the last lines.
             std::thread::sleep(Duration::from_millis(100));
             let last = w.last_error.lock().unwrap().take();
+            w.exit = Some((status, last.clone()));
             let why = |status: ExitStatus| {
                 format!(
                     "the worker of rank {} exited with {status}{}",
@@ -288,45 +398,52 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     tracing::info!(rank = %w.label, "worker finished");
                 }
                 Some(c) if c == EXIT_REFUSED as i32 => {
-                    break 'watch Err(
-                        Verdict::Refused(format!("{} (not restarted)", why(status))).into()
-                    )
+                    return Err(Verdict::Refused(format!("{} (not restarted)", why(status))).into())
                 }
+                // The coordinator beside knows the job is over; it says how it ended.
+                _ if over.is_some() => {}
                 Some(c) if c == EXIT_JOB_OVER as i32 => {
-                    break 'watch Err(Verdict::JobOver(why(status)).into())
-                }
-                _ if restarts < opts.max_restarts => {
-                    restarts += 1;
-                    tracing::warn!(
-                        rank = %w.label,
-                        restart = restarts,
-                        of = opts.max_restarts,
-                        "{}; restarting it to rejoin the job",
-                        why(status)
-                    );
-                    w.restart_at = Some(Instant::now() + Duration::from_secs(1));
+                    return Err(Verdict::JobOver(why(status)).into())
                 }
                 _ => {
-                    break 'watch Err(anyhow::anyhow!(
-                        "{}; no restarts left (--max-restarts {})",
-                        why(status),
-                        opts.max_restarts
-                    ))
+                    coordinator.worker_failed(w.rank, w.started, status, last.as_deref());
+                    match opts.max_restarts {
+                        Some(max) if restarts >= max => {
+                            return Err(anyhow::anyhow!(
+                                "{}; no restarts left (--max-restarts {max})",
+                                why(status)
+                            ))
+                        }
+                        Some(max) => {
+                            restarts += 1;
+                            tracing::warn!(
+                                rank = %w.label,
+                                restart = restarts,
+                                of = max,
+                                "{}; restarting it to rejoin the job",
+                                why(status)
+                            );
+                        }
+                        // The coordinator beside names the failure and counts the restarts.
+                        None => restarts += 1,
+                    }
+                    w.restart_at = Some(Instant::now() + Duration::from_secs(1));
                 }
             }
         }
         if workers.iter().all(|w| w.done) {
             tracing::info!(restarts, "every worker of this host finished");
-            break Ok(());
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    stop_all(&mut workers);
-    outcome
+    }
 }
 
 /// SIGTERM to every running worker, SIGKILL to those still running 10 s later.
 fn stop_all(workers: &mut [WorkerProcess]) {
+    for w in workers.iter_mut() {
+        w.restart_at = None;
+    }
     let running: Vec<&mut Child> = workers
         .iter_mut()
         .filter_map(|w| w.child.as_mut())
@@ -365,11 +482,12 @@ mod tests {
         AgentOptions {
             coordinator: "http://10.0.0.1:50051".into(),
             job_id: Some("alpha".into()),
+            config_hash: None,
             node_rank,
             workers,
             devices: vec!["cpu".into()],
             threads_per_worker: None,
-            max_restarts: 3,
+            max_restarts: Some(3),
             rejoin_timeout: Duration::from_secs(60),
             max_clock_skew: Duration::from_secs(30),
             token: None,

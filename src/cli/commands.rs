@@ -9,8 +9,8 @@ use super::*;
 use alexnet::auth::{read_token, write_private};
 use alexnet::backend::Cpu;
 use alexnet::comm::Topology;
-use alexnet::coordinator::launch::LaunchOptions;
 use alexnet::coordinator::{Phase, Secret};
+use alexnet::launch::LaunchOptions;
 use alexnet::train::bench;
 use alexnet::train::book::{BookSetup, JobBook};
 use anyhow::Context;
@@ -134,7 +134,7 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
         threads_per_worker = threads,
         "starting the workers"
     );
-    let outcome = alexnet::coordinator::launch::run(LaunchOptions {
+    let outcome = alexnet::launch::run(LaunchOptions {
         coordinator: cfg,
         run_dir: run_dir.clone(),
         threads_per_worker: threads,
@@ -145,6 +145,14 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
         settings: a.device_settings.settings(),
     })?;
     report_exchange_share(&outcome.exchange_seconds);
+    if outcome.stopped {
+        return Err(alexnet::worker::Verdict::Stopped(format!(
+            "interrupted; the run folder keeps its newest complete checkpoint: continue with \
+             `alexnet launch --resume {}`",
+            run_dir.display()
+        ))
+        .into());
+    }
     match (&outcome.phase, &outcome.first_failure) {
         (Phase::Finished, _) => {
             if let Some(last) = outcome.results.last() {
@@ -194,7 +202,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     if already_complete(&cfg, &run_dir) {
         return Ok(());
     }
-    alexnet::coordinator::launch::write_run_files(&run_dir, &cfg)?;
+    alexnet::coordinator::write_run_files(&run_dir, &cfg)?;
     let mut made_token = None;
     cfg.token = match read_token(a.token_file.as_deref())? {
         Some(t) => Some(t),
@@ -295,11 +303,12 @@ pub fn agent(a: AgentArgs, log_format: LogFormat) -> anyhow::Result<()> {
     alexnet::agent::run(alexnet::agent::AgentOptions {
         coordinator: a.coordinator,
         job_id: a.job_id,
+        config_hash: None,
         node_rank: a.node_rank,
         workers: a.workers.unwrap_or(if on_gpus { devices.len() } else { 1 }),
         devices,
         threads_per_worker: a.threads,
-        max_restarts: a.max_restarts,
+        max_restarts: Some(a.max_restarts),
         rejoin_timeout: a.rejoin_timeout,
         max_clock_skew: a.max_clock_skew,
         token: read_token(a.token_file.as_deref())?,

@@ -10,6 +10,8 @@
 use super::{Coordinator, CoordinatorConfig, Phase};
 use crate::proto::coordinator_server::Coordinator as CoordinatorRpc;
 use crate::proto::{Assignment, JobStatus, RegisterRequest, StatusRequest, WorkerEvent};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
@@ -20,6 +22,12 @@ pub struct Supervisor {
     current: watch::Sender<Coordinator>,
     /// Set once the job is over for good (finished, or failed with no restarts left).
     over: watch::Sender<Option<Phase>>,
+    /// No generation follows the current one, whatever restarts are left (its workers are
+    /// gone for good).
+    abandoned: Arc<AtomicBool>,
+    /// The workers are restarted by this process (`alexnet launch`), not by agents
+    /// elsewhere: the log says so.
+    restarts_workers: bool,
 }
 
 impl Supervisor {
@@ -27,7 +35,32 @@ impl Supervisor {
         Ok(Supervisor {
             current: watch::channel(Coordinator::new(cfg)?).0,
             over: watch::channel(None).0,
+            abandoned: Arc::new(AtomicBool::new(false)),
+            restarts_workers: false,
         })
+    }
+
+    /// A supervisor whose workers this process restarts (`alexnet launch`).
+    pub fn restarting_workers(self) -> Self {
+        Supervisor {
+            restarts_workers: true,
+            ..self
+        }
+    }
+
+    /// How the job ended, once it is over for good.
+    pub fn over(&self) -> Option<Phase> {
+        self.over.borrow().clone()
+    }
+
+    /// Ends the job for good: the current generation fails with `error` (unless it is over
+    /// already), and no other follows.
+    pub fn abandon(&self, error: String) {
+        self.abandoned.store(true, Ordering::SeqCst);
+        let c = self.current();
+        if !c.phase.borrow().is_over() {
+            c.fail(None, error);
+        }
     }
 
     /// The generation being served now.
@@ -50,21 +83,36 @@ impl Supervisor {
             let Phase::Failed { rank, error } = &end else {
                 break end;
             };
+            if self.abandoned.load(Ordering::SeqCst) {
+                break end;
+            }
             if c.cfg.restarts_left == 0 {
                 tracing::error!("no restarts left (--max-restarts): the job has failed");
                 break end;
             }
             let next = Coordinator::next_generation(&c.cfg)?;
-            tracing::warn!(
-                failed_rank = ?rank,
-                generation = next.generation,
-                from_step = next.resume.as_ref().map(|r| r.1.step).unwrap_or(0),
-                restarts_left = next.restarts_left,
-                "generation {} failed ({error}); waiting for the workers to rejoin generation {} \
-                 from the newest complete checkpoint",
-                c.cfg.generation,
-                next.generation
-            );
+            let from_step = next.resume.as_ref().map(|r| r.1.step).unwrap_or(0);
+            if self.restarts_workers {
+                tracing::warn!(
+                    failed_rank = ?rank,
+                    generation = next.generation,
+                    from_step,
+                    restarts_left = next.restarts_left,
+                    "restarting the workers after the failure ({error}) from the newest \
+                     complete checkpoint"
+                );
+            } else {
+                tracing::warn!(
+                    failed_rank = ?rank,
+                    generation = next.generation,
+                    from_step,
+                    restarts_left = next.restarts_left,
+                    "generation {} failed ({error}); waiting for the workers to rejoin \
+                     generation {} from the newest complete checkpoint",
+                    c.cfg.generation,
+                    next.generation
+                );
+            }
             self.current.send_replace(Coordinator::new(next)?);
         };
         self.over.send_replace(Some(end.clone()));

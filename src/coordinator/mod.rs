@@ -9,7 +9,6 @@
 pub mod aggregate;
 pub mod control;
 pub mod generations;
-pub mod launch;
 
 pub use crate::admission::unix_time_ms;
 pub use crate::auth::Secret;
@@ -78,6 +77,8 @@ pub struct Coordinator {
     shared: Arc<Mutex<Shared>>,
     phase: watch::Sender<Phase>,
     everyone_joined: watch::Sender<bool>,
+    /// When this generation began.
+    started: Instant,
 }
 
 impl Coordinator {
@@ -93,11 +94,22 @@ impl Coordinator {
             })),
             phase: watch::channel(Phase::Waiting).0,
             everyone_joined: watch::channel(false).0,
+            started: Instant::now(),
         })
     }
 
     pub fn config_hash(&self) -> &str {
         &self.config_hash
+    }
+
+    /// When this generation began: a worker started before it belonged to an earlier one.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// This generation's number.
+    pub fn generation(&self) -> u64 {
+        self.cfg.generation
     }
 
     /// Follows the job's phase.
@@ -211,6 +223,18 @@ impl Coordinator {
         }
         Ok(next)
     }
+}
+
+/// Writes the run folder's job.json and job-id (what `--resume` reads back).
+pub fn write_run_files(run_dir: &std::path::Path, cfg: &CoordinatorConfig) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("creating the run folder {}", run_dir.display()))?;
+    crate::files::write_atomic(
+        &run_dir.join("job.json"),
+        serde_json::to_string_pretty(&cfg.job)?.as_bytes(),
+    )?;
+    crate::files::write_atomic(&run_dir.join("job-id"), cfg.job_id.as_bytes())
 }
 
 /// The gRPC server of a job: the coordinator service `svc` behind the token check, the
