@@ -66,7 +66,9 @@ pub fn check_bearer(token: &Option<Secret>, req: Request<()>) -> Result<Request<
         .unwrap_or_else(|| "an unknown address".into());
     tracing::warn!(%peer, "refused a call without this job's token");
     Err(Status::unauthenticated(
-        "this job needs its token: give the worker ALEXNET_TOKEN or --token-file",
+        "this job needs its token: pass --token-file FILE or set ALEXNET_TOKEN (a run started \
+         by `alexnet launch` or `alexnet coordinator` keeps it in RUN_DIR/token, which \
+         `alexnet status --run RUN_DIR` reads)",
     ))
 }
 

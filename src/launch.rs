@@ -85,6 +85,45 @@ impl Coordinated for Beside {
     }
 }
 
+/// Where `alexnet status --run RUN_DIR` finds a live run: its coordinator's URL in
+/// `RUN_DIR/coordinator`, its token in `RUN_DIR/token` (readable by its owner only). Removed
+/// when the run ends, so that a stale address is not mistaken for a live one.
+pub struct RunAddress {
+    files: Vec<PathBuf>,
+}
+
+/// The file holding a live run's coordinator URL.
+pub const COORDINATOR_FILE: &str = "coordinator";
+/// The file holding a run's job token.
+pub const TOKEN_FILE: &str = "token";
+
+impl RunAddress {
+    pub fn write(
+        run_dir: &std::path::Path,
+        url: &str,
+        token: Option<&crate::auth::Secret>,
+    ) -> anyhow::Result<RunAddress> {
+        let mut files = Vec::new();
+        if let Some(t) = token {
+            let path = run_dir.join(TOKEN_FILE);
+            crate::auth::write_private(&path, t.expose().as_bytes())?;
+            files.push(path);
+        }
+        let path = run_dir.join(COORDINATOR_FILE);
+        crate::files::write_atomic(&path, format!("{url}\n").as_bytes())?;
+        files.push(path);
+        Ok(RunAddress { files })
+    }
+}
+
+impl Drop for RunAddress {
+    fn drop(&mut self) {
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
 /// Runs the job: its workers are restarted from the newest complete checkpoint in a new
 /// generation after a failure, up to `max_restarts` times.
 pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
@@ -107,6 +146,11 @@ pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
         run_dir = %opts.run_dir.display(),
         workers = cfg.job.topology.world_size(),
         "coordinator listening (loopback only)"
+    );
+    let watch = RunAddress::write(&opts.run_dir, &url, cfg.token.as_ref())?;
+    tracing::info!(
+        "watch it with `alexnet status --run {}`",
+        opts.run_dir.display()
     );
     let server = rt.spawn(supervisor.clone().serve(listener));
     let beside = Beside {
@@ -149,6 +193,7 @@ pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
     let (phase, last) = rt
         .block_on(async { tokio::time::timeout(Duration::from_secs(10), server).await })
         .context("the coordinator did not stop")???;
+    drop(watch);
     let mut first_failure = beside.first_failure.into_inner().unwrap();
     // The coordinator's verdict names the rank that failed first (a worker that lost its peer
     // blames the peer); the launcher adds what became of that rank's process.

@@ -342,3 +342,220 @@ fn bench_times_steps_that_upload_their_input() {
         "{err}"
     );
 }
+
+/// A fresh scratch folder of this test process.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("alexnet-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `train --run-dir` on a folder that holds a run refuses, as `launch` does, instead of
+/// mixing two runs' checkpoints; `--resume` continues it.
+#[test]
+fn train_into_a_folder_that_holds_a_run_is_refused() {
+    let dir = scratch("rerun").join("run");
+    let run = dir.to_str().unwrap();
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "2",
+        "--run-dir",
+        run,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "2",
+        "--run-dir",
+        run,
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("already holds checkpoints of a run")
+            && err.contains(&format!("--resume {run}")),
+        "{err}"
+    );
+    let (ok, err) = alexnet(&["train", "--backend", "cpu", "--steps", "3", "--resume", run]);
+    assert!(ok, "{err}");
+}
+
+/// A resume refuses the flags it cannot honour, by name, instead of running on the run's own.
+#[test]
+fn a_resume_refuses_flags_it_cannot_change() {
+    let dir = scratch("resume-flags").join("run");
+    let run = dir.to_str().unwrap();
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "2",
+        "--run-dir",
+        run,
+    ]);
+    assert!(ok, "{err}");
+    for cmd in ["train", "launch"] {
+        let (ok, err) = alexnet(&[
+            cmd, "--resume", run, "--batch", "32", "--lr", "0.5", "--net", "paper",
+        ]);
+        assert!(!ok, "{cmd}: {err}");
+        assert!(
+            err.contains("--net, --batch, --lr cannot change")
+                && err.contains("only --epochs, --steps and --checkpoint-every"),
+            "{cmd}: {err}"
+        );
+    }
+}
+
+/// `launch` checks the data and an `--init` file itself, before any worker starts: one
+/// error, no restarts.
+#[test]
+fn launch_checks_data_and_init_before_any_worker_starts() {
+    let dir = scratch("launch-inputs");
+    let (ok, err) = alexnet(&[
+        "launch",
+        "--data",
+        "/nonexistent/images",
+        "--run-dir",
+        dir.join("a").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/images"), "{err}");
+    assert!(
+        !err.contains("[rank") && !err.contains("restarting"),
+        "workers were started:\n{err}"
+    );
+    // Parameters of the demo network, offered to a narrower one.
+    let run = dir.join("demo");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "1",
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let file = dir.join("demo.safetensors");
+    let (ok, err) = alexnet(&[
+        "export",
+        "--run",
+        run.to_str().unwrap(),
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let narrow = temp_file(
+        "narrow.toml",
+        "input_size = 64\nin_channels = 1\nconv_channels = [16, 32, 48, 48, 32]\n\
+         fc_widths = [128, 128]\nclasses = 10\n",
+    );
+    let (ok, err) = alexnet(&[
+        "launch",
+        "--net",
+        narrow.to_str().unwrap(),
+        "--init",
+        file.to_str().unwrap(),
+        "--run-dir",
+        dir.join("b").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("parameter conv1.weight has shape [32, 1, 11, 11], this network expects [16, 1, 11, 11]")
+            && err.contains("pass the same --net"),
+        "{err}"
+    );
+    assert!(!err.contains("[rank"), "workers were started:\n{err}");
+}
+
+/// `train` checks where its parameters go before the first step, and its last line says what
+/// was kept; checkpoints without a run folder are called out.
+#[test]
+fn train_checks_its_output_first_and_says_what_it_kept() {
+    let dir = scratch("train-out");
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "1",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("is a file: --out names a folder"), "{err}");
+    assert!(!err.contains(" train "), "it trained first:\n{err}");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "1",
+        "--checkpoint-every",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("--checkpoint-every needs a run folder"),
+        "{err}"
+    );
+    assert!(err.contains("nothing kept: pass --run-dir DIR"), "{err}");
+    let out = dir.join("params");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(&format!("parameters in {}", out.display())),
+        "{err}"
+    );
+}
+
+/// `status` names the ways to give it a token, not a worker's.
+#[test]
+fn status_without_a_token_names_its_own_flags() {
+    let dir = scratch("status-token").join("run");
+    let mut launch = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+        .args([
+            "launch",
+            "--steps",
+            "400",
+            "--run-dir",
+            dir.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let address = dir.join("coordinator");
+    let t = std::time::Instant::now();
+    while !address.exists() && t.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let url = std::fs::read_to_string(&address).unwrap();
+    let (ok, err) = alexnet(&["status", "--coordinator", url.trim()]);
+    let _ = launch.kill();
+    let _ = launch.wait();
+    assert!(!ok);
+    assert!(
+        err.contains("pass --token-file FILE or set ALEXNET_TOKEN")
+            && err.contains("alexnet status --run RUN_DIR")
+            && !err.contains("give the worker"),
+        "{err}"
+    );
+}

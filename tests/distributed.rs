@@ -666,3 +666,87 @@ fn workers_on_one_machine_check_their_batch_against_their_share_of_its_memory() 
     let (ok, err) = launch(kib(2.4), "both");
     assert!(ok, "{err}");
 }
+
+/// `alexnet status --run DIR` watches the README's main job: `launch` keeps its coordinator's
+/// address and token (owner-only) in the run folder while it runs, and removes them at the end.
+#[test]
+fn status_watches_a_launch_through_its_run_folder() {
+    let dir = scratch("status").join("run");
+    let mut p = Proc::start(
+        exe()
+            .args(["launch", "--log-every", "1", "--steps", "150", "--run-dir"])
+            .arg(&dir),
+    );
+    p.wait_line(Duration::from_secs(10), |l| {
+        l.contains(&format!(
+            "watch it with `alexnet status --run {}`",
+            dir.display()
+        ))
+    });
+    p.wait_line(Duration::from_secs(60), |l| {
+        l.contains(" train ") && l.contains("step=3 ")
+    });
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the token file is readable by others");
+    }
+    let out = exe().args(["status", "--run"]).arg(&dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let step: u64 = text
+        .split("step ")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no step in:\n{text}"));
+    assert!(step >= 3 && text.contains("/150"), "{text}");
+    assert!(text.contains("running"), "{text}");
+    // Started in the run folder, `status` needs no arguments.
+    let out = exe().arg("status").current_dir(&dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, out, _) = p.finish(Duration::from_secs(120));
+    assert!(ok, "{out}");
+    assert!(!dir.join("coordinator").exists() && !dir.join("token").exists());
+    let out = exe().args(["status", "--run"]).arg(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no coordinator serves this run now"),
+        "{err}"
+    );
+}
+
+/// SIGINT (Ctrl-C) stops a launch with a word on what was kept and how to go on.
+#[test]
+fn an_interrupted_launch_says_how_to_resume() {
+    let dir = scratch("sigint").join("run");
+    let mut p = Proc::start(
+        exe()
+            .args(["launch", "--log-every", "1", "--steps", "400", "--run-dir"])
+            .arg(&dir),
+    );
+    p.wait_line(Duration::from_secs(60), |l| {
+        l.contains(" train ") && l.contains("step=2 ")
+    });
+    signal(p.child.id(), "-INT");
+    let (ok, out, waited) = p.finish(Duration::from_secs(60));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("interrupted")
+            && out.contains(&format!("alexnet launch --resume {}", dir.display())),
+        "{out}"
+    );
+    assert!(waited < Duration::from_secs(20), "took {waited:?}");
+}

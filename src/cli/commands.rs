@@ -2,8 +2,8 @@
 
 use super::devices::{choose_backend, visible_gpus, worker_devices};
 use super::plan::{
-    already_complete, coordinator_config, demo_net, job_from_args, load_net, resolve_data,
-    resumed_job,
+    already_complete, coordinator_config, demo_net, fresh_run_dir, job_from_args, load_net,
+    refuse_changes_on_resume, resolve_data, resumed_job, writable_output_dir,
 };
 use super::*;
 use alexnet::auth::{read_token, write_private};
@@ -17,9 +17,25 @@ use anyhow::Context;
 
 pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     let (mut job, run_dir) = match &a.resume {
-        Some(dir) => (resumed_job(dir, &a.job)?, Some(dir.clone())),
-        None => (job_from_args(&a.job, None)?, a.run_dir.clone()),
+        Some(dir) => {
+            refuse_changes_on_resume(dir, &a.job, None)?;
+            (resumed_job(dir, &a.job)?, Some(dir.clone()))
+        }
+        None => {
+            if let Some(dir) = &a.run_dir {
+                fresh_run_dir(dir)?;
+            }
+            (job_from_args(&a.job, None)?, a.run_dir.clone())
+        }
     };
+    if let Some(out) = &a.out {
+        writable_output_dir(out, "--out")?;
+    }
+    if run_dir.is_none() && job.checkpoint_every > 0 {
+        tracing::warn!(
+            "--checkpoint-every needs a run folder: no checkpoints are kept (pass --run-dir DIR)"
+        );
+    }
     // One process holds both columns.
     job.topology = Topology {
         replicas: 1,
@@ -77,17 +93,32 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         }
         steps
     });
+    // The last line says what was kept, and where.
+    let kept = match (&a.out, &run_dir) {
+        (Some(out), Some(dir)) => format!(
+            "parameters in {}, checkpoints and report in {}",
+            out.display(),
+            dir.display()
+        ),
+        (Some(out), None) => format!("parameters in {}", out.display()),
+        (None, Some(dir)) => format!("checkpoints and report in {}", dir.display()),
+        (None, None) => {
+            "nothing kept: pass --run-dir DIR (checkpoints, report) or --out DIR (parameters)"
+                .to_string()
+        }
+    };
     match book.history.last() {
         Some(last) => tracing::info!(
             epochs = last.epoch,
             steps,
+            train_loss = format!("{:.4}", last.train_loss),
             val_top1_err = format!("{:.3}", last.val_top1_err),
             val_top5_err = format!("{:.3}", last.val_top5_err),
-            "done"
+            "done; {kept}"
         ),
         None => tracing::info!(
             steps,
-            "done (stopped before the end of an epoch: no validation)"
+            "done (stopped before the end of an epoch: no validation); {kept}"
         ),
     }
     Ok(())
@@ -118,6 +149,12 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
     if already_complete(&cfg, &run_dir) {
         return Ok(());
     }
+    // What no restart can fix fails here, once, before any worker starts.
+    let mut inputs = cfg.job.clone();
+    if cfg.resume.is_some() {
+        inputs.init = None;
+    }
+    alexnet::train::job::check_inputs(&inputs)?;
     // A fresh token per launch, handed to the workers in their environment.
     cfg.token = Some(match read_token(None)? {
         Some(t) => t,
@@ -233,6 +270,16 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await
             .with_context(|| format!("listening on {} (--listen)", a.listen))?;
+        // Where `alexnet status --run RUN_DIR` on this host finds it.
+        let bound = listener.local_addr()?;
+        let here = if bound.ip().is_unspecified() {
+            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port())
+        } else {
+            bound
+        };
+        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+        let _address =
+            alexnet::launch::RunAddress::write(&run_dir, &format!("{scheme}://{here}"), None)?;
         tracing::info!(
             listen = %listener.local_addr()?,
             tls = cfg.tls.is_some(),

@@ -136,6 +136,11 @@ pub enum Command {
     /// folder must be the same path on every host (shared storage) for checkpoints.
     Agent(AgentArgs),
     /// Show a running job's state: workers, step, loss, speed, ETA.
+    ///
+    /// Examples:
+    ///   alexnet status --run runs/job-1796666779     a run started by `alexnet launch`
+    ///   alexnet status                               the one live run under ./runs
+    ///   alexnet status --coordinator http://head:50051 --token-file token --json
     Status(StatusArgs),
     /// Top-1 and top-5 error of a trained run (its newest checkpoint) on a dataset.
     Eval(EvalArgs),
@@ -363,14 +368,15 @@ pub struct WorkerArgs {
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
-    /// The coordinator, as http://host:port.
-    #[arg(
-        long,
-        env = "ALEXNET_COORDINATOR",
-        default_value = "http://127.0.0.1:50051",
-        value_parser = coordinator_url
-    )]
-    pub coordinator: String,
+    /// The run folder of a live run (`alexnet launch` or `alexnet coordinator` keep its
+    /// address and token there while it runs). Default: the current folder if it is one, or
+    /// the one live run under ./runs.
+    #[arg(long, conflicts_with = "coordinator")]
+    pub run: Option<PathBuf>,
+    /// The coordinator, as http://host:port, for a run whose folder is not here.
+    /// [default: http://127.0.0.1:50051]
+    #[arg(long, env = "ALEXNET_COORDINATOR", value_parser = coordinator_url)]
+    pub coordinator: Option<String>,
     /// Print the status as JSON.
     #[arg(long)]
     pub json: bool,

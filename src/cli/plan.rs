@@ -112,6 +112,79 @@ pub fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// The flags of `a` that would change what a step computes, by name: a resumed run keeps
+/// its job, so these are refused rather than silently ignored.
+fn fixed_by_resume(a: &JobArgs, layout: Option<&LayoutArgs>) -> Vec<&'static str> {
+    let mut given = Vec::new();
+    macro_rules! check {
+        ($($field:ident => $flag:literal),* $(,)?) => {
+            $(if a.$field.is_some() { given.push($flag); })*
+        };
+    }
+    check!(config => "--config", data => "--data", val => "--val", net => "--net",
+           batch => "--batch", lr => "--lr", momentum => "--momentum",
+           weight_decay => "--weight-decay", seed => "--seed", init => "--init",
+           augment_on => "--augment-on", loader_threads => "--loader-threads");
+    if let Some(l) = layout {
+        if l.replicas.is_some() {
+            given.push("--replicas");
+        }
+        if l.columns_per_worker.is_some() {
+            given.push("--columns-per-worker");
+        }
+    }
+    given
+}
+
+/// Refuses flags that a resumed run cannot change, naming them.
+pub fn refuse_changes_on_resume(
+    run_dir: &Path,
+    a: &JobArgs,
+    layout: Option<&LayoutArgs>,
+) -> anyhow::Result<()> {
+    let given = fixed_by_resume(a, layout);
+    anyhow::ensure!(
+        given.is_empty(),
+        "--resume {} continues the run with the job it was started with: {} cannot change \
+         (only --epochs, --steps and --checkpoint-every may); start a new run (--run-dir) to \
+         train with other settings, or --init from an exported run to start from its parameters",
+        run_dir.display(),
+        given.join(", ")
+    );
+    Ok(())
+}
+
+/// A folder for a new run: refused if it already holds a run's checkpoints (mixing two runs'
+/// checkpoints in one folder would leave neither usable).
+pub fn fresh_run_dir(dir: &Path) -> anyhow::Result<()> {
+    if !alexnet::train::checkpoint::list(dir).is_empty() {
+        anyhow::bail!(
+            "{} already holds checkpoints of a run: continue it with --resume {}, or choose another --run-dir",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// A folder to write trained parameters into, checked before the first step so that a bad
+/// path does not cost the training: created if missing, and written to once.
+pub fn writable_output_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !dir.exists() || dir.is_dir(),
+        "{flag} {} is a file: {flag} names a folder (column0.safetensors and \
+         column1.safetensors go in it)",
+        dir.display()
+    );
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{flag} {}: cannot create the folder", dir.display()))?;
+    let probe = dir.join(format!(".alexnet-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{flag} {}: cannot write there", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// A run folder's job, for `--resume`: only how long to run may change.
 pub fn resumed_job(run_dir: &Path, a: &JobArgs) -> anyhow::Result<JobConfig> {
     let path = run_dir.join("job.json");
@@ -156,6 +229,7 @@ pub fn coordinator_config(
     let peer_timeout = layout.peer_timeout;
     let (job, job_id, run_dir, resume) = match resume {
         Some(dir) => {
+            refuse_changes_on_resume(dir, job_args, Some(layout))?;
             let job = resumed_job(dir, job_args)?;
             let id = std::fs::read_to_string(dir.join("job-id"))
                 .map(|s| s.trim().to_string())
@@ -174,13 +248,7 @@ pub fn coordinator_config(
             let dir = run_dir
                 .cloned()
                 .unwrap_or_else(|| PathBuf::from("runs").join(&id));
-            if !alexnet::train::checkpoint::list(&dir).is_empty() {
-                anyhow::bail!(
-                    "{} already holds checkpoints of a run: continue it with --resume {}, or choose another --run-dir",
-                    dir.display(),
-                    dir.display()
-                );
-            }
+            fresh_run_dir(&dir)?;
             (job, id, dir, None)
         }
     };

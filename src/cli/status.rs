@@ -2,18 +2,90 @@
 
 use super::StatusArgs;
 use alexnet::auth::read_token;
+use alexnet::launch::{COORDINATOR_FILE, TOKEN_FILE};
 use anyhow::Context;
+use std::path::{Path, PathBuf};
+
+/// The coordinator asked when nothing names one.
+const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
+
+/// The live run a status call is about: `--run`, else the current folder if it is a live run,
+/// else the one live run under ./runs. `None`: no run folder (then `--coordinator` or the
+/// default address).
+fn run_folder(a: &StatusArgs) -> anyhow::Result<Option<PathBuf>> {
+    let live = |d: &Path| d.join(COORDINATOR_FILE).is_file();
+    if let Some(dir) = &a.run {
+        anyhow::ensure!(
+            dir.join("job.json").is_file(),
+            "--run {}: not a run folder (no job.json)",
+            dir.display()
+        );
+        anyhow::ensure!(
+            live(dir),
+            "--run {}: no coordinator serves this run now ({} is written while `alexnet \
+             launch` or `alexnet coordinator` runs it): it has ended (see its report.csv and \
+             rank logs), or its coordinator runs elsewhere (pass --coordinator URL)",
+            dir.display(),
+            dir.join(COORDINATOR_FILE).display()
+        );
+        return Ok(Some(dir.clone()));
+    }
+    if a.coordinator.is_some() {
+        return Ok(None);
+    }
+    if live(Path::new(".")) {
+        return Ok(Some(PathBuf::from(".")));
+    }
+    let mut runs: Vec<PathBuf> = std::fs::read_dir("runs")
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| live(p))
+                .collect()
+        })
+        .unwrap_or_default();
+    runs.sort();
+    match runs.len() {
+        0 => Ok(None),
+        1 => Ok(runs.pop()),
+        _ => anyhow::bail!(
+            "{} live runs under ./runs ({}): name one with --run DIR",
+            runs.len(),
+            runs.iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
 
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
-    let token = read_token(a.token_file.as_deref())?;
+    let run = run_folder(&a)?;
+    let coordinator = match (&a.coordinator, &run) {
+        (Some(url), _) => url.clone(),
+        (None, Some(dir)) => {
+            let path = dir.join(COORDINATOR_FILE);
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading the run's address {}", path.display()))?
+                .trim()
+                .to_string()
+        }
+        (None, None) => DEFAULT_COORDINATOR.to_string(),
+    };
+    let token = match (read_token(a.token_file.as_deref())?, &run) {
+        (Some(t), _) => Some(t),
+        (None, Some(dir)) if dir.join(TOKEN_FILE).is_file() => {
+            read_token(Some(&dir.join(TOKEN_FILE)))?
+        }
+        (None, _) => None,
+    };
     let opts = alexnet::worker::WorkerOptions {
         tls_ca: a
             .tls_ca
             .as_ref()
             .map(|p| std::fs::read(p).with_context(|| format!("reading --tls-ca {}", p.display())))
             .transpose()?,
-        ..alexnet::worker::WorkerOptions::client_of(&a.coordinator, token)
+        ..alexnet::worker::WorkerOptions::client_of(&coordinator, token)
     };
     let s = rt.block_on(async {
         let mut client = alexnet::worker::client(&opts).await?;

@@ -229,6 +229,65 @@ pub fn open_data<B: Backend>(
     }
 }
 
+/// Checks, before any worker starts, what no restart can fix: the data can be read and fits
+/// the network and the batch, and an `init` file holds every parameter in this network's
+/// shapes. A launcher calls it so that such a mistake fails once, at once, in its own words.
+pub fn check_inputs(job: &JobConfig) -> anyhow::Result<()> {
+    job.validate()?;
+    if job.data.join(METADATA_FILE).exists() {
+        // Opening a prepared dataset reads its metadata and maps its shards: cheap.
+        let data = open_data::<crate::backend::Cpu>(job, 0, false)?;
+        drop(data);
+    } else {
+        let (train, val) = read_fashion_mnist_dir(&job.data).with_context(|| {
+            format!(
+                "loading the image set in {} (pass --data DIR: IDX files or a prepared dataset)",
+                job.data.display()
+            )
+        })?;
+        super::sample::SampleData::check(&train, &val, &job.net, job.batch, job.topology.replicas)?;
+    }
+    if let Some(init) = &job.init {
+        check_init(init, &job.net)?;
+    }
+    Ok(())
+}
+
+/// Whether `path` holds every parameter of `net` (unsplit, PyTorch-style names) in its shape.
+fn check_init(path: &Path, net: &crate::model::NetConfig) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading --init {}", path.display()))?;
+    let tensors = super::checkpoint::read_tensors(&bytes, path)?;
+    let sides = net.validate()?;
+    let layers = crate::model::params::LAYERS;
+    for (layer, (w, b)) in layers
+        .iter()
+        .zip(crate::model::params::column_shapes(net, &sides))
+    {
+        for (kind, mut want) in [("weight", w), ("bias", b)] {
+            want[0] *= COLUMNS;
+            let name = format!("{layer}.{kind}");
+            let (shape, _) = tensors
+                .get(&name)
+                .or_else(|| tensors.get(&format!("param.{name}")))
+                .with_context(|| {
+                    format!(
+                        "--init {}: no tensor {name} (an `alexnet export` file holds every layer)",
+                        path.display()
+                    )
+                })?;
+            anyhow::ensure!(
+                *shape == want,
+                "--init {}: parameter {name} has shape {shape:?}, this network expects {want:?} \
+                 (the file was exported from another network: pass the same --net, or start \
+                 without --init)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs `job` in this process's role: builds its columns (fresh, imported or from a
 /// checkpoint), trains them, and returns the network and the steps done in all.
 pub fn run<B: Backend>(

@@ -146,6 +146,41 @@ impl SampleData {
         seed: u64,
         classes: Vec<String>,
     ) -> anyhow::Result<Self> {
+        Self::check(train, val, net, global_batch, replicas)?;
+        let side = net.input_size;
+        let t = Instant::now();
+        let (train_set, mean) = prepare(train, side, None);
+        let (val_set, _) = prepare(val, side, Some(&mean));
+        let mean_kept = mean.clone();
+        tracing::info!(
+            train = train.len(),
+            val = val.len(),
+            side,
+            ms = t.elapsed().as_millis() as u64,
+            "images resized and mean-subtracted"
+        );
+        Ok(SampleData {
+            train: train_set,
+            val: val_set,
+            global_batch,
+            replicas,
+            replica,
+            seed,
+            classes,
+            mean: mean_kept,
+            side,
+        })
+    }
+
+    /// Whether `train` and `val` can feed `net` in batches of `global_batch` over `replicas`
+    /// (what [`SampleData::new`] checks before it resizes anything).
+    pub fn check(
+        train: &ImageSet,
+        val: &ImageSet,
+        net: &NetConfig,
+        global_batch: usize,
+        replicas: usize,
+    ) -> anyhow::Result<()> {
         anyhow::ensure!(!train.is_empty(), "the training set is empty");
         anyhow::ensure!(
             !val.is_empty(),
@@ -179,29 +214,7 @@ impl SampleData {
             "the batch (--batch {global_batch}) is larger than the training set ({})",
             train.len()
         );
-        let side = net.input_size;
-        let t = Instant::now();
-        let (train_set, mean) = prepare(train, side, None);
-        let (val_set, _) = prepare(val, side, Some(&mean));
-        let mean_kept = mean.clone();
-        tracing::info!(
-            train = train.len(),
-            val = val.len(),
-            side,
-            ms = t.elapsed().as_millis() as u64,
-            "images resized and mean-subtracted"
-        );
-        Ok(SampleData {
-            train: train_set,
-            val: val_set,
-            global_batch,
-            replicas,
-            replica,
-            seed,
-            classes,
-            mean: mean_kept,
-            side,
-        })
+        Ok(())
     }
 }
 
