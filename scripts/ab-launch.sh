@@ -21,8 +21,9 @@ for r in $(seq "$ROUNDS"); do
         "$bin" launch --backend cpu --run-dir "$dir" "$@" 2>"$dir.log" >/dev/null ||
             { echo "$side run $r failed:"; tail -n 20 "$dir.log"; exit 1; }
         line=$(grep 'rank=0 .*finished steps=' "$dir.log" | tail -n 1)
-        train=$(sed -E 's/.*train_seconds="([0-9.]+)".*/\1/' <<<"$line")
-        exch=$(sed -E 's/.*exchange_seconds="([0-9.]+)".*/\1/' <<<"$line")
+        # Older builds quote the numbers.
+        train=$(sed -E 's/.*train_seconds="?([0-9.]+)"?.*/\1/' <<<"$line")
+        exch=$(sed -E 's/.* exchange_seconds="?([0-9.]+)"?.*/\1/' <<<"$line")
         echo "$side $r train_s=$train exchange_s=$exch" | tee -a "$work/rows"
     done
 done

@@ -24,9 +24,9 @@ fi
 common=(--net "$NET" --batch "$BATCH" --steps "$STEPS" --log-every 1)
 
 median_rate() {
-    grep -o 'step=[0-9]* of=[0-9]* .*images_per_s="[0-9.]*"' "$1" |
-        awk -v w="$WARMUP" '{ split($1, s, "="); if (s[2] > w) { match($0, /images_per_s="[0-9.]+"/);
-             v = substr($0, RSTART + 14, RLENGTH - 15); print v } }' |
+    grep -oE 'step=[0-9]* of=[0-9]* .*images_per_s="?[0-9.]*"?' "$1" |
+        awk -v w="$WARMUP" '{ split($1, s, "="); if (s[2] > w) { match($0, /images_per_s="?[0-9.]+/);
+             v = substr($0, RSTART + 13, RLENGTH - 13); gsub(/"/, "", v); print v } }' |
         sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) { print 0 } else { print a[int((NR + 1) / 2)] } }'
 }
 

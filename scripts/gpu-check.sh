@@ -159,8 +159,8 @@ except OSError:
     print("op tests                not run")
 try:
     launch = open(os.path.join(res, "two-workers-one-gpu.log")).read()
-    shares = re.findall(r'rank=(\d+) column_exchange_share="([0-9.]+%)"', launch)
-    share = ", time in the column exchange " + ", ".join(f"rank {r} {s}" for r, s in sorted(shares)) if shares else ""
+    shares = re.findall(r'rank=(\d+) column_exchange_share(?:_pct)?="?([0-9.]+)%?"?', launch)
+    share = ", time in the column exchange " + ", ".join(f"rank {r} {s}%" for r, s in sorted(shares)) if shares else ""
     print("two workers, one GPU    " + ("finished" + share if "every worker finished" in launch else "FAILED (see two-workers-one-gpu.log)"))
 except OSError:
     pass

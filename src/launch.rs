@@ -43,6 +43,8 @@ pub struct LaunchOutcome {
     /// Per rank: seconds in the column exchange, the replica exchange, and training.
     pub exchange_seconds: Vec<ExchangeSeconds>,
     pub restarts: usize,
+    /// The newest step trained and its loss.
+    pub last_step: Option<(u64, f32)>,
     /// Stopped by SIGINT or SIGTERM before the job ended.
     pub stopped: bool,
 }
@@ -228,6 +230,7 @@ pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
         results: last.results(),
         exchange_seconds: last.exchange_seconds(),
         restarts: (last.generation() - first_generation) as usize,
+        last_step: last.last_step(),
         stopped,
     })
 }

@@ -18,6 +18,7 @@ pub mod coordinator;
 pub mod data;
 pub mod files;
 pub mod launch;
+pub mod log_fields;
 pub mod model;
 pub mod proto;
 pub mod rng;

@@ -2,8 +2,9 @@
 
 use super::devices::{choose_backend, visible_gpus, worker_devices};
 use super::plan::{
-    already_complete, coordinator_config, demo_net, fresh_run_dir, job_from_args, load_net,
-    refuse_changes_on_resume, resolve_data, resumed_job, writable_output_dir,
+    already_complete, check_local_inputs, coordinator_config, demo_net, fresh_run_dir,
+    job_from_args, load_net, refuse_changes_on_resume, resolve_data, resumed_job,
+    writable_output_dir,
 };
 use super::*;
 use alexnet::auth::{read_token, write_private};
@@ -28,6 +29,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
             (job_from_args(&a.job, None)?, a.run_dir.clone())
         }
     };
+    check_local_inputs(&job, &a.job, a.resume.is_some())?;
     if let Some(out) = &a.out {
         writable_output_dir(out, "--out")?;
     }
@@ -111,9 +113,9 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         Some(last) => tracing::info!(
             epochs = last.epoch,
             steps,
-            train_loss = format!("{:.4}", last.train_loss),
-            val_top1_err = format!("{:.3}", last.val_top1_err),
-            val_top5_err = format!("{:.3}", last.val_top5_err),
+            train_loss = alexnet::log_fields::rounded(last.train_loss as f64, 4),
+            val_top1_err = alexnet::log_fields::rounded(last.val_top1_err, 3),
+            val_top5_err = alexnet::log_fields::rounded(last.val_top5_err, 3),
             "done; {kept}"
         ),
         None => tracing::info!(
@@ -150,11 +152,7 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
         return Ok(());
     }
     // What no restart can fix fails here, once, before any worker starts.
-    let mut inputs = cfg.job.clone();
-    if cfg.resume.is_some() {
-        inputs.init = None;
-    }
-    alexnet::train::job::check_inputs(&inputs)?;
+    check_local_inputs(&cfg.job, &a.job, cfg.resume.is_some())?;
     // A fresh token per launch, handed to the workers in their environment.
     cfg.token = Some(match read_token(None)? {
         Some(t) => t,
@@ -192,18 +190,12 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
     }
     match (&outcome.phase, &outcome.first_failure) {
         (Phase::Finished, _) => {
-            if let Some(last) = outcome.results.last() {
-                tracing::info!(
-                    epochs = last.epoch,
-                    val_top1_err = format!("{:.3}", last.val_top1_err),
-                    val_top5_err = format!("{:.3}", last.val_top5_err),
-                    restarts = outcome.restarts,
-                    run_dir = %run_dir.display(),
-                    "done"
-                );
-            } else {
-                tracing::info!(restarts = outcome.restarts, run_dir = %run_dir.display(), "done");
-            }
+            finished_summary(
+                outcome.last_step,
+                outcome.results.last(),
+                outcome.restarts,
+                &run_dir,
+            );
             Ok(())
         }
         (_, Some(first)) => anyhow::bail!("first failure: {first} (logs in {})", run_dir.display()),
@@ -217,6 +209,40 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
     }
 }
 
+/// The last line of a job that finished: steps, loss, validation errors where an epoch
+/// ended, restarts, and where the results are.
+pub fn finished_summary(
+    last_step: Option<(u64, f32)>,
+    last_epoch: Option<&alexnet::train::checkpoint::EpochRecord>,
+    restarts: usize,
+    run_dir: &std::path::Path,
+) {
+    let (steps, loss) = last_step.unwrap_or((0, f32::NAN));
+    let loss = alexnet::log_fields::rounded(loss as f64, 4);
+    match last_epoch {
+        Some(e) => tracing::info!(
+            steps,
+            loss,
+            epochs = e.epoch,
+            val_top1_err = alexnet::log_fields::rounded(e.val_top1_err, 3),
+            val_top5_err = alexnet::log_fields::rounded(e.val_top5_err, 3),
+            restarts,
+            "done; parameters in {}, checkpoints and report in {}",
+            run_dir.join("params").display(),
+            run_dir.display()
+        ),
+        None => tracing::info!(
+            steps,
+            loss,
+            restarts,
+            "done (stopped before the end of an epoch: no validation); parameters in {}, \
+             checkpoints and report in {}",
+            run_dir.join("params").display(),
+            run_dir.display()
+        ),
+    }
+}
+
 /// Logs each rank's share of training time spent waiting in the exchanges.
 pub fn report_exchange_share(seconds: &[alexnet::coordinator::ExchangeSeconds]) {
     for s in seconds {
@@ -224,9 +250,11 @@ pub fn report_exchange_share(seconds: &[alexnet::coordinator::ExchangeSeconds]) 
         if total > 0.0 {
             tracing::info!(
                 rank,
-                column_exchange_share = format!("{:.1}%", 100.0 * columns / total),
-                replica_exchange_share = format!("{:.1}%", 100.0 * replicas / total),
-                train_seconds = format!("{total:.2}"),
+                column_exchange_share_pct =
+                    alexnet::log_fields::rounded(100.0 * columns / total, 1),
+                replica_exchange_share_pct =
+                    alexnet::log_fields::rounded(100.0 * replicas / total, 1),
+                train_seconds = alexnet::log_fields::rounded(total, 2),
                 "time in the exchanges"
             );
         }
@@ -301,11 +329,15 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
             );
         }
         cfg.restarts_left = a.max_restarts;
+        let first_generation = cfg.generation;
         let supervisor = alexnet::coordinator::generations::Supervisor::new(cfg)?;
         let (phase, c) = supervisor.serve(listener).await?;
         report_exchange_share(&c.exchange_seconds());
         match phase {
-            Phase::Finished => Ok(()),
+            Phase::Finished => {
+                finished_summary(c.last_step(), c.results().last(), (c.generation() - first_generation) as usize, &run_dir);
+                Ok(())
+            }
             Phase::Failed { rank, error } => anyhow::bail!(
                 "the job failed: {}: {error}",
                 rank.map(|r| format!("rank {r}")).unwrap_or_else(|| "coordinator".into())
@@ -392,13 +424,30 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
 /// The top classes of image files by a trained run.
 pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
     let mut run = alexnet::train::evaluate::load_run(&a.run, Cpu::new())?;
-    let top = alexnet::train::evaluate::predict(&mut run, &a.images, a.top)?;
-    for (path, classes) in a.images.iter().zip(top) {
-        println!("{}", path.display());
-        for (c, name, p) in classes {
-            println!("  {p:>6.3}  {name} ({c})");
+    // Each file on its own: a bad one is named at the end and does not cost the others.
+    let mut bad = Vec::new();
+    let results = alexnet::train::evaluate::predict(&mut run, &a.images, a.top)?;
+    for (path, result) in a.images.iter().zip(results) {
+        match result {
+            Ok(top) => {
+                println!("{}", path.display());
+                for (c, name, p) in top {
+                    println!("  {p:>6.3}  {name} ({c})");
+                }
+            }
+            Err(e) => {
+                tracing::error!("{e:#}");
+                bad.push(path.display().to_string());
+            }
         }
     }
+    anyhow::ensure!(
+        bad.is_empty(),
+        "{} of {} images could not be classified: {}",
+        bad.len(),
+        a.images.len(),
+        bad.join(", ")
+    );
     Ok(())
 }
 

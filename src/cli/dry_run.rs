@@ -1,22 +1,52 @@
 //! `--dry-run`: the checks of a command line that need no running job.
 
-use super::plan::{job_from_args, load_job};
+use super::plan::{
+    check_local_inputs, coordinator_config, job_from_args, load_job, refuse_changes_on_resume,
+    resumed_job,
+};
 use super::{Command, JobArgs, LayoutArgs};
 use anyhow::Context;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// `--dry-run`: what can be checked without starting anything or touching files: the
-/// command line (clap has parsed it, and its value parsers have checked coordinator URLs,
-/// listen addresses and numbers of seconds), and the job file where it exists here.
+/// `--dry-run`: the checks a real start makes, without starting anything: the command line
+/// (clap has parsed it, and its value parsers have checked coordinator URLs, listen
+/// addresses, counts and seconds), the job the flags make (printed, resolved), and for
+/// `train` and `launch`, which run here, the data and an `--init` file. A job file that is not
+/// on this host (a deployment recipe checked elsewhere) is named and left unchecked.
 pub fn dry_run(command: &Command) -> anyhow::Result<()> {
+    let file_here = |j: &JobArgs| {
+        j.config
+            .as_deref()
+            .is_none_or(|c| matches!(c, "paper" | "demo") || Path::new(c).exists())
+    };
+    let print_job = |job: &alexnet::train::job::JobConfig| -> anyhow::Result<()> {
+        println!("the job, resolved:\n{}", serde_json::to_string_pretty(job)?);
+        Ok(())
+    };
+    // A job that runs on this machine: everything a real start checks.
+    let local = |j: &JobArgs,
+                 l: Option<&LayoutArgs>,
+                 run_dir: Option<&PathBuf>,
+                 resume: Option<&PathBuf>|
+     -> anyhow::Result<()> {
+        if !file_here(j) {
+            return Ok(());
+        }
+        let job = match (l, resume) {
+            (Some(l), _) => coordinator_config(j, l, run_dir, resume)?.0.job,
+            (None, Some(dir)) => {
+                refuse_changes_on_resume(dir, j, None)?;
+                resumed_job(dir, j)?
+            }
+            (None, None) => job_from_args(j, None)?,
+        };
+        check_local_inputs(&job, j, resume.is_some())?;
+        print_job(&job)
+    };
     // The job the flags make, where its file is here: replicas against the batch, widths.
     let job = |j: &JobArgs, l: &LayoutArgs| -> anyhow::Result<()> {
-        let here = j
-            .config
-            .as_deref()
-            .is_none_or(|c| matches!(c, "paper" | "demo") || Path::new(c).exists());
-        if here {
-            job_from_args(j, Some(l))?;
+        if file_here(j) {
+            print_job(&job_from_args(j, Some(l))?)?;
         }
         Ok(())
     };
@@ -36,11 +66,17 @@ pub fn dry_run(command: &Command) -> anyhow::Result<()> {
     let name = match command {
         Command::Train(a) => {
             job_file(&a.job)?;
+            local(&a.job, None, a.run_dir.as_ref(), a.resume.as_ref())?;
             "train"
         }
         Command::Launch(a) => {
             job_file(&a.job)?;
-            job(&a.job, &a.layout)?;
+            local(
+                &a.job,
+                Some(&a.layout),
+                a.run_dir.as_ref(),
+                a.resume.as_ref(),
+            )?;
             "launch"
         }
         Command::Coordinator(a) => {

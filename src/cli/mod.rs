@@ -95,14 +95,23 @@ impl DeviceArgs {
 #[derive(Subcommand)]
 pub enum Command {
     /// Train on IDX files (Fashion-MNIST layout) or a prepared dataset, reporting validation error.
+    #[command(
+        after_help = "Examples:\n  alexnet train                                         the demo network on the carried sample\n  alexnet train --steps 200 --run-dir runs/try1          keep checkpoints and the report\n  alexnet train --resume runs/try1 --epochs 20           continue it, longer\n  alexnet train --data /data/prepared/train --val /data/prepared/val --out params"
+    )]
     Train(TrainArgs),
     /// Time full training steps (forward, backward, update) on random data.
+    #[command(
+        after_help = "Examples:\n  alexnet bench --batch 128                    the paper's network, training steps\n  alexnet bench --net demo --batch 64 --json   the demo network, as JSON\n  alexnet bench --backend cuda --conv cudnn    the GPU, convolutions on cuDNN"
+    )]
     Bench(BenchArgs),
     /// Turn an ImageFolder tree into the paper's preprocessed, sharded form.
     ///
     /// Reads root/<class>/<image> (JPEG or PNG, any size, grey or colour) and writes 256x256
     /// RGB images (shorter side to 256, central crop) in shards, with the mean image and the RGB
     /// PCA in dataset.json. Interrupted runs leave nothing that looks complete; rerun to finish.
+    #[command(
+        after_help = "Examples:\n  alexnet prepare --input ~/photos --output data/photos\n  alexnet prepare --input /data/imagenet/train --output /data/prepared/train\n  alexnet prepare --input /data/imagenet/val --output /data/prepared/val"
+    )]
     Prepare(PrepareArgs),
     /// Time `prepare` on ImageNet-sized JPEGs and the loader on the result.
     BenchData(BenchDataArgs),
@@ -115,6 +124,9 @@ pub enum Command {
     /// figures are reported beside, not judged; both workers run on GPU 0); `--backend cpu`
     /// checks that the CPU's results do not depend on how its work is split; `auto` checks
     /// the GPU where there is one, the CPU otherwise.
+    #[command(
+        after_help = "Examples:\n  alexnet selftest                      the GPU where there is one, else the CPU\n  alexnet selftest --backend cuda --json"
+    )]
     Selftest(SelftestArgs),
     /// Train across worker processes on this machine: a coordinator here, one worker per device.
     ///
@@ -122,10 +134,19 @@ pub enum Command {
     /// its two columns in two CPU worker processes that exchange activations over TCP only at
     /// conv3, fc6, fc7, fc8 and the logits. Logs go to stderr with a rank prefix and to one
     /// file per rank in the run folder.
+    #[command(
+        after_help = "Examples:\n  alexnet launch                                     the demo job, 2 CPU workers\n  alexnet launch --replicas 2 --batch 128           2 replicas x 2 columns = 4 workers\n  alexnet launch --config jobs/paper.toml --data /data/prepared/train --val /data/prepared/val\n  alexnet launch --resume runs/job-1796666779 --epochs 20\n  alexnet status --run runs/job-1796666779          watch it from another terminal"
+    )]
     Launch(LaunchArgs),
     /// Run the coordinator of a multi-machine job; workers join it with `alexnet worker`.
+    #[command(
+        after_help = "Examples:\n  alexnet coordinator --listen 0.0.0.0:50051 --replicas 2 --run-dir /shared/runs/r1\n  alexnet coordinator --resume /shared/runs/r1"
+    )]
     Coordinator(CoordinatorArgs),
     /// Run one worker of a job: join the coordinator, train this rank's part, report.
+    #[command(
+        after_help = "Examples:\n  alexnet worker --coordinator http://head:50051 --token-file /shared/runs/r1/token\n  alexnet worker --coordinator http://head:50051 --device cuda:1 --rank 3"
+    )]
     Worker(WorkerArgs),
     /// Run this host's part of a multi-host job: start its workers, forward their logs,
     /// restart those that fail (they rejoin from the newest checkpoint), stop them on SIGTERM.
@@ -134,20 +155,30 @@ pub enum Command {
     /// host's workers take ranks K*G .. K*G+G-1 (rank 2r+c holds column c of replica r). The
     /// coordinator (`alexnet coordinator --listen 0.0.0.0:50051`) runs on one host; the run
     /// folder must be the same path on every host (shared storage) for checkpoints.
+    #[command(
+        after_help = "Examples:\n  alexnet agent --coordinator http://head:50051 --node-rank 0 --workers 2 --token-file token\n  alexnet agent --coordinator http://head:50051 --node-rank 1 --device cuda"
+    )]
     Agent(AgentArgs),
     /// Show a running job's state: workers, step, loss, speed, ETA.
-    ///
-    /// Examples:
-    ///   alexnet status --run runs/job-1796666779     a run started by `alexnet launch`
-    ///   alexnet status                               the one live run under ./runs
-    ///   alexnet status --coordinator http://head:50051 --token-file token --json
+    #[command(
+        after_help = "Examples:\n  alexnet status --run runs/job-1796666779     a run started by `alexnet launch`\n  alexnet status                               the one live run under ./runs\n  alexnet status --coordinator http://head:50051 --token-file token --json"
+    )]
     Status(StatusArgs),
     /// Top-1 and top-5 error of a trained run (its newest checkpoint) on a dataset.
+    #[command(
+        after_help = "Examples:\n  alexnet eval --run runs/job-1796666779\n  alexnet eval --run runs/job-1796666779 --data /data/prepared/val --ten-crop"
+    )]
     Eval(EvalArgs),
     /// The top-5 classes of image files, with probabilities, by a trained run.
+    #[command(
+        after_help = "Examples:\n  alexnet predict --run runs/job-1796666779 cat.jpg dog.png\n  alexnet predict --run runs/job-1796666779 --top 3 photos/*.jpg"
+    )]
     Predict(PredictArgs),
     /// Write a trained run's parameters as one safetensors file, unsplit, with PyTorch's names
     /// and shapes (start another run from it with `--init`).
+    #[command(
+        after_help = "Examples:\n  alexnet export --run runs/job-1796666779 --out model.safetensors\n  alexnet launch --init model.safetensors            start another run from it"
+    )]
     Export(ExportArgs),
 }
 
@@ -177,7 +208,7 @@ pub struct PredictArgs {
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
     /// Classes shown per image.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     pub top: usize,
 }
 
@@ -485,21 +516,21 @@ pub struct JobArgs {
     #[arg(long, value_enum)]
     pub augment_on: Option<alexnet::train::job::AugmentOn>,
     /// Epochs to train. [default: the job's; demo 10, paper 90]
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub epochs: Option<usize>,
     /// Stop after this many steps in all (default: run every epoch).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one_step)]
     pub steps: Option<u64>,
     /// Samples per step, all replicas together. [default: demo 64, paper 128]
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub batch: Option<usize>,
     /// Initial learning rate. [default: 0.01]
     #[arg(long)]
     pub lr: Option<f32>,
-    /// [default: 0.9]
+    /// SGD momentum: the share of the last update carried into the next. [default: 0.9]
     #[arg(long)]
     pub momentum: Option<f32>,
-    /// [default: 0.0005]
+    /// L2 penalty on the weights, added to their gradients times this. [default: 0.0005]
     #[arg(long)]
     pub weight_decay: Option<f32>,
     /// Seeds the parameters, dropout masks and the order of the data. [default: 1]
@@ -540,10 +571,10 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
     /// Images per step.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = at_least_one)]
     pub batch: usize,
     /// Timed steps (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     pub steps: usize,
     /// Untimed steps first.
     #[arg(long, default_value_t = 1)]
@@ -605,6 +636,14 @@ fn memory_size(s: &str) -> Result<u64, String> {
     alexnet::backend::settings::parse_size(s).ok_or_else(|| {
         format!("`{s}` is not a size: bytes, or a number with K, M, G or T (12G, 512M)")
     })
+}
+
+/// A number of steps that must be at least 1.
+fn at_least_one_step(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>().map_err(|e| format!("{e}"))? {
+        0 => Err("must be at least 1".into()),
+        n => Ok(n),
+    }
 }
 
 /// A count that must be at least 1.

@@ -49,15 +49,54 @@ pub fn demo_job() -> JobConfig {
 }
 
 pub fn load_job(spec: &str) -> anyhow::Result<JobConfig> {
+    load_job_for(spec, None)
+}
+
+/// The job `spec` names (`paper`, `demo` or a TOML file). A file's missing fields take the
+/// defaults that fit its data (`data_flag`, else the file's `data`, else the carried
+/// sample): the demo job's for IDX files, the paper's otherwise.
+pub fn load_job_for(spec: &str, data_flag: Option<&Path>) -> anyhow::Result<JobConfig> {
     Ok(match spec {
         "paper" => JobConfig::default(),
         "demo" => demo_job(),
         path => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading job file {path} (or use `paper` or `demo`)"))?;
-            toml::from_str(&text).with_context(|| format!("job file {path}"))?
+            // Parsed alone first: unknown fields and wrong types get TOML's own errors, with
+            // the line and a caret.
+            let alone: JobConfig =
+                toml::from_str(&text).with_context(|| format!("job file {path}"))?;
+            let given: toml::Table =
+                toml::from_str(&text).with_context(|| format!("job file {path}"))?;
+            let data = match (data_flag, given.contains_key("data")) {
+                (Some(d), _) => d.to_path_buf(),
+                (None, true) => alone.data.clone(),
+                (None, false) => demo_job().data,
+            };
+            let data = resolve_data(&data);
+            let idx = data.is_dir() && !data.join(alexnet::data::shards::METADATA_FILE).exists();
+            if !idx {
+                return Ok(alone);
+            }
+            let mut merged = toml::Table::try_from(demo_job()).context("the demo job as TOML")?;
+            merge_tables(&mut merged, given);
+            merged
+                .try_into()
+                .with_context(|| format!("job file {path} over the demo job's defaults"))?
         }
     })
+}
+
+/// `over`'s values in `base`, tables merged key by key.
+fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
 }
 
 /// The job the flags describe: the job file (or the default for the data), then each flag
@@ -70,7 +109,7 @@ pub fn job_from_args(a: &JobArgs, layout: Option<&LayoutArgs>) -> anyhow::Result
         (None, Some(d)) if prepared(d) => "paper".into(),
         (None, _) => "demo".into(),
     };
-    let mut job = load_job(&spec)?;
+    let mut job = load_job_for(&spec, data_flag.as_deref())?;
     if let Some(d) = data_flag {
         job.data = d;
     }
@@ -106,6 +145,46 @@ pub fn job_from_args(a: &JobArgs, layout: Option<&LayoutArgs>) -> anyhow::Result
     }
     job.validate().with_context(|| format!("job `{spec}`"))?;
     Ok(job)
+}
+
+/// Where the job's data folder was named: the flag, its environment variable, the job file, or
+/// the default, so that an error about it names what the user actually wrote.
+pub fn data_source(a: &JobArgs) -> String {
+    match (&a.data, &a.config) {
+        (Some(d), _) => {
+            let from_env = std::env::var_os("ALEXNET_DATA").is_some_and(|v| Path::new(&v) == d)
+                && !std::env::args().any(|arg| arg == "--data" || arg.starts_with("--data="));
+            if from_env {
+                "ALEXNET_DATA".into()
+            } else {
+                "--data".into()
+            }
+        }
+        (None, Some(c)) if !matches!(c.as_str(), "paper" | "demo") => {
+            format!("`data` in the job file {c}")
+        }
+        (None, _) => "the default data folder (no --data given)".into(),
+    }
+}
+
+/// Checks what a start on this machine needs before anything runs: the job's data (the error
+/// naming where the folder came from) and an `--init` file's shapes.
+pub fn check_local_inputs(job: &JobConfig, a: &JobArgs, resuming: bool) -> anyhow::Result<()> {
+    let source = if resuming {
+        "the run's job.json".to_string()
+    } else {
+        data_source(a)
+    };
+    alexnet::train::job::check_data(job).with_context(|| {
+        format!(
+            "the training data {} (named by {source})",
+            job.data.display()
+        )
+    })?;
+    if let (Some(init), false) = (&job.init, resuming) {
+        alexnet::train::job::check_init(init, &job.net)?;
+    }
+    Ok(())
 }
 
 pub fn absolute(p: &Path) -> PathBuf {

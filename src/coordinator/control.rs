@@ -210,6 +210,11 @@ impl Control {
         self.members.contains_key(&rank)
     }
 
+    /// The newest step reported, with its loss.
+    pub fn last_step(&self) -> Option<&crate::train::fit::StepReport> {
+        self.last_step.as_ref()
+    }
+
     /// The validation results so far.
     pub fn results(&self) -> &[crate::train::checkpoint::EpochRecord] {
         &self.book.history

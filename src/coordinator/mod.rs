@@ -117,6 +117,12 @@ impl Coordinator {
         self.phase.subscribe()
     }
 
+    /// The newest step reported and its loss (the mean over the job's replicas).
+    pub fn last_step(&self) -> Option<(u64, f32)> {
+        let sh = self.shared.lock().unwrap();
+        sh.control.last_step().map(|s| (s.step, s.loss))
+    }
+
     /// The validation results so far.
     pub fn results(&self) -> Vec<crate::train::checkpoint::EpochRecord> {
         self.shared.lock().unwrap().control.results().to_vec()

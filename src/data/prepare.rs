@@ -496,8 +496,8 @@ pub fn prepare(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Sum
                 tracing::info!(
                     done,
                     of = files.len(),
-                    images_per_s = format!("{rate:.0}"),
-                    eta = format!("{:.0}s", (files.len() - done) as f64 / rate),
+                    images_per_s = crate::log_fields::rounded(rate, 0),
+                    eta_s = crate::log_fields::rounded((files.len() - done) as f64 / rate, 0),
                     "preparing"
                 );
                 last_log = Instant::now();
@@ -599,8 +599,8 @@ pub fn prepare(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Sum
         shards = shard_count,
         reused,
         skipped = summary.skipped.len(),
-        seconds = format!("{seconds:.1}"),
-        images_per_s = format!("{:.0}", summary.images_per_s),
+        seconds = crate::log_fields::rounded(seconds, 1),
+        images_per_s = crate::log_fields::rounded(summary.images_per_s as f64, 0),
         "prepared"
     );
     Ok(summary)

@@ -165,18 +165,22 @@ fn average_softmax(logits: &[f32], samples: usize, views: usize, classes: usize)
 }
 
 /// The top `k` classes of each image: (class index, class name, probability).
+/// The classes most likely for one image, best first: (index, name, probability).
+pub type TopClasses = Vec<(usize, String, f32)>;
+
 pub fn predict(
     run: &mut TrainedRun,
     images: &[PathBuf],
     k: usize,
-) -> anyhow::Result<Vec<Vec<(usize, String, f32)>>> {
+) -> anyhow::Result<Vec<anyhow::Result<TopClasses>>> {
     let job = run.job.clone();
     let classes = job.net.classes;
     let side = job.net.input_size;
-    let (inputs, names): (Vec<Vec<f32>>, Vec<String>) = if is_prepared(&job.data) {
+    // Per image: its input, or why it has none (a bad file costs only itself).
+    type Inputs = Vec<anyhow::Result<Vec<f32>>>;
+    let (inputs, names): (Inputs, Vec<String>) = if is_prepared(&job.data) {
         let train = Dataset::open(&job.data)?;
-        let mut xs = Vec::new();
-        for path in images {
+        let input = |path: &PathBuf| -> anyhow::Result<Vec<f32>> {
             let img = crate::data::prepare::decode_square(path, train.side())?;
             let mut x = vec![0.0f32; 3 * side * side];
             crate::data::augment::render(
@@ -188,9 +192,12 @@ pub fn predict(
                 side,
                 &mut x,
             );
-            xs.push(x);
-        }
-        (xs, train.meta.classes.clone())
+            Ok(x)
+        };
+        (
+            images.iter().map(input).collect(),
+            train.meta.classes.clone(),
+        )
     } else {
         let (train, val) = read_fashion_mnist_dir(&job.data)?;
         let names = idx_class_names(&job.data, classes);
@@ -203,8 +210,7 @@ pub fn predict(
             job.seed,
             names.clone(),
         )?;
-        let mut xs = Vec::new();
-        for path in images {
+        let input = |path: &PathBuf| -> anyhow::Result<Vec<f32>> {
             let img = image::ImageReader::open(path)
                 .with_context(|| format!("opening {}", path.display()))?
                 .with_guessed_format()?
@@ -228,12 +234,19 @@ pub fn predict(
                 }
                 planar
             };
-            xs.push(data.input_for(&pixels, train.channels, h, w));
-        }
-        (xs, names)
+            Ok(data.input_for(&pixels, train.channels, h, w))
+        };
+        (images.iter().map(input).collect(), names)
     };
     let mut out = Vec::new();
     for x in inputs {
+        let x = match x {
+            Ok(x) => x,
+            Err(e) => {
+                out.push(Err(e));
+                continue;
+            }
+        };
         let buf = run.net.backend.upload(&x);
         run.net.forward(&buf, 1, Mode::Eval)?;
         let logits = run
@@ -243,16 +256,14 @@ pub fn predict(
         let probs = average_softmax(&logits, 1, 1, classes);
         let mut order: Vec<usize> = (0..classes).collect();
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-        out.push(
-            order
-                .into_iter()
-                .take(k.min(classes))
-                .map(|c| {
-                    let name = names.get(c).cloned().unwrap_or_else(|| c.to_string());
-                    (c, name, probs[c])
-                })
-                .collect(),
-        );
+        out.push(Ok(order
+            .into_iter()
+            .take(k.min(classes))
+            .map(|c| {
+                let name = names.get(c).cloned().unwrap_or_else(|| c.to_string());
+                (c, name, probs[c])
+            })
+            .collect()));
     }
     Ok(out)
 }

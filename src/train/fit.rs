@@ -215,17 +215,17 @@ impl LogMonitor {
                 epoch = r.epoch,
                 step = r.step,
                 of = r.total_steps,
-                loss = format!("{:.4}", loss / steps as f64),
-                top1_err = format!("{:.3}", hits.top1_err()),
-                top5_err = format!("{:.3}", hits.top5_err()),
-                images_per_s = format!(
-                    "{:.1}",
-                    hits.samples as f64 / self.window_start.elapsed().as_secs_f64()
+                loss = crate::log_fields::rounded(loss / steps as f64, 4),
+                top1_err = crate::log_fields::rounded(hits.top1_err(), 3),
+                top5_err = crate::log_fields::rounded(hits.top5_err(), 3),
+                images_per_s = crate::log_fields::rounded(
+                    hits.samples as f64 / self.window_start.elapsed().as_secs_f64(),
+                    1
                 ),
-                lr = format!("{}", r.lr),
-                eta = format!(
-                    "{:.0}s",
-                    elapsed / r.step as f64 * r.total_steps.saturating_sub(r.step) as f64
+                lr = crate::log_fields::single(r.lr),
+                eta_s = crate::log_fields::rounded(
+                    elapsed / r.step as f64 * r.total_steps.saturating_sub(r.step) as f64,
+                    0
                 ),
                 "train"
             );
@@ -240,10 +240,10 @@ impl LogMonitor {
         self.epoch_loss = (0.0, 0);
         tracing::info!(
             epoch = r.epoch,
-            train_loss = format!("{train_loss:.4}"),
-            val_top1_err = format!("{:.3}", r.hits.top1_err()),
-            val_top5_err = format!("{:.3}", r.hits.top5_err()),
-            chance_top1_err = format!("{:.3}", 1.0 - 1.0 / self.classes as f64),
+            train_loss = crate::log_fields::rounded(train_loss as f64, 4),
+            val_top1_err = crate::log_fields::rounded(r.hits.top1_err(), 3),
+            val_top5_err = crate::log_fields::rounded(r.hits.top5_err(), 3),
+            chance_top1_err = crate::log_fields::rounded(1.0 - 1.0 / self.classes as f64, 3),
             samples = r.hits.samples,
             "validation"
         );

@@ -218,7 +218,7 @@ pub fn open_data<B: Backend>(
     } else {
         let (train, val) = read_fashion_mnist_dir(&job.data).with_context(|| {
             format!(
-                "loading the image set in {} (pass --data DIR: IDX files or a prepared dataset)",
+                "loading the image set in {} (expected IDX files or a prepared dataset)",
                 job.data.display()
             )
         })?;
@@ -229,11 +229,10 @@ pub fn open_data<B: Backend>(
     }
 }
 
-/// Checks, before any worker starts, what no restart can fix: the data can be read and fits
-/// the network and the batch, and an `init` file holds every parameter in this network's
-/// shapes. A launcher calls it so that such a mistake fails once, at once, in its own words.
-pub fn check_inputs(job: &JobConfig) -> anyhow::Result<()> {
-    job.validate()?;
+/// Whether the job's data can be read and fits its network and batch: a launcher checks it
+/// (with [`check_init`]) before any worker starts, so that what no restart can fix fails once,
+/// at once, in its own words.
+pub fn check_data(job: &JobConfig) -> anyhow::Result<()> {
     if job.data.join(METADATA_FILE).exists() {
         // Opening a prepared dataset reads its metadata and maps its shards: cheap.
         let data = open_data::<crate::backend::Cpu>(job, 0, false)?;
@@ -241,20 +240,17 @@ pub fn check_inputs(job: &JobConfig) -> anyhow::Result<()> {
     } else {
         let (train, val) = read_fashion_mnist_dir(&job.data).with_context(|| {
             format!(
-                "loading the image set in {} (pass --data DIR: IDX files or a prepared dataset)",
+                "loading the image set in {} (expected IDX files or a prepared dataset)",
                 job.data.display()
             )
         })?;
         super::sample::SampleData::check(&train, &val, &job.net, job.batch, job.topology.replicas)?;
     }
-    if let Some(init) = &job.init {
-        check_init(init, &job.net)?;
-    }
     Ok(())
 }
 
 /// Whether `path` holds every parameter of `net` (unsplit, PyTorch-style names) in its shape.
-fn check_init(path: &Path, net: &crate::model::NetConfig) -> anyhow::Result<()> {
+pub fn check_init(path: &Path, net: &crate::model::NetConfig) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(path).with_context(|| format!("reading --init {}", path.display()))?;
     let tensors = super::checkpoint::read_tensors(&bytes, path)?;
@@ -314,7 +310,12 @@ pub fn run<B: Backend>(
                 step: *step,
                 lr: *lr,
             };
-            tracing::info!(step, lr, checkpoint = %dir.display(), "resuming");
+            tracing::info!(
+                step,
+                lr = crate::log_fields::single(*lr),
+                checkpoint = %dir.display(),
+                "resuming"
+            );
         }
         (None, Some(init)) => {
             import_unsplit(&mut net, init)?;

@@ -193,9 +193,11 @@ impl SampleData {
         );
         anyhow::ensure!(
             train.channels == net.in_channels,
-            "the images have {} channel(s), the network's in_channels is {}",
+            "the images have {} channel(s), the network's in_channels is {} (set `in_channels = \
+             {}` under [net] in the job file, or use --net demo for grey 28x28 images)",
             train.channels,
-            net.in_channels
+            net.in_channels,
+            train.channels
         );
         let max_label = train
             .labels

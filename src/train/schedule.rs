@@ -59,7 +59,8 @@ impl ScheduleState {
                     lr = self.lr,
                     drops = self.drops,
                     of = s.max_drops,
-                    best_top1_err = format!("{:.4}", self.best_top1_err.unwrap_or(1.0)),
+                    best_top1_err =
+                        crate::log_fields::rounded(self.best_top1_err.unwrap_or(1.0), 4),
                     "validation error stopped improving: learning rate divided"
                 );
             }

@@ -671,9 +671,9 @@ fn train<B: crate::backend::Backend>(
     let replica_seconds = net.profile.seconds("replicas");
     tracing::info!(
         steps,
-        train_seconds = format!("{train_seconds:.2}"),
-        exchange_seconds = format!("{exchange_seconds:.2}"),
-        replica_seconds = format!("{replica_seconds:.2}"),
+        train_seconds = crate::log_fields::rounded(train_seconds, 2),
+        exchange_seconds = crate::log_fields::rounded(exchange_seconds, 2),
+        replica_seconds = crate::log_fields::rounded(replica_seconds, 2),
         column_mib = net.column_traffic().sent_bytes / (1 << 20),
         replica_mib = net.replica_traffic().sent_bytes / (1 << 20),
         "finished"
