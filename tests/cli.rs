@@ -559,3 +559,240 @@ fn status_without_a_token_names_its_own_flags() {
         "{err}"
     );
 }
+
+/// The same run as `alexnet` with `args`, with its stdout too.
+fn alexnet_out(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A job file with a few fields takes the rest from the job that fits its data (the demo's
+/// for IDX files); a channel mismatch names the field to change.
+#[test]
+fn a_partial_job_file_takes_the_defaults_of_its_data() {
+    let lr = temp_file("lr.toml", "[sgd]\nlr = 0.05\n");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "1",
+        "--config",
+        lr.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("lr=0.05"), "{err}");
+    let rgb = temp_file("rgb.toml", "[net]\nin_channels = 3\n");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "1",
+        "--config",
+        rgb.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("set `in_channels = 1` under [net]"), "{err}");
+}
+
+/// `predict` on several files prints each good one's classes, then names the bad ones and
+/// exits non-zero.
+#[test]
+fn predict_reports_the_good_files_and_names_the_bad_ones() {
+    let dir = scratch("predict");
+    let run = dir.join("run");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "1",
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let bad = dir.join("broken.jpg");
+    std::fs::write(&bad, b"this is not a JPEG").unwrap();
+    let good = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/sample/imagenet-photos/990/imagenet_03_990.jpg"
+    );
+    let (ok, out, err) = alexnet_out(
+        &[
+            "predict",
+            "--run",
+            run.to_str().unwrap(),
+            bad.to_str().unwrap(),
+            good,
+            "--top",
+            "2",
+        ],
+        &[],
+    );
+    assert!(!ok, "{out}{err}");
+    assert!(
+        out.contains("imagenet_03_990.jpg") && out.lines().count() == 3,
+        "{out}"
+    );
+    assert!(
+        err.contains("1 of 2 images could not be classified") && err.contains("broken.jpg"),
+        "{err}"
+    );
+    let (ok, err) = alexnet(&[
+        "predict",
+        "--run",
+        run.to_str().unwrap(),
+        good,
+        "--top",
+        "0",
+    ]);
+    assert!(!ok && err.contains("--top"), "{err}");
+}
+
+/// `--dry-run` makes the checks of a real start and prints the job it would run.
+#[test]
+fn a_dry_run_checks_what_a_start_checks() {
+    let (ok, err) = alexnet(&["--dry-run", "train", "--batch", "0"]);
+    assert!(
+        !ok && err.contains("'--batch <BATCH>'") && err.contains("at least 1"),
+        "{err}"
+    );
+    let (ok, err) = alexnet(&["--dry-run", "train", "--data", "/nonexistent/data"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/data (named by --data)"), "{err}");
+    let (ok, out, err) = alexnet_out(
+        &["--dry-run", "launch", "--steps", "3", "--lr", "0.02"],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("the job, resolved")
+            && out.contains("\"lr\": 0.02")
+            && out.contains("nothing was started"),
+        "{out}"
+    );
+}
+
+/// Errors name the flag or the variable the value came from.
+#[test]
+fn errors_name_the_flag_or_variable_used() {
+    let (ok, err) = alexnet(&["train", "--batch", "0"]);
+    assert!(
+        !ok && err.contains("'--batch <BATCH>'") && !err.contains("job `demo`"),
+        "{err}"
+    );
+    for flag in ["--epochs", "--batch"] {
+        let (ok, err) = alexnet(&["train", flag, "0"]);
+        assert!(
+            !ok && err.contains(flag) && err.contains("at least 1"),
+            "{err}"
+        );
+    }
+    let (ok, _, err) = alexnet_out(
+        &["train", "--backend", "cpu"],
+        &[("ALEXNET_DATA", "/bad/data")],
+    );
+    assert!(!ok);
+    assert!(err.contains("/bad/data (named by ALEXNET_DATA)"), "{err}");
+}
+
+/// JSON logs carry numbers as numbers; the resume line reads `lr=0.01`; a launch ends with one
+/// summary line with the loss and where the results are.
+#[test]
+fn logs_carry_numbers_and_runs_end_with_a_summary() {
+    let (ok, _, err) = alexnet_out(
+        &[
+            "--log-format",
+            "json",
+            "train",
+            "--backend",
+            "cpu",
+            "--steps",
+            "2",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let train: serde_json::Value = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "train")
+        .unwrap_or_else(|| panic!("no train line in:\n{err}"));
+    for field in ["loss", "top1_err", "images_per_s", "lr", "eta_s"] {
+        assert!(train["fields"][field].is_number(), "{field} in {train}");
+    }
+    let dir = scratch("summary");
+    let run = dir.join("run");
+    let (ok, err) = alexnet(&["launch", "--steps", "3", "--run-dir", run.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("done")
+            && last.contains("loss=")
+            && last.contains("steps=3")
+            && last.contains(&format!("checkpoints and report in {}", run.display())),
+        "{last}"
+    );
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "2",
+        "--run-dir",
+        dir.join("t").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "3",
+        "--resume",
+        dir.join("t").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming step=2 lr=0.01 "), "{err}");
+}
+
+/// Every flag says what it is, and each command's help shows examples.
+#[test]
+fn help_describes_every_flag_and_shows_examples() {
+    let (ok, out, _) = alexnet_out(&["train", "--help"], &[]);
+    assert!(ok);
+    assert!(
+        out.contains("--momentum <MOMENTUM>\n          SGD momentum"),
+        "{out}"
+    );
+    assert!(
+        out.contains("--weight-decay <WEIGHT_DECAY>\n          L2 penalty"),
+        "{out}"
+    );
+    for cmd in [
+        "train",
+        "launch",
+        "prepare",
+        "predict",
+        "eval",
+        "status",
+        "bench",
+        "worker",
+        "agent",
+        "coordinator",
+        "export",
+    ] {
+        let (ok, out, _) = alexnet_out(&[cmd, "--help"], &[]);
+        assert!(ok && out.contains("Examples:\n  alexnet "), "{cmd}: {out}");
+    }
+}

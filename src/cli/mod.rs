@@ -518,8 +518,9 @@ pub struct JobArgs {
     /// Epochs to train. [default: the job's; demo 10, paper 90]
     #[arg(long, value_parser = at_least_one)]
     pub epochs: Option<usize>,
-    /// Stop after this many steps in all (default: run every epoch).
-    #[arg(long, value_parser = at_least_one_step)]
+    /// Stop after this many steps in all (default: run every epoch). 0 trains nothing: with
+    /// --out, the initial parameters are written.
+    #[arg(long)]
     pub steps: Option<u64>,
     /// Samples per step, all replicas together. [default: demo 64, paper 128]
     #[arg(long, value_parser = at_least_one)]
@@ -636,14 +637,6 @@ fn memory_size(s: &str) -> Result<u64, String> {
     alexnet::backend::settings::parse_size(s).ok_or_else(|| {
         format!("`{s}` is not a size: bytes, or a number with K, M, G or T (12G, 512M)")
     })
-}
-
-/// A number of steps that must be at least 1.
-fn at_least_one_step(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>().map_err(|e| format!("{e}"))? {
-        0 => Err("must be at least 1".into()),
-        n => Ok(n),
-    }
 }
 
 /// A count that must be at least 1.
