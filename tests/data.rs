@@ -541,3 +541,36 @@ fn evaluation_sets_are_centred_by_the_training_mean() {
         "{e}"
     );
 }
+
+/// A rerun of `prepare` into a finished output notices that the input changed (an image
+/// added, a class added) and refuses with what to do, instead of keeping the stale dataset;
+/// an unchanged input is still "nothing to do". A run folder is not an output.
+#[test]
+fn a_changed_input_is_noticed_by_a_rerun() {
+    let dir = scratch("fingerprint");
+    let input = dir.join("in");
+    let images = small_tree(&input);
+    let out = dir.join("out");
+    prepare(&input, &out, &quiet(4)).unwrap();
+    let again = prepare(&input, &out, &quiet(4)).unwrap();
+    assert_eq!(again.shards_reused, again.shards);
+    std::fs::copy(&images[0], input.join("apple/added.jpg")).unwrap();
+    let e = format!("{:#}", prepare(&input, &out, &quiet(4)).unwrap_err());
+    assert!(
+        e.contains("holds a dataset prepared from other input")
+            && e.contains("6 images in 3 classes then; 7 images in 3 classes")
+            && e.contains(&format!("remove {}", out.display())),
+        "{e}"
+    );
+    std::fs::remove_file(input.join("apple/added.jpg")).unwrap();
+    prepare(&input, &out, &quiet(4)).unwrap();
+    std::fs::create_dir_all(input.join("dog")).unwrap();
+    std::fs::copy(&images[1], input.join("dog/d.jpg")).unwrap();
+    let e = format!("{:#}", prepare(&input, &out, &quiet(4)).unwrap_err());
+    assert!(e.contains("7 images in 4 classes"), "{e}");
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("job.json"), "{}").unwrap();
+    let e = format!("{:#}", prepare(&input, &run, &quiet(4)).unwrap_err());
+    assert!(e.contains("is a training run's folder"), "{e}");
+}

@@ -91,6 +91,29 @@ fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// A digest of what `prepare` reads: each image file's path under `input`, its label, size
+/// and modification time, and the side it is stored at.
+fn input_fingerprint(input: &Path, files: &[(PathBuf, u32)], side: usize) -> Result<String> {
+    let mut listing = format!("side {side}\n");
+    for (path, label) in files {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let relative = path.strip_prefix(input).unwrap_or(path);
+        listing.push_str(&format!(
+            "{}\t{label}\t{}\t{modified}\n",
+            relative.display(),
+            meta.len()
+        ));
+    }
+    Ok(xxh3_hex(listing.as_bytes()))
+}
+
 /// The classes (sorted folder names) and every image file with its label; files that are not
 /// images by their extension are returned apart.
 /// Class names, image files with their labels, and the files that are not images.
@@ -348,11 +371,31 @@ pub fn prepare(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Sum
     for s in &not_images {
         tracing::warn!(path = %s.path, "skipped: {}", s.reason);
     }
+    ensure!(
+        !output.join("job.json").exists(),
+        "--output {} is a training run's folder (it holds job.json): prepare into a folder of \
+         its own",
+        output.display()
+    );
+    let fingerprint = input_fingerprint(input, &files, opts.side)?;
     std::fs::create_dir_all(output)
         .with_context(|| format!("creating --output {}", output.display()))?;
     if output.join(METADATA_FILE).exists() {
         let meta: Metadata = serde_json::from_slice(&std::fs::read(output.join(METADATA_FILE))?)
             .with_context(|| format!("reading {}", output.join(METADATA_FILE).display()))?;
+        ensure!(
+            meta.input_fingerprint.is_empty() || meta.input_fingerprint == fingerprint,
+            "--output {} holds a dataset prepared from other input ({} images in {} classes \
+             then; {} images in {} classes in --input {} now, or files changed, or another \
+             --side): remove {} to prepare it again, or choose another --output",
+            output.display(),
+            meta.images,
+            meta.classes.len(),
+            files.len(),
+            classes.len(),
+            input.display(),
+            output.display()
+        );
         tracing::info!(output = %output.display(), images = meta.images, "already prepared: nothing to do");
         return Ok(Summary {
             images: meta.images,
@@ -572,6 +615,7 @@ pub fn prepare(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Sum
         rgb_eigenvalues: values,
         rgb_eigenvectors: vectors,
         skipped: skipped.clone(),
+        input_fingerprint: fingerprint,
     };
     write_atomic(
         &output.join(METADATA_FILE),

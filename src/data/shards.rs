@@ -61,6 +61,11 @@ pub struct Metadata {
     /// The matching unit eigenvectors: `rgb_eigenvectors[i]` goes with `rgb_eigenvalues[i]`.
     pub rgb_eigenvectors: [[f64; 3]; 3],
     pub skipped: Vec<Skipped>,
+    /// A digest of the input it was prepared from (each image file's path under the input,
+    /// size and modification time, and the side): a rerun into the same output compares it
+    /// with its own input. Empty in datasets prepared before it was kept.
+    #[serde(default)]
+    pub input_fingerprint: String,
 }
 
 pub fn shard_name(index: usize) -> String {
