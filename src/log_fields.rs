@@ -13,6 +13,23 @@ pub fn single(value: f32) -> f64 {
     value.to_string().parse().unwrap_or(value as f64)
 }
 
+/// An error and its causes on one line, each cause once: a cause whose text its parent's
+/// message already holds (decoders often repeat theirs) is left out.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(text.trim()) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -24,5 +41,34 @@ mod tests {
         assert_eq!(format!("{:?}", rounded(381.54, 1)), "381.5");
         assert_eq!(rounded(1234.5678, 0), 1235.0);
         assert_eq!(format!("{:?}", single(0.01)), "0.01");
+    }
+
+    #[test]
+    fn a_cause_repeated_by_its_parent_is_shown_once() {
+        #[derive(Debug)]
+        struct Inner;
+        impl std::fmt::Display for Inner {
+            fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("Not enough bytes")
+            }
+        }
+        impl std::error::Error for Inner {}
+        #[derive(Debug)]
+        struct Outer(Inner);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "Format error decoding Jpeg: {}", self.0)
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Outer(Inner)).context("decoding a.jpg");
+        assert_eq!(
+            error_chain(&e),
+            "decoding a.jpg: Format error decoding Jpeg: Not enough bytes"
+        );
     }
 }

@@ -29,7 +29,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", alexnet::log_fields::error_chain(&e));
             // A worker's launcher (an agent) tells from the status whether a restart can help.
             match e.downcast_ref::<alexnet::worker::Verdict>() {
                 Some(v) => std::process::ExitCode::from(v.exit_code()),

@@ -308,7 +308,92 @@ fn prepare_then_train_on_the_prepared_photographs() {
         prepared_subset.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("differ from the run's"), "{err}");
+
+    // The dataset moves: the run keeps what predicting needs, and eval names what is gone.
+    let before = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+        .args(["predict", "--run", run, &photo])
+        .output()
+        .unwrap()
+        .stdout;
+    let prepared = dir.join("prepared");
+    let moved = dir.join("prepared-moved");
+    std::fs::rename(&prepared, &moved).unwrap();
+    let (ok, after, err) = alexnet_out(&["predict", "--run", run, &photo], &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        after,
+        String::from_utf8_lossy(&before),
+        "predictions changed"
+    );
+    let (ok, err) = alexnet(&["eval", "--run", run, "--batch", "4"]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "the run's validation data at {} is gone",
+            prepared.display()
+        )) && err.contains("pass --data DIR"),
+        "{err}"
+    );
+    let (ok, _, err) = alexnet_out(
+        &[
+            "eval",
+            "--run",
+            run,
+            "--batch",
+            "4",
+            "--data",
+            moved.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A run on IDX files predicts from its run folder alone once its data has moved; what needs
+/// the data itself says that it is gone.
+#[test]
+fn a_run_on_idx_files_predicts_after_its_data_moves() {
+    let dir = scratch("idx-moved");
+    let data = dir.join("images");
+    std::fs::create_dir_all(&data).unwrap();
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/fashion-mnist");
+    for f in std::fs::read_dir(sample).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, data.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let run = dir.join("run");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "2",
+        "--data",
+        data.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(run.join("input.json").is_file() && run.join("input-mean.bin").is_file());
+    let photo = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/sample/imagenet-photos/990/imagenet_03_990.jpg"
+    );
+    let (ok, before, err) = alexnet_out(&["predict", "--run", run.to_str().unwrap(), photo], &[]);
+    assert!(ok, "{err}");
+    std::fs::rename(&data, dir.join("elsewhere")).unwrap();
+    let (ok, after, err) = alexnet_out(&["predict", "--run", run.to_str().unwrap(), photo], &[]);
+    assert!(ok, "{err}");
+    assert_eq!(before, after);
+    let (ok, err) = alexnet(&["eval", "--run", run.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("the run's dataset at {} is gone", data.display())),
+        "{err}"
+    );
 }
 
 /// `bench --upload` times steps that upload their input as bytes, beside the timed steps, and
@@ -795,4 +880,22 @@ fn help_describes_every_flag_and_shows_examples() {
         let (ok, out, _) = alexnet_out(&[cmd, "--help"], &[]);
         assert!(ok && out.contains("Examples:\n  alexnet "), "{cmd}: {out}");
     }
+}
+
+/// A `prepare` that fails leaves no empty output behind, and says its decoder's error once.
+#[test]
+fn a_failed_prepare_leaves_no_empty_output_and_says_its_error_once() {
+    let dir = scratch("strict");
+    let class = dir.join("in").join("a");
+    std::fs::create_dir_all(&class).unwrap();
+    std::fs::write(class.join("bad.jpg"), b"\xff\xd8\xff\xe0garbage").unwrap();
+    let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/imagenet-photos/990/imagenet_03_990.jpg");
+    std::fs::copy(photo, class.join("good.jpg")).unwrap();
+    let out = dir.join("out");
+    let (ok, err) = alexnet(&["prepare", "--input", dir.join("in").to_str().unwrap(), "--output",
+        out.to_str().unwrap(), "--strict", "--no-progress"]);
+    assert!(!ok);
+    assert!(err.contains("bad.jpg") && err.contains("--strict"), "{err}");
+    assert_eq!(err.matches("Not enough bytes").count(), 1, "{err}");
+    assert!(!out.exists(), "an empty output was left behind");
 }

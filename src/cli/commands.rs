@@ -436,7 +436,7 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
                 }
             }
             Err(e) => {
-                tracing::error!("{e:#}");
+                tracing::error!("{}", alexnet::log_fields::error_chain(&e));
                 bad.push(path.display().to_string());
             }
         }

@@ -357,8 +357,19 @@ pub fn symmetric_eigen3(m: [[f64; 3]; 3]) -> ([f64; 3], [[f64; 3]; 3]) {
     (values, vectors)
 }
 
-/// Prepares `input` into `output`; see the module documentation.
+/// Prepares `input` into `output`; see the module documentation. An output folder this call
+/// created is removed again if it fails with nothing in it.
 pub fn prepare(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Summary> {
+    let existed = output.exists();
+    let result = prepare_into(input, output, opts);
+    if result.is_err() && !existed {
+        // Only an empty folder goes: finished shards are kept for a rerun.
+        let _ = std::fs::remove_dir(output);
+    }
+    result
+}
+
+fn prepare_into(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Summary> {
     ensure!(opts.side >= 8, "--side {} is too small", opts.side);
     ensure!(opts.shard_images > 0, "--shard-images must be at least 1");
     let started = Instant::now();
@@ -481,10 +492,10 @@ pub fn prepare(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Sum
                                 );
                             }
                             Err(e) => {
-                                tracing::warn!(path = %path.display(), "skipped: {e:#}");
+                                tracing::warn!(path = %path.display(), "skipped: {}", crate::log_fields::error_chain(&e));
                                 bad.push(Skipped {
                                     path: path.display().to_string(),
-                                    reason: format!("{e:#}"),
+                                    reason: crate::log_fields::error_chain(&e),
                                 });
                             }
                         }

@@ -4,6 +4,7 @@
 
 use super::checkpoint::{self, Manifest};
 use super::fit::{DataSource, Hits};
+use super::input_form::{ImageForm, InputForm, RunInput};
 use super::job::{self, JobConfig};
 use super::sample::{idx_class_names, SampleData};
 use crate::backend::{Backend, Cpu};
@@ -18,6 +19,7 @@ use std::sync::Arc;
 
 /// A run's job, its newest usable checkpoint, and the network loaded from it (both columns).
 pub struct TrainedRun {
+    pub run_dir: PathBuf,
     pub job: JobConfig,
     pub manifest: Manifest,
     pub checkpoint: PathBuf,
@@ -41,6 +43,7 @@ pub fn load_run(run_dir: &Path, backend: Cpu) -> anyhow::Result<TrainedRun> {
     checkpoint::load_shards(&mut net, &dir)?;
     tracing::info!(step = manifest.step, checkpoint = %dir.display(), "run loaded");
     Ok(TrainedRun {
+        run_dir: run_dir.to_path_buf(),
         job,
         manifest,
         checkpoint: dir,
@@ -52,6 +55,55 @@ fn is_prepared(dir: &Path) -> bool {
     dir.join(METADATA_FILE).exists()
 }
 
+/// The run's training data, where its dataset itself is needed: named as gone when it has
+/// moved.
+fn training_data(job: &JobConfig, what: &str) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        job.data.exists(),
+        "the run's dataset at {} is gone (moved or deleted): {what}",
+        job.data.display()
+    );
+    Ok(job.data.clone())
+}
+
+/// How the run takes an image: from its run folder, or, for a run trained before the run
+/// folder kept it, from its training data.
+fn run_input(run: &TrainedRun) -> anyhow::Result<RunInput> {
+    if let Some(input) = RunInput::read(&run.run_dir)? {
+        return Ok(input);
+    }
+    let job = &run.job;
+    let data = training_data(
+        job,
+        "this run was trained before its folder kept the input's form (input.json), so its \
+         mean image and class names come from the dataset: move it back to use the run",
+    )?;
+    if is_prepared(&data) {
+        let train = Dataset::open(&data)?;
+        Ok(RunInput {
+            form: InputForm {
+                classes: train.meta.classes.clone(),
+                image: ImageForm::Prepared { side: train.side() },
+                data,
+            },
+            mean: train.mean.to_vec(),
+        })
+    } else {
+        let (train, val) = read_fashion_mnist_dir(&data)?;
+        let names = idx_class_names(&data, job.net.classes);
+        let sample = SampleData::new(
+            &train,
+            &val,
+            &job.net,
+            job.batch.min(train.len()),
+            (1, 0),
+            job.seed,
+            names,
+        )?;
+        Ok(DataSource::<Cpu>::input(&sample.from_folder(&data)))
+    }
+}
+
 /// Top-1/top-5 error of the run on `data` (default: the run's validation data): centre crops,
 /// or with `ten_crop` the softmax averaged over the paper's ten patches (prepared data only).
 pub fn evaluate(
@@ -60,32 +112,51 @@ pub fn evaluate(
     ten_crop: bool,
     batch: usize,
 ) -> anyhow::Result<Hits> {
+    let input = run_input(run)?;
     let job = &run.job;
-    let prepared_run = is_prepared(&job.data);
+    let prepared_run = matches!(input.form.image, ImageForm::Prepared { .. });
     let target = match data {
         Some(d) => d.to_path_buf(),
         None if prepared_run => job
             .val
             .clone()
             .context("the run has no validation set: pass --data")?,
-        None => job.data.clone(),
+        None => training_data(
+            job,
+            "its validation images are its t10k files: pass --data DIR (IDX files)",
+        )?,
     };
+    anyhow::ensure!(
+        target.exists(),
+        "the run's validation data at {} is gone (moved or deleted): pass --data DIR",
+        target.display()
+    );
     if is_prepared(&target) {
         anyhow::ensure!(
             prepared_run,
             "the run trained on IDX images; {} is a prepared dataset",
             target.display()
         );
-        let train = Dataset::open(&job.data)?;
         let mut set = Dataset::open(&target)?;
-        set.use_mean_of(&train)?;
+        let ImageForm::Prepared { side } = input.form.image else {
+            unreachable!("a prepared run")
+        };
+        anyhow::ensure!(
+            set.side() == side,
+            "{} holds {}-pixel images, the run trained on {side}-pixel ones: evaluate on data \
+             prepared at the training set's size",
+            target.display(),
+            set.side()
+        );
+        // The training set's mean, as in training (the run keeps it).
+        set.mean = input.mean.clone().into();
         let set = Arc::new(set);
-        if set.meta.classes != train.meta.classes {
+        if set.meta.classes != input.form.classes {
             bail!(
                 "the classes of {} differ from the run's ({} vs {} classes, or another order): evaluate on data prepared from the same class folders",
                 target.display(),
                 set.meta.classes.len(),
-                train.meta.classes.len()
+                input.form.classes.len()
             );
         }
         let cfg = LoaderConfig {
@@ -135,7 +206,10 @@ pub fn evaluate(
             "the run trained on prepared data; {} holds IDX files",
             target.display()
         );
-        let (train, _) = read_fashion_mnist_dir(&job.data)?;
+        let (train, _) = read_fashion_mnist_dir(&training_data(
+            job,
+            "evaluating IDX images takes the training images' mean from it",
+        )?)?;
         let (_, other) = read_fashion_mnist_dir(&target)?;
         let max_label = other.labels.iter().copied().max().unwrap_or(0) as usize;
         anyhow::ensure!(
@@ -173,71 +247,13 @@ pub fn predict(
     images: &[PathBuf],
     k: usize,
 ) -> anyhow::Result<Vec<anyhow::Result<TopClasses>>> {
-    let job = run.job.clone();
-    let classes = job.net.classes;
-    let side = job.net.input_size;
+    let input = run_input(run)?;
+    let classes = run.job.net.classes;
+    let side = run.job.net.input_size;
     // Per image: its input, or why it has none (a bad file costs only itself).
-    type Inputs = Vec<anyhow::Result<Vec<f32>>>;
-    let (inputs, names): (Inputs, Vec<String>) = if is_prepared(&job.data) {
-        let train = Dataset::open(&job.data)?;
-        let input = |path: &PathBuf| -> anyhow::Result<Vec<f32>> {
-            let img = crate::data::prepare::decode_square(path, train.side())?;
-            let mut x = vec![0.0f32; 3 * side * side];
-            crate::data::augment::render(
-                &img,
-                &train.mean,
-                train.side(),
-                crate::data::augment::centre(train.side(), side),
-                [0.0; 3],
-                side,
-                &mut x,
-            );
-            Ok(x)
-        };
-        (
-            images.iter().map(input).collect(),
-            train.meta.classes.clone(),
-        )
-    } else {
-        let (train, val) = read_fashion_mnist_dir(&job.data)?;
-        let names = idx_class_names(&job.data, classes);
-        let data = SampleData::new(
-            &train,
-            &val,
-            &job.net,
-            job.batch.min(train.len()),
-            (1, 0),
-            job.seed,
-            names.clone(),
-        )?;
-        let input = |path: &PathBuf| -> anyhow::Result<Vec<f32>> {
-            let img = image::ImageReader::open(path)
-                .with_context(|| format!("opening {}", path.display()))?
-                .with_guessed_format()?
-                .decode()
-                .with_context(|| format!("decoding {}", path.display()))?;
-            // The run's images: `in_channels` planes at the IDX files' own size.
-            let (h, w) = (train.height, train.width);
-            let pixels: Vec<u8> = if train.channels == 1 {
-                img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle)
-                    .into_luma8()
-                    .into_raw()
-            } else {
-                let rgb = img
-                    .resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle)
-                    .into_rgb8();
-                let mut planar = vec![0u8; 3 * h * w];
-                for (i, p) in rgb.pixels().enumerate() {
-                    for c in 0..3 {
-                        planar[c * h * w + i] = p.0[c];
-                    }
-                }
-                planar
-            };
-            Ok(data.input_for(&pixels, train.channels, h, w))
-        };
-        (images.iter().map(input).collect(), names)
-    };
+    let inputs: Vec<anyhow::Result<Vec<f32>>> =
+        images.iter().map(|p| input.input_for(p, side)).collect();
+    let names = input.form.classes;
     let mut out = Vec::new();
     for x in inputs {
         let x = match x {

@@ -92,6 +92,8 @@ pub trait DataSource<B: Backend> {
     ) -> anyhow::Result<Box<dyn Iterator<Item = anyhow::Result<HostBatch>> + '_>>;
     /// Class names, by label (for predictions); numbers where the data has none.
     fn class_names(&self) -> Vec<String>;
+    /// What a trained network needs to take an image file as it took this data.
+    fn input(&self) -> super::input_form::RunInput;
     /// Top-1 hits, top-5 hits and samples on this replica's part of the validation set.
     fn evaluate(&mut self, net: &mut Network<B>) -> anyhow::Result<Hits>;
 }

@@ -223,9 +223,10 @@ pub fn open_data<B: Backend>(
             )
         })?;
         let classes = super::sample::idx_class_names(&job.data, job.net.classes);
-        Ok(Box::new(SampleData::new(
-            &train, &val, &job.net, job.batch, split, job.seed, classes,
-        )?))
+        Ok(Box::new(
+            SampleData::new(&train, &val, &job.net, job.batch, split, job.seed, classes)?
+                .from_folder(&job.data),
+        ))
     }
 }
 
@@ -295,6 +296,12 @@ pub fn run<B: Backend>(
     job.validate()?;
     let on_device = job.augment_on.on_device(backend.finishes_views());
     let mut data = open_data::<B>(job, role.replica, on_device)?;
+    // The run keeps what using it will need (one writer: replica 0's holder of column 0).
+    if let Some(dir) = &role.run_dir {
+        if role.replica == 0 && role.columns.local_columns().contains(&0) {
+            data.input().write(dir)?;
+        }
+    }
     let mut net = Network::new(job.net.clone(), backend, role.columns, job.seed)?;
     if let Some(group) = role.replicas {
         net.join_replicas(group, role.replica, job.batch / job.topology.replicas)?;

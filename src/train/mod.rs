@@ -5,6 +5,7 @@ pub mod book;
 pub mod checkpoint;
 pub mod evaluate;
 pub mod fit;
+pub mod input_form;
 pub mod job;
 pub mod prepared;
 pub mod report;

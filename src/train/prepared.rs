@@ -2,6 +2,7 @@
 //! background loader, and validation on the centre crops of a prepared validation set.
 
 use super::fit::{eval_batch, DataSource, Hits, HostBatch};
+use super::input_form::{ImageForm, InputForm, RunInput};
 use crate::backend::Backend;
 use crate::data::loader::{batches_per_epoch, EpochLoader, LoaderConfig, View};
 use crate::data::shards::Dataset;
@@ -78,6 +79,19 @@ impl PreparedData {
 impl<B: Backend> DataSource<B> for PreparedData {
     fn class_names(&self) -> Vec<String> {
         self.train.meta.classes.clone()
+    }
+
+    fn input(&self) -> RunInput {
+        RunInput {
+            form: InputForm {
+                classes: self.train.meta.classes.clone(),
+                image: ImageForm::Prepared {
+                    side: self.train.side(),
+                },
+                data: self.train.dir.clone(),
+            },
+            mean: self.train.mean.to_vec(),
+        }
     }
 
     fn steps_per_epoch(&self) -> usize {

@@ -6,6 +6,7 @@
 //! `(seed, epoch)`, so a rerun sees the same batches.
 
 use super::fit::{eval_batch, DataSource, Hits, HostBatch};
+use super::input_form::{ImageForm, InputForm, RunInput};
 use crate::backend::Backend;
 use crate::data::idx::ImageSet;
 use crate::data::loader::Pixels;
@@ -100,6 +101,12 @@ pub struct SampleData {
     /// The training set's mean image at the network's input side.
     mean: Vec<f32>,
     side: usize,
+    /// The IDX images' own form: what an image file is resized to first.
+    height: usize,
+    width: usize,
+    channels: usize,
+    /// Where the images came from.
+    data: std::path::PathBuf,
 }
 
 pub use crate::data::idx::FASHION_MNIST_CLASSES;
@@ -169,7 +176,19 @@ impl SampleData {
             classes,
             mean: mean_kept,
             side,
+            height: train.height,
+            width: train.width,
+            channels: train.channels,
+            data: std::path::PathBuf::new(),
         })
+    }
+
+    /// Records where the images came from (for the run's input form).
+    pub fn from_folder(self, data: &std::path::Path) -> Self {
+        SampleData {
+            data: data.to_path_buf(),
+            ..self
+        }
     }
 
     /// Whether `train` and `val` can feed `net` in batches of `global_batch` over `replicas`
@@ -224,25 +243,52 @@ impl SampleData {
     /// The network input for one `h x w` image with the set's channels (resized to the input
     /// side, training mean subtracted), as the training images were made.
     pub fn input_for(&self, pixels: &[u8], channels: usize, h: usize, w: usize) -> Vec<f32> {
-        let side = self.side;
-        let mut out = vec![0.0f32; channels * side * side];
-        for c in 0..channels {
-            resize_plane(
-                &pixels[c * h * w..(c + 1) * h * w],
-                h,
-                w,
-                side,
-                &mut out[c * side * side..(c + 1) * side * side],
-            );
-        }
-        out.iter_mut().zip(&self.mean).for_each(|(v, m)| *v -= m);
-        out
+        network_input(pixels, channels, h, w, self.side, &self.mean)
     }
+}
+
+/// The network input for one `h x w` image of `channels` planes: each plane resized to
+/// `side` (bilinear), `mean` subtracted, as the training images were made.
+pub fn network_input(
+    pixels: &[u8],
+    channels: usize,
+    h: usize,
+    w: usize,
+    side: usize,
+    mean: &[f32],
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; channels * side * side];
+    for c in 0..channels {
+        resize_plane(
+            &pixels[c * h * w..(c + 1) * h * w],
+            h,
+            w,
+            side,
+            &mut out[c * side * side..(c + 1) * side * side],
+        );
+    }
+    out.iter_mut().zip(mean).for_each(|(v, m)| *v -= m);
+    out
 }
 
 impl<B: Backend> DataSource<B> for SampleData {
     fn class_names(&self) -> Vec<String> {
         self.classes.clone()
+    }
+
+    fn input(&self) -> RunInput {
+        RunInput {
+            form: InputForm {
+                classes: self.classes.clone(),
+                image: ImageForm::Idx {
+                    height: self.height,
+                    width: self.width,
+                    channels: self.channels,
+                },
+                data: self.data.clone(),
+            },
+            mean: self.mean.clone(),
+        }
     }
 
     fn steps_per_epoch(&self) -> usize {
