@@ -889,13 +889,45 @@ fn a_failed_prepare_leaves_no_empty_output_and_says_its_error_once() {
     let class = dir.join("in").join("a");
     std::fs::create_dir_all(&class).unwrap();
     std::fs::write(class.join("bad.jpg"), b"\xff\xd8\xff\xe0garbage").unwrap();
-    let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/imagenet-photos/990/imagenet_03_990.jpg");
+    let photo = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/sample/imagenet-photos/990/imagenet_03_990.jpg"
+    );
     std::fs::copy(photo, class.join("good.jpg")).unwrap();
     let out = dir.join("out");
-    let (ok, err) = alexnet(&["prepare", "--input", dir.join("in").to_str().unwrap(), "--output",
-        out.to_str().unwrap(), "--strict", "--no-progress"]);
+    let (ok, err) = alexnet(&[
+        "prepare",
+        "--input",
+        dir.join("in").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--strict",
+        "--no-progress",
+    ]);
     assert!(!ok);
     assert!(err.contains("bad.jpg") && err.contains("--strict"), "{err}");
     assert_eq!(err.matches("Not enough bytes").count(), 1, "{err}");
     assert!(!out.exists(), "an empty output was left behind");
+}
+
+/// A coordinator URL that cannot be one is refused at once, naming what is wrong, instead of
+/// being retried until the connect timeout.
+#[test]
+fn a_coordinator_url_that_cannot_be_one_is_refused_at_once() {
+    let t = std::time::Instant::now();
+    let (ok, err) = alexnet(&["worker", "--coordinator", "notaurl"]);
+    assert!(
+        !ok && err.contains("has no scheme: write http://notaurl"),
+        "{err}"
+    );
+    let (ok, err) = alexnet(&["worker", "--coordinator", "ftp://x"]);
+    assert!(
+        !ok && err.contains("the scheme must be http://") && err.contains("not ftp://"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
 }

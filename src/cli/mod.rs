@@ -608,7 +608,13 @@ fn seconds(s: &str) -> Result<Duration, String> {
 
 /// A coordinator's URL: a scheme, then what tonic takes as an endpoint.
 fn coordinator_url(u: &str) -> Result<String, String> {
-    if !(u.starts_with("http://") || u.starts_with("https://")) {
+    if let Some((scheme, _)) = u.split_once("://") {
+        if scheme != "http" && scheme != "https" {
+            return Err(format!(
+                "coordinator URL `{u}`: the scheme must be http:// (https:// with TLS), not {scheme}://"
+            ));
+        }
+    } else {
         return Err(format!(
             "coordinator URL `{u}` has no scheme: write http://{u} (https:// with TLS)"
         ));
