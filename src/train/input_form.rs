@@ -121,10 +121,53 @@ impl RunInput {
                     self.mean.len()
                 );
                 let pixels = decode_planes(path, height, width, channels)?;
-                Ok(super::sample::network_input(
+                Ok(network_input(
                     &pixels, channels, height, width, input_size, &self.mean,
                 ))
             }
+        }
+    }
+}
+
+/// The network input for one `h x w` image of `channels` planes: each plane resized to
+/// `side` (bilinear), `mean` subtracted, as the training images were made.
+pub fn network_input(
+    pixels: &[u8],
+    channels: usize,
+    h: usize,
+    w: usize,
+    side: usize,
+    mean: &[f32],
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; channels * side * side];
+    for c in 0..channels {
+        resize_plane(
+            &pixels[c * h * w..(c + 1) * h * w],
+            h,
+            w,
+            side,
+            &mut out[c * side * side..(c + 1) * side * side],
+        );
+    }
+    out.iter_mut().zip(mean).for_each(|(v, m)| *v -= m);
+    out
+}
+
+/// Bilinear resize of one `h x w` plane to `side x side` (pixel centres aligned).
+pub(crate) fn resize_plane(src: &[u8], h: usize, w: usize, side: usize, dst: &mut [f32]) {
+    let (sy, sx) = (h as f32 / side as f32, w as f32 / side as f32);
+    for y in 0..side {
+        let fy = ((y as f32 + 0.5) * sy - 0.5).clamp(0.0, (h - 1) as f32);
+        let (y0, ty) = (fy.floor() as usize, fy.fract());
+        let y1 = (y0 + 1).min(h - 1);
+        for x in 0..side {
+            let fx = ((x as f32 + 0.5) * sx - 0.5).clamp(0.0, (w - 1) as f32);
+            let (x0, tx) = (fx.floor() as usize, fx.fract());
+            let x1 = (x0 + 1).min(w - 1);
+            let p = |yy: usize, xx: usize| src[yy * w + xx] as f32;
+            let top = p(y0, x0) * (1.0 - tx) + p(y0, x1) * tx;
+            let bottom = p(y1, x0) * (1.0 - tx) + p(y1, x1) * tx;
+            dst[y * side + x] = top * (1.0 - ty) + bottom * ty;
         }
     }
 }

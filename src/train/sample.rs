@@ -6,7 +6,7 @@
 //! `(seed, epoch)`, so a rerun sees the same batches.
 
 use super::fit::{eval_batch, DataSource, Hits, HostBatch};
-use super::input_form::{ImageForm, InputForm, RunInput};
+use super::input_form::{network_input, resize_plane, ImageForm, InputForm, RunInput};
 use crate::backend::Backend;
 use crate::data::idx::ImageSet;
 use crate::data::loader::Pixels;
@@ -19,25 +19,6 @@ struct Prepared {
     values: Vec<f32>,
     labels: Vec<u32>,
     per_image: usize,
-}
-
-/// Bilinear resize of one `h x w` plane to `side x side` (pixel centres aligned).
-fn resize_plane(src: &[u8], h: usize, w: usize, side: usize, dst: &mut [f32]) {
-    let (sy, sx) = (h as f32 / side as f32, w as f32 / side as f32);
-    for y in 0..side {
-        let fy = ((y as f32 + 0.5) * sy - 0.5).clamp(0.0, (h - 1) as f32);
-        let (y0, ty) = (fy.floor() as usize, fy.fract());
-        let y1 = (y0 + 1).min(h - 1);
-        for x in 0..side {
-            let fx = ((x as f32 + 0.5) * sx - 0.5).clamp(0.0, (w - 1) as f32);
-            let (x0, tx) = (fx.floor() as usize, fx.fract());
-            let x1 = (x0 + 1).min(w - 1);
-            let p = |yy: usize, xx: usize| src[yy * w + xx] as f32;
-            let top = p(y0, x0) * (1.0 - tx) + p(y0, x1) * tx;
-            let bottom = p(y1, x0) * (1.0 - tx) + p(y1, x1) * tx;
-            dst[y * side + x] = top * (1.0 - ty) + bottom * ty;
-        }
-    }
 }
 
 fn prepare(set: &ImageSet, side: usize, mean: Option<&[f32]>) -> (Prepared, Vec<f32>) {
@@ -245,30 +226,6 @@ impl SampleData {
     pub fn input_for(&self, pixels: &[u8], channels: usize, h: usize, w: usize) -> Vec<f32> {
         network_input(pixels, channels, h, w, self.side, &self.mean)
     }
-}
-
-/// The network input for one `h x w` image of `channels` planes: each plane resized to
-/// `side` (bilinear), `mean` subtracted, as the training images were made.
-pub fn network_input(
-    pixels: &[u8],
-    channels: usize,
-    h: usize,
-    w: usize,
-    side: usize,
-    mean: &[f32],
-) -> Vec<f32> {
-    let mut out = vec![0.0f32; channels * side * side];
-    for c in 0..channels {
-        resize_plane(
-            &pixels[c * h * w..(c + 1) * h * w],
-            h,
-            w,
-            side,
-            &mut out[c * side * side..(c + 1) * side * side],
-        );
-    }
-    out.iter_mut().zip(mean).for_each(|(v, m)| *v -= m);
-    out
 }
 
 impl<B: Backend> DataSource<B> for SampleData {
