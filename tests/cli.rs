@@ -931,3 +931,115 @@ fn a_coordinator_url_that_cannot_be_one_is_refused_at_once() {
         t.elapsed()
     );
 }
+
+/// On prepared data the network's classes follow the data unless the job sets them; set, too
+/// few or (without --allow-unused-classes) too many are refused by name; top-5 is not
+/// reported for 5 classes or fewer.
+#[test]
+fn classes_follow_prepared_data() {
+    let dir = scratch("classes");
+    let photos =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/imagenet-photos");
+    let mut classes: Vec<_> = std::fs::read_dir(&photos)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    classes.sort();
+    let tree = dir.join("four");
+    for class in classes.iter().take(4) {
+        let to = tree.join(class.file_name().unwrap());
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(class).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let data = dir.join("prepared");
+    let (ok, err) = alexnet(&[
+        "prepare",
+        "--input",
+        tree.to_str().unwrap(),
+        "--output",
+        data.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert!(ok, "{err}");
+    let d = data.to_str().unwrap();
+    let net = |name: &str, classes: &str| {
+        temp_file(
+            name,
+            &format!("conv_channels = [8, 16, 16, 16, 8]\nfc_widths = [16, 16]\n{classes}"),
+        )
+    };
+    let free = net("free.toml", "");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--data",
+        d,
+        "--val",
+        d,
+        "--net",
+        free.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--epochs",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("the network's classes follow the data") && err.contains("classes=4"),
+        "{err}"
+    );
+    assert!(
+        err.contains("chance_top1_err=0.75") && !err.contains("top5_err"),
+        "{err}"
+    );
+    let two = net("two.toml", "classes = 2\n");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--data",
+        d,
+        "--val",
+        d,
+        "--net",
+        two.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+    ]);
+    assert!(
+        !ok && err.contains("the network has 2 classes")
+            && err.contains("has 4: set `classes = 4`"),
+        "{err}"
+    );
+    let many = net("many.toml", "classes = 10\n");
+    let args = [
+        "train",
+        "--backend",
+        "cpu",
+        "--data",
+        d,
+        "--val",
+        d,
+        "--net",
+        many.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+    ];
+    let (ok, err) = alexnet(&args);
+    assert!(
+        !ok && err.contains("6 outputs would never be trained")
+            && err.contains("--allow-unused-classes"),
+        "{err}"
+    );
+    let (ok, err) = alexnet(&[&args[..], &["--allow-unused-classes"]].concat());
+    assert!(ok, "{err}");
+}

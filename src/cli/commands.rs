@@ -115,7 +115,8 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
             steps,
             train_loss = alexnet::log_fields::rounded(last.train_loss as f64, 4),
             val_top1_err = alexnet::log_fields::rounded(last.val_top1_err, 3),
-            val_top5_err = alexnet::log_fields::rounded(last.val_top5_err, 3),
+            val_top5_err =
+                (job.net.classes > 5).then(|| alexnet::log_fields::rounded(last.val_top5_err, 3)),
             "done; {kept}"
         ),
         None => tracing::info!(
@@ -169,6 +170,7 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
         threads_per_worker = threads,
         "starting the workers"
     );
+    let cfg_classes = cfg.job.net.classes;
     let outcome = alexnet::launch::run(LaunchOptions {
         coordinator: cfg,
         run_dir: run_dir.clone(),
@@ -191,6 +193,7 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
     match (&outcome.phase, &outcome.first_failure) {
         (Phase::Finished, _) => {
             finished_summary(
+                cfg_classes,
                 outcome.last_step,
                 outcome.results.last(),
                 outcome.restarts,
@@ -212,6 +215,7 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
 /// The last line of a job that finished: steps, loss, validation errors where an epoch
 /// ended, restarts, and where the results are.
 pub fn finished_summary(
+    classes: usize,
     last_step: Option<(u64, f32)>,
     last_epoch: Option<&alexnet::train::checkpoint::EpochRecord>,
     restarts: usize,
@@ -225,7 +229,7 @@ pub fn finished_summary(
             loss,
             epochs = e.epoch,
             val_top1_err = alexnet::log_fields::rounded(e.val_top1_err, 3),
-            val_top5_err = alexnet::log_fields::rounded(e.val_top5_err, 3),
+            val_top5_err = (classes > 5).then(|| alexnet::log_fields::rounded(e.val_top5_err, 3)),
             restarts,
             "done; parameters in {}, checkpoints and report in {}",
             run_dir.join("params").display(),
@@ -329,13 +333,14 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
             );
         }
         cfg.restarts_left = a.max_restarts;
+        let classes = cfg.job.net.classes;
         let first_generation = cfg.generation;
         let supervisor = alexnet::coordinator::generations::Supervisor::new(cfg)?;
         let (phase, c) = supervisor.serve(listener).await?;
         report_exchange_share(&c.exchange_seconds());
         match phase {
             Phase::Finished => {
-                finished_summary(c.last_step(), c.results().last(), (c.generation() - first_generation) as usize, &run_dir);
+                finished_summary(classes, c.last_step(), c.results().last(), (c.generation() - first_generation) as usize, &run_dir);
                 Ok(())
             }
             Phase::Failed { rank, error } => anyhow::bail!(

@@ -546,6 +546,11 @@ pub struct JobArgs {
     /// Log progress every this many steps.
     #[arg(long, default_value_t = 10)]
     pub log_every: usize,
+    /// Accept a network with more classes than the prepared data has (the network's
+    /// `classes` set explicitly): its extra outputs are never trained, which is only of use
+    /// to keep a run's shape for data that will gain those classes later.
+    #[arg(long)]
+    pub allow_unused_classes: bool,
 }
 
 #[derive(clap::Args)]

@@ -143,8 +143,86 @@ pub fn job_from_args(a: &JobArgs, layout: Option<&LayoutArgs>) -> anyhow::Result
             job.topology.columns_per_worker = c;
         }
     }
+    let explicit = sets_classes_of_net(a.net.as_deref())? || sets_classes_of_job(&spec)?;
+    classes_from_data(&mut job, explicit, a.allow_unused_classes)?;
     job.validate().with_context(|| format!("job `{spec}`"))?;
     Ok(job)
+}
+
+/// Whether the `--net` file sets `classes` (the named networks do not: they take the data's).
+fn sets_classes_of_net(net: Option<&str>) -> anyhow::Result<bool> {
+    match net {
+        None | Some("paper") | Some("demo") => Ok(false),
+        Some(path) => {
+            let table: toml::Table = toml::from_str(&std::fs::read_to_string(path)?)
+                .with_context(|| format!("network file {path}"))?;
+            Ok(table.contains_key("classes"))
+        }
+    }
+}
+
+/// Whether the job file sets `classes` under `[net]`.
+fn sets_classes_of_job(spec: &str) -> anyhow::Result<bool> {
+    if matches!(spec, "paper" | "demo") {
+        return Ok(false);
+    }
+    let table: toml::Table = toml::from_str(&std::fs::read_to_string(spec)?)
+        .with_context(|| format!("job file {spec}"))?;
+    Ok(table
+        .get("net")
+        .and_then(|n| n.as_table())
+        .is_some_and(|n| n.contains_key("classes")))
+}
+
+/// For prepared data here: the network's classes are the dataset's (rounded up to even: fc8
+/// is split over the two columns) unless the job sets them; set, they must cover the data,
+/// and more than it has are refused unless `allow_unused`.
+fn classes_from_data(
+    job: &mut JobConfig,
+    explicit: bool,
+    allow_unused: bool,
+) -> anyhow::Result<()> {
+    let meta_path = job.data.join(alexnet::data::shards::METADATA_FILE);
+    let Ok(text) = std::fs::read(&meta_path) else {
+        return Ok(());
+    };
+    let meta: alexnet::data::shards::Metadata = serde_json::from_slice(&text)
+        .with_context(|| format!("reading {}", meta_path.display()))?;
+    let n = meta.classes.len();
+    let fitted = n.max(2).next_multiple_of(2);
+    if !explicit {
+        if job.net.classes != fitted {
+            tracing::info!(
+                classes = fitted,
+                data_classes = n,
+                "the network's classes follow the data{}",
+                if fitted != n {
+                    " (one more output than classes: fc8 is split over the two columns)"
+                } else {
+                    ""
+                }
+            );
+        }
+        job.net.classes = fitted;
+        return Ok(());
+    }
+    anyhow::ensure!(
+        job.net.classes >= n,
+        "the network has {} classes (`classes` in the job or --net file), the data in {} has {n}: \
+         set `classes = {fitted}`, or remove it to follow the data",
+        job.net.classes,
+        job.data.display()
+    );
+    anyhow::ensure!(
+        job.net.classes <= fitted || allow_unused,
+        "the network has {} classes (`classes` in the job or --net file), the data in {} has \
+         {n}: {} outputs would never be trained. Remove `classes` to follow the data, or pass \
+         --allow-unused-classes to keep them",
+        job.net.classes,
+        job.data.display(),
+        job.net.classes - n
+    );
+    Ok(())
 }
 
 /// Where the job's data folder was named: the flag, its environment variable, the job file, or

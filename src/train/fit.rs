@@ -219,7 +219,9 @@ impl LogMonitor {
                 of = r.total_steps,
                 loss = crate::log_fields::rounded(loss / steps as f64, 4),
                 top1_err = crate::log_fields::rounded(hits.top1_err(), 3),
-                top5_err = crate::log_fields::rounded(hits.top5_err(), 3),
+                // Top-5 of 5 classes or fewer is always right: not reported.
+                top5_err =
+                    (self.classes > 5).then(|| crate::log_fields::rounded(hits.top5_err(), 3)),
                 images_per_s = crate::log_fields::rounded(
                     hits.samples as f64 / self.window_start.elapsed().as_secs_f64(),
                     1
@@ -244,7 +246,8 @@ impl LogMonitor {
             epoch = r.epoch,
             train_loss = crate::log_fields::rounded(train_loss as f64, 4),
             val_top1_err = crate::log_fields::rounded(r.hits.top1_err(), 3),
-            val_top5_err = crate::log_fields::rounded(r.hits.top5_err(), 3),
+            val_top5_err =
+                (self.classes > 5).then(|| crate::log_fields::rounded(r.hits.top5_err(), 3)),
             chance_top1_err = crate::log_fields::rounded(1.0 - 1.0 / self.classes as f64, 3),
             samples = r.hits.samples,
             "validation"
