@@ -5,6 +5,17 @@ use anyhow::{bail, Result};
 use std::io::Write;
 use std::path::Path;
 
+/// A write that failed because the disk is full: callers that know what the file is for add
+/// what to do (free space, another output, resume).
+#[derive(Debug, thiserror::Error)]
+#[error("the disk is full")]
+pub struct DiskFull;
+
+/// Whether `e` or one of its causes is a full disk.
+pub fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<DiskFull>())
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file, flushed to disk, then renamed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))
@@ -31,12 +42,10 @@ pub fn write_atomic_with(
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        let hint = if e.raw_os_error() == Some(28) {
-            ": the disk is full; free space or choose another --output (finished shards are kept and a rerun continues)"
-        } else {
-            ""
-        };
-        bail!("writing {}: {e}{hint}", path.display());
+        if e.raw_os_error() == Some(28) {
+            return Err(anyhow::Error::new(DiskFull).context(format!("writing {}", path.display())));
+        }
+        bail!("writing {}: {e}", path.display());
     }
     Ok(())
 }

@@ -361,7 +361,17 @@ pub fn symmetric_eigen3(m: [[f64; 3]; 3]) -> ([f64; 3], [[f64; 3]; 3]) {
 /// created is removed again if it fails with nothing in it.
 pub fn prepare(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Summary> {
     let existed = output.exists();
-    let result = prepare_into(input, output, opts);
+    let result = prepare_into(input, output, opts).map_err(|e| {
+        if crate::files::is_disk_full(&e) {
+            e.context(format!(
+                "--output {}: the disk is full; free space or choose another --output \
+                 (finished shards are kept and a rerun continues)",
+                output.display()
+            ))
+        } else {
+            e
+        }
+    });
     if result.is_err() && !existed {
         // Only an empty folder goes: finished shards are kept for a rerun.
         let _ = std::fs::remove_dir(output);

@@ -77,7 +77,37 @@ pub fn write_shards<B: Backend>(
     dir: &Path,
 ) -> anyhow::Result<Vec<(String, String)>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut out = Vec::new();
+    let mut out: Vec<(String, String)> = Vec::new();
+    let written = write_each_shard(net, dir, &mut out);
+    if let Err(e) = written {
+        // No half checkpoint stays behind: this call's shards go, and the folder if it is
+        // empty then (another column's shards may be in it; without a manifest it is
+        // incomplete either way).
+        for (name, _) in &out {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        let _ = std::fs::remove_dir(dir);
+        if crate::files::is_disk_full(&e) {
+            let run_dir = dir.parent().and_then(Path::parent).unwrap_or(dir);
+            return Err(e.context(format!(
+                "checkpoint {}: the disk of the run folder {} is full; free space there, \
+                 then continue with --resume {} (complete checkpoints are kept)",
+                dir.display(),
+                run_dir.display(),
+                run_dir.display()
+            )));
+        }
+        return Err(e);
+    }
+    sync_dir(dir);
+    Ok(out)
+}
+
+fn write_each_shard<B: Backend>(
+    net: &Network<B>,
+    dir: &Path,
+    out: &mut Vec<(String, String)>,
+) -> anyhow::Result<()> {
     for col in &net.columns {
         let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         for p in &col.params {
@@ -97,8 +127,7 @@ pub fn write_shards<B: Backend>(
         write_atomic(&dir.join(&name), &bytes)?;
         out.push((name, checksum(&bytes)));
     }
-    sync_dir(dir);
-    Ok(out)
+    Ok(())
 }
 
 pub fn serialize(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> anyhow::Result<Vec<u8>> {
@@ -332,5 +361,48 @@ impl Manifest {
             shards: Default::default(),
             history: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint that meets a full disk leaves no half-written step folder, and its error
+    /// says what to do for a run (not for `prepare`).
+    #[cfg(unix)]
+    #[test]
+    fn a_full_disk_leaves_no_half_checkpoint_and_says_how_to_go_on() {
+        let run = std::env::temp_dir().join(format!("alexnet-ckpt-full-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        let cfg = crate::model::NetConfig::narrow(64, [8, 16, 16, 16, 8], [16, 16], 10);
+        let net = Network::new(
+            cfg,
+            crate::backend::Cpu::with_threads(1),
+            Box::new(crate::comm::LocalExchange::default()),
+            1,
+        )
+        .unwrap();
+        let dir = step_dir(&run, 7);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Column 1's temporary file leads to /dev/full: its writes fail with ENOSPC, after
+        // column 0's shard is whole.
+        std::os::unix::fs::symlink("/dev/full", dir.join("column1.safetensors.tmp")).unwrap();
+        let e = write_shards(&net, &dir).unwrap_err();
+        let text = crate::log_fields::error_chain(&e);
+        assert!(
+            text.contains("the disk of the run folder")
+                && text.contains(&format!("--resume {}", run.display()))
+                && text.contains("column1.safetensors")
+                && !text.contains("--output"),
+            "{text}"
+        );
+        assert!(
+            !dir.exists(),
+            "a half checkpoint was left in {}",
+            dir.display()
+        );
+        assert!(list(&run).is_empty());
+        let _ = std::fs::remove_dir_all(&run);
     }
 }
