@@ -216,18 +216,25 @@ pub fn open_data<B: Backend>(
             views_on_device,
         )?))
     } else {
-        let (train, val) = read_fashion_mnist_dir(&job.data).with_context(|| {
-            format!(
-                "loading the image set in {} (expected IDX files or a prepared dataset)",
-                job.data.display()
-            )
-        })?;
+        let (train, val) = read_idx_data(&job.data)?;
         let classes = super::sample::idx_class_names(&job.data, job.net.classes);
         Ok(Box::new(
             SampleData::new(&train, &val, &job.net, job.batch, split, job.seed, classes)?
                 .from_folder(&job.data),
         ))
     }
+}
+
+/// The IDX training and validation sets in `dir`.
+fn read_idx_data(
+    dir: &Path,
+) -> anyhow::Result<(crate::data::idx::ImageSet, crate::data::idx::ImageSet)> {
+    read_fashion_mnist_dir(dir).with_context(|| {
+        format!(
+            "loading the image set in {} (expected IDX files or a prepared dataset)",
+            dir.display()
+        )
+    })
 }
 
 /// Whether the job's data can be read and fits its network and batch: a launcher checks it
@@ -239,12 +246,7 @@ pub fn check_data(job: &JobConfig) -> anyhow::Result<()> {
         let data = open_data::<crate::backend::Cpu>(job, 0, false)?;
         drop(data);
     } else {
-        let (train, val) = read_fashion_mnist_dir(&job.data).with_context(|| {
-            format!(
-                "loading the image set in {} (expected IDX files or a prepared dataset)",
-                job.data.display()
-            )
-        })?;
+        let (train, val) = read_idx_data(&job.data)?;
         super::sample::SampleData::check(&train, &val, &job.net, job.batch, job.topology.replicas)?;
     }
     Ok(())
