@@ -16,6 +16,36 @@ pub fn is_disk_full(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<DiskFull>())
 }
 
+/// The bytes an unprivileged process may still write on the file system holding `dir`
+/// (`None` where the system does not say).
+pub fn free_space(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid C string and `st` a writable statvfs the call fills.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+/// Bytes for people: MiB below a GiB, GiB above.
+pub fn human_bytes(b: u64) -> String {
+    if b < 1 << 30 {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    }
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file, flushed to disk, then renamed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))

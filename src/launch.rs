@@ -202,6 +202,7 @@ pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
     if let Phase::Failed {
         rank: Some(rank),
         error,
+        ..
     } = &phase
     {
         if let Some(w) = fates.iter().find(|w| w.rank == Some(*rank)) {

@@ -750,3 +750,103 @@ fn an_interrupted_launch_says_how_to_resume() {
     );
     assert!(waited < Duration::from_secs(20), "took {waited:?}");
 }
+
+/// The shards of `run`'s newest checkpoint, which must be at `step`.
+fn final_shards(run: &Path, step: u64) -> Vec<Vec<u8>> {
+    let (dir, m) = alexnet::train::checkpoint::latest(run, None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.step, step, "{}", dir.display());
+    (0..2)
+        .map(|c| std::fs::read(dir.join(alexnet::train::checkpoint::shard_name(c))).unwrap())
+        .collect()
+}
+
+/// A disk that fills up while training: the checkpoint that meets it stops the job with what
+/// to do (no restart is spent on it: each would meet the same wall), every complete
+/// checkpoint is kept, and the run resumed once there is room ends exactly as an
+/// uninterrupted one.
+#[cfg(unix)]
+#[test]
+fn a_full_disk_stops_the_run_for_an_operator_and_the_resumed_run_is_exact() {
+    let dir = scratch("full-disk");
+    let run = dir.join("run");
+    let job = ["--steps", "24", "--checkpoint-every", "4"];
+    // Rank 1's shard of the checkpoint at step 12 is written into /dev/full: ENOSPC, as on a
+    // full disk. (The failed write removes the link: the space is "freed" for the resume.)
+    let full = alexnet::train::checkpoint::step_dir(&run, 12);
+    std::fs::create_dir_all(&full).unwrap();
+    std::os::unix::fs::symlink("/dev/full", full.join("column1.safetensors.tmp")).unwrap();
+    let p = Proc::start(
+        exe()
+            .args(["launch", "--log-every", "1", "--peer-timeout", "5"])
+            .args(job)
+            .arg("--run-dir")
+            .arg(&run),
+    );
+    let (ok, out, _) = p.finish(Duration::from_secs(120));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("step-000000012 needs")
+            && out.contains(&format!("the disk of the run folder {}", run.display()))
+            && out.contains("lower keep_checkpoints")
+            && out.contains(&format!("--resume {}", run.display())),
+        "{out}"
+    );
+    assert!(out.contains("restarts unspent"), "{out}");
+    assert!(!out.contains("restarting the workers"), "{out}");
+    let kept: Vec<u64> = alexnet::train::checkpoint::list(&run)
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(kept, [8, 4], "{out}");
+    let out = run_ok(exe().args(["launch", "--resume"]).arg(&run));
+    assert!(out.contains("resuming step=8"), "{out}");
+    run_ok(
+        exe()
+            .args(["launch"])
+            .args(job)
+            .arg("--run-dir")
+            .arg(dir.join("straight")),
+    );
+    assert!(
+        final_shards(&run, 24) == final_shards(&dir.join("straight"), 24),
+        "the resumed run differs from the uninterrupted one"
+    );
+}
+
+/// A coordinator stopped for three peer timeouts (a VM pause, a debugger) blames no one: the
+/// generation goes on and the run finishes without a restart.
+#[test]
+fn a_paused_coordinator_blames_no_one() {
+    let dir = scratch("pause-coordinator");
+    let (p, _) = launch_until_training(&dir, "2", 1, &["--steps", "300", "--max-restarts", "0"]);
+    signal(p.child.id(), "-STOP");
+    std::thread::sleep(Duration::from_secs(6));
+    signal(p.child.id(), "-CONT");
+    let (ok, out, _) = p.finish(Duration::from_secs(180));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("the coordinator itself was not running"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("nothing heard from it") && !out.contains("restarting the workers"),
+        "{out}"
+    );
+}
+
+/// A worker that dies while the coordinator is stopped is still named once it runs again.
+#[test]
+fn a_worker_killed_while_the_coordinator_was_paused_is_named() {
+    let dir = scratch("pause-kill");
+    let (p, pid) = launch_until_training(&dir, "2", 1, &["--steps", "300", "--max-restarts", "0"]);
+    signal(p.child.id(), "-STOP");
+    signal(pid, "-KILL");
+    std::thread::sleep(Duration::from_secs(6));
+    signal(p.child.id(), "-CONT");
+    let (ok, out, waited) = p.finish(Duration::from_secs(60));
+    assert!(!ok, "{out}");
+    assert!(out.contains("first failure: rank 1"), "{out}");
+    assert!(waited < Duration::from_secs(20), "took {waited:?}");
+}

@@ -51,6 +51,9 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     if a.resume.is_some() && resume.is_none() {
         tracing::warn!("the run folder has no checkpoint yet: starting from the beginning");
     }
+    if let (Some(_), Some(dir)) = (&a.resume, &run_dir) {
+        alexnet::train::checkpoint::remove_incomplete(dir);
+    }
     if let Some(dir) = &run_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         alexnet::files::write_atomic(
@@ -152,6 +155,9 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
     if already_complete(&cfg, &run_dir) {
         return Ok(());
     }
+    if a.resume.is_some() {
+        alexnet::train::checkpoint::remove_incomplete(&run_dir);
+    }
     // What no restart can fix fails here, once, before any worker starts.
     check_local_inputs(&cfg.job, &a.job, cfg.resume.is_some())?;
     // A fresh token per launch, handed to the workers in their environment.
@@ -202,7 +208,7 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
             Ok(())
         }
         (_, Some(first)) => anyhow::bail!("first failure: {first} (logs in {})", run_dir.display()),
-        (Phase::Failed { rank, error }, None) => anyhow::bail!(
+        (Phase::Failed { rank, error, .. }, None) => anyhow::bail!(
             "first failure: {}: {error} (logs in {})",
             rank.map(|r| format!("rank {r}"))
                 .unwrap_or_else(|| "the coordinator".into()),
@@ -270,6 +276,9 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
     if already_complete(&cfg, &run_dir) {
         return Ok(());
+    }
+    if a.resume.is_some() {
+        alexnet::train::checkpoint::remove_incomplete(&run_dir);
     }
     alexnet::coordinator::write_run_files(&run_dir, &cfg)?;
     let mut made_token = None;
@@ -343,7 +352,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
                 finished_summary(classes, c.last_step(), c.results().last(), (c.generation() - first_generation) as usize, &run_dir);
                 Ok(())
             }
-            Phase::Failed { rank, error } => anyhow::bail!(
+            Phase::Failed { rank, error, .. } => anyhow::bail!(
                 "the job failed: {}: {error}",
                 rank.map(|r| format!("rank {r}")).unwrap_or_else(|| "coordinator".into())
             ),

@@ -16,7 +16,7 @@ use crate::train::book::{BookSetup, JobBook};
 use crate::train::fit::{EvalReport, ShardsWritten, StepReport};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// How the job ended (or that it has not).
 #[derive(Clone, Debug, PartialEq)]
@@ -28,6 +28,9 @@ pub enum Phase {
     Failed {
         rank: Option<u32>,
         error: String,
+        /// A restart would meet the same wall (a full disk): the job stops for an operator
+        /// instead of spending its restarts.
+        needs_operator: bool,
     },
 }
 
@@ -153,6 +156,10 @@ pub struct Control {
     last_step: Option<StepReport>,
     started: Option<Instant>,
     exchange_seconds: Vec<ExchangeSeconds>,
+    /// The watchdog's previous look, and how long the coordinator itself was not running
+    /// (stopped, paused with its VM, starved of CPU): silence it could not hear is no one's.
+    last_look: Option<Instant>,
+    not_running: Duration,
 }
 
 impl Control {
@@ -191,6 +198,8 @@ impl Control {
             last_step: None,
             started: None,
             exchange_seconds: Vec::new(),
+            last_look: None,
+            not_running: Duration::ZERO,
         })
     }
 
@@ -475,11 +484,18 @@ impl Control {
     /// Records the first failure (that of rank `rank`, or the coordinator's own when `None`)
     /// and tells every other worker to abort; a later failure only marks its rank.
     pub fn fail(&mut self, rank: Option<u32>, error: String) -> Orders {
+        self.fail_with(rank, error, false)
+    }
+
+    /// [`Control::fail`], for a failure that a restart would meet again when
+    /// `needs_operator` (a full disk): no worker is told to rejoin.
+    fn fail_with(&mut self, rank: Option<u32>, error: String, needs_operator: bool) -> Orders {
         let first = !self.phase.is_over();
         if first {
             self.phase = Phase::Failed {
                 rank,
                 error: error.clone(),
+                needs_operator,
             };
         }
         if let Some(m) = rank.and_then(|r| self.members.get_mut(&r)) {
@@ -503,7 +519,7 @@ impl Control {
         );
         let abort = command::Command::Abort(Abort {
             reason: format!("{who} failed: {error}"),
-            rejoin: self.cfg.restarts_left > 0,
+            rejoin: self.cfg.restarts_left > 0 && !needs_operator,
         });
         let others: BTreeSet<u32> = self
             .open
@@ -662,7 +678,11 @@ impl Control {
                 };
                 match self.book.shards_written(&written) {
                     Ok(_) => Orders::default(),
-                    Err(e) => self.fail(None, format!("writing the checkpoint manifest: {e:#}")),
+                    Err(e) => self.fail_with(
+                        None,
+                        format!("writing the checkpoint manifest: {e:#}"),
+                        crate::files::is_disk_full(&e),
+                    ),
                 }
             }
             worker_event::Event::Failed(f) => match f.blames {
@@ -670,7 +690,7 @@ impl Control {
                 Some(peer) if peer != rank && peer < self.world => {
                     self.fail(Some(peer), format!("lost by rank {rank}: {}", f.error))
                 }
-                _ => self.fail(Some(rank), f.error),
+                _ => self.fail_with(Some(rank), f.error, f.needs_operator),
             },
         }
     }
@@ -682,8 +702,12 @@ impl Control {
         if self.phase.is_over() {
             return None;
         }
+        self.discount_own_pause(now);
         let timeout = self.cfg.rendezvous_timeout;
-        if self.phase == Phase::Waiting && now.saturating_duration_since(since) > timeout {
+        let waited = now
+            .saturating_duration_since(since)
+            .saturating_sub(self.not_running);
+        if self.phase == Phase::Waiting && waited > timeout {
             let joined: Vec<u32> = self.members.keys().copied().collect();
             let missing: Vec<u32> = (0..self.world).filter(|r| !joined.contains(r)).collect();
             return Some(self.fail(
@@ -712,6 +736,32 @@ impl Control {
                 "nothing heard from it for {peer_timeout:?} (the peer timeout): it hangs or its host is unreachable"
             ),
         ))
+    }
+
+    /// Notices that the coordinator itself was not running between two looks of the watchdog
+    /// (which looks several times a second): a look late by more than half the peer timeout
+    /// means a stopped process, a paused VM or a starved host, during which no heartbeat could
+    /// be heard. Every member's silence is moved on by the gap, so no one is blamed for it,
+    /// and a worker that really died meanwhile is still found one peer timeout after.
+    fn discount_own_pause(&mut self, now: Instant) {
+        let Some(last) = self.last_look.replace(now) else {
+            return;
+        };
+        let gap = now.saturating_duration_since(last);
+        if gap <= self.cfg.peer_timeout / 2 {
+            return;
+        }
+        self.not_running += gap;
+        for m in self.members.values_mut() {
+            m.heard = (m.heard + gap).min(now);
+        }
+        tracing::warn!(
+            not_running_s = crate::log_fields::rounded(gap.as_secs_f64(), 1),
+            peer_timeout_s = crate::log_fields::rounded(self.cfg.peer_timeout.as_secs_f64(), 1),
+            "the coordinator itself was not running for {:.1}s (stopped, paused with its VM or \
+             starved of CPU): every worker gets a fresh peer timeout",
+            gap.as_secs_f64()
+        );
     }
 
     /// The job as `alexnet status` shows it, at `now` (`now_ms`: the coordinator's clock).
@@ -943,6 +993,54 @@ mod tests {
     }
 
     #[test]
+    fn a_coordinator_that_was_not_running_blames_no_one_and_still_finds_the_dead() {
+        let t0 = Instant::now();
+        let mut c = running(config(1), t0);
+        let beat = |c: &mut Control, rank: u32, at: Instant| {
+            c.event(
+                rank,
+                0,
+                worker_event::Event::Heartbeat(Heartbeat { rss_bytes: 1 }),
+                at,
+            );
+        };
+        // The watchdog looks four times a second while both ranks send heartbeats.
+        let mut now = t0;
+        for _ in 0..8 {
+            now += Duration::from_millis(250);
+            beat(&mut c, 0, now);
+            beat(&mut c, 1, now);
+            assert!(c.tick(now, t0).is_none());
+        }
+        // The coordinator is stopped for three peer timeouts; rank 1 dies meanwhile, rank 0
+        // is healthy and its heartbeats wait in the socket.
+        now += Duration::from_secs(30);
+        assert!(c.tick(now, t0).is_none(), "{:?}", c.phase());
+        assert_eq!(*c.phase(), Phase::Running);
+        // Rank 0's heartbeats are read; rank 1 stays silent and is found one peer timeout
+        // after the coordinator ran again, not before.
+        let resumed = now;
+        let found = loop {
+            now += Duration::from_millis(250);
+            beat(&mut c, 0, now);
+            if let Some(orders) = c.tick(now, t0) {
+                assert_eq!(kinds(&orders), [(0, "abort")]);
+                break now;
+            }
+        };
+        let after = found - resumed;
+        assert!(
+            after > Duration::from_secs(10) && after <= Duration::from_millis(10_500),
+            "{after:?}"
+        );
+        let Phase::Failed { rank, error, .. } = c.phase().clone() else {
+            panic!("{:?}", c.phase())
+        };
+        assert_eq!(rank, Some(1));
+        assert!(error.contains("nothing heard from it"), "{error}");
+    }
+
+    #[test]
     fn a_lost_worker_fails_the_generation_and_the_next_one_assigns_afresh() {
         let t0 = Instant::now();
         let cfg = config(1);
@@ -969,7 +1067,7 @@ mod tests {
             "{}",
             a.reason
         );
-        let Phase::Failed { rank, error } = c.phase().clone() else {
+        let Phase::Failed { rank, error, .. } = c.phase().clone() else {
             panic!("{:?}", c.phase())
         };
         assert_eq!(rank, Some(1));
@@ -1022,6 +1120,7 @@ mod tests {
         let failed = worker_event::Event::Failed(Failed {
             error: "old".into(),
             blames: None,
+            needs_operator: false,
         });
         assert_eq!(c.event(0, 0, failed, t0), Orders::default());
         assert_eq!(*c.phase(), Phase::Running);
@@ -1038,12 +1137,38 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_stops_the_job_without_asking_anyone_to_rejoin() {
+        let t0 = Instant::now();
+        let mut c = running(config(1), t0);
+        let ev = worker_event::Event::Failed(Failed {
+            error: "checkpoint ... needs 1.0 MiB: the disk is full".into(),
+            blames: None,
+            needs_operator: true,
+        });
+        let o = c.event(1, 0, ev, t0);
+        assert_eq!(kinds(&o), [(0, "abort")]);
+        let Some(command::Command::Abort(a)) = &o.send[0].command.command else {
+            unreachable!()
+        };
+        assert!(!a.rejoin, "a restart would meet the same full disk");
+        assert!(matches!(
+            c.phase(),
+            Phase::Failed {
+                rank: Some(1),
+                needs_operator: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn a_worker_that_loses_its_peer_blames_the_peer() {
         let t0 = Instant::now();
         let mut c = running(config(1), t0);
         let ev = worker_event::Event::Failed(Failed {
             error: "connection reset".into(),
             blames: Some(1),
+            needs_operator: false,
         });
         let o = c.event(0, 0, ev, t0);
         // Rank 1 is the failure: rank 0, which reported it, is told to abort.
@@ -1052,7 +1177,8 @@ mod tests {
             *c.phase(),
             Phase::Failed {
                 rank: Some(1),
-                error: "lost by rank 0: connection reset".into()
+                error: "lost by rank 0: connection reset".into(),
+                needs_operator: false,
             }
         );
     }
@@ -1068,7 +1194,7 @@ mod tests {
         let o = c.session_closed(1);
         assert_eq!(kinds(&o), [(0, "abort")]);
         assert!(
-            matches!(c.phase(), Phase::Failed { rank: Some(1), error } if error.contains("connection to the coordinator closed"))
+            matches!(c.phase(), Phase::Failed { rank: Some(1), error, .. } if error.contains("connection to the coordinator closed"))
         );
     }
 
@@ -1079,7 +1205,10 @@ mod tests {
         c.admit(&worker(Some(0), "a"), t0, NOW_MS).unwrap();
         assert!(c.tick(t0 + Duration::from_secs(59), t0).is_none());
         c.tick(t0 + Duration::from_secs(61), t0).unwrap();
-        let Phase::Failed { rank: None, error } = c.phase() else {
+        let Phase::Failed {
+            rank: None, error, ..
+        } = c.phase()
+        else {
             panic!("{:?}", c.phase())
         };
         assert!(error.contains("ranks [0] joined, [1] did not"), "{error}");

@@ -80,10 +80,23 @@ impl Supervisor {
             let c = self.current();
             tokio::spawn(c.clone().watchdog());
             let end = c.phase().wait_for(|p| p.is_over()).await?.clone();
-            let Phase::Failed { rank, error } = &end else {
+            let Phase::Failed {
+                rank,
+                error,
+                needs_operator,
+            } = &end
+            else {
                 break end;
             };
             if self.abandoned.load(Ordering::SeqCst) {
+                break end;
+            }
+            if *needs_operator {
+                tracing::error!(
+                    failed_rank = ?rank,
+                    "a restart would meet the same error, so the job stops here with its \
+                     restarts unspent: {error}"
+                );
                 break end;
             }
             if c.cfg.restarts_left == 0 {
@@ -135,6 +148,14 @@ impl Supervisor {
             if let Some(end) = self.over.borrow().clone() {
                 return Err(Status::failed_precondition(match end {
                     Phase::Finished => format!("job `{}` has finished", c.cfg.job_id),
+                    Phase::Failed {
+                        error,
+                        needs_operator: true,
+                        ..
+                    } => format!(
+                        "job `{}` has stopped until an operator acts: {error}",
+                        c.cfg.job_id
+                    ),
                     Phase::Failed { error, .. } => format!(
                         "job `{}` has failed with no restarts left: {error}",
                         c.cfg.job_id

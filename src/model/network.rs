@@ -26,21 +26,13 @@ pub use super::profile::Profile;
 use super::shapes::{Geoms, MAX_BATCH};
 use crate::backend::{Backend, OutOfMemory, SgdParams};
 use crate::comm::{ColumnExchange, OverlappedReduce, ReplicaReduce, Traffic};
+use crate::files::human_bytes;
 
 /// Training (dropout on, keyed by the step) or evaluation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Train { step: u64 },
     Eval,
-}
-
-/// Bytes for people: MiB below a GiB, GiB above.
-fn human_bytes(b: u64) -> String {
-    if b < 1 << 30 {
-        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
-    }
 }
 
 /// Readies the convolutions' working memory (forward, or forward and backward) for `g`'s

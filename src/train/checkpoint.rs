@@ -71,14 +71,23 @@ pub fn checksum(bytes: &[u8]) -> String {
 }
 
 /// Writes each held column's parameters and momenta to `dir`, durably; returns (file name,
-/// checksum) per shard.
+/// checksum) per shard. The shards' size is checked against the free space first, so a full
+/// disk is found before anything is written.
 pub fn write_shards<B: Backend>(
     net: &Network<B>,
     dir: &Path,
 ) -> anyhow::Result<Vec<(String, String)>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let needed = shards_size(net);
     let mut out: Vec<(String, String)> = Vec::new();
-    let written = write_each_shard(net, dir, &mut out);
+    let written = std::fs::create_dir_all(dir)
+        .map_err(|e| match e.raw_os_error() {
+            Some(28) => anyhow::Error::new(crate::files::DiskFull),
+            _ => anyhow::Error::new(e).context(format!("creating {}", dir.display())),
+        })
+        .and_then(|()| match crate::files::free_space(dir) {
+            Some(free) if free < needed => Err(anyhow::Error::new(crate::files::DiskFull)),
+            _ => write_each_shard(net, dir, &mut out),
+        });
     if let Err(e) = written {
         // No half checkpoint stays behind: this call's shards go, and the folder if it is
         // empty then (another column's shards may be in it; without a manifest it is
@@ -88,19 +97,42 @@ pub fn write_shards<B: Backend>(
         }
         let _ = std::fs::remove_dir(dir);
         if crate::files::is_disk_full(&e) {
-            let run_dir = dir.parent().and_then(Path::parent).unwrap_or(dir);
-            return Err(e.context(format!(
-                "checkpoint {}: the disk of the run folder {} is full; free space there, \
-                 then continue with --resume {} (complete checkpoints are kept)",
-                dir.display(),
-                run_dir.display(),
-                run_dir.display()
-            )));
+            return Err(e.context(disk_full_advice(dir, needed)));
         }
         return Err(e);
     }
     sync_dir(dir);
     Ok(out)
+}
+
+/// What a checkpoint that met a full disk tells the operator: the run folder, the
+/// checkpoint, the space it needs and the space there is, and how to go on. A restart would
+/// meet the same wall, so the job stops on it.
+fn disk_full_advice(dir: &Path, needed: u64) -> String {
+    let run_dir = dir.parent().and_then(Path::parent).unwrap_or(dir);
+    let free = crate::files::free_space(run_dir)
+        .map(crate::files::human_bytes)
+        .unwrap_or_else(|| "an unknown amount".into());
+    format!(
+        "checkpoint {} needs {} and the disk of the run folder {} has {free} free: free space \
+         there, or lower keep_checkpoints in the job, then continue with --resume {} (every \
+         complete checkpoint is kept)",
+        dir.display(),
+        crate::files::human_bytes(needed),
+        run_dir.display(),
+        run_dir.display()
+    )
+}
+
+/// The bytes this process's shards of one checkpoint take: every held parameter and its
+/// momentum, plus a generous allowance for the safetensors headers.
+fn shards_size<B: Backend>(net: &Network<B>) -> u64 {
+    net.columns
+        .iter()
+        .flat_map(|c| &c.params)
+        .map(|p| 2 * 4 * p.shape.iter().product::<usize>() as u64 + 2 * 256)
+        .sum::<u64>()
+        + 4096
 }
 
 fn write_each_shard<B: Backend>(
@@ -304,6 +336,31 @@ pub fn prune(run_dir: &Path, keep: usize) {
     }
 }
 
+/// Removes the checkpoint folders of `run_dir` that never got their manifest (a crash or a
+/// full disk in the middle of writing them), and names each in the log. Called when a run
+/// resumes, before any worker writes: what is left then is nobody's work in progress.
+pub fn remove_incomplete(run_dir: &Path) {
+    for e in std::fs::read_dir(run_dir.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("step-") && !e.path().join(MANIFEST).exists() {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => tracing::info!(
+                    checkpoint = %e.path().display(),
+                    "removed an incomplete checkpoint (no manifest: its writing was cut short)"
+                ),
+                Err(err) => tracing::warn!(
+                    checkpoint = %e.path().display(),
+                    "could not remove an incomplete checkpoint: {err}"
+                ),
+            }
+        }
+    }
+}
+
 /// Loads each held column's parameters and momenta from the shards in `dir`.
 pub fn load_shards<B: Backend>(net: &mut Network<B>, dir: &Path) -> anyhow::Result<()> {
     for col in &mut net.columns {
@@ -403,6 +460,46 @@ mod tests {
             dir.display()
         );
         assert!(list(&run).is_empty());
+        let _ = std::fs::remove_dir_all(&run);
+    }
+
+    /// The shards' size is known before they are written: a disk without room for them is
+    /// found before the first byte, and the error gives the space needed and free.
+    #[test]
+    fn a_checkpoint_without_room_is_refused_before_it_is_written() {
+        let net = Network::new(
+            crate::model::NetConfig::narrow(64, [8, 16, 16, 16, 8], [16, 16], 10),
+            crate::backend::Cpu::with_threads(1),
+            Box::new(crate::comm::LocalExchange::default()),
+            1,
+        )
+        .unwrap();
+        let run = std::env::temp_dir().join(format!("alexnet-ckpt-room-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        let needed = shards_size(&net);
+        let written = write_shards(&net, &step_dir(&run, 3)).unwrap();
+        let bytes: u64 = written
+            .iter()
+            .map(|(name, _)| {
+                std::fs::metadata(step_dir(&run, 3).join(name))
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        assert!(
+            needed >= bytes && needed < bytes + 64 * 1024,
+            "estimated {needed} for {bytes} bytes"
+        );
+        let text = disk_full_advice(&step_dir(&run, 4), needed);
+        assert!(
+            text.contains(&format!(
+                "step-000000004 needs {}",
+                crate::files::human_bytes(needed)
+            )) && text.contains(" free: free space there")
+                && text.contains("keep_checkpoints")
+                && text.contains(&format!("--resume {}", run.display())),
+            "{text}"
+        );
         let _ = std::fs::remove_dir_all(&run);
     }
 }

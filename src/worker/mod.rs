@@ -588,6 +588,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
             send(worker_event::Event::Failed(Failed {
                 error: format!("{e:#}"),
                 blames,
+                needs_operator: crate::files::is_disk_full(&e),
             }));
             // Give the report a moment to leave before the process ends.
             std::thread::sleep(Duration::from_millis(300));
