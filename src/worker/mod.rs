@@ -214,7 +214,10 @@ impl Reporter for RemoteReporter {
             hits: Some(r.hits.into()),
         }));
         // The coordinator combines every replica's validation and decides the learning rate.
-        let deadline = Instant::now() + self.decision_timeout;
+        // The wait looks at the clock every second: time this process itself was not running
+        // (stopped, a paused VM) is not the coordinator's delay.
+        let look = Duration::from_secs(1);
+        let mut deadline = Instant::now() + self.decision_timeout;
         let mut c = self.commands.state.lock().unwrap();
         loop {
             if let Some((reason, rejoin)) = &c.abort {
@@ -231,7 +234,13 @@ impl Reporter for RemoteReporter {
                     self.decision_timeout
                 );
             }
-            c = self.commands.changed.wait_timeout(c, left).unwrap().0;
+            let wait = left.min(look);
+            let before = Instant::now();
+            c = self.commands.changed.wait_timeout(c, wait).unwrap().0;
+            let late = before.elapsed().saturating_sub(wait);
+            if late > look {
+                deadline += late;
+            }
         }
     }
 
