@@ -741,3 +741,83 @@ fn out_of_device_memory_names_the_layer_and_the_batch() {
         "{e}"
     );
 }
+
+/// `freeze`: frozen layers get no weight gradient and no update, and the layers above them
+/// get the very gradients they get unfrozen (freezing changes nothing above); everything
+/// frozen is refused.
+#[test]
+fn frozen_layers_neither_learn_nor_change_what_the_others_learn() {
+    let cfg = NetConfig::narrow(63, [4, 4, 4, 4, 4], [8, 8], 4);
+    let cpu = Cpu::new();
+    let batch = 3;
+    let x = cpu.upload(&random(batch * 3 * 63 * 63, 5));
+    let labels = [0u32, 3, 1];
+    let step = |frozen: &[&str]| {
+        let mut net = Network::new(
+            cfg.clone(),
+            Cpu::new(),
+            Box::new(LocalExchange::default()),
+            7,
+        )
+        .unwrap();
+        let names: Vec<String> = frozen.iter().map(|s| s.to_string()).collect();
+        net.freeze(&names).unwrap();
+        let logits = net
+            .forward(&x, batch, Mode::Train { step: 0 })
+            .unwrap()
+            .clone();
+        let mut dlogits = cpu.zeros(batch * cfg.classes);
+        cpu.softmax_xent(batch, cfg.classes, &logits, &labels, &mut dlogits);
+        net.backward(&x, &dlogits).unwrap();
+        let before: Vec<Vec<f32>> = net.params().map(|(_, p)| p.value.clone()).collect();
+        net.sgd_step(&SgdParams {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 0.0005,
+        });
+        (net, before)
+    };
+    let (free, _) = step(&[]);
+    for frozen in [
+        &["conv1", "conv2", "conv3", "conv4", "conv5"][..],
+        &["conv2", "fc6"][..],
+    ] {
+        let (net, before) = step(frozen);
+        for (i, (_, p)) in net.params().enumerate() {
+            let layer = p.name.split('.').next().unwrap();
+            let grad = net.unsplit_grad(&p.name).unwrap();
+            if frozen.contains(&layer) {
+                assert!(net.is_frozen(layer));
+                assert!(
+                    grad.iter().all(|&g| g == 0.0),
+                    "{}: a frozen gradient",
+                    p.name
+                );
+                assert_eq!(p.value, before[i], "{}: a frozen layer moved", p.name);
+            } else {
+                assert_ne!(p.value, before[i], "{}: did not learn", p.name);
+                let lowest_frozen = LAYERS.iter().position(|l| frozen.contains(l)).unwrap();
+                if LAYERS.iter().position(|l| *l == layer).unwrap() > lowest_frozen {
+                    assert_eq!(
+                        grad,
+                        free.unsplit_grad(&p.name).unwrap(),
+                        "{}: its gradient changed",
+                        p.name
+                    );
+                }
+            }
+        }
+    }
+    let mut net = Network::new(
+        cfg.clone(),
+        Cpu::new(),
+        Box::new(LocalExchange::default()),
+        7,
+    )
+    .unwrap();
+    let all: Vec<String> = LAYERS.iter().map(|s| s.to_string()).collect();
+    let e = net.freeze(&all).unwrap_err().to_string();
+    assert!(e.contains("nothing would train"), "{e}");
+    let e = net.freeze(&["fc9".into()]).unwrap_err().to_string();
+    assert!(e.contains("no layer fc9"), "{e}");
+}

@@ -89,6 +89,7 @@ impl<B: Backend> DataSource<B> for PreparedData {
                     side: self.train.side(),
                 },
                 data: self.train.dir.clone(),
+                descriptions: self.train.meta.class_descriptions.clone(),
             },
             mean: self.train.mean.to_vec(),
         }
