@@ -1145,7 +1145,10 @@ fn fine_tuning_an_exported_run_on_a_split_folder_of_four_classes() {
         "--no-progress",
     ]);
     assert!(ok, "{err}");
-    assert!(err.contains("split") && err.contains("--val"), "{err}");
+    assert!(
+        err.contains("split; validation images per class: ant ") && err.contains("--val"),
+        "{err}"
+    );
     let (train, val) = (d("mine-prepared/train"), d("mine-prepared/val"));
     let tune = |extra: &[&str]| {
         alexnet(
@@ -1278,6 +1281,10 @@ fn fine_tuning_an_exported_run_on_a_split_folder_of_four_classes() {
     assert!(
         out.contains(&format!("on {val_images} images (centre)")),
         "{out}"
+    );
+    assert!(
+        !out.contains("top-5"),
+        "four classes have no top-5 error: {out}"
     );
     assert!(
         out.contains("true \\ predicted") && out.contains("confusion.csv"),

@@ -832,6 +832,34 @@ fn label_files_in_both_formats_label_a_flat_folder() {
         .map(|(l, img)| (l, img[0]))
         .collect();
     assert_eq!(got, [(2, 0), (2, 1), (0, 2)]);
+    // A training tree in class folders, with the same names: the same classes in the same
+    // order, though the validation set has no goldfish.
+    let tree = dir.join("train");
+    made_tree(&tree, &["n01440764", "n01443537", "n02119789"], 2);
+    let train_out = dir.join("train-out");
+    let opts = PrepareOptions {
+        class_names: Some(mapping.clone()),
+        side: 12,
+        ..quiet(4)
+    };
+    prepare(&tree, &train_out, &opts).unwrap();
+    let train = Arc::new(Dataset::open(&train_out).unwrap());
+    assert_eq!(train.meta.classes, ds.meta.classes);
+    assert_eq!(train.meta.display_name(0), "n01440764 tench, Tinca tinca");
+    let net = alexnet::model::NetConfig::narrow(11, [4, 4, 4, 4, 4], [4, 4], 4);
+    let open = |val: Arc<Dataset>| {
+        alexnet::train::prepared::PreparedData::new(
+            train.clone(),
+            val,
+            &net,
+            2,
+            (1, 0),
+            1,
+            1,
+            false,
+        )
+    };
+    assert!(open(Arc::new(ds)).is_ok());
 
     // Plain `file,class` lines, with or without a header, by file name; no --class-names:
     // the labels' own classes.
@@ -860,6 +888,15 @@ fn label_files_in_both_formats_label_a_flat_folder() {
                 .any(|s| s.path.ends_with("00000003.JPEG") && s.reason.contains("not in --labels")),
             "{name}: {:?}",
             ds.meta.skipped
+        );
+        // Without the names file the classes are the labels' own: training refuses the
+        // pair, saying where they part.
+        let e = open(Arc::new(ds)).err().expect("other classes").to_string();
+        assert!(
+            e.contains(
+                "have different classes (3 and 2; class 0 is n01440764 in one, fish in the other)"
+            ) && e.contains("--class-names"),
+            "{e}"
         );
     }
 }

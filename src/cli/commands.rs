@@ -429,11 +429,16 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
         a.batch.max(1),
     )?;
     let hits = result.hits;
+    // With 5 outputs or fewer every label is among the top 5: no top-5 error to report.
+    let top5 = if run.job.net.classes > 5 {
+        format!(", top-5 error {:.4}", hits.top5_err())
+    } else {
+        String::new()
+    };
     println!(
-        "step {}: top-1 error {:.4}, top-5 error {:.4} on {} images ({})",
+        "step {}: top-1 error {:.4}{top5} on {} images ({})",
         run.manifest.step,
         hits.top1_err(),
-        hits.top5_err(),
         hits.samples,
         if a.ten_crop { "ten patches" } else { "centre" }
     );

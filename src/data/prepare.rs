@@ -606,12 +606,18 @@ fn prepare_into(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Su
             split.fraction
         );
     }
+    let per_class: Vec<String> = (classes.iter().zip(&val_counts))
+        .take(20)
+        .map(|(c, n)| format!("{c} {n}"))
+        .collect();
     tracing::info!(
         train = train.len(),
         val = val.len(),
         val_fraction = split.fraction,
         seed = split.seed,
-        "split"
+        "split; validation images per class: {}{}",
+        per_class.join(", "),
+        if classes.len() > 20 { ", ..." } else { "" }
     );
     let record = |part: &str| SplitRecord {
         part: part.into(),
