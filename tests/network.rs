@@ -821,3 +821,88 @@ fn frozen_layers_neither_learn_nor_change_what_the_others_learn() {
     let e = net.freeze(&["fc9".into()]).unwrap_err().to_string();
     assert!(e.contains("no layer fc9"), "{e}");
 }
+
+/// With layers frozen, the columns held apart still train to the same bits as one process
+/// holding both: the exchanges that a frozen stack leaves out are left out on both sides.
+#[test]
+fn frozen_layers_train_alike_on_two_threads_and_in_one_process() {
+    use alexnet::comm::ChannelExchange;
+    use alexnet::train::train_step;
+    let cfg = NetConfig {
+        init_std: 0.2,
+        ..NetConfig::narrow(63, [4, 8, 8, 8, 4], [8, 8], 4)
+    };
+    let (batch, seed) = (3, 17);
+    let x: Vec<f32> = random(3 * 63 * 63 * batch, 8)
+        .iter()
+        .map(|v| 3.0 * v)
+        .collect();
+    let labels = vec![2u32, 0, 3];
+    let sgd = SgdParams {
+        lr: 0.01,
+        momentum: 0.9,
+        weight_decay: 0.0005,
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // Frozen in between (conv3's and fc7's input gradients still cross), and a frozen stack
+    // below fc6 (nothing crosses below it).
+    for frozen in [
+        vec!["conv1", "conv3", "fc7"],
+        vec!["conv1", "conv2", "conv3", "conv4", "conv5"],
+    ] {
+        let frozen: Vec<String> = frozen.into_iter().map(String::from).collect();
+        let mut whole = Network::new(
+            cfg.clone(),
+            Cpu::new(),
+            Box::new(LocalExchange::default()),
+            seed,
+        )
+        .unwrap();
+        whole.freeze(&frozen).unwrap();
+        let start: Vec<Vec<f32>> = whole.params().map(|(_, p)| p.value.clone()).collect();
+        for step in 0..3 {
+            train_step(&mut whole, &x, &labels, step, &sgd).unwrap();
+        }
+        for ((_, p), before) in whole.params().zip(&start) {
+            let layer = p.name.split('.').next().unwrap();
+            assert_eq!(
+                frozen.iter().any(|f| f == layer),
+                &p.value == before,
+                "{}: frozen {frozen:?}",
+                p.name
+            );
+        }
+        let (e0, e1) = ChannelExchange::pair(std::time::Duration::from_secs(60)).unwrap();
+        let threads: Vec<_> = [e0, e1]
+            .into_iter()
+            .map(|exchange| {
+                let (cfg, x, labels, frozen) =
+                    (cfg.clone(), x.clone(), labels.clone(), frozen.clone());
+                std::thread::spawn(move || {
+                    let mut net = Network::new(cfg, Cpu::new(), Box::new(exchange), seed).unwrap();
+                    net.freeze(&frozen).unwrap();
+                    for step in 0..3 {
+                        train_step(&mut net, &x, &labels, step, &sgd).unwrap();
+                    }
+                    let column = net.columns.remove(0);
+                    let params: Vec<(String, Vec<f32>)> = column
+                        .params
+                        .into_iter()
+                        .map(|p| (p.name, p.value))
+                        .collect();
+                    (column.index, params)
+                })
+            })
+            .collect();
+        for t in threads {
+            let (index, params) = t.join().unwrap();
+            for ((name, value), p) in params.iter().zip(&whole.columns[index].params) {
+                assert_eq!(name, &p.name);
+                assert!(
+                    bits(value) == bits(&p.value),
+                    "frozen {frozen:?}: column {index} {name} differs between the layouts"
+                );
+            }
+        }
+    }
+}
