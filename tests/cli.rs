@@ -1043,3 +1043,286 @@ fn classes_follow_prepared_data() {
     let (ok, err) = alexnet(&[&args[..], &["--allow-unused-classes"]].concat());
     assert!(ok, "{err}");
 }
+
+/// Images the tests make: `per_class` 24x24 PNGs in each class folder, each class its own
+/// colour, each image its own shade.
+fn made_tree(dir: &std::path::Path, classes: &[&str], per_class: usize) {
+    for (c, class) in classes.iter().enumerate() {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..per_class {
+            let colour = [(60 * c) as u8, (10 * i) as u8, (200 - 40 * c) as u8];
+            image::RgbImage::from_fn(24, 24, |x, y| {
+                let t = ((x + y) % 7) as u8 * 3;
+                image::Rgb(colour.map(|v| v.saturating_add(t)))
+            })
+            .save(dir.join(class).join(format!("{class}{i:02}.png")))
+            .unwrap();
+        }
+    }
+}
+
+/// The tensors of a safetensors file, by name.
+fn tensors(path: &std::path::Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let values = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name, values)
+        })
+        .collect()
+}
+
+/// Fine-tuning: a run on the photographs (20 classes), exported, starts a run on a folder of
+/// four classes split by `prepare --val-fraction`; fc8 must be drawn afresh (refused without
+/// --reinit, naming it), every other layer starts exactly as exported, frozen layers stay so
+/// while the rest train, and another mismatch is refused by name. Then `eval --confusion`
+/// and `predict` on a folder.
+#[test]
+fn fine_tuning_an_exported_run_on_a_split_folder_of_four_classes() {
+    let dir = scratch("fine-tune");
+    let d = |p: &str| dir.join(p).to_str().unwrap().to_string();
+    let photos = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample/imagenet-photos");
+    let net = temp_file(
+        "fine-tune-net.toml",
+        "input_size = 63\nconv_channels = [8, 16, 16, 16, 8]\nfc_widths = [16, 16]\n",
+    );
+    let net = net.to_str().unwrap();
+    let (ok, err) = alexnet(&[
+        "prepare",
+        "--input",
+        photos,
+        "--output",
+        &d("photos"),
+        "--side",
+        "72",
+        "--no-progress",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--data",
+        &d("photos"),
+        "--val",
+        &d("photos"),
+        "--net",
+        net,
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--run-dir",
+        &d("base"),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, err) = alexnet(&[
+        "export",
+        "--run",
+        &d("base"),
+        "--out",
+        &d("base.safetensors"),
+    ]);
+    assert!(ok, "{err}");
+
+    made_tree(&dir.join("mine"), &["ant", "bee", "cow", "dog"], 8);
+    let (ok, err) = alexnet(&[
+        "prepare",
+        "--input",
+        &d("mine"),
+        "--output",
+        &d("mine-prepared"),
+        "--side",
+        "72",
+        "--val-fraction",
+        "0.25",
+        "--no-progress",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("split; validation images per class: ant ") && err.contains("--val"),
+        "{err}"
+    );
+    let (train, val) = (d("mine-prepared/train"), d("mine-prepared/val"));
+    let tune = |extra: &[&str]| {
+        alexnet(
+            &[
+                &[
+                    "train",
+                    "--backend",
+                    "cpu",
+                    "--data",
+                    &train,
+                    "--val",
+                    &val,
+                    "--net",
+                    net,
+                    "--batch",
+                    "4",
+                    "--init",
+                    &d("base.safetensors"),
+                ][..],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let (ok, err) = tune(&["--steps", "0"]);
+    assert!(
+        !ok && err
+            .contains("parameter fc8.weight has shape [20, 16], this network expects [4, 16]")
+            && err.contains("--reinit fc8"),
+        "{err}"
+    );
+    let (ok, err) = alexnet(&["train", "--backend", "cpu", "--reinit", "fc8"]);
+    assert!(!ok && err.contains("--init"), "{err}");
+    let (ok, err) = tune(&["--reinit", "fc9"]);
+    assert!(!ok && err.contains("`fc9` is not a layer"), "{err}");
+
+    // Nothing trained: every layer but fc8 is the exported one, exactly.
+    let (ok, err) = tune(&["--reinit", "fc8", "--steps", "0", "--out", &d("start")]);
+    assert!(ok, "{err}");
+    let base = tensors(&dir.join("base.safetensors"));
+    let halves = |out: &str| -> std::collections::BTreeMap<String, Vec<f32>> {
+        let (c0, c1) = (
+            tensors(&dir.join(out).join("column0.safetensors")),
+            tensors(&dir.join(out).join("column1.safetensors")),
+        );
+        c0.into_iter()
+            .map(|(k, mut v)| {
+                v.extend(&c1[&k]);
+                (k, v)
+            })
+            .collect()
+    };
+    let start = halves("start");
+    for (name, values) in &start {
+        if name.starts_with("fc8") {
+            assert_eq!(
+                values.len(),
+                if name.ends_with("weight") { 4 * 16 } else { 4 }
+            );
+        } else {
+            assert_eq!(values, &base[name], "{name} is not the exported value");
+        }
+    }
+
+    // conv1..conv5 frozen: they stay exactly as exported while fc6..fc8 learn.
+    let (ok, err) = tune(&[
+        "--reinit",
+        "fc8",
+        "--freeze",
+        "conv1..conv5",
+        "--epochs",
+        "2",
+        "--out",
+        &d("tuned"),
+        "--run-dir",
+        &d("tuned-run"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("frozen: not trained") && err.contains("validation epoch=2"),
+        "{err}"
+    );
+    let tuned = halves("tuned");
+    for (name, values) in &tuned {
+        if name.starts_with("conv") {
+            assert_eq!(values, &base[name], "{name}: a frozen layer moved");
+        } else {
+            assert_ne!(values, &start[name], "{name} did not learn");
+        }
+    }
+
+    // Another mismatch is refused by name, --reinit fc8 or not.
+    let wide = temp_file(
+        "fine-tune-wide.toml",
+        "input_size = 63\nconv_channels = [8, 16, 16, 16, 8]\nfc_widths = [32, 16]\n",
+    );
+    let (ok, err) = alexnet(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--data",
+        &train,
+        "--val",
+        &val,
+        "--net",
+        wide.to_str().unwrap(),
+        "--batch",
+        "4",
+        "--init",
+        &d("base.safetensors"),
+        "--reinit",
+        "fc8",
+    ]);
+    assert!(
+        !ok && err.contains("parameter fc6.weight has shape"),
+        "{err}"
+    );
+
+    // The confusion matrix: printed, and in the run folder as CSV, a row per class.
+    let run = d("tuned-run");
+    let (ok, out, err) = alexnet_out(&["eval", "--run", &run, "--confusion", "--batch", "4"], &[]);
+    assert!(ok, "{err}");
+    let val_images: usize = {
+        let meta: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join("mine-prepared/val/dataset.json")).unwrap(),
+        )
+        .unwrap();
+        meta["images"].as_u64().unwrap() as usize
+    };
+    assert!(
+        out.contains(&format!("on {val_images} images (centre)")),
+        "{out}"
+    );
+    assert!(
+        !out.contains("top-5"),
+        "four classes have no top-5 error: {out}"
+    );
+    assert!(
+        out.contains("true \\ predicted") && out.contains("confusion.csv"),
+        "{out}"
+    );
+    let csv = std::fs::read_to_string(dir.join("tuned-run/confusion.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "true \\ predicted,ant,bee,cow,dog", "{csv}");
+    assert_eq!(lines.len(), 5, "{csv}");
+    let counted: usize = lines[1..]
+        .iter()
+        .flat_map(|l| l.split(',').skip(1).map(|v| v.parse::<usize>().unwrap()))
+        .sum();
+    assert_eq!(counted, val_images, "{csv}");
+
+    // predict on a folder: every image under it, a line each; --json a JSON object each.
+    let (ok, out, err) = alexnet_out(
+        &["predict", "--run", &run, "--top", "2", &d("mine/bee")],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 8, "{out}");
+    assert!(
+        out.lines()
+            .all(|l| l.contains("bee") && l.split('\t').count() == 3),
+        "{out}"
+    );
+    let (ok, out, err) = alexnet_out(&["predict", "--run", &run, "--json", &d("mine")], &[]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 32, "{out}");
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["file"].as_str().unwrap().ends_with(".png"));
+        assert_eq!(
+            v["top"].as_array().unwrap().len(),
+            4,
+            "four classes: {line}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

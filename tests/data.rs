@@ -2,7 +2,9 @@
 //! form read back, and the loader's determinism and replica split.
 
 use alexnet::data::loader::{self, EpochLoader, LoaderConfig, Pixels, View};
-use alexnet::data::prepare::{decode_square, prepare, symmetric_eigen3, PrepareOptions};
+use alexnet::data::prepare::{
+    decode_square, in_val, prepare, symmetric_eigen3, PrepareOptions, ValSplit,
+};
 use alexnet::data::shards::{Dataset, METADATA_FILE};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -573,4 +575,368 @@ fn a_changed_input_is_noticed_by_a_rerun() {
     std::fs::write(run.join("job.json"), "{}").unwrap();
     let e = format!("{:#}", prepare(&input, &run, &quiet(4)).unwrap_err());
     assert!(e.contains("is a training run's folder"), "{e}");
+}
+
+/// Images the tests make: `per_class` 12x12 PNGs of one flat colour in each class folder,
+/// red the image's number and green its class's, so that a stored image says which it is.
+fn made_tree(dir: &Path, classes: &[&str], per_class: usize) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for (c, class) in classes.iter().enumerate() {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..per_class {
+            let path = dir.join(class).join(format!("img{i:03}.png"));
+            made_image(&path, i as u8, c as u8);
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn made_image(path: &Path, red: u8, green: u8) {
+    // PNG whatever the name says (`.JPEG` too): the decoder goes by the content, and PNG
+    // keeps the colours exact.
+    image::RgbImage::from_pixel(12, 12, image::Rgb([red, green, 200]))
+        .save_with_format(path, image::ImageFormat::Png)
+        .unwrap();
+}
+
+/// (green, red) of every stored image: which made image it is.
+fn stored(ds: &Dataset) -> Vec<(u8, u8)> {
+    let plane = ds.side() * ds.side();
+    (0..ds.len())
+        .map(|i| {
+            let (label, img) = ds.image(i).unwrap();
+            assert_eq!(label as u8, img[plane], "the label is the class's");
+            (img[plane], img[0])
+        })
+        .collect()
+}
+
+fn split_opts(fraction: f64, seed: u64) -> PrepareOptions {
+    PrepareOptions {
+        side: 12,
+        val_split: Some(ValSplit { fraction, seed }),
+        ..quiet(16)
+    }
+}
+
+/// `prepare --val-fraction`: train/ and val/ from one tree, every image in exactly one, each
+/// image's part the function of its path and the seed, every class split at the fraction's
+/// rate, val/ carrying train/'s statistics; adding an image moves no other.
+#[test]
+fn a_validation_split_is_stratified_stable_and_disjoint() {
+    let input = scratch("split-in");
+    let classes = ["apple", "bear", "cat"];
+    made_tree(&input, &classes, 40);
+    let out = scratch("split-out");
+    let summary = prepare(&input, &out, &split_opts(0.25, 7)).unwrap();
+    let train = Dataset::open(&out.join("train")).unwrap();
+    let val = Dataset::open(&out.join("val")).unwrap();
+    assert_eq!(summary.images, train.len());
+    assert_eq!(summary.val.as_ref().unwrap().images, val.len());
+    let (t, v) = (stored(&train), stored(&val));
+    let mut all: Vec<_> = t.iter().chain(&v).copied().collect();
+    all.sort();
+    let want: Vec<(u8, u8)> = (0..3).flat_map(|c| (0..40).map(move |i| (c, i))).collect();
+    assert_eq!(all, want, "every image in exactly one part");
+    for (c, class) in classes.iter().enumerate() {
+        let predicted: Vec<u8> = (0..40u8)
+            .filter(|i| {
+                in_val(
+                    &format!("{class}/img{i:03}.png"),
+                    ValSplit {
+                        fraction: 0.25,
+                        seed: 7,
+                    },
+                )
+            })
+            .collect();
+        let got: Vec<u8> = v.iter().filter(|x| x.0 == c as u8).map(|x| x.1).collect();
+        assert_eq!(
+            got, predicted,
+            "{class}: val/ is the images the split draws"
+        );
+        assert!(
+            (4..=16).contains(&got.len()),
+            "{class}: {} of 40 in val/ at 0.25",
+            got.len()
+        );
+        assert_eq!(val.meta.class_counts[c], got.len());
+    }
+    assert_eq!(train.meta.classes, val.meta.classes);
+    assert_eq!(
+        std::fs::read(out.join("train/mean.bin")).unwrap(),
+        std::fs::read(out.join("val/mean.bin")).unwrap(),
+        "val/ is centred by the training mean"
+    );
+    assert_eq!(train.meta.rgb_eigenvalues, val.meta.rgb_eigenvalues);
+    let split = val.meta.split.as_ref().unwrap();
+    assert_eq!(
+        (
+            split.part.as_str(),
+            split.val_fraction,
+            split.seed,
+            split.val_files
+        ),
+        ("val", 0.25, 7, v.len())
+    );
+    assert_eq!(train.meta.split.as_ref().unwrap().part, "train");
+    // A rerun finds both parts complete.
+    let again = prepare(&input, &out, &split_opts(0.25, 7)).unwrap();
+    assert_eq!(again.shards_reused, again.shards);
+    // Another seed, another split, refused into the same output by name.
+    let e = format!(
+        "{:#}",
+        prepare(&input, &out, &split_opts(0.25, 8)).unwrap_err()
+    );
+    assert!(e.contains("--val-fraction or --seed"), "{e}");
+    let other = scratch("split-seed8");
+    prepare(&input, &other, &split_opts(0.25, 8)).unwrap();
+    assert_ne!(stored(&Dataset::open(&other.join("val")).unwrap()), v);
+    // An image added: every other stays where it was.
+    made_image(&input.join("bear/img999.png"), 250, 1);
+    let grown = scratch("split-grown");
+    prepare(&input, &grown, &split_opts(0.25, 7)).unwrap();
+    let (t2, v2) = (
+        stored(&Dataset::open(&grown.join("train")).unwrap()),
+        stored(&Dataset::open(&grown.join("val")).unwrap()),
+    );
+    assert!(t.iter().all(|x| t2.contains(x)), "a training image moved");
+    assert!(v.iter().all(|x| v2.contains(x)), "a validation image moved");
+    assert_eq!(t2.len() + v2.len(), 121);
+    assert!(t2.contains(&(1, 250)) != v2.contains(&(1, 250)));
+}
+
+/// A split keeps a training image in every class (the carried photographs have one or two
+/// per class), and refuses what cannot be split, by name; nothing is left behind.
+#[test]
+fn a_split_of_the_photographs_keeps_every_class_in_training() {
+    let out = scratch("split-photos");
+    let opts = PrepareOptions {
+        side: 32,
+        ..split_opts(0.5, 1)
+    };
+    let s = prepare(&photos(), &out, &opts).unwrap();
+    let train = Dataset::open(&out.join("train")).unwrap();
+    assert!(
+        train.meta.class_counts.iter().all(|&n| n >= 1),
+        "{:?}",
+        train.meta.class_counts
+    );
+    assert_eq!(s.images + s.val.unwrap().images, 20);
+    let e = format!(
+        "{:#}",
+        prepare(&photos(), &out.join("x"), &split_opts(1.5, 1)).unwrap_err()
+    );
+    assert!(
+        e.contains("--val-fraction 1.5 must be between 0 and 1"),
+        "{e}"
+    );
+    assert!(!out.join("x").exists());
+    let e = format!(
+        "{:#}",
+        prepare(&photos(), &out.join("y"), &split_opts(0.001, 1)).unwrap_err()
+    );
+    assert!(e.contains("puts none of the 20 images in val/"), "{e}");
+    assert!(!out.join("y").exists());
+    let whole = scratch("split-whole");
+    prepare(
+        &photos(),
+        &whole,
+        &PrepareOptions {
+            side: 32,
+            ..quiet(8)
+        },
+    )
+    .unwrap();
+    let e = format!("{:#}", prepare(&photos(), &whole, &opts).unwrap_err());
+    assert!(e.contains("holds a dataset prepared whole"), "{e}");
+    let e = format!(
+        "{:#}",
+        prepare(
+            &photos(),
+            &out,
+            &PrepareOptions {
+                side: 32,
+                ..quiet(8)
+            }
+        )
+        .unwrap_err()
+    );
+    assert!(e.contains("holds a split dataset"), "{e}");
+}
+
+/// A flat folder of made images, as ImageNet's validation images come.
+fn flat_folder(dir: &Path, names: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (i, n) in names.iter().enumerate() {
+        made_image(&dir.join(n), i as u8, 0);
+    }
+}
+
+fn labelled(labels: &Path, class_names: Option<&Path>) -> PrepareOptions {
+    PrepareOptions {
+        side: 12,
+        labels: Some(labels.to_path_buf()),
+        class_names: class_names.map(Path::to_path_buf),
+        ..quiet(4)
+    }
+}
+
+/// `prepare --labels`: ILSVRC's LOC_val_solution.csv (ids without their extension, the class
+/// the prediction string's first word) and plain `file,class` lines, for a flat folder;
+/// `--class-names` (LOC_synset_mapping.txt) names the classes and makes them the file's
+/// (sorted), so a set lacking one still lines up with its training set.
+#[test]
+fn label_files_in_both_formats_label_a_flat_folder() {
+    let dir = scratch("labels");
+    let images = dir.join("val");
+    flat_folder(
+        &images,
+        &[
+            "ILSVRC2012_val_00000001.JPEG",
+            "ILSVRC2012_val_00000002.JPEG",
+            "ILSVRC2012_val_00000003.JPEG",
+        ],
+    );
+    std::fs::write(images.join("README.txt"), "not an image").unwrap();
+    let solution = dir.join("LOC_val_solution.csv");
+    std::fs::write(
+        &solution,
+        "ImageId,PredictionString\n\
+         ILSVRC2012_val_00000003,n01440764 10 20 30 40 n01440764 1 2 3 4\n\
+         ILSVRC2012_val_00000001,n02119789 255 142 454 329 n02119789 44 21 322 295\n\
+         ILSVRC2012_val_00000002,n02119789 1 1 5 5\n",
+    )
+    .unwrap();
+    let mapping = dir.join("LOC_synset_mapping.txt");
+    std::fs::write(
+        &mapping,
+        "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\nn02119789 kit fox, Vulpes macrotis\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let s = prepare(&images, &out, &labelled(&solution, Some(&mapping))).unwrap();
+    assert_eq!((s.images, s.classes), (3, 3));
+    assert_eq!(s.skipped.len(), 1, "README.txt: {:?}", s.skipped);
+    let ds = Dataset::open(&out).unwrap();
+    assert_eq!(ds.meta.classes, ["n01440764", "n01443537", "n02119789"]);
+    assert_eq!(ds.meta.class_counts, [1, 0, 2]);
+    assert_eq!(
+        ds.meta.display_name(2),
+        "n02119789 kit fox, Vulpes macrotis"
+    );
+    // Stored in file order, each with its label: red is the image's number.
+    let got: Vec<(u32, u8)> = (0..3)
+        .map(|i| ds.image(i).unwrap())
+        .map(|(l, img)| (l, img[0]))
+        .collect();
+    assert_eq!(got, [(2, 0), (2, 1), (0, 2)]);
+    // A training tree in class folders, with the same names: the same classes in the same
+    // order, though the validation set has no goldfish.
+    let tree = dir.join("train");
+    made_tree(&tree, &["n01440764", "n01443537", "n02119789"], 2);
+    let train_out = dir.join("train-out");
+    let opts = PrepareOptions {
+        class_names: Some(mapping.clone()),
+        side: 12,
+        ..quiet(4)
+    };
+    prepare(&tree, &train_out, &opts).unwrap();
+    let train = Arc::new(Dataset::open(&train_out).unwrap());
+    assert_eq!(train.meta.classes, ds.meta.classes);
+    assert_eq!(train.meta.display_name(0), "n01440764 tench, Tinca tinca");
+    let net = alexnet::model::NetConfig::narrow(11, [4, 4, 4, 4, 4], [4, 4], 4);
+    let open = |val: Arc<Dataset>| {
+        alexnet::train::prepared::PreparedData::new(
+            train.clone(),
+            val,
+            &net,
+            2,
+            (1, 0),
+            1,
+            1,
+            false,
+        )
+    };
+    assert!(open(Arc::new(ds)).is_ok());
+
+    // Plain `file,class` lines, with or without a header, by file name; no --class-names:
+    // the labels' own classes.
+    for (name, text) in [
+        (
+            "with-header.csv",
+            "file,class\nILSVRC2012_val_00000001.JPEG,fox\nILSVRC2012_val_00000002.JPEG,fish\n",
+        ),
+        (
+            "bare.csv",
+            "ILSVRC2012_val_00000001.JPEG,fox\nILSVRC2012_val_00000002.JPEG,fish\n",
+        ),
+    ] {
+        let labels = dir.join(name);
+        std::fs::write(&labels, text).unwrap();
+        let out = dir.join(format!("out-{name}"));
+        let s = prepare(&images, &out, &labelled(&labels, None)).unwrap();
+        assert_eq!(s.images, 2, "{name}");
+        let ds = Dataset::open(&out).unwrap();
+        assert_eq!(ds.meta.classes, ["fish", "fox"], "{name}");
+        assert_eq!(ds.image(0).unwrap().0, 1, "{name}: image 1 is a fox");
+        assert!(
+            ds.meta
+                .skipped
+                .iter()
+                .any(|s| s.path.ends_with("00000003.JPEG") && s.reason.contains("not in --labels")),
+            "{name}: {:?}",
+            ds.meta.skipped
+        );
+        // Without the names file the classes are the labels' own: training refuses the
+        // pair, saying where they part.
+        let e = open(Arc::new(ds)).err().expect("other classes").to_string();
+        assert!(
+            e.contains(
+                "have different classes (3 and 2; class 0 is n01440764 in one, fish in the other)"
+            ) && e.contains("--class-names"),
+            "{e}"
+        );
+    }
+}
+
+/// A label file naming an image that is not there, a malformed line (in either file), a class
+/// the names file lacks and an image labelled twice are each refused with the file, the line
+/// and what to do, before anything is written.
+#[test]
+fn label_file_mistakes_are_named_and_nothing_is_written() {
+    let dir = scratch("labels-bad");
+    let images = dir.join("val");
+    flat_folder(&images, &["a.png", "b.png"]);
+    let mapping = dir.join("names.txt");
+    std::fs::write(&mapping, "fox a fox\nfish a fish\n").unwrap();
+    let cases: [(&str, &str, Option<&Path>, &[&str]); 6] = [
+        ("missing.csv", "a.png,fox\nc.png,fish\nd.png,fish\n", None,
+         &["missing.csv line 2 names c.png, which is not in --input", "1 more lines name missing images (lines 3)", "rerun"]),
+        ("malformed.csv", "a.png,fox\nb.png fish\n", None,
+         &["malformed.csv line 2: expected `file,class`, found `b.png fish`; fix the line and rerun"]),
+        ("ilsvrc.csv", "ImageId,PredictionString\na,fox 1 2 3 4\nb\n", None,
+         &["ilsvrc.csv line 3: expected `ImageId,PredictionString`", "found `b`"]),
+        ("twice.csv", "a.png,fox\na.png,fish\n", None,
+         &["twice.csv line 2 labels a.png again (line 1 did)"]),
+        ("unknown.csv", "a.png,fox\nb.png,cat\n", Some(&mapping),
+         &["the class cat, which --class-names", "does not name"]),
+        ("fine.csv", "a.png,fox\n", Some(&dir.join("bad-names.txt")),
+         &["bad-names.txt line 2: expected a class, a space and its name", "found `fish`"]),
+    ];
+    std::fs::write(dir.join("bad-names.txt"), "fox a fox\nfish\n").unwrap();
+    for (name, text, names, want) in cases {
+        let labels = dir.join(name);
+        std::fs::write(&labels, text).unwrap();
+        let out = dir.join(format!("out-{name}"));
+        let e = format!(
+            "{:#}",
+            prepare(&images, &out, &labelled(&labels, names)).unwrap_err()
+        );
+        for w in want {
+            assert!(e.contains(w), "{name}: wanted `{w}` in: {e}");
+        }
+        assert!(!out.exists(), "{name}: an output was left behind");
+    }
 }

@@ -741,3 +741,168 @@ fn out_of_device_memory_names_the_layer_and_the_batch() {
         "{e}"
     );
 }
+
+/// `freeze`: frozen layers get no weight gradient and no update, and the layers above them
+/// get the very gradients they get unfrozen (freezing changes nothing above); everything
+/// frozen is refused.
+#[test]
+fn frozen_layers_neither_learn_nor_change_what_the_others_learn() {
+    let cfg = NetConfig::narrow(63, [4, 4, 4, 4, 4], [8, 8], 4);
+    let cpu = Cpu::new();
+    let batch = 3;
+    let x = cpu.upload(&random(batch * 3 * 63 * 63, 5));
+    let labels = [0u32, 3, 1];
+    let step = |frozen: &[&str]| {
+        let mut net = Network::new(
+            cfg.clone(),
+            Cpu::new(),
+            Box::new(LocalExchange::default()),
+            7,
+        )
+        .unwrap();
+        let names: Vec<String> = frozen.iter().map(|s| s.to_string()).collect();
+        net.freeze(&names).unwrap();
+        let logits = net
+            .forward(&x, batch, Mode::Train { step: 0 })
+            .unwrap()
+            .clone();
+        let mut dlogits = cpu.zeros(batch * cfg.classes);
+        cpu.softmax_xent(batch, cfg.classes, &logits, &labels, &mut dlogits);
+        net.backward(&x, &dlogits).unwrap();
+        let before: Vec<Vec<f32>> = net.params().map(|(_, p)| p.value.clone()).collect();
+        net.sgd_step(&SgdParams {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 0.0005,
+        });
+        (net, before)
+    };
+    let (free, _) = step(&[]);
+    for frozen in [
+        &["conv1", "conv2", "conv3", "conv4", "conv5"][..],
+        &["conv2", "fc6"][..],
+    ] {
+        let (net, before) = step(frozen);
+        for (i, (_, p)) in net.params().enumerate() {
+            let layer = p.name.split('.').next().unwrap();
+            let grad = net.unsplit_grad(&p.name).unwrap();
+            if frozen.contains(&layer) {
+                assert!(net.is_frozen(layer));
+                assert!(
+                    grad.iter().all(|&g| g == 0.0),
+                    "{}: a frozen gradient",
+                    p.name
+                );
+                assert_eq!(p.value, before[i], "{}: a frozen layer moved", p.name);
+            } else {
+                assert_ne!(p.value, before[i], "{}: did not learn", p.name);
+                let lowest_frozen = LAYERS.iter().position(|l| frozen.contains(l)).unwrap();
+                if LAYERS.iter().position(|l| *l == layer).unwrap() > lowest_frozen {
+                    assert_eq!(
+                        grad,
+                        free.unsplit_grad(&p.name).unwrap(),
+                        "{}: its gradient changed",
+                        p.name
+                    );
+                }
+            }
+        }
+    }
+    let mut net = Network::new(
+        cfg.clone(),
+        Cpu::new(),
+        Box::new(LocalExchange::default()),
+        7,
+    )
+    .unwrap();
+    let all: Vec<String> = LAYERS.iter().map(|s| s.to_string()).collect();
+    let e = net.freeze(&all).unwrap_err().to_string();
+    assert!(e.contains("nothing would train"), "{e}");
+    let e = net.freeze(&["fc9".into()]).unwrap_err().to_string();
+    assert!(e.contains("no layer fc9"), "{e}");
+}
+
+/// With layers frozen, the columns held apart still train to the same bits as one process
+/// holding both: the exchanges that a frozen stack leaves out are left out on both sides.
+#[test]
+fn frozen_layers_train_alike_on_two_threads_and_in_one_process() {
+    use alexnet::comm::ChannelExchange;
+    use alexnet::train::train_step;
+    let cfg = NetConfig {
+        init_std: 0.2,
+        ..NetConfig::narrow(63, [4, 8, 8, 8, 4], [8, 8], 4)
+    };
+    let (batch, seed) = (3, 17);
+    let x: Vec<f32> = random(3 * 63 * 63 * batch, 8)
+        .iter()
+        .map(|v| 3.0 * v)
+        .collect();
+    let labels = vec![2u32, 0, 3];
+    let sgd = SgdParams {
+        lr: 0.01,
+        momentum: 0.9,
+        weight_decay: 0.0005,
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // Frozen in between (conv3's and fc7's input gradients still cross), and a frozen stack
+    // below fc6 (nothing crosses below it).
+    for frozen in [
+        vec!["conv1", "conv3", "fc7"],
+        vec!["conv1", "conv2", "conv3", "conv4", "conv5"],
+    ] {
+        let frozen: Vec<String> = frozen.into_iter().map(String::from).collect();
+        let mut whole = Network::new(
+            cfg.clone(),
+            Cpu::new(),
+            Box::new(LocalExchange::default()),
+            seed,
+        )
+        .unwrap();
+        whole.freeze(&frozen).unwrap();
+        let start: Vec<Vec<f32>> = whole.params().map(|(_, p)| p.value.clone()).collect();
+        for step in 0..3 {
+            train_step(&mut whole, &x, &labels, step, &sgd).unwrap();
+        }
+        for ((_, p), before) in whole.params().zip(&start) {
+            let layer = p.name.split('.').next().unwrap();
+            assert_eq!(
+                frozen.iter().any(|f| f == layer),
+                &p.value == before,
+                "{}: frozen {frozen:?}",
+                p.name
+            );
+        }
+        let (e0, e1) = ChannelExchange::pair(std::time::Duration::from_secs(60)).unwrap();
+        let threads: Vec<_> = [e0, e1]
+            .into_iter()
+            .map(|exchange| {
+                let (cfg, x, labels, frozen) =
+                    (cfg.clone(), x.clone(), labels.clone(), frozen.clone());
+                std::thread::spawn(move || {
+                    let mut net = Network::new(cfg, Cpu::new(), Box::new(exchange), seed).unwrap();
+                    net.freeze(&frozen).unwrap();
+                    for step in 0..3 {
+                        train_step(&mut net, &x, &labels, step, &sgd).unwrap();
+                    }
+                    let column = net.columns.remove(0);
+                    let params: Vec<(String, Vec<f32>)> = column
+                        .params
+                        .into_iter()
+                        .map(|p| (p.name, p.value))
+                        .collect();
+                    (column.index, params)
+                })
+            })
+            .collect();
+        for t in threads {
+            let (index, params) = t.join().unwrap();
+            for ((name, value), p) in params.iter().zip(&whole.columns[index].params) {
+                assert_eq!(name, &p.name);
+                assert!(
+                    bits(value) == bits(&p.value),
+                    "frozen {frozen:?}: column {index} {name} differs between the layouts"
+                );
+            }
+        }
+    }
+}

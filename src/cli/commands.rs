@@ -415,34 +415,96 @@ pub fn agent(a: AgentArgs, log_format: LogFormat) -> anyhow::Result<()> {
     })
 }
 
-/// Top-1 and top-5 error of a trained run on a dataset.
+/// Top-1 and top-5 error of a trained run on a dataset, and with --confusion its matrix.
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let csv = a
+        .confusion_csv
+        .clone()
+        .unwrap_or_else(|| a.run.join("confusion.csv"));
+    if a.confusion {
+        // Checked before the evaluation, so that a bad path does not cost it.
+        let parent = csv.parent().filter(|p| !p.as_os_str().is_empty());
+        anyhow::ensure!(
+            parent.is_none_or(|p| p.is_dir()),
+            "--confusion-csv {}: its folder does not exist",
+            csv.display()
+        );
+    }
     let mut run = alexnet::train::evaluate::load_run(&a.run, Cpu::new())?;
-    let hits = alexnet::train::evaluate::evaluate(
+    let result = alexnet::train::evaluate::evaluate(
         &mut run,
         a.data.as_deref().map(resolve_data).as_deref(),
         a.ten_crop,
         a.batch.max(1),
     )?;
+    let hits = result.hits;
+    // With 5 outputs or fewer every label is among the top 5: no top-5 error to report.
+    let top5 = if run.job.net.classes > 5 {
+        format!(", top-5 error {:.4}", hits.top5_err())
+    } else {
+        String::new()
+    };
     println!(
-        "step {}: top-1 error {:.4}, top-5 error {:.4} on {} images ({})",
+        "step {}: top-1 error {:.4}{top5} on {} images ({})",
         run.manifest.step,
         hits.top1_err(),
-        hits.top5_err(),
         hits.samples,
         if a.ten_crop { "ten patches" } else { "centre" }
     );
+    if a.confusion {
+        print!("{}", result.confusion.render());
+        alexnet::files::write_atomic(&csv, result.confusion.to_csv().as_bytes())?;
+        println!("confusion matrix written to {}", csv.display());
+    }
     Ok(())
+}
+
+/// Image files with the folders among them opened: every image under a folder, sorted.
+fn images_of(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let found = alexnet::data::prepare::images_under(p)?;
+            anyhow::ensure!(
+                !found.is_empty(),
+                "{} holds no images (.jpg, .jpeg, .png)",
+                p.display()
+            );
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// The top classes of image files by a trained run.
 pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
     let mut run = alexnet::train::evaluate::load_run(&a.run, Cpu::new())?;
+    let one_line = a.images.iter().any(|p| p.is_dir());
+    let images = images_of(&a.images)?;
     // Each file on its own: a bad one is named at the end and does not cost the others.
     let mut bad = Vec::new();
-    let results = alexnet::train::evaluate::predict(&mut run, &a.images, a.top)?;
-    for (path, result) in a.images.iter().zip(results) {
+    let results = alexnet::train::evaluate::predict(&mut run, &images, a.top)?;
+    for (path, result) in images.iter().zip(results) {
         match result {
+            Ok(top) if a.json => {
+                let top: Vec<_> = top
+                    .iter()
+                    .map(|(c, name, p)| serde_json::json!({"class": c, "name": name, "p": p}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"file": path.display().to_string(), "top": top})
+                );
+            }
+            Ok(top) if one_line => {
+                let classes: Vec<String> = top
+                    .iter()
+                    .map(|(_, name, p)| format!("{name} {p:.3}"))
+                    .collect();
+                println!("{}\t{}", path.display(), classes.join("\t"));
+            }
             Ok(top) => {
                 println!("{}", path.display());
                 for (c, name, p) in top {
@@ -450,7 +512,14 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
                 }
             }
             Err(e) => {
-                tracing::error!("{}", alexnet::log_fields::error_chain(&e));
+                let why = alexnet::log_fields::error_chain(&e);
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"file": path.display().to_string(), "error": why})
+                    );
+                }
+                tracing::error!("{why}");
                 bad.push(path.display().to_string());
             }
         }
@@ -459,7 +528,7 @@ pub fn predict(a: PredictArgs) -> anyhow::Result<()> {
         bad.is_empty(),
         "{} of {} images could not be classified: {}",
         bad.len(),
-        a.images.len(),
+        images.len(),
         bad.join(", ")
     );
     Ok(())
@@ -480,12 +549,28 @@ pub fn prepare(a: PrepareArgs) -> anyhow::Result<()> {
         shard_images: a.shard_images,
         strict: a.strict,
         progress: !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        val_split: a
+            .val_fraction
+            .map(|fraction| alexnet::data::prepare::ValSplit {
+                fraction,
+                seed: a.seed,
+            }),
+        labels: a.labels.clone(),
+        class_names: a.class_names.clone(),
     };
     let summary = alexnet::data::prepare::prepare(&a.input, &a.output, &opts)?;
     if !summary.skipped.is_empty() {
         tracing::warn!(
             skipped = summary.skipped.len(),
             "some files were skipped (named above; --strict stops instead)"
+        );
+    }
+    if summary.val.is_some() {
+        let (train, val) = (a.output.join("train"), a.output.join("val"));
+        tracing::info!(
+            "train with --data {} --val {}",
+            train.display(),
+            val.display()
         );
     }
     Ok(())

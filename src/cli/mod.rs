@@ -96,7 +96,7 @@ impl DeviceArgs {
 pub enum Command {
     /// Train on IDX files (Fashion-MNIST layout) or a prepared dataset, reporting validation error.
     #[command(
-        after_help = "Examples:\n  alexnet train                                         the demo network on the carried sample\n  alexnet train --steps 200 --run-dir runs/try1          keep checkpoints and the report\n  alexnet train --resume runs/try1 --epochs 20           continue it, longer\n  alexnet train --data /data/prepared/train --val /data/prepared/val --out params"
+        after_help = "Examples:\n  alexnet train                                         the demo network on the carried sample\n  alexnet train --steps 200 --run-dir runs/try1          keep checkpoints and the report\n  alexnet train --resume runs/try1 --epochs 20           continue it, longer\n  alexnet train --data /data/prepared/train --val /data/prepared/val --out params\n  alexnet train --data mine/train --val mine/val --init imagenet.safetensors --reinit fc8 --freeze conv1..conv5   fine-tune"
     )]
     Train(TrainArgs),
     /// Time full training steps (forward, backward, update) on random data.
@@ -110,7 +110,7 @@ pub enum Command {
     /// RGB images (shorter side to 256, central crop) in shards, with the mean image and the RGB
     /// PCA in dataset.json. Interrupted runs leave nothing that looks complete; rerun to finish.
     #[command(
-        after_help = "Examples:\n  alexnet prepare --input ~/photos --output data/photos\n  alexnet prepare --input /data/imagenet/train --output /data/prepared/train\n  alexnet prepare --input /data/imagenet/val --output /data/prepared/val"
+        after_help = "Examples:\n  alexnet prepare --input ~/photos --output data/photos\n  alexnet prepare --input ~/photos --output data/photos --val-fraction 0.2   train/ and val/\n  alexnet prepare --input imagenet/ILSVRC/Data/CLS-LOC/val --labels LOC_val_solution.csv --class-names LOC_synset_mapping.txt --output /data/prepared/val\n  alexnet prepare --input /data/imagenet/train --output /data/prepared/train\n  alexnet prepare --input /data/imagenet/val --output /data/prepared/val"
     )]
     Prepare(PrepareArgs),
     /// Time `prepare` on ImageNet-sized JPEGs and the loader on the result.
@@ -166,12 +166,12 @@ pub enum Command {
     Status(StatusArgs),
     /// Top-1 and top-5 error of a trained run (its newest checkpoint) on a dataset.
     #[command(
-        after_help = "Examples:\n  alexnet eval --run runs/job-1796666779\n  alexnet eval --run runs/job-1796666779 --data /data/prepared/val --ten-crop"
+        after_help = "Examples:\n  alexnet eval --run runs/job-1796666779\n  alexnet eval --run runs/job-1796666779 --data /data/prepared/val --ten-crop\n  alexnet eval --run runs/job-1796666779 --confusion      the matrix, and RUN/confusion.csv"
     )]
     Eval(EvalArgs),
     /// The top-5 classes of image files, with probabilities, by a trained run.
     #[command(
-        after_help = "Examples:\n  alexnet predict --run runs/job-1796666779 cat.jpg dog.png\n  alexnet predict --run runs/job-1796666779 --top 3 photos/*.jpg"
+        after_help = "Examples:\n  alexnet predict --run runs/job-1796666779 cat.jpg dog.png\n  alexnet predict --run runs/job-1796666779 --top 3 photos/*.jpg\n  alexnet predict --run runs/job-1796666779 --top 1 photos/      every image under it, a line each\n  alexnet predict --run runs/job-1796666779 --json photos/ > predictions.jsonl"
     )]
     Predict(PredictArgs),
     /// Write a trained run's parameters as one safetensors file, unsplit, with PyTorch's names
@@ -197,6 +197,13 @@ pub struct EvalArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Also print the confusion matrix (rows: true classes, columns: predicted) and write
+    /// it to confusion.csv in the run folder (or to --confusion-csv).
+    #[arg(long)]
+    pub confusion: bool,
+    /// Where --confusion writes its CSV file. [default: RUN/confusion.csv]
+    #[arg(long, value_name = "FILE", requires = "confusion")]
+    pub confusion_csv: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -204,12 +211,17 @@ pub struct PredictArgs {
     /// The run folder.
     #[arg(long)]
     pub run: PathBuf,
-    /// Image files (JPEG or PNG).
+    /// Image files (JPEG or PNG), or folders: a folder stands for every image under it
+    /// (sorted), each on one line.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
     /// Classes shown per image.
     #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     pub top: usize,
+    /// One JSON object per image and line: {"file", "top": [{"class", "name", "p"}]} (a file
+    /// that could not be read: {"file", "error"}).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args)]
@@ -439,6 +451,26 @@ pub struct PrepareArgs {
     /// No progress bar (logs only).
     #[arg(long)]
     pub no_progress: bool,
+    /// Split the input into OUTPUT/train and OUTPUT/val: this share of each class's images
+    /// goes to val/ (0.1: a tenth). Whether an image goes is a function of its path under
+    /// --input and --seed alone, so adding images never moves the others; val/ takes the
+    /// training part's mean image and RGB PCA.
+    #[arg(long, value_name = "F")]
+    pub val_fraction: Option<f64>,
+    /// A label file for a flat folder of images in --input: ILSVRC-2012's
+    /// LOC_val_solution.csv (header `ImageId,PredictionString`; the class is the prediction
+    /// string's first word) or `file,class` lines. Images it does not name are skipped.
+    #[arg(long, value_name = "FILE")]
+    pub labels: Option<PathBuf>,
+    /// The classes' human names, kept in dataset.json and shown by `predict` and `eval`:
+    /// LOC_synset_mapping.txt (`n01440764 tench, Tinca tinca`: a class, then its name). With
+    /// --labels, the classes are all of this file's, sorted as class folders are, so that a
+    /// validation set lacking a class still lines up with its training set.
+    #[arg(long, value_name = "FILE")]
+    pub class_names: Option<PathBuf>,
+    /// Seeds the --val-fraction split (another seed, another split).
+    #[arg(long, default_value_t = 1, requires = "val_fraction")]
+    pub seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -543,6 +575,15 @@ pub struct JobArgs {
     /// Start from the parameters in this file (`alexnet export` output: unsplit, PyTorch-style).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// With --init: layers drawn afresh at this network's shape instead of taken from the
+    /// file (fine-tuning on new classes: `fc8`; a list or range: `fc7,fc8`, `fc6..fc8`).
+    /// Other layers must match the file's shapes.
+    #[arg(long, value_name = "LAYERS", value_parser = layer_list, requires = "init")]
+    pub reinit: Option<LayerList>,
+    /// Layers not trained: no weight gradients, no update, no backward pass below the lowest
+    /// layer that learns (fine-tuning on little data: `conv1..conv5`).
+    #[arg(long, value_name = "LAYERS", value_parser = layer_list)]
+    pub freeze: Option<LayerList>,
     /// Log progress every this many steps.
     #[arg(long, default_value_t = 10)]
     pub log_every: usize,
@@ -648,6 +689,15 @@ fn memory_size(s: &str) -> Result<u64, String> {
     alexnet::backend::settings::parse_size(s).ok_or_else(|| {
         format!("`{s}` is not a size: bytes, or a number with K, M, G or T (12G, 512M)")
     })
+}
+
+/// Layers a flag names, in the network's order.
+#[derive(Clone, Debug)]
+pub struct LayerList(pub Vec<String>);
+
+/// Layer names and ranges (`fc8`, `conv1..conv5`), checked.
+fn layer_list(s: &str) -> Result<LayerList, String> {
+    alexnet::model::params::parse_layers(s).map(LayerList)
 }
 
 /// A count that must be at least 1.

@@ -135,6 +135,12 @@ pub fn job_from_args(a: &JobArgs, layout: Option<&LayoutArgs>) -> anyhow::Result
     if a.init.is_some() {
         job.init = a.init.as_ref().map(|p| absolute(p));
     }
+    if let Some(layers) = &a.reinit {
+        job.reinit = layers.0.clone();
+    }
+    if let Some(layers) = &a.freeze {
+        job.freeze = layers.0.clone();
+    }
     if let Some(l) = layout {
         if let Some(r) = l.replicas {
             job.topology.replicas = r;
@@ -260,7 +266,7 @@ pub fn check_local_inputs(job: &JobConfig, a: &JobArgs, resuming: bool) -> anyho
         )
     })?;
     if let (Some(init), false) = (&job.init, resuming) {
-        alexnet::train::job::check_init(init, &job.net)?;
+        alexnet::train::job::check_init(init, &job.net, &job.reinit)?;
     }
     Ok(())
 }
@@ -281,7 +287,8 @@ fn fixed_by_resume(a: &JobArgs, layout: Option<&LayoutArgs>) -> Vec<&'static str
     check!(config => "--config", data => "--data", val => "--val", net => "--net",
            batch => "--batch", lr => "--lr", momentum => "--momentum",
            weight_decay => "--weight-decay", seed => "--seed", init => "--init",
-           augment_on => "--augment-on", loader_threads => "--loader-threads");
+           augment_on => "--augment-on", loader_threads => "--loader-threads",
+           reinit => "--reinit", freeze => "--freeze");
     if let Some(l) = layout {
         if l.replicas.is_some() {
             given.push("--replicas");

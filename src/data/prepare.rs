@@ -8,8 +8,8 @@
 //! file list is sorted, so every shard holds the same files each time).
 
 use super::shards::{
-    shard_name, xxh3_hex, Metadata, ShardInfo, Skipped, FORMAT, MEAN_FILE, METADATA_FILE,
-    SHARD_MAGIC,
+    shard_name, xxh3_hex, Metadata, ShardInfo, Skipped, SplitRecord, FORMAT, MEAN_FILE,
+    METADATA_FILE, SHARD_MAGIC,
 };
 use crate::files::{sync_dir, write_atomic, write_atomic_with};
 use anyhow::{bail, ensure, Context, Result};
@@ -28,6 +28,42 @@ pub struct PrepareOptions {
     pub strict: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// Split the input into `train/` and `val/` sets under the output.
+    pub val_split: Option<ValSplit>,
+    /// A label file for a flat folder of images (`--labels`): ILSVRC's
+    /// `LOC_val_solution.csv` or `file,class` lines.
+    pub labels: Option<PathBuf>,
+    /// Human names of the classes (`--class-names`): `LOC_synset_mapping.txt` lines, a class
+    /// then its words.
+    pub class_names: Option<PathBuf>,
+}
+
+/// How `prepare --val-fraction` splits one tree: see [`in_val`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ValSplit {
+    /// The share of each class's images that goes to `val/`, in (0, 1).
+    pub fraction: f64,
+    pub seed: u64,
+}
+
+/// Whether the image at `relative` (its path under the input, `/`-separated) goes to the
+/// validation set: a function of that path and the seed alone, so a split stays as it was
+/// when images are added, and of no other image, so every class is split at the same rate.
+pub fn in_val(relative: &str, split: ValSplit) -> bool {
+    split_draw(relative, split.seed) < split.fraction
+}
+
+fn split_draw(relative: &str, seed: u64) -> f64 {
+    crate::rng::uniform(crate::rng::key(seed, &format!("val-split/{relative}")), 0) as f64
+}
+
+/// `path` under `input`, with `/` between its parts on every system.
+fn relative_name(input: &Path, path: &Path) -> String {
+    let rel = path.strip_prefix(input).unwrap_or(path);
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 impl Default for PrepareOptions {
@@ -37,6 +73,9 @@ impl Default for PrepareOptions {
             shard_images: 1024,
             strict: false,
             progress: true,
+            val_split: None,
+            labels: None,
+            class_names: None,
         }
     }
 }
@@ -53,6 +92,9 @@ pub struct Summary {
     pub seconds: f64,
     /// Images decoded and written by this run, per second.
     pub images_per_s: f64,
+    /// The validation part, where the input was split (`images` and the rest above are then
+    /// the training part's).
+    pub val: Option<Box<Summary>>,
 }
 
 /// Statistics of one shard, kept beside it until the dataset is complete.
@@ -89,6 +131,14 @@ fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Every image file (by its extension) under `dir`, recursively, sorted.
+pub fn images_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(files_under(dir)?
+        .into_iter()
+        .filter(|p| has_image_extension(p))
+        .collect())
 }
 
 /// A digest of what `prepare` reads: each image file's path under `input`, its label, size
@@ -165,6 +215,98 @@ fn list_input(input: &Path) -> Result<InputListing> {
         files,
         not_images,
     ))
+}
+
+/// The input's classes, labelled images, skipped files, and the classes' descriptions (empty
+/// without `--class-names`): from class folders, or from a label file for a flat folder.
+type FullListing = (Vec<String>, Vec<(PathBuf, u32)>, Vec<Skipped>, Vec<String>);
+
+fn list_any(input: &Path, opts: &PrepareOptions) -> Result<FullListing> {
+    let names = opts
+        .class_names
+        .as_deref()
+        .map(super::labels::read_class_names)
+        .transpose()?;
+    let (classes, files, not_images) = match &opts.labels {
+        None => list_input(input)?,
+        Some(labels) => list_labelled(
+            input,
+            labels,
+            names.as_deref().zip(opts.class_names.as_deref()),
+        )?,
+    };
+    let descriptions = match &names {
+        None => Vec::new(),
+        Some(names) => {
+            let by_class: std::collections::HashMap<&str, &str> = names
+                .iter()
+                .map(|(c, d)| (c.as_str(), d.as_str()))
+                .collect();
+            let unnamed: Vec<&str> = (classes.iter())
+                .filter(|c| !by_class.contains_key(c.as_str()))
+                .map(String::as_str)
+                .collect();
+            if !unnamed.is_empty() {
+                tracing::warn!(
+                    classes = unnamed.len(),
+                    "--class-names gives no name for {}: they are shown by their folder names",
+                    unnamed
+                        .iter()
+                        .take(10)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            (classes.iter())
+                .map(|c| by_class.get(c.as_str()).unwrap_or(&"").to_string())
+                .collect()
+        }
+    };
+    Ok((classes, files, not_images, descriptions))
+}
+
+/// A flat folder of images and a label file for them (see [`super::labels`]). Images the file
+/// does not name are skipped, and named as skipped.
+fn list_labelled(
+    input: &Path,
+    labels: &Path,
+    names: Option<(&[(String, String)], &Path)>,
+) -> Result<InputListing> {
+    ensure!(
+        input.is_dir(),
+        "--input {} is not a folder",
+        input.display()
+    );
+    let (images, others): (Vec<PathBuf>, Vec<PathBuf>) = files_under(input)?
+        .into_iter()
+        .partition(|p| has_image_extension(p));
+    let listed = super::labels::read_label_file(labels, input, &images)?;
+    let classes = super::labels::classes_of(&listed.entries, labels, names)?;
+    let index: std::collections::HashMap<&str, u32> = (classes.iter().enumerate())
+        .map(|(i, c)| (c.as_str(), i as u32))
+        .collect();
+    let mut files: Vec<(PathBuf, u32)> = (listed.entries.iter())
+        .map(|(p, c)| (p.clone(), index[c.as_str()]))
+        .collect();
+    files.sort();
+    let labelled: std::collections::HashSet<&PathBuf> = files.iter().map(|(p, _)| p).collect();
+    let mut skipped: Vec<Skipped> = (others.iter())
+        .map(|p| Skipped {
+            path: p.display().to_string(),
+            reason: "not an image file (extension)".into(),
+        })
+        .collect();
+    skipped.extend(
+        images
+            .iter()
+            .filter(|p| !labelled.contains(p))
+            .map(|p| Skipped {
+                path: p.display().to_string(),
+                reason: format!("not in --labels {}", labels.display()),
+            }),
+    );
+    Ok((classes, files, skipped))
 }
 
 /// Decodes an image file into planar RGB `[3, side, side]`: the central square of the image
@@ -373,17 +515,29 @@ pub fn prepare(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Sum
         }
     });
     if result.is_err() && !existed {
-        // Only an empty folder goes: finished shards are kept for a rerun.
+        // Only empty folders go: finished shards are kept for a rerun.
+        for part in ["val", "train"] {
+            let _ = std::fs::remove_dir(output.join(part));
+        }
         let _ = std::fs::remove_dir(output);
     }
     result
 }
 
+/// Which set a call of [`prepare_set`] makes.
+enum Part<'a> {
+    /// The whole input, with its own statistics.
+    Whole,
+    /// The training part of a split, with its own statistics.
+    Train(SplitRecord),
+    /// The validation part of a split, with the training part's metadata and mean image.
+    Val(SplitRecord, &'a Metadata, &'a [u8]),
+}
+
 fn prepare_into(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Summary> {
     ensure!(opts.side >= 8, "--side {} is too small", opts.side);
     ensure!(opts.shard_images > 0, "--shard-images must be at least 1");
-    let started = Instant::now();
-    let (classes, files, not_images) = list_input(input)?;
+    let (classes, files, not_images, descriptions) = list_any(input, opts)?;
     if opts.strict {
         if let Some(s) = not_images.first() {
             bail!("{}: {} (--strict)", s.path, s.reason);
@@ -398,7 +552,179 @@ fn prepare_into(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Su
          its own",
         output.display()
     );
-    let fingerprint = input_fingerprint(input, &files, opts.side)?;
+    let Some(split) = opts.val_split else {
+        ensure!(
+            !output.join("train").join(METADATA_FILE).exists(),
+            "--output {} holds a split dataset (train/ and val/, from --val-fraction): pass the \
+             same --val-fraction and --seed to check or finish it, or choose another --output",
+            output.display()
+        );
+        let (summary, _, _) = prepare_set(
+            input,
+            output,
+            &classes,
+            &files,
+            &descriptions,
+            not_images,
+            opts,
+            Part::Whole,
+        )?;
+        return Ok(summary);
+    };
+    ensure!(
+        split.fraction > 0.0 && split.fraction < 1.0,
+        "--val-fraction {} must be between 0 and 1 (0.1 puts a tenth of each class in val/)",
+        split.fraction
+    );
+    ensure!(
+        !output.join(METADATA_FILE).exists(),
+        "--output {} holds a dataset prepared whole: --val-fraction writes train/ and val/ \
+         into a folder of their own; choose another --output",
+        output.display()
+    );
+    let (train, val) = split_files(input, &classes, &files, split);
+    ensure!(
+        !val.is_empty(),
+        "--val-fraction {} puts none of the {} images in val/: raise it or add images",
+        split.fraction,
+        files.len()
+    );
+    let mut val_counts = vec![0usize; classes.len()];
+    for (_, label) in &val {
+        val_counts[*label as usize] += 1;
+    }
+    let empty: Vec<&str> = (classes.iter().zip(&val_counts))
+        .filter(|(_, &n)| n == 0)
+        .map(|(c, _)| c.as_str())
+        .collect();
+    if !empty.is_empty() {
+        tracing::warn!(
+            classes = empty.len(),
+            "no validation image for {} (too few images for --val-fraction {}): they are \
+             trained on but not measured",
+            empty.join(", "),
+            split.fraction
+        );
+    }
+    let per_class: Vec<String> = (classes.iter().zip(&val_counts))
+        .take(20)
+        .map(|(c, n)| format!("{c} {n}"))
+        .collect();
+    tracing::info!(
+        train = train.len(),
+        val = val.len(),
+        val_fraction = split.fraction,
+        seed = split.seed,
+        "split; validation images per class: {}{}",
+        per_class.join(", "),
+        if classes.len() > 20 { ", ..." } else { "" }
+    );
+    let record = |part: &str| SplitRecord {
+        part: part.into(),
+        val_fraction: split.fraction,
+        seed: split.seed,
+        train_files: train.len(),
+        val_files: val.len(),
+        statistics_of: "train".into(),
+    };
+    std::fs::create_dir_all(output)
+        .with_context(|| format!("creating --output {}", output.display()))?;
+    let (mut summary, train_meta, train_mean) = prepare_set(
+        input,
+        &output.join("train"),
+        &classes,
+        &train,
+        &descriptions,
+        not_images,
+        opts,
+        Part::Train(record("train")),
+    )?;
+    let (val_summary, _, _) = prepare_set(
+        input,
+        &output.join("val"),
+        &classes,
+        &val,
+        &descriptions,
+        Vec::new(),
+        opts,
+        Part::Val(record("val"), &train_meta, &train_mean),
+    )?;
+    summary.val = Some(Box::new(val_summary));
+    Ok(summary)
+}
+
+/// `files` in the training and the validation part, each in the input's sorted order; a class
+/// that would have no training image keeps the one drawn highest.
+type Labelled = Vec<(PathBuf, u32)>;
+
+fn split_files(
+    input: &Path,
+    classes: &[String],
+    files: &[(PathBuf, u32)],
+    split: ValSplit,
+) -> (Labelled, Labelled) {
+    let draws: Vec<f64> = files
+        .iter()
+        .map(|(p, _)| split_draw(&relative_name(input, p), split.seed))
+        .collect();
+    let mut to_val: Vec<bool> = draws.iter().map(|&u| u < split.fraction).collect();
+    for label in 0..classes.len() as u32 {
+        let members: Vec<usize> = (0..files.len()).filter(|&i| files[i].1 == label).collect();
+        if !members.is_empty() && members.iter().all(|&i| to_val[i]) {
+            let keep = *members
+                .iter()
+                .max_by(|&&a, &&b| draws[a].total_cmp(&draws[b]))
+                .expect("a member");
+            to_val[keep] = false;
+        }
+    }
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (f, v) in files.iter().zip(to_val) {
+        if v {
+            val.push(f.clone());
+        } else {
+            train.push(f.clone());
+        }
+    }
+    (train, val)
+}
+
+/// Prepares `files` (labels index `classes`) into `output`; returns what it did, the metadata
+/// and the mean image's bytes.
+#[allow(clippy::too_many_arguments)]
+fn prepare_set(
+    input: &Path,
+    output: &Path,
+    classes: &[String],
+    files: &[(PathBuf, u32)],
+    descriptions: &[String],
+    not_images: Vec<Skipped>,
+    opts: &PrepareOptions,
+    part: Part<'_>,
+) -> Result<(Summary, Metadata, Vec<u8>)> {
+    let started = Instant::now();
+    let mut fingerprint = input_fingerprint(input, files, opts.side)?;
+    if !descriptions.is_empty() {
+        fingerprint = xxh3_hex(format!("{fingerprint} {}", descriptions.join("\n")).as_bytes());
+    }
+    match &part {
+        Part::Whole => {}
+        // A part is also what it was split by, and the validation part the training
+        // statistics it carries.
+        Part::Train(r) => {
+            fingerprint =
+                xxh3_hex(format!("{fingerprint} train {} {}", r.val_fraction, r.seed).as_bytes())
+        }
+        Part::Val(r, train, _) => {
+            fingerprint = xxh3_hex(
+                format!(
+                    "{fingerprint} val {} {} {}",
+                    r.val_fraction, r.seed, train.mean_xxh3
+                )
+                .as_bytes(),
+            )
+        }
+    }
     std::fs::create_dir_all(output)
         .with_context(|| format!("creating --output {}", output.display()))?;
     if output.join(METADATA_FILE).exists() {
@@ -408,25 +734,37 @@ fn prepare_into(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Su
             meta.input_fingerprint.is_empty() || meta.input_fingerprint == fingerprint,
             "--output {} holds a dataset prepared from other input ({} images in {} classes \
              then; {} images in {} classes in --input {} now, or files changed, or another \
-             --side): remove {} to prepare it again, or choose another --output",
+             --side{}): remove {} to prepare it again, or choose another --output",
             output.display(),
             meta.images,
             meta.classes.len(),
             files.len(),
             classes.len(),
             input.display(),
+            if matches!(part, Part::Whole) {
+                ""
+            } else {
+                ", --val-fraction or --seed"
+            },
             output.display()
         );
         tracing::info!(output = %output.display(), images = meta.images, "already prepared: nothing to do");
-        return Ok(Summary {
-            images: meta.images,
-            classes: meta.classes.len(),
-            shards: meta.shards.len(),
-            shards_reused: meta.shards.len(),
-            skipped: meta.skipped,
-            seconds: started.elapsed().as_secs_f64(),
-            images_per_s: 0.0,
-        });
+        let mean_bytes = std::fs::read(output.join(MEAN_FILE))
+            .with_context(|| format!("reading {}", output.join(MEAN_FILE).display()))?;
+        return Ok((
+            Summary {
+                images: meta.images,
+                classes: meta.classes.len(),
+                shards: meta.shards.len(),
+                shards_reused: meta.shards.len(),
+                skipped: meta.skipped.clone(),
+                seconds: started.elapsed().as_secs_f64(),
+                images_per_s: 0.0,
+                val: None,
+            },
+            meta,
+            mean_bytes,
+        ));
     }
     let plane3 = 3 * opts.side * opts.side;
     let shard_count = files.len().div_ceil(opts.shard_images);
@@ -586,9 +924,14 @@ fn prepare_into(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Su
         "no image in {} could be read (see the warnings above)",
         input.display()
     );
-    for (name, &n) in classes.iter().zip(&class_counts) {
+    let mut listed = vec![0usize; classes.len()];
+    for (_, label) in files {
+        listed[*label as usize] += 1;
+    }
+    for ((name, &n), &want) in classes.iter().zip(&class_counts).zip(&listed) {
+        // A validation part may lack a small class; a class with images must keep one.
         ensure!(
-            n > 0,
+            n > 0 || want == 0,
             "class {name}: none of its images could be read (see the warnings above)"
         );
     }
@@ -622,13 +965,23 @@ fn prepare_into(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Su
         ],
     ];
     let cov = cov_raw.map(|row| row.map(|v| v / (255.0 * 255.0)));
-    let (values, vectors) = symmetric_eigen3(cov);
-    let mean_bytes: Vec<u8> = mean.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (mut values, mut vectors) = symmetric_eigen3(cov);
+    let mut mean_bytes: Vec<u8> = mean.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let split = match part {
+        Part::Whole => None,
+        Part::Train(r) => Some(r),
+        // Validation images are centred and coloured as the training images are.
+        Part::Val(r, train, train_mean) => {
+            mean_bytes = train_mean.to_vec();
+            (values, vectors) = (train.rgb_eigenvalues, train.rgb_eigenvectors);
+            Some(r)
+        }
+    };
     write_atomic(&output.join(MEAN_FILE), &mean_bytes)?;
     let meta = Metadata {
         format: FORMAT.into(),
         side: opts.side,
-        classes: classes.clone(),
+        classes: classes.to_vec(),
         class_counts,
         images,
         shards,
@@ -637,6 +990,8 @@ fn prepare_into(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Su
         rgb_eigenvectors: vectors,
         skipped: skipped.clone(),
         input_fingerprint: fingerprint,
+        split,
+        class_descriptions: descriptions.to_vec(),
     };
     write_atomic(
         &output.join(METADATA_FILE),
@@ -657,6 +1012,7 @@ fn prepare_into(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Su
         skipped,
         seconds,
         images_per_s: decoded as f64 / seconds,
+        val: None,
     };
     tracing::info!(
         images,
@@ -666,7 +1022,8 @@ fn prepare_into(input: &Path, output: &Path, opts: &PrepareOptions) -> Result<Su
         skipped = summary.skipped.len(),
         seconds = crate::log_fields::rounded(seconds, 1),
         images_per_s = crate::log_fields::rounded(summary.images_per_s as f64, 0),
+        output = %output.display(),
         "prepared"
     );
-    Ok(summary)
+    Ok((summary, meta, mean_bytes))
 }

@@ -66,6 +66,54 @@ pub struct Metadata {
     /// with its own input. Empty in datasets prepared before it was kept.
     #[serde(default)]
     pub input_fingerprint: String,
+    /// How `prepare --val-fraction` split one tree into this set and its sibling (`train/`,
+    /// `val/`); absent for a set prepared whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<SplitRecord>,
+    /// Human names of the classes (`prepare --class-names`), by label; empty where none were
+    /// given (the class names are then the only names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_descriptions: Vec<String>,
+}
+
+/// One part of a tree split by `prepare --val-fraction`. An image is in `val/` when
+/// `rng::uniform(rng::key(seed, "val-split/" + its path under the input), 0) < val_fraction`:
+/// a function of its own path and the seed, so adding images never moves the others. (The one
+/// exception: a class whose every image would go to `val/` keeps the one drawn highest for
+/// training.)
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitRecord {
+    /// `train` or `val`.
+    pub part: String,
+    pub val_fraction: f64,
+    pub seed: u64,
+    /// Images assigned to each part (before any failed to decode).
+    pub train_files: usize,
+    pub val_files: usize,
+    /// Where the mean image and the RGB PCA of this part come from: always `train` (the
+    /// validation set is centred and coloured by the training set's statistics).
+    pub statistics_of: String,
+}
+
+impl Metadata {
+    /// The name to show for class `label`: its description where `--class-names` gave one
+    /// (`n01440764 tench, Tinca tinca`), else its folder or label-file name.
+    pub fn display_name(&self, label: usize) -> String {
+        display_name(&self.classes, &self.class_descriptions, label)
+    }
+}
+
+/// `classes[label]`, with its description after it where there is one.
+pub fn display_name(classes: &[String], descriptions: &[String], label: usize) -> String {
+    let name = classes
+        .get(label)
+        .cloned()
+        .unwrap_or_else(|| label.to_string());
+    match descriptions.get(label).filter(|d| !d.is_empty()) {
+        Some(d) => format!("{name} {d}"),
+        None => name,
+    }
 }
 
 pub fn shard_name(index: usize) -> String {

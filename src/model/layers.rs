@@ -279,8 +279,9 @@ impl<B: Backend> ColumnStage<B> {
         }
     }
 
-    /// The weight gradients, and the input gradient into `dx` unless the input is shared
-    /// (conv1's: nothing needs the image's gradient).
+    /// The weight gradients (unless the layer is frozen: `weights` false), and the input
+    /// gradient into `dx` where one is given (none for conv1, whose input is the image, nor
+    /// above a frozen stack of layers that nothing below needs to learn from).
     pub fn backward(
         &mut self,
         b: &B,
@@ -288,6 +289,7 @@ impl<B: Backend> ColumnStage<B> {
         x: Input<'_, B>,
         dx: Option<Vec<&mut B::Buf>>,
         params: &mut [Column<B>],
+        weights: bool,
     ) {
         if let Some((name, g)) = &self.pool {
             let _t = prof.time(b, name, Pass::Backward);
@@ -315,6 +317,16 @@ impl<B: Backend> ColumnStage<B> {
         for c in &mut self.cols {
             let ColumnBufs { y, grads, .. } = c;
             b.relu_backward(y, &mut grads.as_mut().expect("gradients prepared").dy);
+        }
+        if !weights {
+            // Frozen: only the input gradient, for the layers below.
+            let Some(dx) = dx else { return };
+            for ((c, dxi), p) in self.cols.iter().zip(dx).zip(params.iter()) {
+                let (w, _) = p.weight_and_bias(self.name);
+                let dy = &c.grads.as_ref().expect("gradients prepared").dy;
+                b.conv2d_backward_data(&self.conv, &w.value, dy, dxi);
+            }
+            return;
         }
         match x {
             Input::Shared(x) => {
@@ -663,7 +675,10 @@ impl<B: Backend> ColumnParallel<B> {
     /// The first half of the backward pass: the input gradient (each held column's share),
     /// the start of its reduce-scatter, and the weight gradients while the blocks travel.
     /// `doutput` is the gathered output's gradient (`gather_output` layers: the logits').
-    /// [`Self::finish_backward`] takes the summed input gradient.
+    /// [`Self::finish_backward`] takes the summed input gradient. `weights` false (a frozen
+    /// layer) leaves the weight gradients out; `data` false (nothing below learns) the input
+    /// gradient and its exchange.
+    #[allow(clippy::too_many_arguments)]
     pub fn start_backward(
         &mut self,
         b: &B,
@@ -672,6 +687,8 @@ impl<B: Backend> ColumnParallel<B> {
         params: &mut [Column<B>],
         doutput: Option<&B::Buf>,
         dropout: Option<&DropoutKeys>,
+        weights: bool,
+        data: bool,
     ) -> anyhow::Result<()> {
         let (batch, out) = (self.batch(), self.out_width());
         for (c, p) in self.cols.iter_mut().zip(params.iter()) {
@@ -698,6 +715,9 @@ impl<B: Backend> ColumnParallel<B> {
                 // already zero: the ReLU's mask can be read off the post-dropout output.
                 b.relu_backward(y, &mut g.dy);
             }
+            if !data {
+                continue;
+            }
             let (w, _) = p.weight_and_bias(self.name);
             let dgathered = g.dgathered.as_mut().expect("column-parallel layer");
             match &self.product {
@@ -705,10 +725,13 @@ impl<B: Backend> ColumnParallel<B> {
                 Product::Linear(lg) => b.linear_backward_data(lg, &w.value, &g.dy, dgathered),
             }
         }
-        {
+        if data {
             let _t = prof.time(b, "exchange", Pass::Backward);
             let full = self.dgathered();
             exchange.start_reduce_scatter(b, batch, self.width, &full)?;
+        }
+        if !weights {
+            return Ok(());
         }
         for (c, p) in self.cols.iter_mut().zip(params.iter_mut()) {
             let _t = prof.time(b, self.name, Pass::Backward);

@@ -201,6 +201,8 @@ pub struct Network<B: Backend> {
     /// Processes whose buffers come out of the same memory as this one's, itself included
     /// ([`Network::share_memory`]).
     memory_sharers: usize,
+    /// Layers that do not learn, in [`super::params::LAYERS`] order ([`Self::freeze`]).
+    frozen: [bool; 8],
     pub profile: Profile,
 }
 
@@ -238,6 +240,7 @@ impl<B: Backend> Network<B> {
             layers: None,
             last_mode: None,
             memory_sharers: 1,
+            frozen: [false; 8],
             profile: Profile::default(),
         })
     }
@@ -451,6 +454,7 @@ impl<B: Backend> Network<B> {
             layers,
             profile: p,
             replicas,
+            frozen,
             ..
         } = self;
         let ex = &mut **exchange;
@@ -466,32 +470,124 @@ impl<B: Backend> Network<B> {
             ..
         } = layers.as_mut().expect("prepared");
 
+        // Frozen layers compute no weight gradients, and below the lowest layer that learns
+        // nothing is computed at all (layer i in LAYERS order: conv1 is 0, fc8 is 7).
+        let frozen = *frozen;
+        let lowest = frozen.iter().position(|f| !f).expect("a layer learns");
+        let learns = |i: usize| !frozen[i];
+        let below = |i: usize| lowest < i;
+
         // fc8, fc7, fc6: each starts its input gradient's reduce-scatter, computes its weight
         // gradients while the blocks travel and hands them to the replicas, then takes the sum.
-        fc8.start_backward(b, p, ex, cols, Some(dlogits), keys)?;
-        Replicas::submit(replicas, b, p, cols, &["fc8"])?;
+        fc8.start_backward(b, p, ex, cols, Some(dlogits), keys, learns(7), below(7))?;
+        if learns(7) {
+            Replicas::submit(replicas, b, p, cols, &["fc8"])?;
+        }
+        if !below(7) {
+            return Ok(());
+        }
         fc8.finish_backward(b, p, ex, fc7.outputs_and_grads().1)?;
-        fc7.start_backward(b, p, ex, cols, None, keys)?;
-        Replicas::submit(replicas, b, p, cols, &["fc7"])?;
+        fc7.start_backward(b, p, ex, cols, None, keys, learns(6), below(6))?;
+        if learns(6) {
+            Replicas::submit(replicas, b, p, cols, &["fc7"])?;
+        }
+        if !below(6) {
+            return Ok(());
+        }
         fc7.finish_backward(b, p, ex, fc6.outputs_and_grads().1)?;
-        fc6.start_backward(b, p, ex, cols, None, keys)?;
-        Replicas::submit(replicas, b, p, cols, &["fc6"])?;
+        fc6.start_backward(b, p, ex, cols, None, keys, learns(5), below(5))?;
+        if learns(5) {
+            Replicas::submit(replicas, b, p, cols, &["fc6"])?;
+        }
+        if !below(5) {
+            return Ok(());
+        }
         fc6.finish_backward(b, p, ex, conv5.outputs_and_grads().1)?;
         // pool5 .. conv4 on each column's own maps, then conv3 over both columns' pool2 maps.
+        const CONV345: &[&str] = &["conv3", "conv4", "conv5"];
         let (x4, dx4) = conv4.outputs_and_grads();
-        conv5.backward(b, p, Input::Own(x4), Some(dx4), cols);
+        conv5.backward(
+            b,
+            p,
+            Input::Own(x4),
+            below(4).then_some(dx4),
+            cols,
+            learns(4),
+        );
+        if !below(4) {
+            return Replicas::submit(replicas, b, p, cols, CONV345);
+        }
         let (x3, dx3) = conv3.outputs_and_grads();
-        conv4.backward(b, p, Input::Own(x3), Some(dx3), cols);
-        conv3.start_backward(b, p, ex, cols, None, keys)?;
-        Replicas::submit(replicas, b, p, cols, &["conv3", "conv4", "conv5"])?;
+        conv4.backward(
+            b,
+            p,
+            Input::Own(x3),
+            below(3).then_some(dx3),
+            cols,
+            learns(3),
+        );
+        if !below(3) {
+            return Replicas::submit(replicas, b, p, cols, CONV345);
+        }
+        conv3.start_backward(b, p, ex, cols, None, keys, learns(2), below(2))?;
+        Replicas::submit(replicas, b, p, cols, CONV345)?;
+        if !below(2) {
+            return Ok(());
+        }
         conv3.finish_backward(b, p, ex, conv2.outputs_and_grads().1)?;
         // pool2 .. conv1, each column on its own maps.
         let (x1, dx1) = conv1.outputs_and_grads();
-        conv2.backward(b, p, Input::Own(x1), Some(dx1), cols);
-        Replicas::submit(replicas, b, p, cols, &["conv2"])?;
-        conv1.backward(b, p, Input::Shared(x), None, cols);
+        conv2.backward(
+            b,
+            p,
+            Input::Own(x1),
+            below(1).then_some(dx1),
+            cols,
+            learns(1),
+        );
+        if learns(1) {
+            Replicas::submit(replicas, b, p, cols, &["conv2"])?;
+        }
+        if !below(1) {
+            return Ok(());
+        }
+        conv1.backward(b, p, Input::Shared(x), None, cols, true);
         Replicas::submit(replicas, b, p, cols, &["conv1"])?;
         Ok(())
+    }
+
+    /// Stops training `layers` (names from [`super::params::LAYERS`]): no weight gradients,
+    /// no update, and no backward pass at all below the lowest layer that still learns (what
+    /// PyTorch's `requires_grad_(False)` on the lower layers comes to). Every layer frozen is
+    /// refused: nothing would train.
+    pub fn freeze(&mut self, layers: &[String]) -> anyhow::Result<()> {
+        let mut frozen = [false; 8];
+        for name in layers {
+            let i = super::params::LAYERS
+                .iter()
+                .position(|l| l == name)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "no layer {name} to freeze: the layers are {}",
+                        super::params::LAYERS.join(", ")
+                    )
+                })?;
+            frozen[i] = true;
+        }
+        anyhow::ensure!(
+            frozen.iter().any(|f| !f),
+            "every layer is frozen: nothing would train (leave at least fc8 out of --freeze)"
+        );
+        self.frozen = frozen;
+        Ok(())
+    }
+
+    /// Whether `layer` is frozen ([`Self::freeze`]).
+    pub fn is_frozen(&self, layer: &str) -> bool {
+        super::params::LAYERS
+            .iter()
+            .position(|l| *l == layer)
+            .is_some_and(|i| self.frozen[i])
     }
 
     /// Checks that a backward pass can follow the last forward pass with these tensors, and
@@ -530,8 +626,14 @@ impl<B: Backend> Network<B> {
     /// One SGD step on every parameter this process holds, from the last backward pass.
     pub fn sgd_step(&mut self, sgd: &SgdParams) {
         let _t = self.profile.time(&self.backend, "sgd", Pass::Backward);
+        let frozen = self.frozen;
         for col in &mut self.columns {
             for p in &mut col.params {
+                let layer = p.name.split('.').next().unwrap_or_default();
+                let at = super::params::LAYERS.iter().position(|l| *l == layer);
+                if at.is_some_and(|i| frozen[i]) {
+                    continue;
+                }
                 self.backend
                     .sgd_update(sgd, &mut p.value, &mut p.momentum, &p.grad);
             }
@@ -609,9 +711,20 @@ impl<B: Backend> Network<B> {
         &mut self,
         lookup: impl Fn(&str) -> anyhow::Result<(Vec<usize>, Vec<f32>)>,
     ) -> anyhow::Result<()> {
+        self.load_unsplit_some(|name| lookup(name).map(Some))
+    }
+
+    /// [`Self::load_unsplit`] for the parameters the lookup answers; one it answers `None`
+    /// keeps its value (a layer drawn afresh for fine-tuning).
+    pub fn load_unsplit_some(
+        &mut self,
+        lookup: impl Fn(&str) -> anyhow::Result<Option<(Vec<usize>, Vec<f32>)>>,
+    ) -> anyhow::Result<()> {
         for col in &mut self.columns {
             for p in &mut col.params {
-                let (shape, data) = lookup(&p.name)?;
+                let Some((shape, data)) = lookup(&p.name)? else {
+                    continue;
+                };
                 let mut want = p.shape.clone();
                 want[0] *= COLUMNS;
                 // Grouped convolutions store [out, in / groups, k, k]: the same as a column's slice.

@@ -15,6 +15,46 @@ pub const LAYERS: [&str; 8] = [
     "conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8",
 ];
 
+/// The layers a flag names: comma-separated layer names or ranges (`fc8`, `fc7,fc8`,
+/// `conv1..conv5`: both ends included), in [`LAYERS`] order, each once.
+pub fn parse_layers(spec: &str) -> Result<Vec<String>, String> {
+    let position = |name: &str| {
+        LAYERS
+            .iter()
+            .position(|l| *l == name.trim())
+            .ok_or_else(|| {
+                format!(
+                    "`{}` is not a layer: the layers are {} (ranges like conv1..conv5)",
+                    name.trim(),
+                    LAYERS.join(", ")
+                )
+            })
+    };
+    let mut chosen = [false; LAYERS.len()];
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        let (from, to) = match part.split_once("..") {
+            Some((a, b)) => (position(a)?, position(b)?),
+            None => (position(part)?, position(part)?),
+        };
+        if from > to {
+            return Err(format!(
+                "`{part}` runs backwards: write {}..{}",
+                LAYERS[to], LAYERS[from]
+            ));
+        }
+        chosen[from..=to].iter_mut().for_each(|c| *c = true);
+    }
+    if !chosen.contains(&true) {
+        return Err("names no layer: e.g. fc8, or conv1..conv5".into());
+    }
+    Ok(LAYERS
+        .iter()
+        .zip(chosen)
+        .filter(|(_, c)| *c)
+        .map(|(l, _)| l.to_string())
+        .collect())
+}
+
 /// One parameter tensor of a column: value, gradient of the last backward pass, momentum.
 pub struct Param<B: Backend> {
     /// `conv1.weight`, `fc8.bias`, ...
@@ -158,6 +198,24 @@ pub fn parameter_count(cfg: &NetConfig, sides: &Sides) -> usize {
 mod tests {
     use super::*;
     use crate::backend::Cpu;
+
+    #[test]
+    fn layer_lists_and_ranges_are_read_and_mistakes_named() {
+        assert_eq!(parse_layers("fc8").unwrap(), ["fc8"]);
+        assert_eq!(
+            parse_layers("conv1..conv3,fc8").unwrap(),
+            ["conv1", "conv2", "conv3", "fc8"]
+        );
+        assert_eq!(parse_layers("fc8, fc7").unwrap(), ["fc7", "fc8"]);
+        let e = parse_layers("fc9").unwrap_err();
+        assert!(
+            e.contains("`fc9` is not a layer") && e.contains("conv1, conv2"),
+            "{e}"
+        );
+        let e = parse_layers("conv5..conv1").unwrap_err();
+        assert!(e.contains("write conv1..conv5"), "{e}");
+        assert!(parse_layers("").is_err());
+    }
 
     #[test]
     fn paper_parameter_count() {

@@ -85,6 +85,7 @@ fn run_input(run: &TrainedRun) -> anyhow::Result<RunInput> {
                 classes: train.meta.classes.clone(),
                 image: ImageForm::Prepared { side: train.side() },
                 data,
+                descriptions: train.meta.class_descriptions.clone(),
             },
             mean: train.mean.to_vec(),
         })
@@ -104,6 +105,140 @@ fn run_input(run: &TrainedRun) -> anyhow::Result<RunInput> {
     }
 }
 
+/// How often each class was taken for each: `counts[true * classes + predicted]` (the
+/// top-1 class; rows are the true classes, columns the predicted ones).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Confusion {
+    pub names: Vec<String>,
+    pub counts: Vec<u64>,
+}
+
+impl Confusion {
+    /// An empty matrix over the network's outputs, named by `names` (an output past them, the
+    /// one fc8 adds to an odd class count, by its index).
+    pub fn new(outputs: usize, names: &[String]) -> Confusion {
+        Confusion {
+            names: (0..outputs)
+                .map(|i| names.get(i).cloned().unwrap_or_else(|| i.to_string()))
+                .collect(),
+            counts: vec![0; outputs * outputs],
+        }
+    }
+
+    pub fn classes(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn add(&mut self, label: u32, predicted: usize) {
+        let n = self.classes();
+        self.counts[label as usize * n + predicted] += 1;
+    }
+
+    /// Images of class `c`, and those of them taken for `c`.
+    fn row(&self, c: usize) -> (u64, u64) {
+        let n = self.classes();
+        let row = &self.counts[c * n..(c + 1) * n];
+        (row.iter().sum(), row[c])
+    }
+
+    /// Classes that have images (an unused output or a class absent from the data has none).
+    fn shown(&self) -> Vec<usize> {
+        (0..self.classes()).filter(|&c| self.row(c).0 > 0).collect()
+    }
+
+    /// `confusion.csv`: a header of the predicted classes, then one row per true class.
+    pub fn to_csv(&self) -> String {
+        let quote = |s: &str| {
+            if s.contains([',', '"', '\n']) {
+                format!("\"{}\"", s.replace('"', "\"\""))
+            } else {
+                s.to_string()
+            }
+        };
+        let n = self.classes();
+        let mut out = String::from("true \\ predicted");
+        for name in &self.names {
+            out.push(',');
+            out.push_str(&quote(name));
+        }
+        out.push('\n');
+        for (c, name) in self.names.iter().enumerate() {
+            out.push_str(&quote(name));
+            for v in &self.counts[c * n..(c + 1) * n] {
+                out.push_str(&format!(",{v}"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The matrix as a table (rows: true classes with images; columns: predicted classes,
+    /// numbered), each row's share right, then the classes most often taken for others; a
+    /// matrix wider than 30 classes is left to the CSV file.
+    pub fn render(&self) -> String {
+        let n = self.classes();
+        let rows = self.shown();
+        let mut out = String::new();
+        let name_width = rows
+            .iter()
+            .map(|&c| self.names[c].chars().count())
+            .max()
+            .unwrap_or(4)
+            .clamp(12, 32);
+        if n <= 30 {
+            let cell = (self.counts.iter().max().map_or(1, |m| m.to_string().len()))
+                .max(n.to_string().len())
+                .max(2);
+            let head = format!("{:<w$}", "true \\ predicted", w = name_width + 4);
+            out.push_str(&head);
+            for p in 0..n {
+                out.push_str(&format!(" {p:>cell$}"));
+            }
+            out.push_str("   correct\n");
+            for &c in &rows {
+                let name: String = self.names[c].chars().take(name_width).collect();
+                out.push_str(&format!("{c:>3} {name:<name_width$}"));
+                for p in 0..n {
+                    out.push_str(&format!(" {:>cell$}", self.counts[c * n + p]));
+                }
+                let (all, right) = self.row(c);
+                out.push_str(&format!("   {right}/{all}\n"));
+            }
+        } else {
+            out.push_str(&format!(
+                "{n} classes: too many to print as a table (the whole matrix is in the CSV file)\n"
+            ));
+            for &c in &rows {
+                let (all, right) = self.row(c);
+                out.push_str(&format!(
+                    "{c:>4} {:<name_width$}  {right}/{all}\n",
+                    self.names[c]
+                ));
+            }
+        }
+        let mut pairs: Vec<(u64, usize, usize)> = (0..n)
+            .flat_map(|t| (0..n).map(move |p| (t, p)))
+            .filter(|(t, p)| t != p)
+            .map(|(t, p)| (self.counts[t * n + p], t, p))
+            .filter(|(v, _, _)| *v > 0)
+            .collect();
+        pairs.sort_by(|a, b| b.0.cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+        if !pairs.is_empty() {
+            out.push_str("most confused (true -> predicted):\n");
+            for (v, t, p) in pairs.into_iter().take(5) {
+                out.push_str(&format!("  {} -> {}: {v}\n", self.names[t], self.names[p]));
+            }
+        }
+        out
+    }
+}
+
+/// What `eval` measured: the error counts and the confusion matrix.
+pub struct Evaluation {
+    pub hits: Hits,
+    pub confusion: Confusion,
+}
+
 /// Top-1/top-5 error of the run on `data` (default: the run's validation data): centre crops,
 /// or with `ten_crop` the softmax averaged over the paper's ten patches (prepared data only).
 pub fn evaluate(
@@ -111,8 +246,9 @@ pub fn evaluate(
     data: Option<&Path>,
     ten_crop: bool,
     batch: usize,
-) -> anyhow::Result<Hits> {
+) -> anyhow::Result<Evaluation> {
     let input = run_input(run)?;
+    let mut confusion = Confusion::new(run.job.net.classes, &input.form.display_names());
     let job = &run.job;
     let prepared_run = matches!(input.form.image, ImageForm::Prepared { .. });
     let target = match data {
@@ -194,8 +330,12 @@ pub fn evaluate(
                 top5: t5 as u64,
                 samples: n as u64,
             };
+            let top = crate::backend::cpu::top_k(n, classes, &probs, 1);
+            for (&label, t) in b.labels.iter().zip(top) {
+                confusion.add(label, t[0] as usize);
+            }
         }
-        Ok(hits)
+        Ok(Evaluation { hits, confusion })
     } else {
         anyhow::ensure!(
             !ten_crop,
@@ -220,7 +360,11 @@ pub fn evaluate(
         );
         let classes = idx_class_names(&job.data, job.net.classes);
         let mut data = SampleData::new(&train, &other, &job.net, batch, (1, 0), job.seed, classes)?;
-        DataSource::<Cpu>::evaluate(&mut data, &mut run.net)
+        let hits = DataSource::<Cpu>::evaluate(&mut data, &mut run.net)?;
+        for (label, predicted) in data.val_predictions(&mut run.net)? {
+            confusion.add(label, predicted);
+        }
+        Ok(Evaluation { hits, confusion })
     }
 }
 
@@ -253,7 +397,7 @@ pub fn predict(
     // Per image: its input, or why it has none (a bad file costs only itself).
     let inputs: Vec<anyhow::Result<Vec<f32>>> =
         images.iter().map(|p| input.input_for(p, side)).collect();
-    let names = input.form.classes;
+    let names = input.form.display_names();
     let mut out = Vec::new();
     for x in inputs {
         let x = match x {
@@ -295,6 +439,26 @@ pub fn export(run: &TrainedRun, out: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_confusion_matrix_counts_rows_by_truth_and_names_its_classes() {
+        let mut m = Confusion::new(3, &["cat".into(), "dog, big".into()]);
+        for (t, p) in [(0, 0), (0, 1), (1, 1), (1, 1), (0, 0)] {
+            m.add(t, p);
+        }
+        assert_eq!(m.counts, [2, 1, 0, 0, 2, 0, 0, 0, 0]);
+        assert_eq!(
+            m.to_csv(),
+            "true \\ predicted,cat,\"dog, big\",2\ncat,2,1,0\n\"dog, big\",0,2,0\n2,0,0,0\n"
+        );
+        let text = m.render();
+        assert!(text.contains("2/3") && text.contains("2/2"), "{text}");
+        assert!(text.contains("cat -> dog, big: 1"), "{text}");
+        assert!(
+            !text.lines().any(|l| l.starts_with("  2 ")),
+            "no row for a class without images: {text}"
+        );
+    }
 
     #[test]
     fn ten_view_softmax_is_averaged_per_sample() {

@@ -38,6 +38,19 @@ pub struct InputForm {
     pub image: ImageForm,
     /// The training data it was taken from.
     pub data: PathBuf,
+    /// Human names of the classes, by label (`prepare --class-names`); empty where none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub descriptions: Vec<String>,
+}
+
+impl InputForm {
+    /// The classes as `predict` and `eval` show them: each with its description where there
+    /// is one (`n01440764 tench, Tinca tinca`).
+    pub fn display_names(&self) -> Vec<String> {
+        (0..self.classes.len())
+            .map(|i| crate::data::shards::display_name(&self.classes, &self.descriptions, i))
+            .collect()
+    }
 }
 
 /// The form and the mean image of a run's input.
@@ -207,6 +220,7 @@ mod tests {
                 classes: vec!["apple".into(), "bear".into()],
                 image: ImageForm::Prepared { side: 4 },
                 data: "/data/prepared/train".into(),
+                descriptions: Vec::new(),
             },
             mean: (0..48).map(|i| i as f32 / 3.0).collect(),
         };

@@ -57,6 +57,15 @@ pub struct JobConfig {
     /// colour shift): `auto` (on a GPU, which then receives bytes; by the loader on a CPU),
     /// `host` or `device`. The views are the same bits either way.
     pub augment_on: AugmentOn,
+    /// Layers not taken from `init` but drawn afresh at this network's shape (fine-tuning:
+    /// `fc8` for the new data's classes). Left out of the file when empty, so that the hash
+    /// of a job without it is what it was.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reinit: Vec<String>,
+    /// Layers that are not trained: no weight gradients, no update (fine-tuning on little
+    /// data: `conv1..conv5`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub freeze: Vec<String>,
 }
 
 /// Where training views are finished; see [`JobConfig::augment_on`].
@@ -105,6 +114,8 @@ impl Default for JobConfig {
             keep_checkpoints: 3,
             init: None,
             augment_on: AugmentOn::Auto,
+            reinit: Vec::new(),
+            freeze: Vec::new(),
         }
     }
 }
@@ -140,6 +151,27 @@ impl JobConfig {
         anyhow::ensure!(
             !self.net.lrn_across_columns || self.topology.columns_per_worker == COLUMNS,
             "net.lrn_across_columns needs both columns in each worker (columns_per_worker = 2)"
+        );
+        for (field, layers) in [("reinit", &self.reinit), ("freeze", &self.freeze)] {
+            for l in layers {
+                anyhow::ensure!(
+                    crate::model::params::LAYERS.contains(&l.as_str()),
+                    "{field}: `{l}` is not a layer (the layers are {})",
+                    crate::model::params::LAYERS.join(", ")
+                );
+            }
+        }
+        anyhow::ensure!(
+            self.reinit.is_empty() || self.init.is_some(),
+            "reinit ({}) draws layers afresh instead of taking them from --init: pass --init FILE, \
+             or leave --reinit out",
+            self.reinit.join(", ")
+        );
+        anyhow::ensure!(
+            crate::model::params::LAYERS
+                .iter()
+                .any(|l| !self.freeze.iter().any(|f| f == l)),
+            "freeze names every layer: nothing would train (leave at least fc8 out)"
         );
         Ok(())
     }
@@ -252,8 +284,13 @@ pub fn check_data(job: &JobConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether `path` holds every parameter of `net` (unsplit, PyTorch-style names) in its shape.
-pub fn check_init(path: &Path, net: &crate::model::NetConfig) -> anyhow::Result<()> {
+/// Whether `path` holds every parameter of `net` (unsplit, PyTorch-style names) in its shape,
+/// but for the layers in `reinit`, which are drawn afresh.
+pub fn check_init(
+    path: &Path,
+    net: &crate::model::NetConfig,
+    reinit: &[String],
+) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(path).with_context(|| format!("reading --init {}", path.display()))?;
     let tensors = super::checkpoint::read_tensors(&bytes, path)?;
@@ -263,6 +300,9 @@ pub fn check_init(path: &Path, net: &crate::model::NetConfig) -> anyhow::Result<
         .iter()
         .zip(crate::model::params::column_shapes(net, &sides))
     {
+        if reinit.iter().any(|r| r == layer) {
+            continue;
+        }
         for (kind, mut want) in [("weight", w), ("bias", b)] {
             want[0] *= COLUMNS;
             let name = format!("{layer}.{kind}");
@@ -278,9 +318,15 @@ pub fn check_init(path: &Path, net: &crate::model::NetConfig) -> anyhow::Result<
             anyhow::ensure!(
                 *shape == want,
                 "--init {}: parameter {name} has shape {shape:?}, this network expects {want:?} \
-                 (the file was exported from another network: pass the same --net, or start \
+                 (the file was exported from another network: pass the same --net{}, or start \
                  without --init)",
-                path.display()
+                path.display(),
+                if *layer == "fc8" {
+                    "; or, to fine-tune on data with other classes, --reinit fc8 to draw fc8 \
+                     afresh at this network's classes"
+                } else {
+                    ""
+                }
             );
         }
     }
@@ -327,10 +373,18 @@ pub fn run<B: Backend>(
             );
         }
         (None, Some(init)) => {
-            import_unsplit(&mut net, init)?;
-            tracing::info!(file = %init.display(), "parameters imported");
+            import_unsplit(&mut net, init, &job.reinit)?;
+            tracing::info!(
+                file = %init.display(),
+                drawn_afresh = (!job.reinit.is_empty()).then(|| job.reinit.join(",")),
+                "parameters imported"
+            );
         }
         (None, None) => {}
+    }
+    if !job.freeze.is_empty() {
+        net.freeze(&job.freeze)?;
+        tracing::info!(layers = %job.freeze.join(","), "frozen: not trained");
     }
     // A batch that does not fit this device fails now, naming the layer, before the loader
     // and the peers wait on the first step.
@@ -359,15 +413,28 @@ pub fn run<B: Backend>(
 }
 
 /// Loads an unsplit parameter file (`alexnet export`, PyTorch-style names and shapes) into the
-/// held columns.
-pub fn import_unsplit<B: Backend>(net: &mut Network<B>, path: &Path) -> anyhow::Result<()> {
+/// held columns, but for the layers in `reinit`, which keep their fresh values.
+pub fn import_unsplit<B: Backend>(
+    net: &mut Network<B>,
+    path: &Path,
+    reinit: &[String],
+) -> anyhow::Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let tensors = super::checkpoint::read_tensors(&bytes, path)?;
-    net.load_unsplit(|name| {
+    let fresh = |name: &str| {
+        reinit
+            .iter()
+            .any(|r| name.split('.').next() == Some(r.as_str()))
+    };
+    net.load_unsplit_some(|name| {
+        if fresh(name) {
+            return Ok(None);
+        }
         tensors
             .get(name)
             .or_else(|| tensors.get(&format!("param.{name}")))
             .cloned()
+            .map(Some)
             .with_context(|| format!("{} has no tensor {name}", path.display()))
     })
     .with_context(|| format!("importing {}", path.display()))

@@ -33,12 +33,27 @@ impl PreparedData {
             "prepared datasets are RGB: the network's in_channels must be 3, not {}",
             net.in_channels
         );
-        anyhow::ensure!(
-            train.meta.classes == val.meta.classes,
-            "the training set in {} and the validation set in {} have different classes",
-            train.dir.display(),
-            val.dir.display()
-        );
+        if train.meta.classes != val.meta.classes {
+            let (t, v) = (&train.meta.classes, &val.meta.classes);
+            let at = t
+                .iter()
+                .zip(v)
+                .position(|(a, b)| a != b)
+                .unwrap_or(t.len().min(v.len()));
+            let name = |c: &Vec<String>| c.get(at).map_or("nothing", String::as_str).to_string();
+            anyhow::bail!(
+                "the training set in {} and the validation set in {} have different classes \
+                 ({} and {}; class {at} is {} in one, {} in the other): the validation set must \
+                 have the training set's classes in its order; prepare it from the same class \
+                 folders, or with --labels pass the training set's class list as --class-names",
+                train.dir.display(),
+                val.dir.display(),
+                t.len(),
+                v.len(),
+                name(t),
+                name(v)
+            );
+        }
         anyhow::ensure!(
             train.meta.classes.len() <= net.classes,
             "the data has {} classes, the network {}: set `classes`",
@@ -89,6 +104,7 @@ impl<B: Backend> DataSource<B> for PreparedData {
                     side: self.train.side(),
                 },
                 data: self.train.dir.clone(),
+                descriptions: self.train.meta.class_descriptions.clone(),
             },
             mean: self.train.mean.to_vec(),
         }

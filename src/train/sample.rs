@@ -243,6 +243,7 @@ impl<B: Backend> DataSource<B> for SampleData {
                     channels: self.channels,
                 },
                 data: self.data.clone(),
+                descriptions: Vec::new(),
             },
             mean: self.mean.clone(),
         }
@@ -289,6 +290,36 @@ impl<B: Backend> DataSource<B> for SampleData {
             hits += eval_batch(net, x, &set.labels[lo..hi], local)?;
         }
         Ok(hits)
+    }
+}
+
+impl SampleData {
+    /// Each validation image's label and the class the network ranks first (one process
+    /// holding both columns), in the set's order.
+    pub fn val_predictions<B: Backend>(
+        &self,
+        net: &mut Network<B>,
+    ) -> anyhow::Result<Vec<(u32, usize)>> {
+        let set = &self.val;
+        let classes = net.cfg.classes;
+        let mut out = Vec::with_capacity(set.labels.len());
+        for (labels, x) in set
+            .labels
+            .chunks(self.global_batch)
+            .zip(set.values.chunks(self.global_batch * set.per_image))
+        {
+            let mut host = x.to_vec();
+            host.resize(self.global_batch * set.per_image, 0.0);
+            net.forward(
+                &net.backend.upload(&host),
+                self.global_batch,
+                crate::model::Mode::Eval,
+            )?;
+            let logits = net.backend.download(net.logits().expect("forward ran"));
+            let top = crate::backend::cpu::top_k(labels.len(), classes, &logits, 1);
+            out.extend(labels.iter().zip(top).map(|(&l, t)| (l, t[0] as usize)));
+        }
+        Ok(out)
     }
 }
 
