@@ -291,15 +291,17 @@ class Chaos:
         self.resumes += 1
         if not self.a.multihost:
             return self.start(["--resume", str(self.run)] + self.launch_args())
-        c = self.start_coordinator(["--resume", str(self.run)] + self.launch_args())
         if wait_agents:
             # The agents end once their workers hear that the job is over; those that do
-            # not within a while are stopped by the operator.
+            # not within a while are stopped by the operator, before the coordinator is
+            # started again.
             deadline = time.monotonic() + 20
             for a in self.agents:
                 if a.wait_exit(max(deadline - time.monotonic(), 0.1)) is None:
+                    self.failures.append(f"an agent still ran 20 s after the job stopped: {a.log.name}")
                     a.proc.kill()
                     a.wait_exit(10)
+        c = self.start_coordinator(["--resume", str(self.run)] + self.launch_args())
         for i, a in enumerate(self.agents):
             if a.proc.poll() is not None:
                 self.start_agent(i)

@@ -444,3 +444,83 @@ async fn a_session_of_another_generation_or_an_unregistered_rank_is_refused() {
         s.message()
     );
 }
+
+/// A worker that registered and then died before every rank joined (its registration call is
+/// cut off) gives its rank back: the worker its agent starts next takes it, instead of being
+/// refused as a second holder while the job waits for the dead one.
+#[tokio::test]
+async fn a_worker_that_dies_before_the_rendezvous_gives_its_rank_back() {
+    let url = coordinator("withdraw", |_| {}).await;
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            client(&url, Some(TOKEN))
+                .await
+                .register(worker(|r| {
+                    r.rank = Some(1);
+                    r.pid = 41;
+                }))
+                .await
+        })
+    };
+    // Once the coordinator holds rank 1 for the first worker, a second is refused.
+    let workers = |url: String| async move {
+        client(&url, Some(TOKEN))
+            .await
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .workers
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while workers(url.clone()).await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "rank 1 never joined");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = refused(
+        &url,
+        worker(|r| {
+            r.rank = Some(1);
+            r.pid = 42;
+        }),
+    )
+    .await;
+    assert!(
+        s.message()
+            .contains("rank 1 is already taken by elsewhere (pid 41)"),
+        "{}",
+        s.message()
+    );
+    // The first worker dies: its call is dropped with its connection, and the coordinator
+    // lists rank 1 no more.
+    first.abort();
+    let _ = first.await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let w = workers(url.clone()).await;
+        if w.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rank 1 was not given back: {w:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let assignments = register_all(
+        &url,
+        vec![
+            worker(|r| {
+                r.rank = Some(1);
+                r.pid = 43;
+            }),
+            worker(|r| r.rank = Some(0)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        assignments.iter().map(|a| a.rank).collect::<Vec<_>>(),
+        [1, 0]
+    );
+}

@@ -326,6 +326,26 @@ impl Control {
         Ok(Admitted { rank, everyone })
     }
 
+    /// A worker whose registration was cut off before the rendezvous completed (its process
+    /// died, its host dropped off) gives its rank back, so that the worker its agent starts
+    /// next is not refused as a second holder. Only while others are still awaited: once
+    /// every rank has joined, the places are handed out.
+    pub fn withdraw(&mut self, rank: u32, pid: u32) {
+        if self.phase != Phase::Waiting || self.members.len() as u32 >= self.world {
+            return;
+        }
+        if self.members.get(&rank).is_some_and(|m| m.pid == pid) {
+            self.members.remove(&rank);
+            tracing::warn!(
+                rank,
+                pid,
+                joined = self.members.len(),
+                of = self.world,
+                "a worker left before the job started (its registration was cut off): its rank is free again"
+            );
+        }
+    }
+
     /// Rank `rank`'s place in the job, once every rank has joined (`rank` must have been
     /// admitted).
     pub fn assignment(&self, rank: u32) -> Assignment {

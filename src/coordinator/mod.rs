@@ -279,6 +279,24 @@ pub(crate) fn serve_rpc<S: CoordinatorRpc>(
     })
 }
 
+/// Gives a registered rank back when its registration call is dropped before it returns.
+struct Withdraw<'a> {
+    coordinator: &'a Coordinator,
+    rank: u32,
+    pid: u32,
+    armed: bool,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Ok(mut sh) = self.coordinator.shared.lock() {
+                sh.control.withdraw(self.rank, self.pid);
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl CoordinatorRpc for Coordinator {
     async fn register(
@@ -296,6 +314,14 @@ impl CoordinatorRpc for Coordinator {
         if admitted.everyone {
             self.everyone_joined.send_replace(true);
         }
+        // Should this call be cut off while the others are awaited (the worker died), the
+        // rank is given back.
+        let mut withdraw = Withdraw {
+            coordinator: self,
+            rank: admitted.rank,
+            pid: req.pid,
+            armed: true,
+        };
         let mut joined = self.everyone_joined.subscribe();
         let mut phase = self.phase.subscribe();
         let wait = async {
@@ -307,7 +333,9 @@ impl CoordinatorRpc for Coordinator {
                 })),
             }
         };
-        match tokio::time::timeout(self.cfg.rendezvous_timeout, wait).await {
+        let waited = tokio::time::timeout(self.cfg.rendezvous_timeout, wait).await;
+        withdraw.armed = false;
+        match waited {
             Ok(Ok(())) => Ok(Response::new(
                 self.shared
                     .lock()

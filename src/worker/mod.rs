@@ -93,6 +93,9 @@ pub enum Verdict {
     /// The coordinator ended the job with no generation to follow: exit status
     /// `EXIT_JOB_OVER`.
     JobOver(String),
+    /// This worker met what no restart fixes (a full disk): exit status `EXIT_JOB_OVER`, so
+    /// that its agent does not start it again; the coordinator stops the job for an operator.
+    NeedsOperator(String),
     /// An agent stopped by SIGTERM or SIGINT before its job finished: exit status
     /// `EXIT_STOPPED` (128 + SIGTERM, as a shell reports it), so that a scheduler replaces an
     /// evicted host instead of counting it as done.
@@ -110,7 +113,7 @@ impl Verdict {
     pub fn exit_code(&self) -> u8 {
         match self {
             Verdict::Refused(_) => EXIT_REFUSED,
-            Verdict::JobOver(_) => EXIT_JOB_OVER,
+            Verdict::JobOver(_) | Verdict::NeedsOperator(_) => EXIT_JOB_OVER,
             Verdict::Stopped(_) => EXIT_STOPPED,
         }
     }
@@ -121,6 +124,7 @@ impl std::fmt::Display for Verdict {
         match self {
             Verdict::Refused(why) => write!(f, "the coordinator refused this worker: {why}"),
             Verdict::JobOver(why) => write!(f, "the coordinator ended the job: {why}"),
+            Verdict::NeedsOperator(why) => write!(f, "{why}"),
             Verdict::Stopped(why) => write!(f, "stopped before the job finished: {why}"),
         }
     }
@@ -594,13 +598,20 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
                 .chain()
                 .find_map(|c| c.downcast_ref::<crate::comm::tcp::PeerError>())
                 .map(|p| p.rank as u32);
+            let needs_operator = crate::files::is_disk_full(&e);
             send(worker_event::Event::Failed(Failed {
                 error: format!("{e:#}"),
                 blames,
-                needs_operator: crate::files::is_disk_full(&e),
+                needs_operator,
             }));
             // Give the report a moment to leave before the process ends.
             std::thread::sleep(Duration::from_millis(300));
+            if needs_operator {
+                return Err(e.context(Verdict::NeedsOperator(
+                    "a restart would meet the same error, so this worker is not to be restarted"
+                        .into(),
+                )));
+            }
             Err(e)
         }
     }
