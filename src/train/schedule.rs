@@ -56,7 +56,7 @@ impl ScheduleState {
                 self.drops += 1;
                 self.epochs_without_improvement = 0;
                 tracing::info!(
-                    lr = self.lr,
+                    lr = crate::log_fields::single(self.lr),
                     drops = self.drops,
                     of = s.max_drops,
                     best_top1_err =
