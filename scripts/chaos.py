@@ -503,15 +503,22 @@ class Chaos:
                 rec and rec[1], blame, outcome,
             )
         elif kind == "disk-full":
-            st = os.statvfs(run)
-            free = st.f_bavail * st.f_frsize
             filler = self.mounted / "filler"
             keep = self.checkpoint_bytes // 4
-            with open(filler, "wb") as f:
-                f.truncate(0)
-            subprocess.run(
-                ["fallocate", "-l", str(max(free - keep, 0)), str(filler)], check=False
-            )
+            # The run writes checkpoints meanwhile: a fill sized from a stale look at the free
+            # space fails as a whole (fallocate reserves all or nothing), so look again.
+            for _ in range(50):
+                st = os.statvfs(run)
+                free = st.f_bavail * st.f_frsize
+                r = subprocess.run(
+                    ["fallocate", "-l", str(max(free - keep, 1)), str(filler)],
+                    capture_output=True,
+                )
+                if r.returncode == 0:
+                    break
+                time.sleep(0.02)
+            else:
+                self.failures.append("disk-full: the run folder could not be filled")
             hit = l.wait_line(
                 lambda s: "the disk of the run folder" in s and "needs" in s,
                 start=mark,
