@@ -850,3 +850,26 @@ fn a_worker_killed_while_the_coordinator_was_paused_is_named() {
     assert!(out.contains("first failure: rank 1"), "{out}");
     assert!(waited < Duration::from_secs(20), "took {waited:?}");
 }
+
+/// A disk that fills up as the finished run writes its parameters: the job stops with where
+/// they still are (the final checkpoint) and how to get them.
+#[cfg(unix)]
+#[test]
+fn a_full_disk_at_the_final_parameters_says_where_they_are() {
+    let run = scratch("full-params").join("run");
+    std::fs::create_dir_all(run.join("params")).unwrap();
+    std::os::unix::fs::symlink("/dev/full", run.join("params/column0.safetensors.tmp")).unwrap();
+    let out = exe()
+        .args(["launch", "--steps", "4", "--run-dir"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("the trained parameters could not be written to")
+            && err.contains(&format!("alexnet export --run {}", run.display())),
+        "{err}"
+    );
+    assert!(!err.contains("restarting the workers"), "{err}");
+}

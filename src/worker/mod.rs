@@ -684,7 +684,21 @@ fn train<B: crate::backend::Backend>(
     let (net, steps) = job::run(job, backend, role, &mut reporter)?;
     let train_seconds = t.elapsed().as_secs_f64();
     if let (Some(out), 0) = (&opts.out, a.replica) {
-        for path in job::save_columns(&net, out)? {
+        let written = job::save_columns(&net, out).map_err(|e| {
+            if crate::files::is_disk_full(&e) && !a.run_dir.is_empty() {
+                // The final checkpoint is complete: the parameters are not lost.
+                e.context(format!(
+                    "the trained parameters could not be written to {}: free space there; the \
+                     run's final checkpoint holds them, and `alexnet export --run {} --out \
+                     FILE` writes them out",
+                    out.display(),
+                    a.run_dir
+                ))
+            } else {
+                e
+            }
+        })?;
+        for path in written {
             tracing::info!(path = %path.display(), "parameters written");
         }
     }
