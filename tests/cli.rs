@@ -284,12 +284,7 @@ fn prepare_then_train_on_the_prepared_photographs() {
     // A dataset with other classes is refused before any work.
     let subset = dir.join("subset");
     for class in ["129", "22"] {
-        let to = subset.join(class);
-        std::fs::create_dir_all(&to).unwrap();
-        for f in std::fs::read_dir(format!("{photos}/{class}")).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
-        }
+        copy_class(std::path::Path::new(&format!("{photos}/{class}")), &subset);
     }
     let prepared_subset = dir.join("prepared-subset");
     let (ok, err) = alexnet(&[
@@ -948,12 +943,7 @@ fn classes_follow_prepared_data() {
     classes.sort();
     let tree = dir.join("four");
     for class in classes.iter().take(4) {
-        let to = tree.join(class.file_name().unwrap());
-        std::fs::create_dir_all(&to).unwrap();
-        for f in std::fs::read_dir(class).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
-        }
+        copy_class(class, &tree);
     }
     let data = dir.join("prepared");
     let (ok, err) = alexnet(&[
@@ -1042,6 +1032,16 @@ fn classes_follow_prepared_data() {
     );
     let (ok, err) = alexnet(&[&args[..], &["--allow-unused-classes"]].concat());
     assert!(ok, "{err}");
+}
+
+/// Copies the class folder `class` (its images) into the tree `tree`, under the same name.
+fn copy_class(class: &std::path::Path, tree: &std::path::Path) {
+    let to = tree.join(class.file_name().unwrap());
+    std::fs::create_dir_all(&to).unwrap();
+    for f in std::fs::read_dir(class).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
 }
 
 /// Images the tests make: `per_class` 24x24 PNGs in each class folder, each class its own
