@@ -5,6 +5,7 @@
 //! - [`comm`]: how the columns exchange activations and gradients.
 //! - [`data`]: images in, batches out.
 //! - [`train`]: the training loop and the benchmark.
+//! - [`telemetry`]: what a run shows TensorBoard and Prometheus.
 //! - [`selftest`]: a backend checked against the CPU reference and PyTorch's golden vectors.
 //! - [`rng`], [`files`]: randomness as a function of coordinates; files written atomically
 //!   (leaves that every layer above may use).
@@ -24,5 +25,6 @@ pub mod proto;
 pub mod rng;
 pub mod selftest;
 pub mod spawn;
+pub mod telemetry;
 pub mod train;
 pub mod worker;

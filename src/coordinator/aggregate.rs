@@ -29,7 +29,9 @@ impl Aggregator {
         if parts.len() < self.replicas {
             return None;
         }
-        let parts = self.steps.remove(&step)?;
+        let mut parts = self.steps.remove(&step)?;
+        // Summed in an order that does not depend on which replica reported first.
+        parts.sort_by(|a, b| a.loss.total_cmp(&b.loss));
         let mut out = parts[0].clone();
         out.hits = Hits::default();
         let mut loss = 0.0f64;
@@ -52,7 +54,9 @@ impl Aggregator {
         if parts.len() < self.replicas {
             return None;
         }
-        let parts = self.evals.remove(&epoch)?;
+        let mut parts = self.evals.remove(&epoch)?;
+        // Summed in an order that does not depend on which replica reported first.
+        parts.sort_by(|a, b| a.hits.loss_sum.total_cmp(&b.hits.loss_sum));
         let mut hits = Hits::default();
         for p in &parts {
             hits += p.hits;
@@ -80,10 +84,14 @@ mod tests {
                 top1,
                 top5: top1,
                 samples: 4,
+                loss_sum: 4.0 * loss as f64,
             },
             lr: 0.01,
             column_bytes: 0,
             replica_bytes: 0,
+            train_seconds: 1.0,
+            column_seconds: 0.0,
+            replica_seconds: 0.0,
         }
     }
 
@@ -100,7 +108,8 @@ mod tests {
                 hits: Hits {
                     top1: 1,
                     top5: 2,
-                    samples: 3
+                    samples: 3,
+                    loss_sum: 3.0,
                 }
             })
             .is_none());

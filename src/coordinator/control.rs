@@ -9,9 +9,10 @@ use super::aggregate::Aggregator;
 use super::CoordinatorConfig;
 use crate::admission::{self, Holder, JobFacts, Joiner, Refusal, RefusalKind};
 use crate::proto::{
-    command, worker_event, Abort, Assignment, Command, JobStatus, RegisterRequest, SetLearningRate,
-    Start, Stop, WorkerStatus,
+    command, worker_event, Abort, Assignment, Command, EpochResult, JobStatus, RegisterRequest,
+    SetLearningRate, Start, Stop, WorkerStatus,
 };
+use crate::telemetry::RankPoint;
 use crate::train::book::{BookSetup, JobBook};
 use crate::train::fit::{EvalReport, ShardsWritten, StepReport};
 use std::collections::{BTreeMap, BTreeSet};
@@ -108,6 +109,40 @@ struct Member {
     nccl_id: Vec<u8>,
     nccl_replica_id: Vec<u8>,
     gpu_uuid: String,
+    /// The newest progress counters, those at the job's previous log step, and the rates
+    /// between the two.
+    counters: Counters,
+    at_log: Counters,
+    rates: RankPoint,
+}
+
+/// A worker's cumulative figures, as its newest progress report gave them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    step: u64,
+    train_seconds: f64,
+    column_seconds: f64,
+    replica_seconds: f64,
+    column_bytes: u64,
+    replica_bytes: u64,
+}
+
+impl Counters {
+    /// The rates from `before` to `self`, for a rank that takes `images` images a step.
+    fn since(&self, before: &Counters, images: u64) -> Option<(f64, f64, f64, f64, f64)> {
+        let seconds = self.train_seconds - before.train_seconds;
+        let steps = self.step.checked_sub(before.step).filter(|&s| s > 0)? as f64;
+        if seconds <= 0.0 {
+            return None;
+        }
+        Some((
+            steps * images as f64 / seconds,
+            ((self.column_seconds - before.column_seconds) / seconds).clamp(0.0, 1.0),
+            ((self.replica_seconds - before.replica_seconds) / seconds).clamp(0.0, 1.0),
+            self.column_bytes.saturating_sub(before.column_bytes) as f64 / steps,
+            self.replica_bytes.saturating_sub(before.replica_bytes) as f64 / steps,
+        ))
+    }
 }
 
 impl Member {
@@ -305,6 +340,14 @@ impl Control {
                 nccl_id: req.nccl_id.clone(),
                 nccl_replica_id: req.nccl_replica_id.clone(),
                 gpu_uuid: req.gpu_uuid.clone(),
+                counters: Counters::default(),
+                at_log: Counters::default(),
+                rates: RankPoint {
+                    rank,
+                    replica: place.replica as u32,
+                    column: place.columns.first().copied().unwrap_or(0) as u32,
+                    ..RankPoint::default()
+                },
             },
         );
         tracing::info!(
@@ -603,6 +646,14 @@ impl Control {
                     m.step = p.step;
                     m.rss = p.rss_bytes;
                     m.state = "running";
+                    m.counters = Counters {
+                        step: p.step,
+                        train_seconds: p.train_seconds,
+                        column_seconds: p.column_seconds,
+                        replica_seconds: p.replica_seconds,
+                        column_bytes: p.column_bytes,
+                        replica_bytes: p.replica_bytes,
+                    };
                     m.columns.contains(&0)
                 });
                 // Both columns of a replica see the same loss and logits: count each replica once.
@@ -618,9 +669,14 @@ impl Control {
                         lr: p.lr,
                         column_bytes: p.column_bytes,
                         replica_bytes: p.replica_bytes,
+                        train_seconds: p.train_seconds,
+                        column_seconds: p.column_seconds,
+                        replica_seconds: p.replica_seconds,
                     };
                     if let Some(job_step) = self.aggregator.step(report) {
-                        self.book.step(&job_step);
+                        if let Some(point) = self.book.step(&job_step) {
+                            self.log_ranks(point.step);
+                        }
                         self.last_step = Some(job_step);
                     }
                 }
@@ -713,6 +769,33 @@ impl Control {
                 _ => self.fail_with(Some(rank), f.error, f.needs_operator),
             },
         }
+    }
+
+    /// At a log step of the job: every rank's rates since the previous one, kept for
+    /// `status` and written for TensorBoard.
+    fn log_ranks(&mut self, step: u64) {
+        let images = (self.cfg.job.batch / self.cfg.job.topology.replicas.max(1)) as u64;
+        let mut points = Vec::new();
+        for m in self.members.values_mut() {
+            if let Some((ips, column, replica, cb, rb)) = m.counters.since(&m.at_log, images) {
+                m.rates.images_per_s = ips;
+                m.rates.column_share = column;
+                m.rates.replica_share = replica;
+                m.rates.column_bytes_per_step = cb;
+                m.rates.replica_bytes_per_step = rb;
+                m.at_log = m.counters;
+                points.push(m.rates.clone());
+            }
+        }
+        if let Some(tb) = &mut self.book.tensorboard {
+            tb.ranks(step, &points);
+        }
+    }
+
+    /// Stops writing this generation's TensorBoard file (the next generation writes its own,
+    /// after cutting the curves back to its checkpoint).
+    pub fn close_telemetry(&mut self) {
+        self.book.tensorboard = None;
     }
 
     /// The watchdog's look at `now` (it started watching at `since`): fails the job when the
@@ -827,6 +910,13 @@ impl Control {
                     seconds_since_heard: now.saturating_duration_since(m.heard).as_secs_f64(),
                     rss_bytes: m.rss,
                     error: m.error.clone(),
+                    replica: m.replica,
+                    columns: m.columns.clone(),
+                    images_per_s: m.rates.images_per_s,
+                    column_share: m.rates.column_share,
+                    replica_share: m.rates.replica_share,
+                    column_bytes: m.counters.column_bytes,
+                    replica_bytes: m.counters.replica_bytes,
                 })
                 .collect(),
             config_hash: self.config_hash.clone(),
@@ -834,6 +924,28 @@ impl Control {
             version: crate::proto::VERSION.into(),
             unix_time_ms: now_ms,
             restarts_left: self.cfg.restarts_left,
+            lr: last.map(|s| s.lr).unwrap_or(self.book.state.lr),
+            last_checkpoint_step: self.book.last_checkpoint.unwrap_or(0),
+            last_epoch: self.book.history.last().map(|h| EpochResult {
+                epoch: h.epoch,
+                train_loss: h.train_loss as f64,
+                val_loss: h.val_loss.unwrap_or(f64::NAN),
+                val_top1_err: h.val_top1_err,
+                val_top5_err: h.val_top5_err,
+                seconds: h.seconds,
+            }),
+            top1_err: self
+                .book
+                .last_train
+                .as_ref()
+                .map(|t| t.top1_err)
+                .unwrap_or(0.0),
+            top5_err: self
+                .book
+                .last_train
+                .as_ref()
+                .and_then(|t| t.top5_err)
+                .unwrap_or(0.0),
         }
     }
 }

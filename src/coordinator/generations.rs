@@ -103,6 +103,9 @@ impl Supervisor {
                 tracing::error!("no restarts left (--max-restarts): the job has failed");
                 break end;
             }
+            // The failed generation's late reports write nothing for TensorBoard: the next
+            // one cuts the curves back to its checkpoint and goes on from there.
+            c.close_telemetry();
             let next = Coordinator::next_generation(&c.cfg)?;
             let from_step = next.resume.as_ref().map(|r| r.1.step).unwrap_or(0);
             if self.restarts_workers {

@@ -168,6 +168,11 @@ impl Coordinator {
         out
     }
 
+    /// Stops writing this generation's TensorBoard file.
+    pub fn close_telemetry(&self) {
+        self.shared.lock().unwrap().control.close_telemetry();
+    }
+
     /// Records the first failure, tells every other worker to abort, and ends the job.
     pub fn fail(&self, rank: Option<u32>, error: String) {
         self.decide(|sh| ((), sh.control.fail(rank, error)))

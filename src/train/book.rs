@@ -5,6 +5,8 @@
 use super::checkpoint::{self, EpochRecord, Manifest};
 use super::fit::{EvalReport, LogMonitor, Reporter, ShardsWritten, StepReport};
 use super::schedule::{Schedule, ScheduleState};
+use crate::telemetry::tensorboard::EventWriter;
+use crate::telemetry::{TrainPoint, ValPoint};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,6 +28,11 @@ pub struct JobBook {
     epoch_started: Instant,
     /// The newest complete checkpoint's step.
     pub last_checkpoint: Option<u64>,
+    /// The run's TensorBoard event file (a run with a run folder).
+    pub tensorboard: Option<EventWriter>,
+    /// The newest log line's and validation's figures.
+    pub last_train: Option<TrainPoint>,
+    pub last_validation: Option<ValPoint>,
 }
 
 /// What a book needs to know about its job.
@@ -58,37 +65,57 @@ impl JobBook {
             history: Vec::new(),
             epoch_started: Instant::now(),
             last_checkpoint: None,
+            tensorboard: None,
+            last_train: None,
+            last_validation: None,
         };
         if let Some(m) = resumed {
             book.state = m.schedule;
             book.history = m.history.clone();
             book.last_checkpoint = Some(m.step);
         }
+        if let Some(dir) = &book.run_dir {
+            book.tensorboard = EventWriter::open(dir, resumed.map(|m| m.step).unwrap_or(0));
+        }
         book
     }
 
-    pub fn step(&mut self, r: &StepReport) {
+    /// Takes a step; returns the figures of a log step (also written for TensorBoard).
+    pub fn step(&mut self, r: &StepReport) -> Option<TrainPoint> {
         self.steps_per_epoch = r.steps_per_epoch;
-        self.monitor.step(r);
+        let point = self.monitor.step(r)?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.train(&point);
+        }
+        self.last_train = Some(point.clone());
+        Some(point)
     }
 
     /// Logs an epoch's validation, applies the schedule, refreshes the report; returns the
     /// learning rate of the next epoch.
     pub fn evaluation(&mut self, r: &EvalReport) -> f32 {
         let lr_used = self.state.lr;
-        let train_loss = self.monitor.evaluation(r);
+        let point = self
+            .monitor
+            .evaluation(r, self.epoch_started.elapsed().as_secs_f64());
+        self.epoch_started = Instant::now();
         let next = self.state.observe(&self.schedule, r.hits.top1_err());
         self.history.push(EpochRecord {
             epoch: r.epoch,
-            train_loss,
+            train_loss: point.train_loss,
             val_top1_err: r.hits.top1_err(),
             val_top5_err: r.hits.top5_err(),
             lr: lr_used,
-            seconds: self.epoch_started.elapsed().as_secs_f64(),
+            seconds: point.seconds,
+            val_loss: Some(point.loss),
+            images_per_s: Some(point.images_per_s),
         });
-        self.epoch_started = Instant::now();
+        if let Some(tb) = &mut self.tensorboard {
+            tb.validation(&point);
+        }
+        self.last_validation = Some(point);
         if let Some(dir) = &self.run_dir {
-            if let Err(e) = super::report::write(dir, &self.history) {
+            if let Err(e) = super::report::write(dir, &self.history, self.monitor.classes()) {
                 tracing::warn!("could not refresh the training report: {e:#}");
             }
         }

@@ -46,6 +46,12 @@ pub struct EpochRecord {
     pub val_top5_err: f64,
     pub lr: f32,
     pub seconds: f64,
+    /// The validation's mean cross-entropy (absent from runs checkpointed before it was kept).
+    #[serde(default)]
+    pub val_loss: Option<f64>,
+    /// Training images per second over the epoch (absent likewise).
+    #[serde(default)]
+    pub images_per_s: Option<f64>,
 }
 
 impl Manifest {

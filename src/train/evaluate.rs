@@ -329,6 +329,12 @@ pub fn evaluate(
                 top1: t1 as u64,
                 top5: t5 as u64,
                 samples: n as u64,
+                // The loss of the views' averaged probabilities.
+                loss_sum: probs
+                    .chunks(classes)
+                    .zip(&b.labels)
+                    .map(|(p, &l)| -(p[l as usize] as f64).max(f64::MIN_POSITIVE).ln())
+                    .sum(),
             };
             let top = crate::backend::cpu::top_k(n, classes, &probs, 1);
             for (&label, t) in b.labels.iter().zip(top) {

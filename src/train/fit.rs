@@ -99,11 +99,13 @@ pub trait DataSource<B: Backend> {
 }
 
 /// Correct answers on some samples.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Hits {
     pub top1: u64,
     pub top5: u64,
     pub samples: u64,
+    /// The samples' cross-entropy, summed.
+    pub loss_sum: f64,
 }
 
 impl std::ops::AddAssign for Hits {
@@ -111,6 +113,7 @@ impl std::ops::AddAssign for Hits {
         self.top1 += o.top1;
         self.top5 += o.top5;
         self.samples += o.samples;
+        self.loss_sum += o.loss_sum;
     }
 }
 
@@ -121,6 +124,7 @@ impl From<Hits> for crate::proto::Hits {
             top1: h.top1,
             top5: h.top5,
             samples: h.samples,
+            loss_sum: h.loss_sum,
         }
     }
 }
@@ -131,6 +135,7 @@ impl From<crate::proto::Hits> for Hits {
             top1: h.top1,
             top5: h.top5,
             samples: h.samples,
+            loss_sum: h.loss_sum,
         }
     }
 }
@@ -142,7 +147,13 @@ impl Hits {
     pub fn top5_err(&self) -> f64 {
         1.0 - self.top5 as f64 / self.samples.max(1) as f64
     }
+    /// The samples' mean cross-entropy.
+    pub fn loss(&self) -> f64 {
+        self.loss_sum / self.samples.max(1) as f64
+    }
 }
+
+pub use crate::telemetry::{TrainPoint, ValPoint};
 
 /// What one step of one process measured.
 #[derive(Clone, Debug, PartialEq)]
@@ -161,6 +172,11 @@ pub struct StepReport {
     /// Bytes sent to the other column and to the other replicas so far.
     pub column_bytes: u64,
     pub replica_bytes: u64,
+    /// Seconds since training began in this process, and of them the seconds in the column
+    /// exchange and in the replicas' average.
+    pub train_seconds: f64,
+    pub column_seconds: f64,
+    pub replica_seconds: f64,
 }
 
 /// Validation after an epoch.
@@ -188,6 +204,8 @@ pub struct LogMonitor {
     window_start: Instant,
     window: (f64, Hits, u64),
     epoch_loss: (f64, u64),
+    epoch_samples: u64,
+    last_step: u64,
 }
 
 impl LogMonitor {
@@ -199,60 +217,90 @@ impl LogMonitor {
             window_start: Instant::now(),
             window: (0.0, Hits::default(), 0),
             epoch_loss: (0.0, 0),
+            epoch_samples: 0,
+            last_step: 0,
         }
+    }
+
+    /// The classes the network tells apart (chance is 1 - 1/classes).
+    pub fn classes(&self) -> usize {
+        self.classes
     }
 }
 
 impl LogMonitor {
-    pub fn step(&mut self, r: &StepReport) {
+    /// Takes a step; at a log step (every `log_every`, an epoch's last, the run's last) logs
+    /// the interval's figures and returns them.
+    pub fn step(&mut self, r: &StepReport) -> Option<TrainPoint> {
         self.window.0 += r.loss as f64;
         self.window.1 += r.hits;
         self.window.2 += 1;
         self.epoch_loss.0 += r.loss as f64;
         self.epoch_loss.1 += 1;
-        if r.step.is_multiple_of(self.log_every) || r.last_of_epoch || r.step == r.total_steps {
-            let (loss, hits, steps) = self.window;
-            let elapsed = self.started.elapsed().as_secs_f64();
-            tracing::info!(
-                epoch = r.epoch,
-                step = r.step,
-                of = r.total_steps,
-                loss = crate::log_fields::rounded(loss / steps as f64, 4),
-                top1_err = crate::log_fields::rounded(hits.top1_err(), 3),
-                // Top-5 of 5 classes or fewer is always right: not reported.
-                top5_err =
-                    (self.classes > 5).then(|| crate::log_fields::rounded(hits.top5_err(), 3)),
-                images_per_s = crate::log_fields::rounded(
-                    hits.samples as f64 / self.window_start.elapsed().as_secs_f64(),
-                    1
-                ),
-                lr = crate::log_fields::single(r.lr),
-                eta_s = crate::log_fields::rounded(
-                    elapsed / r.step as f64 * r.total_steps.saturating_sub(r.step) as f64,
-                    0
-                ),
-                "train"
-            );
-            self.window = (0.0, Hits::default(), 0);
-            self.window_start = Instant::now();
+        self.epoch_samples += r.hits.samples;
+        self.last_step = r.step;
+        if !(r.step.is_multiple_of(self.log_every) || r.last_of_epoch || r.step == r.total_steps) {
+            return None;
         }
+        let (loss, hits, steps) = self.window;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let point = TrainPoint {
+            epoch: r.epoch,
+            step: r.step,
+            total_steps: r.total_steps,
+            loss: loss / steps as f64,
+            top1_err: hits.top1_err(),
+            // Top-5 of 5 classes or fewer is always right: not reported.
+            top5_err: (self.classes > 5).then(|| hits.top5_err()),
+            images_per_s: hits.samples as f64 / self.window_start.elapsed().as_secs_f64(),
+            lr: r.lr,
+            eta_s: elapsed / r.step as f64 * r.total_steps.saturating_sub(r.step) as f64,
+        };
+        tracing::info!(
+            epoch = point.epoch,
+            step = point.step,
+            of = point.total_steps,
+            loss = crate::log_fields::rounded(point.loss, 4),
+            top1_err = crate::log_fields::rounded(point.top1_err, 3),
+            top5_err = point.top5_err.map(|e| crate::log_fields::rounded(e, 3)),
+            images_per_s = crate::log_fields::rounded(point.images_per_s, 1),
+            lr = crate::log_fields::single(point.lr),
+            eta_s = crate::log_fields::rounded(point.eta_s, 0),
+            "train"
+        );
+        self.window = (0.0, Hits::default(), 0);
+        self.window_start = Instant::now();
+        Some(point)
     }
 
-    /// Logs a validation; returns the mean training loss of the epoch.
-    pub fn evaluation(&mut self, r: &EvalReport) -> f32 {
+    /// Logs a validation that came `seconds` after the previous one (or the start); returns
+    /// its figures with the epoch's mean training loss and images per second.
+    pub fn evaluation(&mut self, r: &EvalReport, seconds: f64) -> ValPoint {
         let train_loss = (self.epoch_loss.0 / self.epoch_loss.1.max(1) as f64) as f32;
         self.epoch_loss = (0.0, 0);
+        let point = ValPoint {
+            epoch: r.epoch,
+            step: self.last_step,
+            train_loss,
+            loss: r.hits.loss(),
+            top1_err: r.hits.top1_err(),
+            top5_err: (self.classes > 5).then(|| r.hits.top5_err()),
+            seconds,
+            images_per_s: self.epoch_samples as f64 / seconds.max(1e-9),
+        };
+        self.epoch_samples = 0;
         tracing::info!(
             epoch = r.epoch,
             train_loss = crate::log_fields::rounded(train_loss as f64, 4),
-            val_top1_err = crate::log_fields::rounded(r.hits.top1_err(), 3),
-            val_top5_err =
-                (self.classes > 5).then(|| crate::log_fields::rounded(r.hits.top5_err(), 3)),
+            val_loss = crate::log_fields::rounded(point.loss, 4),
+            val_top1_err = crate::log_fields::rounded(point.top1_err, 3),
+            val_top5_err = point.top5_err.map(|e| crate::log_fields::rounded(e, 3)),
             chance_top1_err = crate::log_fields::rounded(1.0 - 1.0 / self.classes as f64, 3),
             samples = r.hits.samples,
+            seconds = crate::log_fields::rounded(seconds, 1),
             "validation"
         );
-        train_loss
+        point
     }
 }
 
@@ -298,6 +346,7 @@ pub fn fit<B: Backend>(
         .and_then(|p| p.every_steps)
         .filter(|&n| n > 0);
     let mut last_checkpoint = start.step;
+    let started = Instant::now();
     let mut uploader = BatchUploader::default();
     while step < total_steps {
         let epoch = step / steps_per_epoch;
@@ -321,10 +370,14 @@ pub fn fit<B: Backend>(
                     top1: r.top1_correct as u64,
                     top5: r.top5_correct as u64,
                     samples: labels.len() as u64,
+                    loss_sum: r.loss as f64 * labels.len() as f64,
                 },
                 lr,
                 column_bytes: net.column_traffic().sent_bytes,
                 replica_bytes: net.replica_traffic().sent_bytes,
+                train_seconds: started.elapsed().as_secs_f64(),
+                column_seconds: net.profile.seconds("exchange"),
+                replica_seconds: net.profile.seconds("replicas"),
             })?;
             if last_of_epoch || step >= total_steps {
                 break;
@@ -374,14 +427,12 @@ pub fn eval_batch<B: Backend>(
     host.resize(batch * per, 0.0);
     net.forward(&net.backend.upload(&host), batch, Mode::Eval)?;
     let logits = net.backend.download(net.logits().expect("forward ran"));
-    let (top1, top5) = count_correct(
-        &logits[..labels.len() * net.cfg.classes],
-        net.cfg.classes,
-        labels,
-    );
+    let logits = &logits[..labels.len() * net.cfg.classes];
+    let (top1, top5) = count_correct(logits, net.cfg.classes, labels);
     Ok(Hits {
         top1: top1 as u64,
         top5: top5 as u64,
         samples: labels.len() as u64,
+        loss_sum: super::cross_entropy_sum(logits, net.cfg.classes, labels),
     })
 }

@@ -71,3 +71,17 @@ pub fn count_correct(logits: &[f32], classes: usize, labels: &[u32]) -> (usize, 
         .count();
     (top1, top5)
 }
+
+/// The summed cross-entropy of `labels` under `logits` (one row of `classes` per label), in
+/// f64 with the log-sum-exp shifted by each row's largest logit.
+pub fn cross_entropy_sum(logits: &[f32], classes: usize, labels: &[u32]) -> f64 {
+    logits
+        .chunks(classes)
+        .zip(labels)
+        .map(|(row, &label)| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            max + sum.ln() - row[label as usize] as f64
+        })
+        .sum()
+}

@@ -6,7 +6,7 @@ use crate::files::write_atomic;
 use std::fmt::Write;
 use std::path::Path;
 
-pub fn write(run_dir: &Path, history: &[EpochRecord]) -> anyhow::Result<()> {
+pub fn write(run_dir: &Path, history: &[EpochRecord], _classes: usize) -> anyhow::Result<()> {
     let mut csv = String::from("epoch,train_loss,val_top1_err,val_top5_err,lr,seconds\n");
     for h in history {
         writeln!(
@@ -121,11 +121,13 @@ mod tests {
                 val_top5_err: 0.1,
                 lr: 0.01,
                 seconds: 1.0,
+                val_loss: Some(1.0 / e as f64),
+                images_per_s: Some(100.0),
             })
             .collect();
         let dir = std::env::temp_dir().join(format!("alexnet-report-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        write(&dir, &history).unwrap();
+        write(&dir, &history, 10).unwrap();
         let csv = std::fs::read_to_string(dir.join("report.csv")).unwrap();
         assert_eq!(csv.lines().count(), 4);
         assert!(csv

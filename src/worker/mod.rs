@@ -208,6 +208,9 @@ impl Reporter for RemoteReporter {
             replica_bytes: r.replica_bytes,
             rss_bytes: rss_bytes(),
             steps_per_epoch: r.steps_per_epoch,
+            train_seconds: r.train_seconds,
+            column_seconds: r.column_seconds,
+            replica_seconds: r.replica_seconds,
         }));
         self.check()
     }
@@ -423,7 +426,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let host = hostname();
+    let host = crate::files::hostname();
     let request = RegisterRequest {
         job_id: opts.job_id.clone().unwrap_or_default(),
         config_hash: opts.config_hash.clone().unwrap_or_default(),
@@ -784,12 +787,6 @@ fn nccl_column_link(
     _timeout: Duration,
 ) -> anyhow::Result<Option<Box<dyn crate::comm::Link>>> {
     Ok(None)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
 }
 
 fn capabilities() -> Vec<String> {
