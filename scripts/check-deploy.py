@@ -24,10 +24,17 @@ PATH defaults to target/debug/alexnet. Needs Python 3.11+ and PyYAML (yamllint b
    the build reads) and that no recipe holds a literal token.
 5. Runs the batch scripts (*.sbatch) as Slurm would, with srun and alexnet stood in for, and
    checks what they start: the replicas, one agent per node rank, the token file, a requeue.
-6. Runs shellcheck (on the scripts in deploy/ and scripts/, and on the scripts embedded in
-   units, containers and services), yamllint, kubernetes-validate and check-jsonschema's
-   Compose schema (a missing one is an error unless --skip-missing-linters), and hadolint,
-   `systemd-analyze verify` and `kubectl kustomize` where they are installed.
+6. Checks the monitoring: the Prometheus configuration (deploy/prometheus/prometheus.yml: its
+   rule_files must exist and load every rule file beside it, its alexnet targets use the
+   recipes' metrics ports), the Grafana dashboards (deploy/grafana/*.json: JSON, unique panel
+   ids, a datasource and PromQL targets on every panel, template variables that exist, the
+   job_id variable), and that every metric name in these files and in the alert rules is one the
+   exporter serves (METRICS).
+7. Runs shellcheck (on the scripts in deploy/ and scripts/, and on the scripts embedded in
+   units, containers and services), yamllint, kubernetes-validate, check-jsonschema's Compose
+   schema and promtool (`check config`, `check rules`, `test rules`; a missing one is an error
+   unless --skip-missing-linters), and hadolint, `systemd-analyze verify` and `kubectl
+   kustomize` where they are installed.
 
 Shell parsing is deliberately simple (one command per logical line, shlex quoting): the
 launcher in front of alexnet (exec, srun, env, ...) must take its options in the --opt=value
@@ -37,6 +44,8 @@ form, and heredocs are not understood.
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
 import re
 import shlex
@@ -82,6 +91,52 @@ SYSTEMD_SPECIFIERS = {
 }
 # Linters are run against this Kubernetes version's schemas.
 KUBERNETES_VERSION = "1.30.0"
+
+# Every metric the exporter serves (--metrics-listen): the alert rules, the scrape configuration
+# and the dashboards may name no other. tests/ checks the same list against a live exporter:
+# change both together.
+METRICS = {
+    # The coordinator; every series has the label job_id.
+    "alexnet_info",
+    "alexnet_job_state",
+    "alexnet_step",
+    "alexnet_total_steps",
+    "alexnet_epoch",
+    "alexnet_train_loss",
+    "alexnet_train_top1_error_ratio",
+    "alexnet_train_top5_error_ratio",
+    "alexnet_validation_loss",
+    "alexnet_validation_top1_error_ratio",
+    "alexnet_validation_top5_error_ratio",
+    "alexnet_images_per_second",
+    "alexnet_learning_rate",
+    "alexnet_eta_seconds",
+    "alexnet_generation",
+    "alexnet_restarts_total",
+    "alexnet_restarts_left",
+    "alexnet_workers_expected",
+    "alexnet_workers_joined",
+    "alexnet_workers_lost",
+    "alexnet_last_checkpoint_step",
+    "alexnet_checkpoint_age_seconds",
+    # The coordinator, per rank (job_id, rank, replica, column, host).
+    "alexnet_worker_heartbeat_age_seconds",
+    "alexnet_worker_step",
+    "alexnet_worker_images_per_second",
+    "alexnet_worker_column_exchange_share_ratio",
+    "alexnet_worker_replica_exchange_share_ratio",
+    "alexnet_worker_column_exchange_sent_bytes_total",
+    "alexnet_worker_replica_exchange_sent_bytes_total",
+    "alexnet_worker_resident_memory_bytes",
+    "alexnet_worker_up",
+    # An agent (job_id, host; per worker also rank).
+    "alexnet_agent_workers",
+    "alexnet_agent_worker_running",
+    "alexnet_agent_worker_restarts_total",
+    "alexnet_agent_restarts_left",
+}
+# The recipes' --metrics-listen ports, which deploy/prometheus and the alerts' texts assume.
+METRICS_PORTS = {"coordinator": 9401, "agent": 9402}
 
 SHELLS = {"sh", "bash", "dash"}
 # Words that run the command after their options (options as --opt=value).
@@ -789,6 +844,187 @@ def validate_job_files(info: dict, binary: Path, report: Report) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Monitoring: Prometheus, Grafana
+
+
+def split_addr(addr: str) -> tuple[str, int | None]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port) if port.isdigit() else None
+
+
+PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
+                   "group_right", "inf", "nan"}
+METRIC_WORD = re.compile(r"\balexnet_[A-Za-z0-9_:]*")
+
+
+def promql_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (Grafana's $variables allowed)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)
+    s = re.sub(r"#[^\n]*", " ", s)
+    s = re.sub(r"\$\{[^}]*\}|\$\w+|\[\[\w+\]\]", " ", s)
+    s = re.sub(r"\{[^{}]*\}", " ", s)
+    s = re.sub(r"\[[^\[\]]*\]", " ", s)
+    s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", " ", s)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", s):
+        if m.start() and (s[m.start() - 1].isdigit() or s[m.start() - 1] == "."):
+            continue  # 5m, 1e3
+        if s[m.end():].lstrip().startswith("(") or m.group(0).lower() in PROMQL_KEYWORDS:
+            continue  # a function or aggregation
+        names.add(m.group(0))
+    return names
+
+
+def grafana_query_names(query: str) -> set[str]:
+    """The metric names of a Prometheus template variable's query."""
+    m = re.fullmatch(r"\s*(?:label_values\((.*),\s*\w+\s*\)|query_result\((.*)\))\s*", query, re.S)
+    return promql_names(m.group(1) or m.group(2)) if m else set()
+
+
+def metric_names(where: str, names: set[str], report: Report) -> None:
+    for n in sorted(names - METRICS):
+        report.fail(f"{where}: `{n}` is no metric of the exporter (METRICS in scripts/check-deploy.py)")
+
+
+def prometheus_files(kinds: dict[str, list[Path]], report: Report) -> None:
+    """rule_files load every rule file in deploy/prometheus; the alexnet scrape jobs' targets use
+    the recipes' ports; the metric names are the exporter's."""
+    loaded: set[Path] = set()
+    for cfg in kinds.get("prometheus-config", []):
+        try:
+            doc = yaml.safe_load(cfg.read_text()) or {}
+        except yaml.YAMLError as e:
+            report.fail(f"{rel(cfg)}: {e}")
+            continue
+        for pattern in doc.get("rule_files") or []:
+            found = glob.glob(os.path.join(cfg.parent, pattern))
+            if not found:
+                report.fail(f"{rel(cfg)}: rule_files {pattern!r} matches no file (relative to {rel(cfg.parent)})")
+            loaded |= {Path(f).resolve() for f in found}
+        for sc in doc.get("scrape_configs") or []:
+            if sc.get("metrics_path", "/metrics") != "/metrics":
+                report.fail(f"{rel(cfg)}: job {sc.get('job_name')}: metrics_path {sc['metrics_path']!r}, "
+                            f"not /metrics")
+            for role, port in METRICS_PORTS.items():
+                if sc.get("job_name") != f"alexnet-{role}":
+                    continue
+                for target in [t for st in sc.get("static_configs") or [] for t in st.get("targets") or []]:
+                    if split_addr(str(target))[1] != port:
+                        report.fail(f"{rel(cfg)}: job alexnet-{role}: target {target} is not at port {port}, "
+                                    f"where the recipes serve the {role}'s metrics")
+        metric_names(rel(cfg), set(METRIC_WORD.findall(cfg.read_text())), report)
+    for r in kinds.get("prometheus-rules", []):
+        if r.resolve() not in loaded:
+            report.fail(f"{rel(r)}: no prometheus.yml in deploy/ loads it (rule_files)")
+        names = set(METRIC_WORD.findall(r.read_text()))
+        try:
+            doc = yaml.safe_load(r.read_text()) or {}
+        except yaml.YAMLError as e:
+            report.fail(f"{rel(r)}: {e}")
+            continue
+        for g in doc.get("groups") or []:
+            for rule in g.get("rules") or []:
+                names |= promql_names(str(rule.get("expr", "")))
+        metric_names(rel(r), names, report)
+    for t in kinds.get("prometheus-tests", []):
+        names = set(METRIC_WORD.findall(t.read_text()))
+        try:
+            doc = yaml.safe_load(t.read_text()) or {}
+        except yaml.YAMLError as e:
+            report.fail(f"{rel(t)}: {e}")
+            continue
+        for case in doc.get("tests") or []:
+            for series in case.get("input_series") or []:
+                names |= promql_names(str(series.get("series", "")))
+        metric_names(rel(t), names, report)
+
+
+GRAFANA_BUILTINS = {"__interval", "__interval_ms", "__rate_interval", "__rate_interval_ms", "__range", "__range_s",
+                    "__range_ms", "__from", "__to", "__dashboard", "__org", "__user", "timeFilter"}
+
+
+def grafana_dashboard(path: Path, report: Report) -> None:
+    """Imports as it is: JSON, panel ids unique, every panel on a datasource with PromQL targets,
+    every $variable defined, and the job_id variable the panels filter on."""
+    where = rel(path)
+    try:
+        dash = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        report.fail(f"{where}: not JSON: {e}")
+        return
+    if not isinstance(dash, dict) or not isinstance(dash.get("panels"), list):
+        report.fail(f"{where}: not a dashboard (no panels)")
+        return
+    if not isinstance(dash.get("schemaVersion"), int):
+        report.fail(f"{where}: no schemaVersion")
+    variables = {v.get("name"): v for v in (dash.get("templating") or {}).get("list") or []}
+    inputs = {i.get("name") for i in dash.get("__inputs") or []}
+    names = set(METRIC_WORD.findall(path.read_text()))
+
+    def refs(text: str) -> set[str]:
+        return {a or b or c for a, b, c in re.findall(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]", text)}
+
+    def datasource(ds, what: str) -> None:
+        if not ds:
+            report.fail(f"{where}: {what}: no datasource")
+            return
+        if isinstance(ds, dict) and ds.get("type") not in (None, "prometheus"):
+            report.fail(f"{where}: {what}: datasource type {ds.get('type')!r}, not prometheus")
+        for v in refs(str(ds.get("uid") if isinstance(ds, dict) else ds)):
+            if v not in inputs and (variables.get(v) or {}).get("type") != "datasource":
+                report.fail(f"{where}: {what}: datasource ${{{v}}} is neither a datasource variable nor in __inputs")
+
+    def expr(text: str, what: str) -> None:
+        for v in sorted(refs(text) - GRAFANA_BUILTINS - variables.keys()):
+            report.fail(f"{where}: {what}: ${v} is no template variable")
+        names.update(promql_names(text))
+
+    job = variables.get("job_id")
+    query = (job or {}).get("query")
+    query = query.get("query") if isinstance(query, dict) else query
+    if not job or job.get("type") != "query" or not re.search(r"label_values\(.+,\s*job_id\s*\)", str(query)):
+        report.fail(f"{where}: no job_id variable (type query, label_values(alexnet_step, job_id))")
+    for v in variables.values():
+        if v.get("type") == "query":
+            datasource(v.get("datasource"), f"variable {v.get('name')}")
+            q = v.get("query")
+            names.update(grafana_query_names(str(q.get("query", "") if isinstance(q, dict) else q)))
+
+    panels = [q for p in dash["panels"] for q in [p, *(p.get("panels") or [])]]
+    ids = [p.get("id") for p in panels]
+    for i in sorted({i for i in ids if ids.count(i) > 1}, key=str):
+        report.fail(f"{where}: panel id {i} is used {ids.count(i)} times")
+    for p in panels:
+        what = f"panel {p.get('id')} {p.get('title')!r}"
+        if not isinstance(p.get("id"), int):
+            report.fail(f"{where}: {what}: no numeric id")
+        g = p.get("gridPos") or {}
+        if not all(isinstance(g.get(k), int) for k in "xywh") or g["x"] + g["w"] > 24:
+            report.fail(f"{where}: {what}: gridPos {g} is not within the 24 columns")
+        if p.get("type") == "row":
+            continue
+        datasource(p.get("datasource"), what)
+        targets = p.get("targets") or []
+        if not targets:
+            report.fail(f"{where}: {what}: no targets")
+        ref_ids = [t.get("refId") for t in targets]
+        if len(set(ref_ids)) != len(ref_ids):
+            report.fail(f"{where}: {what}: refIds repeat: {ref_ids}")
+        for t in targets:
+            if not str(t.get("expr") or "").strip():
+                report.fail(f"{where}: {what}: target {t.get('refId')} has no expr")
+                continue
+            if "datasource" in t:
+                datasource(t["datasource"], f"{what} target {t.get('refId')}")
+            expr(t["expr"], f"{what} target {t.get('refId')}")
+    for a in (dash.get("annotations") or {}).get("list") or []:
+        if a.get("expr"):
+            datasource(a.get("datasource"), f"annotation {a.get('name')!r}")
+            expr(a["expr"], f"annotation {a.get('name')!r}")
+    metric_names(where, names, report)
+
+
+# ---------------------------------------------------------------------------------------------
 # Slurm: the batch script run for real, with srun and the binary stood in for
 
 
@@ -904,7 +1140,7 @@ def dry_run(binary: Path, cmd: Command, report: Report, expect: str | None = Non
 
 
 def linters(args, report: Report, k8s_manifests: list[Path], dockerfiles: list[Path], units: list[Path],
-            compose_files: list[Path], binary: Path) -> None:
+            compose_files: list[Path], binary: Path, kinds: dict[str, list[Path]]) -> None:
     def need(tool: str) -> bool:
         if shutil.which(tool):
             return True
@@ -948,6 +1184,12 @@ def linters(args, report: Report, k8s_manifests: list[Path], dockerfiles: list[P
         for c in compose_files:
             run(f"check-jsonschema --builtin-schema vendor.compose-spec {rel(c)}",
                 ["check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(c)])
+    prometheus = [kinds.get(k, []) for k in ("prometheus-config", "prometheus-rules", "prometheus-tests")]
+    if any(prometheus) and need("promtool"):
+        # check config also checks the rule files it loads, with their paths resolved from its folder.
+        for verb, files in zip((["check", "config"], ["check", "rules"], ["test", "rules"]), prometheus):
+            for f in files:
+                run(f"promtool {' '.join(verb)} {rel(f)}", ["promtool", *verb, str(f)])
     # Optional: run where installed.
     if shutil.which("hadolint"):
         for d in dockerfiles:
@@ -970,6 +1212,12 @@ def classify(path: Path) -> str:
     name = path.name
     if name in ("README.md", ".yamllint.yaml") or name.endswith(".dockerignore"):
         return "other"
+    if path.parent.name == "prometheus" and name.endswith((".yaml", ".yml")):
+        if name in ("prometheus.yml", "prometheus.yaml"):
+            return "prometheus-config"
+        return "prometheus-tests" if name.endswith((".test.yml", ".test.yaml")) else "prometheus-rules"
+    if path.parent.name == "grafana" and name.endswith(".json"):
+        return "grafana-dashboard"
     if name.endswith((".sbatch", ".sh")):
         return "shell"
     if name.endswith(".service"):
@@ -1079,6 +1327,14 @@ def main() -> int:
         print("== job files in ConfigMaps")
         job_files = validate_job_files(k8s_info, binary, report)
         k8s_consistency(k8s_info, report)
+
+    print("== monitoring: Prometheus, Grafana")
+    before = len(report.failures)
+    prometheus_files(kinds, report)
+    for d in kinds.get("grafana-dashboard", []):
+        grafana_dashboard(d, report)
+    if len(report.failures) == before:
+        print("ok   scrape targets, rule files, metric names, dashboards")
     for path, info in compose_info.items():
         replicas, workers = None, []
         for svc in info["services"].values():
@@ -1105,14 +1361,16 @@ def main() -> int:
     print("== linters")
     k8s_manifests = list(k8s_files)
     linters(args, report, k8s_manifests, kinds.get("dockerfile", []), kinds.get("systemd", []),
-            kinds.get("compose", []), binary)
+            kinds.get("compose", []), binary, kinds)
 
     print("== summary")
     print(
         f"{len(commands)} command lines parsed from {len([f for f in per_file if per_file[f]])} files "
         f"and checked with --dry-run, {job_files} job file(s) validated, "
         f"{report.manifests_valid} of {len(k8s_manifests)} Kubernetes manifests valid "
-        f"(kubernetes {args.kubernetes_version})"
+        f"(kubernetes {args.kubernetes_version}), "
+        f"{sum(len(kinds.get(k, [])) for k in ('prometheus-config', 'prometheus-rules', 'prometheus-tests'))} "
+        f"Prometheus file(s) and {len(kinds.get('grafana-dashboard', []))} Grafana dashboard(s) checked"
     )
     for n in report.notes:
         print(f"note: {n}")
