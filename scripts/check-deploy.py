@@ -29,7 +29,11 @@ PATH defaults to target/debug/alexnet. Needs Python 3.11+ and PyYAML (yamllint b
    recipes' metrics ports), the Grafana dashboards (deploy/grafana/*.json: JSON, unique panel
    ids, a datasource and PromQL targets on every panel, template variables that exist, the
    job_id variable), and that every metric name in these files and in the alert rules is one the
-   exporter serves (METRICS).
+   exporter serves (METRICS). In the recipes: --metrics-listen on every coordinator (agent)
+   command line of a file or on none, at the conventional port; in Kubernetes, the scrape
+   annotations and metrics port of each pod that serves metrics, off loopback, and the
+   Prometheus operator's monitors (kept out of kustomization.yaml) against the Services, pods
+   and ports they select.
 7. Runs shellcheck (on the scripts in deploy/ and scripts/, and on the scripts embedded in
    units, containers and services), yamllint, kubernetes-validate, check-jsonschema's Compose
    schema and promtool (`check config`, `check rules`, `test rules`; a missing one is an error
@@ -817,7 +821,11 @@ def kustomization(path: Path, manifests: list[Path], report: Report) -> None:
         if not r.exists():
             report.fail(f"{rel(path)}: lists {rel(r)}, which does not exist")
     for m in manifests:
-        if m.resolve() not in listed:
+        optional = operator_only(m)
+        if optional and m.resolve() in listed:
+            report.fail(f"{rel(path)}: lists {rel(m)}, whose kinds exist only where the Prometheus operator "
+                        f"is installed: leave it out (it is applied on its own)")
+        elif not optional and m.resolve() not in listed:
             report.fail(f"{rel(path)}: does not list {rel(m)}")
 
 
@@ -844,12 +852,183 @@ def validate_job_files(info: dict, binary: Path, report: Report) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Monitoring: Prometheus, Grafana
+# Monitoring: --metrics-listen in the recipes, Prometheus, Grafana
+
+
+def metrics_listen(cmd: Command) -> str | None:
+    a = cmd.argv
+    for i, w in enumerate(a):
+        if w == "--metrics-listen" and i + 1 < len(a):
+            return a[i + 1]
+        if w.startswith("--metrics-listen="):
+            return w.split("=", 1)[1]
+    return cmd.env.get("ALEXNET_METRICS_LISTEN")
 
 
 def split_addr(addr: str) -> tuple[str, int | None]:
     host, _, port = addr.rpartition(":")
     return host.strip("[]"), int(port) if port.isdigit() else None
+
+
+def loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def metrics_flags(per_file: dict[Path, list[Command]], containers: list[Path], report: Report) -> None:
+    """In a recipe, the coordinator's (agent's) command lines serve metrics all or none: a resume
+    branch without --metrics-listen loses them after a restart. At the conventional port, and in
+    a container (Compose) off loopback."""
+    for path, cmds in per_file.items():
+        for role, port in METRICS_PORTS.items():
+            mine = [(c, metrics_listen(c)) for c in cmds if c.argv[:1] == [role]]
+            if any(a for _, a in mine):
+                for c, a in mine:
+                    if not a:
+                        report.fail(f"{c.where}: `alexnet {role}` without --metrics-listen, unlike the other "
+                                    f"{role} command lines of the recipe")
+            for c, a in mine:
+                if a and path in containers and loopback(split_addr(a)[0]):
+                    report.fail(f"{c.where}: --metrics-listen {a} is the container's loopback, which a published "
+                                f"port does not reach: listen on 0.0.0.0")
+                if a and split_addr(a)[1] != port:
+                    report.fail(f"{c.where}: --metrics-listen {a}: the recipes serve the {role}'s metrics on "
+                                f"port {port}, which deploy/prometheus assumes")
+
+
+def pod_template_meta(obj: dict) -> dict:
+    kind, spec = obj.get("kind"), obj.get("spec") or {}
+    if kind == "Pod":
+        return obj.get("metadata") or {}
+    if kind == "CronJob":
+        spec = spec.get("jobTemplate", {}).get("spec", {})
+    return spec.get("template", {}).get("metadata") or {}
+
+
+def operator_only(path: Path) -> bool:
+    """A manifest of the Prometheus operator's kinds only: optional, outside kustomization.yaml."""
+    docs = [o for o in yaml.safe_load_all(path.read_text()) if o]
+    return bool(docs) and all(str(o.get("apiVersion", "")).startswith("monitoring.coreos.com/") for o in docs)
+
+
+def k8s_metrics(info: dict, report: Report) -> None:
+    """A pod that serves metrics says so in the annotations that Prometheus' pod discovery reads,
+    declares the port, and listens off loopback; a pod that does not serve them does not ask."""
+    for c in info["containers"]:
+        obj, ctr = c["obj"], c["container"]
+        name = f"{obj['kind']}/{obj['metadata']['name']} container {ctr['name']}"
+        ann = pod_template_meta(obj).get("annotations") or {}
+        addrs = {metrics_listen(cmd) for cmd in c["commands"]}
+        if addrs == {None}:
+            if "prometheus.io/scrape" in ann:
+                report.fail(f"deploy/k8s: {name}: prometheus.io/scrape, but no --metrics-listen")
+            continue
+        if len(addrs - {None}) > 1:  # (one without: metrics_flags says so)
+            report.fail(f"deploy/k8s: {name}: its command lines differ in --metrics-listen: {sorted(addrs - {None})}")
+        for addr in sorted(addrs - {None}):
+            host, port = split_addr(addr)
+            if loopback(host):
+                report.fail(f"deploy/k8s: {name}: --metrics-listen {addr} is the pod's loopback, which Prometheus "
+                            f"cannot reach: listen on 0.0.0.0")
+            want = {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+            for k, v in want.items():
+                if ann.get(k) != v:
+                    report.fail(f"deploy/k8s: {name}: pod annotation {k} is {ann.get(k)!r}, not {v!r} "
+                                f"(--metrics-listen {addr})")
+            if port not in [p.get("containerPort") for p in ctr.get("ports") or []]:
+                report.fail(f"deploy/k8s: {name}: no containerPort {port} (--metrics-listen {addr})")
+
+
+# The Prometheus operator's monitoring.coreos.com/v1 fields that a spelling mistake would
+# otherwise hide (the operator drops unknown fields).
+MONITOR_ENDPOINTS = {"ServiceMonitor": "endpoints", "PodMonitor": "podMetricsEndpoints"}
+MONITOR_SPEC_KEYS = {
+    "selector", "endpoints", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "targetLabels",
+    "podTargetLabels", "sampleLimit", "targetLimit", "labelLimit", "labelNameLengthLimit",
+    "labelValueLengthLimit", "keepDroppedTargets", "attachMetadata", "scrapeClass", "scrapeProtocols",
+    "fallbackScrapeProtocol", "bodySizeLimit", "selectorMechanism",
+}
+MONITOR_ENDPOINT_KEYS = {
+    "port", "portNumber", "targetPort", "path", "scheme", "params", "interval", "scrapeTimeout",
+    "honorLabels", "honorTimestamps", "trackTimestampsStaleness", "relabelings", "metricRelabelings",
+    "tlsConfig", "bearerTokenFile", "bearerTokenSecret", "authorization", "basicAuth", "oauth2",
+    "proxyUrl", "noProxy", "proxyFromEnvironment", "proxyConnectHeader", "followRedirects",
+    "enableHttp2", "filterRunning",
+}
+
+
+def k8s_monitors(info: dict, report: Report) -> int:
+    """ServiceMonitors and PodMonitors (kubernetes-validate has no schema for them): known
+    fields, and a selector that finds this folder's Services or pods, whose port leads to a
+    container's --metrics-listen."""
+    docs = info["docs"]
+    workloads: dict[int, tuple[dict, list[dict]]] = {}
+    for c in info["containers"]:
+        workloads.setdefault(id(c["obj"]), (c["obj"], []))[1].append(c)
+
+    def pods(selector: dict) -> list[tuple[dict, list[dict]]]:
+        return [(o, cs) for o, cs in workloads.values()
+                if selector and selector.items() <= (pod_template_meta(o).get("labels") or {}).items()]
+
+    def to_container(where: str, port, selected) -> None:
+        for o, cs in selected:
+            hits = [(c, p) for c in cs for p in c["container"].get("ports") or []
+                    if port in (p.get("name"), p.get("containerPort"))]
+            if not hits:
+                report.fail(f"{where}: {o['kind']}/{o['metadata']['name']} has no container port {port!r}")
+                continue
+            c, p = hits[0]
+            addrs = {metrics_listen(cmd) for cmd in c["commands"]}
+            if {split_addr(a)[1] for a in addrs if a} != {p["containerPort"]} or None in addrs:
+                report.fail(f"{where}: port {port!r} is {p['containerPort']} in {o['kind']}/{o['metadata']['name']}, "
+                            f"but its --metrics-listen is {sorted(map(str, addrs))}")
+
+    n = 0
+    for path, obj in docs:
+        if not str(obj.get("apiVersion", "")).startswith("monitoring.coreos.com/"):
+            continue
+        n += 1
+        kind = obj.get("kind")
+        where = f"{rel(path)}: {kind}/{(obj.get('metadata') or {}).get('name')}"
+        if obj["apiVersion"] != "monitoring.coreos.com/v1" or kind not in MONITOR_ENDPOINTS:
+            report.fail(f"{where}: only monitoring.coreos.com/v1 ServiceMonitor and PodMonitor are understood: "
+                        f"teach scripts/check-deploy.py")
+            continue
+        spec = obj.get("spec") or {}
+        for k in sorted(set(spec) - MONITOR_SPEC_KEYS):
+            report.fail(f"{where}: unknown field spec.{k}")
+        selector = (spec.get("selector") or {}).get("matchLabels") or {}
+        if not selector:
+            report.fail(f"{where}: no spec.selector.matchLabels")
+            continue
+        endpoints = spec.get(MONITOR_ENDPOINTS[kind]) or []
+        if not endpoints:
+            report.fail(f"{where}: no spec.{MONITOR_ENDPOINTS[kind]}")
+        for ep in endpoints:
+            for k in sorted(set(ep) - MONITOR_ENDPOINT_KEYS):
+                report.fail(f"{where}: unknown field {k} in spec.{MONITOR_ENDPOINTS[kind]}")
+            if ep.get("path", "/metrics") != "/metrics":
+                report.fail(f"{where}: path {ep.get('path')!r}: the exporter serves /metrics")
+            port = ep.get("port")
+            if kind == "PodMonitor":
+                selected = pods(selector)
+                if not selected:
+                    report.fail(f"{where}: its selector {selector} matches no pod template in deploy/k8s")
+                to_container(where, port, selected)
+                continue
+            services = [o for _, o in docs if o.get("kind") == "Service"
+                        and selector.items() <= (o["metadata"].get("labels") or {}).items()]
+            if not services:
+                report.fail(f"{where}: its selector {selector} matches no Service's labels in deploy/k8s")
+            for svc in services:
+                sp = [p for p in svc["spec"].get("ports") or [] if p.get("name") == port]
+                if not sp:
+                    report.fail(f"{where}: Service/{svc['metadata']['name']} has no port named {port!r}")
+                    continue
+                selected = pods(svc["spec"].get("selector") or {})
+                if not selected:
+                    report.fail(f"{where}: Service/{svc['metadata']['name']} selects no pod template in deploy/k8s")
+                to_container(where, sp[0].get("targetPort", sp[0]["port"]), selected)
+    return n
 
 
 PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
@@ -1328,13 +1507,18 @@ def main() -> int:
         job_files = validate_job_files(k8s_info, binary, report)
         k8s_consistency(k8s_info, report)
 
-    print("== monitoring: Prometheus, Grafana")
+    print("== monitoring: --metrics-listen, Prometheus, Grafana")
     before = len(report.failures)
+    metrics_flags(per_file, kinds.get("compose", []), report)
+    monitors = 0
+    if k8s_info:
+        k8s_metrics(k8s_info, report)
+        monitors = k8s_monitors(k8s_info, report)
     prometheus_files(kinds, report)
     for d in kinds.get("grafana-dashboard", []):
         grafana_dashboard(d, report)
     if len(report.failures) == before:
-        print("ok   scrape targets, rule files, metric names, dashboards")
+        print("ok   metrics ports and scrape wiring, metric names, dashboards")
     for path, info in compose_info.items():
         replicas, workers = None, []
         for svc in info["services"].values():
@@ -1359,7 +1543,8 @@ def main() -> int:
             report.fail(str(err))
 
     print("== linters")
-    k8s_manifests = list(k8s_files)
+    # The Prometheus operator's kinds have no schema there: k8s_monitors checks them.
+    k8s_manifests = [f for f in k8s_files if not operator_only(f)]
     linters(args, report, k8s_manifests, kinds.get("dockerfile", []), kinds.get("systemd", []),
             kinds.get("compose", []), binary, kinds)
 
@@ -1368,7 +1553,7 @@ def main() -> int:
         f"{len(commands)} command lines parsed from {len([f for f in per_file if per_file[f]])} files "
         f"and checked with --dry-run, {job_files} job file(s) validated, "
         f"{report.manifests_valid} of {len(k8s_manifests)} Kubernetes manifests valid "
-        f"(kubernetes {args.kubernetes_version}), "
+        f"(kubernetes {args.kubernetes_version}), {monitors} Prometheus operator monitor(s), "
         f"{sum(len(kinds.get(k, [])) for k in ('prometheus-config', 'prometheus-rules', 'prometheus-tests'))} "
         f"Prometheus file(s) and {len(kinds.get('grafana-dashboard', []))} Grafana dashboard(s) checked"
     )
