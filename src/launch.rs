@@ -8,10 +8,11 @@
 use crate::agent::{self, AgentOptions, Coordinated};
 use crate::coordinator::generations::Supervisor;
 use crate::coordinator::{CoordinatorConfig, ExchangeSeconds, Phase};
+use crate::telemetry::prometheus::AgentBoard;
 use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -31,6 +32,8 @@ pub struct LaunchOptions {
     pub max_restarts: usize,
     /// How the workers' devices run.
     pub settings: crate::backend::DeviceSettings,
+    /// Where `/metrics` is served (the job's and this host's workers'), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How a launch ended.
@@ -154,6 +157,18 @@ pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
         "watch it with `alexnet status --run {}`",
         opts.run_dir.display()
     );
+    let board = Arc::new(AgentBoard::default());
+    board.update(|b| b.job_id = cfg.job_id.clone());
+    if let Some(addr) = opts.metrics_listen {
+        let (s, b) = (supervisor.clone(), board.clone());
+        let _in_runtime = rt.enter();
+        crate::telemetry::prometheus::serve(
+            addr,
+            Arc::new(move || {
+                s.metrics() + &crate::telemetry::prometheus::encode_agent(&b.0.lock().unwrap())
+            }),
+        )?;
+    }
     let server = rt.spawn(supervisor.clone().serve(listener));
     let beside = Beside {
         supervisor: supervisor.clone(),
@@ -182,6 +197,8 @@ pub fn run(opts: LaunchOptions) -> anyhow::Result<LaunchOutcome> {
         log_dir: Some(opts.run_dir.clone()),
         out: Some(opts.run_dir.join("params")),
         settings: opts.settings.clone(),
+        metrics_listen: None,
+        board: Some(board),
     };
     let (watched, fates) = agent::supervise(&host, &stop, &beside);
     let stopped = stop.load(std::sync::atomic::Ordering::SeqCst);

@@ -10,6 +10,7 @@
 use crate::admission::{self, Holder, Joiner};
 use crate::auth::Secret;
 use crate::spawn::{spawn_worker, WorkerSpec};
+use crate::telemetry::prometheus::{AgentBoard, AgentWorker};
 use crate::worker::{Verdict, WorkerOptions, EXIT_JOB_OVER, EXIT_REFUSED};
 use anyhow::Context;
 use std::path::PathBuf;
@@ -55,6 +56,10 @@ pub struct AgentOptions {
     pub out: Option<PathBuf>,
     /// How the workers' devices run.
     pub settings: crate::backend::DeviceSettings,
+    /// Where this agent serves `/metrics`, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// What the agent tells `/metrics` about its workers (made by `run` when it serves them).
+    pub board: Option<Arc<AgentBoard>>,
 }
 
 impl AgentOptions {
@@ -160,6 +165,8 @@ struct WorkerProcess {
     done: bool,
     /// When to start it again after a failure.
     restart_at: Option<Instant>,
+    /// Times it was restarted.
+    restarts: u64,
 }
 
 /// What became of one of this host's workers: how its last process ended.
@@ -248,6 +255,18 @@ pub fn run(opts: AgentOptions) -> anyhow::Result<()> {
         clock_offset_ms = peer.clock_offset_ms,
         "the coordinator runs this job"
     );
+    let mut opts = opts;
+    if let Some(addr) = opts.metrics_listen {
+        let board = Arc::new(AgentBoard::default());
+        board.update(|b| b.job_id = peer.job_id.clone());
+        let b = board.clone();
+        let _in_runtime = rt.enter();
+        crate::telemetry::prometheus::serve(
+            addr,
+            Arc::new(move || crate::telemetry::prometheus::encode_agent(&b.0.lock().unwrap())),
+        )?;
+        opts.board = Some(board);
+    }
     supervise(&opts, &stop, &Remote).0
 }
 
@@ -326,6 +345,7 @@ fn watch(
             killed: false,
             done: false,
             restart_at: Some(Instant::now()),
+            restarts: 0,
         })
         .collect();
     tracing::info!(
@@ -428,8 +448,12 @@ fn watch(
                         None => restarts += 1,
                     }
                     w.restart_at = Some(Instant::now() + Duration::from_secs(1));
+                    w.restarts += 1;
                 }
             }
+        }
+        if let Some(board) = &opts.board {
+            publish(board, workers, opts.max_restarts, restarts);
         }
         if workers.iter().all(|w| w.done) {
             tracing::info!(restarts, "every worker of this host finished");
@@ -437,6 +461,25 @@ fn watch(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// What `/metrics` says of this host's workers.
+fn publish(board: &AgentBoard, workers: &[WorkerProcess], max: Option<usize>, restarts: usize) {
+    board.update(|b| {
+        if b.host.is_empty() {
+            b.host = crate::files::hostname();
+        }
+        b.restarts_left = max.map(|m| m.saturating_sub(restarts) as u64);
+        b.workers = workers
+            .iter()
+            .map(|w| AgentWorker {
+                rank: w.rank,
+                local: w.local,
+                running: w.child.is_some(),
+                restarts: w.restarts,
+            })
+            .collect();
+    });
 }
 
 /// SIGTERM to every running worker, SIGKILL to those still running 10 s later.
@@ -498,6 +541,8 @@ mod tests {
             log_dir: None,
             out: None,
             settings: Default::default(),
+            metrics_listen: None,
+            board: None,
         }
     }
 

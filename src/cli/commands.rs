@@ -186,6 +186,7 @@ pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
         json_logs: log_format == LogFormat::Json,
         max_restarts: a.max_restarts,
         settings: a.device_settings.settings(),
+        metrics_listen: a.metrics.metrics_listen,
     })?;
     report_exchange_share(&outcome.exchange_seconds);
     if outcome.stopped {
@@ -345,6 +346,10 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         let classes = cfg.job.net.classes;
         let first_generation = cfg.generation;
         let supervisor = alexnet::coordinator::generations::Supervisor::new(cfg)?;
+        if let Some(addr) = a.metrics.metrics_listen {
+            let s = supervisor.clone();
+            alexnet::telemetry::prometheus::serve(addr, std::sync::Arc::new(move || s.metrics()))?;
+        }
         let (phase, c) = supervisor.serve(listener).await?;
         report_exchange_share(&c.exchange_seconds());
         match phase {
@@ -412,6 +417,8 @@ pub fn agent(a: AgentArgs, log_format: LogFormat) -> anyhow::Result<()> {
         log_dir: a.log_dir,
         out: a.out,
         settings: a.device_settings.settings(),
+        metrics_listen: a.metrics.metrics_listen,
+        board: None,
     })
 }
 

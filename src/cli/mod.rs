@@ -257,6 +257,16 @@ pub struct LayoutArgs {
     pub max_clock_skew: Duration,
 }
 
+/// Prometheus's view of the process.
+#[derive(clap::Args, Clone, Debug)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default). A bare port listens
+    /// on loopback (9401: 127.0.0.1:9401); 0.0.0.0:9401 lets a Prometheus elsewhere scrape
+    /// it. Conventional ports: 9401 for a coordinator or a launch, 9402 for an agent.
+    #[arg(long, env = "ALEXNET_METRICS_LISTEN", value_parser = metrics_address, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
 #[derive(clap::Args)]
 pub struct LaunchArgs {
     #[command(flatten)]
@@ -280,6 +290,8 @@ pub struct LaunchArgs {
     pub backend: BackendChoice,
     #[command(flatten)]
     pub device_settings: DeviceArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(clap::Args)]
@@ -313,6 +325,8 @@ pub struct CoordinatorArgs {
     /// failures before the job fails.
     #[arg(long, default_value_t = 3, env = "ALEXNET_MAX_RESTARTS")]
     pub max_restarts: u32,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(clap::Args)]
@@ -363,6 +377,8 @@ pub struct AgentArgs {
     pub tls_domain: Option<String>,
     #[command(flatten)]
     pub device_settings: DeviceArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(clap::Args)]
@@ -407,6 +423,8 @@ pub struct WorkerArgs {
     pub tls_domain: Option<String>,
     #[command(flatten)]
     pub device_settings: DeviceArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(clap::Args)]
@@ -682,6 +700,16 @@ fn listen_address(addr: &str) -> Result<String, String> {
         return Err("no host before the port".into());
     }
     Ok(addr.to_string())
+}
+
+/// Where `/metrics` is served: host:port, or a bare port on loopback.
+fn metrics_address(addr: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = addr.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    addr.parse().map_err(|e| {
+        format!("expected host:port (an IP address, e.g. 127.0.0.1:9401) or a port: {e}")
+    })
 }
 
 /// A size in bytes: a number, or one with a binary K, M, G or T suffix.

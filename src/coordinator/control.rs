@@ -12,6 +12,7 @@ use crate::proto::{
     command, worker_event, Abort, Assignment, Command, EpochResult, JobStatus, RegisterRequest,
     SetLearningRate, Start, Stop, WorkerStatus,
 };
+use crate::telemetry::prometheus::{JobSnapshot, RankSnapshot};
 use crate::telemetry::RankPoint;
 use crate::train::book::{BookSetup, JobBook};
 use crate::train::fit::{EvalReport, ShardsWritten, StepReport};
@@ -341,7 +342,11 @@ impl Control {
                 nccl_replica_id: req.nccl_replica_id.clone(),
                 gpu_uuid: req.gpu_uuid.clone(),
                 counters: Counters::default(),
-                at_log: Counters::default(),
+                // A worker's counters start with this generation, at its checkpoint's step.
+                at_log: Counters {
+                    step: cfg.resume.as_ref().map(|r| r.1.step).unwrap_or(0),
+                    ..Counters::default()
+                },
                 rates: RankPoint {
                     rank,
                     replica: place.replica as u32,
@@ -865,6 +870,74 @@ impl Control {
              starved of CPU): every worker gets a fresh peer timeout",
             gap.as_secs_f64()
         );
+    }
+
+    /// The job as `/metrics` shows it, at `now` (`restarts`: generations started after a
+    /// failure, which the supervisor counts).
+    pub fn metrics(&self, now: Instant, restarts: u64) -> JobSnapshot {
+        let status = self.status(now, 0);
+        let state = match &self.phase {
+            Phase::Waiting => "waiting",
+            Phase::Running => "running",
+            Phase::Finished => "finished",
+            Phase::Failed { .. } => "failed",
+        };
+        let last_val = self.book.history.last();
+        JobSnapshot {
+            job_id: self.cfg.job_id.clone(),
+            version: crate::proto::VERSION.into(),
+            config_hash: self.config_hash.clone(),
+            state,
+            step: status.step,
+            total_steps: status.total_steps,
+            epoch: status.epoch,
+            train: self
+                .book
+                .last_train
+                .as_ref()
+                .map(|t| (t.loss, t.top1_err, t.top5_err)),
+            validation: last_val.map(|h| {
+                (
+                    h.val_loss.unwrap_or(f64::NAN),
+                    h.val_top1_err,
+                    (self.cfg.job.net.classes > 5).then_some(h.val_top5_err),
+                )
+            }),
+            images_per_s: status.images_per_s,
+            lr: status.lr as f64,
+            eta_s: status.eta_seconds,
+            generation: self.cfg.generation,
+            restarts,
+            restarts_left: self.cfg.restarts_left,
+            workers_expected: self.world,
+            workers_joined: self.members.len() as u32,
+            workers_lost: self.members.values().filter(|m| m.state == "lost").count() as u32,
+            last_checkpoint_step: self.book.last_checkpoint.unwrap_or(0),
+            checkpoint_age_s: self
+                .book
+                .last_checkpoint_at
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs_f64()),
+            ranks: self
+                .members
+                .iter()
+                .map(|(&rank, m)| RankSnapshot {
+                    rank,
+                    replica: m.replica,
+                    column: m.rates.column,
+                    host: m.host.clone(),
+                    up: matches!(m.state, "joined" | "running"),
+                    heartbeat_age_s: now.saturating_duration_since(m.heard).as_secs_f64(),
+                    step: m.step,
+                    images_per_s: m.rates.images_per_s,
+                    column_share: m.rates.column_share,
+                    replica_share: m.rates.replica_share,
+                    column_bytes: m.counters.column_bytes,
+                    replica_bytes: m.counters.replica_bytes,
+                    rss_bytes: m.rss,
+                })
+                .collect(),
+        }
     }
 
     /// The job as `alexnet status` shows it, at `now` (`now_ms`: the coordinator's clock).

@@ -10,7 +10,7 @@
 use super::{Coordinator, CoordinatorConfig, Phase};
 use crate::proto::coordinator_server::Coordinator as CoordinatorRpc;
 use crate::proto::{Assignment, JobStatus, RegisterRequest, StatusRequest, WorkerEvent};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -28,6 +28,8 @@ pub struct Supervisor {
     /// The workers are restarted by this process (`alexnet launch`), not by agents
     /// elsewhere: the log says so.
     restarts_workers: bool,
+    /// Generations started after a failure.
+    restarts: Arc<AtomicU64>,
 }
 
 impl Supervisor {
@@ -37,6 +39,7 @@ impl Supervisor {
             over: watch::channel(None).0,
             abandoned: Arc::new(AtomicBool::new(false)),
             restarts_workers: false,
+            restarts: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -61,6 +64,12 @@ impl Supervisor {
         if !c.phase.borrow().is_over() {
             c.fail(None, error);
         }
+    }
+
+    /// The job's metrics as `/metrics` serves them (without the closing `# EOF`).
+    pub fn metrics(&self) -> String {
+        let snapshot = self.current().metrics(self.restarts.load(Ordering::SeqCst));
+        crate::telemetry::prometheus::encode_job(&snapshot)
     }
 
     /// The generation being served now.
@@ -130,6 +139,7 @@ impl Supervisor {
                 );
             }
             self.current.send_replace(Coordinator::new(next)?);
+            self.restarts.fetch_add(1, Ordering::SeqCst);
         };
         self.over.send_replace(Some(end.clone()));
         // Let the last commands (stop, abort) and status calls go out before closing.

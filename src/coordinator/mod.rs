@@ -168,6 +168,15 @@ impl Coordinator {
         out
     }
 
+    /// The job's figures for `/metrics`.
+    pub fn metrics(&self, restarts: u64) -> crate::telemetry::prometheus::JobSnapshot {
+        self.shared
+            .lock()
+            .unwrap()
+            .control
+            .metrics(Instant::now(), restarts)
+    }
+
     /// Stops writing this generation's TensorBoard file.
     pub fn close_telemetry(&self) {
         self.shared.lock().unwrap().control.close_telemetry();

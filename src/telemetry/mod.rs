@@ -2,6 +2,7 @@
 //! ([`tensorboard`]) and Prometheus's text format ([`prometheus`]). The figures come from the
 //! job's bookkeeping (`train::book`, the coordinator); this module only writes and serves them.
 
+pub mod prometheus;
 pub mod tensorboard;
 
 /// What one log line of training says, over the steps since the previous one.

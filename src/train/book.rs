@@ -26,8 +26,9 @@ pub struct JobBook {
     pending: BTreeMap<u64, BTreeMap<String, String>>,
     pub history: Vec<EpochRecord>,
     epoch_started: Instant,
-    /// The newest complete checkpoint's step.
+    /// The newest complete checkpoint's step, and when it was completed.
     pub last_checkpoint: Option<u64>,
+    pub last_checkpoint_at: Option<std::time::SystemTime>,
     /// The run's TensorBoard event file (a run with a run folder).
     pub tensorboard: Option<EventWriter>,
     /// The newest log line's and validation's figures.
@@ -65,6 +66,7 @@ impl JobBook {
             history: Vec::new(),
             epoch_started: Instant::now(),
             last_checkpoint: None,
+            last_checkpoint_at: None,
             tensorboard: None,
             last_train: None,
             last_validation: None,
@@ -73,6 +75,11 @@ impl JobBook {
             book.state = m.schedule;
             book.history = m.history.clone();
             book.last_checkpoint = Some(m.step);
+            book.last_checkpoint_at = book.run_dir.as_ref().and_then(|dir| {
+                std::fs::metadata(checkpoint::step_dir(dir, m.step))
+                    .and_then(|md| md.modified())
+                    .ok()
+            });
         }
         if let Some(dir) = &book.run_dir {
             book.tensorboard = EventWriter::open(dir, resumed.map(|m| m.step).unwrap_or(0));
@@ -149,6 +156,7 @@ impl JobBook {
         checkpoint::write_manifest(&run_dir, &m)?;
         checkpoint::prune(&run_dir, self.keep);
         self.last_checkpoint = Some(c.step);
+        self.last_checkpoint_at = Some(std::time::SystemTime::now());
         tracing::info!(
             step = c.step,
             dir = %checkpoint::step_dir(&run_dir, c.step).display(),

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: golden files, random data, error measures.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::path::PathBuf;
 
 pub use alexnet::selftest::golden::{rel_err, Golden};
