@@ -478,3 +478,50 @@ fn the_recipes_name_only_metrics_that_exist() {
         "check-deploy.py's METRICS and the exporters' metrics differ"
     );
 }
+
+/// `status --watch` follows a live run frame by frame and ends when the run does.
+#[test]
+fn status_watch_follows_the_run_to_its_end() {
+    let dir = scratch("watch");
+    let run = dir.join("run");
+    let mut p = Proc::start(
+        exe()
+            .args(["launch", "--steps", "40", "--log-every", "2", "--run-dir"])
+            .arg(&run),
+    );
+    p.wait_line(Duration::from_secs(90), |l| {
+        l.contains(" train ") && l.contains("step=2 ")
+    });
+    let watch = exe()
+        .args(["status", "--watch", "--interval", "1", "--run"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&watch.stdout);
+    assert!(
+        watch.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
+    let frames = out.matches("redrawn every 1s").count();
+    assert!(frames >= 2, "{out}");
+    assert!(out.contains("ETA ") && out.contains("% "), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.trim_start().starts_with("1      0/1")),
+        "no row for rank 1:\n{out}"
+    );
+    let last = out
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        out.contains("): finished") || last.contains("the run has ended"),
+        "{out}"
+    );
+    let (ok, log, _) = p.finish(Duration::from_secs(60));
+    assert!(ok, "{log}");
+    let _ = std::fs::remove_dir_all(dir);
+}

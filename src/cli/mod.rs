@@ -161,7 +161,7 @@ pub enum Command {
     Agent(AgentArgs),
     /// Show a running job's state: workers, step, loss, speed, ETA.
     #[command(
-        after_help = "Examples:\n  alexnet status --run runs/job-1796666779     a run started by `alexnet launch`\n  alexnet status                               the one live run under ./runs\n  alexnet status --coordinator http://head:50051 --token-file token --json"
+        after_help = "Examples:\n  alexnet status --run runs/job-1796666779     a run started by `alexnet launch`\n  alexnet status                               the one live run under ./runs\n  alexnet status --coordinator http://head:50051 --token-file token --json\n  alexnet status --watch                       redraw every 2 s until the job ends"
     )]
     Status(StatusArgs),
     /// Top-1 and top-5 error of a trained run (its newest checkpoint) on a dataset.
@@ -439,8 +439,15 @@ pub struct StatusArgs {
     #[arg(long, env = "ALEXNET_COORDINATOR", value_parser = coordinator_url)]
     pub coordinator: Option<String>,
     /// Print the status as JSON.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     pub json: bool,
+    /// Redraw every --interval seconds (the job's progress bar with ETA, a row per rank)
+    /// until the job ends or Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between redraws with --watch.
+    #[arg(long, default_value = "2", value_parser = seconds, requires = "watch")]
+    pub interval: Duration,
     /// A file holding the job's token (or set ALEXNET_TOKEN).
     #[arg(long, env = "ALEXNET_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
