@@ -300,6 +300,11 @@ fn prometheus_scrapes_a_live_run() {
     );
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     assert!(!body.contains("token"), "{body}");
+    // The launch's own agent is served beside the job.
+    assert!(
+        body.contains("alexnet_agent_worker_running{") && body.contains("alexnet_worker_up{"),
+        "{body}"
+    );
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
