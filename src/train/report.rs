@@ -100,6 +100,7 @@ const MARGIN_LEFT: i32 = 10;
 const MARGIN_RIGHT: i32 = 28;
 const Y_LABELS_W: i32 = 74;
 const X_LABELS_H: i32 = 44;
+const MARGIN_BOTTOM: i32 = 6;
 
 /// A line of values per epoch; `None` (no value, or one a log scale cannot show) breaks it.
 struct Curve {
@@ -182,9 +183,13 @@ fn loss_panel(history: &[EpochRecord]) -> Panel {
     let summary = history
         .last()
         .map(|r| {
-            let mut s = format!("epoch {}: training {:.3}", r.epoch, r.train_loss);
+            let mut s = format!(
+                "epoch {}: training {}",
+                r.epoch,
+                digits4(r.train_loss as f64)
+            );
             if let Some(v) = r.val_loss {
-                let _ = write!(s, ", validation {v:.3}");
+                let _ = write!(s, ", validation {}", digits4(v));
             }
             s
         })
@@ -289,6 +294,12 @@ fn style(size: u32) -> TextStyle<'static> {
     (SANS, size).into_font().color(&BLACK)
 }
 
+/// `v` to four significant digits, as short as it reads: a loss near 0 keeps its digits.
+fn digits4(v: f64) -> String {
+    let decimals = (3.0 - v.abs().log10().floor()).clamp(0.0, 12.0) as i32;
+    crate::log_fields::rounded(v, decimals).to_string()
+}
+
 /// `lr 0.001`, to three digits: a rate divided in f32 reads 0.0009999999 in full.
 fn lr_text(lr: f32) -> String {
     let lr = lr as f64;
@@ -338,10 +349,12 @@ fn draw_panel<DB: DrawingBackend>(
     let to_y = |v: f64| if p.log { v.log10() } else { v };
     let from_y = |v: f64| if p.log { 10f64.powf(v) } else { v };
     let y = to_y(p.y.0)..to_y(p.y.1);
+    let top = TITLE_H + LR_ROW_H * *lr_row_count as i32 + if drops.is_empty() { 0 } else { 4 };
+    let plot_h = area.dim_in_pixel().1 as i32 - top - X_LABELS_H - MARGIN_BOTTOM;
     let (ticks, minor) = if p.log {
-        log_ticks(p.y)
+        log_ticks(p.y, plot_h)
     } else {
-        (RangedCoordf64::from(y.clone()).key_points(6), Vec::new())
+        (RangedCoordf64::from(y.clone()).key_points(8), Vec::new())
     };
     let decimals = tick_decimals(&ticks);
     let y_coord = Ticked {
@@ -359,12 +372,11 @@ fn draw_panel<DB: DrawingBackend>(
         style(17).color(&GREY),
     ))?;
 
-    let top = TITLE_H + LR_ROW_H * *lr_row_count as i32 + if drops.is_empty() { 0 } else { 4 };
     let mut chart = ChartBuilder::on(area)
         .margin_top(top)
         .margin_left(MARGIN_LEFT)
         .margin_right(MARGIN_RIGHT)
-        .margin_bottom(6)
+        .margin_bottom(MARGIN_BOTTOM)
         .x_label_area_size(X_LABELS_H)
         .y_label_area_size(Y_LABELS_W)
         .build_cartesian_2d(x.0..x.1, y_coord)?;
@@ -563,11 +575,12 @@ impl Ranged for Ticked {
     }
 }
 
-/// Log-scale ticks over `range`: 1, 2, 5 times powers of ten, thinned to powers of ten over
-/// a wide range or thickened to every digit over a narrow one; and the minor grid (every
-/// digit). Both in log10 units.
-fn log_ticks(range: (f64, f64)) -> (Vec<f64>, Vec<f64>) {
+/// Log-scale ticks over `range` for an axis `px` pixels long, in log10 units: the roundest
+/// values first (powers of ten, then 2 and 5 times them, then 3, then the other digits), each
+/// kept where it is clear of those kept before; and the minor grid (every digit).
+fn log_ticks(range: (f64, f64), px: i32) -> (Vec<f64>, Vec<f64>) {
     let (lo, hi) = (range.0.log10(), range.1.log10());
+    let gap = (hi - lo) * 28.0 / px.max(1) as f64;
     let steps = |mantissas: &[f64]| -> Vec<f64> {
         let mut v = Vec::new();
         for e in (lo.floor() as i32)..=(hi.ceil() as i32) {
@@ -580,14 +593,16 @@ fn log_ticks(range: (f64, f64)) -> (Vec<f64>, Vec<f64>) {
         }
         v
     };
-    let every = steps(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
-    let mut ticks = steps(&[1.0, 2.0, 5.0]);
-    if ticks.len() > 8 {
-        ticks = steps(&[1.0]);
-    } else if ticks.len() < 3 {
-        ticks = every.clone();
+    let mut ticks: Vec<f64> = Vec::new();
+    for tier in [&[1.0][..], &[2.0, 5.0], &[3.0], &[4.0, 6.0, 7.0, 8.0, 9.0]] {
+        for t in steps(tier) {
+            if ticks.iter().all(|k| (k - t).abs() >= gap) {
+                ticks.push(t);
+            }
+        }
     }
-    (ticks, every)
+    ticks.sort_by(f64::total_cmp);
+    (ticks, steps(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]))
 }
 
 /// The fewest decimals that write every tick exactly.
@@ -850,6 +865,22 @@ mod tests {
         // 10 classes put the chance levels apart: a label each.
         assert_eq!(count("chance top-1 0.900"), 1, "{texts:?}");
         assert_eq!(count("chance top-5 0.500"), 1);
+    }
+
+    #[test]
+    fn log_ticks_are_round_numbers_apart_from_each_other() {
+        let values = |range, px| -> Vec<f64> {
+            let (ticks, _) = log_ticks(range, px);
+            ticks
+                .iter()
+                .map(|t| crate::log_fields::rounded(10f64.powf(*t), 9))
+                .collect()
+        };
+        // Under a decade: the digits that fit (0.8 and 0.9 would crowd 0.7 and 1).
+        assert_eq!(values((0.66, 3.3), 290), [0.7, 1.0, 2.0, 3.0]);
+        // Many decades: powers of ten only.
+        let decades: Vec<f64> = (-7..=1).map(|e| 10f64.powi(e)).collect();
+        assert_eq!(values((1e-7, 20.0), 290), decades);
     }
 
     #[test]
