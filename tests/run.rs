@@ -49,6 +49,8 @@ fn a_trained_run_evaluates_predicts_exports_and_seeds_another() {
     assert!(std::fs::read_to_string(run.join("report.svg"))
         .unwrap()
         .contains("<polyline"));
+    let png = image::open(run.join("report.png")).unwrap();
+    assert!(png.width() > 0 && png.height() > 0);
 
     // Well below chance (0.9 top-1 error on 10 classes) after 3 epochs of the demo.
     let (out, _) = run_ok(exe().args(["eval", "--run"]).arg(&run));

@@ -626,7 +626,7 @@ pub struct TrainArgs {
     /// Write the trained parameters here (column0.safetensors, column1.safetensors).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Keep checkpoints, job.json and the report (report.csv, report.svg) in this folder.
+    /// Keep checkpoints, job.json and the report (report.csv, .svg, .png) in this folder.
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
     /// Continue the run in this folder from its newest complete checkpoint.
