@@ -423,6 +423,61 @@ fn bench_times_steps_that_upload_their_input() {
     );
 }
 
+/// `bench` on the CPU measures the FMA peak of every SIMD level the CPU runs and states the
+/// step's and each multiply-add layer's GFLOP/s as fractions of it, beside the fields it had.
+#[test]
+fn bench_states_its_speed_as_fractions_of_the_measured_peak() {
+    let out = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+        .args(["bench", "--backend", "cpu", "--net", "demo"])
+        .args(["--batch", "2", "--steps", "1", "--warmup", "0", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in ["images_per_s", "gflop_per_s", "step_ms", "fraction_of_peak"] {
+        assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
+    }
+    assert!(
+        r["cpu_model"].as_str().is_some_and(|m| !m.is_empty()),
+        "{r}"
+    );
+    let peak = &r["peak"];
+    let levels = peak["levels"].as_array().unwrap();
+    assert!(!levels.is_empty(), "{r}");
+    assert!(levels
+        .iter()
+        .all(|l| l["gflop_per_s"].as_f64().is_some_and(|v| v > 0.0)));
+    assert_eq!(levels[0]["level"], peak["kernels"], "{r}");
+    assert_eq!(levels.last().unwrap()["level"], "portable", "{r}");
+    let layer = |name: &str| {
+        let layers = r["layers"].as_array().unwrap();
+        layers.iter().find(|l| l["layer"] == name).unwrap().clone()
+    };
+    for name in ["conv1", "conv3", "fc6", "fc8"] {
+        let l = layer(name);
+        assert!(l["share"].as_f64().is_some(), "{l}");
+        for field in [
+            "forward_gflop_per_s",
+            "backward_gflop_per_s",
+            "forward_fraction_of_peak",
+            "backward_fraction_of_peak",
+        ] {
+            assert!(
+                l[field].as_f64().is_some_and(|v| v > 0.0),
+                "{name} {field}: {l}"
+            );
+        }
+    }
+    for name in ["lrn1", "pool1", "sgd"] {
+        let l = layer(name);
+        assert!(
+            l["forward_gflop_per_s"].is_null() && l["backward_fraction_of_peak"].is_null(),
+            "{l}"
+        );
+    }
+}
+
 /// A fresh scratch folder of this test process.
 fn scratch(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("alexnet-cli-{}-{name}", std::process::id()));

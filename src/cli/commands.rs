@@ -616,15 +616,18 @@ pub fn bench_data(a: BenchDataArgs) -> anyhow::Result<()> {
 
 /// Training steps timed on random data.
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let net = load_net(&a.net)?;
+    let device = choose_backend(a.backend, &a.device_settings.settings())?;
     let opts = bench::BenchOptions {
         batch: a.batch,
         warmup: a.warmup,
         steps: a.steps,
-        net: load_net(&a.net)?,
+        net,
         seed: a.seed,
         upload: a.upload,
+        cpu_peak: matches!(device, alexnet::backend::Device::Cpu(_)),
     };
-    let report = alexnet::with_device!(choose_backend(a.backend, &a.device_settings.settings())?, b => bench::run(b, &opts)?);
+    let report = alexnet::with_device!(device, b => bench::run(b, &opts)?);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

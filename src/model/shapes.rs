@@ -127,6 +127,45 @@ pub fn train_flops_per_image(cfg: &NetConfig) -> anyhow::Result<u64> {
     Ok(2 * (3 * forward_macs_per_image(cfg)? - conv1))
 }
 
+/// The FLOPs of one layer's passes per image, both columns (as [`train_flops_per_image`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerFlops {
+    /// As the benchmark's profile names it.
+    pub layer: &'static str,
+    pub forward: u64,
+    /// Input gradient and weight gradient (conv1: the weight gradient only).
+    pub backward: u64,
+}
+
+/// The layers with multiply-adds, in the order they run forward, each counted as a direct
+/// convolution or matrix product (2 FLOPs per multiply-add; biases, ReLU and the like not
+/// counted): they sum to [`train_flops_per_image`]. The other layers of a profile (LRN,
+/// pooling, the exchange, SGD) count none.
+pub fn layer_flops_per_image(cfg: &NetConfig) -> anyhow::Result<Vec<LayerFlops>> {
+    const CONV: [&str; 5] = ["conv1", "conv2", "conv3", "conv4", "conv5"];
+    const FC: [&str; 3] = ["fc6", "fc7", "fc8"];
+    let g = Geoms::new(cfg, &cfg.validate()?, 1);
+    let flops = |macs: usize| 2 * (COLUMNS * macs) as u64;
+    let conv = g.conv.iter().zip(CONV).enumerate().map(|(i, (c, layer))| {
+        let f = flops(c.forward_macs());
+        LayerFlops {
+            layer,
+            forward: f,
+            // Nothing needs the image's gradient.
+            backward: if i == 0 { f } else { 2 * f },
+        }
+    });
+    let fc = g.fc.iter().zip(FC).map(|(l, layer)| {
+        let f = flops(l.inp * l.out);
+        LayerFlops {
+            layer,
+            forward: f,
+            backward: 2 * f,
+        }
+    });
+    Ok(conv.chain(fc).collect())
+}
+
 /// Bytes one column sends to the other in one training step (forward all-gathers of pool2,
 /// pool5, fc6, fc7 and the logits; backward reduce-scatters of all but the logits, whose
 /// gradient both columns already hold), from the layer shapes.
@@ -151,5 +190,51 @@ impl ColumnBytes {
 
     pub fn total(&self) -> u64 {
         self.forward.iter().chain(&self.backward).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo() -> NetConfig {
+        // `--net demo`'s network.
+        NetConfig {
+            input_size: 64,
+            in_channels: 1,
+            conv_channels: [32, 64, 96, 96, 64],
+            fc_widths: [256, 256],
+            classes: 10,
+            ..NetConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_layers_flops_sum_to_the_steps() {
+        for cfg in [NetConfig::default(), demo()] {
+            let layers = layer_flops_per_image(&cfg).unwrap();
+            let names: Vec<_> = layers.iter().map(|l| l.layer).collect();
+            assert_eq!(
+                names,
+                ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+            );
+            let sum: u64 = layers.iter().map(|l| l.forward + l.backward).sum();
+            assert_eq!(sum, train_flops_per_image(&cfg).unwrap());
+            let forward: u64 = layers.iter().map(|l| l.forward).sum();
+            assert_eq!(forward, 2 * forward_macs_per_image(&cfg).unwrap());
+        }
+    }
+
+    #[test]
+    fn paper_layers_count_the_direct_convolution() {
+        let layers = layer_flops_per_image(&NetConfig::default()).unwrap();
+        // conv1: 2 columns x 48 maps of 55x55, each output 3x11x11 multiply-adds.
+        assert_eq!(layers[0].forward, 2 * 2 * 48 * 55 * 55 * 3 * 11 * 11);
+        assert_eq!(layers[0].backward, layers[0].forward);
+        // conv3 reads both columns' 128 maps of 13x13 with 3x3 kernels into 192 maps each.
+        assert_eq!(layers[2].forward, 2 * 2 * 192 * 13 * 13 * 256 * 3 * 3);
+        assert_eq!(layers[2].backward, 2 * layers[2].forward);
+        // fc6: 9216 inputs, 2 x 2048 outputs.
+        assert_eq!(layers[5].forward, 2 * 9216 * 4096);
     }
 }

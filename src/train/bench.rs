@@ -2,11 +2,12 @@
 //! layer, and peak memory.
 
 use super::train_step;
+use crate::backend::cpu::peak;
 use crate::backend::{Backend, SgdParams};
 use crate::comm::LocalExchange;
 use crate::model::network::Profile;
 use crate::model::params::parameter_count;
-use crate::model::shapes::train_flops_per_image;
+use crate::model::shapes::{layer_flops_per_image, train_flops_per_image};
 use crate::model::{NetConfig, Network};
 use crate::rng;
 use serde::Serialize;
@@ -21,6 +22,9 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Also time steps that upload their input, as training does ([`uploading_steps`]).
     pub upload: bool,
+    /// Measure the CPU's FMA peak ([`peak::measure`]) and state the GFLOP/s as fractions of
+    /// it: for the CPU backend (a GPU's work is not bounded by the CPU's peak).
+    pub cpu_peak: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -30,6 +34,31 @@ pub struct LayerTime {
     pub backward_ms: f64,
     /// Of the summed per-layer time.
     pub share: f64,
+    /// Achieved, counting the layer's FLOPs ([`layer_flops_per_image`]); none for layers
+    /// without multiply-adds (LRN, pooling, the exchange, SGD).
+    pub forward_gflop_per_s: Option<f64>,
+    pub backward_gflop_per_s: Option<f64>,
+    /// Of [`Peak::gflop_per_s`].
+    pub forward_fraction_of_peak: Option<f64>,
+    pub backward_fraction_of_peak: Option<f64>,
+}
+
+/// The CPU's FMA peak, measured in the same run on every compute thread.
+#[derive(Clone, Debug, Serialize)]
+pub struct Peak {
+    pub threads: usize,
+    /// Every level the CPU runs, widest first.
+    pub levels: Vec<PeakLevel>,
+    /// The level the run's GEMM kernels dispatch to: the widest the CPU runs.
+    pub kernels: String,
+    /// The peak fractions are stated against: that of `kernels`, the highest level measured.
+    pub gflop_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PeakLevel {
+    pub level: String,
+    pub gflop_per_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -43,6 +72,12 @@ pub struct BenchReport {
     pub images_per_s: f64,
     /// Achieved, counting [`train_flops_per_image`].
     pub gflop_per_s: f64,
+    /// `/proc/cpuinfo`'s model name, else the architecture.
+    pub cpu_model: String,
+    /// On the CPU backend; none on a GPU.
+    pub peak: Option<Peak>,
+    /// `gflop_per_s` of the peak.
+    pub fraction_of_peak: Option<f64>,
     /// Per step, averaged over the timed steps (on a device, over up to 5 more steps that
     /// wait for the device after every layer, so that each layer's time is its own).
     pub layers: Vec<LayerTime>,
@@ -145,6 +180,9 @@ pub fn run<B: Backend>(backend: B, opts: &BenchOptions) -> anyhow::Result<BenchR
         }
         net.profile.synchronize = false;
     }
+    // After the steps, so that a network that does not fit fails without waiting for it.
+    let peak = opts.cpu_peak.then(measure_peak);
+    let fraction = |gflop_per_s: f64| peak.as_ref().map(|p| gflop_per_s / p.gflop_per_s);
     let per_step = |d: std::time::Duration| d.as_secs_f64() * 1e3 / profiled as f64;
     let total: f64 = net
         .profile
@@ -152,18 +190,34 @@ pub fn run<B: Backend>(backend: B, opts: &BenchOptions) -> anyhow::Result<BenchR
         .iter()
         .map(|l| per_step(l.forward) + per_step(l.backward))
         .sum();
+    let layer_flops = layer_flops_per_image(&opts.net)?;
+    // The profile times both columns' work of a layer (one process holds both), as the
+    // FLOPs count it.
+    let rate = |flops: u64, ms: f64| {
+        (flops > 0 && ms > 0.0).then(|| flops as f64 * opts.batch as f64 / (ms * 1e-3) / 1e9)
+    };
     let layers = net
         .profile
         .layers
         .iter()
-        .map(|l| LayerTime {
-            layer: l.layer.to_string(),
-            forward_ms: per_step(l.forward),
-            backward_ms: per_step(l.backward),
-            share: (per_step(l.forward) + per_step(l.backward)) / total.max(1e-12),
+        .map(|l| {
+            let f = layer_flops.iter().find(|f| f.layer == l.layer);
+            let forward = rate(f.map_or(0, |f| f.forward), per_step(l.forward));
+            let backward = rate(f.map_or(0, |f| f.backward), per_step(l.backward));
+            LayerTime {
+                layer: l.layer.to_string(),
+                forward_ms: per_step(l.forward),
+                backward_ms: per_step(l.backward),
+                share: (per_step(l.forward) + per_step(l.backward)) / total.max(1e-12),
+                forward_gflop_per_s: forward,
+                backward_gflop_per_s: backward,
+                forward_fraction_of_peak: forward.and_then(fraction),
+                backward_fraction_of_peak: backward.and_then(fraction),
+            }
         })
         .collect();
     let flops = train_flops_per_image(&opts.net)?;
+    let gflop_per_s = flops as f64 * opts.batch as f64 / (step_ms * 1e-3) / 1e9;
     Ok(BenchReport {
         backend: name,
         batch: opts.batch,
@@ -171,13 +225,44 @@ pub fn run<B: Backend>(backend: B, opts: &BenchOptions) -> anyhow::Result<BenchR
         parameters: parameter_count(&net.cfg, &net.sides),
         step_ms,
         images_per_s: opts.batch as f64 / step_ms * 1e3,
-        gflop_per_s: flops as f64 * opts.batch as f64 / (step_ms * 1e-3) / 1e9,
+        gflop_per_s,
+        cpu_model: peak::cpu_model(),
+        fraction_of_peak: fraction(gflop_per_s),
+        peak,
         layers,
         network_bytes: net.resident_bytes(),
         peak_rss_bytes: peak_rss_bytes(),
         device_memory_bytes: net.backend.device_memory_in_use(),
         uploading_images_per_s,
     })
+}
+
+/// The CPU's peak at every level it runs, on rayon's threads (those the CPU backend computes
+/// on); fractions are of the level the GEMM kernels use.
+fn measure_peak() -> Peak {
+    let levels = peak::measure();
+    let kernels = peak::Level::of_kernels();
+    let gflop_per_s = levels
+        .iter()
+        .find(|l| l.level == kernels)
+        .map_or(f64::NAN, |l| l.gflop_per_s);
+    tracing::info!(
+        gflop_per_s = %format!("{gflop_per_s:.1}"),
+        level = kernels.name(),
+        "FMA peak measured"
+    );
+    Peak {
+        threads: rayon::current_num_threads(),
+        levels: levels
+            .iter()
+            .map(|l| PeakLevel {
+                level: l.level.name().to_string(),
+                gflop_per_s: l.gflop_per_s,
+            })
+            .collect(),
+        kernels: kernels.name().to_string(),
+        gflop_per_s,
+    }
 }
 
 /// Images/s of `opts.steps` steps that each upload their input the way training on prepared
@@ -253,6 +338,7 @@ pub fn render(r: &BenchReport) -> String {
     let mut s = String::new();
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let _ = writeln!(s, "backend        {}", r.backend);
+    let _ = writeln!(s, "cpu            {}", r.cpu_model);
     let _ = writeln!(s, "parameters     {}", r.parameters);
     let _ = writeln!(
         s,
@@ -260,11 +346,40 @@ pub fn render(r: &BenchReport) -> String {
         r.batch, r.steps
     );
     let _ = writeln!(s, "step           {:.1} ms", r.step_ms);
+    let of_peak =
+        |f: Option<f64>| f.map_or(String::new(), |f| format!(", {:.1}% of peak", 100.0 * f));
     let _ = writeln!(
         s,
-        "throughput     {:.1} images/s ({:.0} GFLOP/s)",
-        r.images_per_s, r.gflop_per_s
+        "throughput     {:.1} images/s ({:.0} GFLOP/s{})",
+        r.images_per_s,
+        r.gflop_per_s,
+        of_peak(r.fraction_of_peak)
     );
+    match &r.peak {
+        Some(p) => {
+            let levels: Vec<String> = (p.levels.iter())
+                .map(|l| format!("{} {:.1}", l.level, l.gflop_per_s))
+                .collect();
+            let _ = writeln!(
+                s,
+                "FMA peak       {} GFLOP/s ({} threads; the kernels use {})",
+                levels.join(", "),
+                p.threads,
+                p.kernels
+            );
+            let _ = writeln!(
+                s,
+                "               peak used for fractions: the highest level measured, {} {:.1} GFLOP/s",
+                p.kernels, p.gflop_per_s
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "FMA peak       not measured (the backend is not the CPU: no fractions of peak)"
+            );
+        }
+    }
     let _ = writeln!(s, "network memory {:.2} GiB", gib(r.network_bytes as f64));
     if let Some(p) = r.peak_rss_bytes {
         let _ = writeln!(s, "peak RSS       {:.2} GiB", gib(p as f64));
@@ -285,18 +400,24 @@ pub fn render(r: &BenchReport) -> String {
     }
     let _ = writeln!(
         s,
-        "\n{:<10} {:>10} {:>11} {:>7}",
-        "layer", "fwd ms", "bwd ms", "share"
+        "\n{:<10} {:>10} {:>11} {:>7} {:>12} {:>8} {:>12} {:>8}",
+        "layer", "fwd ms", "bwd ms", "share", "fwd GFLOP/s", "of peak", "bwd GFLOP/s", "of peak"
     );
+    let rate = |g: Option<f64>| g.map_or(String::new(), |g| format!("{g:.1}"));
+    let pct = |f: Option<f64>| f.map_or(String::new(), |f| format!("{:.1}%", 100.0 * f));
     for l in &r.layers {
-        let _ = writeln!(
-            s,
-            "{:<10} {:>10.1} {:>11.1} {:>6.1}%",
+        let line = format!(
+            "{:<10} {:>10.1} {:>11.1} {:>6.1}% {:>12} {:>8} {:>12} {:>8}",
             l.layer,
             l.forward_ms,
             l.backward_ms,
-            100.0 * l.share
+            100.0 * l.share,
+            rate(l.forward_gflop_per_s),
+            pct(l.forward_fraction_of_peak),
+            rate(l.backward_gflop_per_s),
+            pct(l.backward_fraction_of_peak)
         );
+        let _ = writeln!(s, "{}", line.trim_end());
     }
     s
 }
@@ -313,5 +434,82 @@ mod tests {
         let flops = train_flops_per_image(&NetConfig::default()).unwrap();
         // 3 x 724,406,816 less conv1's 105,415,200, 2 FLOPs each: the 4.136 GFLOP of the reference.
         assert_eq!(flops, 4_135_610_496);
+    }
+
+    fn report(peak: Option<Peak>) -> BenchReport {
+        let measured = peak.is_some();
+        let layer = |name: &str, g: Option<f64>| LayerTime {
+            layer: name.into(),
+            forward_ms: 1.0,
+            backward_ms: 2.0,
+            share: 0.5,
+            forward_gflop_per_s: g,
+            backward_gflop_per_s: g,
+            forward_fraction_of_peak: g.filter(|_| measured).map(|_| 0.25),
+            backward_fraction_of_peak: g.filter(|_| measured).map(|_| 0.5),
+        };
+        BenchReport {
+            backend: "cpu".into(),
+            batch: 2,
+            steps: 1,
+            parameters: 1,
+            step_ms: 3.0,
+            images_per_s: 666.7,
+            gflop_per_s: 10.0,
+            cpu_model: "Some CPU".into(),
+            fraction_of_peak: measured.then_some(0.1),
+            peak,
+            layers: vec![layer("conv1", Some(25.0)), layer("pool1", None)],
+            network_bytes: 0,
+            peak_rss_bytes: None,
+            device_memory_bytes: None,
+            uploading_images_per_s: None,
+        }
+    }
+
+    /// A table row's fields.
+    fn row(table: &str, name: &str) -> Vec<String> {
+        let line = table.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn the_table_states_fractions_of_the_measured_peak() {
+        let peak = Peak {
+            threads: 2,
+            levels: vec![
+                PeakLevel {
+                    level: "avx2+fma".into(),
+                    gflop_per_s: 100.0,
+                },
+                PeakLevel {
+                    level: "portable".into(),
+                    gflop_per_s: 20.0,
+                },
+            ],
+            kernels: "avx2+fma".into(),
+            gflop_per_s: 100.0,
+        };
+        let table = render(&report(Some(peak)));
+        assert!(table.contains("cpu            Some CPU"), "{table}");
+        assert!(table.contains("(10 GFLOP/s, 10.0% of peak)"), "{table}");
+        assert!(
+            table.contains(
+                "avx2+fma 100.0, portable 20.0 GFLOP/s (2 threads; the kernels use avx2+fma)"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("peak used for fractions: the highest level measured"));
+        assert_eq!(
+            row(&table, "conv1")[4..],
+            ["25.0", "25.0%", "25.0", "50.0%"]
+        );
+        // No multiply-adds: no rate, no fraction.
+        assert_eq!(row(&table, "pool1").len(), 4);
+
+        let table = render(&report(None));
+        assert!(table.contains("FMA peak       not measured"), "{table}");
+        assert!(!table.contains("% of peak"), "{table}");
+        assert_eq!(row(&table, "conv1").len(), 4 + 2);
     }
 }

@@ -7,6 +7,7 @@ mod conv;
 pub mod gemm;
 mod lrn;
 pub mod memory;
+pub mod peak;
 mod pool;
 
 use self::gemm::{sgemm, MatRef, Parallelism};
