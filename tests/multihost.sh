@@ -101,11 +101,19 @@ job() {
         --peer-timeout "$PEER_TIMEOUT" --rendezvous-timeout 120 "$@"
     C=$LAST
     on h1 "$run-agent1" agent --coordinator "$URL" --job-id "$run" --node-rank 0 \
-        --workers "$workers" --threads 1 --out "$WORK/$run/params" --rejoin-timeout 120
+        --workers "$workers" --threads 1 --out "$WORK/$run/params" --rejoin-timeout 120 \
+        --metrics-listen 9402
     A1=$LAST
     on h2 "$run-agent2" agent --coordinator "$URL" --job-id "$run" --node-rank 1 \
-        --workers "$workers" --threads 1 --out "$WORK/$run/params" --rejoin-timeout 120
+        --workers "$workers" --threads 1 --out "$WORK/$run/params" --rejoin-timeout 120 \
+        --metrics-listen 9402
     A2=$LAST
+}
+
+# scrape HOST URL: the metrics at URL, fetched from host HOST's namespace.
+scrape() {
+    ip netns exec "$NS-$1" python3 -c 'import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' "$2"
 }
 
 same_params() {
@@ -126,7 +134,7 @@ echo "   done"
 
 # --- 2. the same job, host 2 cut off mid-run ----------------------------------------------------
 echo "== 2. the same job; host 2's link is cut after the first checkpoint"
-job cut "$STEPS" 1
+job cut "$STEPS" 1 --metrics-listen 10.77.0.1:9401
 wait_for 240 "$WORK/cut-coordinator.log" "checkpoint complete step=$EVERY "
 ip -n "$NS-h2" link set eth0 down
 CUT=$SECONDS
@@ -139,7 +147,20 @@ wait_for "$LIMIT" "$WORK/cut-agent1.log" "^\[rank 0\].*ERROR.*rank 1"
 echo "   the worker on host 1 named rank 1 after $((SECONDS - CUT)) s"
 # Keep the link down a while longer: host 2's worker times out too and is restarted; it waits
 # for the coordinator until the link is back.
-sleep 10
+sleep 3
+# Prometheus's view meanwhile: the coordinator's across the network (a restart, the next
+# generation waiting), and host 1's agent's on its loopback (its worker restarted).
+coordinator_metrics=$(scrape h1 http://10.77.0.1:9401/metrics) ||
+    fail "host 1 could not read the coordinator's /metrics"
+grep -Eq '^alexnet_restarts_total\{job_id="cut"\} [1-9]' <<<"$coordinator_metrics" ||
+    fail "the coordinator's /metrics does not count the restart: $coordinator_metrics"
+grep -Eq '^alexnet_job_state\{job_id="cut",state="waiting"\} 1' <<<"$coordinator_metrics" ||
+    fail "the coordinator's /metrics does not show the next generation waiting"
+scrape h1 http://127.0.0.1:9402/metrics |
+    grep -Eq '^alexnet_agent_worker_restarts_total\{job_id="cut",host="[^"]*",rank="0"\} [1-9]' ||
+    fail "host 1's agent's /metrics does not count its worker's restart"
+echo "   /metrics: the coordinator counts the restart, host 1's agent its worker's"
+sleep 7
 ip -n "$NS-h2" link set eth0 up
 echo "   link of host 2 up after $((SECONDS - CUT)) s"
 finish 240 "$C" "run 2's coordinator"
