@@ -218,6 +218,16 @@ impl Cuda {
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| anyhow::anyhow!("opening GPU {ordinal}: {e:?}"))?;
+        // The stream made below puts the context in multi-stream mode, where cudarc records an
+        // event per allocation and waits on and records one per kernel argument. None is needed:
+        // every kernel, copy, cuBLAS and cuDNN call and free of this backend's buffers is queued
+        // on that one stream, so the stream itself orders them, and the host reads a buffer
+        // only after synchronising it. No buffer of this context goes to another stream (the
+        // NCCL thread has its own buffers and takes host memory).
+        // SAFETY: called before any allocation; the one-stream rule above is cudarc's contract
+        // (no use on another stream before the allocation or after the free, no concurrent
+        // writes from two streams).
+        unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "an NVIDIA GPU".into());
         let (major, minor) = ctx
             .compute_capability()
