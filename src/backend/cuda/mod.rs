@@ -61,6 +61,29 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
+/// Keeps memory freed on the GPU in its default stream-ordered pool for reuse. The pool's
+/// release threshold is 0 by default, so the driver takes back every freed byte at each
+/// synchronisation and the next step allocates it again; with the threshold at its maximum
+/// the pool only grows to the largest step's needs. Without stream-ordered allocation (the
+/// driver says so) cudarc allocates synchronously and there is no pool to set.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<(), DriverError> {
+    use cudarc::driver::{result, sys};
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the device comes from a context that is open; `CU_MEMPOOL_ATTR_RELEASE_THRESHOLD`
+    // takes a pointer to a `cuuint64_t`, which `threshold` is and which outlives the call.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device())?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+}
+
 /// GPUs the driver sees (0 without a driver).
 pub fn device_count() -> usize {
     if unavailable().is_some() {
@@ -228,6 +251,13 @@ impl Cuda {
         // (no use on another stream before the allocation or after the free, no concurrent
         // writes from two streams).
         unsafe { ctx.disable_event_tracking() };
+        if let Err(e) = keep_freed_memory(&ctx) {
+            tracing::warn!(
+                ordinal,
+                "could not raise the memory pool's release threshold ({e:?}): freed GPU \
+                 memory goes back to the driver at each synchronisation, which is slower"
+            );
+        }
         let name = ctx.name().unwrap_or_else(|_| "an NVIDIA GPU".into());
         let (major, minor) = ctx
             .compute_capability()
