@@ -73,6 +73,24 @@ export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "== GPU"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 echo "CUDA libraries from: ${NV:-(no nvidia wheels found)}"
+# The libraries the binary will load, as it finds them: kernels compiled by an NVRTC newer than
+# the driver's CUDA may not load.
+VERSIONS=$(python3 - <<'PY'
+import ctypes
+def ask(lib, fn, n):
+    try:
+        vals = [ctypes.c_int() for _ in range(n)]
+        rc = getattr(ctypes.CDLL(lib), fn)(*[ctypes.byref(v) for v in vals])
+        return [v.value for v in vals] if rc == 0 else f"error {rc}"
+    except OSError as e:
+        return f"not loaded ({e})"
+d = ask("libcuda.so.1", "cuDriverGetVersion", 1)
+n = ask("libnvrtc.so.13", "nvrtcVersion", 2)
+print("driver's CUDA " + (f"{d[0] // 1000}.{d[0] % 1000 // 10}" if isinstance(d, list) else d)
+      + ", NVRTC " + (f"{n[0]}.{n[1]}" if isinstance(n, list) else n))
+PY
+)
+echo "$VERSIONS"
 
 declare -A STATUS
 # step NAME SECONDS COMMAND...: runs COMMAND with a time limit; its standard output goes to
@@ -124,6 +142,7 @@ step out-of-memory 25 bash -c 'msg=$("$1" bench --backend cuda --batch 30000 --s
 
 echo
 echo "== summary"
+echo "$VERSIONS"
 python3 - "$RESULTS" <<'EOF'
 import json, os, re, sys
 res = sys.argv[1]

@@ -84,6 +84,18 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<(), DriverError> {
     }
 }
 
+/// The CUDA version the driver supports (13000 for 13.0), or `None` without a driver.
+pub fn driver_version() -> Option<i32> {
+    // SAFETY: only tries to open the library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return None;
+    }
+    let mut version = 0;
+    // SAFETY: the library is present; the call only writes the version.
+    let answered = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    (answered == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(version)
+}
+
 /// GPUs the driver sees (0 without a driver).
 pub fn device_count() -> usize {
     if unavailable().is_some() {
@@ -289,13 +301,29 @@ impl Cuda {
                 .result()
                 .map_err(|e| anyhow::anyhow!("setting cuBLAS's math mode: {e:?}"))?;
         }
-        let arch = kernels::arch_name(major, minor);
+        // Machine code for this GPU, not PTX: the driver refuses PTX from an NVRTC newer than
+        // itself, and a CUBIN loads on any driver of NVRTC's major version.
+        let arch = kernels::sm_name(major, minor);
+        let (nvrtc, driver) = (kernels::nvrtc_version(), driver_version());
         let mut functions = HashMap::new();
         for (file, source, names) in kernels::SOURCES {
             let ptx = kernels::compile_once(file, source, arch)?;
-            let module = ctx
-                .load_module(ptx)
-                .map_err(|e| anyhow::anyhow!("loading {file} on GPU {ordinal}: {e:?}"))?;
+            let module = ctx.load_module(ptx).map_err(|e| {
+                let versions = match (nvrtc, driver) {
+                    (Some(n), Some(d)) => {
+                        kernels::nvrtc_newer_than_driver(n, d).unwrap_or_else(|| {
+                            format!(
+                                "NVRTC {}.{}, driver's CUDA {}",
+                                n.0,
+                                n.1,
+                                kernels::cuda_version_text(d)
+                            )
+                        })
+                    }
+                    _ => "NVRTC's or the driver's version unknown".to_string(),
+                };
+                anyhow::anyhow!("loading {file} on GPU {ordinal}: {e:?} ({versions})")
+            })?;
             for &f in names.iter() {
                 let func = module
                     .load_function(f)
@@ -311,7 +339,17 @@ impl Cuda {
                 settings.cudnn_algos,
             )?))),
         };
-        tracing::info!(gpu = %name, ordinal, arch, tf32, ?conv, kernels = functions.len(), "CUDA backend ready");
+        tracing::info!(
+            gpu = %name,
+            ordinal,
+            arch,
+            nvrtc = ?nvrtc,
+            driver_cuda = driver.map(kernels::cuda_version_text),
+            tf32,
+            ?conv,
+            kernels = functions.len(),
+            "CUDA backend ready"
+        );
         Ok(Cuda {
             ctx,
             stream,
