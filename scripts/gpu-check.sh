@@ -3,7 +3,8 @@
 #
 #   scripts/gpu-check.sh prepare   here: builds the release binary and the op tests into
 #                                  target/gpu-check/ (carry that folder with the tree)
-#   scripts/gpu-check.sh [run]     there, in the repository root: finds the CUDA libraries
+#   scripts/gpu-check.sh [run] [STEP...]
+#                                  there, in the repository root: finds the CUDA libraries
 #                                  that Python wheels ship (site-packages/nvidia/*/lib), then
 #                                  1. alexnet selftest --backend cuda: every op against the CPU
 #                                     on fresh random inputs and against PyTorch's golden
@@ -22,6 +23,10 @@
 #                                  5. a batch too large for the GPU: the error must name the
 #                                     layer and the batch size
 #                                  and prints one table. Results also go to $OUT/gpu-check/.
+#                                  With STEPs, only those run (a warm machine reruns what
+#                                  failed); the table also shows earlier results left in
+#                                  $OUT/gpu-check/. Steps: selftest op-tests two-workers-one-gpu
+#                                  views-on-gpu bench bench-cudnn pytorch out-of-memory
 #
 # Each step has its own time limit (475 s in all): the whole run stays under 8 minutes. A step that fails is
 # reported and the next one still runs; the exit status is non-zero if any failed.
@@ -49,37 +54,81 @@ for line in sys.stdin:
     exit 0
 fi
 
+STEPS=(selftest op-tests two-workers-one-gpu views-on-gpu bench bench-cudnn pytorch out-of-memory)
+usage() {
+    echo "usage: scripts/gpu-check.sh prepare | scripts/gpu-check.sh [run] [STEP...]" >&2
+    echo "steps (all when none is named): ${STEPS[*]}" >&2
+    exit 2
+}
+[[ ${1:-} == run ]] && shift
+declare -A WANTED
+for name in "$@"; do
+    case " ${STEPS[*]} " in
+    *" $name "*) WANTED[$name]=1 ;;
+    *)
+        echo "unknown step: $name" >&2
+        usage
+        ;;
+    esac
+done
+if [[ $# == 0 ]]; then
+    for name in "${STEPS[@]}"; do WANTED[$name]=1; done
+fi
+
 BIN=$DIR/alexnet
 OPS=$DIR/ops
 [[ -x $BIN && -x $OPS ]] || { echo "no $BIN or $OPS: run scripts/gpu-check.sh prepare first, and carry $DIR" >&2; exit 2; }
 RESULTS=${OUT:-/tmp}/gpu-check
 mkdir -p "$RESULTS"
 
-# The CUDA libraries of the Python wheels (cuBLAS, NVRTC, NCCL, ...). NCCL ships libnccl.so.2
-# only; the loader looks for libnccl.so too.
-NV=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null || true)
+# The CUDA libraries of the Python wheels (cuBLAS, NVRTC, NCCL, ...), from every site-packages
+# that has some (user, system, virtual environment). NCCL ships libnccl.so.2 only; the loader
+# looks for libnccl.so too.
+mapfile -t NVS < <(python3 -c 'import nvidia; print("\n".join(dict.fromkeys(nvidia.__path__)))' 2>/dev/null)
+NV=${NVS[*]:-}
 LIBDIR=$(mktemp -d /tmp/alexnet-gpu-lib.XXXXXX)
 PREP=/tmp/alexnet-gpu-prepared-$$
 # The scratch folders go at exit: the libraries' links, the two workers' run, the prepared data
 # and its two trainings.
 trap 'rm -rf "$LIBDIR" "/tmp/alexnet-gpu-launch-$$" "$PREP" "$PREP".*' EXIT
 LIBS=$LIBDIR
+for nv in "${NVS[@]}"; do
+    for d in "$nv"/*/lib; do [[ -d $d ]] && LIBS="$LIBS:$d"; done
+done
 if [[ -n $NV ]]; then
-    for d in "$NV"/*/lib; do LIBS="$LIBS:$d"; done
-    nccl=$(find "$NV" -name 'libnccl.so.2' | head -n 1)
+    nccl=$(find "${NVS[@]}" -name 'libnccl.so.2' | head -n 1)
     [[ -n $nccl ]] && ln -sf "$nccl" "$LIBDIR/libnccl.so"
 fi
 export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "== GPU"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 echo "CUDA libraries from: ${NV:-(no nvidia wheels found)}"
+# The libraries the binary will load, as it finds them: kernels compiled by an NVRTC newer than
+# the driver's CUDA may not load.
+VERSIONS=$(python3 - <<'PY'
+import ctypes
+def ask(lib, fn, n):
+    try:
+        vals = [ctypes.c_int() for _ in range(n)]
+        rc = getattr(ctypes.CDLL(lib), fn)(*[ctypes.byref(v) for v in vals])
+        return [v.value for v in vals] if rc == 0 else f"error {rc}"
+    except OSError as e:
+        return f"not loaded ({e})"
+d = ask("libcuda.so.1", "cuDriverGetVersion", 1)
+n = ask("libnvrtc.so.13", "nvrtcVersion", 2)
+print("driver's CUDA " + (f"{d[0] // 1000}.{d[0] % 1000 // 10}" if isinstance(d, list) else d)
+      + ", NVRTC " + (f"{n[0]}.{n[1]}" if isinstance(n, list) else n))
+PY
+)
+echo "$VERSIONS"
 
 declare -A STATUS
-# step NAME SECONDS COMMAND...: runs COMMAND with a time limit; its standard output goes to
+# step NAME SECONDS COMMAND...: runs COMMAND (if NAME was asked for) with a time limit; its standard output goes to
 # $RESULTS/NAME.out, its log (standard error) to $RESULTS/NAME.log.
 step() {
     local name=$1 limit=$2
     shift 2
+    [[ -n ${WANTED[$name]:-} ]] || return 0
     echo "== $name"
     local t0=$SECONDS
     timeout "$limit" "$@" >"$RESULTS/$name.out" 2>"$RESULTS/$name.log"
@@ -124,6 +173,7 @@ step out-of-memory 25 bash -c 'msg=$("$1" bench --backend cuda --batch 30000 --s
 
 echo
 echo "== summary"
+echo "$VERSIONS"
 python3 - "$RESULTS" <<'EOF'
 import json, os, re, sys
 res = sys.argv[1]

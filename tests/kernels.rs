@@ -58,6 +58,40 @@ fn every_kernel_compiles_for_the_gpus_we_target() {
 }
 
 #[test]
+fn every_kernel_compiles_to_machine_code_for_hopper() {
+    if !nvrtc_here() {
+        return;
+    }
+    // The backend loads CUBINs (PTX from an NVRTC newer than the driver does not load).
+    for (file, source, functions) in kernels::SOURCES {
+        let cubin = kernels::compile_cubin(file, source, kernels::sm_name(9, 0))
+            .unwrap_or_else(|e| panic!("sm_90: {e:#}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{file}: a CUBIN is an ELF file");
+        for f in functions.iter() {
+            assert!(
+                cubin
+                    .windows(f.len() + 2)
+                    .any(|w| w[0] == 0 && &w[1..=f.len()] == f.as_bytes() && w[f.len() + 1] == 0),
+                "{file} (sm_90) has no symbol `{f}`"
+            );
+        }
+    }
+    let err = kernels::compile_cubin(
+        "kernels/broken.cu",
+        "extern \"C\" __global__ void k(float* x) { x[0] = nope; }\n",
+        "sm_90",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("kernel kernels/broken.cu does not compile") && err.contains("nope"),
+        "{err}"
+    );
+    let (major, _) = kernels::nvrtc_version().expect("NVRTC answers its version");
+    assert!(major >= 13, "libnvrtc.so.13 says it is {major}");
+}
+
+#[test]
 fn a_kernel_that_does_not_compile_names_its_file_and_line() {
     if !nvrtc_here() {
         return;

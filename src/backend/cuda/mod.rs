@@ -61,6 +61,41 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
+/// Keeps memory freed on the GPU in its default stream-ordered pool for reuse. The pool's
+/// release threshold is 0 by default, so the driver takes back every freed byte at each
+/// synchronisation and the next step allocates it again; with the threshold at its maximum
+/// the pool only grows to the largest step's needs. Without stream-ordered allocation (the
+/// driver says so) cudarc allocates synchronously and there is no pool to set.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<(), DriverError> {
+    use cudarc::driver::{result, sys};
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the device comes from a context that is open; `CU_MEMPOOL_ATTR_RELEASE_THRESHOLD`
+    // takes a pointer to a `cuuint64_t`, which `threshold` is and which outlives the call.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device())?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+}
+
+/// The CUDA version the driver supports (13000 for 13.0), or `None` without a driver.
+pub fn driver_version() -> Option<i32> {
+    // SAFETY: only tries to open the library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return None;
+    }
+    let mut version = 0;
+    // SAFETY: the library is present; the call only writes the version.
+    let answered = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    (answered == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(version)
+}
+
 /// GPUs the driver sees (0 without a driver).
 pub fn device_count() -> usize {
     if unavailable().is_some() {
@@ -218,6 +253,23 @@ impl Cuda {
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| anyhow::anyhow!("opening GPU {ordinal}: {e:?}"))?;
+        // The stream made below puts the context in multi-stream mode, where cudarc records an
+        // event per allocation and waits on and records one per kernel argument. None is needed:
+        // every kernel, copy, cuBLAS and cuDNN call and free of this backend's buffers is queued
+        // on that one stream, so the stream itself orders them, and the host reads a buffer
+        // only after synchronising it. No buffer of this context goes to another stream (the
+        // NCCL thread has its own buffers and takes host memory).
+        // SAFETY: called before any allocation; the one-stream rule above is cudarc's contract
+        // (no use on another stream before the allocation or after the free, no concurrent
+        // writes from two streams).
+        unsafe { ctx.disable_event_tracking() };
+        if let Err(e) = keep_freed_memory(&ctx) {
+            tracing::warn!(
+                ordinal,
+                "could not raise the memory pool's release threshold ({e:?}): freed GPU \
+                 memory goes back to the driver at each synchronisation, which is slower"
+            );
+        }
         let name = ctx.name().unwrap_or_else(|_| "an NVIDIA GPU".into());
         let (major, minor) = ctx
             .compute_capability()
@@ -249,13 +301,29 @@ impl Cuda {
                 .result()
                 .map_err(|e| anyhow::anyhow!("setting cuBLAS's math mode: {e:?}"))?;
         }
-        let arch = kernels::arch_name(major, minor);
+        // Machine code for this GPU, not PTX: the driver refuses PTX from an NVRTC newer than
+        // itself, and a CUBIN loads on any driver of NVRTC's major version.
+        let arch = kernels::sm_name(major, minor);
+        let (nvrtc, driver) = (kernels::nvrtc_version(), driver_version());
         let mut functions = HashMap::new();
         for (file, source, names) in kernels::SOURCES {
             let ptx = kernels::compile_once(file, source, arch)?;
-            let module = ctx
-                .load_module(ptx)
-                .map_err(|e| anyhow::anyhow!("loading {file} on GPU {ordinal}: {e:?}"))?;
+            let module = ctx.load_module(ptx).map_err(|e| {
+                let versions = match (nvrtc, driver) {
+                    (Some(n), Some(d)) => {
+                        kernels::nvrtc_newer_than_driver(n, d).unwrap_or_else(|| {
+                            format!(
+                                "NVRTC {}.{}, driver's CUDA {}",
+                                n.0,
+                                n.1,
+                                kernels::cuda_version_text(d)
+                            )
+                        })
+                    }
+                    _ => "NVRTC's or the driver's version unknown".to_string(),
+                };
+                anyhow::anyhow!("loading {file} on GPU {ordinal}: {e:?} ({versions})")
+            })?;
             for &f in names.iter() {
                 let func = module
                     .load_function(f)
@@ -271,7 +339,17 @@ impl Cuda {
                 settings.cudnn_algos,
             )?))),
         };
-        tracing::info!(gpu = %name, ordinal, arch, tf32, ?conv, kernels = functions.len(), "CUDA backend ready");
+        tracing::info!(
+            gpu = %name,
+            ordinal,
+            arch,
+            nvrtc = ?nvrtc,
+            driver_cuda = driver.map(kernels::cuda_version_text),
+            tf32,
+            ?conv,
+            kernels = functions.len(),
+            "CUDA backend ready"
+        );
         Ok(Cuda {
             ctx,
             stream,
