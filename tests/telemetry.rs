@@ -523,7 +523,9 @@ fn status_watch_follows_the_run_to_its_end() {
         .unwrap_or_default()
         .to_string();
     assert!(
-        out.contains("): finished") || last.contains("the run has ended"),
+        out.contains("): finished")
+            || last.contains("the run has ended")
+            || last.contains("the job has ended (step 40 of 40)"),
         "{out}"
     );
     let (ok, log, _) = p.finish(Duration::from_secs(60));

@@ -423,8 +423,6 @@ pub struct WorkerArgs {
     pub tls_domain: Option<String>,
     #[command(flatten)]
     pub device_settings: DeviceArgs,
-    #[command(flatten)]
-    pub metrics: MetricsArgs,
 }
 
 #[derive(clap::Args)]

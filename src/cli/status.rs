@@ -93,10 +93,15 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let fetch = || {
         rt.block_on(async {
             let mut client = alexnet::worker::client(&opts).await?;
+            // A coordinator that is stopped or cut off mid-call must not hang the watch.
+            let answer = tokio::time::timeout(
+                Duration::from_secs(10),
+                client.status(alexnet::proto::StatusRequest {}),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("status: no answer within 10s"))?;
             anyhow::Ok(
-                client
-                    .status(alexnet::proto::StatusRequest {})
-                    .await
+                answer
                     .map_err(|s| anyhow::anyhow!("status: {}", s.message()))?
                     .into_inner(),
             )
@@ -145,24 +150,27 @@ fn watch(
 ) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let tty = std::io::stdout().is_terminal();
-    let mut seen = false;
+    let mut last: Option<JobStatus> = None;
     loop {
         let s = match fetch() {
             Ok(s) => s,
-            Err(e) if seen => {
-                let ended = run.is_some_and(|d| !d.join(COORDINATOR_FILE).exists());
-                if ended {
+            Err(e) => {
+                let Some(last) = &last else { return Err(e) };
+                // The coordinator ends with its job, often between two looks.
+                if let Some(dir) = run.filter(|d| !d.join(COORDINATOR_FILE).exists()) {
+                    println!("the run has ended: its report is in {}", dir.display());
+                    return Ok(());
+                }
+                if last.total_steps > 0 && last.step >= last.total_steps {
                     println!(
-                        "the run has ended: its report is in {}",
-                        run.unwrap().display()
+                        "the job has ended (step {} of {}) and its coordinator with it",
+                        last.step, last.total_steps
                     );
                     return Ok(());
                 }
                 return Err(e.context("the coordinator stopped answering"));
             }
-            Err(e) => return Err(e),
         };
-        seen = true;
         let mut frame = render(&s, Some(interval));
         if tty {
             // Home and clear, then the frame: a redraw in place.
@@ -173,9 +181,11 @@ fn watch(
         print!("{frame}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        if matches!(s.state.as_str(), "finished" | "failed") {
+        // A failed generation with restarts left is followed by the next one: keep watching.
+        if s.state == "finished" || (s.state == "failed" && s.restarts_left == 0) {
             return Ok(());
         }
+        last = Some(s);
         std::thread::sleep(interval);
     }
 }

@@ -954,7 +954,10 @@ impl Control {
             .map(|t| now.saturating_duration_since(t).as_secs_f64())
             .unwrap_or(0.0);
         let (step, total) = last.map(|s| (s.step, s.total_steps)).unwrap_or((0, 0));
-        let per_step = if step > 0 { elapsed / step as f64 } else { 0.0 };
+        // This generation's steps: a continued run began at its checkpoint's.
+        let from = self.cfg.resume.as_ref().map(|r| r.1.step).unwrap_or(0);
+        let done = step.saturating_sub(from);
+        let per_step = if done > 0 { elapsed / done as f64 } else { 0.0 };
         JobStatus {
             job_id: self.cfg.job_id.clone(),
             generation: self.cfg.generation,
@@ -965,7 +968,7 @@ impl Control {
             epoch: last.map(|s| s.epoch).unwrap_or(0),
             loss: last.map(|s| s.loss).unwrap_or(0.0),
             images_per_s: if elapsed > 0.0 {
-                (step * self.cfg.job.batch as u64) as f64 / elapsed
+                (done * self.cfg.job.batch as u64) as f64 / elapsed
             } else {
                 0.0
             },

@@ -39,6 +39,11 @@ fn frame(data: &[u8]) -> Vec<u8> {
 /// The events of an event file, in order; a damaged or cut-off tail (a process killed while
 /// writing) ends the list.
 pub fn read_events(path: &Path) -> anyhow::Result<Vec<Event>> {
+    Ok(read_records(path)?.0)
+}
+
+/// The events of an event file, and whether bytes after them were left unread (a torn tail).
+fn read_records(path: &Path) -> anyhow::Result<(Vec<Event>, bool)> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -47,17 +52,18 @@ pub fn read_events(path: &Path) -> anyhow::Result<Vec<Event>> {
     let mut at = 0usize;
     while at + 12 <= bytes.len() {
         let len_bytes = &bytes[at..at + 8];
-        let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes")) as usize;
+        let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
         let len_crc = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes"));
-        if masked_crc(len_bytes) != len_crc || at + 12 + len + 4 > bytes.len() {
+        // The record's end, when the length is sound and the file holds it.
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| (at + 16).checked_add(l))
+            .filter(|&e| e <= bytes.len());
+        let Some(end) = end.filter(|_| masked_crc(len_bytes) == len_crc) else {
             break;
-        }
-        let data = &bytes[at + 12..at + 12 + len];
-        let crc = u32::from_le_bytes(
-            bytes[at + 12 + len..at + 16 + len]
-                .try_into()
-                .expect("4 bytes"),
-        );
+        };
+        let data = &bytes[at + 12..end - 4];
+        let crc = u32::from_le_bytes(bytes[end - 4..end].try_into().expect("4 bytes"));
         if masked_crc(data) != crc {
             break;
         }
@@ -65,9 +71,9 @@ pub fn read_events(path: &Path) -> anyhow::Result<Vec<Event>> {
             Ok(e) => events.push(e),
             Err(_) => break,
         }
-        at += 16 + len;
+        at = end;
     }
-    Ok(events)
+    Ok((events, at < bytes.len()))
 }
 
 fn is_event_file(path: &Path) -> bool {
@@ -92,8 +98,17 @@ pub fn event_files(dir: &Path) -> Vec<PathBuf> {
 /// Cuts every event file in `dir` back to the events of steps up to `step`: what a run that
 /// continues from the checkpoint at `step` keeps. A file left with no scalars is removed.
 pub fn cut_back(dir: &Path, step: u64) -> anyhow::Result<()> {
+    // A rewrite cut short by a crash leaves its partial file: never a curve.
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name.starts_with(".cut-") || (name.contains("tfevents") && name.ends_with(".tmp")) {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
     for path in event_files(dir) {
-        let events = read_events(&path)?;
+        let (events, torn) = read_records(&path)?;
         let kept: Vec<&Event> = events.iter().filter(|e| e.step as u64 <= step).collect();
         let scalars = kept
             .iter()
@@ -102,14 +117,23 @@ pub fn cut_back(dir: &Path, step: u64) -> anyhow::Result<()> {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             continue;
         }
-        if kept.len() == events.len() {
+        if kept.len() == events.len() && !torn {
             continue;
         }
         let mut bytes = Vec::new();
         for e in kept {
             bytes.extend(frame(&e.encode_to_vec()));
         }
-        crate::files::write_atomic(&path, &bytes)?;
+        // Written beside under a name TensorBoard does not read (it reads any name holding
+        // "tfevents"), then renamed over the file.
+        let partial = dir.join(".cut-partial");
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&partial)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&partial, &path)
+        };
+        write().with_context(|| format!("rewriting {}", path.display()))?;
     }
     Ok(())
 }
@@ -318,11 +342,21 @@ mod tests {
         }
         let first = w.path().to_path_buf();
         drop(w);
-        // A torn record at the end (a killed writer) is left out when the file is read.
+        // A torn record at the end (a killed writer) is left out when the file is read, and
+        // cut off when the folder is cut back, even to a step that keeps every event.
         let mut f = File::options().append(true).open(&first).unwrap();
         f.write_all(&frame(b"torn")[..10]).unwrap();
         drop(f);
         assert_eq!(scalars(&first).len(), 6);
+        cut_back(&folder(&run), 100).unwrap();
+        assert!(
+            !read_records(&first).unwrap().1,
+            "the torn tail is still there"
+        );
+        assert_eq!(scalars(&first).len(), 6);
+        // A rewrite's leftover is removed, never read as a curve.
+        std::fs::write(folder(&run).join(".cut-partial"), b"x").unwrap();
+        std::fs::write(folder(&run).join("events.out.tfevents.1.h.0009.tmp"), b"x").unwrap();
 
         let mut w = EventWriter::open(&run, 4).unwrap();
         w.scalars(5, &[("train/loss".into(), 50.0)]);
@@ -335,6 +369,16 @@ mod tests {
             .map(|(s, _, v)| (s, v))
             .collect();
         assert_eq!(all, vec![(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0)]);
+        let names: Vec<String> = std::fs::read_dir(folder(&run))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.ends_with(".tmp") && !n.starts_with(".cut-")),
+            "{names:?}"
+        );
 
         // A fresh run in the same folder starts its curves afresh.
         drop(EventWriter::open(&run, 0).unwrap());

@@ -206,6 +206,8 @@ pub struct LogMonitor {
     epoch_loss: (f64, u64),
     epoch_samples: u64,
     last_step: u64,
+    /// The step before the first this monitor saw (a continued run's checkpoint).
+    first_step: Option<u64>,
 }
 
 impl LogMonitor {
@@ -219,6 +221,7 @@ impl LogMonitor {
             epoch_loss: (0.0, 0),
             epoch_samples: 0,
             last_step: 0,
+            first_step: None,
         }
     }
 
@@ -239,6 +242,7 @@ impl LogMonitor {
         self.epoch_loss.1 += 1;
         self.epoch_samples += r.hits.samples;
         self.last_step = r.step;
+        let first = *self.first_step.get_or_insert(r.step.saturating_sub(1));
         if !(r.step.is_multiple_of(self.log_every) || r.last_of_epoch || r.step == r.total_steps) {
             return None;
         }
@@ -254,7 +258,9 @@ impl LogMonitor {
             top5_err: (self.classes > 5).then(|| hits.top5_err()),
             images_per_s: hits.samples as f64 / self.window_start.elapsed().as_secs_f64(),
             lr: r.lr,
-            eta_s: elapsed / r.step as f64 * r.total_steps.saturating_sub(r.step) as f64,
+            // Over the steps this monitor timed: a continued run's earlier ones took no time here.
+            eta_s: elapsed / (r.step - first).max(1) as f64
+                * r.total_steps.saturating_sub(r.step) as f64,
         };
         tracing::info!(
             epoch = point.epoch,
