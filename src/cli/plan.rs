@@ -8,18 +8,9 @@ use alexnet::train::job::JobConfig;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 
-/// The narrow network of the default training job: the paper's topology at a quarter to a
-/// sixteenth of its widths, for 28x28 grey images upscaled to 64.
+/// The narrow network of the default training job (`--net demo`).
 pub fn demo_net() -> NetConfig {
-    NetConfig {
-        input_size: 64,
-        in_channels: 1,
-        conv_channels: [32, 64, 96, 96, 64],
-        fc_widths: [256, 256],
-        classes: 10,
-        init_std: 0.03,
-        ..NetConfig::default()
-    }
+    NetConfig::demo()
 }
 
 pub fn load_net(spec: &str) -> anyhow::Result<NetConfig> {

@@ -197,21 +197,9 @@ impl ColumnBytes {
 mod tests {
     use super::*;
 
-    fn demo() -> NetConfig {
-        // `--net demo`'s network.
-        NetConfig {
-            input_size: 64,
-            in_channels: 1,
-            conv_channels: [32, 64, 96, 96, 64],
-            fc_widths: [256, 256],
-            classes: 10,
-            ..NetConfig::default()
-        }
-    }
-
     #[test]
     fn the_layers_flops_sum_to_the_steps() {
-        for cfg in [NetConfig::default(), demo()] {
+        for cfg in [NetConfig::default(), NetConfig::demo()] {
             let layers = layer_flops_per_image(&cfg).unwrap();
             let names: Vec<_> = layers.iter().map(|l| l.layer).collect();
             assert_eq!(

@@ -140,9 +140,12 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-/// Registers one gauge family and returns it.
-fn gauge(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> GaugeFamily {
-    let f = GaugeFamily::default();
+/// Registers one metric family and returns it.
+fn register<F>(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> F
+where
+    F: prometheus_client::registry::Metric + Clone + Default,
+{
+    let f = F::default();
     match unit {
         Some(u) => reg.register_with_unit(name, help, u, f.clone()),
         None => reg.register(name, help, f.clone()),
@@ -150,13 +153,12 @@ fn gauge(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> Gaug
     f
 }
 
+fn gauge(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> GaugeFamily {
+    register(reg, name, help, unit)
+}
+
 fn counter(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> CounterFamily {
-    let f = CounterFamily::default();
-    match unit {
-        Some(u) => reg.register_with_unit(name, help, u, f.clone()),
-        None => reg.register(name, help, f.clone()),
-    }
-    f
+    register(reg, name, help, unit)
 }
 
 fn finish(reg: &Registry) -> String {
@@ -270,46 +272,31 @@ pub fn encode_job(s: &JobSnapshot) -> String {
             age,
         );
     }
-    if let Some((loss, top1, top5)) = s.train {
+    for (what, of, figures) in [
+        ("train", "The newest log interval's", s.train),
+        ("validation", "The newest validation's", s.validation),
+    ] {
+        let Some((loss, top1, top5)) = figures else {
+            continue;
+        };
+        let ratio = || Some(Unit::Other("ratio".into()));
         set(
-            "train_loss",
-            "The newest log interval's mean training loss",
+            &format!("{what}_loss"),
+            &format!("{of} mean loss"),
             None,
             loss,
         );
         set(
-            "train_top1_error",
-            "The newest log interval's training top-1 error",
-            Some(Unit::Other("ratio".into())),
+            &format!("{what}_top1_error"),
+            &format!("{of} top-1 error"),
+            ratio(),
             top1,
         );
         if let Some(top5) = top5 {
             set(
-                "train_top5_error",
-                "The newest log interval's training top-5 error",
-                Some(Unit::Other("ratio".into())),
-                top5,
-            );
-        }
-    }
-    if let Some((loss, top1, top5)) = s.validation {
-        set(
-            "validation_loss",
-            "The newest validation's mean loss",
-            None,
-            loss,
-        );
-        set(
-            "validation_top1_error",
-            "The newest validation's top-1 error",
-            Some(Unit::Other("ratio".into())),
-            top1,
-        );
-        if let Some(top5) = top5 {
-            set(
-                "validation_top5_error",
-                "The newest validation's top-5 error",
-                Some(Unit::Other("ratio".into())),
+                &format!("{what}_top5_error"),
+                &format!("{of} top-5 error"),
+                ratio(),
                 top5,
             );
         }
