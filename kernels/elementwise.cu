@@ -18,6 +18,11 @@ extern "C" __global__ void relu_backward(const float* y, float* dy, long long n)
     }
 }
 
+// x *= factor: the replicas' mean from their sum (one rounding, as on the CPU).
+extern "C" __global__ void scale(float* x, float factor, long long n) {
+    GRID_STRIDE(i, n) { x[i] = __fmul_rn(x[i], factor); }
+}
+
 // The paper's update: v <- m v - wd lr w - lr g ; w <- w + v (same operation order as the CPU).
 extern "C" __global__ void sgd_update(float* w, float* v, const float* g, float lr, float momentum,
                                       float decay, long long n) {

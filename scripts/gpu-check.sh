@@ -26,7 +26,9 @@
 #                                  With STEPs, only those run (a warm machine reruns what
 #                                  failed); the table also shows earlier results left in
 #                                  $OUT/gpu-check/. Steps: selftest op-tests two-workers-one-gpu
-#                                  views-on-gpu bench bench-cudnn pytorch out-of-memory
+#                                  views-on-gpu bench bench-cudnn pytorch out-of-memory two-gpus
+#                                  (two-gpus: only on a machine with 2 or more GPUs, else it says
+#                                  so and passes in a second)
 #
 # Each step has its own time limit (475 s in all): the whole run stays under 8 minutes. A step that fails is
 # reported and the next one still runs; the exit status is non-zero if any failed.
@@ -54,7 +56,7 @@ for line in sys.stdin:
     exit 0
 fi
 
-STEPS=(selftest op-tests two-workers-one-gpu views-on-gpu bench bench-cudnn pytorch out-of-memory)
+STEPS=(selftest op-tests two-workers-one-gpu views-on-gpu bench bench-cudnn pytorch out-of-memory two-gpus)
 usage() {
     echo "usage: scripts/gpu-check.sh prepare | scripts/gpu-check.sh [run] [STEP...]" >&2
     echo "steps (all when none is named): ${STEPS[*]}" >&2
@@ -90,7 +92,7 @@ LIBDIR=$(mktemp -d /tmp/alexnet-gpu-lib.XXXXXX)
 PREP=/tmp/alexnet-gpu-prepared-$$
 # The scratch folders go at exit: the libraries' links, the two workers' run, the prepared data
 # and its two trainings.
-trap 'rm -rf "$LIBDIR" "/tmp/alexnet-gpu-launch-$$" "$PREP" "$PREP".*' EXIT
+trap 'rm -rf "$LIBDIR" "/tmp/alexnet-gpu-launch-$$" "/tmp/alexnet-gpu-two-$$".* "$PREP" "$PREP".*' EXIT
 LIBS=$LIBDIR
 for nv in "${NVS[@]}"; do
     for d in "$nv"/*/lib; do [[ -d $d ]] && LIBS="$LIBS:$d"; done
@@ -170,6 +172,37 @@ step pytorch 95 python3 bench/reference/pytorch_alexnet_gpu.py --batch 128 --ste
 step out-of-memory 25 bash -c 'msg=$("$1" bench --backend cuda --batch 30000 --steps 1 \
     --warmup 0 2>&1 >/dev/null); rc=$?; printf "%s\n" "$msg" >&2; echo "exit status $rc"
     [[ $rc != 0 ]] && grep -q "at batch 30000 does not fit" <<<"$msg"' _ "$BIN"
+
+# Two GPUs: the columns in two workers, one per GPU, exchanging over NCCL in place in GPU
+# memory, against one process holding both columns on one GPU. The exchange only moves values
+# and sums in column order, and the unfolding path's kernels use no atomics: the parameters
+# should be identical. Then 2 replicas on 4 GPUs, where there are 4.
+# shellcheck disable=SC2016 # the script is bash -c's, its $1 the binary, $2 a scratch prefix
+step two-gpus 150 bash -c 'n=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU"); echo "$n GPU(s)"
+    if (( n < 2 )); then echo "skipped: this step needs 2 GPUs"; exit 0; fi
+    same() { python3 - "$1" "$2" <<"PY"
+import json, struct, sys
+def tensors(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    head = json.loads(raw[8:8 + n])
+    return {k: raw[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]
+            for k, v in head.items() if k != "__metadata__"}
+a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
+bad = [k for k in a if a[k] != b.get(k)]
+print(f"{sys.argv[1]} against {sys.argv[2]}: " + ("identical" if not bad and a.keys() == b.keys() else f"DIFFER in {bad}"))
+sys.exit(1 if bad or a.keys() != b.keys() else 0)
+PY
+    }
+    "$1" train --backend cuda --steps 40 --log-every 10 --out "$2.one" || exit 1
+    "$1" launch --backend cuda --steps 40 --log-every 10 --run-dir "$2.two" || exit 1
+    grep -h "data plane connected" "$2.two"/rank*.log | head -n 2 >&2
+    for c in 0 1; do same "$2.one/column$c.safetensors" "$2.two/params/column$c.safetensors" || exit 1; done
+    if (( n >= 4 )); then
+        "$1" launch --backend cuda --steps 40 --log-every 10 --replicas 2 --run-dir "$2.four" || exit 1
+        for c in 0 1; do same "$2.one/column$c.safetensors" "$2.four/params/column$c.safetensors" \
+            || echo "(2 replicas: NCCL sums in its own order; a difference in the last bits is expected)"; done
+    fi' _ "$BIN" "/tmp/alexnet-gpu-two-$$"
 
 echo
 echo "== summary"

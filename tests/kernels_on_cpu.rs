@@ -43,6 +43,7 @@ inline dim3_emulated blockDim, gridDim;
 inline std::barrier<>* block_barrier = nullptr;
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
@@ -224,6 +225,17 @@ static void emulate(void (*f)(A...), unsigned grid, unsigned block, bool threads
         let mut want_dx = dy.clone();
         b.relu_backward(&want, &mut want_dx);
         assert_eq!(got_dx, want_dx, "relu_backward");
+
+        // The replicas' mean from their sum: bit for bit the CPU's.
+        let mut got = x.clone();
+        launch(
+            "scale",
+            grid(n),
+            vec![ptr_mut(&mut got), Arg::F32(1.0 / 3.0), Arg::I64(n as i64)],
+        );
+        let mut want = x.clone();
+        b.scale(&mut want, 1.0 / 3.0);
+        assert_eq!(got, want, "scale");
 
         // The SGD step, as `sgd_update` passes it (the decay times the rate).
         let p = SgdParams {

@@ -663,6 +663,9 @@ mod capped {
         fn sgd_update(&self, p: &SgdParams, w: &mut Buf, v: &mut Buf, g: &Buf) {
             self.cpu.sgd_update(p, w, v, g)
         }
+        fn scale(&self, x: &mut Buf, factor: f32) {
+            self.cpu.scale(x, factor)
+        }
         fn concat_rows(&self, rows: usize, parts: &[&Buf], widths: &[usize], out: &mut Buf) {
             self.cpu.concat_rows(rows, parts, widths, out)
         }

@@ -297,6 +297,12 @@ pub struct DropoutKey {
     pub total_cols: u64,
 }
 
+/// A CUDA event, by its raw handle (`CUevent`), made by a library that runs its own queue on the
+/// backend's device (NCCL's communicator thread): the backend records it on its queue, or makes
+/// its queue wait for it, so that the two queues are ordered without the host waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueEvent(pub usize);
+
 /// The ops of the network, with explicit forward and backward passes.
 ///
 /// Outputs are overwritten unless the name says `accumulate`. A backend owns how buffers live
@@ -329,6 +335,40 @@ pub trait Backend: Send + Sync {
     fn upload(&self, host: &[f32]) -> Self::Buf;
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     fn buf_len(&self, buf: &Self::Buf) -> usize;
+    /// [`Self::upload`] of a vector the caller gives up (the CPU keeps it: no copy).
+    fn upload_vec(&self, host: Vec<f32>) -> Self::Buf {
+        self.upload(&host)
+    }
+    /// [`Self::download`] of a buffer the caller gives up (the CPU hands it over: no copy).
+    fn download_owned(&self, buf: Self::Buf) -> Vec<f32> {
+        self.download(&buf)
+    }
+
+    /// The device address of `buf`, for a library that reads or writes it in place on the same
+    /// device, ordered by [`Self::record_event`] and [`Self::wait_event`]. `None` where buffers
+    /// are host memory (the CPU): such a library cannot use them.
+    fn device_address(&self, buf: &Self::Buf) -> Option<u64> {
+        let _ = buf;
+        None
+    }
+    /// Records `event` on this backend's queue, behind every op queued so far: it completes when
+    /// they have. Only a device backend has a queue (see [`Self::device_address`]).
+    fn record_event(&self, event: QueueEvent) -> anyhow::Result<()> {
+        let _ = event;
+        anyhow::bail!(
+            "{} runs each op as it is called: it has no queue to record an event on",
+            self.name()
+        )
+    }
+    /// Makes the ops queued after this wait until `event` has completed (on whatever queue it
+    /// was recorded), without the host waiting.
+    fn wait_event(&self, event: QueueEvent) -> anyhow::Result<()> {
+        let _ = event;
+        anyhow::bail!(
+            "{} runs each op as it is called: it has no queue to make wait",
+            self.name()
+        )
+    }
 
     /// The float views of views cut from uint8 images (mirror, mean subtraction, colour
     /// shift: see [`ByteViews`]), bit for bit what the loader's `render` makes; `mean` is
@@ -540,6 +580,10 @@ pub trait Backend: Send + Sync {
 
     /// One SGD step on `w` and its momentum `v`, from the gradient `g`.
     fn sgd_update(&self, p: &SgdParams, w: &mut Self::Buf, v: &mut Self::Buf, g: &Self::Buf);
+
+    /// `x *= factor`, element by element (one rounding each: the replicas' mean is their sum
+    /// scaled so, on every backend).
+    fn scale(&self, x: &mut Self::Buf, factor: f32);
 
     /// Joins per-sample blocks side by side: `out[n] = parts[0][n] ++ parts[1][n] ++ ...`, each
     /// part holding `rows` blocks of `widths[i]` values. This is the all-gather along channels

@@ -5,6 +5,7 @@
 //! network links, so that a dead peer is an error, not a hang.
 
 use super::{Link, PairExchange, Traffic};
+use crate::backend::Backend;
 use anyhow::{ensure, Context};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Duration;
@@ -18,7 +19,7 @@ pub struct ChannelLink {
 }
 
 /// A column's end of a two-thread exchange.
-pub type ChannelExchange = PairExchange<ChannelLink>;
+pub type ChannelExchange<B> = PairExchange<B>;
 
 impl ChannelLink {
     /// The two ends of a link.
@@ -35,11 +36,11 @@ impl ChannelLink {
     }
 }
 
-impl PairExchange<ChannelLink> {
-    /// The two ends: for column 0 and for column 1.
-    pub fn pair(timeout: Duration) -> anyhow::Result<(ChannelExchange, ChannelExchange)> {
+impl<B: Backend + 'static> PairExchange<B> {
+    /// The two ends of a two-thread exchange over channels: for column 0 and for column 1.
+    pub fn pair(timeout: Duration) -> anyhow::Result<(ChannelExchange<B>, ChannelExchange<B>)> {
         let (a, b) = ChannelLink::pair(timeout);
-        Ok((PairExchange::new(0, a)?, PairExchange::new(1, b)?))
+        Ok((PairExchange::staged(0, a)?, PairExchange::staged(1, b)?))
     }
 }
 

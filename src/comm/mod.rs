@@ -28,8 +28,8 @@ pub const COLUMNS: usize = 2;
 
 pub use channel::{ChannelExchange, ChannelLink};
 pub use local::LocalExchange;
-pub use pair::PairExchange;
-pub use replica::{OverlappedReduce, ReplicaReduce, TcpReplicaGroup};
+pub use pair::{PairExchange, StagedLink};
+pub use replica::{BufReduce, OverlappedReduce, ReplicaReduce, StagedReduce, TcpReplicaGroup};
 pub use tcp::{MeshKey, TcpLink, TcpMesh};
 pub use topology::{connect, connect_tcp, Exchanges, Joined, Placement, Topology};
 
@@ -69,6 +69,29 @@ impl<L: Link + ?Sized> Link for Box<L> {
     fn traffic(&self) -> Traffic {
         (**self).traffic()
     }
+}
+
+/// A point-to-point link between two columns that moves blocks held in a backend's memory:
+/// staged through the host over a [`Link`] ([`StagedLink`]: TCP, channels), or in place on the
+/// device (NCCL).
+///
+/// A device link queues its work: [`Self::finish_swap`] returns a block that the backend's
+/// later ops read only once it has arrived, and the host learns whether it arrived whole (in
+/// step with the peer, within the peer timeout) at [`Self::settle`], before anything is made of
+/// the step.
+pub trait BufLink<B: Backend>: Send {
+    /// Starts swapping `mine` for the peer's block of `expect` values. `mine` must stay unchanged
+    /// (and alive) until [`Self::finish_swap`], which must come before the next start.
+    fn start_swap(&mut self, backend: &B, mine: &B::Buf, expect: usize) -> anyhow::Result<()>;
+    /// The peer's block of the swap in flight.
+    fn finish_swap(&mut self, backend: &B) -> anyhow::Result<B::Buf>;
+    /// Waits until every swap so far is known to have completed, in step with the peer; the
+    /// error of the first that did not. A host link knows at each finish.
+    fn settle(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// What this link carried so far.
+    fn traffic(&self) -> Traffic;
 }
 
 /// One collective operation between the columns of one network.
@@ -148,6 +171,12 @@ pub trait ColumnExchange<B: Backend>: Send {
         full: &[&B::Buf],
         out: &mut [&mut B::Buf],
     ) -> anyhow::Result<()>;
+
+    /// Waits until every exchange so far is known to have completed (see [`BufLink::settle`]):
+    /// called once per step, before the SGD update uses what the exchanges brought.
+    fn settle(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     /// What crossed to the other column so far (nothing when both columns are here).
     fn traffic(&self) -> Traffic {

@@ -1,16 +1,17 @@
-//! One column's end of a two-column exchange over a [`Link`] to the process holding the other.
+//! One column's end of a two-column exchange over a [`BufLink`] to the process holding the
+//! other.
 //!
-//! The link lives on a thread of its own ([`LinkThread`]), so that a swap can be started and
-//! taken back later: the backward pass sends the other column its part of an input gradient,
-//! computes the layer's weight gradients while the blocks travel (they do not depend on the
-//! exchange), and only then waits; the forward pass sends its block of a gathered tensor and
-//! computes the next layer's part that reads it while the other column's block travels. Over
-//! NCCL the transfer runs on the communicator's own stream while those products run on the
-//! compute stream.
+//! A swap is started and taken back later: the backward pass sends the other column its part
+//! of an input gradient, computes the layer's weight gradients while the blocks travel (they do
+//! not depend on the exchange), and only then waits; the forward pass sends its block of a
+//! gathered tensor and computes the next layer's part that reads it while the other column's
+//! block travels. A host link runs on a thread of its own ([`LinkThread`], under
+//! [`StagedLink`]); over NCCL the transfer runs on the communicator's stream, in place in the
+//! device's memory, while those products run on the compute stream.
 
 use super::job_thread::JobThread;
 use super::COLUMNS;
-use super::{ColumnExchange, Link, Traffic};
+use super::{BufLink, ColumnExchange, Link, Traffic};
 use crate::backend::Backend;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
@@ -76,24 +77,67 @@ impl<L: Link> LinkThread<L> {
     }
 }
 
-/// The exchange of a process holding one column, whose partner column is across `link`.
-pub struct PairExchange<L: Link> {
-    column: [usize; 1],
+/// A [`Link`] between host buffers, carrying a backend's blocks: each is copied to the host
+/// (the CPU's are there already), swapped on the link's thread, and copied back. The link for
+/// TCP and in-process channels, and for GPUs without NCCL or sharing one GPU (uploads pass
+/// through the CUDA backend's page-locked staging buffers).
+pub struct StagedLink<L: Link> {
     link: LinkThread<L>,
 }
 
-impl<L: Link + 'static> PairExchange<L> {
-    /// The end for `column` (0 or 1). Starts the link's thread.
-    pub fn new(column: usize, link: L) -> anyhow::Result<Self> {
-        assert!(column < COLUMNS, "column {column} of {COLUMNS}");
-        Ok(PairExchange {
-            column: [column],
+impl<L: Link + 'static> StagedLink<L> {
+    /// Starts the link's thread.
+    pub fn new(link: L) -> anyhow::Result<Self> {
+        Ok(StagedLink {
             link: LinkThread::new(link)?,
         })
     }
 }
 
-impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
+impl<B: Backend, L: Link> BufLink<B> for StagedLink<L> {
+    fn start_swap(&mut self, backend: &B, mine: &B::Buf, expect: usize) -> anyhow::Result<()> {
+        self.link.start(backend.download(mine), expect)
+    }
+
+    fn finish_swap(&mut self, backend: &B) -> anyhow::Result<B::Buf> {
+        Ok(backend.upload_vec(self.link.finish()?))
+    }
+
+    fn traffic(&self) -> Traffic {
+        self.link.traffic()
+    }
+}
+
+/// The exchange of a process holding one column, whose partner column is across `link`.
+pub struct PairExchange<B: Backend> {
+    column: [usize; 1],
+    link: Box<dyn BufLink<B>>,
+    /// The block the reduce-scatter in flight sends, kept until it is finished.
+    for_peer: Option<B::Buf>,
+}
+
+impl<B: Backend> PairExchange<B> {
+    /// The end for `column` (0 or 1), over a link that moves the backend's buffers.
+    pub fn new(column: usize, link: Box<dyn BufLink<B>>) -> Self {
+        assert!(column < COLUMNS, "column {column} of {COLUMNS}");
+        PairExchange {
+            column: [column],
+            link,
+            for_peer: None,
+        }
+    }
+
+    /// The end for `column` over a host link, staged through the host ([`StagedLink`]). Starts
+    /// the link's thread.
+    pub fn staged<L: Link + 'static>(column: usize, link: L) -> anyhow::Result<Self>
+    where
+        B: 'static,
+    {
+        Ok(Self::new(column, Box::new(StagedLink::new(link)?)))
+    }
+}
+
+impl<B: Backend> ColumnExchange<B> for PairExchange<B> {
     fn local_columns(&self) -> &[usize] {
         &self.column
     }
@@ -106,7 +150,7 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
         local: &[&B::Buf],
     ) -> anyhow::Result<()> {
         anyhow::ensure!(local.len() == 1, "a pair exchange holds one column");
-        self.link.start(backend.download(local[0]), rows * width)
+        self.link.start_swap(backend, local[0], rows * width)
     }
 
     fn finish_all_gather(
@@ -118,7 +162,7 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
         out: &mut B::Buf,
     ) -> anyhow::Result<Vec<B::Buf>> {
         anyhow::ensure!(local.len() == 1, "a pair exchange holds one column");
-        let theirs = backend.upload(&self.link.finish()?);
+        let theirs = self.link.finish_swap(backend)?;
         let mine = local[0];
         let parts: [&B::Buf; COLUMNS] = if self.column[0] == 0 {
             [mine, &theirs]
@@ -137,7 +181,8 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
         full: &[&B::Buf],
     ) -> anyhow::Result<()> {
         anyhow::ensure!(full.len() == 1, "a pair exchange holds one column");
-        // Send the peer its half of this column's gradient.
+        // Send the peer its half of this column's gradient. The block lives until the swap is
+        // finished: a device link reads it in place meanwhile.
         let peer = 1 - self.column[0];
         let mut for_peer = backend.zeros(rows * width);
         backend.slice_rows(
@@ -149,7 +194,9 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
             &mut for_peer,
             false,
         );
-        self.link.start(backend.download(&for_peer), rows * width)
+        self.link.start_swap(backend, &for_peer, rows * width)?;
+        self.for_peer = Some(for_peer);
+        Ok(())
     }
 
     fn finish_reduce_scatter(
@@ -165,7 +212,8 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
             "a pair exchange holds one column"
         );
         // Add the peer's part of this column's half.
-        let theirs = backend.upload(&self.link.finish()?);
+        let theirs = self.link.finish_swap(backend)?;
+        self.for_peer = None;
         let me = self.column[0];
         // Always sum in column order, so that both layouts of the network add the same way.
         let own = |out: &mut B::Buf, accumulate: bool| {
@@ -190,6 +238,10 @@ impl<B: Backend, L: Link> ColumnExchange<B> for PairExchange<L> {
             own(out[0], true);
         }
         Ok(())
+    }
+
+    fn settle(&mut self) -> anyhow::Result<()> {
+        self.link.settle()
     }
 
     fn traffic(&self) -> Traffic {

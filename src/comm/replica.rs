@@ -3,6 +3,7 @@
 
 use super::job_thread::JobThread;
 use super::{Link, TcpLink, Traffic};
+use crate::backend::Backend;
 use std::sync::{Arc, Mutex};
 
 /// Averages a buffer across the replicas of one column.
@@ -140,6 +141,59 @@ impl OverlappedReduce {
     /// What crossed to the other replicas so far.
     pub fn traffic(&self) -> Traffic {
         *self.traffic.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Averages gradient buckets held in a backend's memory across the replicas of one column, in
+/// the background: the backward pass hands each bucket over as soon as it is final
+/// ([`Self::submit`]) and takes them back averaged, in the same order, before the SGD step
+/// ([`Self::take_next`]). Staged through the host over a [`ReplicaReduce`] ([`StagedReduce`]),
+/// or in place on the device (NCCL), where a bucket taken back is read by the backend's later
+/// ops only once it is averaged, and [`Self::settle`] says whether every reduction completed.
+pub trait BufReduce<B: Backend>: Send {
+    /// Replicas in the group, this one included.
+    fn replicas(&self) -> usize;
+    /// Starts averaging `bucket`.
+    fn submit(&mut self, backend: &B, bucket: B::Buf) -> anyhow::Result<()>;
+    /// The oldest bucket submitted and not yet taken, averaged: the mean of every replica's,
+    /// the same bits on every replica.
+    fn take_next(&mut self, backend: &B) -> anyhow::Result<B::Buf>;
+    /// Waits until every reduction so far is known to have completed, in step with the other
+    /// replicas; the error of the first that did not. A host group knows at each take.
+    fn settle(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// What crossed to the other replicas so far.
+    fn traffic(&self) -> Traffic;
+}
+
+/// A [`ReplicaReduce`] over host buffers, averaging a backend's buckets on its own thread
+/// ([`OverlappedReduce`]): each is copied to the host (the CPU's are there already) and back.
+pub struct StagedReduce {
+    inner: OverlappedReduce,
+}
+
+impl StagedReduce {
+    /// Starts the group's thread.
+    pub fn new(group: Box<dyn ReplicaReduce>) -> anyhow::Result<Self> {
+        Ok(StagedReduce {
+            inner: OverlappedReduce::new(group)?,
+        })
+    }
+}
+
+impl<B: Backend> BufReduce<B> for StagedReduce {
+    fn replicas(&self) -> usize {
+        self.inner.replicas()
+    }
+    fn submit(&mut self, backend: &B, bucket: B::Buf) -> anyhow::Result<()> {
+        self.inner.submit(backend.download_owned(bucket))
+    }
+    fn take_next(&mut self, backend: &B) -> anyhow::Result<B::Buf> {
+        Ok(backend.upload_vec(self.inner.take_next()?))
+    }
+    fn traffic(&self) -> Traffic {
+        self.inner.traffic()
     }
 }
 

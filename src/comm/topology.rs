@@ -6,7 +6,8 @@
 use super::tcp::MeshKey;
 use super::COLUMNS;
 use super::{
-    ColumnExchange, Link, LocalExchange, PairExchange, ReplicaReduce, TcpMesh, TcpReplicaGroup,
+    BufLink, BufReduce, ColumnExchange, LocalExchange, PairExchange, StagedReduce, TcpMesh,
+    TcpReplicaGroup,
 };
 use crate::backend::Backend;
 use serde::{Deserialize, Serialize};
@@ -83,11 +84,11 @@ impl Topology {
 /// The exchanges of one rank: to its partner column, and to its replicas.
 pub struct Exchanges<B: Backend> {
     pub columns: Box<dyn ColumnExchange<B>>,
-    pub replicas: Option<Box<dyn ReplicaReduce>>,
+    pub replicas: Option<Box<dyn BufReduce<B>>>,
 }
 
 /// Connects `rank` to the ranks it exchanges with over TCP.
-pub fn connect_tcp<B: Backend>(
+pub fn connect_tcp<B: Backend + 'static>(
     topology: &Topology,
     rank: usize,
     listener: &TcpListener,
@@ -107,24 +108,32 @@ pub fn connect_tcp<B: Backend>(
 }
 
 /// Exchanges already joined by other means (NCCL between GPUs), which TCP then leaves out.
-#[derive(Default)]
-pub struct Joined {
+pub struct Joined<B: Backend> {
     /// To the partner column.
-    pub column_link: Option<Box<dyn Link>>,
+    pub column_link: Option<Box<dyn BufLink<B>>>,
     /// To the other replicas of this column position.
-    pub replica_group: Option<Box<dyn ReplicaReduce>>,
+    pub replica_group: Option<Box<dyn BufReduce<B>>>,
+}
+
+impl<B: Backend> Default for Joined<B> {
+    fn default() -> Self {
+        Joined {
+            column_link: None,
+            replica_group: None,
+        }
+    }
 }
 
 /// Connects `rank` to the ranks it exchanges with: to its partner column and to its replicas
 /// through what `joined` holds (NCCL between GPUs), over TCP for the rest.
-pub fn connect<B: Backend>(
+pub fn connect<B: Backend + 'static>(
     topology: &Topology,
     rank: usize,
     listener: &TcpListener,
     addrs: &BTreeMap<usize, String>,
     key: MeshKey,
     timeout: Duration,
-    joined: Joined,
+    joined: Joined<B>,
 ) -> anyhow::Result<Exchanges<B>> {
     let Joined {
         column_link,
@@ -142,14 +151,14 @@ pub fn connect<B: Backend>(
     let mut links = TcpMesh::connect(rank, listener, addrs, &needed, key, timeout)?;
     let place = topology.placement(rank);
     let columns: Box<dyn ColumnExchange<B>> = match (partner, column_link) {
-        (Some(_), Some(link)) => Box::new(PairExchange::new(place.columns[0], link)?),
-        (Some(p), None) => Box::new(PairExchange::new(
+        (Some(_), Some(link)) => Box::new(PairExchange::new(place.columns[0], link)),
+        (Some(p), None) => Box::new(PairExchange::staged(
             place.columns[0],
             links.remove(&p).expect("connected"),
         )?),
         (None, _) => Box::new(LocalExchange::default()),
     };
-    let replicas: Option<Box<dyn ReplicaReduce>> = if peers.is_empty() {
+    let replicas: Option<Box<dyn BufReduce<B>>> = if peers.is_empty() {
         None
     } else if let Some(group) = replica_group {
         anyhow::ensure!(
@@ -164,7 +173,8 @@ pub fn connect<B: Backend>(
             .iter()
             .map(|&(replica, r)| (replica, links.remove(&r).expect("connected")))
             .collect();
-        Some(Box::new(TcpReplicaGroup::new(place.replica, group)))
+        let group = TcpReplicaGroup::new(place.replica, group);
+        Some(Box::new(StagedReduce::new(Box::new(group))?))
     };
     Ok(Exchanges { columns, replicas })
 }

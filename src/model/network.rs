@@ -25,7 +25,7 @@ use super::profile::Pass;
 pub use super::profile::Profile;
 use super::shapes::{Geoms, MAX_BATCH};
 use crate::backend::{Backend, OutOfMemory, SgdParams};
-use crate::comm::{ColumnExchange, OverlappedReduce, ReplicaReduce, Traffic};
+use crate::comm::{BufReduce, ColumnExchange, Traffic};
 use crate::files::human_bytes;
 
 /// Training (dropout on, keyed by the step) or evaluation.
@@ -150,16 +150,16 @@ impl<B: Backend> Layers<B> {
 
 /// The other replicas of this process's columns, and the gradient buckets handed to them
 /// during the backward pass, by layer, in the order they were handed over.
-struct Replicas {
-    group: OverlappedReduce,
+struct Replicas<B: Backend> {
+    group: Box<dyn BufReduce<B>>,
     buckets: Vec<&'static [&'static str]>,
 }
 
-impl Replicas {
-    /// Hands the finished gradients of `layers` (every held column's) to the other replicas, to
-    /// be averaged while the backward pass goes on below them.
-    fn submit<B: Backend>(
-        replicas: &mut Option<Replicas>,
+impl<B: Backend> Replicas<B> {
+    /// Hands the finished gradients of `layers` (every held column's, packed into one bucket)
+    /// to the other replicas, to be averaged while the backward pass goes on below them.
+    fn submit(
+        replicas: &mut Option<Replicas<B>>,
         b: &B,
         prof: &mut Profile,
         columns: &[Column<B>],
@@ -169,15 +169,17 @@ impl Replicas {
             return Ok(());
         };
         let _t = prof.time(b, "replicas", Pass::Backward);
-        let mut host = Vec::new();
+        let mut parts = Vec::new();
         for col in columns {
             for layer in layers {
                 let (w, bias) = col.weight_and_bias(layer);
-                host.extend(b.download(&w.grad));
-                host.extend(b.download(&bias.grad));
+                parts.extend([&w.grad, &bias.grad]);
             }
         }
-        r.group.submit(host)?;
+        let widths: Vec<usize> = parts.iter().map(|p| b.buf_len(p)).collect();
+        let mut bucket = b.try_zeros(widths.iter().sum())?;
+        b.concat_rows(1, &parts, &widths, &mut bucket);
+        r.group.submit(b, bucket)?;
         r.buckets.push(layers);
         Ok(())
     }
@@ -193,7 +195,7 @@ pub struct Network<B: Backend> {
     seed: u64,
     /// Global index of this process's first sample in the global batch (data parallelism).
     pub sample_offset: u64,
-    replicas: Option<Replicas>,
+    replicas: Option<Replicas<B>>,
     /// The layers at the batch size of the last pass.
     layers: Option<Layers<B>>,
     /// The mode of the last forward pass: the backward pass must undo the same dropout.
@@ -421,6 +423,11 @@ impl<B: Backend> Network<B> {
         fc6.forward(b, p, ex, conv5.outputs(), cols, keys)?;
         fc7.forward(b, p, ex, fc6.outputs(), cols, keys)?;
         fc8.forward(b, p, ex, fc7.outputs(), cols, keys)?;
+        // An evaluation's logits are read next: its exchanges must have arrived whole. (A
+        // training pass settles them with the backward pass's, before the SGD step.)
+        if mode == Mode::Eval {
+            ex.settle()?;
+        }
 
         *last_mode = Some(mode);
         Ok(fc8.gathered_output().expect("fc8 gathers its output"))
@@ -611,14 +618,11 @@ impl<B: Backend> Network<B> {
         if self
             .replicas
             .as_ref()
-            .is_some_and(|r| r.group.pending() > 0)
+            .is_some_and(|r| !r.buckets.is_empty())
         {
             anyhow::bail!(
                 "backward called while the last step's gradients are still being averaged"
             );
-        }
-        if let Some(r) = &mut self.replicas {
-            r.buckets.clear();
         }
         Ok(mode)
     }
@@ -646,13 +650,13 @@ impl<B: Backend> Network<B> {
     /// as soon as they are final, and [`Self::sync_replicas`] takes them back averaged.
     pub fn join_replicas(
         &mut self,
-        group: Box<dyn ReplicaReduce>,
+        group: Box<dyn BufReduce<B>>,
         replica: usize,
         batch_per_replica: usize,
     ) -> anyhow::Result<()> {
         self.sample_offset = (replica * batch_per_replica) as u64;
         self.replicas = Some(Replicas {
-            group: OverlappedReduce::new(group)?,
+            group,
             buckets: Vec::new(),
         });
         Ok(())
@@ -667,28 +671,41 @@ impl<B: Backend> Network<B> {
     }
 
     /// Waits for the gradient buckets that the backward pass handed to the other replicas and
-    /// puts them back averaged (between the backward pass and the SGD step; nothing without
-    /// replicas).
+    /// puts them back averaged (between the backward pass and the SGD step), then makes sure
+    /// that every exchange of the step completed ([`Self::settle_exchanges`]).
     pub fn sync_replicas(&mut self) -> anyhow::Result<()> {
-        let Some(r) = self.replicas.as_mut() else {
-            return Ok(());
-        };
-        let b = &self.backend;
-        let _t = self.profile.time(b, "replicas", Pass::Backward);
-        for layers in std::mem::take(&mut r.buckets) {
-            let host = r.group.take_next()?;
-            let mut at = 0;
-            for col in &mut self.columns {
-                for layer in layers {
-                    let (w, bias) = col.weight_and_bias_mut(layer);
-                    for p in [w, bias] {
-                        let n = p.len();
-                        p.grad = b.upload(&host[at..at + n]);
-                        at += n;
+        if let Some(r) = self.replicas.as_mut() {
+            let b = &self.backend;
+            let _t = self.profile.time(b, "replicas", Pass::Backward);
+            for layers in std::mem::take(&mut r.buckets) {
+                let bucket = r.group.take_next(b)?;
+                let total = b.buf_len(&bucket);
+                let mut at = 0;
+                for col in &mut self.columns {
+                    for layer in layers {
+                        let (w, bias) = col.weight_and_bias_mut(layer);
+                        for p in [w, bias] {
+                            let n = p.len();
+                            anyhow::ensure!(at + n <= total, "a gradient bucket came back resized");
+                            b.slice_rows(1, total, at, n, &bucket, &mut p.grad, false);
+                            at += n;
+                        }
                     }
                 }
+                anyhow::ensure!(at == total, "a gradient bucket came back resized");
             }
-            anyhow::ensure!(at == host.len(), "a gradient bucket came back resized");
+        }
+        self.settle_exchanges()
+    }
+
+    /// Waits until every exchange with the other column and the other replicas so far is known
+    /// to have completed in step: a device exchange queues its transfers and learns only later
+    /// whether they arrived (see [`crate::comm::BufLink::settle`]). Before anything is made of
+    /// a pass's results.
+    pub fn settle_exchanges(&mut self) -> anyhow::Result<()> {
+        self.exchange.settle()?;
+        if let Some(r) = self.replicas.as_mut() {
+            r.group.settle()?;
         }
         Ok(())
     }

@@ -262,12 +262,13 @@ fn gpu_checks(
         }
         Err(e) => tracing::warn!("NCCL not checked: {e:#}"),
         Ok(()) => {
-            let r = crate::comm::nccl::one_rank_check(0);
+            let r = Cuda::new(0, &DeviceSettings::default())
+                .and_then(|gpu| crate::comm::nccl::one_rank_check(&gpu, 0));
             if let Err(e) = &r {
                 tracing::error!("NCCL: {e:#}");
             }
             checks.push(Check {
-                what: "NCCL: one-rank all-reduce, one-replica group".into(),
+                what: "NCCL: one-rank all-reduce, one-replica group on device buffers".into(),
                 error: if r.is_ok() { 0.0 } else { f64::INFINITY },
                 tolerance,
             });

@@ -7,7 +7,7 @@ use super::prepared::PreparedData;
 use super::sample::SampleData;
 use super::schedule::Schedule;
 use crate::backend::{Backend, SgdParams};
-use crate::comm::{ColumnExchange, ReplicaReduce, Topology};
+use crate::comm::{BufReduce, ColumnExchange, Topology};
 use crate::data::idx::read_fashion_mnist_dir;
 use crate::data::shards::{Dataset, METADATA_FILE};
 use crate::model::config::COLUMNS;
@@ -207,7 +207,7 @@ pub struct ResumeFrom {
 pub struct Role<B: Backend> {
     pub replica: usize,
     pub columns: Box<dyn ColumnExchange<B>>,
-    pub replicas: Option<Box<dyn ReplicaReduce>>,
+    pub replicas: Option<Box<dyn BufReduce<B>>>,
     /// The run folder, for checkpoints (none: no checkpoints).
     pub run_dir: Option<PathBuf>,
     /// A checkpoint to continue from.

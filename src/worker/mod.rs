@@ -621,7 +621,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn train<B: crate::backend::Backend>(
+fn train<B: crate::backend::Backend + 'static>(
     backend: B,
     gpu: Option<usize>,
     opts: &WorkerOptions,
@@ -648,8 +648,8 @@ fn train<B: crate::backend::Backend>(
         opts.token.as_ref().map(|t| t.expose()).unwrap_or(""),
     );
     let t = Instant::now();
-    let column_link = nccl_column_link(gpu, a, &topology, peer_timeout)?;
-    let replica_group = nccl_replica_group(gpu, a, &topology, peer_timeout)?;
+    let column_link = nccl_column_link::<B>(gpu, a, &topology, peer_timeout)?;
+    let replica_group = nccl_replica_group::<B>(gpu, a, &topology, peer_timeout)?;
     let over = |nccl: bool| if nccl { "NCCL" } else { "TCP" };
     let (columns_over, replicas_over) =
         (over(column_link.is_some()), over(replica_group.is_some()));
@@ -727,12 +727,12 @@ fn train<B: crate::backend::Backend>(
 /// The link to the partner column over NCCL, when the coordinator relayed a NCCL id for this
 /// rank's pair (both on GPUs with NCCL, not on one GPU).
 #[cfg(feature = "cuda")]
-fn nccl_column_link(
+fn nccl_column_link<B: crate::backend::Backend + 'static>(
     gpu: Option<usize>,
     a: &Assignment,
     topology: &Topology,
     timeout: Duration,
-) -> anyhow::Result<Option<Box<dyn crate::comm::Link>>> {
+) -> anyhow::Result<Option<Box<dyn crate::comm::BufLink<B>>>> {
     let (Some(ordinal), Ok(id), Some(partner)) = (
         gpu,
         <[u8; 128]>::try_from(a.nccl_id.as_slice()),
@@ -741,7 +741,7 @@ fn nccl_column_link(
         return Ok(None);
     };
     let me = topology.placement(a.rank as usize).columns[0];
-    let link = crate::comm::nccl::NcclLink::new(ordinal, me, partner, id, timeout)
+    let link = crate::comm::nccl::NcclLink::<B>::new(ordinal, me, partner, id, timeout)
         .context("joining the pair's NCCL communicator")?;
     Ok(Some(Box::new(link)))
 }
@@ -749,12 +749,12 @@ fn nccl_column_link(
 /// The replicas' NCCL communicator, when the coordinator relayed a NCCL id for this rank's
 /// column position (every replica on its own GPU with NCCL).
 #[cfg(feature = "cuda")]
-fn nccl_replica_group(
+fn nccl_replica_group<B: crate::backend::Backend + 'static>(
     gpu: Option<usize>,
     a: &Assignment,
     topology: &Topology,
     timeout: Duration,
-) -> anyhow::Result<Option<Box<dyn crate::comm::ReplicaReduce>>> {
+) -> anyhow::Result<Option<Box<dyn crate::comm::BufReduce<B>>>> {
     let (Some(ordinal), Ok(id)) = (gpu, <[u8; 128]>::try_from(a.nccl_replica_id.as_slice())) else {
         return Ok(None);
     };
@@ -763,29 +763,34 @@ fn nccl_replica_group(
     ranks.push((a.replica as usize, rank));
     ranks.sort_unstable();
     let ranks: Vec<usize> = ranks.into_iter().map(|(_, r)| r).collect();
-    let group =
-        crate::comm::nccl::NcclReplicaGroup::new(ordinal, a.replica as usize, &ranks, id, timeout)
-            .context("joining the replicas' NCCL communicator")?;
+    let group = crate::comm::nccl::NcclReplicaGroup::<B>::new(
+        ordinal,
+        a.replica as usize,
+        &ranks,
+        id,
+        timeout,
+    )
+    .context("joining the replicas' NCCL communicator")?;
     Ok(Some(Box::new(group)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn nccl_replica_group(
+fn nccl_replica_group<B: crate::backend::Backend>(
     _gpu: Option<usize>,
     _a: &Assignment,
     _topology: &Topology,
     _timeout: Duration,
-) -> anyhow::Result<Option<Box<dyn crate::comm::ReplicaReduce>>> {
+) -> anyhow::Result<Option<Box<dyn crate::comm::BufReduce<B>>>> {
     Ok(None)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn nccl_column_link(
+fn nccl_column_link<B: crate::backend::Backend>(
     _gpu: Option<usize>,
     _a: &Assignment,
     _topology: &Topology,
     _timeout: Duration,
-) -> anyhow::Result<Option<Box<dyn crate::comm::Link>>> {
+) -> anyhow::Result<Option<Box<dyn crate::comm::BufLink<B>>>> {
     Ok(None)
 }
 

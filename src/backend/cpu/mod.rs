@@ -170,6 +170,12 @@ impl Backend for Cpu {
     fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
         buf.clone()
     }
+    fn upload_vec(&self, host: Vec<f32>) -> Vec<f32> {
+        host
+    }
+    fn download_owned(&self, buf: Vec<f32>) -> Vec<f32> {
+        buf
+    }
     fn buf_len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
     }
@@ -488,6 +494,11 @@ impl Backend for Cpu {
                     *w += *v;
                 }
             });
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, factor: f32) {
+        x.par_chunks_mut(BLOCK)
+            .for_each(|x| x.iter_mut().for_each(|v| *v *= factor));
     }
 
     fn concat_rows(&self, rows: usize, parts: &[&Vec<f32>], widths: &[usize], out: &mut Vec<f32>) {

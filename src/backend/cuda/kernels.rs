@@ -20,6 +20,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         &[
             "relu_forward",
             "relu_backward",
+            "scale",
             "sgd_update",
             "broadcast_rows",
             "broadcast_channels",

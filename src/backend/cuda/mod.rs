@@ -830,6 +830,43 @@ impl Backend for Cuda {
         buf.len()
     }
 
+    fn device_address(&self, buf: &CudaSlice<f32>) -> Option<u64> {
+        // Event tracking is off (see `new`): the guard that comes with the pointer does nothing,
+        // and the caller orders its use with `record_event` and `wait_event`.
+        Some(buf.device_ptr(&self.stream).0)
+    }
+
+    fn record_event(&self, event: crate::backend::QueueEvent) -> anyhow::Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow::anyhow!("binding GPU {}: {e:?}", self.ordinal()))?;
+        // SAFETY: the caller's event was made in this device's primary context (the one this
+        // stream belongs to) and outlives the call.
+        unsafe { cudarc::driver::result::event::record(event.0 as _, self.stream.cu_stream()) }
+            .map_err(|e| anyhow::anyhow!("recording a CUDA event on GPU {}: {e:?}", self.ordinal()))
+    }
+
+    fn wait_event(&self, event: crate::backend::QueueEvent) -> anyhow::Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow::anyhow!("binding GPU {}: {e:?}", self.ordinal()))?;
+        // SAFETY: as in `record_event`; a wait captures the event's state now, so the event may
+        // be recorded again afterwards.
+        unsafe {
+            cudarc::driver::result::stream::wait_event(
+                self.stream.cu_stream(),
+                event.0 as _,
+                cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "making GPU {}'s stream wait for an event: {e:?}",
+                self.ordinal()
+            )
+        })
+    }
+
     fn finishes_views(&self) -> bool {
         true
     }
@@ -1345,6 +1382,17 @@ impl Backend for Cuda {
             .arg(&n);
         // SAFETY: argument types and order match kernels/elementwise.cu.
         check(unsafe { l.launch(grid(n as usize)) }, "sgd_update");
+    }
+
+    fn scale(&self, x: &mut CudaSlice<f32>, factor: f32) {
+        let n = x.len() as i64;
+        if n == 0 {
+            return;
+        }
+        let mut l = self.stream.launch_builder(self.f("scale"));
+        l.arg(&mut *x).arg(&factor).arg(&n);
+        // SAFETY: argument types and order match kernels/elementwise.cu.
+        check(unsafe { l.launch(grid(n as usize)) }, "scale");
     }
 
     fn concat_rows(
