@@ -593,9 +593,9 @@ impl<D: CommDevice> Engine<D> {
     }
 
     /// The step check's words. A pair: the magic, the transfers so far, the words sent and
-    /// the words due (each modulo 2^32), which the other rank must mirror. A group: 1 and the
-    /// transfers so far (modulo [`check_modulus`]), which sum to the rank count and rank count
-    /// x transfers when every rank is at the same point.
+    /// the words due (each modulo 2^32), which the other rank must mirror. A group: 1, the
+    /// transfers so far and the words summed so far (both modulo [`check_modulus`]), which sum
+    /// to the rank count and its multiples when every rank is at the same point.
     fn check_words(&self) -> [f32; CHECK_WORDS] {
         let bits = |v: u64| f32::from_bits(v as u32);
         if self.pair {
@@ -606,8 +606,8 @@ impl<D: CommDevice> Engine<D> {
                 bits(self.words_in),
             ]
         } else {
-            let seq = (self.ops % check_modulus(self.nranks)) as f32;
-            [1.0, seq, 0.0, 0.0]
+            let m = check_modulus(self.nranks);
+            [1.0, (self.ops % m) as f32, (self.words_out % m) as f32, 0.0]
         }
     }
 
@@ -641,7 +641,7 @@ impl<D: CommDevice> Engine<D> {
             }
         } else {
             let n = self.nranks as f32;
-            let seq = self.check_words()[1];
+            let [_, seq, words, _] = self.check_words();
             if got[..2] != [n, n * seq] {
                 return Err(self.peers.error(format!(
                     "the ranks of the NCCL all-reduce with {who} are out of step ({} transfers \
@@ -649,6 +649,15 @@ impl<D: CommDevice> Engine<D> {
                     self.ops,
                     &got[..2],
                     [n, n * seq]
+                )));
+            }
+            if got[2] != n * words {
+                return Err(self.peers.error(format!(
+                    "the ranks of the NCCL all-reduce with {who} summed buckets of other sizes \
+                     (the check word of the values summed came to {}, not {}): do all run the \
+                     same network?",
+                    got[2],
+                    n * words
                 )));
             }
         }
@@ -900,8 +909,12 @@ impl Communicator {
     /// The thread's next answer, waited for no longer than the timeout and a grace (the
     /// thread bounds its own waits: past this, a CUDA or NCCL call hangs).
     fn reply(&mut self) -> anyhow::Result<FromThread> {
+        self.reply_within(self.timeout.saturating_add(SWAP_GRACE))
+    }
+
+    fn reply_within(&mut self, limit: Duration) -> anyhow::Result<FromThread> {
         self.usable()?;
-        match (self.replies).recv_timeout(self.timeout.saturating_add(SWAP_GRACE)) {
+        match (self.replies).recv_timeout(limit) {
             Ok(reply) => Ok(reply),
             Err(RecvTimeoutError::Timeout) => {
                 self.hung = true;
@@ -951,7 +964,9 @@ impl Communicator {
         while self.unanswered > 0 {
             self.queued()?;
         }
-        match self.reply()? {
+        // The thread may take the timeout for the last transfer, then again for the check.
+        let limit = (2 * self.timeout).saturating_add(SWAP_GRACE);
+        match self.reply_within(limit)? {
             FromThread::Settled(Ok(())) => Ok(()),
             FromThread::Settled(Err(e)) => Err(self.fail(e)),
             _ => {
@@ -1141,9 +1156,10 @@ impl<B: Backend> BufLink<B> for NcclLink<B> {
     }
 
     fn finish_swap(&mut self, backend: &B) -> anyhow::Result<B::Buf> {
-        let theirs = (self.theirs.take()).context("no column swap is in flight")?;
+        anyhow::ensure!(self.theirs.is_some(), "no column swap is in flight");
+        // On failure the buffer stays here: NCCL may still write it (see `Drop`).
         self.core.finish(&OnBackend(backend))?;
-        Ok(theirs)
+        Ok(self.theirs.take().expect("checked above"))
     }
 
     fn settle(&mut self) -> anyhow::Result<()> {
@@ -1153,6 +1169,17 @@ impl<B: Backend> BufLink<B> for NcclLink<B> {
     fn traffic(&self) -> Traffic {
         // The step checks' words, and nothing per block.
         self.core.traffic
+    }
+}
+
+impl<B: Backend> Drop for NcclLink<B> {
+    /// A buffer still in flight when the communicator failed may still be written by a NCCL
+    /// kernel that the compute stream never waited for: it is left allocated rather than
+    /// handed back to the memory pool (the process is about to stop anyway).
+    fn drop(&mut self) {
+        if let Some(theirs) = self.theirs.take() {
+            std::mem::forget(theirs);
+        }
     }
 }
 
@@ -1262,8 +1289,10 @@ impl<B: Backend> BufReduce<B> for NcclReplicaGroup<B> {
     }
 
     fn take_next(&mut self, backend: &B) -> anyhow::Result<B::Buf> {
-        let mut bucket = (self.buckets.pop_front()).context("no gradient bucket is in flight")?;
+        anyhow::ensure!(!self.buckets.is_empty(), "no gradient bucket is in flight");
+        // On failure the bucket stays here: NCCL may still write it (see `Drop`).
         self.core.take(&OnBackend(backend))?;
+        let mut bucket = self.buckets.pop_front().expect("checked above");
         backend.scale(&mut bucket, 1.0 / self.core.replicas as f32);
         Ok(bucket)
     }
@@ -1274,6 +1303,15 @@ impl<B: Backend> BufReduce<B> for NcclReplicaGroup<B> {
 
     fn traffic(&self) -> Traffic {
         self.core.traffic
+    }
+}
+
+impl<B: Backend> Drop for NcclReplicaGroup<B> {
+    /// As [`NcclLink`]'s: buckets still in flight are left allocated.
+    fn drop(&mut self) {
+        for bucket in self.buckets.drain(..) {
+            std::mem::forget(bucket);
+        }
     }
 }
 
@@ -2008,7 +2046,7 @@ mod tests {
     fn buckets_in_flight_take_their_own_slots_and_come_back_in_order() {
         let log = scripted::Log::default();
         let q = scripted::Compute(log.clone());
-        let n_ranks = |w: [f32; CHECK_WORDS]| [3.0 * w[0], 3.0 * w[1], 0.0, 0.0];
+        let n_ranks = |w: [f32; CHECK_WORDS]| [3.0 * w[0], 3.0 * w[1], 3.0 * w[2], 0.0];
         let comm = scripted::communicator(&log, 3, false, n_ranks, Duration::from_secs(30));
         let mut core = GroupCore {
             comm,
@@ -2140,21 +2178,30 @@ mod tests {
             assert_eq!(e.downcast_ref::<PeerError>().map(|p| p.rank), Some(5));
             assert!(log.lock().unwrap().iter().any(|l| l == "comm aborts"));
         }
-        // A group whose check words do not sum to the rank count and sequence.
-        let log = scripted::Log::default();
-        let q = scripted::Compute(log.clone());
-        let short = |w: [f32; CHECK_WORDS]| [2.0 * w[0], 2.0 * w[1], 0.0, 0.0];
-        let comm = scripted::communicator(&log, 3, false, short, Duration::from_secs(30));
-        let mut core = GroupCore {
-            comm,
-            in_flight: VecDeque::new(),
-            next_slot: 0,
-            replicas: 3,
-            traffic: Traffic::default(),
-        };
-        core.submit(&q, 1, 8).unwrap();
-        core.take(&q).unwrap();
-        let e = core.comm.settle().unwrap_err();
-        assert!(format!("{e}").contains("out of step"), "{e}");
+        // A group whose check words do not sum to the rank count and its multiples: a rank
+        // missing a transfer, a rank summing buckets of another size.
+        let group: [(scripted::Answer, &str); 2] = [
+            (|w| [2.0 * w[0], 2.0 * w[1], 2.0 * w[2], 0.0], "out of step"),
+            (
+                |w| [3.0 * w[0], 3.0 * w[1], 3.0 * w[2] - 5.0, 0.0],
+                "other sizes",
+            ),
+        ];
+        for (answer, says) in group {
+            let log = scripted::Log::default();
+            let q = scripted::Compute(log.clone());
+            let comm = scripted::communicator(&log, 3, false, answer, Duration::from_secs(30));
+            let mut core = GroupCore {
+                comm,
+                in_flight: VecDeque::new(),
+                next_slot: 0,
+                replicas: 3,
+                traffic: Traffic::default(),
+            };
+            core.submit(&q, 1, 8).unwrap();
+            core.take(&q).unwrap();
+            let e = core.comm.settle().unwrap_err();
+            assert!(format!("{e}").contains(says), "{e}");
+        }
     }
 }

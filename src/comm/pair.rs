@@ -212,7 +212,14 @@ impl<B: Backend> ColumnExchange<B> for PairExchange<B> {
             "a pair exchange holds one column"
         );
         // Add the peer's part of this column's half.
-        let theirs = self.link.finish_swap(backend)?;
+        let theirs = match self.link.finish_swap(backend) {
+            Ok(theirs) => theirs,
+            Err(e) => {
+                // A device link may still be reading the block: leave it allocated.
+                std::mem::forget(self.for_peer.take());
+                return Err(e);
+            }
+        };
         self.for_peer = None;
         let me = self.column[0];
         // Always sum in column order, so that both layouts of the network add the same way.

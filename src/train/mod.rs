@@ -42,10 +42,12 @@ pub fn train_step<B: Backend>(
     let loss = net
         .backend
         .softmax_xent(batch, classes, logits, labels, &mut dlogits);
-    anyhow::ensure!(
-        loss.is_finite(),
-        "the loss diverged to {loss} at step {step}: lower the learning rate"
-    );
+    if !loss.is_finite() {
+        // Blocks that did not arrive whole (a failed exchange) make garbage logits too: that
+        // is the error to report, naming the peer.
+        net.settle_exchanges()?;
+        anyhow::bail!("the loss diverged to {loss} at step {step}: lower the learning rate");
+    }
     // Read now, while the loss has made the device finish the forward pass; counted once the
     // backward pass is queued, so that a device is not kept waiting for the count.
     let logits = net.backend.download(logits);

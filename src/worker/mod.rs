@@ -565,23 +565,28 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         });
     }
 
-    let result = crate::with_device!(device, backend => train(
-        backend,
-        gpu,
-        &opts,
-        &assignment,
-        &job,
-        &listener,
-        peer_timeout,
-        started_rx,
-        RemoteReporter {
-            rank,
-            generation,
-            events: events.clone(),
-            commands: commands.clone(),
-            decision_timeout: peer_timeout * 10,
-        },
-    ));
+    // A failed GPU op panics in the CUDA backend (its ops have no error path): caught here, so
+    // that the coordinator hears why this worker stops rather than finding it gone.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::with_device!(device, backend => train(
+            backend,
+            gpu,
+            &opts,
+            &assignment,
+            &job,
+            &listener,
+            peer_timeout,
+            started_rx,
+            RemoteReporter {
+                rank,
+                generation,
+                events: events.clone(),
+                commands: commands.clone(),
+                decision_timeout: peer_timeout * 10,
+            },
+        ))
+    }))
+    .unwrap_or_else(|panic| Err(panic_error(panic)));
     let send = |event| {
         let _ = events.send(WorkerEvent {
             rank,
@@ -794,6 +799,19 @@ fn nccl_column_link<B: crate::backend::Backend>(
     Ok(None)
 }
 
+/// A panic out of training as the error this worker reports: after a GPU fault the device is
+/// unusable until the process ends, so the worker stops (its agent or the coordinator restarts
+/// it from the newest checkpoint).
+fn panic_error(panic: Box<dyn std::any::Any + Send>) -> anyhow::Error {
+    let message = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    anyhow::anyhow!(
+        "training stopped: {message}; this worker exits (after a GPU failure the device is \
+         unusable until its process ends)"
+    )
+}
+
 fn capabilities() -> Vec<String> {
     #[allow(unused_mut)]
     let mut c = vec!["cpu".to_string()];
@@ -802,4 +820,24 @@ fn capabilities() -> Vec<String> {
         c.push("avx512".into());
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panic_in_training_becomes_the_reported_error() {
+        let caught = std::panic::catch_unwind(|| -> anyhow::Result<()> {
+            panic!("CUDA: cuBLAS sgemm failed: CUBLAS_STATUS_EXECUTION_FAILED")
+        })
+        .unwrap_or_else(|p| Err(super::panic_error(p)));
+        let e = format!("{:#}", caught.unwrap_err());
+        assert!(
+            e.contains("cuBLAS sgemm failed") && e.contains("worker exits"),
+            "{e}"
+        );
+        let caught =
+            std::panic::catch_unwind(|| -> anyhow::Result<()> { std::panic::panic_any(7u32) })
+                .unwrap_or_else(|p| Err(super::panic_error(p)));
+        assert!(format!("{}", caught.unwrap_err()).contains("without a message"));
+    }
 }

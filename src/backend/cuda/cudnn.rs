@@ -3,7 +3,9 @@
 //! checked and timed on a GPU beside the unfolding path; `selftest` and `scripts/gpu-check.sh`
 //! run both.
 //!
-//! Strict f32 uses cuDNN's FMA math (no tensor cores); with TF32 allowed, its default math.
+//! Strict f32 uses cuDNN's FMA math (no tensor cores); with TF32 allowed, its default math,
+//! and each pass then runs in the math type its timed algorithm was timed in (one descriptor
+//! per pass), as PyTorch's search does.
 //! Each convolution's algorithms are timed on the GPU once ([`super::cudnn_find`]), the fastest
 //! taken (`--cudnn-algos heuristic`: cuDNN's heuristic instead); the backward ones are
 //! deterministic ones (see [`deterministic_filter`]).
@@ -71,7 +73,9 @@ struct Plan {
     x: TensorDescriptor<f32>,
     w: FilterDescriptor<f32>,
     y: TensorDescriptor<f32>,
-    conv: ConvDescriptor<f32>,
+    /// One convolution descriptor per pass (forward, backward filter, backward data): each
+    /// carries the math type its algorithm was timed in.
+    conv: [ConvDescriptor<f32>; 3],
     forward: sys::cudnnConvolutionFwdAlgo_t,
     filter: sys::cudnnConvolutionBwdFilterAlgo_t,
     data: sys::cudnnConvolutionBwdDataAlgo_t,
@@ -219,23 +223,26 @@ impl Dnn {
             .handle
             .create_4d_tensor::<f32>(nchw, [i(g.batch), i(g.out_c), i(g.out_h()), i(g.out_w())])
             .map_err(|e| err("output descriptor", e))?;
-        let mut conv = self
-            .handle
-            .create_conv2d::<f32>(
-                [i(g.pad); 2],
-                [i(g.stride); 2],
-                [1, 1],
-                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-            )
-            .map_err(|e| err("convolution descriptor", e))?;
-        conv.set_group_count(i(g.groups))
-            .map_err(|e| err("group count", e))?;
+        let describe = |math: sys::cudnnMathType_t| -> anyhow::Result<ConvDescriptor<f32>> {
+            let mut conv = self
+                .handle
+                .create_conv2d::<f32>(
+                    [i(g.pad); 2],
+                    [i(g.stride); 2],
+                    [1, 1],
+                    sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                )
+                .map_err(|e| err("convolution descriptor", e))?;
+            conv.set_group_count(i(g.groups))
+                .map_err(|e| err("group count", e))?;
+            conv.set_math_type(math).map_err(|e| err("math type", e))?;
+            Ok(conv)
+        };
         let math = if self.tf32 {
             sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
         } else {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
         };
-        conv.set_math_type(math).map_err(|e| err("math type", e))?;
         let timed = self.timing.as_ref().and_then(|h| {
             cudnn_find::find(h, g, math)
                 .inspect_err(|e| {
@@ -252,46 +259,53 @@ impl Dnn {
             .map(|(free, _)| free / 2)
             .unwrap_or(usize::MAX);
 
+        // Each pass's winner, with the math type it was timed in: its descriptor is set to
+        // that type (with TF32 allowed, tensor-op math may win one pass and not another);
+        // without a winner, the pass runs in `math` with the heuristic's algorithm.
+        let forward_won =
+            (timed.as_ref()).and_then(|t| cudnn_find::fastest(&t.forward, false, max_bytes));
+        let filter_won =
+            (timed.as_ref()).and_then(|t| cudnn_find::fastest(&t.filter, true, max_bytes));
+        let data_won = (timed.as_ref()).and_then(|t| cudnn_find::fastest(&t.data, true, max_bytes));
+        let conv = [
+            describe(forward_won.map_or(math, |t| t.math))?,
+            describe(filter_won.map_or(math, |t| t.math))?,
+            describe(data_won.map_or(math, |t| t.math))?,
+        ];
         let fwd = ConvForward {
-            conv: &conv,
+            conv: &conv[0],
             x: &x,
             w: &w,
             y: &y,
         };
         let bwd_filter = ConvBackwardFilter {
-            conv: &conv,
+            conv: &conv[1],
             x: &x,
             dw: &w,
             dy: &y,
         };
         let bwd_data = ConvBackwardData {
-            conv: &conv,
+            conv: &conv[2],
             dx: &x,
             w: &w,
             dy: &y,
         };
         let (forward, forward_bytes) = choose(
-            timed
-                .as_ref()
-                .and_then(|t| cudnn_find::fastest(&t.forward, false, max_bytes)),
+            forward_won.map(|t| t.algo),
             || fwd.pick_algorithm(),
             |a| a,
             |a| fwd.get_workspace_size(a),
         )
         .map_err(|e| err("forward algorithm", e))?;
         let (filter, filter_bytes) = choose(
-            timed
-                .as_ref()
-                .and_then(|t| cudnn_find::fastest(&t.filter, true, max_bytes)),
+            filter_won.map(|t| t.algo),
             || bwd_filter.pick_algorithm(),
             deterministic_filter,
             |a| bwd_filter.get_workspace_size(a),
         )
         .map_err(|e| err("backward filter algorithm", e))?;
         let (data, data_bytes) = choose(
-            timed
-                .as_ref()
-                .and_then(|t| cudnn_find::fastest(&t.data, true, max_bytes)),
+            data_won.map(|t| t.algo),
             || bwd_data.pick_algorithm(),
             deterministic_data,
             |a| bwd_data.get_workspace_size(a),
@@ -303,6 +317,11 @@ impl Dnn {
             ?forward,
             ?filter,
             ?data,
+            maths = ?[
+                forward_won.map(|t| t.math),
+                filter_won.map(|t| t.math),
+                data_won.map(|t| t.math)
+            ],
             workspace_mib = forward_bytes.max(filter_bytes).max(data_bytes) >> 20,
             "cuDNN convolution planned"
         );
@@ -366,7 +385,7 @@ impl Dnn {
     ) -> anyhow::Result<()> {
         let (p, ws) = self.ready(g, false)?;
         let op = ConvForward {
-            conv: &p.conv,
+            conv: &p.conv[0],
             x: &p.x,
             w: &p.w,
             y: &p.y,
@@ -386,7 +405,7 @@ impl Dnn {
     ) -> anyhow::Result<()> {
         let (p, ws) = self.ready(g, true)?;
         let op = ConvBackwardFilter {
-            conv: &p.conv,
+            conv: &p.conv[1],
             x: &p.x,
             dw: &p.w,
             dy: &p.y,
@@ -406,7 +425,7 @@ impl Dnn {
     ) -> anyhow::Result<()> {
         let (p, ws) = self.ready(g, true)?;
         let op = ConvBackwardData {
-            conv: &p.conv,
+            conv: &p.conv[2],
             dx: &p.x,
             w: &p.w,
             dy: &p.y,

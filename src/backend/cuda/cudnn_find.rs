@@ -24,16 +24,23 @@ pub struct Timing<A> {
     pub bytes: usize,
     /// Whether it sums in a fixed order (no atomics), so that a run repeats itself bit for bit.
     pub deterministic: bool,
+    /// The math type it was timed in (with TF32 allowed, cuDNN may time an algorithm in
+    /// tensor-op math): the pass runs in it, as PyTorch's search sets it after timing.
+    pub math: sys::cudnnMathType_t,
 }
 
 /// The fastest algorithm that ran, fits in `max_bytes` of workspace and, where `deterministic`
 /// is asked for, sums in a fixed order; `None` if none qualifies.
-pub fn fastest<A: Copy>(timings: &[Timing<A>], deterministic: bool, max_bytes: usize) -> Option<A> {
+pub fn fastest<A: Copy>(
+    timings: &[Timing<A>],
+    deterministic: bool,
+    max_bytes: usize,
+) -> Option<Timing<A>> {
     timings
         .iter()
         .filter(|t| t.ran && t.bytes <= max_bytes && (t.deterministic || !deterministic))
         .min_by(|a, b| a.ms.total_cmp(&b.ms))
-        .map(|t| t.algo)
+        .copied()
 }
 
 /// The three passes' algorithms, as cuDNN timed them.
@@ -181,6 +188,7 @@ macro_rules! find_pass {
                 ms: p.time,
                 bytes: p.memory,
                 deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
+                math: p.mathType,
             })
             .collect::<Vec<_>>()
     }};
@@ -235,6 +243,7 @@ mod tests {
             ms,
             bytes,
             deterministic,
+            math: sys::cudnnMathType_t::CUDNN_FMA_MATH,
         }
     }
 
@@ -248,10 +257,19 @@ mod tests {
             t(4, true, 2.0, 100, true),
         ];
         // Not sorted by time: the choice does not rely on cuDNN's order.
-        assert_eq!(fastest(&timings, true, 1 << 20), Some(4));
-        assert_eq!(fastest(&timings, false, 1 << 20), Some(3));
-        assert_eq!(fastest(&timings, false, 1 << 30), Some(2));
+        let algo = |t: Option<Timing<u8>>| t.map(|t| t.algo);
+        assert_eq!(algo(fastest(&timings, true, 1 << 20)), Some(4));
+        assert_eq!(algo(fastest(&timings, false, 1 << 20)), Some(3));
+        assert_eq!(algo(fastest(&timings, false, 1 << 30)), Some(2));
         assert_eq!(fastest(&timings[1..2], false, 1 << 30), None);
         assert_eq!(fastest::<u8>(&[], false, 1 << 30), None);
+        // The winner comes with the math type it was timed in.
+        let mut tensor_op = timings;
+        tensor_op[4].math = sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH;
+        let won = fastest(&tensor_op, true, 1 << 20).unwrap();
+        assert_eq!(
+            (won.algo, won.math),
+            (4, sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
+        );
     }
 }

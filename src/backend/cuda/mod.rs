@@ -25,6 +25,7 @@ use cudarc::driver::{
     DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
 /// The CUDA version this build's libraries (cuBLAS 13, NVRTC 13, cuDNN for CUDA 13) and the
@@ -116,7 +117,11 @@ struct DeviceInfo {
 pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    /// cuBLAS and cuDNN's handles panic when they fail to destroy themselves, which they do
+    /// after a GPU fault: a second panic while the first unwinds aborts the process before
+    /// the worker reports. So they are dropped by hand, and left alone while a panic unwinds
+    /// (see `Drop`).
+    blas: ManuallyDrop<CudaBlas>,
     functions: HashMap<&'static str, CudaFunction>,
     device: DeviceInfo,
     tf32: bool,
@@ -126,8 +131,8 @@ pub struct Cuda {
     max_columns: usize,
     /// Per-row losses of the softmax (f64, as on the CPU).
     row_loss: Mutex<Option<CudaSlice<f64>>>,
-    /// cuDNN for the convolutions, when chosen (`ConvPath::Cudnn`).
-    dnn: Option<cudnn::DnnCell>,
+    /// cuDNN for the convolutions, when chosen (`ConvPath::Cudnn`); dropped by hand, as `blas`.
+    dnn: ManuallyDrop<Option<cudnn::DnnCell>>,
     /// Pinned buffers that uploads pass through, so that they do not wait for the GPU.
     staging: Mutex<staging::Staging>,
 }
@@ -240,6 +245,26 @@ fn check<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("CUDA: {what} failed: {e:?}"))
 }
 
+impl Drop for Cuda {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A GPU op failed (`check`): the device may be in a sticky fault state, where the
+            // handles' destroy calls fail and panic again. Left to the process's exit, which
+            // the caller is heading for (the worker reports the failure first).
+            tracing::warn!(
+                gpu = self.device.ordinal,
+                "leaving cuBLAS and cuDNN's handles to the process's exit after a GPU failure"
+            );
+            return;
+        }
+        // SAFETY: dropped once, here; neither is used again.
+        unsafe {
+            ManuallyDrop::drop(&mut self.dnn);
+            ManuallyDrop::drop(&mut self.blas);
+        }
+    }
+}
+
 impl Cuda {
     /// Starts the backend on GPU `ordinal`: a context, a stream, cuBLAS, every kernel
     /// compiled for this GPU's architecture, and the convolutions, TF32 and cuDNN's algorithm
@@ -257,11 +282,13 @@ impl Cuda {
         // event per allocation and waits on and records one per kernel argument. None is needed:
         // every kernel, copy, cuBLAS and cuDNN call and free of this backend's buffers is queued
         // on that one stream, so the stream itself orders them, and the host reads a buffer
-        // only after synchronising it. No buffer of this context goes to another stream (the
-        // NCCL thread has its own buffers and takes host memory).
-        // SAFETY: called before any allocation; the one-stream rule above is cudarc's contract
-        // (no use on another stream before the allocation or after the free, no concurrent
-        // writes from two streams).
+        // only after synchronising it. The one other stream that touches these buffers, NCCL's
+        // (`comm::nccl`), is ordered against this one by explicit events: it starts after an
+        // event recorded here behind the buffer's last write, and this stream waits for its
+        // `done` event before reading, reusing or freeing the buffer.
+        // SAFETY: called before any allocation; the ordering above is cudarc's contract (no use
+        // on another stream before the allocation or after the free, no concurrent writes from
+        // two streams).
         unsafe { ctx.disable_event_tracking() };
         if let Err(e) = keep_freed_memory(&ctx) {
             tracing::warn!(
@@ -353,14 +380,14 @@ impl Cuda {
         Ok(Cuda {
             ctx,
             stream,
-            blas,
+            blas: ManuallyDrop::new(blas),
             functions,
             device: DeviceInfo { name, ordinal },
             tf32,
             unfolding: Mutex::new(Unfolding::default()),
             max_columns: MAX_COLUMNS,
             row_loss: Mutex::new(None),
-            dnn,
+            dnn: ManuallyDrop::new(dnn),
             staging: Mutex::new(staging::Staging::default()),
         })
     }
@@ -914,7 +941,7 @@ impl Backend for Cuda {
     }
 
     fn prepare_convolution(&self, g: &ConvGeom, backward: bool) -> anyhow::Result<()> {
-        if let Some(dnn) = &self.dnn {
+        if let Some(dnn) = &*self.dnn {
             return dnn.0.lock().unwrap().prepare(g, backward);
         }
         let (columns, gradients) = self.unfolding_lens(g);
@@ -936,7 +963,7 @@ impl Backend for Cuda {
         assert_eq!(b.len(), g.out_c, "conv bias length");
         assert_eq!(y.len(), g.out_len(), "conv output length");
         self.broadcast_channels(g, b, y);
-        if let Some(dnn) = &self.dnn {
+        if let Some(dnn) = &*self.dnn {
             check(dnn.0.lock().unwrap().forward(g, x, w, y), "cuDNN forward");
             return;
         }
@@ -959,7 +986,7 @@ impl Backend for Cuda {
         if !accumulate {
             self.broadcast_channels(g, b, y);
         }
-        if let Some(dnn) = &self.dnn {
+        if let Some(dnn) = &*self.dnn {
             // cuDNN reads dense filters: the part's block of every kernel, copied out (conv3's
             // half of one column is under 1 MiB, a few microseconds).
             // SAFETY: `slice_rows` below writes all of it before the convolution reads it.
@@ -1002,7 +1029,7 @@ impl Backend for Cuda {
             // SAFETY: argument types and order match kernels/bias.cu.
             check(unsafe { l.launch(per_item(g.out_c)) }, "bias_grad_channels");
         }
-        if let Some(dnn) = &self.dnn {
+        if let Some(dnn) = &*self.dnn {
             check(
                 dnn.0.lock().unwrap().backward_filter(g, x, dy, dw),
                 "cuDNN backward filter",
@@ -1025,7 +1052,7 @@ impl Backend for Cuda {
         assert_eq!(w.len(), g.weight_len(), "conv weight length");
         assert_eq!(dy.len(), g.out_len(), "conv output gradient length");
         assert_eq!(dx.len(), g.in_len(), "conv input gradient length");
-        if let Some(dnn) = &self.dnn {
+        if let Some(dnn) = &*self.dnn {
             check(
                 dnn.0.lock().unwrap().backward_data(g, w, dy, dx),
                 "cuDNN backward data",
