@@ -108,7 +108,7 @@ impl Device {
 pub struct OutOfMemory(pub String);
 
 /// Geometry of a 2-D convolution over a batch. Weights are `[out_c, in_c / groups, k, k]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ConvGeom {
     pub batch: usize,
     pub in_c: usize,
@@ -303,6 +303,28 @@ pub struct DropoutKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueEvent(pub usize);
 
+/// A training step's loss and logits, read back to the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReadout {
+    pub loss: f32,
+    pub logits: Vec<f32>,
+}
+
+/// A read queued on a device behind the ops before it ([`Backend::softmax_xent_read`]): the
+/// host waits for those ops when it takes the values, not for what was queued after them.
+pub trait PendingReadout: Send {
+    fn wait(self: Box<Self>) -> StepReadout;
+}
+
+/// A readout that is there already (a backend that runs each op as it is called).
+pub struct ReadyReadout(pub StepReadout);
+
+impl PendingReadout for ReadyReadout {
+    fn wait(self: Box<Self>) -> StepReadout {
+        self.0
+    }
+}
+
 /// The ops of the network, with explicit forward and backward passes.
 ///
 /// Outputs are overwritten unless the name says `accumulate`. A backend owns how buffers live
@@ -379,6 +401,22 @@ pub trait Backend: Send + Sync {
     /// quarter of the bytes and does the arithmetic in microseconds.
     fn finishes_views(&self) -> bool {
         false
+    }
+
+    /// The algorithms this backend chose by timing them on this device (cuDNN's), as JSON
+    /// to keep in the run folder: a timed choice may differ from one process to the next, and
+    /// with it the last bits of the results; a process that adopts the kept choices
+    /// ([`Self::adopt_timed_choices`]) runs the same algorithms. `None` where nothing is
+    /// timed.
+    fn timed_choices(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Takes choices kept by an earlier process ([`Self::timed_choices`]) for the convolutions
+    /// not yet planned; returns how many it took. Choices made on another GPU model or cuDNN
+    /// version are left (the reason is the error).
+    fn adopt_timed_choices(&self, kept: &serde_json::Value) -> anyhow::Result<usize> {
+        let _ = kept;
+        Ok(0)
     }
 
     /// `y = conv(x, w) + b`.
@@ -566,6 +604,24 @@ pub trait Backend: Send + Sync {
         dy: &Self::Buf,
         dx: &mut Self::Buf,
     );
+
+    /// [`Self::softmax_xent`], and the logits, read without holding up what is queued next: a
+    /// device copies the loss terms and the logits to page-locked memory behind the softmax,
+    /// and the readout waits for that copy only, so that the backward pass is queued (and
+    /// runs) before the host waits. The same values, bit for bit, as [`Self::softmax_xent`]
+    /// and [`Self::download`].
+    fn softmax_xent_read(
+        &self,
+        rows: usize,
+        classes: usize,
+        logits: &Self::Buf,
+        labels: &[u32],
+        dlogits: &mut Self::Buf,
+    ) -> Box<dyn PendingReadout> {
+        let loss = self.softmax_xent(rows, classes, logits, labels, dlogits);
+        let logits = self.download(logits);
+        Box::new(ReadyReadout(StepReadout { loss, logits }))
+    }
 
     /// Mean softmax cross-entropy over `rows` rows of `classes` logits; writes its gradient and
     /// returns the loss.

@@ -260,6 +260,19 @@ pub fn ops<R: Backend, T: Backend>(reference: &R, tested: &T, seed: u64, tol: f6
             error: scaled_error(&[lt], &[lr]),
             tolerance: tol,
         });
+        // Read back behind the op (page-locked copies, an event), twice so that the second
+        // reuses the buffers: the same loss and logits, bit for bit, as the direct read.
+        for round in 0..2 {
+            let mut dt = p.t.zeros(rows * classes);
+            let readout = p.t.softmax_xent_read(rows, classes, &z.1, &labels, &mut dt);
+            let got = readout.wait();
+            let same = got.loss.to_bits() == lt.to_bits() && got.logits == p.t.download(&z.1);
+            p.checks.push(Check {
+                what: format!("softmax cross-entropy: loss and logits read back queued ({round})"),
+                error: if same { 0.0 } else { f64::INFINITY },
+                tolerance: tol,
+            });
+        }
     }
     {
         let n = 4099;

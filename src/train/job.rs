@@ -386,10 +386,23 @@ pub fn run<B: Backend>(
         net.freeze(&job.freeze)?;
         tracing::info!(layers = %job.freeze.join(","), "frozen: not trained");
     }
+    let kept_choices = role.run_dir.as_ref().map(|dir| {
+        let columns: String = net.columns.iter().map(|c| c.index.to_string()).collect();
+        dir.join(format!(
+            "cudnn-algorithms.replica{}.columns{columns}.json",
+            role.replica
+        ))
+    });
+    if let Some(path) = &kept_choices {
+        adopt_kept_choices(&net.backend, path);
+    }
     // A batch that does not fit this device fails now, naming the layer, before the loader
     // and the peers wait on the first step.
     net.share_memory(role.memory_sharers);
     net.reserve(job.batch / job.topology.replicas)?;
+    if let Some(path) = &kept_choices {
+        keep_choices(&net.backend, path);
+    }
     tracing::info!(
         backend = net.backend.name(),
         columns = ?net.columns.iter().map(|c| c.index).collect::<Vec<_>>(),
@@ -410,6 +423,53 @@ pub fn run<B: Backend>(
     };
     let steps = fit(&mut net, &opts, start, data.as_mut(), reporter)?;
     Ok((net, steps))
+}
+
+/// Hands the backend the algorithm choices (cuDNN's, timed) that the run folder keeps for
+/// this process's part of the network (`path`), if any: a resumed or restarted process runs
+/// the algorithms the first one timed, so that the run repeats bit for bit. Choices that
+/// cannot be used (another GPU model or cuDNN version, a damaged file) are timed afresh, with
+/// a warning.
+fn adopt_kept_choices<B: Backend>(backend: &B, path: &Path) {
+    let Ok(bytes) = std::fs::read(path) else {
+        return;
+    };
+    let adopted = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .map_err(anyhow::Error::from)
+        .and_then(|v| backend.adopt_timed_choices(&v));
+    match adopted {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(path = %path.display(), convolutions = n, "using the kept cuDNN algorithms")
+        }
+        Err(e) => tracing::warn!(
+            path = %path.display(),
+            "the kept cuDNN algorithms cannot be used ({e:#}): timing them again"
+        ),
+    }
+}
+
+/// Writes the backend's timed choices to `path` in the run folder, unless it holds them
+/// already (adopted from it).
+fn keep_choices<B: Backend>(backend: &B, path: &Path) {
+    let Some(choices) = backend.timed_choices() else {
+        return;
+    };
+    let empty = choices["convolutions"]
+        .as_array()
+        .is_none_or(|c| c.is_empty());
+    let kept = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    if empty || kept.as_ref() == Some(&choices) {
+        return;
+    }
+    let written = serde_json::to_vec_pretty(&choices)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| crate::files::write_atomic(path, &bytes));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), "could not keep the timed cuDNN algorithms: {e:#}");
+    }
 }
 
 /// Loads an unsplit parameter file (`alexnet export`, PyTorch-style names and shapes) into the

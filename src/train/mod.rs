@@ -12,7 +12,7 @@ pub mod report;
 pub mod sample;
 pub mod schedule;
 
-use crate::backend::{Backend, SgdParams};
+use crate::backend::{Backend, SgdParams, StepReadout};
 use crate::model::{Mode, Network};
 
 /// What one training step measured.
@@ -39,19 +39,17 @@ pub fn train_step<B: Backend>(
     net.forward(x, batch, mode)?;
     let logits = net.logits().expect("forward ran");
     let mut dlogits = net.backend.zeros(batch * classes);
-    let loss = net
-        .backend
-        .softmax_xent(batch, classes, logits, labels, &mut dlogits);
+    // The loss and logits are read back behind the softmax, and waited for only once the
+    // backward pass is queued: a device runs the backward pass meanwhile.
+    let readout = (net.backend).softmax_xent_read(batch, classes, logits, labels, &mut dlogits);
+    net.backward(x, &dlogits)?;
+    let StepReadout { loss, logits } = readout.wait();
     if !loss.is_finite() {
         // Blocks that did not arrive whole (a failed exchange) make garbage logits too: that
         // is the error to report, naming the peer.
         net.settle_exchanges()?;
         anyhow::bail!("the loss diverged to {loss} at step {step}: lower the learning rate");
     }
-    // Read now, while the loss has made the device finish the forward pass; counted once the
-    // backward pass is queued, so that a device is not kept waiting for the count.
-    let logits = net.backend.download(logits);
-    net.backward(x, &dlogits)?;
     net.sync_replicas()?;
     net.sgd_step(sgd);
     let (top1_correct, top5_correct) = count_correct(&logits, classes, labels);

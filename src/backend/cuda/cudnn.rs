@@ -28,6 +28,64 @@ pub fn present() -> bool {
 
 pub use crate::backend::settings::AlgoChoice;
 
+/// One convolution's choice, each pass's algorithm and math type as cuDNN numbers them: what
+/// the run folder keeps, so that a resumed or restarted process runs the same algorithms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Chosen {
+    pub forward: u32,
+    pub filter: u32,
+    pub data: u32,
+    /// The forward, backward filter and backward data passes' math types.
+    pub math: [u32; 3],
+}
+
+/// cuDNN's enums from the numbers [`Chosen`] keeps; `None` outside their range.
+macro_rules! from_number {
+    ($name:ident, $t:ty, $count:expr) => {
+        fn $name(n: u32) -> Option<$t> {
+            // SAFETY: the enum is `repr(u32)` with every value in `0..count` a variant.
+            (n < $count as u32).then(|| unsafe { std::mem::transmute::<u32, $t>(n) })
+        }
+    };
+}
+from_number!(
+    forward_algo,
+    sys::cudnnConvolutionFwdAlgo_t,
+    sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT
+);
+from_number!(
+    filter_algo,
+    sys::cudnnConvolutionBwdFilterAlgo_t,
+    sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT
+);
+from_number!(
+    data_algo,
+    sys::cudnnConvolutionBwdDataAlgo_t,
+    sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT
+);
+from_number!(
+    math_type,
+    sys::cudnnMathType_t,
+    sys::cudnnMathType_t::CUDNN_FMA_MATH as u32 + 1
+);
+
+/// A [`Chosen`] as cuDNN's types: each pass's algorithm and math type.
+type Decoded = (
+    (sys::cudnnConvolutionFwdAlgo_t, sys::cudnnMathType_t),
+    (sys::cudnnConvolutionBwdFilterAlgo_t, sys::cudnnMathType_t),
+    (sys::cudnnConvolutionBwdDataAlgo_t, sys::cudnnMathType_t),
+);
+
+impl Chosen {
+    fn decode(&self) -> Option<Decoded> {
+        Some((
+            (forward_algo(self.forward)?, math_type(self.math[0])?),
+            (filter_algo(self.filter)?, math_type(self.math[1])?),
+            (data_algo(self.data)?, math_type(self.math[2])?),
+        ))
+    }
+}
+
 /// A cuDNN handle with its convolutions' plans and their workspace. Not Send by cudarc's choice (cuDNN handles must not be
 /// used by two threads at once): the backend keeps it in a [`DnnCell`].
 pub struct Dnn {
@@ -41,6 +99,8 @@ pub struct Dnn {
     /// One workspace, as large as the largest plan needs: the passes run one at a time.
     workspace: Option<CudaSlice<u8>>,
     tf32: bool,
+    /// Choices kept by an earlier process, used instead of timing (see [`Chosen`]).
+    adopted: HashMap<ConvGeom, Chosen>,
 }
 
 impl Drop for Dnn {
@@ -82,6 +142,10 @@ struct Plan {
     /// Workspace bytes of the forward pass, and of all three passes.
     forward_bytes: usize,
     any_bytes: usize,
+    /// What was chosen, as the run folder keeps it.
+    chosen: Chosen,
+    /// Whether the algorithms were timed here or adopted (the heuristic's are not kept).
+    keep: bool,
 }
 
 fn err(what: &str, e: impl std::fmt::Debug) -> anyhow::Error {
@@ -184,6 +248,7 @@ impl Dnn {
             plans: HashMap::new(),
             workspace: None,
             tf32,
+            adopted: HashMap::new(),
         })
     }
 
@@ -243,7 +308,20 @@ impl Dnn {
         } else {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
         };
-        let timed = self.timing.as_ref().and_then(|h| {
+        // Choices kept by an earlier process replace the timing (and the heuristic).
+        let adopted = self.adopted.get(g).and_then(|c| {
+            let decoded = c.decode();
+            if decoded.is_none() {
+                tracing::warn!(
+                    ?g,
+                    ?c,
+                    "a kept cuDNN choice names no algorithm: timing instead"
+                );
+            }
+            decoded
+        });
+        let timing = self.timing.as_ref().filter(|_| adopted.is_none());
+        let timed = timing.and_then(|h| {
             cudnn_find::find(h, g, math)
                 .inspect_err(|e| {
                     tracing::warn!(error = %e, ?g, "this convolution's algorithms come from cuDNN's heuristic")
@@ -262,15 +340,27 @@ impl Dnn {
         // Each pass's winner, with the math type it was timed in: its descriptor is set to
         // that type (with TF32 allowed, tensor-op math may win one pass and not another);
         // without a winner, the pass runs in `math` with the heuristic's algorithm.
-        let forward_won =
-            (timed.as_ref()).and_then(|t| cudnn_find::fastest(&t.forward, false, max_bytes));
-        let filter_won =
-            (timed.as_ref()).and_then(|t| cudnn_find::fastest(&t.filter, true, max_bytes));
-        let data_won = (timed.as_ref()).and_then(|t| cudnn_find::fastest(&t.data, true, max_bytes));
+        fn won<A: Copy>(t: Option<cudnn_find::Timing<A>>) -> Option<(A, sys::cudnnMathType_t)> {
+            t.map(|t| (t.algo, t.math))
+        }
+        let forward_won = (adopted.map(|a| a.0)).or_else(|| {
+            won((timed.as_ref()).and_then(|t| cudnn_find::fastest(&t.forward, false, max_bytes)))
+        });
+        let filter_won = (adopted.map(|a| a.1)).or_else(|| {
+            won((timed.as_ref()).and_then(|t| cudnn_find::fastest(&t.filter, true, max_bytes)))
+        });
+        let data_won = (adopted.map(|a| a.2)).or_else(|| {
+            won((timed.as_ref()).and_then(|t| cudnn_find::fastest(&t.data, true, max_bytes)))
+        });
+        let maths = [
+            forward_won.map_or(math, |t| t.1),
+            filter_won.map_or(math, |t| t.1),
+            data_won.map_or(math, |t| t.1),
+        ];
         let conv = [
-            describe(forward_won.map_or(math, |t| t.math))?,
-            describe(filter_won.map_or(math, |t| t.math))?,
-            describe(data_won.map_or(math, |t| t.math))?,
+            describe(maths[0])?,
+            describe(maths[1])?,
+            describe(maths[2])?,
         ];
         let fwd = ConvForward {
             conv: &conv[0],
@@ -291,21 +381,21 @@ impl Dnn {
             dy: &y,
         };
         let (forward, forward_bytes) = choose(
-            forward_won.map(|t| t.algo),
+            forward_won.map(|t| t.0),
             || fwd.pick_algorithm(),
             |a| a,
             |a| fwd.get_workspace_size(a),
         )
         .map_err(|e| err("forward algorithm", e))?;
         let (filter, filter_bytes) = choose(
-            filter_won.map(|t| t.algo),
+            filter_won.map(|t| t.0),
             || bwd_filter.pick_algorithm(),
             deterministic_filter,
             |a| bwd_filter.get_workspace_size(a),
         )
         .map_err(|e| err("backward filter algorithm", e))?;
         let (data, data_bytes) = choose(
-            data_won.map(|t| t.algo),
+            data_won.map(|t| t.0),
             || bwd_data.pick_algorithm(),
             deterministic_data,
             |a| bwd_data.get_workspace_size(a),
@@ -317,11 +407,8 @@ impl Dnn {
             ?forward,
             ?filter,
             ?data,
-            maths = ?[
-                forward_won.map(|t| t.math),
-                filter_won.map(|t| t.math),
-                data_won.map(|t| t.math)
-            ],
+            ?maths,
+            adopted = adopted.is_some(),
             workspace_mib = forward_bytes.max(filter_bytes).max(data_bytes) >> 20,
             "cuDNN convolution planned"
         );
@@ -335,7 +422,36 @@ impl Dnn {
             data,
             forward_bytes,
             any_bytes: forward_bytes.max(filter_bytes).max(data_bytes),
+            chosen: Chosen {
+                forward: forward as u32,
+                filter: filter as u32,
+                data: data as u32,
+                math: maths.map(|m| m as u32),
+            },
+            keep: adopted.is_some() || timed.is_some(),
         })
+    }
+
+    /// Every planned convolution's choice that was timed here or adopted, by geometry.
+    pub fn choices(&self) -> Vec<(ConvGeom, Chosen)> {
+        let mut all: Vec<(ConvGeom, Chosen)> = (self.plans.iter())
+            .filter(|(_, p)| p.keep)
+            .map(|(g, p)| (*g, p.chosen))
+            .collect();
+        all.sort_by_key(|(g, _)| format!("{g:?}"));
+        all
+    }
+
+    /// Takes kept choices for convolutions not planned yet; returns how many.
+    pub fn adopt(&mut self, kept: impl IntoIterator<Item = (ConvGeom, Chosen)>) -> usize {
+        let mut n = 0;
+        for (g, c) in kept {
+            if !self.plans.contains_key(&g) {
+                self.adopted.insert(g, c);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Finds the plan of `g` (once) and grows the workspace to what its forward pass needs
@@ -441,6 +557,54 @@ mod tests {
     use super::*;
     use sys::cudnnConvolutionBwdDataAlgo_t as Data;
     use sys::cudnnConvolutionBwdFilterAlgo_t as Filter;
+
+    #[test]
+    fn kept_choices_decode_to_cudnns_enums_and_nothing_else() {
+        let c = Chosen {
+            forward: 7,
+            filter: 1,
+            data: 5,
+            math: [1, 3, 0],
+        };
+        let (f, w, d) = c.decode().unwrap();
+        assert_eq!(
+            f,
+            (
+                sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+                sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+            )
+        );
+        assert_eq!(
+            w,
+            (
+                Filter::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+                sys::cudnnMathType_t::CUDNN_FMA_MATH
+            )
+        );
+        assert_eq!(d.1, sys::cudnnMathType_t::CUDNN_DEFAULT_MATH);
+        assert_eq!(d.0 as u32, 5);
+        // The counts themselves, and beyond, name no algorithm; a math type past FMA none.
+        for bad in [
+            Chosen { forward: 8, ..c },
+            Chosen {
+                filter: Filter::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as u32,
+                ..c
+            },
+            Chosen {
+                data: Data::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as u32,
+                ..c
+            },
+            Chosen {
+                math: [0, 4, 0],
+                ..c
+            },
+        ] {
+            assert!(bad.decode().is_none(), "{bad:?}");
+        }
+        // What the run folder holds reads back as written.
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Chosen>(&json).unwrap(), c);
+    }
 
     #[test]
     fn atomic_backward_algorithms_are_replaced_where_supported() {

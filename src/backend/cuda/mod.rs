@@ -21,8 +21,8 @@ use cudarc::cublas::{
     sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig,
 };
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
-    DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
+    DeviceRepr, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
@@ -131,6 +131,8 @@ pub struct Cuda {
     max_columns: usize,
     /// Per-row losses of the softmax (f64, as on the CPU).
     row_loss: Mutex<Option<CudaSlice<f64>>>,
+    /// Page-locked buffers the loss terms and logits are read back through.
+    readback: Arc<Mutex<Vec<Readback>>>,
     /// cuDNN for the convolutions, when chosen (`ConvPath::Cudnn`); dropped by hand, as `blas`.
     dnn: ManuallyDrop<Option<cudnn::DnnCell>>,
     /// Pinned buffers that uploads pass through, so that they do not wait for the GPU.
@@ -243,6 +245,70 @@ fn per_item(items: usize) -> LaunchConfig {
 /// failed launch means a bug or a lost device, which ends the worker with this message.
 fn check<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("CUDA: {what} failed: {e:?}"))
+}
+
+/// cuDNN's timed choices as the run folder keeps them: valid for one GPU model, cuDNN version
+/// and math setting.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeptChoices {
+    gpu: String,
+    cudnn: usize,
+    tf32: bool,
+    convolutions: Vec<KeptChoice>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeptChoice {
+    geometry: super::ConvGeom,
+    chosen: cudnn::Chosen,
+}
+
+/// The mean of a step's per-row losses, summed in row order in f64 (as on the CPU).
+fn mean_loss(losses: &[f64]) -> f32 {
+    (losses.iter().sum::<f64>() / losses.len() as f64) as f32
+}
+
+/// Page-locked buffers a step's loss terms and logits are copied into, reused step after step.
+struct Readback {
+    losses: PinnedHostSlice<f64>,
+    logits: PinnedHostSlice<f32>,
+    /// Recorded after the copies into them.
+    copied: CudaEvent,
+}
+
+/// A step's loss and logits on their way to the host (see `Backend::softmax_xent_read`).
+struct CudaReadout {
+    bufs: Option<Readback>,
+    rows: usize,
+    logits: usize,
+    pool: Arc<Mutex<Vec<Readback>>>,
+}
+
+impl crate::backend::PendingReadout for CudaReadout {
+    fn wait(mut self: Box<Self>) -> crate::backend::StepReadout {
+        let bufs = self.bufs.take().expect("read once");
+        check(bufs.copied.synchronize(), "waiting for the loss and logits");
+        // The slices' own events are never recorded: these do not wait.
+        let losses = check(bufs.losses.as_slice(), "reading the losses");
+        let loss = mean_loss(&losses[..self.rows]);
+        let logits = check(bufs.logits.as_slice(), "reading the logits")[..self.logits].to_vec();
+        self.pool.lock().unwrap().push(bufs);
+        crate::backend::StepReadout { loss, logits }
+    }
+}
+
+impl Drop for CudaReadout {
+    fn drop(&mut self) {
+        // Not read (the step failed): the buffers go back once their copy is done (dropping a
+        // pinned slice waits for its event).
+        if let Some(bufs) = self.bufs.take() {
+            if let Ok(mut pool) = self.pool.lock() {
+                pool.push(bufs);
+            }
+        }
+    }
 }
 
 impl Drop for Cuda {
@@ -387,9 +453,62 @@ impl Cuda {
             unfolding: Mutex::new(Unfolding::default()),
             max_columns: MAX_COLUMNS,
             row_loss: Mutex::new(None),
+            readback: Arc::default(),
             dnn: ManuallyDrop::new(dnn),
             staging: Mutex::new(staging::Staging::default()),
         })
+    }
+
+    /// Queues the softmax and its loss terms (one f64 per row, in the returned buffer).
+    fn queue_softmax_xent(
+        &self,
+        rows: usize,
+        classes: usize,
+        logits: &CudaSlice<f32>,
+        labels: &[u32],
+        dlogits: &mut CudaSlice<f32>,
+    ) -> std::sync::MutexGuard<'_, Option<CudaSlice<f64>>> {
+        assert_eq!(logits.len(), rows * classes, "logits length");
+        assert_eq!(dlogits.len(), rows * classes, "logits gradient length");
+        assert_eq!(labels.len(), rows, "one label per row");
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+            panic!("label {bad} outside 0..{classes}");
+        }
+        let dev_labels = check(self.to_gpu(labels), "copying labels");
+        let mut guard = self.row_loss.lock().unwrap();
+        if guard.as_ref().is_none_or(|b| b.len() < rows) {
+            *guard = Some(check(
+                self.stream.alloc_zeros::<f64>(rows),
+                "allocating row losses",
+            ));
+        }
+        let loss_buf = guard.as_mut().unwrap();
+        let (r, c) = (rows as i32, classes as i32);
+        let mut l = self.stream.launch_builder(self.f("softmax_xent"));
+        l.arg(logits)
+            .arg(&dev_labels)
+            .arg(&mut *dlogits)
+            .arg(&mut *loss_buf)
+            .arg(&r)
+            .arg(&c);
+        // SAFETY: argument types and order match kernels/softmax.cu.
+        check(unsafe { l.launch(per_item(rows)) }, "softmax_xent");
+        drop(l);
+        guard
+    }
+
+    /// Page-locked buffers for `rows` loss terms and `logits` logits, cached for reading (not
+    /// write-combined: the host reads them).
+    fn readback_buffers(&self, rows: usize, logits: usize) -> Result<Readback, DriverError> {
+        // SAFETY: the buffers are written by the copies of `softmax_xent_read` and read only
+        // after their events.
+        unsafe {
+            Ok(Readback {
+                losses: self.ctx.alloc_pinned_with_flags::<f64>(rows, 0)?,
+                logits: self.ctx.alloc_pinned_with_flags::<f32>(logits, 0)?,
+                copied: self.ctx.new_event(None)?,
+            })
+        }
     }
 
     /// The same backend with the convolutions unfolded at most `floats` floats at a time, so
@@ -855,6 +974,45 @@ impl Backend for Cuda {
 
     fn buf_len(&self, buf: &CudaSlice<f32>) -> usize {
         buf.len()
+    }
+
+    fn timed_choices(&self) -> Option<serde_json::Value> {
+        let dnn = self.dnn.as_ref()?;
+        let choices = dnn.0.lock().unwrap().choices();
+        let kept = KeptChoices {
+            gpu: self.device.name.clone(),
+            cudnn: cudarc::cudnn::result::get_version(),
+            tf32: self.tf32,
+            convolutions: (choices.into_iter())
+                .map(|(geometry, chosen)| KeptChoice { geometry, chosen })
+                .collect(),
+        };
+        serde_json::to_value(kept).ok()
+    }
+
+    fn adopt_timed_choices(&self, kept: &serde_json::Value) -> anyhow::Result<usize> {
+        let Some(dnn) = self.dnn.as_ref() else {
+            return Ok(0);
+        };
+        let kept: KeptChoices = serde_json::from_value(kept.clone())
+            .map_err(|e| anyhow::anyhow!("not a list of cuDNN choices: {e}"))?;
+        let here = (
+            &self.device.name,
+            cudarc::cudnn::result::get_version(),
+            self.tf32,
+        );
+        anyhow::ensure!(
+            (&kept.gpu, kept.cudnn, kept.tf32) == here,
+            "made on {} with cuDNN {} (TF32 {}), and this is {} with cuDNN {} (TF32 {})",
+            kept.gpu,
+            kept.cudnn,
+            kept.tf32,
+            here.0,
+            here.1,
+            here.2
+        );
+        let entries = (kept.convolutions.into_iter()).map(|k| (k.geometry, k.chosen));
+        Ok(dnn.0.lock().unwrap().adopt(entries))
     }
 
     fn device_address(&self, buf: &CudaSlice<f32>) -> Option<u64> {
@@ -1352,38 +1510,87 @@ impl Backend for Cuda {
         labels: &[u32],
         dlogits: &mut CudaSlice<f32>,
     ) -> f32 {
-        assert_eq!(logits.len(), rows * classes, "logits length");
-        assert_eq!(dlogits.len(), rows * classes, "logits gradient length");
-        assert_eq!(labels.len(), rows, "one label per row");
-        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
-            panic!("label {bad} outside 0..{classes}");
-        }
-        let dev_labels = check(self.to_gpu(labels), "copying labels");
-        let mut guard = self.row_loss.lock().unwrap();
-        if guard.as_ref().is_none_or(|b| b.len() < rows) {
-            *guard = Some(check(
-                self.stream.alloc_zeros::<f64>(rows),
-                "allocating row losses",
-            ));
-        }
-        let loss_buf = guard.as_mut().unwrap();
-        let (r, c) = (rows as i32, classes as i32);
-        {
-            let mut l = self.stream.launch_builder(self.f("softmax_xent"));
-            l.arg(logits)
-                .arg(&dev_labels)
-                .arg(&mut *dlogits)
-                .arg(&mut *loss_buf)
-                .arg(&r)
-                .arg(&c);
-            // SAFETY: argument types and order match kernels/softmax.cu.
-            check(unsafe { l.launch(per_item(rows)) }, "softmax_xent");
-        }
+        let mut guard = self.queue_softmax_xent(rows, classes, logits, labels, dlogits);
+        let loss_buf = guard.as_mut().expect("allocated");
         let losses = check(
             self.stream.clone_dtoh(&loss_buf.slice(0..rows)),
             "copying losses",
         );
-        (losses.iter().sum::<f64>() / rows as f64) as f32
+        mean_loss(&losses)
+    }
+
+    fn softmax_xent_read(
+        &self,
+        rows: usize,
+        classes: usize,
+        logits: &CudaSlice<f32>,
+        labels: &[u32],
+        dlogits: &mut CudaSlice<f32>,
+    ) -> Box<dyn crate::backend::PendingReadout> {
+        let pool = self.readback.clone();
+        let taken = pool.lock().unwrap().pop();
+        let mut bufs = match taken {
+            Some(b) if b.losses.len() >= rows && b.logits.len() >= logits.len() => b,
+            // None yet, or too small (a larger batch): a larger pair replaces it.
+            _ => match self.readback_buffers(rows, logits.len()) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(
+                        error = ?e,
+                        "page-locked memory refused: the loss is read back before the backward \
+                         pass is queued"
+                    );
+                    let loss = self.softmax_xent(rows, classes, logits, labels, dlogits);
+                    let logits = self.download(logits);
+                    let readout = crate::backend::StepReadout { loss, logits };
+                    return Box::new(crate::backend::ReadyReadout(readout));
+                }
+            },
+        };
+        let guard = self.queue_softmax_xent(rows, classes, logits, labels, dlogits);
+        let loss_buf = guard.as_ref().expect("allocated");
+        // Queued behind the softmax, with an event after them that the readout waits for.
+        // (cudarc's `memcpy_dtoh` copies the whole destination: the buffers may be larger.)
+        {
+            let (losses_src, _) = loss_buf.device_ptr(&self.stream);
+            let (logits_src, _) = logits.device_ptr(&self.stream);
+            let losses = &mut check(bufs.losses.as_mut_slice(), "page-locked memory")[..rows];
+            // SAFETY: `losses` is page-locked and holds `rows` values, as the device buffer
+            // does from its start; it is read only after `copied`, recorded next.
+            check(
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(
+                        losses,
+                        losses_src,
+                        self.stream.cu_stream(),
+                    )
+                },
+                "copying losses",
+            );
+            let n = logits.len();
+            let host = &mut check(bufs.logits.as_mut_slice(), "page-locked memory")[..n];
+            // SAFETY: as above, `n` logits.
+            check(
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(
+                        host,
+                        logits_src,
+                        self.stream.cu_stream(),
+                    )
+                },
+                "copying logits",
+            );
+        }
+        check(
+            bufs.copied.record(&self.stream),
+            "recording the readout's event",
+        );
+        Box::new(CudaReadout {
+            bufs: Some(bufs),
+            rows,
+            logits: logits.len(),
+            pool,
+        })
     }
 
     fn sgd_update(
