@@ -5,7 +5,8 @@
 mod common;
 
 use alexnet::backend::{Cpu, SgdParams};
-use alexnet::comm::{connect_tcp, LocalExchange, MeshKey, Topology};
+use alexnet::comm::replica::RING_BLOCK;
+use alexnet::comm::{connect_tcp, BufReduce, LocalExchange, MeshKey, Segment, Topology};
 use alexnet::model::shapes::column_bytes_per_step;
 use alexnet::model::{NetConfig, Network};
 use alexnet::train::train_step;
@@ -104,7 +105,13 @@ fn train_ranks(
 }
 
 fn check_against_one_process(topology: Topology) {
-    let (batch, seed, steps) = (4, 17, 5);
+    check_against_one_process_for(topology, 5, 1e-5)
+}
+
+/// As [`check_against_one_process`], for `steps` steps, the parameters within `tolerance`
+/// (relative) of one process's.
+fn check_against_one_process_for(topology: Topology, steps: u64, tolerance: f64) {
+    let (batch, seed) = (4, 17);
     let x: Vec<f32> = random(3 * 63 * 63 * batch, 8)
         .iter()
         .map(|v| 3.0 * v)
@@ -134,7 +141,7 @@ fn check_against_one_process(topology: Topology) {
                 &format!("rank {} column {column} {name} after {steps} steps", r.rank),
                 value,
                 &reference.value,
-                1e-5,
+                tolerance,
             );
         }
         if topology.replicas == 1 {
@@ -204,6 +211,143 @@ fn two_replicas_holding_both_columns_train_like_one_process() {
         replicas: 2,
         columns_per_worker: 2,
     });
+}
+
+/// Four replicas of the pair, eight ranks: the replicas average over the ring (reduce-scatter
+/// then all-gather), and still train like one process on the whole batch, every replica of a
+/// column with the same bits.
+#[test]
+fn four_replicas_of_two_columns_over_a_ring_train_like_one_process_on_the_whole_batch() {
+    let four = Topology {
+        replicas: 4,
+        columns_per_worker: 1,
+    };
+    check_against_one_process_for(four, 6, 1e-6);
+}
+
+/// The replicas' groups of `r` ranks (one replica each, both columns), over loopback TCP.
+fn replica_groups(r: usize) -> Vec<Box<dyn BufReduce<Cpu>>> {
+    let topology = Topology {
+        replicas: r,
+        columns_per_worker: 2,
+    };
+    let listeners: Vec<TcpListener> = (0..r)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: BTreeMap<usize, String> = (listeners.iter().enumerate())
+        .map(|(i, l)| (i, l.local_addr().unwrap().to_string()))
+        .collect();
+    let threads: Vec<_> = (listeners.into_iter().enumerate())
+        .map(|(rank, listener)| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || {
+                connect_tcp::<Cpu>(
+                    &topology,
+                    rank,
+                    &listener,
+                    &addrs,
+                    key(),
+                    Duration::from_secs(30),
+                )
+                .unwrap()
+                .replicas
+                .unwrap()
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// Averages `data[i]` (replica `i`'s buffer) over the groups, cut into buckets at `cuts`,
+/// each bucket laid out at its position; every replica's result.
+fn ring_mean(
+    groups: &mut [Box<dyn BufReduce<Cpu>>],
+    data: &[Vec<f32>],
+    cuts: &[usize],
+) -> Vec<Vec<f32>> {
+    let n = data[0].len();
+    let bounds: Vec<usize> = std::iter::once(0)
+        .chain(cuts.iter().copied())
+        .chain([n])
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (groups.iter_mut().zip(data))
+            .map(|(g, mine)| {
+                let bounds = &bounds;
+                s.spawn(move || {
+                    let cpu = Cpu::with_threads(1);
+                    for w in bounds.windows(2) {
+                        let layout = vec![Segment {
+                            at: w[0] as u64,
+                            len: w[1] - w[0],
+                        }];
+                        g.submit(&cpu, mine[w[0]..w[1]].to_vec(), layout).unwrap();
+                    }
+                    let mut out = Vec::new();
+                    for _ in bounds.windows(2) {
+                        out.extend(g.take_next(&cpu).unwrap());
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// The ring's sum, value by value: class `c` of a value (its block of the layout, modulo the
+/// replica count) is summed in ring order from replica `c`, then scaled by 1 / R.
+#[test]
+fn the_ring_average_is_exact_the_same_on_every_replica_and_moves_the_rings_bytes() {
+    for r in [3usize, 4] {
+        let mut groups = replica_groups(r);
+        // Three blocks per class: the classes are equal, and the bytes exactly the formula.
+        let n = r * RING_BLOCK as usize * 3;
+        let data: Vec<Vec<f32>> = (0..r).map(|i| random(n, 100 + i as u64)).collect();
+        let got = ring_mean(&mut groups, &data, &[]);
+        let scale = 1.0 / r as f32;
+        let want: Vec<f32> = (0..n)
+            .map(|g| {
+                let c = (g as u64 / RING_BLOCK) as usize % r;
+                let mut sum = data[c][g];
+                for j in 1..r {
+                    sum += data[(c + j) % r][g];
+                }
+                sum * scale
+            })
+            .collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (i, mine) in got.iter().enumerate() {
+            assert!(
+                bits(mine) == bits(&want),
+                "{r} replicas: replica {i} differs from the ring's sum"
+            );
+        }
+        // Within float rounding of the exact mean.
+        let exact: Vec<f32> = (0..n)
+            .map(|g| (data.iter().map(|d| d[g] as f64).sum::<f64>() / r as f64) as f32)
+            .collect();
+        assert_close(&format!("{r} replicas: the mean"), &got[0], &exact, 1e-6);
+        // Each rank sent 2 (R - 1) / R of the buffer, payload alone.
+        for (i, g) in groups.iter().enumerate() {
+            let sent = g.traffic().sent_bytes;
+            assert_eq!(
+                sent,
+                (4 * n * 2 * (r - 1) / r) as u64,
+                "{r} replicas: replica {i}"
+            );
+        }
+        // Cut into buckets anywhere (mid-block too), each laid out at its position: the same
+        // bits, since a value's order of summation depends on its position alone.
+        let cut = ring_mean(
+            &mut groups,
+            &data,
+            &[1000, RING_BLOCK as usize * 2 + 7, n - 3],
+        );
+        for mine in &cut {
+            assert!(bits(mine) == bits(&want), "{r} replicas: cut into buckets");
+        }
+    }
 }
 
 /// The bytes the TCP links counted are exactly what the exchange points' shapes give (so

@@ -29,7 +29,10 @@ pub const COLUMNS: usize = 2;
 pub use channel::{ChannelExchange, ChannelLink};
 pub use local::LocalExchange;
 pub use pair::{PairExchange, StagedLink};
-pub use replica::{BufReduce, OverlappedReduce, ReplicaReduce, StagedReduce, TcpReplicaGroup};
+pub use replica::{
+    BufReduce, OverlappedReduce, ReduceAlgorithm, ReplicaReduce, Segment, StagedReduce,
+    TcpReplicaGroup,
+};
 pub use tcp::{MeshKey, TcpLink, TcpMesh};
 pub use topology::{connect, connect_tcp, Exchanges, Joined, Placement, Topology};
 

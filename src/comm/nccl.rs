@@ -1280,7 +1280,13 @@ impl<B: Backend> BufReduce<B> for NcclReplicaGroup<B> {
         self.core.replicas
     }
 
-    fn submit(&mut self, backend: &B, bucket: B::Buf) -> anyhow::Result<()> {
+    fn submit(
+        &mut self,
+        backend: &B,
+        bucket: B::Buf,
+        _layout: Vec<super::Segment>,
+    ) -> anyhow::Result<()> {
+        // NCCL sums each value in an order of its own choosing (the same on every rank).
         let n = backend.buf_len(&bucket);
         self.core
             .submit(&OnBackend(backend), address(backend, &bucket)?, n)?;
@@ -1639,7 +1645,8 @@ fn one_replica_group<B: Backend>(backend: &B, device: usize) -> anyhow::Result<(
             })
             .collect();
         for host in &hosts {
-            group.submit(backend, backend.upload(host))?;
+            let layout = super::replica::whole(host.len());
+            group.submit(backend, backend.upload(host), layout)?;
         }
         for (b, host) in hosts.iter().enumerate() {
             let back = backend.download(&group.take_next(backend)?);

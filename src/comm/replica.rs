@@ -1,20 +1,71 @@
 //! Data parallelism: the replicas of one column average their gradients after every backward
 //! pass, so that every replica takes the same SGD step.
+//!
+//! Over TCP, three replicas or more average around a ring ([`TcpReplicaGroup`]): a
+//! reduce-scatter, after which each replica holds the sum of one class of values, then an
+//! all-gather of the sums, each rank sending 2 (R - 1) / R of the buffer in all. Values are
+//! assigned to classes by their position among all the parameters ([`Segment`],
+//! [`RING_BLOCK`]), so that a value's order of summation is fixed whatever the buckets.
 
 use super::job_thread::JobThread;
 use super::{Link, TcpLink, Traffic};
 use crate::backend::Backend;
 use std::sync::{Arc, Mutex};
 
+/// Where a bucket's values sit among all the gradients of a column position: consecutive
+/// segments of the bucket, each at the position of its first value in the canonical layout
+/// (every parameter of the held columns, in order; the same on every replica). The ring
+/// reduction hands values to replicas by that position, so its order of summation, value by
+/// value, does not depend on how the gradients are cut into buckets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub at: u64,
+    pub len: usize,
+}
+
+/// The layout of a bucket that is one segment at position 0 (tests, tools).
+pub fn whole(len: usize) -> Vec<Segment> {
+    vec![Segment { at: 0, len }]
+}
+
 /// Averages a buffer across the replicas of one column.
 pub trait ReplicaReduce: Send {
     /// Replicas in the group, this one included.
     fn replicas(&self) -> usize;
-    /// `data` = the mean of every replica's `data`, summed in replica order so that all
-    /// replicas end with the same bits.
-    fn all_reduce_mean(&mut self, data: &mut [f32]) -> anyhow::Result<()>;
+    /// `data` (laid out as `layout` says) = the mean of every replica's `data`, the same bits
+    /// on every replica, summed in an order fixed by each value's position.
+    fn all_reduce_mean(&mut self, data: &mut [f32], layout: &[Segment]) -> anyhow::Result<()>;
     /// What crossed to the other replicas so far.
     fn traffic(&self) -> Traffic;
+}
+
+/// Values per block of the ring's assignment: block `b` of the canonical layout is reduced
+/// by the replica that owns class `b mod R`. Large enough that a block is one copy, small
+/// enough that every bucket spreads over all replicas (conv1's weights are 17 blocks).
+pub const RING_BLOCK: u64 = 2048;
+
+/// How the replicas of a column average over TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceAlgorithm {
+    /// Reduce-scatter then all-gather around the ring of replicas: each rank sends
+    /// 2 (R - 1) / R of the buffer. Two replicas always go all-to-all (the same bytes, one
+    /// round trip).
+    Ring,
+    /// Every replica sends its whole buffer to every other: (R - 1) times the buffer.
+    AllToAll,
+}
+
+impl ReduceAlgorithm {
+    /// The ring, unless `ALEXNET_REPLICA_REDUCE=all-to-all` (for the benchmark beside it).
+    pub fn from_env() -> anyhow::Result<Self> {
+        match std::env::var("ALEXNET_REPLICA_REDUCE").as_deref() {
+            Err(_) | Ok("") | Ok("ring") => Ok(ReduceAlgorithm::Ring),
+            Ok("all-to-all") => Ok(ReduceAlgorithm::AllToAll),
+            Ok(other) => anyhow::bail!(
+                "ALEXNET_REPLICA_REDUCE={other}: expected ring (the default) or all-to-all"
+            ),
+        }
+    }
 }
 
 /// The replicas of one column, linked by TCP to each other.
@@ -22,26 +73,25 @@ pub struct TcpReplicaGroup {
     me: usize,
     /// (replica index, link), by replica index.
     links: Vec<(usize, TcpLink)>,
+    algorithm: ReduceAlgorithm,
 }
 
 impl TcpReplicaGroup {
     /// Replica `me` of `links.len() + 1`, with a link to each other replica.
-    pub fn new(me: usize, mut links: Vec<(usize, TcpLink)>) -> Self {
+    pub fn new(me: usize, mut links: Vec<(usize, TcpLink)>, algorithm: ReduceAlgorithm) -> Self {
         links.sort_by_key(|l| l.0);
-        TcpReplicaGroup { me, links }
-    }
-}
-
-impl ReplicaReduce for TcpReplicaGroup {
-    fn replicas(&self) -> usize {
-        self.links.len() + 1
+        TcpReplicaGroup {
+            me,
+            links,
+            algorithm,
+        }
     }
 
-    fn all_reduce_mean(&mut self, data: &mut [f32]) -> anyhow::Result<()> {
+    /// Every replica sends its whole buffer to every other one at once, and each sums in
+    /// replica order.
+    fn all_to_all(&mut self, data: &mut [f32]) -> anyhow::Result<()> {
         let n = data.len();
         let mine: &[f32] = data;
-        // Every replica sends its whole buffer to every other one at once; for the few replicas
-        // of a CPU job this moves as much as a ring would, in one round trip.
         let received: Vec<anyhow::Result<Vec<f32>>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .links
@@ -75,6 +125,125 @@ impl ReplicaReduce for TcpReplicaGroup {
         Ok(())
     }
 
+    /// One ring step: sends `block` to the next replica while receiving `expect` values from
+    /// the previous one.
+    fn ring_step(&mut self, block: &[f32], expect: usize) -> anyhow::Result<Vec<f32>> {
+        let r = self.replicas();
+        let (next, prev) = ((self.me + 1) % r, (self.me + r - 1) % r);
+        let link = |replica: usize| {
+            (self.links.iter())
+                .position(|(i, _)| *i == replica)
+                .expect("a link to every replica")
+        };
+        let (n, p) = (link(next), link(prev));
+        // Two distinct links (three replicas or more): borrowed apart.
+        let (to_next, from_prev) = if n < p {
+            let (a, b) = self.links.split_at_mut(p);
+            (&mut a[n].1, &mut b[0].1)
+        } else {
+            let (a, b) = self.links.split_at_mut(n);
+            (&mut b[0].1, &mut a[p].1)
+        };
+        let (sent, received) = std::thread::scope(|s| {
+            let sender = s.spawn(|| to_next.send(block));
+            let received = from_prev.recv(expect);
+            (sender.join().expect("a ring sender panicked"), received)
+        });
+        sent?;
+        received
+    }
+
+    /// Reduce-scatter then all-gather around the ring, in classes of blocks by position
+    /// ([`classes`]): class `c` is summed in ring order from replica `c`, (((x_c + x_c+1) +
+    /// ...) + x_c-1), by replica `c - 1`, which scales it and hands it round.
+    fn ring(&mut self, data: &mut [f32], layout: &[Segment]) -> anyhow::Result<()> {
+        let r = self.replicas();
+        let me = self.me;
+        let classes = classes(layout, data.len(), r)?;
+        let count = |c: usize| classes[c].iter().map(|x| x.len()).sum::<usize>();
+        let gather = |data: &[f32], c: usize| -> Vec<f32> {
+            (classes[c].iter())
+                .flat_map(|x| data[x.clone()].iter().copied())
+                .collect()
+        };
+        let scatter = |data: &mut [f32], c: usize, values: &[f32]| {
+            let mut at = 0;
+            for x in &classes[c] {
+                data[x.clone()].copy_from_slice(&values[at..at + x.len()]);
+                at += x.len();
+            }
+        };
+        // Reduce-scatter: at step k this replica sends the partial sum of class me - k and
+        // adds its own values to the partial of class me - k - 1 it receives.
+        let mut partial = gather(data, me);
+        for k in 0..r - 1 {
+            let class = (me + 2 * r - k - 1) % r;
+            let received = self.ring_step(&partial, count(class))?;
+            let own = gather(data, class);
+            partial = received.iter().zip(&own).map(|(a, b)| a + b).collect();
+        }
+        // This replica now holds the whole sum of class me + 1.
+        let scale = 1.0 / r as f32;
+        partial.iter_mut().for_each(|v| *v *= scale);
+        scatter(data, (me + 1) % r, &partial);
+        // All-gather: at step k it passes on class me + 1 - k and receives class me - k.
+        let mut block = partial;
+        for k in 0..r - 1 {
+            let class = (me + r - k) % r;
+            block = self.ring_step(&block, count(class))?;
+            scatter(data, class, &block);
+        }
+        Ok(())
+    }
+}
+
+/// The values of a bucket laid out as `layout` says, by class: class `c` holds the ranges
+/// (within the bucket, in order) of every [`RING_BLOCK`] of the canonical layout whose index
+/// is `c` modulo `r`.
+pub fn classes(
+    layout: &[Segment],
+    n: usize,
+    r: usize,
+) -> anyhow::Result<Vec<Vec<std::ops::Range<usize>>>> {
+    let covered: usize = layout.iter().map(|s| s.len).sum();
+    anyhow::ensure!(
+        covered == n,
+        "a gradient bucket of {n} values laid out as {covered}"
+    );
+    let mut out: Vec<Vec<std::ops::Range<usize>>> = vec![Vec::new(); r];
+    let mut pos = 0usize;
+    for s in layout {
+        let mut i = 0usize;
+        while i < s.len {
+            let g = s.at + i as u64;
+            let block = g / RING_BLOCK;
+            let take = (((block + 1) * RING_BLOCK - g) as usize).min(s.len - i);
+            let class = &mut out[(block % r as u64) as usize];
+            let range = pos + i..pos + i + take;
+            match class.last_mut() {
+                Some(last) if last.end == range.start => last.end = range.end,
+                _ => class.push(range),
+            }
+            i += take;
+        }
+        pos += s.len;
+    }
+    Ok(out)
+}
+
+impl ReplicaReduce for TcpReplicaGroup {
+    fn replicas(&self) -> usize {
+        self.links.len() + 1
+    }
+
+    fn all_reduce_mean(&mut self, data: &mut [f32], layout: &[Segment]) -> anyhow::Result<()> {
+        if self.replicas() <= 2 || self.algorithm == ReduceAlgorithm::AllToAll {
+            self.all_to_all(data)
+        } else {
+            self.ring(data, layout)
+        }
+    }
+
     fn traffic(&self) -> Traffic {
         let mut t = Traffic::default();
         for (_, l) in &self.links {
@@ -91,7 +260,7 @@ impl ReplicaReduce for TcpReplicaGroup {
 /// the mean is taken element by element, so splitting the gradients into buckets changes no
 /// bit of the result.
 pub struct OverlappedReduce {
-    thread: JobThread<Vec<f32>, Vec<f32>>,
+    thread: JobThread<(Vec<f32>, Vec<Segment>), Vec<f32>>,
     replicas: usize,
     traffic: Arc<Mutex<Traffic>>,
 }
@@ -105,8 +274,8 @@ impl OverlappedReduce {
             "replica-reduce",
             "the replicas' reduction thread",
             "averaging gradients with the other replicas",
-            move |mut bucket: Vec<f32>| {
-                let r = group.all_reduce_mean(&mut bucket);
+            move |(mut bucket, layout): (Vec<f32>, Vec<Segment>)| {
+                let r = group.all_reduce_mean(&mut bucket, &layout);
                 *shared.lock().unwrap_or_else(|p| p.into_inner()) = group.traffic();
                 r.map(|()| bucket)
             },
@@ -122,9 +291,10 @@ impl OverlappedReduce {
         self.replicas
     }
 
-    /// Starts averaging `bucket`; [`Self::take_next`] returns it averaged.
-    pub fn submit(&mut self, bucket: Vec<f32>) -> anyhow::Result<()> {
-        self.thread.submit(bucket)
+    /// Starts averaging `bucket`, laid out as `layout` says; [`Self::take_next`] returns it
+    /// averaged.
+    pub fn submit(&mut self, bucket: Vec<f32>, layout: Vec<Segment>) -> anyhow::Result<()> {
+        self.thread.submit((bucket, layout))
     }
 
     /// The oldest bucket submitted and not yet taken, averaged. Waits for it: the group bounds
@@ -153,8 +323,8 @@ impl OverlappedReduce {
 pub trait BufReduce<B: Backend>: Send {
     /// Replicas in the group, this one included.
     fn replicas(&self) -> usize;
-    /// Starts averaging `bucket`.
-    fn submit(&mut self, backend: &B, bucket: B::Buf) -> anyhow::Result<()>;
+    /// Starts averaging `bucket`, laid out as `layout` says (see [`Segment`]).
+    fn submit(&mut self, backend: &B, bucket: B::Buf, layout: Vec<Segment>) -> anyhow::Result<()>;
     /// The oldest bucket submitted and not yet taken, averaged: the mean of every replica's,
     /// the same bits on every replica.
     fn take_next(&mut self, backend: &B) -> anyhow::Result<B::Buf>;
@@ -186,8 +356,8 @@ impl<B: Backend> BufReduce<B> for StagedReduce {
     fn replicas(&self) -> usize {
         self.inner.replicas()
     }
-    fn submit(&mut self, backend: &B, bucket: B::Buf) -> anyhow::Result<()> {
-        self.inner.submit(backend.download_owned(bucket))
+    fn submit(&mut self, backend: &B, bucket: B::Buf, layout: Vec<Segment>) -> anyhow::Result<()> {
+        self.inner.submit(backend.download_owned(bucket), layout)
     }
     fn take_next(&mut self, backend: &B) -> anyhow::Result<B::Buf> {
         Ok(backend.upload_vec(self.inner.take_next()?))
@@ -212,7 +382,7 @@ mod tests {
         fn replicas(&self) -> usize {
             2
         }
-        fn all_reduce_mean(&mut self, data: &mut [f32]) -> anyhow::Result<()> {
+        fn all_reduce_mean(&mut self, data: &mut [f32], _: &[Segment]) -> anyhow::Result<()> {
             self.calls += 1;
             if self.calls == self.fail_at {
                 return Err(crate::comm::tcp::PeerError {
@@ -233,6 +403,53 @@ mod tests {
     }
 
     #[test]
+    fn values_go_to_classes_by_their_position_whatever_the_cut() {
+        let b = RING_BLOCK as usize;
+        // Two segments: the tail of block 0 and all of block 1, then block 3 from its start.
+        let layout = [
+            Segment {
+                at: b as u64 - 5,
+                len: 5 + b,
+            },
+            Segment {
+                at: 3 * b as u64,
+                len: 10,
+            },
+        ];
+        let c = classes(&layout, 15 + b, 3).unwrap();
+        assert_eq!(c[0], vec![0..5, 5 + b..15 + b]);
+        assert_eq!(c[1], vec![5..5 + b]);
+        assert!(c[2].is_empty());
+        // Every value's class is its block's, modulo the replicas, however the bucket is cut.
+        let n = 5 * b + 3;
+        let one = classes(&whole(n), n, 4).unwrap();
+        let class_of = |cs: &[Vec<std::ops::Range<usize>>], i: usize| {
+            cs.iter()
+                .position(|c| c.iter().any(|x| x.contains(&i)))
+                .unwrap()
+        };
+        for i in (0..n).step_by(97) {
+            assert_eq!(class_of(&one, i), (i / b) % 4);
+        }
+        let tail = classes(
+            &[Segment {
+                at: 1234,
+                len: n - 1234,
+            }],
+            n - 1234,
+            4,
+        )
+        .unwrap();
+        for i in (0..n - 1234).step_by(101) {
+            assert_eq!(class_of(&tail, i), class_of(&one, i + 1234));
+        }
+        assert!(
+            classes(&whole(3), 4, 2).is_err(),
+            "a layout that does not cover the bucket"
+        );
+    }
+
+    #[test]
     fn buckets_come_back_averaged_in_order_and_a_failure_sticks() {
         let group = HalvingGroup {
             calls: 0,
@@ -242,7 +459,7 @@ mod tests {
         assert_eq!(r.replicas(), 2);
         assert!(r.take_next().is_err(), "nothing submitted");
         for i in 0..3 {
-            r.submit(vec![i as f32; 3 + i]).unwrap();
+            r.submit(vec![i as f32; 3 + i], whole(3 + i)).unwrap();
         }
         assert_eq!(r.pending(), 3);
         for i in 0..3 {
@@ -250,7 +467,7 @@ mod tests {
         }
         assert_eq!(r.pending(), 0);
         assert_eq!(r.traffic().messages, 3);
-        r.submit(vec![1.0]).unwrap();
+        r.submit(vec![1.0], whole(1)).unwrap();
         let e = r.take_next().unwrap_err();
         assert_eq!(
             e.downcast_ref::<crate::comm::tcp::PeerError>()
@@ -258,7 +475,7 @@ mod tests {
                 .rank,
             7
         );
-        let again = r.submit(vec![1.0]).unwrap_err();
+        let again = r.submit(vec![1.0], whole(1)).unwrap_err();
         assert!(
             format!("{again}").contains("failed earlier: rank 7 went away"),
             "{again}"

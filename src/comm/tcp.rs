@@ -210,6 +210,26 @@ pub fn check_frame_header(header: &[u8], seq: u64, expect: usize) -> Result<(), 
     Ok(())
 }
 
+impl TcpLink {
+    /// Sends one block (the ring's steps send to one peer and receive from another).
+    pub fn send(&mut self, values: &[f32]) -> anyhow::Result<()> {
+        Self::write_frame(&self.stream, self.seq_out, values).map_err(|e| self.err(e))?;
+        self.seq_out += 1;
+        self.traffic.sent_bytes += 4 * values.len() as u64;
+        self.traffic.messages += 1;
+        self.traffic.overhead_bytes += FRAME_HEADER as u64;
+        Ok(())
+    }
+
+    /// Receives one block of `expect` values.
+    pub fn recv(&mut self, expect: usize) -> anyhow::Result<Vec<f32>> {
+        let values = self.read_frame(self.seq_in, expect)?;
+        self.seq_in += 1;
+        self.traffic.received_bytes += 4 * expect as u64;
+        Ok(values)
+    }
+}
+
 impl Link for TcpLink {
     fn swap(&mut self, mine: &[f32], expect: usize) -> anyhow::Result<Vec<f32>> {
         let (seq_out, seq_in) = (self.seq_out, self.seq_in);

@@ -6,8 +6,8 @@
 use super::tcp::MeshKey;
 use super::COLUMNS;
 use super::{
-    BufLink, BufReduce, ColumnExchange, LocalExchange, PairExchange, StagedReduce, TcpMesh,
-    TcpReplicaGroup,
+    BufLink, BufReduce, ColumnExchange, LocalExchange, PairExchange, ReduceAlgorithm, StagedReduce,
+    TcpMesh, TcpReplicaGroup,
 };
 use crate::backend::Backend;
 use serde::{Deserialize, Serialize};
@@ -173,7 +173,7 @@ pub fn connect<B: Backend + 'static>(
             .iter()
             .map(|&(replica, r)| (replica, links.remove(&r).expect("connected")))
             .collect();
-        let group = TcpReplicaGroup::new(place.replica, group);
+        let group = TcpReplicaGroup::new(place.replica, group, ReduceAlgorithm::from_env()?);
         Some(Box::new(StagedReduce::new(Box::new(group))?))
     };
     Ok(Exchanges { columns, replicas })

@@ -25,7 +25,7 @@ use super::profile::Pass;
 pub use super::profile::Profile;
 use super::shapes::{Geoms, MAX_BATCH};
 use crate::backend::{Backend, OutOfMemory, SgdParams};
-use crate::comm::{BufReduce, ColumnExchange, Traffic};
+use crate::comm::{BufReduce, ColumnExchange, Segment, Traffic};
 use crate::files::human_bytes;
 
 /// Training (dropout on, keyed by the step) or evaluation.
@@ -153,6 +153,9 @@ impl<B: Backend> Layers<B> {
 struct Replicas<B: Backend> {
     group: Box<dyn BufReduce<B>>,
     buckets: Vec<&'static [&'static str]>,
+    /// Each held parameter's position among all the held columns' parameters, in order (the
+    /// same on every replica): the layout the ring reduction assigns values by.
+    positions: std::collections::HashMap<(usize, String), u64>,
 }
 
 impl<B: Backend> Replicas<B> {
@@ -170,16 +173,21 @@ impl<B: Backend> Replicas<B> {
         };
         let _t = prof.time(b, "replicas", Pass::Backward);
         let mut parts = Vec::new();
+        let mut layout = Vec::new();
         for col in columns {
             for layer in layers {
                 let (w, bias) = col.weight_and_bias(layer);
-                parts.extend([&w.grad, &bias.grad]);
+                for p in [w, bias] {
+                    parts.push(&p.grad);
+                    let at = r.positions[&(col.index, p.name.clone())];
+                    layout.push(Segment { at, len: p.len() });
+                }
             }
         }
         let widths: Vec<usize> = parts.iter().map(|p| b.buf_len(p)).collect();
         let mut bucket = b.try_zeros(widths.iter().sum())?;
         b.concat_rows(1, &parts, &widths, &mut bucket);
-        r.group.submit(b, bucket)?;
+        r.group.submit(b, bucket, layout)?;
         r.buckets.push(layers);
         Ok(())
     }
@@ -655,9 +663,18 @@ impl<B: Backend> Network<B> {
         batch_per_replica: usize,
     ) -> anyhow::Result<()> {
         self.sample_offset = (replica * batch_per_replica) as u64;
+        let mut positions = std::collections::HashMap::new();
+        let mut at = 0u64;
+        for col in &self.columns {
+            for p in &col.params {
+                positions.insert((col.index, p.name.clone()), at);
+                at += p.len() as u64;
+            }
+        }
         self.replicas = Some(Replicas {
             group,
             buckets: Vec::new(),
+            positions,
         });
         Ok(())
     }
