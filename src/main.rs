@@ -54,5 +54,6 @@ fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
         Command::Selftest(a) => commands::selftest(a),
         Command::BenchData(a) => commands::bench_data(a),
         Command::Bench(a) => commands::bench(a),
+        Command::Plan(a) => commands::plan(a),
     }
 }

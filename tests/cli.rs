@@ -1381,3 +1381,45 @@ fn fine_tuning_an_exported_run_on_a_split_folder_of_four_classes() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `plan` asks for the step time it needs by name, refuses an odd host, and prints a
+/// projection labelled as such, the ring's bytes per rank growing to 2 (R - 1) / R of a column's
+/// gradients (122 MB for the paper's network).
+#[test]
+fn plan_projects_larger_runs_and_says_what_it_needs() {
+    let (ok, err) = alexnet(&["plan"]);
+    assert!(
+        !ok && err.contains("--step-ms") && err.contains("--measure"),
+        "{err}"
+    );
+    let (ok, err) = alexnet(&["plan", "--gpus-per-host", "3", "--step-ms", "50"]);
+    assert!(!ok && err.contains("--gpus-per-host must be even"), "{err}");
+    let (ok, out, err) = alexnet_out(
+        &["plan", "--hosts", "1,2,64", "--step-ms", "50", "--json"],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let replicas: Vec<u64> = rows
+        .iter()
+        .map(|r| r["replicas"].as_u64().unwrap())
+        .collect();
+    assert_eq!(replicas, [4, 8, 256]);
+    let bytes: Vec<f64> = rows
+        .iter()
+        .map(|r| r["replica_bytes"].as_f64().unwrap())
+        .collect();
+    // 2 (R - 1) / R of about 122 MB: 183, 213, then nearly 244 MB.
+    assert!(
+        (bytes[1] / bytes[0] - (14.0 / 8.0) / (6.0 / 4.0)).abs() < 1e-6,
+        "{bytes:?}"
+    );
+    assert!(bytes[2] > 2.4e8 && bytes[2] < 2.45e8, "{bytes:?}");
+    let (ok, out, _) = alexnet_out(&["plan", "--hosts", "2", "--step-ms", "50"], &[]);
+    assert!(
+        ok && out.contains("A projection, not a measurement"),
+        "{out}"
+    );
+}

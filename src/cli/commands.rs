@@ -615,6 +615,62 @@ pub fn bench_data(a: BenchDataArgs) -> anyhow::Result<()> {
 }
 
 /// Training steps timed on random data.
+pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
+    use alexnet::train::scaling;
+    let net = load_net(&a.net)?;
+    let compute_ms = match (a.step_ms, a.measure) {
+        (Some(ms), _) => ms,
+        (None, true) => {
+            let device = choose_backend(a.backend, &a.device_settings.settings())?;
+            let opts = bench::BenchOptions {
+                batch: a.batch,
+                warmup: 1,
+                steps: 3,
+                net: net.clone(),
+                seed: 1,
+                upload: false,
+                cpu_peak: false,
+            };
+            let report = alexnet::with_device!(device, b => bench::run(b, &opts)?);
+            tracing::info!(
+                backend = %report.backend,
+                step_ms = alexnet::log_fields::rounded(report.step_ms, 1),
+                "measured the whole network on one device; a pair of them takes half"
+            );
+            report.step_ms / 2.0
+        }
+        (None, false) => anyhow::bail!(
+            "give a pair's step time without exchanges with --step-ms MS (at --batch {} \
+             images), or --measure to time it on this machine's device",
+            a.batch
+        ),
+    };
+    let rows = (a.hosts.iter())
+        .map(|&hosts| {
+            let cluster = scaling::Cluster {
+                hosts,
+                gpus_per_host: a.gpus_per_host,
+                link_bits: a.link * 1e9,
+                nvlink_bits: a.nvlink * 1e9,
+                nvlink_latency: a.latency_us * 1e-6 / 4.0,
+                link_latency: a.latency_us * 1e-6,
+            };
+            scaling::project(&net, a.batch, compute_ms, &cluster)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "A projection, not a measurement: {} GPUs a host, {} Gbit/s between hosts, {} Gbit/s \
+             NVLink, {:.1} ms a step for a pair at {} images per replica",
+            a.gpus_per_host, a.link, a.nvlink, compute_ms, a.batch
+        );
+        print!("{}", scaling::render(&rows));
+    }
+    Ok(())
+}
+
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let net = load_net(&a.net)?;
     let device = choose_backend(a.backend, &a.device_settings.settings())?;

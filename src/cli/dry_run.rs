@@ -88,6 +88,7 @@ pub fn dry_run(command: &Command) -> anyhow::Result<()> {
         Command::Agent(_) => "agent",
         Command::Status(_) => "status",
         Command::Bench(_) => "bench",
+        Command::Plan(_) => "plan",
         Command::Selftest(_) => "selftest",
         Command::Prepare(_) => "prepare",
         Command::BenchData(_) => "bench-data",

@@ -104,6 +104,19 @@ pub enum Command {
         after_help = "Examples:\n  alexnet bench --batch 128                    the paper's network, training steps\n  alexnet bench --net demo --batch 64 --json   the demo network, as JSON\n  alexnet bench --backend cuda --conv cudnn    the GPU, convolutions on cuDNN"
     )]
     Bench(BenchArgs),
+    /// Project a run larger than this machine: images/s, the exchanges' share of the step and
+    /// the bytes per rank, for pairs of GPUs replicated over hosts (a model, not a measurement).
+    ///
+    /// Each replica's two columns run on two GPUs of one host; hosts hold gpus-per-host / 2
+    /// replicas. From a pair's step time without exchanges (--step-ms, or --measure on this
+    /// machine's device), the columns' exchange over NVLink at the layer shapes' bytes, and the
+    /// replicas' ring over the hosts' links, overlapped with compute as the runtime does it.
+    /// The model is spelled out in src/train/scaling.rs.
+    #[command(after_help = "Examples:
+  alexnet plan --hosts 1,2,4,8,16,64 --link 100 --step-ms 60   the paper's network, 8 GPUs a host
+  alexnet plan --hosts 4 --gpus-per-host 2 --link 25 --measure   time a step here first
+  alexnet plan --hosts 8 --link 400 --step-ms 60 --json")]
+    Plan(PlanArgs),
     /// Turn an ImageFolder tree into the paper's preprocessed, sharded form.
     ///
     /// Reads root/<class>/<image> (JPEG or PNG, any size, grey or colour) and writes 256x256
@@ -664,6 +677,55 @@ pub struct BenchArgs {
     pub upload: bool,
     #[command(flatten)]
     pub device_settings: DeviceArgs,
+}
+
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// Hosts, or a comma-separated list of host counts (one line each).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,64", value_parser = at_least_one)]
+    pub hosts: Vec<usize>,
+    /// GPUs per host (even: a replica's two columns sit on two GPUs of one host).
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    pub gpus_per_host: usize,
+    /// Network between hosts, Gbit/s per host and direction.
+    #[arg(long, default_value_t = 100.0, value_parser = positive)]
+    pub link: f64,
+    /// Link between two GPUs of a host, Gbit/s per direction (H100 NVLink: 3600).
+    #[arg(long, default_value_t = 3600.0, value_parser = positive)]
+    pub nvlink: f64,
+    /// Latency of one message between hosts, microseconds (within a host: a quarter of it).
+    #[arg(long, default_value_t = 20.0)]
+    pub latency_us: f64,
+    /// A pair's step time without exchanges, ms, at --batch images (both columns, one per GPU).
+    #[arg(long, value_parser = positive, conflicts_with = "measure")]
+    pub step_ms: Option<f64>,
+    /// Measure the step time here instead: `bench` on this machine's device (the whole
+    /// network on one device), halved for a pair of them.
+    #[arg(long)]
+    pub measure: bool,
+    /// Images per replica and step.
+    #[arg(long, default_value_t = 128, value_parser = at_least_one)]
+    pub batch: usize,
+    /// The network: `paper` (default), `demo`, or a TOML file.
+    #[arg(long, default_value = "paper")]
+    pub net: String,
+    /// Print the projections as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    #[command(flatten)]
+    pub device_settings: DeviceArgs,
+}
+
+/// A positive, finite number.
+fn positive(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be a positive number, not {v}"))
+    }
 }
 
 /// A flag's number of seconds: positive and finite.

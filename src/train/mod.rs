@@ -10,6 +10,7 @@ pub mod job;
 pub mod prepared;
 pub mod report;
 pub mod sample;
+pub mod scaling;
 pub mod schedule;
 
 use crate::backend::{Backend, SgdParams, StepReadout};
