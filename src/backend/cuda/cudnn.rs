@@ -310,12 +310,17 @@ impl Dnn {
         };
         // Choices kept by an earlier process replace the timing (and the heuristic).
         let adopted = self.adopted.get(g).and_then(|c| {
-            let decoded = c.decode();
+            let decoded = c.decode().filter(|(f, w, d)| {
+                [f.1, w.1, d.1]
+                    .iter()
+                    .all(|&m| cudnn_find::allowed_math(math, m))
+            });
             if decoded.is_none() {
                 tracing::warn!(
                     ?g,
                     ?c,
-                    "a kept cuDNN choice names no algorithm: timing instead"
+                    "a kept cuDNN choice names no algorithm, or a math type this run does not \
+                     allow: timing instead"
                 );
             }
             decoded
@@ -442,8 +447,12 @@ impl Dnn {
         all
     }
 
-    /// Takes kept choices for convolutions not planned yet; returns how many.
+    /// Takes kept choices for convolutions not planned yet; returns how many. None under
+    /// `--cudnn-algos heuristic`, whose choice is the same in every process anyway.
     pub fn adopt(&mut self, kept: impl IntoIterator<Item = (ConvGeom, Chosen)>) -> usize {
+        if self.timing.is_none() {
+            return 0;
+        }
         let mut n = 0;
         for (g, c) in kept {
             if !self.plans.contains_key(&g) {

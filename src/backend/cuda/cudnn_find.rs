@@ -165,6 +165,17 @@ fn describe(g: &ConvGeom, math: sys::cudnnMathType_t) -> anyhow::Result<Descript
     Ok(d)
 }
 
+/// Whether a pass asked to run in `asked` may run in `timed`: strict f32 (FMA math) only in
+/// FMA math; with TF32 allowed (default math), default or tensor-op math, never the mode that
+/// may also convert the data down to half precision.
+pub fn allowed_math(asked: sys::cudnnMathType_t, timed: sys::cudnnMathType_t) -> bool {
+    use sys::cudnnMathType_t::*;
+    match asked {
+        CUDNN_FMA_MATH => timed == CUDNN_FMA_MATH,
+        _ => matches!(timed, CUDNN_DEFAULT_MATH | CUDNN_TENSOR_OP_MATH),
+    }
+}
+
 /// Runs one of cuDNN's `cudnnFind...Algorithm` calls (`$call` given the count asked for, where
 /// to write the count returned and where to write the results) with room for all `$count`
 /// algorithms, and reads its results as [`Timing`]s. In strict f32 (`$math` is FMA math), an
@@ -184,7 +195,7 @@ macro_rules! find_pass {
             .map(|p| Timing {
                 algo: p.algo,
                 ran: p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
-                    && ($math != sys::cudnnMathType_t::CUDNN_FMA_MATH || p.mathType == $math),
+                    && allowed_math($math, p.mathType),
                 ms: p.time,
                 bytes: p.memory,
                 deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
@@ -263,6 +274,15 @@ mod tests {
         assert_eq!(algo(fastest(&timings, false, 1 << 30)), Some(2));
         assert_eq!(fastest(&timings[1..2], false, 1 << 30), None);
         assert_eq!(fastest::<u8>(&[], false, 1 << 30), None);
+        // Strict f32 runs in FMA math only; TF32 never in the mode that may convert to half.
+        use sys::cudnnMathType_t::*;
+        assert!(allowed_math(CUDNN_FMA_MATH, CUDNN_FMA_MATH));
+        assert!(!allowed_math(CUDNN_FMA_MATH, CUDNN_DEFAULT_MATH));
+        assert!(allowed_math(CUDNN_DEFAULT_MATH, CUDNN_TENSOR_OP_MATH));
+        assert!(!allowed_math(
+            CUDNN_DEFAULT_MATH,
+            CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+        ));
         // The winner comes with the math type it was timed in.
         let mut tensor_op = timings;
         tensor_op[4].math = sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH;

@@ -278,6 +278,14 @@ struct Readback {
     copied: CudaEvent,
 }
 
+impl Drop for Readback {
+    /// The driver frees page-locked memory at once, even under a copy still writing it: the
+    /// last copy is waited for first (a readout dropped unread, a pool entry replaced).
+    fn drop(&mut self) {
+        let _ = self.copied.synchronize();
+    }
+}
+
 /// A step's loss and logits on their way to the host (see `Backend::softmax_xent_read`).
 struct CudaReadout {
     bufs: Option<Readback>,
@@ -301,8 +309,8 @@ impl crate::backend::PendingReadout for CudaReadout {
 
 impl Drop for CudaReadout {
     fn drop(&mut self) {
-        // Not read (the step failed): the buffers go back once their copy is done (dropping a
-        // pinned slice waits for its event).
+        // Not read (the step failed): the buffers go back to the pool (a later copy into them
+        // is queued behind this one; freeing them waits for it, see `Readback`).
         if let Some(bufs) = self.bufs.take() {
             if let Ok(mut pool) = self.pool.lock() {
                 pool.push(bufs);
@@ -313,7 +321,9 @@ impl Drop for CudaReadout {
 
 impl Drop for Cuda {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // A fault may also come back as an error (a failed exchange, a synchronisation): the
+        // stream then refuses to synchronise.
+        if std::thread::panicking() || self.stream.synchronize().is_err() {
             // A GPU op failed (`check`): the device may be in a sticky fault state, where the
             // handles' destroy calls fail and panic again. Left to the process's exit, which
             // the caller is heading for (the worker reports the failure first).
@@ -506,7 +516,10 @@ impl Cuda {
             Ok(Readback {
                 losses: self.ctx.alloc_pinned_with_flags::<f64>(rows, 0)?,
                 logits: self.ctx.alloc_pinned_with_flags::<f32>(logits, 0)?,
-                copied: self.ctx.new_event(None)?,
+                // Waited for while the backward pass runs: a blocking wait, not a spinning one.
+                copied: self.ctx.new_event(Some(
+                    cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC,
+                ))?,
             })
         }
     }
