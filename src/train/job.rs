@@ -422,6 +422,10 @@ pub fn run<B: Backend>(
         }),
     };
     let steps = fit(&mut net, &opts, start, data.as_mut(), reporter)?;
+    // The evaluation's and a short last batch's convolutions were planned since.
+    if let Some(path) = &kept_choices {
+        keep_choices(&net.backend, path);
+    }
     Ok((net, steps))
 }
 

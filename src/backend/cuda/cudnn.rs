@@ -261,7 +261,9 @@ impl Dnn {
             .map_err(|e| err("binding the CUDA context", e))
     }
 
-    fn new_plan(&self, g: &ConvGeom) -> anyhow::Result<Plan> {
+    /// The plan of `g`: kept choices (where `use_kept`), else timed, else the heuristic's.
+    /// `None` where the kept choice needs more workspace than this run can spare now.
+    fn new_plan(&self, g: &ConvGeom, use_kept: bool) -> anyhow::Result<Option<Plan>> {
         // cuDNN's 4-d descriptors count a tensor's elements in 32 bits.
         let largest = g.in_len().max(g.out_len());
         anyhow::ensure!(
@@ -309,7 +311,7 @@ impl Dnn {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
         };
         // Choices kept by an earlier process replace the timing (and the heuristic).
-        let adopted = self.adopted.get(g).and_then(|c| {
+        let adopted = (self.adopted.get(g)).filter(|_| use_kept).and_then(|c| {
             let decoded = c.decode().filter(|(f, w, d)| {
                 [f.1, w.1, d.1]
                     .iter()
@@ -406,6 +408,16 @@ impl Dnn {
             |a| bwd_data.get_workspace_size(a),
         )
         .map_err(|e| err("backward data algorithm", e))?;
+        let any_bytes = forward_bytes.max(filter_bytes).max(data_bytes);
+        if adopted.is_some() && any_bytes > max_bytes {
+            tracing::warn!(
+                ?g,
+                workspace_mib = any_bytes >> 20,
+                free_half_mib = max_bytes >> 20,
+                "the kept cuDNN choice needs more workspace than this run can spare: timing instead"
+            );
+            return Ok(None);
+        }
         tracing::debug!(
             ?g,
             timed = timed.is_some(),
@@ -417,7 +429,7 @@ impl Dnn {
             workspace_mib = forward_bytes.max(filter_bytes).max(data_bytes) >> 20,
             "cuDNN convolution planned"
         );
-        Ok(Plan {
+        Ok(Some(Plan {
             x,
             w,
             y,
@@ -434,7 +446,7 @@ impl Dnn {
                 math: maths.map(|m| m as u32),
             },
             keep: adopted.is_some() || timed.is_some(),
-        })
+        }))
     }
 
     /// Every planned convolution's choice that was timed here or adopted, by geometry.
@@ -469,7 +481,10 @@ impl Dnn {
     pub fn prepare(&mut self, g: &ConvGeom, backward: bool) -> anyhow::Result<()> {
         self.bind()?;
         if !self.plans.contains_key(g) {
-            let plan = self.new_plan(g)?;
+            let plan = match self.new_plan(g, true)? {
+                Some(plan) => plan,
+                None => (self.new_plan(g, false)?).expect("a plan without kept choices"),
+            };
             self.plans.insert(*g, plan);
         }
         let plan = &self.plans[g];
