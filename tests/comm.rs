@@ -40,6 +40,17 @@ struct RankResult {
     replica_bytes: u64,
 }
 
+/// A listener on a loopback port for each of `world` ranks, and their addresses.
+fn loopback_ranks(world: usize) -> (Vec<TcpListener>, BTreeMap<usize, String>) {
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs = (listeners.iter().enumerate())
+        .map(|(r, l)| (r, l.local_addr().unwrap().to_string()))
+        .collect();
+    (listeners, addrs)
+}
+
 /// Trains `steps` steps on every rank of `topology`, one thread each, over loopback TCP.
 fn train_ranks(
     topology: Topology,
@@ -48,15 +59,7 @@ fn train_ranks(
     steps: u64,
     seed: u64,
 ) -> Vec<RankResult> {
-    let world = topology.world_size();
-    let listeners: Vec<TcpListener> = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: BTreeMap<usize, String> = listeners
-        .iter()
-        .enumerate()
-        .map(|(r, l)| (r, l.local_addr().unwrap().to_string()))
-        .collect();
+    let (listeners, addrs) = loopback_ranks(topology.world_size());
     let per = net_cfg().in_channels * 63 * 63;
     let local_batch = labels.len() / topology.replicas;
     let threads: Vec<_> = listeners
@@ -231,12 +234,7 @@ fn replica_groups(r: usize) -> Vec<Box<dyn BufReduce<Cpu>>> {
         replicas: r,
         columns_per_worker: 2,
     };
-    let listeners: Vec<TcpListener> = (0..r)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: BTreeMap<usize, String> = (listeners.iter().enumerate())
-        .map(|(i, l)| (i, l.local_addr().unwrap().to_string()))
-        .collect();
+    let (listeners, addrs) = loopback_ranks(r);
     let threads: Vec<_> = (listeners.into_iter().enumerate())
         .map(|(rank, listener)| {
             let addrs = addrs.clone();

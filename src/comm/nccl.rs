@@ -935,11 +935,21 @@ impl Communicator {
         }
     }
 
-    /// Hands the thread a transfer in `slot` (whose `ready` event the caller has recorded).
-    fn queue(&mut self, slot: usize, op: Op) -> anyhow::Result<()> {
+    /// Records slot `slot`'s `ready` event on the compute queue `q`, behind what produced the
+    /// transfer's input, and hands the thread the transfer.
+    fn hand_over(&mut self, q: &dyn ComputeQueue, slot: usize, op: Op) -> anyhow::Result<()> {
+        self.usable()?;
+        q.record(self.events.ready[slot])?;
         self.send(Job::Queue { slot, op })?;
         self.unanswered += 1;
         Ok(())
+    }
+
+    /// Makes the compute queue `q` wait for the oldest transfer handed over (in `slot`) once
+    /// the thread has queued it.
+    fn take_back(&mut self, q: &dyn ComputeQueue, slot: usize) -> anyhow::Result<()> {
+        self.queued()?;
+        q.wait(self.events.done[slot])
     }
 
     /// Waits until the oldest transfer handed over is queued on the device (its `done` event
@@ -1054,10 +1064,8 @@ impl PairCore {
             self.in_flight.is_none(),
             "a column swap was started while the last one was still in flight"
         );
-        self.comm.usable()?;
         let slot = self.next_slot;
-        q.record(self.comm.events.ready[slot])?;
-        self.comm.queue(slot, op)?;
+        self.comm.hand_over(q, slot, op)?;
         self.next_slot = (slot + 1) % SLOTS;
         self.in_flight = Some(slot);
         if let Op::Swap { n_out, n_in, .. } = op {
@@ -1070,8 +1078,7 @@ impl PairCore {
 
     fn finish(&mut self, q: &dyn ComputeQueue) -> anyhow::Result<()> {
         let slot = (self.in_flight.take()).context("no column swap is in flight")?;
-        self.comm.queued()?;
-        q.wait(self.comm.events.done[slot])
+        self.comm.take_back(q, slot)
     }
 }
 
@@ -1199,10 +1206,8 @@ impl GroupCore {
             self.in_flight.len() < SLOTS,
             "more than {SLOTS} gradient buckets in flight"
         );
-        self.comm.usable()?;
         let slot = self.next_slot;
-        q.record(self.comm.events.ready[slot])?;
-        self.comm.queue(slot, Op::AllReduce { buf, n })?;
+        self.comm.hand_over(q, slot, Op::AllReduce { buf, n })?;
         self.next_slot = (slot + 1) % SLOTS;
         self.in_flight.push_back(slot);
         // A ring all-reduce sends and receives 2 (n - 1) / n of the buffer per rank.
@@ -1216,8 +1221,7 @@ impl GroupCore {
 
     fn take(&mut self, q: &dyn ComputeQueue) -> anyhow::Result<()> {
         let slot = (self.in_flight.pop_front()).context("no gradient bucket is in flight")?;
-        self.comm.queued()?;
-        q.wait(self.comm.events.done[slot])
+        self.comm.take_back(q, slot)
     }
 }
 

@@ -219,10 +219,14 @@ pub fn write_manifest(run_dir: &Path, m: &Manifest) -> anyhow::Result<()> {
             );
         }
     }
-    write_atomic(
-        &dir.join(MANIFEST),
-        serde_json::to_string_pretty(m)?.as_bytes(),
-    )?;
+    let text = serde_json::to_string_pretty(m)?;
+    if let Err(e) = write_atomic(&dir.join(MANIFEST), text.as_bytes()) {
+        // The shards fit but the manifest does not: the same wall, and the same way on.
+        if crate::files::is_disk_full(&e) {
+            return Err(e.context(disk_full_advice(&dir, text.len() as u64)));
+        }
+        return Err(e);
+    }
     sync_dir(&dir);
     Ok(())
 }
@@ -466,6 +470,31 @@ mod tests {
             dir.display()
         );
         assert!(list(&run).is_empty());
+        let _ = std::fs::remove_dir_all(&run);
+    }
+
+    /// The shards fit but the manifest meets the full disk (the coordinator writes it last):
+    /// the same advice, naming the run folder and how to go on.
+    #[cfg(unix)]
+    #[test]
+    fn a_manifest_on_a_full_disk_says_how_to_go_on() {
+        let run =
+            std::env::temp_dir().join(format!("alexnet-manifest-full-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        let dir = step_dir(&run, 9);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.join("manifest.json.tmp")).unwrap();
+        let m = Manifest::new(9, 5, ScheduleState::new(0.01), 1, "hash".into(), 0);
+        let e = write_manifest(&run, &m).unwrap_err();
+        let text = crate::log_fields::error_chain(&e);
+        assert!(
+            text.contains("the disk of the run folder")
+                && text.contains("needs")
+                && text.contains(&format!("--resume {}", run.display())),
+            "{text}"
+        );
+        assert!(crate::files::is_disk_full(&e));
+        assert!(list(&run).is_empty(), "no manifest, no complete checkpoint");
         let _ = std::fs::remove_dir_all(&run);
     }
 

@@ -507,6 +507,22 @@ impl Cuda {
         guard
     }
 
+    /// Queues a copy of the first `host.len()` values of `src` into `host`, page-locked memory
+    /// that is read only after an event recorded behind the copy.
+    fn copy_into_pinned<T: DeviceRepr>(&self, src: &CudaSlice<T>, host: &mut [T], what: &str) {
+        assert!(
+            host.len() <= src.len(),
+            "{what}: more values than the buffer holds"
+        );
+        let (ptr, _) = src.device_ptr(&self.stream);
+        // SAFETY: `host` is page-locked and holds no more values than `src`, from its start;
+        // the caller reads it only after an event recorded behind this copy.
+        let r = unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(host, ptr, self.stream.cu_stream())
+        };
+        check(r, what);
+    }
+
     /// Page-locked buffers for `rows` loss terms and `logits` logits, cached for reading (not
     /// write-combined: the host reads them).
     fn readback_buffers(&self, rows: usize, logits: usize) -> Result<Readback, DriverError> {
@@ -1564,36 +1580,10 @@ impl Backend for Cuda {
         let loss_buf = guard.as_ref().expect("allocated");
         // Queued behind the softmax, with an event after them that the readout waits for.
         // (cudarc's `memcpy_dtoh` copies the whole destination: the buffers may be larger.)
-        {
-            let (losses_src, _) = loss_buf.device_ptr(&self.stream);
-            let (logits_src, _) = logits.device_ptr(&self.stream);
-            let losses = &mut check(bufs.losses.as_mut_slice(), "page-locked memory")[..rows];
-            // SAFETY: `losses` is page-locked and holds `rows` values, as the device buffer
-            // does from its start; it is read only after `copied`, recorded next.
-            check(
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(
-                        losses,
-                        losses_src,
-                        self.stream.cu_stream(),
-                    )
-                },
-                "copying losses",
-            );
-            let n = logits.len();
-            let host = &mut check(bufs.logits.as_mut_slice(), "page-locked memory")[..n];
-            // SAFETY: as above, `n` logits.
-            check(
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(
-                        host,
-                        logits_src,
-                        self.stream.cu_stream(),
-                    )
-                },
-                "copying logits",
-            );
-        }
+        let losses = &mut check(bufs.losses.as_mut_slice(), "page-locked memory")[..rows];
+        self.copy_into_pinned(loss_buf, losses, "copying losses");
+        let host = &mut check(bufs.logits.as_mut_slice(), "page-locked memory")[..logits.len()];
+        self.copy_into_pinned(logits, host, "copying logits");
         check(
             bufs.copied.record(&self.stream),
             "recording the readout's event",
