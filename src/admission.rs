@@ -42,6 +42,18 @@ pub enum RefusalKind {
     Full,
     /// The job is past its rendezvous.
     Closed,
+    /// An elastic job's generation runs without this worker's replica: it joins the next
+    /// one (the call is answered, to be asked again, so that no wait is unbounded).
+    NextGeneration,
+}
+
+/// The metadata key that marks a registration answered "ask again: the next generation takes
+/// you" ([`RefusalKind::NextGeneration`]).
+pub const WAIT_FOR_NEXT_GENERATION: &str = "x-alexnet-next-generation";
+
+/// Whether the coordinator answered a registration with "ask again".
+pub fn waits_for_next_generation(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable && s.metadata().contains_key(WAIT_FOR_NEXT_GENERATION)
 }
 
 /// Why someone may not join, and what to do about it.
@@ -74,6 +86,12 @@ impl From<Refusal> for tonic::Status {
             RefusalKind::Invalid => tonic::Status::invalid_argument(r.message),
             RefusalKind::Taken => tonic::Status::already_exists(r.message),
             RefusalKind::Full => tonic::Status::resource_exhausted(r.message),
+            RefusalKind::NextGeneration => {
+                let mut s = tonic::Status::unavailable(r.message);
+                s.metadata_mut()
+                    .insert(WAIT_FOR_NEXT_GENERATION, "1".parse().expect("ascii"));
+                s
+            }
         }
     }
 }

@@ -29,7 +29,12 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{}", alexnet::log_fields::error_chain(&e));
+            if let Some(alexnet::worker::Verdict::Regroup(_)) = e.downcast_ref() {
+                // Not a failure: the world changes and this worker rejoins at once.
+                tracing::info!("{}", alexnet::log_fields::error_chain(&e));
+            } else {
+                tracing::error!("{}", alexnet::log_fields::error_chain(&e));
+            }
             // A worker's launcher (an agent) tells from the status whether a restart can help.
             match e.downcast_ref::<alexnet::worker::Verdict>() {
                 Some(v) => std::process::ExitCode::from(v.exit_code()),

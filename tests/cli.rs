@@ -818,6 +818,45 @@ fn a_dry_run_checks_what_a_start_checks() {
     );
 }
 
+/// Elastic replica ranges that cannot run are refused before anything starts, by name.
+#[test]
+fn elastic_replica_ranges_that_cannot_run_are_refused() {
+    let (ok, err) = alexnet(&["--dry-run", "coordinator", "--replicas", "3:2"]);
+    assert!(
+        !ok && err.contains("'--replicas <N|MIN:MAX>'")
+            && err.contains("the smallest count (3) is above the largest (2)"),
+        "{err}"
+    );
+    let (ok, err) = alexnet(&["--dry-run", "coordinator", "--replicas", "100:128"]);
+    assert!(
+        !ok && err.contains("batch 64 cannot give each of 100 replicas"),
+        "{err}"
+    );
+    let (ok, err) = alexnet(&["--dry-run", "coordinator", "--replicas", "3:4"]);
+    assert!(
+        !ok && err.contains("batch 64 cannot be split evenly over 3 replicas")
+            && err.contains("a multiple of 12"),
+        "{err}"
+    );
+    let (ok, out, err) = alexnet_out(
+        &[
+            "--dry-run",
+            "coordinator",
+            "--replicas",
+            "3:4",
+            "--batch",
+            "48",
+        ],
+        &[],
+    );
+    assert!(ok && out.contains("\"elastic\""), "{out}{err}");
+    let (ok, err) = alexnet(&["--dry-run", "launch", "--replicas", "2:4"]);
+    assert!(
+        !ok && err.contains("elastic replicas are for jobs across hosts"),
+        "{err}"
+    );
+}
+
 /// Errors name the flag or the variable the value came from.
 #[test]
 fn errors_name_the_flag_or_variable_used() {

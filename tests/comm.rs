@@ -197,6 +197,7 @@ fn two_columns_over_tcp_train_like_one_process() {
     check_against_one_process(Topology {
         replicas: 1,
         columns_per_worker: 1,
+        elastic: None,
     });
 }
 
@@ -205,6 +206,7 @@ fn two_replicas_of_two_columns_over_tcp_train_like_one_process_on_the_whole_batc
     check_against_one_process(Topology {
         replicas: 2,
         columns_per_worker: 1,
+        elastic: None,
     });
 }
 
@@ -213,6 +215,7 @@ fn two_replicas_holding_both_columns_train_like_one_process() {
     check_against_one_process(Topology {
         replicas: 2,
         columns_per_worker: 2,
+        elastic: None,
     });
 }
 
@@ -224,6 +227,7 @@ fn four_replicas_of_two_columns_over_a_ring_train_like_one_process_on_the_whole_
     let four = Topology {
         replicas: 4,
         columns_per_worker: 1,
+        elastic: None,
     };
     check_against_one_process_for(four, 6, 1e-6);
 }
@@ -233,6 +237,7 @@ fn replica_groups(r: usize) -> Vec<Box<dyn BufReduce<Cpu>>> {
     let topology = Topology {
         replicas: r,
         columns_per_worker: 2,
+        elastic: None,
     };
     let (listeners, addrs) = loopback_ranks(r);
     let threads: Vec<_> = (listeners.into_iter().enumerate())
@@ -359,6 +364,7 @@ fn columns_send_exactly_the_exchange_points_bytes() {
         Topology {
             replicas: 2,
             columns_per_worker: 1,
+            elastic: None,
         },
         &x,
         &labels,
@@ -401,6 +407,7 @@ fn a_dead_peer_is_named_within_the_timeout_and_strangers_are_refused() {
     let topology = Topology {
         replicas: 1,
         columns_per_worker: 1,
+        elastic: None,
     };
     let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
     let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -446,6 +453,7 @@ fn a_silent_peer_times_out() {
     let topology = Topology {
         replicas: 1,
         columns_per_worker: 1,
+        elastic: None,
     };
     let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
     let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -484,6 +492,7 @@ fn a_peer_without_the_token_is_refused_both_ways() {
     let topology = Topology {
         replicas: 1,
         columns_per_worker: 1,
+        elastic: None,
     };
     let timeout = Duration::from_secs(2);
     let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -515,6 +524,7 @@ fn malformed_frames_from_a_peer_are_errors_that_name_it() {
     let topology = Topology {
         replicas: 1,
         columns_per_worker: 1,
+        elastic: None,
     };
     let header = |seq: u64, count: u32| {
         let mut h = Vec::new();

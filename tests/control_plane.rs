@@ -64,6 +64,7 @@ async fn coordinator(job_id: &str, change: impl FnOnce(&mut CoordinatorConfig)) 
         tls: None,
         max_clock_skew: Duration::from_secs(60),
         restarts_left: 0,
+        rejoin_timeout: Duration::from_secs(600),
     };
     change(&mut cfg);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -77,6 +78,7 @@ fn replicas(n: usize) -> impl FnOnce(&mut CoordinatorConfig) {
         c.job.topology = Topology {
             replicas: n,
             columns_per_worker: 1,
+            elastic: None,
         }
     }
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Multi-host test: three network namespaces joined by a bridge act as three hosts. The
-# coordinator runs on host 0 and an agent on each of hosts 1 and 2. Every packet stays inside
-# these namespaces; the hosts share only the filesystem (the run folder, as shared storage).
+# Multi-host test: five network namespaces joined by a bridge act as five hosts. The
+# coordinator runs on host 0 and an agent on each of hosts 1 and 2 (hosts 3 and 4 too in
+# part 4). Every packet stays inside these namespaces; the hosts share only the filesystem
+# (the run folder, as shared storage).
 #
 #   1. A short job trains across the hosts (one CPU worker per host, one column each).
 #   2. The same job again, with host 2's link cut mid-run: the coordinator and the worker on
@@ -10,6 +11,13 @@
 #      parameters of run 1 (nothing lost, nothing trained twice differently).
 #   3. 2 replicas x 2 columns across the two hosts (two workers each) against the same job on
 #      one host (`alexnet launch`): identical parameters after a fixed number of steps.
+#   4. Elastic replicas (--replicas 3:4): four hosts, a replica of two workers each. Host 3's
+#      link is cut after the first checkpoint and it is lost for good (its agent dies): the
+#      job goes on with 3 replicas from that checkpoint (after --rejoin-timeout). The host
+#      comes back (link up, a new agent): its workers wait, and the world grows back to 4
+#      replicas at the next checkpoint. The final parameters match an
+#      uninterrupted 4-replica run within 1e-6 relative (float32 rounding: each replica's
+#      share of the batch changed for a few steps).
 #
 # Needs root (network namespaces) and iproute2. Usage: tests/multihost.sh [ALEXNET_BINARY]
 set -euo pipefail
@@ -36,7 +44,7 @@ cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     # The workers are the agents' children: they end with them (parent-death signal).
     pkill -9 -f "$WORK" 2>/dev/null || true
-    for n in h0 h1 h2 sw; do ip netns del "$NS-$n" 2>/dev/null || true; done
+    for n in h0 h1 h2 h3 h4 sw; do ip netns del "$NS-$n" 2>/dev/null || true; done
     if [[ $rc != 0 ]]; then
         echo "== multi-host test FAILED; logs:" >&2
         for f in "$WORK"/*.log; do echo "--- $f" >&2; tail -n 25 "$f" >&2; done
@@ -48,11 +56,11 @@ trap cleanup EXIT
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
-# --- three hosts on a bridge -------------------------------------------------------------
+# --- five hosts on a bridge --------------------------------------------------------------
 ip netns add "$SW"
 ip -n "$SW" link add br0 type bridge
 ip -n "$SW" link set br0 up
-for i in 0 1 2; do
+for i in 0 1 2 3 4; do
     H="$NS-h$i"
     ip netns add "$H"
     ip link add eth0 netns "$H" type veth peer name "p$i" netns "$SW"
@@ -188,4 +196,56 @@ ip netns exec "$NS-h0" "$BIN" launch --replicas 2 --steps "$STEPS3" --checkpoint
     --threads 1 --run-dir "$WORK/one-host" >"$WORK/one-host.log" 2>&1 || fail "the one-host run failed"
 same_params "$WORK/wide/params" "$WORK/one-host/params"
 echo "   identical parameters"
+
+# --- 4. elastic replicas: a host lost for good, then back ---------------------------------------
+STEPS4=10
+EVERY4=2
+echo "== 4. elastic replicas 3:4 on four hosts; host 3 is cut after the first checkpoint, then comes back"
+on h0 elastic-coordinator --log-format text coordinator --listen "$COORD" --job-id elastic \
+    --run-dir "$WORK/elastic" --steps "$STEPS4" --checkpoint-every "$EVERY4" --log-every 5 \
+    --peer-timeout "$PEER_TIMEOUT" --rendezvous-timeout 120 --replicas 3:4 --batch 48 \
+    --rejoin-timeout 5
+C=$LAST
+AGENTS=()
+for i in 1 2 3 4; do
+    on "h$i" "elastic-agent$i" agent --coordinator "$URL" --job-id elastic --node-rank $((i - 1)) \
+        --workers 2 --threads 1 --out "$WORK/elastic/params" --rejoin-timeout 120
+    AGENTS+=("$LAST")
+done
+LOG4="$WORK/elastic-coordinator.log"
+wait_for 240 "$LOG4" "checkpoint complete step=$EVERY4 "
+ip -n "$NS-h3" link set eth0 down
+echo "   link of host 3 down"
+wait_for 60 "$LOG4" "the world shrinks: 3 of 4 replicas: replica slot 2 \(ranks 4..5\) did not come whole"
+wait_for 30 "$LOG4" "job started .*generation=1 workers=6 replicas=3"
+echo "   generation 1 goes on with 3 replicas from step $(grep -oE 'generation=1 from_step=[0-9]+' "$LOG4" | cut -d= -f3)"
+# The host was lost for good: its agent and workers (which end with it) are gone. It comes
+# back as a rebooted host does: the link up, a new agent.
+kill -9 "${AGENTS[2]}"
+ip -n "$NS-h3" link set eth0 up
+on h3 elastic-agent3-back agent --coordinator "$URL" --job-id elastic --node-rank 2 \
+    --workers 2 --threads 1 --out "$WORK/elastic/params" --rejoin-timeout 120
+AGENTS[2]=$LAST
+echo "   host 3 back (link up, a new agent)"
+finish 240 "$C" "run 4's coordinator"
+for i in 0 1 2 3; do finish 30 "${AGENTS[$i]}" "run 4's agent on host $((i + 1))"; done
+grep -Eq "replica slot 2 \([^)]*\) is back: the world grows from 3 to 4 replicas from the checkpoint at step [0-9]+" "$LOG4" ||
+    fail "host 3's replica did not rejoin at a checkpoint"
+grep -Eq "job started .*generation=2 workers=8 replicas=4" "$LOG4" || fail "no 4-replica generation after the return"
+grep -q "every worker finished steps=$STEPS4" "$LOG4" || fail "run 4 did not finish"
+for slot in 4 5; do
+    grep -q "the worker of slot $slot waits for the next generation" "$LOG4" ||
+        fail "host 3's worker of slot $slot did not wait for the next generation"
+done
+grep -Eq "assigned job=elastic generation=2 world=8" "$WORK/elastic-agent3-back.log" ||
+    fail "host 3's workers did not join generation 2"
+echo "   what the coordinator said of the world:"
+grep -hE "the world|waits for the next|generation [0-9]+ failed|job started" "$LOG4" |
+    cut -c1-300 | sed 's/^/     /'
+ip netns exec "$NS-h0" "$BIN" launch --replicas 4 --batch 48 --steps "$STEPS4" \
+    --checkpoint-every "$EVERY4" --threads 1 --run-dir "$WORK/elastic-one-host" \
+    >"$WORK/elastic-one-host.log" 2>&1 || fail "the uninterrupted 4-replica run failed"
+close=$(python3 scripts/params-close.py "$WORK/elastic/params" "$WORK/elastic-one-host/params" 1e-6) ||
+    fail "the elastic run's parameters are not within 1e-6 of the uninterrupted run's: $close"
+echo "   against an uninterrupted 4-replica run: $close"
 echo "== multi-host test passed"

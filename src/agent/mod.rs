@@ -11,7 +11,7 @@ use crate::admission::{self, Holder, Joiner};
 use crate::auth::Secret;
 use crate::spawn::{spawn_worker, WorkerSpec};
 use crate::telemetry::prometheus::{AgentBoard, AgentWorker};
-use crate::worker::{Verdict, WorkerOptions, EXIT_JOB_OVER, EXIT_REFUSED};
+use crate::worker::{Verdict, WorkerOptions, EXIT_JOB_OVER, EXIT_REFUSED, EXIT_REGROUP};
 use anyhow::Context;
 use std::path::PathBuf;
 use std::process::{Child, ExitStatus};
@@ -77,6 +77,9 @@ pub struct Peer {
     pub job_id: String,
     pub version: String,
     pub world_size: u32,
+    /// The ranks a host may ask for: the world, or an elastic job's largest world (each
+    /// generation numbers its whole replicas' workers afresh).
+    pub slots: u32,
     /// Coordinator clock minus this host's, corrected for half the round trip.
     pub clock_offset_ms: i64,
     /// Ranks held by live workers.
@@ -99,7 +102,7 @@ pub fn check_peer(opts: &AgentOptions, peer: &Peer) -> Result<(), admission::Ref
     // The offset is the coordinator's clock minus this host's; the rule takes the other sign.
     admission::clock_within(-peer.clock_offset_ms, false, opts.max_clock_skew, who)?;
     for rank in opts.ranks().into_iter().flatten() {
-        admission::rank_exists(rank, peer.world_size, &peer.job_id, who)?;
+        admission::rank_exists(rank, peer.slots, &peer.job_id, who)?;
         admission::rank_free(rank, peer.held.iter().find(|h| h.rank == rank), who)?;
     }
     Ok(())
@@ -129,17 +132,27 @@ async fn ask_coordinator(opts: &AgentOptions) -> anyhow::Result<Peer> {
     .into_inner();
     let received = admission::unix_time_ms();
     let live = ["joined", "running"];
+    let slots = match (s.replicas, s.max_replicas) {
+        (r, max) if r > 0 && max > r => s.world_size / r * max,
+        _ => s.world_size,
+    };
     Ok(Peer {
         job_id: s.job_id,
         version: s.version,
         world_size: s.world_size,
+        slots,
         clock_offset_ms: s.unix_time_ms - (sent + received) / 2,
         held: s
             .workers
             .into_iter()
             .filter(|w| live.contains(&w.state.as_str()) && s.state != "failed")
             .map(|w| Holder {
-                rank: w.rank,
+                // Ranks are asked for by slot.
+                rank: if s.max_replicas > s.replicas {
+                    w.slot
+                } else {
+                    w.rank
+                },
                 host: w.host,
                 pid: w.pid,
                 state: w.state,
@@ -422,6 +435,15 @@ fn watch(
                 }
                 // The coordinator beside knows the job is over; it says how it ended.
                 _ if over.is_some() => {}
+                // An elastic job's world changes: not a failure, so no restart is counted.
+                Some(c) if c == EXIT_REGROUP as i32 => {
+                    tracing::info!(
+                        rank = %w.label,
+                        "the job regroups at a checkpoint (its world changes): restarting the \
+                         worker to join the next generation"
+                    );
+                    w.restart_at = Some(Instant::now() + Duration::from_millis(100));
+                }
                 Some(c) if c == EXIT_JOB_OVER as i32 => {
                     return Err(Verdict::JobOver(why(status)).into())
                 }
@@ -551,6 +573,7 @@ mod tests {
             job_id: "alpha".into(),
             version: crate::proto::VERSION.into(),
             world_size: 4,
+            slots: 4,
             clock_offset_ms: 120,
             held: vec![Holder {
                 rank: 0,

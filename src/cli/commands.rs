@@ -3,8 +3,8 @@
 use super::devices::{choose_backend, visible_gpus, worker_devices};
 use super::plan::{
     already_complete, check_local_inputs, coordinator_config, demo_net, fresh_run_dir,
-    job_from_args, load_net, refuse_changes_on_resume, resolve_data, resumed_job,
-    writable_output_dir,
+    job_from_args, load_net, refuse_changes_on_resume, refuse_elastic_launch, resolve_data,
+    resumed_job, writable_output_dir,
 };
 use super::*;
 use alexnet::auth::{read_token, write_private};
@@ -42,6 +42,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     job.topology = Topology {
         replicas: 1,
         columns_per_worker: alexnet::model::config::COLUMNS,
+        elastic: None,
     };
     job.validate()?;
     let resume = match (&a.resume, &run_dir) {
@@ -149,6 +150,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
 }
 
 pub fn launch(a: LaunchArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    refuse_elastic_launch(&a.layout)?;
     let devices = worker_devices(a.backend, "--backend")?;
     let (mut cfg, run_dir) =
         coordinator_config(&a.job, &a.layout, a.run_dir.as_ref(), a.resume.as_ref())?;
@@ -343,6 +345,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
             );
         }
         cfg.restarts_left = a.max_restarts;
+        cfg.rejoin_timeout = a.rejoin_timeout;
         let classes = cfg.job.net.classes;
         let first_generation = cfg.generation;
         let supervisor = alexnet::coordinator::generations::Supervisor::new(cfg)?;
@@ -654,6 +657,7 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
                 nvlink_bits: a.nvlink * 1e9,
                 nvlink_latency: a.latency_us * 1e-6 / 4.0,
                 link_latency: a.latency_us * 1e-6,
+                reduce: a.reduce.into(),
             };
             scaling::project(&net, a.batch, compute_ms, &cluster)
         })

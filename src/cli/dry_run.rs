@@ -70,6 +70,7 @@ pub fn dry_run(command: &Command) -> anyhow::Result<()> {
             "train"
         }
         Command::Launch(a) => {
+            super::plan::refuse_elastic_launch(&a.layout)?;
             job_file(&a.job)?;
             local(
                 &a.job,

@@ -153,7 +153,7 @@ pub enum Command {
     Launch(LaunchArgs),
     /// Run the coordinator of a multi-machine job; workers join it with `alexnet worker`.
     #[command(
-        after_help = "Examples:\n  alexnet coordinator --listen 0.0.0.0:50051 --replicas 2 --run-dir /shared/runs/r1\n  alexnet coordinator --resume /shared/runs/r1"
+        after_help = "Examples:\n  alexnet coordinator --listen 0.0.0.0:50051 --replicas 2 --run-dir /shared/runs/r1\n  alexnet coordinator --listen 0.0.0.0:50051 --replicas 3:4 --batch 96 --rejoin-timeout 120   elastic: goes on with 3 if a host is lost\n  alexnet coordinator --resume /shared/runs/r1"
     )]
     Coordinator(CoordinatorArgs),
     /// Run one worker of a job: join the coordinator, train this rank's part, report.
@@ -250,9 +250,13 @@ pub struct ExportArgs {
 /// How the job is spread over workers, and how long a silent peer is waited for.
 #[derive(clap::Args, Clone)]
 pub struct LayoutArgs {
-    /// Copies of the pair of columns (data parallelism), each on its part of the batch. [default: 1]
-    #[arg(long, env = "ALEXNET_REPLICAS")]
-    pub replicas: Option<usize>,
+    /// Copies of the pair of columns (data parallelism), each on its part of the batch:
+    /// N, or MIN:MAX for elastic replicas (`alexnet coordinator` only): each generation runs
+    /// with as many whole replicas as have joined when the rendezvous (or, after a host is
+    /// lost, --rejoin-timeout) ends, at least MIN; a host that comes back joins at the next
+    /// checkpoint. Every count in the range must divide --batch. [default: 1]
+    #[arg(long, env = "ALEXNET_REPLICAS", value_name = "N|MIN:MAX")]
+    pub replicas: Option<alexnet::comm::ReplicaRange>,
     /// Columns per worker: 1 (the paper: one column per device) or 2 (a worker holds both). [default: 1]
     #[arg(long)]
     pub columns_per_worker: Option<usize>,
@@ -338,6 +342,10 @@ pub struct CoordinatorArgs {
     /// failures before the job fails.
     #[arg(long, default_value_t = 3, env = "ALEXNET_MAX_RESTARTS")]
     pub max_restarts: u32,
+    /// Elastic replicas (--replicas MIN:MAX): seconds a generation after a failure waits for
+    /// every replica to rejoin before it goes on with the whole ones that did (at least MIN).
+    #[arg(long, default_value = "60", value_parser = seconds, env = "ALEXNET_REJOIN_TIMEOUT")]
+    pub rejoin_timeout: Duration,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }
@@ -709,6 +717,10 @@ pub struct PlanArgs {
     /// The network: `paper` (default), `demo`, or a TOML file.
     #[arg(long, default_value = "paper")]
     pub net: String,
+    /// How the replicas average: `ring` (the runtime's default from 3 replicas) or
+    /// `all-to-all` (ALEXNET_REPLICA_REDUCE=all-to-all), to compare the two.
+    #[arg(long, value_enum, default_value_t = ReduceChoice::Ring)]
+    pub reduce: ReduceChoice,
     /// Print the projections as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -716,6 +728,22 @@ pub struct PlanArgs {
     pub backend: BackendChoice,
     #[command(flatten)]
     pub device_settings: DeviceArgs,
+}
+
+/// How the replicas average, as `alexnet plan --reduce` names it.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ReduceChoice {
+    Ring,
+    AllToAll,
+}
+
+impl From<ReduceChoice> for alexnet::comm::ReduceAlgorithm {
+    fn from(r: ReduceChoice) -> Self {
+        match r {
+            ReduceChoice::Ring => alexnet::comm::ReduceAlgorithm::Ring,
+            ReduceChoice::AllToAll => alexnet::comm::ReduceAlgorithm::AllToAll,
+        }
+    }
 }
 
 /// A positive, finite number.

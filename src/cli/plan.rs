@@ -134,7 +134,8 @@ pub fn job_from_args(a: &JobArgs, layout: Option<&LayoutArgs>) -> anyhow::Result
     }
     if let Some(l) = layout {
         if let Some(r) = l.replicas {
-            job.topology.replicas = r;
+            job.topology.replicas = r.max;
+            job.topology.elastic = (r.min < r.max).then_some(r);
         }
         if let Some(c) = l.columns_per_worker {
             job.topology.columns_per_worker = c;
@@ -291,6 +292,20 @@ fn fixed_by_resume(a: &JobArgs, layout: Option<&LayoutArgs>) -> Vec<&'static str
     given
 }
 
+/// Refuses elastic replicas where every worker is this host's: `alexnet launch` has no host
+/// to lose or to wait for.
+pub fn refuse_elastic_launch(layout: &LayoutArgs) -> anyhow::Result<()> {
+    if let Some(r) = layout.replicas.filter(|r| r.min < r.max) {
+        anyhow::bail!(
+            "--replicas {r}: elastic replicas are for jobs across hosts, whose hosts may be lost \
+             and come back (`alexnet coordinator --replicas {r}` with an `alexnet agent` per \
+             host); `alexnet launch` runs every worker here: give one count, e.g. --replicas {}",
+            r.max
+        );
+    }
+    Ok(())
+}
+
 /// Refuses flags that a resumed run cannot change, naming them.
 pub fn refuse_changes_on_resume(
     run_dir: &Path,
@@ -419,6 +434,7 @@ pub fn coordinator_config(
             rendezvous_timeout: layout.rendezvous_timeout,
             max_clock_skew: layout.max_clock_skew,
             restarts_left: 0,
+            rejoin_timeout: layout.rendezvous_timeout,
             log_every: job_args.log_every.max(1) as u64,
             run_dir: Some(absolute(&run_dir)),
             resume,

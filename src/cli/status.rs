@@ -121,11 +121,12 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
                     "rss_bytes": w.rss_bytes, "error": w.error, "replica": w.replica,
                     "columns": w.columns, "images_per_s": w.images_per_s,
                     "column_share": w.column_share, "replica_share": w.replica_share,
-                    "column_bytes": w.column_bytes, "replica_bytes": w.replica_bytes})
+                    "column_bytes": w.column_bytes, "replica_bytes": w.replica_bytes, "slot": w.slot})
             })
             .collect();
         let v = serde_json::json!({"job_id": s.job_id, "generation": s.generation, "state": s.state,
-            "world_size": s.world_size, "step": s.step, "total_steps": s.total_steps, "epoch": s.epoch,
+            "world_size": s.world_size, "replicas": s.replicas, "max_replicas": s.max_replicas,
+            "world": s.world, "step": s.step, "total_steps": s.total_steps, "epoch": s.epoch,
             "loss": s.loss, "images_per_s": s.images_per_s, "eta_seconds": s.eta_seconds,
             "config_hash": s.config_hash, "error": s.error, "workers": workers, "lr": s.lr,
             "top1_err": s.top1_err, "top5_err": s.top5_err,
@@ -228,7 +229,25 @@ pub fn render(s: &JobStatus, watching: Option<Duration>) -> String {
         }
     );
     if !s.error.is_empty() {
-        let _ = writeln!(out, "error: {}", s.error);
+        let label = if s.state == "regrouping" {
+            "why"
+        } else {
+            "error"
+        };
+        let _ = writeln!(out, "{label}: {}", s.error);
+    }
+    if s.max_replicas > s.replicas || !s.world.is_empty() {
+        let _ = writeln!(
+            out,
+            "replicas {} of at most {} (elastic){}",
+            s.replicas,
+            s.max_replicas,
+            if s.world.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", s.world)
+            }
+        );
     }
     let pct = if s.total_steps > 0 {
         100.0 * s.step as f64 / s.total_steps as f64

@@ -34,7 +34,7 @@ pub use replica::{
     TcpReplicaGroup,
 };
 pub use tcp::{MeshKey, TcpLink, TcpMesh};
-pub use topology::{connect, connect_tcp, Exchanges, Joined, Placement, Topology};
+pub use topology::{connect, connect_tcp, Exchanges, Joined, Placement, ReplicaRange, Topology};
 
 /// What crossed a link (or a set of links) so far: payload only, frame headers apart.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

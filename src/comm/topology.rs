@@ -18,10 +18,59 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Topology {
-    /// Copies of the pair of columns, each on its own part of the global batch.
+    /// Copies of the pair of columns, each on its own part of the global batch. In an
+    /// elastic job: this generation's count, within `elastic`.
     pub replicas: usize,
     /// Columns each worker holds: 1 (the paper's split, a column per device) or 2.
     pub columns_per_worker: usize,
+    /// Elastic replicas (`--replicas MIN:MAX`): each generation runs with as many whole
+    /// replicas as have joined, within this range. Left out of the file when fixed, so that
+    /// the hash of a fixed job is what it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elastic: Option<ReplicaRange>,
+}
+
+/// The replica counts an elastic job may run with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaRange {
+    pub min: usize,
+    pub max: usize,
+}
+
+impl std::fmt::Display for ReplicaRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.min, self.max)
+    }
+}
+
+impl std::str::FromStr for ReplicaRange {
+    type Err = String;
+
+    /// `N` (fixed: N:N) or `MIN:MAX`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let count = |t: &str| {
+            t.trim().parse::<usize>().map_err(|_| {
+                format!("`{s}` is not a replica count: give N (fixed) or MIN:MAX (elastic), e.g. 4 or 3:4")
+            })
+        };
+        let (min, max) = match s.split_once(':') {
+            Some((a, b)) => (count(a)?, count(b)?),
+            None => {
+                let n = count(s)?;
+                (n, n)
+            }
+        };
+        if min == 0 {
+            return Err(format!("`{s}`: a job needs at least 1 replica"));
+        }
+        if min > max {
+            return Err(format!(
+                "`{s}`: the smallest count ({min}) is above the largest ({max}); write MIN:MAX, e.g. {max}:{min}"
+            ));
+        }
+        Ok(ReplicaRange { min, max })
+    }
 }
 
 /// What one rank holds.
@@ -35,6 +84,17 @@ pub struct Placement {
 impl Topology {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.replicas >= 1, "replicas must be at least 1");
+        if let Some(r) = self.elastic {
+            anyhow::ensure!(
+                r.min >= 1 && r.min <= r.max,
+                "elastic replicas {r}: the range must be MIN:MAX with 1 <= MIN <= MAX"
+            );
+            anyhow::ensure!(
+                (r.min..=r.max).contains(&self.replicas),
+                "replicas {} is outside the elastic range {r}",
+                self.replicas
+            );
+        }
         anyhow::ensure!(
             self.columns_per_worker == 1 || self.columns_per_worker == COLUMNS,
             "columns per worker must be 1 or {COLUMNS}, not {}",
@@ -47,7 +107,17 @@ impl Topology {
         self.replicas * COLUMNS / self.columns_per_worker
     }
 
-    fn workers_per_replica(&self) -> usize {
+    /// The most replicas this job runs with (its count, when fixed).
+    pub fn max_replicas(&self) -> usize {
+        self.elastic.map_or(self.replicas, |r| r.max)
+    }
+
+    /// This topology with `replicas` replicas (an elastic job's generation).
+    pub fn with_replicas(self, replicas: usize) -> Topology {
+        Topology { replicas, ..self }
+    }
+
+    pub fn workers_per_replica(&self) -> usize {
         COLUMNS / self.columns_per_worker
     }
 
@@ -188,6 +258,7 @@ mod tests {
         let t = Topology {
             replicas: 2,
             columns_per_worker: 1,
+            elastic: None,
         };
         assert_eq!(t.world_size(), 4);
         assert_eq!(t.placement(3).replica, 1);
@@ -197,6 +268,7 @@ mod tests {
         let both = Topology {
             replicas: 3,
             columns_per_worker: 2,
+            elastic: None,
         };
         assert_eq!(both.world_size(), 3);
         assert_eq!(both.placement(2).columns, vec![0, 1]);

@@ -13,6 +13,11 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
+    /// The replicas whose reports make one of the job's.
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
     pub fn new(replicas: usize) -> Self {
         Aggregator {
             replicas,

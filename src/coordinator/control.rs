@@ -8,6 +8,7 @@
 use super::aggregate::Aggregator;
 use super::CoordinatorConfig;
 use crate::admission::{self, Holder, JobFacts, Joiner, Refusal, RefusalKind};
+use crate::comm::ReplicaRange;
 use crate::proto::{
     command, worker_event, Abort, Assignment, Command, EpochResult, JobStatus, RegisterRequest,
     SetLearningRate, Start, Stop, WorkerStatus,
@@ -34,11 +35,19 @@ pub enum Phase {
         /// instead of spending its restarts.
         needs_operator: bool,
     },
+    /// Not a failure: an elastic job's world changes at a checkpoint (a replica joins), and
+    /// the next generation goes on from it.
+    Regrouping {
+        reason: String,
+    },
 }
 
 impl Phase {
     pub fn is_over(&self) -> bool {
-        matches!(self, Phase::Finished | Phase::Failed { .. })
+        matches!(
+            self,
+            Phase::Finished | Phase::Failed { .. } | Phase::Regrouping { .. }
+        )
     }
 }
 
@@ -93,6 +102,8 @@ pub struct Admitted {
 
 #[derive(Debug)]
 struct Member {
+    /// The rank it asked for (in an elastic job, its place in the largest world).
+    slot: u32,
     host: String,
     device: String,
     pid: u32,
@@ -175,10 +186,35 @@ fn describe(rank: u32, m: Option<&Member>) -> String {
     }
 }
 
+/// An elastic job's rendezvous (see `Topology::elastic`): workers join by slot, their rank in
+/// the largest world; the rendezvous closes with the whole replicas among them, numbered
+/// afresh, and a worker left out (or late) waits for the next generation.
+#[derive(Debug)]
+struct Elastic {
+    range: ReplicaRange,
+    per_replica: u32,
+    /// Once the rendezvous closed: the rank each slot in this generation got.
+    ranks: Option<BTreeMap<u32, u32>>,
+    /// Workers waiting for the next generation, by slot: their host and when they last asked.
+    waiting: BTreeMap<u32, (String, Instant)>,
+    /// How this generation's world came to be (the log and `status` say it).
+    why: String,
+}
+
+/// A waiting worker not heard from for this long has gone (a waiting worker asks again at
+/// least every `generations::HOLD`).
+const WAITING_FRESH: Duration = Duration::from_secs(60);
+
 /// One generation of a job: who joined, where each rank stands, how the job goes.
 pub struct Control {
     cfg: Arc<CoordinatorConfig>,
+    /// Workers in this generation (an elastic job's largest world until its rendezvous
+    /// closes).
     world: u32,
+    /// When the rendezvous closed (every rank has joined, or an elastic job's deadline came
+    /// with enough whole replicas).
+    closed_at: Option<Instant>,
+    elastic: Option<Elastic>,
     config_hash: String,
     job_json: String,
     mesh_key: u64,
@@ -199,8 +235,23 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn new(cfg: Arc<CoordinatorConfig>) -> anyhow::Result<Control> {
+    pub fn new(mut cfg: Arc<CoordinatorConfig>) -> anyhow::Result<Control> {
         cfg.job.validate()?;
+        // An elastic rendezvous admits the largest world; it closes with the replicas that
+        // came.
+        let elastic = cfg.job.topology.elastic.map(|range| Elastic {
+            range,
+            per_replica: cfg.job.topology.workers_per_replica() as u32,
+            ranks: None,
+            waiting: BTreeMap::new(),
+            why: String::new(),
+        });
+        if let Some(e) = &elastic {
+            if cfg.job.topology.replicas != e.range.max {
+                let c = Arc::make_mut(&mut cfg);
+                c.job.topology = c.job.topology.with_replicas(e.range.max);
+            }
+        }
         let world = cfg.job.topology.world_size() as u32;
         let job_json = serde_json::to_string(&cfg.job)?;
         let config_hash = cfg.job.hash();
@@ -224,6 +275,8 @@ impl Control {
             aggregator: Aggregator::new(cfg.job.topology.replicas),
             cfg,
             world,
+            closed_at: None,
+            elastic,
             config_hash,
             job_json,
             mesh_key,
@@ -282,7 +335,7 @@ impl Control {
         now: Instant,
         now_ms: i64,
     ) -> Result<Admitted, Refusal> {
-        let cfg = &self.cfg;
+        let cfg = self.cfg.clone();
         let facts = JobFacts {
             job_id: &cfg.job_id,
             generation: cfg.generation,
@@ -290,7 +343,15 @@ impl Control {
             max_clock_skew: cfg.max_clock_skew,
         };
         admission::worker_fits(&facts, req, now_ms)?;
-        if self.phase != Phase::Waiting {
+        // A fixed job's closed rendezvous has every rank held (refused below as such).
+        let elastic_closed = self.elastic.is_some() && self.closed_at.is_some();
+        if self.phase != Phase::Waiting || elastic_closed {
+            if let Some(message) = self.may_wait(req, now) {
+                return Err(Refusal {
+                    kind: RefusalKind::NextGeneration,
+                    message,
+                });
+            }
             return Err(Refusal {
                 kind: RefusalKind::Closed,
                 message: format!(
@@ -326,6 +387,7 @@ impl Control {
         self.members.insert(
             rank,
             Member {
+                slot: rank,
                 host: req.host.clone(),
                 device: req.device.clone(),
                 pid: req.pid,
@@ -370,8 +432,221 @@ impl Control {
                 workers = self.world,
                 "every worker has joined: assigning places"
             );
+            self.close_rendezvous(now);
         }
         Ok(Admitted { rank, everyone })
+    }
+
+    /// Whether the rendezvous has closed: the places are decided.
+    pub fn rendezvous_closed(&self) -> bool {
+        self.closed_at.is_some()
+    }
+
+    /// A worker that finds this generation closed: in an elastic job with room for its
+    /// replica, it is noted as waiting (a whole replica of them grows the world at the next
+    /// checkpoint) and told to ask again; `None`: it is refused.
+    fn may_wait(&mut self, req: &RegisterRequest, now: Instant) -> Option<String> {
+        let replicas = self.cfg.job.topology.replicas;
+        let e = self.elastic.as_mut()?;
+        let slot = req.rank?;
+        let largest = e.range.max as u32 * e.per_replica;
+        let held = e.ranks.as_ref().is_some_and(|r| r.contains_key(&slot));
+        if slot >= largest || held || self.phase.is_over() {
+            return None;
+        }
+        if e.waiting.insert(slot, (req.host.clone(), now)).is_none() {
+            tracing::info!(
+                slot,
+                host = %req.host,
+                "the worker of slot {slot} waits for the next generation"
+            );
+        }
+        let message = if replicas < e.range.max {
+            format!(
+                "generation {} runs with {replicas} of {} replicas without this worker's (slot {slot}): \
+                 it joins the next generation, which starts at the next checkpoint once its \
+                 replica's {} workers all wait",
+                self.cfg.generation, e.range.max, e.per_replica
+            )
+        } else {
+            format!(
+                "generation {} has all its {} replicas: this worker (slot {slot}) joins a later \
+                 generation",
+                self.cfg.generation, e.range.max
+            )
+        };
+        Some(message)
+    }
+
+    /// The replicas (by slot) whose workers have all joined.
+    fn whole_replicas(&self) -> Vec<u32> {
+        let Some(e) = &self.elastic else {
+            return Vec::new();
+        };
+        (0..e.range.max as u32)
+            .filter(|r| {
+                (0..e.per_replica).all(|c| self.members.contains_key(&(r * e.per_replica + c)))
+            })
+            .collect()
+    }
+
+    /// Decides the places: in an elastic job, the whole replicas are numbered afresh (slot
+    /// order) and the workers of incomplete ones wait for the next generation.
+    fn close_rendezvous(&mut self, now: Instant) {
+        self.closed_at = Some(now);
+        let whole = self.whole_replicas();
+        let Some(e) = &mut self.elastic else {
+            return;
+        };
+        let per = e.per_replica;
+        let mut slots = std::mem::take(&mut self.members);
+        let mut ranks = BTreeMap::new();
+        for (replica, &slot_replica) in whole.iter().enumerate() {
+            for c in 0..per {
+                let slot = slot_replica * per + c;
+                let rank = replica as u32 * per + c;
+                let mut m = slots.remove(&slot).expect("a whole replica's member");
+                m.replica = replica as u32;
+                m.rates.rank = rank;
+                m.rates.replica = replica as u32;
+                self.members.insert(rank, m);
+                ranks.insert(slot, rank);
+            }
+        }
+        for (slot, m) in slots {
+            e.waiting.insert(slot, (m.host, now));
+        }
+        let replicas = whole.len();
+        let missing: Vec<u32> = (0..e.range.max as u32)
+            .filter(|r| !whole.contains(r))
+            .collect();
+        e.why = if missing.is_empty() {
+            format!(
+                "{replicas} of {} replicas: every replica joined",
+                e.range.max
+            )
+        } else {
+            format!(
+                "{replicas} of {} replicas: replica slot{} {} (ranks {}) did not come whole within {:?}",
+                e.range.max,
+                if missing.len() > 1 { "s" } else { "" },
+                missing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "),
+                missing
+                    .iter()
+                    .map(|r| format!("{}..{}", r * per, (r + 1) * per - 1))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.cfg.rendezvous_timeout
+            )
+        };
+        e.ranks = Some(ranks);
+        let c = Arc::make_mut(&mut self.cfg);
+        c.job.topology = c.job.topology.with_replicas(replicas);
+        self.world = replicas as u32 * per;
+        self.job_json = serde_json::to_string(&self.cfg.job).expect("a job serialises");
+        self.aggregator = Aggregator::new(replicas);
+        if missing.is_empty() {
+            tracing::info!(
+                generation = self.cfg.generation,
+                replicas,
+                "the world: {}",
+                e.why
+            );
+        } else {
+            tracing::warn!(
+                generation = self.cfg.generation,
+                replicas,
+                "the world shrinks: {}; this generation goes on without them, and they join at a \
+                 checkpoint once they are back",
+                e.why
+            );
+        }
+    }
+
+    /// Rank `slot`'s place, once the rendezvous closed: `None` when its replica was left out
+    /// (it waits for the next generation). In a fixed job, a slot is its rank.
+    pub fn placed(&self, slot: u32) -> Option<u32> {
+        match &self.elastic {
+            None => Some(slot),
+            Some(e) => e.ranks.as_ref()?.get(&slot).copied(),
+        }
+    }
+
+    /// What a worker left out of this generation is told.
+    pub fn left_out(&self, slot: u32) -> Refusal {
+        Refusal {
+            kind: RefusalKind::NextGeneration,
+            message: format!(
+                "generation {} started with {} without this worker's replica (slot {slot}): it \
+                 joins the next generation",
+                self.cfg.generation,
+                self.elastic.as_ref().map(|e| e.why.as_str()).unwrap_or("")
+            ),
+        }
+    }
+
+    /// At a complete checkpoint (`step`) of an elastic job running short of replicas: when
+    /// whole replicas wait to join, this generation ends here and the next one, with them,
+    /// goes on from this checkpoint.
+    fn grow_at_checkpoint(&mut self, step: u64, now: Instant) -> Orders {
+        let replicas = self.cfg.job.topology.replicas;
+        let Some(e) = &mut self.elastic else {
+            return Orders::default();
+        };
+        if self.phase != Phase::Running || replicas >= e.range.max {
+            return Orders::default();
+        }
+        e.waiting
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) <= WAITING_FRESH);
+        let per = e.per_replica;
+        let held = e.ranks.clone().unwrap_or_default();
+        let joining: Vec<u32> = (0..e.range.max as u32)
+            .filter(|r| {
+                (0..per).all(|c| {
+                    let slot = r * per + c;
+                    e.waiting.contains_key(&slot) && !held.contains_key(&slot)
+                })
+            })
+            .take(e.range.max - replicas)
+            .collect();
+        if joining.is_empty() {
+            return Orders::default();
+        }
+        let hosts: BTreeSet<&str> = joining
+            .iter()
+            .flat_map(|r| (0..per).map(move |c| r * per + c))
+            .filter_map(|slot| e.waiting.get(&slot).map(|w| w.0.as_str()))
+            .collect();
+        let reason =
+            format!(
+            "replica slot{} {} ({}) {} back: the world grows from {replicas} to {} replicas from \
+             the checkpoint at step {step}",
+            if joining.len() > 1 { "s" } else { "" },
+            joining.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "),
+            hosts.into_iter().collect::<Vec<_>>().join(", "),
+            if joining.len() > 1 { "are" } else { "is" },
+            replicas + joining.len()
+        );
+        tracing::warn!(
+            generation = self.cfg.generation,
+            step,
+            "{reason}; ending generation {} here",
+            self.cfg.generation
+        );
+        self.phase = Phase::Regrouping {
+            reason: reason.clone(),
+        };
+        let abort = command::Command::Abort(Abort {
+            reason,
+            rejoin: true,
+            regroup: true,
+        });
+        let send = Orders::to_all(&self.open, abort);
+        self.open.clear();
+        Orders {
+            send,
+            close_sessions: true,
+        }
     }
 
     /// A worker whose registration was cut off before the rendezvous completed (its process
@@ -379,7 +654,7 @@ impl Control {
     /// next is not refused as a second holder. Only while others are still awaited: once
     /// every rank has joined, the places are handed out.
     pub fn withdraw(&mut self, rank: u32, pid: u32) {
-        if self.phase != Phase::Waiting || self.members.len() as u32 >= self.world {
+        if self.phase != Phase::Waiting || self.closed_at.is_some() {
             return;
         }
         if self.members.get(&rank).is_some_and(|m| m.pid == pid) {
@@ -588,6 +863,7 @@ impl Control {
         let abort = command::Command::Abort(Abort {
             reason: format!("{who} failed: {error}"),
             rejoin: self.cfg.restarts_left > 0 && !needs_operator,
+            regroup: false,
         });
         let others: BTreeSet<u32> = self
             .open
@@ -758,7 +1034,8 @@ impl Control {
                     shards: c.shards.into_iter().collect(),
                 };
                 match self.book.shards_written(&written) {
-                    Ok(_) => Orders::default(),
+                    Ok(Some(step)) => self.grow_at_checkpoint(step, now),
+                    Ok(None) => Orders::default(),
                     Err(e) => self.fail_with(
                         None,
                         format!("writing the checkpoint manifest: {e:#}"),
@@ -815,15 +1092,42 @@ impl Control {
         let waited = now
             .saturating_duration_since(since)
             .saturating_sub(self.not_running);
-        if self.phase == Phase::Waiting && waited > timeout {
+        if self.phase == Phase::Waiting && self.closed_at.is_none() && waited > timeout {
             let joined: Vec<u32> = self.members.keys().copied().collect();
             let missing: Vec<u32> = (0..self.world).filter(|r| !joined.contains(r)).collect();
+            if let Some(e) = &self.elastic {
+                let whole = self.whole_replicas().len();
+                if whole >= e.range.min {
+                    self.close_rendezvous(now);
+                    return None;
+                }
+                let min = e.range.min;
+                return Some(self.fail(
+                    None,
+                    format!(
+                        "fewer than {min} whole replicas (the elastic range's least) came within \
+                         {timeout:?}: {whole} did; ranks {joined:?} joined, {missing:?} did not"
+                    ),
+                ));
+            }
             return Some(self.fail(
                 None,
                 format!(
                     "the workers did not all come within {timeout:?}: ranks {joined:?} joined, {missing:?} did not"
                 ),
             ));
+        }
+        if let Some(closed) = self.closed_at.filter(|_| self.phase == Phase::Waiting) {
+            if now.saturating_duration_since(closed) > timeout {
+                let opened: Vec<u32> = self.open.iter().copied().collect();
+                let missing: Vec<u32> = (0..self.world).filter(|r| !opened.contains(r)).collect();
+                return Some(self.fail(
+                    None,
+                    format!(
+                        "every worker had its place, but the sessions of ranks {missing:?} did not open within {timeout:?}"
+                    ),
+                ));
+            }
         }
         let peer_timeout = self.cfg.peer_timeout;
         let running = self.phase == Phase::Running;
@@ -881,6 +1185,7 @@ impl Control {
             Phase::Running => "running",
             Phase::Finished => "finished",
             Phase::Failed { .. } => "failed",
+            Phase::Regrouping { .. } => "regrouping",
         };
         let last_val = self.book.history.last();
         JobSnapshot {
@@ -947,6 +1252,7 @@ impl Control {
             Phase::Running => ("running", String::new()),
             Phase::Finished => ("finished", String::new()),
             Phase::Failed { error, .. } => ("failed", error.clone()),
+            Phase::Regrouping { reason } => ("regrouping", reason.clone()),
         };
         let last = self.last_step.as_ref();
         let elapsed = self
@@ -993,8 +1299,16 @@ impl Control {
                     replica_share: m.rates.replica_share,
                     column_bytes: m.counters.column_bytes,
                     replica_bytes: m.counters.replica_bytes,
+                    slot: m.slot,
                 })
                 .collect(),
+            replicas: self.cfg.job.topology.replicas as u32,
+            max_replicas: self.cfg.job.topology.max_replicas() as u32,
+            world: self
+                .elastic
+                .as_ref()
+                .map(|e| e.why.clone())
+                .unwrap_or_default(),
             config_hash: self.config_hash.clone(),
             error,
             version: crate::proto::VERSION.into(),
@@ -1043,6 +1357,7 @@ mod tests {
                 topology: Topology {
                     replicas,
                     columns_per_worker: 1,
+                    elastic: None,
                 },
                 ..JobConfig::default()
             },
@@ -1057,6 +1372,7 @@ mod tests {
             tls: None,
             max_clock_skew: Duration::from_secs(30),
             restarts_left: 1,
+            rejoin_timeout: Duration::from_secs(30),
         }
     }
 
@@ -1106,6 +1422,211 @@ mod tests {
                 (o.rank, kind)
             })
             .collect()
+    }
+
+    /// An elastic job (`--replicas min:max`) of one column per worker, batch 48.
+    fn elastic(min: usize, max: usize) -> CoordinatorConfig {
+        let mut cfg = config(max);
+        cfg.job.batch = 48;
+        cfg.job.topology.elastic = Some(ReplicaRange { min, max });
+        cfg
+    }
+
+    fn in_slot(slot: u32, host: &str) -> RegisterRequest {
+        worker(Some(slot), host)
+    }
+
+    /// Writes the shards of a checkpoint at `step` and reports them from both columns.
+    fn checkpoint(c: &mut Control, run_dir: &std::path::Path, step: u64, now: Instant) -> Orders {
+        let dir = crate::train::checkpoint::step_dir(run_dir, step);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut orders = Orders::default();
+        for column in 0..2u32 {
+            let name = format!("column{column}.safetensors");
+            std::fs::write(dir.join(&name), [column as u8; 8]).unwrap();
+            let sum = crate::train::checkpoint::checksum(&[column as u8; 8]);
+            let ev = worker_event::Event::Checkpoint(crate::proto::CheckpointShards {
+                step,
+                shards: [(name, sum)].into_iter().collect(),
+            });
+            orders = c.event(column, 0, ev, now);
+        }
+        orders
+    }
+
+    #[test]
+    fn an_elastic_rendezvous_goes_on_with_the_whole_replicas_and_numbers_them_afresh() {
+        let t0 = Instant::now();
+        let mut c = control(elastic(3, 4));
+        assert_eq!(c.world(), 8, "the largest world is admitted");
+        // Replicas 0, 1 and 3 come whole; of replica 2 only slot 4.
+        for slot in [0, 1, 2, 3, 6, 7, 4] {
+            let a = c
+                .admit(&in_slot(slot, &format!("h{}", slot / 2)), t0, NOW_MS)
+                .unwrap();
+            assert!(!a.everyone);
+        }
+        // The watchdog looks often (a late look would mean the coordinator was paused).
+        for second in 1..=60 {
+            assert!(c.tick(t0 + Duration::from_secs(second), t0).is_none());
+            assert!(!c.rendezvous_closed(), "the deadline has not come");
+        }
+        // At the deadline: three whole replicas, enough (MIN 3).
+        assert!(c.tick(t0 + Duration::from_millis(60_500), t0).is_none());
+        assert!(c.rendezvous_closed());
+        assert_eq!(c.world(), 6);
+        assert_eq!(
+            [0, 1, 2, 3, 6, 7].map(|s| c.placed(s)),
+            [0, 1, 2, 3, 4, 5].map(Some)
+        );
+        assert_eq!(c.placed(4), None, "an incomplete replica waits");
+        assert!(c.left_out(4).message.contains("joins the next generation"));
+        let a = c.assignment(4);
+        assert_eq!((a.rank, a.replica, a.world_size), (4, 2, 6));
+        assert_eq!(
+            a.data_addrs[&4], "127.0.0.1:7006",
+            "slot 6's worker is rank 4"
+        );
+        let job: JobConfig = serde_json::from_str(&a.job_json).unwrap();
+        assert_eq!(job.topology.replicas, 3);
+        assert_eq!(
+            a.config_hash,
+            elastic(3, 4).job.hash(),
+            "one hash for every world"
+        );
+        let st = c.status(t0, NOW_MS);
+        assert_eq!((st.replicas, st.max_replicas), (3, 4));
+        assert!(
+            st.world
+                .contains("replica slot 2 (ranks 4..5) did not come"),
+            "{}",
+            st.world
+        );
+        assert_eq!(st.workers[4].slot, 6);
+        for r in 0..6 {
+            c.open_session(r, t0);
+        }
+        assert_eq!(*c.phase(), Phase::Running);
+        assert_eq!(c.aggregator.replicas(), 3);
+    }
+
+    #[test]
+    fn an_elastic_rendezvous_with_fewer_whole_replicas_than_min_fails_naming_them() {
+        let t0 = Instant::now();
+        let mut c = control(elastic(3, 4));
+        for slot in [0, 1, 2, 3, 4] {
+            c.admit(&in_slot(slot, "h"), t0, NOW_MS).unwrap();
+        }
+        let o = c
+            .tick(t0 + Duration::from_secs(61), t0)
+            .expect("the generation fails");
+        assert!(o.close_sessions);
+        let Phase::Failed { error, .. } = c.phase() else {
+            panic!("{:?}", c.phase())
+        };
+        assert!(error.contains("fewer than 3 whole replicas"), "{error}");
+        assert!(error.contains("2 did"), "{error}");
+    }
+
+    #[test]
+    fn an_elastic_job_grows_at_the_checkpoint_after_a_whole_replica_waits() {
+        let run_dir = std::env::temp_dir().join(format!("alexnet-elastic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let t0 = Instant::now();
+        let mut cfg = elastic(2, 3);
+        cfg.run_dir = Some(run_dir.clone());
+        let mut c = control(cfg);
+        for slot in [0, 1, 2, 3] {
+            c.admit(&in_slot(slot, "h"), t0, NOW_MS).unwrap();
+        }
+        assert!(c.tick(t0 + Duration::from_secs(61), t0).is_none());
+        for r in 0..4 {
+            c.open_session(r, t0);
+        }
+        assert_eq!(*c.phase(), Phase::Running);
+        // Host 2's workers come back: each is told to wait, none placed.
+        let t1 = t0 + Duration::from_secs(70);
+        let e = c.admit(&in_slot(4, "h2"), t1, NOW_MS).unwrap_err();
+        assert_eq!(e.kind, RefusalKind::NextGeneration);
+        assert!(e.message.contains("runs with 2 of 3 replicas"), "{e}");
+        // A slot held in this generation, or beyond the largest world, is refused.
+        assert_eq!(
+            c.admit(&in_slot(0, "x"), t1, NOW_MS).unwrap_err().kind,
+            RefusalKind::Closed
+        );
+        assert_eq!(
+            c.admit(&in_slot(6, "x"), t1, NOW_MS).unwrap_err().kind,
+            RefusalKind::Closed
+        );
+        // Half a replica waits: the checkpoint passes without a change.
+        assert_eq!(checkpoint(&mut c, &run_dir, 10, t1), Orders::default());
+        assert_eq!(*c.phase(), Phase::Running);
+        c.admit(&in_slot(5, "h2"), t1, NOW_MS).unwrap_err();
+        // The next checkpoint: the world grows; every worker is told to rejoin, not failed.
+        let o = checkpoint(&mut c, &run_dir, 20, t1);
+        assert_eq!(
+            kinds(&o),
+            [(0, "abort"), (1, "abort"), (2, "abort"), (3, "abort")]
+        );
+        assert!(o.close_sessions);
+        let Some(command::Command::Abort(a)) = &o.send[0].command.command else {
+            unreachable!()
+        };
+        assert!(a.rejoin && a.regroup);
+        let Phase::Regrouping { reason } = c.phase().clone() else {
+            panic!("{:?}", c.phase())
+        };
+        assert!(
+            reason.contains("replica slot 2 (h2) is back: the world grows from 2 to 3 replicas from the checkpoint at step 20"),
+            "{reason}"
+        );
+        assert_eq!(c.status(t1, NOW_MS).state, "regrouping");
+        // The next generation starts from that checkpoint with no restart spent and waits
+        // the rejoin timeout for its replicas.
+        let cfg = c.cfg.clone();
+        let next = super::super::Coordinator::next_generation(&cfg, false).unwrap();
+        assert_eq!(next.restarts_left, cfg.restarts_left);
+        assert_eq!(next.rendezvous_timeout, cfg.rejoin_timeout);
+        assert_eq!(next.resume.as_ref().map(|r| r.1.step), Some(20));
+        let n = control(next);
+        assert_eq!(n.world(), 6, "it admits the largest world again");
+        let _ = std::fs::remove_dir_all(&run_dir);
+    }
+
+    #[test]
+    fn elastic_ranges_that_cannot_run_are_refused_by_name() {
+        use std::str::FromStr;
+        let e = ReplicaRange::from_str("3:2").unwrap_err();
+        assert!(
+            e.contains("the smallest count (3) is above the largest (2)"),
+            "{e}"
+        );
+        assert!(ReplicaRange::from_str("0:2")
+            .unwrap_err()
+            .contains("at least 1"));
+        assert!(ReplicaRange::from_str("x").unwrap_err().contains("MIN:MAX"));
+        assert_eq!(
+            ReplicaRange::from_str("4").unwrap(),
+            ReplicaRange { min: 4, max: 4 }
+        );
+        let job = |batch, min, max| {
+            let mut j = JobConfig {
+                batch,
+                ..JobConfig::default()
+            };
+            j.topology.replicas = max;
+            j.topology.elastic = Some(ReplicaRange { min, max });
+            j.validate().map_err(|e| format!("{e:#}"))
+        };
+        assert!(job(48, 3, 4).is_ok());
+        let e = job(64, 3, 4).unwrap_err();
+        assert!(
+            e.contains("batch 64 cannot be split evenly over 3 replicas")
+                && e.contains("a multiple of 12"),
+            "{e}"
+        );
+        let e = job(2, 3, 4).unwrap_err();
+        assert!(e.contains("cannot give each of 3 replicas"), "{e}");
     }
 
     #[test]
@@ -1285,7 +1806,7 @@ mod tests {
         assert!(c.tick(lost, t0).is_none());
         assert_eq!(c.fail(Some(0), "late".into()), Orders::default());
         // The next generation: one restart fewer, the workers join it as they come.
-        let next = super::super::Coordinator::next_generation(&cfg).unwrap();
+        let next = super::super::Coordinator::next_generation(&cfg, true).unwrap();
         assert_eq!((next.generation, next.restarts_left), (1, 0));
         let mut n = control(next);
         let mut stale = worker(Some(0), "a");

@@ -16,6 +16,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
+/// The longest a registration waiting for an elastic job's next generation is held before it
+/// is told to ask again.
+pub const HOLD: Duration = Duration::from_secs(20);
+
 /// Serves the current generation's coordinator and starts the next one after a failure.
 #[derive(Clone)]
 pub struct Supervisor {
@@ -89,6 +93,19 @@ impl Supervisor {
             let c = self.current();
             tokio::spawn(c.clone().watchdog());
             let end = c.phase().wait_for(|p| p.is_over()).await?.clone();
+            if let Phase::Regrouping { reason } = &end {
+                // Not a failure: no restart is spent.
+                c.close_telemetry();
+                let next = Coordinator::next_generation(&c.cfg, false)?;
+                tracing::warn!(
+                    generation = next.generation,
+                    from_step = next.resume.as_ref().map(|r| r.1.step).unwrap_or(0),
+                    "{reason}: generation {} starts from that checkpoint as the workers rejoin",
+                    next.generation
+                );
+                self.current.send_replace(Coordinator::new(next)?);
+                continue;
+            }
             let Phase::Failed {
                 rank,
                 error,
@@ -115,7 +132,7 @@ impl Supervisor {
             // The failed generation's late reports write nothing for TensorBoard: the next
             // one cuts the curves back to its checkpoint and goes on from there.
             c.close_telemetry();
-            let next = Coordinator::next_generation(&c.cfg)?;
+            let next = Coordinator::next_generation(&c.cfg, true)?;
             let from_step = next.resume.as_ref().map(|r| r.1.step).unwrap_or(0);
             if self.restarts_workers {
                 tracing::warn!(
@@ -192,8 +209,35 @@ impl CoordinatorRpc for Supervisor {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<Assignment>, Status> {
-        let c = self.joinable().await?;
-        CoordinatorRpc::register(&c, request).await
+        let req = request.into_inner();
+        let hold_until = tokio::time::Instant::now() + HOLD;
+        loop {
+            let c = self.joinable().await?;
+            let answer = CoordinatorRpc::register(&c, Request::new(req.clone())).await;
+            match answer {
+                // An elastic job's worker that waits for the next generation: held here until
+                // that generation begins (then it joins it), or for `HOLD`, when it is told to
+                // ask again, so that neither side waits unbounded on the other.
+                Err(s) if crate::admission::waits_for_next_generation(&s) => {
+                    let mut current = self.current.subscribe();
+                    let generation = c.generation();
+                    let next = async {
+                        current
+                            .wait_for(|n| n.generation() != generation)
+                            .await
+                            .map(|_| ())
+                    };
+                    match tokio::time::timeout_at(hold_until, next).await {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(_)) => {
+                            return Err(Status::unavailable("the coordinator is stopping"))
+                        }
+                        Err(_) => return Err(s),
+                    }
+                }
+                answer => return answer,
+            }
+        }
     }
 
     type SessionStream = <Coordinator as CoordinatorRpc>::SessionStream;

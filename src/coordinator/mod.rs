@@ -58,6 +58,9 @@ pub struct CoordinatorConfig {
     /// Generations that may still follow this one after a failure: workers told to abort
     /// are told whether to rejoin.
     pub restarts_left: u32,
+    /// An elastic job's generations after the first wait this long for every replica (its
+    /// rendezvous timeout) before going on with the whole ones that came.
+    pub rejoin_timeout: Duration,
 }
 
 type SessionSender = mpsc::Sender<Result<Command, Status>>;
@@ -156,6 +159,10 @@ impl Coordinator {
         if orders.close_sessions {
             sh.sessions.clear();
         }
+        if sh.control.rendezvous_closed() {
+            self.everyone_joined
+                .send_if_modified(|j| !std::mem::replace(j, true));
+        }
         // Published under the lock, so that phases are seen in the order they were decided.
         let now = sh.control.phase();
         self.phase.send_if_modified(|p| {
@@ -232,12 +239,22 @@ impl Coordinator {
         Ok(end)
     }
 
-    /// The configuration of the generation that follows this one after a failure: it starts
-    /// from the newest complete checkpoint in the run folder, with one restart fewer left.
-    pub fn next_generation(cfg: &CoordinatorConfig) -> anyhow::Result<CoordinatorConfig> {
+    /// The configuration of the generation that follows this one: it starts from the newest
+    /// complete checkpoint in the run folder, with one restart fewer left after a failure
+    /// (`after_failure`; not when an elastic job's world grows). An elastic job's next
+    /// generation waits `rejoin_timeout` for its replicas.
+    pub fn next_generation(
+        cfg: &CoordinatorConfig,
+        after_failure: bool,
+    ) -> anyhow::Result<CoordinatorConfig> {
         let mut next = cfg.clone();
         next.generation += 1;
-        next.restarts_left = cfg.restarts_left.saturating_sub(1);
+        if after_failure {
+            next.restarts_left = cfg.restarts_left.saturating_sub(1);
+        }
+        if cfg.job.topology.elastic.is_some() {
+            next.rendezvous_timeout = cfg.rejoin_timeout;
+        }
         if let Some(dir) = &cfg.run_dir {
             next.resume = crate::train::checkpoint::latest(dir, Some(&cfg.job.hash()))?;
         }
@@ -323,7 +340,11 @@ impl CoordinatorRpc for Coordinator {
             sh.control.admit(&req, Instant::now(), unix_time_ms())
         };
         let admitted = admitted.map_err(Status::from).inspect_err(|s| {
-            tracing::warn!(host = %req.host, pid = req.pid, "refused a worker: {}", s.message())
+            if crate::admission::waits_for_next_generation(s) {
+                tracing::debug!(host = %req.host, pid = req.pid, "a worker waits: {}", s.message())
+            } else {
+                tracing::warn!(host = %req.host, pid = req.pid, "refused a worker: {}", s.message())
+            }
         })?;
         if admitted.everyone {
             self.everyone_joined.send_replace(true);
@@ -347,16 +368,18 @@ impl CoordinatorRpc for Coordinator {
                 })),
             }
         };
-        let waited = tokio::time::timeout(self.cfg.rendezvous_timeout, wait).await;
+        // The watchdog closes an elastic rendezvous at its deadline: a moment more here.
+        let waited =
+            tokio::time::timeout(self.cfg.rendezvous_timeout + Duration::from_secs(10), wait).await;
         withdraw.armed = false;
         match waited {
-            Ok(Ok(())) => Ok(Response::new(
-                self.shared
-                    .lock()
-                    .unwrap()
-                    .control
-                    .assignment(admitted.rank),
-            )),
+            Ok(Ok(())) => {
+                let sh = self.shared.lock().unwrap();
+                match sh.control.placed(admitted.rank) {
+                    Some(rank) => Ok(Response::new(sh.control.assignment(rank))),
+                    None => Err(sh.control.left_out(admitted.rank).into()),
+                }
+            }
             Ok(Err(s)) => Err(s),
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "not every worker joined within {:?}",

@@ -108,6 +108,7 @@ impl Default for JobConfig {
             topology: Topology {
                 replicas: 1,
                 columns_per_worker: 1,
+                elastic: None,
             },
             loader_threads: 2,
             checkpoint_every: 0,
@@ -141,6 +142,32 @@ impl JobConfig {
             self.keep_checkpoints >= 1,
             "keep_checkpoints must be at least 1"
         );
+        if let Some(range) = self.topology.elastic {
+            anyhow::ensure!(
+                range.min <= self.batch,
+                "batch {} cannot give each of {} replicas (MIN of the elastic range {range}) a \
+                 sample: raise the batch or lower MIN",
+                self.batch,
+                range.min
+            );
+            let uneven: Vec<usize> = (range.min..=range.max)
+                .filter(|r| !self.batch.is_multiple_of(*r))
+                .collect();
+            anyhow::ensure!(
+                uneven.is_empty(),
+                "batch {} cannot be split evenly over {} replicas, which the elastic range {range} \
+                 may run with: every count in the range must divide the batch (each replica takes \
+                 batch / replicas samples, so that the global batch stays the same when the world \
+                 changes); make the batch a multiple of {}, or narrow the range",
+                self.batch,
+                uneven
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                (range.min..=range.max).fold(1, lcm)
+            );
+        }
         anyhow::ensure!(
             self.batch.is_multiple_of(self.topology.replicas),
             "batch {} cannot be split evenly over {} replicas: make it a multiple of {}",
@@ -180,7 +207,11 @@ impl JobConfig {
     /// run resumes only under the same one. How long to run (`epochs`, `max_steps`) and how
     /// often to checkpoint are left out, so that a resumed run may be extended.
     pub fn hash(&self) -> String {
+        // An elastic job's generations differ only in their replica count: they share one
+        // hash, so that each resumes the others' checkpoints.
+        let topology = self.topology.with_replicas(self.topology.max_replicas());
         let what = JobConfig {
+            topology,
             epochs: 0,
             max_steps: None,
             checkpoint_every: 0,
@@ -192,6 +223,17 @@ impl JobConfig {
         let text = serde_json::to_string(&what).expect("a job serialises");
         format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
     }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b) * b
 }
 
 /// A checkpoint a run continues from: its folder, the steps it holds and the learning rate the

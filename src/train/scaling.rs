@@ -20,6 +20,7 @@
 //!
 //! What it leaves out: contention between the two exchanges, the input pipeline, stragglers.
 
+use crate::comm::ReduceAlgorithm;
 use crate::model::params::{column_shapes, LAYERS};
 use crate::model::shapes::{column_bytes_per_step, layer_flops_per_image};
 use crate::model::NetConfig;
@@ -38,6 +39,8 @@ pub struct Cluster {
     /// Each message's latency, seconds: within a host and between hosts.
     pub nvlink_latency: f64,
     pub link_latency: f64,
+    /// How the replicas average (the runtime's default: the ring from 3 replicas).
+    pub reduce: ReduceAlgorithm,
 }
 
 impl Cluster {
@@ -85,10 +88,16 @@ pub struct Projection {
 /// the TCP runtime counts them: none alone, the whole buffer for two, 2 (R - 1) / R of it
 /// for a ring.
 pub fn replica_bytes(gradient_bytes: u64, replicas: usize) -> u64 {
-    match replicas {
-        0 | 1 => 0,
-        2 => gradient_bytes,
-        r => gradient_bytes * 2 * (r as u64 - 1) / r as u64,
+    replica_bytes_by(ReduceAlgorithm::Ring, gradient_bytes, replicas)
+}
+
+/// [`replica_bytes`] for `reduce`: all-to-all sends the whole buffer to each other replica.
+pub fn replica_bytes_by(reduce: ReduceAlgorithm, gradient_bytes: u64, replicas: usize) -> u64 {
+    match (replicas, reduce) {
+        (0 | 1, _) => 0,
+        (2, _) => gradient_bytes,
+        (r, ReduceAlgorithm::AllToAll) => gradient_bytes * (r as u64 - 1),
+        (r, ReduceAlgorithm::Ring) => gradient_bytes * 2 * (r as u64 - 1) / r as u64,
     }
 }
 
@@ -118,10 +127,12 @@ fn reduce_seconds(c: &Cluster, bytes: u64) -> f64 {
     if r < 2 {
         return 0.0;
     }
-    let (messages, per_rank) = match r {
-        2 => (1.0, bytes as f64),
-        r => (2.0 * (r - 1) as f64, replica_bytes(bytes, r) as f64),
+    // A ring's 2 (R - 1) steps follow one another; all-to-all's sends go out at once.
+    let messages = match (r, c.reduce) {
+        (2, _) | (_, ReduceAlgorithm::AllToAll) => 1.0,
+        (r, ReduceAlgorithm::Ring) => 2.0 * (r - 1) as f64,
     };
+    let per_rank = replica_bytes_by(c.reduce, bytes, r) as f64;
     let within = 8.0 * per_rank / c.nvlink_bits + messages * c.nvlink_latency;
     if c.hosts == 1 {
         return within;
@@ -211,7 +222,7 @@ pub fn project(
         images_per_s: (r * batch) as f64 / step,
         exchange_share: (column_exposed + replica_exposed) / step,
         column_bytes: col.total(),
-        replica_bytes: replica_bytes(gradient_bytes, r),
+        replica_bytes: replica_bytes_by(cluster.reduce, gradient_bytes, r),
     })
 }
 
@@ -248,6 +259,7 @@ mod tests {
             nvlink_bits: 3600e9,
             nvlink_latency: 5e-6,
             link_latency: 10e-6,
+            reduce: ReduceAlgorithm::Ring,
         }
     }
 
@@ -267,6 +279,16 @@ mod tests {
                 column_bytes_per_step(&cfg, 128).unwrap().total()
             );
         }
+        let all = Cluster {
+            reduce: ReduceAlgorithm::AllToAll,
+            ..cluster(2, 100.0)
+        };
+        let p = project(&cfg, 128, 100.0, &all).unwrap();
+        assert_eq!(
+            p.replica_bytes,
+            gradient * 7,
+            "all-to-all: (R - 1) x G at R = 8"
+        );
         assert_eq!(replica_bytes(1000, 2), 1000);
         assert_eq!(replica_bytes(1200, 3), 1600);
         assert_eq!(replica_bytes(1000, 1), 0);

@@ -100,6 +100,10 @@ pub enum Verdict {
     /// `EXIT_STOPPED` (128 + SIGTERM, as a shell reports it), so that a scheduler replaces an
     /// evicted host instead of counting it as done.
     Stopped(String),
+    /// Not a failure: an elastic job's world changes at a checkpoint, and this worker is to
+    /// join the next generation at once: exit status `EXIT_REGROUP`, which its agent restarts
+    /// without counting a restart.
+    Regroup(String),
 }
 
 /// Exit status of a worker the coordinator refused for good.
@@ -108,6 +112,8 @@ pub const EXIT_REFUSED: u8 = 3;
 pub const EXIT_JOB_OVER: u8 = 4;
 /// Exit status of an agent stopped by a signal before its job finished.
 pub const EXIT_STOPPED: u8 = 143;
+/// Exit status of a worker whose elastic job regroups (no failure: restart it at once).
+pub const EXIT_REGROUP: u8 = 5;
 
 impl Verdict {
     pub fn exit_code(&self) -> u8 {
@@ -115,6 +121,7 @@ impl Verdict {
             Verdict::Refused(_) => EXIT_REFUSED,
             Verdict::JobOver(_) | Verdict::NeedsOperator(_) => EXIT_JOB_OVER,
             Verdict::Stopped(_) => EXIT_STOPPED,
+            Verdict::Regroup(_) => EXIT_REGROUP,
         }
     }
 }
@@ -126,6 +133,7 @@ impl std::fmt::Display for Verdict {
             Verdict::JobOver(why) => write!(f, "the coordinator ended the job: {why}"),
             Verdict::NeedsOperator(why) => write!(f, "{why}"),
             Verdict::Stopped(why) => write!(f, "stopped before the job finished: {why}"),
+            Verdict::Regroup(why) => write!(f, "the next generation awaits this worker: {why}"),
         }
     }
 }
@@ -134,8 +142,10 @@ impl std::error::Error for Verdict {}
 
 /// The error of a worker whose generation was aborted: worth a restart when another
 /// generation follows, final otherwise.
-fn aborted(reason: &str, rejoin: bool) -> anyhow::Error {
-    if rejoin {
+fn aborted(reason: &str, rejoin: bool, regroup: bool) -> anyhow::Error {
+    if regroup {
+        Verdict::Regroup(reason.to_string()).into()
+    } else if rejoin {
         anyhow::anyhow!("the coordinator aborted this generation: {reason} (the next generation awaits this rank)")
     } else {
         Verdict::JobOver(reason.to_string()).into()
@@ -147,7 +157,7 @@ fn aborted(reason: &str, rejoin: bool) -> anyhow::Error {
 struct Commands {
     /// Set when the coordinator aborted the generation (or went away): the reason, and
     /// whether a new generation follows.
-    abort: Option<(String, bool)>,
+    abort: Option<(String, bool, bool)>,
     stopped: bool,
     /// The learning rate decided after each epoch's validation.
     lr_after_epoch: BTreeMap<u64, f32>,
@@ -187,8 +197,8 @@ impl RemoteReporter {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        if let Some((reason, rejoin)) = &self.commands.state.lock().unwrap().abort {
-            return Err(aborted(reason, *rejoin));
+        if let Some((reason, rejoin, regroup)) = &self.commands.state.lock().unwrap().abort {
+            return Err(aborted(reason, *rejoin, *regroup));
         }
         Ok(())
     }
@@ -227,8 +237,8 @@ impl Reporter for RemoteReporter {
         let mut deadline = Instant::now() + self.decision_timeout;
         let mut c = self.commands.state.lock().unwrap();
         loop {
-            if let Some((reason, rejoin)) = &c.abort {
-                return Err(aborted(reason, *rejoin));
+            if let Some((reason, rejoin, regroup)) = &c.abort {
+                return Err(aborted(reason, *rejoin, *regroup));
             }
             if let Some(&lr) = c.lr_after_epoch.get(&r.epoch) {
                 return Ok(lr);
@@ -427,7 +437,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let host = crate::files::hostname();
-    let request = RegisterRequest {
+    let mut request = RegisterRequest {
         job_id: opts.job_id.clone().unwrap_or_default(),
         config_hash: opts.config_hash.clone().unwrap_or_default(),
         generation: opts.generation,
@@ -446,9 +456,24 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     let (mut client, assignment) = rt.block_on(async {
         let mut client = client(&opts).await?;
         tracing::info!(coordinator = %opts.coordinator, "connected; waiting for the other workers");
-        let a = client
-            .register(request)
-            .await
+        let mut told = false;
+        let a = loop {
+            let answer = client.register(request.clone()).await;
+            match answer {
+                // An elastic job running without this worker's replica: it is held, then told
+                // to ask again, until a generation takes it.
+                Err(s) if crate::admission::waits_for_next_generation(&s) => {
+                    if !told {
+                        tracing::info!("waiting for the next generation: {}", s.message());
+                        told = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    request.unix_time_ms = crate::admission::unix_time_ms();
+                }
+                answer => break answer,
+            }
+        };
+        let a = a
             .map_err(|s| {
                 use tonic::Code;
                 match s.code() {
@@ -525,7 +550,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
                             return;
                         }
                         Some(command::Command::Abort(a)) => {
-                            commands.update(|c| c.abort = Some((a.reason, a.rejoin)));
+                            commands.update(|c| c.abort = Some((a.reason, a.rejoin, a.regroup)));
                         }
                         Some(command::Command::SetLr(l)) => {
                             commands.update(|c| {
@@ -537,7 +562,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
                     Ok(None) | Err(_) => {
                         commands.update(|c| {
                             if !c.stopped && c.abort.is_none() {
-                                c.abort = Some(("the coordinator went away".into(), true));
+                                c.abort = Some(("the coordinator went away".into(), true, false));
                             }
                         });
                         return;
