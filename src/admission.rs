@@ -51,6 +51,10 @@ pub enum RefusalKind {
 /// you" ([`RefusalKind::NextGeneration`]).
 pub const WAIT_FOR_NEXT_GENERATION: &str = "x-alexnet-next-generation";
 
+/// The metadata key that marks a registration refused because the job has finished (a worker
+/// that waited for a place has nothing left to do).
+pub const JOB_FINISHED: &str = "x-alexnet-job-finished";
+
 /// Whether the coordinator answered a registration with "ask again".
 pub fn waits_for_next_generation(s: &tonic::Status) -> bool {
     s.code() == tonic::Code::Unavailable && s.metadata().contains_key(WAIT_FOR_NEXT_GENERATION)

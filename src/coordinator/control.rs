@@ -450,8 +450,26 @@ impl Control {
         let e = self.elastic.as_mut()?;
         let slot = req.rank?;
         let largest = e.range.max as u32 * e.per_replica;
-        let held = e.ranks.as_ref().is_some_and(|r| r.contains_key(&slot));
-        if slot >= largest || held || self.phase.is_over() {
+        if slot >= largest {
+            return None;
+        }
+        // Ending as the worker asks: it waits for the generation that follows, if one does.
+        if self.phase.is_over() {
+            let follows = match &self.phase {
+                Phase::Regrouping { .. } => true,
+                Phase::Failed { needs_operator, .. } => {
+                    !needs_operator && self.cfg.restarts_left > 0
+                }
+                _ => false,
+            };
+            return follows.then(|| {
+                format!(
+                    "generation {} is ending: this worker (slot {slot}) joins the next one",
+                    self.cfg.generation
+                )
+            });
+        }
+        if e.ranks.as_ref().is_some_and(|r| r.contains_key(&slot)) {
             return None;
         }
         if e.waiting.insert(slot, (req.host.clone(), now)).is_none() {
@@ -594,6 +612,11 @@ impl Control {
             return Orders::default();
         };
         if self.phase != Phase::Running || replicas >= e.range.max {
+            return Orders::default();
+        }
+        // The job's last checkpoint ends it: nothing is left to train with more replicas.
+        let total = self.last_step.as_ref().map(|s| s.total_steps);
+        if total.is_none_or(|t| step >= t) {
             return Orders::default();
         }
         e.waiting
@@ -1092,7 +1115,10 @@ impl Control {
         let waited = now
             .saturating_duration_since(since)
             .saturating_sub(self.not_running);
-        if self.phase == Phase::Waiting && self.closed_at.is_none() && waited > timeout {
+        // An elastic rendezvous that closed at its deadline gives the sessions a timeout of
+        // their own; a fixed job's stays counted from the start, as it always was.
+        let elastic_closed = self.elastic.is_some() && self.closed_at.is_some();
+        if self.phase == Phase::Waiting && !elastic_closed && waited > timeout {
             let joined: Vec<u32> = self.members.keys().copied().collect();
             let missing: Vec<u32> = (0..self.world).filter(|r| !joined.contains(r)).collect();
             if let Some(e) = &self.elastic {
@@ -1117,7 +1143,10 @@ impl Control {
                 ),
             ));
         }
-        if let Some(closed) = self.closed_at.filter(|_| self.phase == Phase::Waiting) {
+        if let Some(closed) = self
+            .closed_at
+            .filter(|_| elastic_closed && self.phase == Phase::Waiting)
+        {
             if now.saturating_duration_since(closed) > timeout {
                 let opened: Vec<u32> = self.open.iter().copied().collect();
                 let missing: Vec<u32> = (0..self.world).filter(|r| !opened.contains(r)).collect();
@@ -1454,6 +1483,20 @@ mod tests {
         orders
     }
 
+    /// Every replica's column 0 reports step `step` of `total`.
+    fn progress(c: &mut Control, step: u64, total: u64, now: Instant) {
+        for r in (0..c.world()).step_by(2) {
+            let ev = worker_event::Event::Progress(crate::proto::Progress {
+                step,
+                total_steps: total,
+                steps_per_epoch: total,
+                loss: 1.0,
+                ..Default::default()
+            });
+            c.event(r, 0, ev, now);
+        }
+    }
+
     #[test]
     fn an_elastic_rendezvous_goes_on_with_the_whole_replicas_and_numbers_them_afresh() {
         let t0 = Instant::now();
@@ -1559,10 +1602,13 @@ mod tests {
             RefusalKind::Closed
         );
         // Half a replica waits: the checkpoint passes without a change.
+        progress(&mut c, 10, 30, t1);
+        assert_eq!(c.last_step().map(|s| s.total_steps), Some(30));
         assert_eq!(checkpoint(&mut c, &run_dir, 10, t1), Orders::default());
         assert_eq!(*c.phase(), Phase::Running);
         c.admit(&in_slot(5, "h2"), t1, NOW_MS).unwrap_err();
         // The next checkpoint: the world grows; every worker is told to rejoin, not failed.
+        progress(&mut c, 20, 30, t1);
         let o = checkpoint(&mut c, &run_dir, 20, t1);
         assert_eq!(
             kinds(&o),
@@ -1581,6 +1627,10 @@ mod tests {
             "{reason}"
         );
         assert_eq!(c.status(t1, NOW_MS).state, "regrouping");
+        // A worker asking meanwhile waits for the next generation, even one of this one's.
+        let e = c.admit(&in_slot(0, "h"), t1, NOW_MS).unwrap_err();
+        assert_eq!(e.kind, RefusalKind::NextGeneration);
+        assert!(e.message.contains("generation 0 is ending"), "{e}");
         // The next generation starts from that checkpoint with no restart spent and waits
         // the rejoin timeout for its replicas.
         let cfg = c.cfg.clone();
@@ -1590,6 +1640,32 @@ mod tests {
         assert_eq!(next.resume.as_ref().map(|r| r.1.step), Some(20));
         let n = control(next);
         assert_eq!(n.world(), 6, "it admits the largest world again");
+        let _ = std::fs::remove_dir_all(&run_dir);
+    }
+
+    #[test]
+    fn an_elastic_job_does_not_regroup_at_its_last_checkpoint() {
+        let run_dir =
+            std::env::temp_dir().join(format!("alexnet-elastic-last-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let t0 = Instant::now();
+        let mut cfg = elastic(2, 3);
+        cfg.run_dir = Some(run_dir.clone());
+        let mut c = control(cfg);
+        for slot in [0, 1, 2, 3] {
+            c.admit(&in_slot(slot, "h"), t0, NOW_MS).unwrap();
+        }
+        assert!(c.tick(t0 + Duration::from_secs(61), t0).is_none());
+        for r in 0..4 {
+            c.open_session(r, t0);
+        }
+        let t1 = t0 + Duration::from_secs(70);
+        for slot in [4, 5] {
+            c.admit(&in_slot(slot, "h2"), t1, NOW_MS).unwrap_err();
+        }
+        progress(&mut c, 30, 30, t1);
+        assert_eq!(checkpoint(&mut c, &run_dir, 30, t1), Orders::default());
+        assert_eq!(*c.phase(), Phase::Running, "the job finishes as it is");
         let _ = std::fs::remove_dir_all(&run_dir);
     }
 

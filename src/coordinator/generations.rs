@@ -176,7 +176,8 @@ impl Supervisor {
                 return Ok(c);
             }
             if let Some(end) = self.over.borrow().clone() {
-                return Err(Status::failed_precondition(match end {
+                let finished = end == Phase::Finished;
+                let mut status = Status::failed_precondition(match end {
                     Phase::Finished => format!("job `{}` has finished", c.cfg.job_id),
                     Phase::Failed {
                         error,
@@ -191,7 +192,13 @@ impl Supervisor {
                         c.cfg.job_id
                     ),
                     _ => format!("job `{}` is over", c.cfg.job_id),
-                }));
+                });
+                if finished {
+                    status
+                        .metadata_mut()
+                        .insert(crate::admission::JOB_FINISHED, "1".parse().expect("ascii"));
+                }
+                return Err(status);
             }
             match tokio::time::timeout(deadline, current.changed()).await {
                 Ok(Ok(())) => {}
@@ -209,8 +216,10 @@ impl CoordinatorRpc for Supervisor {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<Assignment>, Status> {
-        let req = request.into_inner();
-        let hold_until = tokio::time::Instant::now() + HOLD;
+        let mut req = request.into_inner();
+        let received = tokio::time::Instant::now();
+        let sent_at = req.unix_time_ms;
+        let hold_until = received + HOLD;
         loop {
             let c = self.joinable().await?;
             let answer = CoordinatorRpc::register(&c, Request::new(req.clone())).await;
@@ -228,7 +237,11 @@ impl CoordinatorRpc for Supervisor {
                             .map(|_| ())
                     };
                     match tokio::time::timeout_at(hold_until, next).await {
-                        Ok(Ok(_)) => continue,
+                        Ok(Ok(_)) => {
+                            // Its clock as it would read now, for the admission's skew check.
+                            req.unix_time_ms = sent_at + received.elapsed().as_millis() as i64;
+                            continue;
+                        }
                         Ok(Err(_)) => {
                             return Err(Status::unavailable("the coordinator is stopping"))
                         }

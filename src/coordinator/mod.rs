@@ -369,8 +369,12 @@ impl CoordinatorRpc for Coordinator {
             }
         };
         // The watchdog closes an elastic rendezvous at its deadline: a moment more here.
-        let waited =
-            tokio::time::timeout(self.cfg.rendezvous_timeout + Duration::from_secs(10), wait).await;
+        let grace = if self.cfg.job.topology.elastic.is_some() {
+            Duration::from_secs(10)
+        } else {
+            Duration::ZERO
+        };
+        let waited = tokio::time::timeout(self.cfg.rendezvous_timeout + grace, wait).await;
         withdraw.armed = false;
         match waited {
             Ok(Ok(())) => {

@@ -152,6 +152,32 @@ fn aborted(reason: &str, rejoin: bool, regroup: bool) -> anyhow::Error {
     }
 }
 
+/// The reason of a regroup the coordinator ordered (an elastic job's world changes), once
+/// known: at once, or, when a peer was lost (`lost_peer`), after waiting a moment (at most
+/// half a second) for the order that made the peer leave: the coordinator sends it to every
+/// worker at once.
+fn regroup_under_way(
+    commands: &CommandBox,
+    lost_peer: bool,
+    peer_timeout: Duration,
+) -> Option<String> {
+    let deadline = Instant::now() + peer_timeout.min(Duration::from_millis(500));
+    let mut state = commands.state.lock().unwrap();
+    loop {
+        match &state.abort {
+            Some((reason, _, true)) => return Some(reason.clone()),
+            Some(_) => return None,
+            None if !lost_peer || state.stopped => return None,
+            None => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        state = commands.changed.wait_timeout(state, left).unwrap().0;
+    }
+}
+
 /// What the coordinator said, as the training thread sees it.
 #[derive(Default)]
 struct Commands {
@@ -453,7 +479,7 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         nccl_replica_id,
         gpu_uuid,
     };
-    let (mut client, assignment) = rt.block_on(async {
+    let placed = rt.block_on(async {
         let mut client = client(&opts).await?;
         tracing::info!(coordinator = %opts.coordinator, "connected; waiting for the other workers");
         let mut told = false;
@@ -469,6 +495,11 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     request.unix_time_ms = crate::admission::unix_time_ms();
+                }
+                // The job finished while this worker waited for a place: nothing is left.
+                Err(s) if told && s.metadata().contains_key(crate::admission::JOB_FINISHED) => {
+                    tracing::info!("the job finished while this worker waited: {}", s.message());
+                    return anyhow::Ok(None);
                 }
                 answer => break answer,
             }
@@ -487,8 +518,11 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
                 }
             })?
             .into_inner();
-        anyhow::Ok((client, a))
+        anyhow::Ok(Some((client, a)))
     })?;
+    let Some((mut client, assignment)) = placed else {
+        return Ok(());
+    };
     let span = tracing::info_span!(
         "worker",
         rank = assignment.rank,
@@ -631,6 +665,14 @@ pub fn run(opts: WorkerOptions) -> anyhow::Result<()> {
                 .chain()
                 .find_map(|c| c.downcast_ref::<crate::comm::tcp::PeerError>())
                 .map(|p| p.rank as u32);
+            // A peer that left first may have left because the job regroups: the regroup's
+            // abort is then on its way here too, and this is no failure.
+            let elastic = job.topology.elastic.is_some();
+            if let Some(reason) =
+                regroup_under_way(&commands, elastic && blames.is_some(), peer_timeout)
+            {
+                return Err(Verdict::Regroup(reason).into());
+            }
             let needs_operator = crate::files::is_disk_full(&e);
             send(worker_event::Event::Failed(Failed {
                 error: format!("{e:#}"),
