@@ -119,6 +119,8 @@ METRICS = {
     "alexnet_restarts_total",
     "alexnet_restarts_left",
     "alexnet_workers_expected",
+    "alexnet_replicas",
+    "alexnet_replicas_max",
     "alexnet_workers_joined",
     "alexnet_workers_lost",
     "alexnet_last_checkpoint_step",

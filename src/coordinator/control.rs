@@ -1244,6 +1244,8 @@ impl Control {
             restarts,
             restarts_left: self.cfg.restarts_left,
             workers_expected: self.world,
+            replicas: self.cfg.job.topology.replicas as u32,
+            replicas_max: self.cfg.job.topology.max_replicas() as u32,
             workers_joined: self.members.len() as u32,
             workers_lost: self.members.values().filter(|m| m.state == "lost").count() as u32,
             last_checkpoint_step: self.book.last_checkpoint.unwrap_or(0),

@@ -93,6 +93,10 @@ pub struct JobSnapshot {
     pub restarts: u64,
     pub restarts_left: u32,
     pub workers_expected: u32,
+    /// Replicas in the current generation, and the most the job may have (an elastic job's
+    /// MAX; the same when fixed).
+    pub replicas: u32,
+    pub replicas_max: u32,
     pub workers_joined: u32,
     pub workers_lost: u32,
     pub last_checkpoint_step: u64,
@@ -101,7 +105,7 @@ pub struct JobSnapshot {
 }
 
 /// The states `alexnet_job_state` tells apart.
-pub const JOB_STATES: [&str; 4] = ["waiting", "running", "finished", "failed"];
+pub const JOB_STATES: [&str; 5] = ["waiting", "running", "regrouping", "finished", "failed"];
 
 /// One worker process of an agent.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -245,6 +249,18 @@ pub fn encode_job(s: &JobSnapshot) -> String {
         "Workers the job runs",
         None,
         s.workers_expected as f64,
+    );
+    set(
+        "replicas",
+        "Replicas in the current generation (an elastic job's changes with its hosts)",
+        None,
+        s.replicas as f64,
+    );
+    set(
+        "replicas_max",
+        "The most replicas the job runs with (an elastic job's MAX)",
+        None,
+        s.replicas_max as f64,
     );
     set(
         "workers_joined",
