@@ -1573,9 +1573,11 @@ mod tests {
         assert!(error.contains("2 did"), "{error}");
     }
 
-    #[test]
-    fn an_elastic_job_grows_at_the_checkpoint_after_a_whole_replica_waits() {
-        let run_dir = std::env::temp_dir().join(format!("alexnet-elastic-{}", std::process::id()));
+    /// An elastic 2:3 job with a run folder (named after `test`), running with replicas 0 and
+    /// 1 (slots 0-3) after its rendezvous closed at the deadline; with the time it began.
+    fn running_short(test: &str) -> (Control, std::path::PathBuf, Instant) {
+        let run_dir =
+            std::env::temp_dir().join(format!("alexnet-elastic-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run_dir);
         let t0 = Instant::now();
         let mut cfg = elastic(2, 3);
@@ -1589,6 +1591,12 @@ mod tests {
             c.open_session(r, t0);
         }
         assert_eq!(*c.phase(), Phase::Running);
+        (c, run_dir, t0)
+    }
+
+    #[test]
+    fn an_elastic_job_grows_at_the_checkpoint_after_a_whole_replica_waits() {
+        let (mut c, run_dir, t0) = running_short("grow");
         // Host 2's workers come back: each is told to wait, none placed.
         let t1 = t0 + Duration::from_secs(70);
         let e = c.admit(&in_slot(4, "h2"), t1, NOW_MS).unwrap_err();
@@ -1647,20 +1655,7 @@ mod tests {
 
     #[test]
     fn an_elastic_job_does_not_regroup_at_its_last_checkpoint() {
-        let run_dir =
-            std::env::temp_dir().join(format!("alexnet-elastic-last-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&run_dir);
-        let t0 = Instant::now();
-        let mut cfg = elastic(2, 3);
-        cfg.run_dir = Some(run_dir.clone());
-        let mut c = control(cfg);
-        for slot in [0, 1, 2, 3] {
-            c.admit(&in_slot(slot, "h"), t0, NOW_MS).unwrap();
-        }
-        assert!(c.tick(t0 + Duration::from_secs(61), t0).is_none());
-        for r in 0..4 {
-            c.open_session(r, t0);
-        }
+        let (mut c, run_dir, t0) = running_short("last");
         let t1 = t0 + Duration::from_secs(70);
         for slot in [4, 5] {
             c.admit(&in_slot(slot, "h2"), t1, NOW_MS).unwrap_err();
